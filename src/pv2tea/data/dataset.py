@@ -1,0 +1,107 @@
+"""Turning records into model batches: text cropping, prompts, answers, image transforms.
+
+Preprocessing lives outside the model (as in transformers): :class:`Preprocessor` is shared by
+training, batch prediction and serving, and is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import timm.data
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from pv2tea.config import Config
+from pv2tea.data.images import load_rgb
+from pv2tea.data.schema import Record
+from pv2tea.models.pv2tea import Batch
+
+
+def crop_words(text: str, max_words: int) -> str:
+    """Keep the first ``max_words`` whitespace-separated words (paper: 100)."""
+    return " ".join(text.split()[:max_words])
+
+
+def answer_text(values: Sequence[str], delimiter: str) -> str:
+    """The decoder target: values in a canonical (sorted) order joined by the delimiter."""
+    return f" {delimiter} ".join(sorted(dict.fromkeys(v.strip() for v in values if v.strip())))
+
+
+@dataclass
+class Preprocessor:
+    cfg: Config
+    tokenizer: PreTrainedTokenizerBase
+    data_config: dict  # timm data config: input_size, mean, std, interpolation, crop
+    categories: list[str]
+
+    def __post_init__(self) -> None:
+        self.transform = timm.data.create_transform(**{**self.data_config, "crop_pct": 1.0}, is_training=False)
+        self.category_index = {c: i for i, c in enumerate(self.categories)}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.data_config["input_size"][1:])  # type: ignore[return-value]
+
+    def question(self, attribute: str, category: str) -> str:
+        return self.cfg.fusion.question_template.format(attribute=attribute, category=category)
+
+    def image_tensor(self, record: Record) -> torch.Tensor | None:
+        images = record.images[: self.cfg.vision.max_images]
+        if not images:
+            return None
+        return self.transform(load_rgb(images[0]))
+
+    def collate(self, records: Sequence[Record], pair_ids: Sequence[int], indices: Sequence[int],
+                with_answers: bool) -> Batch:
+        tok = self.tokenizer
+        texts = tok([crop_words(r.text, self.cfg.text.max_words) for r in records], padding=True, truncation=True,
+                    max_length=self.cfg.text.max_tokens, return_tensors="pt")
+        questions = tok([self.question(r.attribute, r.category) for r in records], padding=True, truncation=True,
+                        max_length=self.cfg.fusion.max_question_tokens, return_tensors="pt")
+        tensors = [self.image_tensor(r) for r in records]
+        h, w = self.image_size
+        images = torch.stack([t if t is not None else torch.zeros(3, h, w) for t in tensors])  # (B, 3, H, W)
+        batch = Batch(
+            images=images,
+            has_image=torch.tensor([t is not None for t in tensors]),
+            text_ids=texts["input_ids"], text_mask=texts["attention_mask"],
+            question_ids=questions["input_ids"], question_mask=questions["attention_mask"],
+            category=torch.tensor([self.category_index.get(r.category, -1) for r in records]),
+            pair_id=torch.tensor(list(pair_ids)), index=torch.tensor(list(indices)))
+        if with_answers:
+            answers = tok([answer_text(r.label, self.cfg.decoder.value_delimiter) for r in records], padding=True,
+                          truncation=True, max_length=self.cfg.decoder.max_answer_tokens, return_tensors="pt")
+            batch.answer_ids, batch.answer_mask = answers["input_ids"], answers["attention_mask"]
+        return batch
+
+    def decode_answers(self, ids: torch.Tensor) -> list[list[str]]:
+        """Generated ids → list of values per row (split on the delimiter)."""
+        from pv2tea.eval.normalize import split_answer
+
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [split_answer(t, self.cfg.decoder.value_delimiter) for t in texts]
+
+
+class RecordDataset(Dataset):
+    """Indexable records with a pair id per product (same images + text → same id)."""
+
+    def __init__(self, records: Sequence[Record]):
+        self.records = list(records)
+        keys: dict[tuple, int] = {}
+        self.pair_ids = [keys.setdefault((r.images, r.text), len(keys)) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def make_collate(pre: Preprocessor, dataset: RecordDataset, with_answers: bool):
+    def collate(indices: list[int]) -> Batch:
+        return pre.collate([dataset.records[i] for i in indices], [dataset.pair_ids[i] for i in indices],
+                           indices, with_answers)
+    return collate

@@ -1,0 +1,71 @@
+"""Momentum (EMA) encoders and the feature queues of S1 (paper §3.1, after MoCo/ALBEF).
+
+Queues are registered buffers (saved with the model, so a resumed run continues exactly) with a
+write pointer and a fill count; unfilled slots are masked out of the contrast instead of being
+seeded with random vectors. Any batch size works, including an uneven last batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, momentum_model: nn.Module, momentum: float) -> None:
+    """θ' ← m·θ' + (1 − m)·θ for every parameter pair."""
+    for p, p_m in zip(online.parameters(), momentum_model.parameters(), strict=True):
+        p_m.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
+
+
+def freeze_copy(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def gather_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor across processes; identity in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    chunks = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(chunks, padded)
+    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
+
+
+class FeatureQueue(nn.Module):
+    """Two aligned queues of normalized image/text features plus the pair ids they came from."""
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.size = size
+        self.register_buffer("image", torch.zeros(size, dim))
+        self.register_buffer("text", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def valid(self) -> torch.Tensor:
+        """(M,) bool: which slots hold a feature."""
+        return torch.arange(self.size, device=self.ids.device) < self.count
+
+    @torch.no_grad()
+    def enqueue(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
+        image, text, ids = gather_all(image), gather_all(text), gather_all(ids)
+        n = image.shape[0]
+        if n == 0:
+            return
+        if n > self.size:  # keep only the most recent M
+            image, text, ids, n = image[-self.size:], text[-self.size:], ids[-self.size:], self.size
+        slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.size  # wraps around
+        self.image[slots] = image
+        self.text[slots] = text
+        self.ids[slots] = ids
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.count.copy_(torch.clamp(self.count + n, max=self.size))

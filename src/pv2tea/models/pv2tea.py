@@ -1,0 +1,237 @@
+"""PV2TEA (paper §3, Figure 3): visual encoder + text encoder → question fusion → answer decoder.
+
+``forward(batch, sample_weights)`` returns the named loss terms; ``generate(batch)`` returns
+answer token ids. Which schemes exist is decided by :class:`SchemesConfig` at construction:
+parts of a disabled scheme are not built, so every built parameter is trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertLMHeadModel, GenerationConfig
+
+from pv2tea.config import Config
+from pv2tea.losses.contrastive import label_smoothed_contrastive
+from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
+from pv2tea.models.fusion import FusionEncoder
+from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
+from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
+from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W); zeros where has_image is False
+    has_image: torch.Tensor  # (B,) bool
+    text_ids: torch.Tensor  # (B, T)
+    text_mask: torch.Tensor  # (B, T)
+    question_ids: torch.Tensor  # (B, Q)
+    question_mask: torch.Tensor  # (B, Q)
+    category: torch.Tensor  # (B,) long, -1 when the category is unknown to the model
+    pair_id: torch.Tensor  # (B,) long: rows of the same product share it
+    index: torch.Tensor  # (B,) long: row index in the dataset
+    answer_ids: torch.Tensor | None = None  # (B, A) [CLS] value ; value [SEP] [PAD]...
+    answer_mask: torch.Tensor | None = None  # (B, A)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+    def __len__(self) -> int:
+        return self.text_ids.shape[0]
+
+
+@dataclass
+class Encoded:
+    question: torch.Tensor  # (B, Q, H) grounded representation q
+    question_mask: torch.Tensor  # (B, Q)
+    text_hidden: torch.Tensor  # (B, T, H)
+    visual: VisualOutput | None  # over the rows with an image only
+    image_rows: torch.Tensor  # (B,) bool
+
+
+@dataclass
+class PV2TEAOutput:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]  # loss_gen, loss_sc, loss_ct (those enabled)
+    per_sample_gen: torch.Tensor  # (B,) unweighted g(y_n, ŷ_n)
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)  # features to enqueue
+
+
+_PRETRAINED = re.compile(
+    r"^(text_encoder\.|visual\.backbone\.|fusion\.embeddings\.|"
+    r"fusion\.layers\.\d+\.(attention|intermediate|output)\.|decoder\.bert\.embeddings\.|"
+    r"decoder\.bert\.encoder\.layer\.\d+\.(attention|intermediate|output)\.)")
+
+
+class PV2TEA(nn.Module):
+    def __init__(self, cfg: Config, bert_config: BertConfig, num_categories: int):
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.schemes
+        hidden = bert_config.hidden_size
+        self.bert_config = bert_config
+        self.visual = VisualEncoder(cfg.vision, hidden, attention_pruning=s.attention_pruning)
+        self.text_encoder = create_text_encoder(bert_config)
+        fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
+        self.fusion = FusionEncoder(bert_config, fusion_layers)
+        dec_config = BertConfig(**{**bert_config.to_dict(), "is_decoder": True, "add_cross_attention": True,
+                                   "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
+                                   "tie_word_embeddings": True})
+        self.decoder = BertLMHeadModel(dec_config)
+        self.category_head = nn.Linear(hidden, num_categories) if s.category_loss else None
+        if s.contrastive:
+            self.vision_proj = nn.Linear(hidden, s.embed_dim)
+            self.text_proj = nn.Linear(hidden, s.embed_dim)
+            self.visual_m = copy.deepcopy(self.visual)
+            self.text_encoder_m = copy.deepcopy(self.text_encoder)
+            self.vision_proj_m = copy.deepcopy(self.vision_proj)
+            self.text_proj_m = copy.deepcopy(self.text_proj)
+            for m in self._momentum_pairs():
+                freeze_copy(m[1])
+            self.queue = FeatureQueue(s.embed_dim, s.queue_size)
+        if cfg.vision.freeze:
+            self.visual.backbone.requires_grad_(False)
+        if cfg.text.freeze:
+            self.text_encoder.requires_grad_(False)
+
+    # ----------------------------------------------------------------- construction helpers
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        if not self.cfg.schemes.contrastive:
+            return []
+        return [(self.visual, self.visual_m), (self.text_encoder, self.text_encoder_m),
+                (self.vision_proj, self.vision_proj_m), (self.text_proj, self.text_proj_m)]
+
+    def load_pretrained(self) -> None:
+        """Initialize backbones, fusion and decoder from the configured offline checkpoints."""
+        from pv2tea.models.text import resolve_text_path
+
+        load_backbone_weights(self.visual.backbone, self.cfg.vision.weights)
+        text_path = resolve_text_path(self.cfg.text.path)
+        source = read_text_state_dict(text_path)
+        n_src = self.bert_config.num_hidden_layers
+        transfer(self.text_encoder, source, {k: k for k in self.text_encoder.state_dict()}, (), str(text_path))
+        fusion_src = list(range(len(self.fusion.layers)))
+        if max(fusion_src) >= n_src:
+            raise ValueError(f"fusion.num_layers={len(self.fusion.layers)} exceeds the {n_src} layers of {text_path}")
+        transfer(self.fusion, source, self.fusion.pretrained_mapping(fusion_src), ("layers.",), "fusion")
+        dec_layers = self.decoder.config.num_hidden_layers
+        if dec_layers > n_src:
+            raise ValueError(f"decoder.num_layers={dec_layers} exceeds the {n_src} layers of {text_path}")
+        mapping = {}
+        for k in self.decoder.state_dict():
+            if k.startswith("bert.embeddings."):
+                mapping[k] = k[len("bert."):]
+            elif k.startswith("bert.encoder.layer.") and ".crossattention." not in k:
+                mapping[k] = k[len("bert."):]
+        mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"  # tied
+        transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer."), "decoder")
+        self.sync_momentum()
+
+    @torch.no_grad()
+    def sync_momentum(self) -> None:
+        for online, momentum in self._momentum_pairs():
+            momentum.load_state_dict(online.state_dict())
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(pretrained, newly initialized) trainable parameters, for separate learning rates."""
+        pretrained, new = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (pretrained if _PRETRAINED.match(name) else new).append(p)
+        return pretrained, new
+
+    # --------------------------------------------------------------------------- forward
+    def encode(self, batch: Batch) -> Encoded:
+        text_hidden = self.text_encoder(input_ids=batch.text_ids,
+                                        attention_mask=batch.text_mask).last_hidden_state  # (B, T, H)
+        rows = batch.has_image
+        if bool(rows.any()):
+            visual = self.visual(batch.images[rows])
+            n_tokens = visual.tokens.shape[1]
+            vis_tokens = text_hidden.new_zeros(len(batch), n_tokens, text_hidden.shape[-1])  # (B, 1 + P, H)
+            vis_tokens[rows] = visual.tokens
+            vis_mask = rows[:, None].expand(-1, n_tokens).to(batch.text_mask.dtype)  # (B, 1 + P)
+            context = torch.cat([vis_tokens, text_hidden], 1)  # (B, 1 + P + T, H)
+            context_mask = torch.cat([vis_mask, batch.text_mask], 1)
+        else:
+            visual, context, context_mask = None, text_hidden, batch.text_mask
+        question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask)
+        return Encoded(question, batch.question_mask, text_hidden, visual, rows)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        for online, momentum in self._momentum_pairs():
+            ema_update(online, momentum, self.cfg.schemes.momentum)
+
+    def forward(self, batch: Batch, sample_weights: torch.Tensor | None = None) -> PV2TEAOutput:
+        if batch.answer_ids is None:
+            raise ValueError("forward needs answer_ids (training labels); use generate() for inference")
+        cfg, s = self.cfg, self.cfg.schemes
+        enc = self.encode(batch)
+        logits = self.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
+                              encoder_hidden_states=enc.question,
+                              encoder_attention_mask=enc.question_mask).logits  # (B, A, V)
+        labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
+        per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
+        terms = {"loss_gen": weighted_generation_loss(per_sample, sample_weights)}
+        total = cfg.loss.weight_gen * terms["loss_gen"]
+        momentum: dict[str, torch.Tensor] = {}
+        rows = enc.image_rows
+        if self.category_head is not None and enc.visual is not None:
+            known = batch.category[rows] >= 0
+            cat_logits = self.category_head(enc.visual.pooled[known])  # (B_img, C)
+            terms["loss_ct"] = category_loss(cat_logits, batch.category[rows][known])
+            total = total + cfg.loss.weight_ct * terms["loss_ct"]
+        if s.contrastive and enc.visual is not None:
+            image_feat = F.normalize(self.vision_proj(enc.visual.pooled), dim=-1)  # (B_img, D)
+            text_feat = F.normalize(self.text_proj(enc.text_hidden[rows, 0]), dim=-1)  # (B_img, D)
+            with torch.no_grad():
+                vis_m = self.visual_m(batch.images[rows])
+                image_feat_m = F.normalize(self.vision_proj_m(vis_m.pooled), dim=-1)
+                text_m = self.text_encoder_m(input_ids=batch.text_ids[rows],
+                                             attention_mask=batch.text_mask[rows]).last_hidden_state
+                text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
+            valid = self.queue.valid()
+            sc = label_smoothed_contrastive(
+                image_feat, text_feat, image_feat_m, text_feat_m, batch.pair_id[rows],
+                self.queue.image[valid], self.queue.text[valid], self.queue.ids[valid],
+                alpha=s.alpha, temperature=s.temperature)
+            terms["loss_sc"] = sc["loss_sc"]
+            total = total + cfg.loss.weight_sc * terms["loss_sc"]
+            momentum = {"image": image_feat_m, "text": text_feat_m, "ids": batch.pair_id[rows]}
+        return PV2TEAOutput(loss=total, terms=terms, per_sample_gen=per_sample.detach(), momentum=momentum)
+
+    @torch.no_grad()
+    def enqueue(self, out: PV2TEAOutput) -> None:
+        if out.momentum:
+            self.queue.enqueue(out.momentum["image"], out.momentum["text"], out.momentum["ids"])
+
+    # ------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def generate(self, batch: Batch, bos_id: int, eos_id: int, pad_id: int,
+                 num_beams: int | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+        """Answer token ids (B, L) starting with ``bos_id``; greedy or beam search."""
+        enc = self.encode(batch)
+        start = torch.full((len(batch), 1), bos_id, dtype=torch.long, device=batch.text_ids.device)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens or self.cfg.decoder.max_answer_tokens,
+            num_beams=num_beams or self.cfg.decoder.num_beams, do_sample=False,
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            # transformers 5's BERT cross-attention cache is not usable by generate; answers are short
+            use_cache=False)
+        return self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                                     encoder_hidden_states=enc.question,
+                                     encoder_attention_mask=enc.question_mask, generation_config=gen_cfg)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Pooled visual features (for S3's KNN) and the S2 patch mask σ(M) (B, P) with its grid."""
+        out = self.visual(images)
+        mask = torch.sigmoid(out.mask_logits) if out.mask_logits is not None else None
+        return out.pooled, mask, out.grid

@@ -1,0 +1,101 @@
+"""Visual encoding (paper §3 (1)) with category-supervised attention pruning (S2, §3.2).
+
+A timm backbone gives patch tokens: the final feature map of a CNN (each spatial position is a
+patch) or the patch tokens of a ViT. They are projected to the fusion width. S2 learns a mask
+``M`` over patches; ``v_pt = v ⊙ σ(M)`` is what enters fusion, and the image [CLS] is the
+mask-weighted mean of the patch tokens (the backbone's own CLS for a ViT without pruning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from pv2tea.config import VisionConfig
+from pv2tea.models.weights import (
+    PACKAGE_PREFIX,
+    generic_filter,
+    load_strict,
+    package_vision_weights,
+    read_state_dict,
+)
+
+
+@dataclass
+class VisualOutput:
+    tokens: torch.Tensor  # (B, 1 + P, D): [CLS-I] then (pruned) patch tokens
+    pooled: torch.Tensor  # (B, D): the image representation v_cls
+    mask_logits: torch.Tensor | None  # (B, P): M before the sigmoid; None without pruning
+    grid: tuple[int, int]  # patch grid (h, w), for visualizing the mask
+
+
+def create_backbone(cfg: VisionConfig) -> nn.Module:
+    """The timm backbone with no classifier and no pooling (random init)."""
+    try:
+        return timm.create_model(cfg.name, pretrained=False, num_classes=0, global_pool="")
+    except RuntimeError as exc:
+        raise ValueError(f"unknown timm model '{cfg.name}': {exc}") from exc
+
+
+def load_backbone_weights(backbone: nn.Module, spec: str) -> None:
+    """Initialize from an offline package or a local file; ``none`` keeps the random init."""
+    if spec.lower() in ("none", ""):
+        return
+    if spec.startswith(PACKAGE_PREFIX):
+        path = package_vision_weights(spec[len(PACKAGE_PREFIX):])
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+            path = found[0]
+    state_dict = generic_filter(read_state_dict(path), backbone)
+    classifier = backbone.pretrained_cfg.get("classifier", "classifier")
+    heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+    load_strict(backbone, state_dict, str(path), drop_prefixes=tuple(f"{h}." for h in heads))
+
+
+def data_config(backbone: nn.Module, cfg: VisionConfig) -> dict:
+    """Mean/std/interpolation from the backbone's own pretrained config; size from cfg if set."""
+    resolved = timm.data.resolve_data_config({}, model=backbone)
+    if cfg.image_size:
+        resolved["input_size"] = (3, cfg.image_size, cfg.image_size)
+    return resolved
+
+
+class VisualEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig, hidden_size: int, attention_pruning: bool):
+        super().__init__()
+        self.backbone = create_backbone(cfg)
+        self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.proj = nn.Sequential(nn.Linear(self.backbone.num_features, hidden_size), nn.LayerNorm(hidden_size))
+        self.mask_head = nn.Linear(hidden_size, 1) if attention_pruning else None
+
+    def forward(self, images: torch.Tensor) -> VisualOutput:
+        feats = self.backbone.forward_features(images)
+        if feats.ndim == 4:  # CNN feature map (B, C, h, w)
+            grid = (feats.shape[2], feats.shape[3])
+            patches = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            cls = None
+        else:  # ViT tokens (B, prefix + P, C)
+            patches = feats[:, self.num_prefix_tokens:]
+            cls = feats[:, 0] if self.num_prefix_tokens else None
+            side = int(patches.shape[1] ** 0.5)
+            grid = (side, patches.shape[1] // max(side, 1))
+        patches = self.proj(patches)  # (B, P, D)
+        if self.mask_head is not None:
+            mask_logits = self.mask_head(patches).squeeze(-1)  # (B, P)
+            gate = torch.sigmoid(mask_logits).unsqueeze(-1)  # (B, P, 1)
+            patches = patches * gate
+            pooled = patches.sum(1) / gate.sum(1).clamp_min(1e-6)  # (B, D)
+        else:
+            mask_logits = None
+            pooled = self.proj(cls) if cls is not None else patches.mean(1)
+        tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1)  # (B, 1 + P, D)
+        return VisualOutput(tokens=tokens, pooled=pooled, mask_logits=mask_logits, grid=grid)

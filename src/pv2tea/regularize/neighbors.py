@@ -1,0 +1,84 @@
+"""S3: two-level neighbourhood-regularized sample weights (paper §3.3, Eq. 10–15).
+
+Pure functions over arrays. Labels/predictions are hashable keys (e.g. a frozenset of normalized
+values). Neighbourhoods are computed within one attribute by the caller.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Hashable, Sequence
+
+import faiss
+import numpy as np
+
+
+def knn_indices(features: np.ndarray, k: int) -> np.ndarray:
+    """(N, k') indices of each row's nearest neighbours by cosine similarity, itself excluded.
+
+    k' = min(k, N − 1). Exact search (faiss ``IndexFlatIP`` on L2-normalized features).
+    """
+    n = features.shape[0]
+    k_eff = min(k, n - 1)
+    if k_eff <= 0:
+        return np.zeros((n, 0), dtype=np.int64)
+    x = np.ascontiguousarray(features, dtype=np.float32).copy()
+    faiss.normalize_L2(x)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, found = index.search(x, k_eff + 1)  # (N, k'+1), usually itself first
+    out = np.empty((n, k_eff), dtype=np.int64)
+    for i in range(n):
+        row = [j for j in found[i] if j != i and j >= 0][:k_eff]
+        out[i] = row
+    return out
+
+
+def visual_reliability(features: np.ndarray, labels: Sequence[Hashable], k: int) -> np.ndarray:
+    """s_v(X_n) = |N_n ∩ Y_n| / K (Eq. 12): the share of the K visual neighbours sharing n's label.
+
+    The sample itself is excluded from its neighbour set, so s_v ∈ [0, 1]. With fewer than two
+    samples there are no neighbours and s_v = 1 (no evidence against the label).
+    """
+    n = len(labels)
+    if n != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} feature rows for {n} labels")
+    neighbours = knn_indices(features, k)
+    if neighbours.shape[1] == 0:
+        return np.ones(n)
+    index: dict[Hashable, int] = {}
+    codes = np.array([index.setdefault(lbl, len(index)) for lbl in labels])
+    same = codes[neighbours] == codes[:, None]  # (N, k')
+    return same.sum(1) / neighbours.shape[1]
+
+
+def prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable]) -> np.ndarray:
+    """s_p(X_n) = |Ŷ_n ∩ Y_n| / |Ŷ_n ∪ Y_n| (Eq. 13–14).
+
+    Y_n: samples whose training label equals n's label; Ŷ_n: samples whose previous prediction
+    equals n's prediction (both include n itself).
+    """
+    if len(labels) != len(predictions):
+        raise ValueError("labels and predictions differ in length")
+    label_count = Counter(labels)
+    pred_count = Counter(predictions)
+    both = Counter(zip(labels, predictions))
+    out = np.empty(len(labels))
+    for i, (y, p) in enumerate(zip(labels, predictions)):
+        inter = both[(y, p)]
+        out[i] = inter / (label_count[y] + pred_count[p] - inter)
+    return out
+
+
+def combine(s_v: np.ndarray | None, s_p: np.ndarray | None) -> np.ndarray:
+    """s(X_n) (Eq. 15): s_v before epoch E, the average of s_v and s_p from E on.
+
+    Either level can be switched off (ablations w/o Vis-NR, w/o Pred-NR): the other is used alone.
+    """
+    if s_v is None and s_p is None:
+        raise ValueError("at least one reliability level is needed")
+    if s_v is None:
+        return s_p  # type: ignore[return-value]
+    if s_p is None:
+        return s_v
+    return (s_v + s_p) / 2

@@ -1,0 +1,137 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+A checkpoint folder is self-contained for inference (weights, PV2TEA config, text-model config,
+tokenizer, preprocessing) and, when it carries ``trainer_state.json`` and
+``optimizer.safetensors``, for resuming training exactly (optimizer, scheduler, RNG, sample weights;
+the S1 queues are model buffers). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from pv2tea.config import Config, from_dict
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "pv2tea_config.json"
+TEXT_CONFIG_FILE = "text_config.json"
+PREPROCESS_FILE = "preprocess.json"
+STATE_FILE = "trainer_state.json"
+OPTIM_FILE = "optimizer.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False))
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, cfg: Config, bert_config: dict, preprocess: dict,
+                    tokenizer, training: dict[str, Any] | None = None,
+                    training_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint folder atomically (a crash leaves the previous one intact)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / MODEL_FILE))
+    _write_json(tmp / CONFIG_FILE, cfg.to_dict())
+    _write_json(tmp / TEXT_CONFIG_FILE, bert_config)
+    _write_json(tmp / PREPROCESS_FILE, preprocess)
+    tokenizer.save_pretrained(str(tmp))
+    if training is not None:
+        save_file(training_tensors or {}, str(tmp / OPTIM_FILE))
+        _write_json(tmp / STATE_FILE, training)
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory
+
+
+def read_config(directory: Path) -> Config:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
+    return from_dict(json.loads(path.read_text()))
+
+
+def read_json(directory: Path, name: str) -> Any:
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} lacks {name}")
+    return json.loads(path.read_text())
+
+
+def load_weights(model: torch.nn.Module, directory: Path) -> None:
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} lacks {MODEL_FILE}")
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model: missing {sorted(missing)[:8]}, "
+                              f"unexpected {sorted(unexpected)[:8]}")
+
+
+def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    state_path, tensor_path = Path(directory) / STATE_FILE, Path(directory) / OPTIM_FILE
+    if not state_path.is_file() or not tensor_path.is_file():
+        raise CheckpointError(f"{directory} holds no training state to resume from")
+    return json.loads(state_path.read_text()), load_file(str(tensor_path))

@@ -1,0 +1,292 @@
+"""Training PV2TEA: L = L_sc + L_ct + L_r-mlm with S3 sample weights recomputed every epoch.
+
+A run directory holds ``config.yaml`` (resolved), ``data_report.json`` (counted skips),
+``metrics.jsonl`` (one line per epoch), ``train.log``, ``checkpoint/`` (latest state, for
+``--resume``) and ``final/`` (the model for inference) with ``val_report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from pv2tea.config import Config
+from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate
+from pv2tea.data.schema import Record
+from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.eval.normalize import normalize_values
+from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
+from pv2tea.models.pv2tea import PV2TEA
+from pv2tea.regularize.neighbors import combine, prediction_reliability, visual_reliability
+from pv2tea.train import checkpoint as ckpt
+
+log = logging.getLogger("pv2tea.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch) so resume replays them."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
+    """AdamW (no decay on biases/norms) + cosine schedule with warmup."""
+    o = cfg.optim
+    pretrained, new = model.parameter_groups()
+    groups = []
+    for params, lr in ((pretrained, o.lr), (new, o.head_lr or o.lr)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": decay, "lr": lr, "weight_decay": o.weight_decay},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(total_steps, 1),
+        min_lr_rate=o.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str]]:
+    return (record.attribute, normalize_values(values))
+
+
+@torch.no_grad()
+def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], epoch: int, cfg: Config,
+                   progress: bool = False) -> tuple[np.ndarray | None, dict[str, float]]:
+    """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off."""
+    s = cfg.schemes
+    use_pred = s.prediction_nr and epoch >= s.prediction_nr_start_epoch
+    if not s.visual_nr and not use_pred:
+        return None, {}
+    n = len(records)
+    labels = [label_key(r, r.label) for r in records]
+    s_v = None
+    if s.visual_nr:
+        was_training = model.training
+        model.eval()
+        s_v = np.ones(n)
+        with_image = [i for i, r in enumerate(records) if r.images]
+        feats = []
+        for start in range(0, len(with_image), cfg.train.eval_batch_size):
+            rows = with_image[start:start + cfg.train.eval_batch_size]
+            images = torch.stack([pre.image_tensor(records[i]) for i in rows])
+            feats.append(model.image_features(images)[0])
+        model.train(was_training)
+        if with_image:
+            features = torch.cat(feats).numpy()
+            for attribute in {records[i].attribute for i in with_image}:
+                idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
+                rows = [with_image[k] for k in idx]
+                s_v[rows] = visual_reliability(features[idx], [labels[i] for i in rows], s.knn_k)
+    s_p = None
+    if use_pred:
+        preds = generate_values(model, pre, records, cfg.train.eval_batch_size, progress=progress,
+                                desc="S3 predictions")
+        pred_keys = [label_key(r, p) for r, p in zip(records, preds)]
+        s_p = np.ones(n)
+        for attribute in {r.attribute for r in records}:
+            rows = [i for i, r in enumerate(records) if r.attribute == attribute]
+            s_p[rows] = prediction_reliability([labels[i] for i in rows], [pred_keys[i] for i in rows])
+    weights = combine(s_v, s_p)
+    stats = {"weight_mean": float(weights.mean())}
+    if s.normalize_weights and weights.mean() > 0:
+        weights = weights / weights.mean()
+    if s_v is not None:
+        stats["s_v_mean"] = float(s_v.mean())
+    if s_p is not None:
+        stats["s_p_mean"] = float(s_p.mean())
+    return weights, stats
+
+
+def evaluate_records(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], batch_size: int,
+                     multi_value: dict[str, bool], synonyms: dict[str, str] | None = None,
+                     progress: bool = False) -> tuple[dict[str, Any], list[list[str]]]:
+    """Generate on records and score against gold (or against the label when no gold is given)."""
+    preds = generate_values(model, pre, records, batch_size, progress=progress, desc="evaluate")
+    examples = [Example(gold=tuple(r.gold if r.gold else r.label), pred=tuple(p), source=r.source,
+                        attribute=r.attribute, multi_value=multi_value.get(r.attribute, False))
+                for r, p in zip(records, preds)]
+    return source_aware_report(examples, synonyms), preds
+
+
+def multi_value_attributes(records: Sequence[Record]) -> dict[str, bool]:
+    """An attribute is multi-value when any of its labels or gold values has several values."""
+    out: dict[str, bool] = {}
+    for r in records:
+        several = len(r.label) > 1 or (r.gold is not None and len(r.gold) > 1)
+        out[r.attribute] = out.get(r.attribute, False) or several
+    return out
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    val_report: dict[str, Any] | None
+    seconds: float
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("pv2tea").addHandler(handler)
+    logging.getLogger("pv2tea").setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: Config, train_records: Sequence[Record], run_dir: Path, val_records: Sequence[Record] = (),
+          resume: bool = False, progress: bool = True, data_report: dict | None = None) -> TrainResult:
+    """Train PV2TEA on validated records; resumable from ``run_dir/checkpoint``."""
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(run_dir)
+    try:
+        return _train(cfg, list(train_records), run_dir, list(val_records), resume, progress, data_report, t0)
+    finally:
+        logging.getLogger("pv2tea").removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[Record], resume: bool,
+           progress: bool, data_report: dict | None, t0: float) -> TrainResult:
+    if not records:
+        raise TrainingError("no training rows left (all rows were invalid or the file is empty)")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    cfg = copy.deepcopy(cfg)
+    n_products = len({(r.images, r.text) for r in records if r.images})
+    cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if data_report is not None:
+        (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    seed_everything(cfg.train.seed)
+    categories = sorted({r.category for r in records})
+    model, pre = build_for_training(cfg, categories)
+    multi = multi_value_attributes(records + val_records)
+    dataset = RecordDataset(records)
+    collate = make_collate(pre, dataset, with_answers=True)
+    steps_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    bert_config = model.bert_config.to_dict()
+    ckpt_dir, final_dir = run_dir / "checkpoint", run_dir / "final"
+
+    step, epoch, step_in_epoch = 0, 0, 0
+    weights: np.ndarray | None = None
+    if resume:
+        state, tensors = ckpt.load_training_state(ckpt_dir)
+        ckpt.load_weights(model, ckpt_dir)
+        optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(tensors, state["rng"])
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
+        log.info("resumed from %s at epoch %d step %d", ckpt_dir, epoch, step)
+
+    def save(target: Path, with_state: bool) -> None:
+        training = tensors_out = None
+        if with_state:
+            optim_tensors, optim_meta = ckpt.flatten_optimizer(optimizer)
+            rng_tensors, rng_meta = ckpt.rng_state()
+            tensors_out = {**optim_tensors, **rng_tensors}
+            if weights is not None:
+                tensors_out["sample_weights"] = torch.as_tensor(weights)
+            training = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "optimizer": optim_meta,
+                        "scheduler": scheduler.state_dict(), "rng": rng_meta, "total_steps": total_steps}
+        ckpt.save_checkpoint(target, model, cfg, bert_config, {**preprocess_state(pre), "multi_value": multi},
+                             pre.tokenizer,
+                             training, tensors_out)
+
+    model.train()
+    stop = False
+    val_report = None
+    while epoch < cfg.train.epochs and not stop:
+        epoch_t0 = time.time()
+        weight_stats: dict[str, float] = {}
+        if step_in_epoch == 0:
+            weights, weight_stats = sample_weights(model, pre, records, epoch, cfg, progress)
+        batches = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch)
+        sums: dict[str, float] = {}
+        bar = tqdm(total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not progress, leave=False)
+        for indices in batches[step_in_epoch:]:
+            batch = collate(indices)
+            w = torch.as_tensor(weights[indices], dtype=torch.float32) if weights is not None else None
+            model.momentum_update()
+            out = model(batch, w)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {step}: "
+                                    f"{ {k: float(v) for k, v in out.terms.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            model.enqueue(out)
+            step += 1
+            step_in_epoch += 1
+            values = {"loss": float(out.loss), **{k: float(v) for k, v in out.terms.items()}}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+            if step % cfg.train.log_every_steps == 0:
+                log.info("epoch %d step %d %s lr %.2e", epoch + 1, step,
+                         " ".join(f"{k}={v:.4f}" for k, v in values.items()), scheduler.get_last_lr()[0])
+            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
+                save(ckpt_dir, True)
+            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+                stop = True
+                break
+        bar.close()
+        done_steps = max(step_in_epoch, 1)
+        finished_epoch = step_in_epoch == len(batches)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "finished": finished_epoch,
+                                  "seconds": round(time.time() - epoch_t0, 2),
+                                  **{k: v / done_steps for k, v in sums.items()}, **weight_stats}
+        if finished_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+            if val_records:
+                report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi,
+                                             progress=progress)
+                record["val"] = {"overall": report["overall"], "gap": report["gap"]}
+                val_report = report
+                log.info("epoch %d validation F1 %s", epoch, report["overall"]["f1"])
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        save(ckpt_dir, True)
+        log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "val"})
+
+    if epoch >= cfg.train.epochs:
+        save(final_dir, False)
+        if val_records:
+            if val_report is None:  # resumed after the last epoch had been evaluated
+                val_report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi)
+            (run_dir / "val_report.json").write_text(json.dumps(val_report, indent=2, allow_nan=False))
+    return TrainResult(run_dir, final_dir, val_report, time.time() - t0)

