@@ -48,7 +48,8 @@ def dataset_dir(tmp_path: Path) -> Path:
     (tmp_path / "img" / "notes.jpg").write_text("just some text, not an image\n")
     data = (tmp_path / "img" / "ok.png").read_bytes()
     (tmp_path / "img" / "cut.png").write_bytes(data[: len(data) // 2])
-    Image.open(tmp_path / "img" / "ok.png").save(tmp_path / "img" / "ok.jpg", quality=90)
+    with Image.open(tmp_path / "img" / "ok.png") as image:
+        image.save(tmp_path / "img" / "ok.jpg", quality=90)
     data = (tmp_path / "img" / "ok.jpg").read_bytes()
     (tmp_path / "img" / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
     return tmp_path
@@ -67,7 +68,8 @@ def test_valid_file_loads_with_resolved_paths(dataset_dir: Path) -> None:
     result = load_dataset(path)
     assert result.n_skipped == 0
     first, text_only, gold_only, absolute = result.records
-    assert first.images == (str(dataset_dir / "img" / "ok.png"), str(dataset_dir / "img" / "second.png"))
+    img = dataset_dir / "img"
+    assert first.images == (str(img / "ok.png"), str(img / "second.png"))
     assert first.label == ("red", "blue")
     assert text_only.images == () and text_only.label == ("green",)
     assert gold_only.gold == ("white",) and gold_only.source is None

@@ -57,7 +57,8 @@ def test_images_inside_the_output_dir_are_written_relative(
     assert list(rows[1]["images"]) == ["img/c.png", str(tmp_path / "shared" / "d.png")]
     shutil.move(tmp_path / "catalog", tmp_path / "moved")
     moved = load_dataset(tmp_path / "moved" / f"data.{fmt}").records
-    assert moved[0].images == (str(tmp_path / "moved" / "img" / "a.png"), str(tmp_path / "moved" / "img" / "b.png"))
+    img = tmp_path / "moved" / "img"
+    assert moved[0].images == (str(img / "a.png"), str(img / "b.png"))
 
 
 def test_csv_cells_accept_pipes_json_lists_and_blanks(tmp_path: Path) -> None:
@@ -93,7 +94,8 @@ def test_parquet_string_columns_and_row_numbers(tmp_path: Path) -> None:
     })
     pq.write_table(table, path)
     rows = read_table(path)
-    assert rows[0]["label"] == ["red", "blue"] and rows[0]["images"] == [] and rows[0]["gold"] is None
+    assert rows[0]["label"] == ["red", "blue"] and rows[0]["images"] == []
+    assert rows[0]["gold"] is None
     (error,) = validate_file(path)
     assert (error.row, error.field, error.message) == (2, "text", "missing required field 'text'")
 

@@ -21,10 +21,12 @@ from pv2tea.data.synth import (
 from pv2tea.data.validate import load_dataset
 
 N_PRODUCTS = 200
+# The catalog directory and the records of each split.
+Catalog = tuple[Path, dict[str, list[Record]]]
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[Record]]]:
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     root = tmp_path_factory.mktemp("catalog")
     paths = make_catalog(root, n_products=N_PRODUCTS, seed=3, image_size=96)
     return root, {name: load_dataset(path).records for name, path in paths.items()}
@@ -42,14 +44,15 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     make_catalog(tmp_path / "a", n_products=12, seed=5, image_size=96)
     make_catalog(tmp_path / "b", n_products=12, seed=5, image_size=96)
     make_catalog(tmp_path / "c", n_products=12, seed=6, image_size=96)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
     assert len(files) == 12 + 4
     for file in files:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
-    assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "c" / "train.jsonl").read_bytes()
+    train = [(tmp_path / d / "train.jsonl").read_bytes() for d in ("a", "c")]
+    assert train[0] != train[1]
 
 
-def test_splits_are_by_product_and_rows_complete(catalog: tuple[Path, dict[str, list[Record]]]) -> None:
+def test_splits_are_by_product_and_rows_complete(catalog: Catalog) -> None:
     _, splits = catalog
     products = {name: {r.id.rsplit("-", 1)[0] for r in records} for name, records in splits.items()}
     assert sum(len(p) for p in products.values()) == N_PRODUCTS
@@ -65,7 +68,7 @@ def test_splits_are_by_product_and_rows_complete(catalog: tuple[Path, dict[str, 
     assert any(r.attribute == "color" and len(r.gold) > 1 for r in records)
 
 
-def test_weak_labels_are_text_biased(catalog: tuple[Path, dict[str, list[Record]]]) -> None:
+def test_weak_labels_are_text_biased(catalog: Catalog) -> None:
     root, splits = catalog
     accuracy = weak_label_accuracy(_all(splits))
     assert accuracy["text"]["accuracy"] > 0.8
@@ -77,7 +80,7 @@ def test_weak_labels_are_text_biased(catalog: tuple[Path, dict[str, list[Record]
     assert stats["vocab"] == default_vocab() and stats["priors"] == default_priors()
 
 
-def test_source_matches_literal_mentions(catalog: tuple[Path, dict[str, list[Record]]]) -> None:
+def test_source_matches_literal_mentions(catalog: Catalog) -> None:
     _, splits = catalog
     vocab = default_vocab()
     for record in _all(splits):
@@ -86,7 +89,7 @@ def test_source_matches_literal_mentions(catalog: tuple[Path, dict[str, list[Rec
         assert (record.source == "text") == (set(record.gold) <= stated), record.id
 
 
-def test_images_decode_and_show_the_gold_colors(catalog: tuple[Path, dict[str, list[Record]]]) -> None:
+def test_images_decode_and_show_the_gold_colors(catalog: Catalog) -> None:
     _, splits = catalog
     for record in splits["val"]:
         assert len(record.images) == 1
@@ -113,4 +116,5 @@ def test_images_decode_and_show_the_gold_colors(catalog: tuple[Path, dict[str, l
     ],
 )
 def test_text_rule_extract(text: str, attribute: str, category: str, expected: list[str]) -> None:
-    assert text_rule_extract(text, attribute, category, default_vocab(), default_priors()) == expected
+    vocab, priors = default_vocab(), default_priors()
+    assert text_rule_extract(text, attribute, category, vocab, priors) == expected

@@ -205,7 +205,9 @@ def _write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(list(rows), schema=_PARQUET_SCHEMA), path)
 
 
-def write_records(records: Sequence[Record] | Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> Path:
+def write_records(
+    records: Sequence[Record] | Sequence[Mapping[str, Any]], path: str | PathLike[str]
+) -> Path:
     """Write records (or record-like dicts) to ``path``; the format follows the extension.
 
     Parent directories are created. Returns the written path.

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 RGB = tuple[int, int, int]
+Box = tuple[float, float, float, float]  # left, top, right, bottom
+Point = tuple[float, float]
 
 # Named colors, far apart in RGB so that each is recognisable in a small image.
 COLORS: dict[str, RGB] = {
@@ -143,7 +145,9 @@ _STYLES: dict[str, _CategoryStyle] = {
     ),
 }
 
-_BRANDS = ("Homely", "Urbano", "Cozy Nest", "Nordic Lane", "Sunhaus", "Pinecrest", "Everyday Basics")
+_BRANDS = (
+    "Homely", "Urbano", "Cozy Nest", "Nordic Lane", "Sunhaus", "Pinecrest", "Everyday Basics"
+)
 _OCCASIONS = ("birthdays", "housewarmings", "the holidays", "a new home")
 _DESCRIPTIONS = (
     "A thoughtful gift for {occasion}.",
@@ -273,14 +277,17 @@ def _weighted_sample(rng: random.Random, weights: Mapping[str, float], k: int) -
     return chosen
 
 
-def _value_weights(values: Sequence[str], favored: Sequence[str], boosts: Sequence[float]) -> dict[str, float]:
+def _value_weights(
+    values: Sequence[str], favored: Sequence[str], boosts: Sequence[float]
+) -> dict[str, float]:
+    """Sampling weight 1 for every value, ``boosts`` for the ``favored`` ones."""
     weights = dict.fromkeys(values, 1.0)
     weights.update(zip(favored, boosts))
     return weights
 
 
 def _join_words(words: Sequence[str]) -> str:
-    """"A", "A and B", "A, B and C"."""
+    """Join words as 'A', 'A and B' or 'A, B and C'."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
@@ -307,7 +314,12 @@ def _add_stated(parts: _TextParts, attribute: str, phrase: str, rng: random.Rand
         parts.sentences.append(f"Features a {phrase.lower()} design.")
 
 
-def _add_misleading(parts: _TextParts, phrases: Mapping[str, Sequence[str]], truth: Collection[str], rng: random.Random) -> None:
+def _add_misleading(
+    parts: _TextParts,
+    phrases: Mapping[str, Sequence[str]],
+    truth: Collection[str],
+    rng: random.Random,
+) -> None:
     """Add a phrase using a value word (not among ``truth``) in another sense."""
     word = rng.choice(sorted(set(phrases) - set(truth)))
     phrase = rng.choice(phrases[word])
@@ -340,7 +352,8 @@ def _compose_text(category: str, colors: Sequence[str], pattern: str, rng: rando
     description = rng.choice(_DESCRIPTIONS).format(
         occasion=rng.choice(_OCCASIONS), room=style.room, noun=noun.lower()
     )
-    return "\n".join([title, *(f"- {bullet}" for bullet in parts.bullets), " ".join([description, *parts.sentences])])
+    bullets = [f"- {bullet}" for bullet in parts.bullets]
+    return "\n".join([title, *bullets, " ".join([description, *parts.sentences])])
 
 
 def make_product(index: int, seed: int) -> Product:
@@ -349,33 +362,43 @@ def make_product(index: int, seed: int) -> Product:
     category = rng.choice(CATEGORIES)
     style = _STYLES[category]
     n_colors = rng.choices((1, 2, 3), weights=_N_COLORS_WEIGHTS)[0]
-    colors = _weighted_sample(rng, _value_weights(list(COLORS), style.favored_colors, _FAVORED_COLOR_WEIGHTS), n_colors)
-    pattern = _weighted_sample(rng, _value_weights(PATTERNS, style.favored_patterns, _FAVORED_PATTERN_WEIGHTS), 1)[0]
+    color_weights = _value_weights(list(COLORS), style.favored_colors, _FAVORED_COLOR_WEIGHTS)
+    pattern_weights = _value_weights(PATTERNS, style.favored_patterns, _FAVORED_PATTERN_WEIGHTS)
+    colors = _weighted_sample(rng, color_weights, n_colors)
+    pattern = _weighted_sample(rng, pattern_weights, 1)[0]
     text = _compose_text(category, colors, pattern, rng)
     return Product(f"p{index:05d}", category, tuple(colors), pattern, text)
 
 
-def _polygon(box: tuple[float, float, float, float], points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+def _polygon(box: Box, points: Sequence[Point]) -> list[Point]:
     """Map unit-square points into ``box``."""
     x0, y0, x1, y1 = box
     return [(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in points]
 
 
-_TSHIRT = ((0.30, 0.05), (0.40, 0.05), (0.50, 0.14), (0.60, 0.05), (0.70, 0.05), (1.0, 0.27),
-           (0.88, 0.44), (0.78, 0.37), (0.78, 1.0), (0.22, 1.0), (0.22, 0.37), (0.12, 0.44), (0.0, 0.27))
-_PILLOW = ((0.0, 0.08), (0.5, 0.18), (1.0, 0.08), (0.9, 0.5), (1.0, 0.92), (0.5, 0.82), (0.0, 0.92), (0.1, 0.5))
+# Silhouette outlines in unit-square coordinates.
+_TSHIRT = (
+    (0.30, 0.05), (0.40, 0.05), (0.50, 0.14), (0.60, 0.05), (0.70, 0.05), (1.0, 0.27), (0.88, 0.44),
+    (0.78, 0.37), (0.78, 1.0), (0.22, 1.0), (0.22, 0.37), (0.12, 0.44), (0.0, 0.27),
+)
+_PILLOW = (
+    (0.0, 0.08), (0.5, 0.18), (1.0, 0.08), (0.9, 0.5),
+    (1.0, 0.92), (0.5, 0.82), (0.0, 0.92), (0.1, 0.5),
+)
 _VASE_RIGHT = ((0.62, 0.0), (0.57, 0.07), (0.57, 0.25), (0.86, 0.5), (0.84, 0.72), (0.70, 1.0))
 _VASE = _VASE_RIGHT + tuple((1.0 - u, v) for u, v in reversed(_VASE_RIGHT))
 
 
-def _silhouette(category: str, size: int, box: tuple[float, float, float, float]) -> Image.Image:
+def _silhouette(category: str, size: int, box: Box) -> Image.Image:
     """Binary mask (mode L) of the category's shape inside ``box``."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     width = box[2] - box[0]
     if category == "mug":
-        draw.rounded_rectangle(_polygon(box, ((0.05, 0.12), (0.72, 0.98))), radius=width * 0.06, fill=255)
-        draw.ellipse(_polygon(box, ((0.52, 0.30), (0.98, 0.78))), outline=255, width=max(2, round(width * 0.1)))
+        body = _polygon(box, ((0.05, 0.12), (0.72, 0.98)))
+        draw.rounded_rectangle(body, radius=width * 0.06, fill=255)
+        handle = _polygon(box, ((0.52, 0.30), (0.98, 0.78)))
+        draw.ellipse(handle, outline=255, width=max(2, round(width * 0.1)))
     elif category == "t-shirt":
         draw.polygon(_polygon(box, _TSHIRT), fill=255)
     elif category == "pillow":
@@ -394,10 +417,12 @@ def _silhouette(category: str, size: int, box: tuple[float, float, float, float]
 def _shade(color: RGB) -> RGB:
     """A darker (or, for dark colors, lighter) tone of the same color for pattern marks."""
     luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+    red, green, blue = color
     if luminance < 70:
-        return tuple(round(c + 0.4 * (255 - c)) for c in color)  # type: ignore[return-value]
+        return (round(red + 0.4 * (255 - red)), round(green + 0.4 * (255 - green)),
+                round(blue + 0.4 * (255 - blue)))
     factor = 0.8 if luminance > 200 else 0.65  # keep marks on white / yellow light
-    return tuple(round(factor * c) for c in color)  # type: ignore[return-value]
+    return (round(factor * red), round(factor * green), round(factor * blue))
 
 
 def _pattern_mask(pattern: str, size: int, rng: random.Random) -> Image.Image:
@@ -433,7 +458,8 @@ def _background(size: int, rng: random.Random) -> Image.Image:
     for _ in range(30):
         tone = tuple(max(0, min(255, c + rng.randint(-28, 12))) for c in base)
         start = (rng.randrange(size), rng.randrange(size))
-        end = (start[0] + rng.randint(-size // 3, size // 3), start[1] + rng.randint(-size // 3, size // 3))
+        reach = size // 3
+        end = (start[0] + rng.randint(-reach, reach), start[1] + rng.randint(-reach, reach))
         draw.line((start, end), fill=tone, width=rng.randint(1, 3))
     return canvas
 
@@ -447,15 +473,16 @@ def _draw_distractors(canvas: Image.Image, avoid: Collection[str], rng: random.R
         color = COLORS[rng.choice(palette)]
         radius = rng.randint(size // 18, size // 10)
         cx, cy = rng.randint(radius, size - radius), rng.randint(radius, size - radius)
+        left, top, right, bottom = cx - radius, cy - radius, cx + radius, cy + radius
         shape = rng.choice(("circle", "square", "triangle", "diamond"))
         if shape == "circle":
-            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=color)
+            draw.ellipse((left, top, right, bottom), fill=color)
         elif shape == "square":
-            draw.rectangle((cx - radius, cy - radius, cx + radius, cy + radius), fill=color)
+            draw.rectangle((left, top, right, bottom), fill=color)
         elif shape == "triangle":
-            draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=color)
+            draw.polygon([(cx, top), (right, bottom), (left, bottom)], fill=color)
         else:
-            draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=color)
+            draw.polygon([(cx, top), (right, cy), (cx, bottom), (left, cy)], fill=color)
 
 
 def render_product(product: Product, size: int, seed: int) -> Image.Image:
@@ -514,8 +541,12 @@ def product_records(
 
 def _split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
     """Products per split; the last split takes the rounding remainder."""
-    if len(fractions) != len(SPLIT_NAMES) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"splits must be {len(SPLIT_NAMES)} non-negative fractions summing to 1, got {tuple(fractions)}")
+    valid = len(fractions) == len(SPLIT_NAMES) and all(f >= 0 for f in fractions)
+    if not valid or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"splits must be {len(SPLIT_NAMES)} non-negative fractions summing to 1, "
+            f"got {tuple(fractions)}"
+        )
     sizes = [round(n * f) for f in fractions[:-1]]
     sizes[-1] = min(sizes[-1], n - sum(sizes[:-1]))
     return [*sizes, n - sum(sizes)]

@@ -111,14 +111,8 @@ def _validate_row(
         checker.fail("json", f"{parse_error.reason}: {parse_error.raw[:80]!r}")
         return None
 
-    values = {
-        name: checker.string(raw, name, required=True)
-        for name in REQUIRED_FIELDS
-        if name != "label"
-    }
-    for name in ("id", "category", "attribute"):
-        if values[name] is not None:
-            values[name] = values[name].strip()
+    scalars = [name for name in REQUIRED_FIELDS if name != "label"]
+    values = {name: checker.string(raw, name, required=True) or "" for name in scalars}
 
     label = checker.strings(raw, "label")
     if require_label and raw.get("label") is None:
@@ -148,11 +142,11 @@ def _validate_row(
     if checker.errors:
         return None
     return Record(
-        id=values["id"],
+        id=values["id"].strip(),
         text=values["text"],
         images=tuple(resolved),
-        category=values["category"],
-        attribute=values["attribute"],
+        category=values["category"].strip(),
+        attribute=values["attribute"].strip(),
         label=_unique(label or []),
         gold=_unique(gold) if gold else None,
         source=source,
@@ -184,7 +178,8 @@ def validate_rows(
         if isinstance(row_id, str) and row_id.strip():
             key = row_id.strip()
             if key in first_row_of_id:
-                checker.fail("id", f"duplicate id '{key}' (first seen in row {first_row_of_id[key]})")
+                first = first_row_of_id[key]
+                checker.fail("id", f"duplicate id '{key}' (first seen in row {first})")
                 record = None
             else:
                 first_row_of_id[key] = row

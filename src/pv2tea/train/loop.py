@@ -251,7 +251,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
             model.enqueue(out)
             step += 1
             step_in_epoch += 1
-            values = {"loss": float(out.loss), **{k: float(v) for k, v in out.terms.items()}}
+            values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()}}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)

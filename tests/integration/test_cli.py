@@ -1,0 +1,114 @@
+"""The CLI end to end: synth → validate → train → evaluate → predict, resume and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from pv2tea.cli import main
+from pv2tea.data.synth import make_catalog
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> dict[str, Path]:
+    return make_catalog(tmp_path_factory.mktemp("catalog"), n_products=24, seed=3, image_size=64)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _train(catalog, out: Path, overrides: list[str], *extra: str) -> int:
+    return main(["train", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--out", str(out),
+                 "--no-progress", *_sets(overrides), *extra])
+
+
+@pytest.mark.real_backbone
+def test_cli_end_to_end_real_backbones(catalog, tmp_path, capsys):
+    """Default offline backbones (EfficientNet-Lite0 + MiniLM), shrunk only in depth and image size."""
+    run = tmp_path / "run"
+    overrides = ["vision.image_size=64", "fusion.num_layers=1", "decoder.num_layers=1", "train.epochs=1",
+                 "train.batch_size=8", "schemes.queue_size=32", "schemes.knn_k=3"]
+    assert main(["data", "validate", str(catalog["train"])]) == 0
+    assert _train(catalog, run, overrides) == 0
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "data_report.json", "val_report.json",
+                 "final/model.safetensors", "final/pv2tea_config.json", "checkpoint/trainer_state.json"):
+        assert (run / name).is_file(), name
+    epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_gen", "loss_sc", "loss_ct", "weight_mean"} <= set(epoch)
+
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]),
+                 "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert {"overall", "by_source", "gap", "by_attribute"} <= set(report)
+    assert set(report["by_attribute"]) == {"color", "pattern"}
+    assert "GAP" in capsys.readouterr().out
+
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(preds)]) == 0
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    n_test = len(Path(catalog["test"]).read_text().splitlines())
+    assert len(lines) == n_test and all(isinstance(x["values"], list) for x in lines)
+
+
+def test_validate_exit_codes(catalog, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.loads(x) for x in Path(catalog["train"]).read_text().splitlines()[:3]]
+    rows[1]["text"] = "   "
+    rows[2]["images"] = [str(tmp_path / "nope.png")]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "validate", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "bad.jsonl row 2, field 'text'" in out and "bad.jsonl row 3, field 'images'" in out
+    assert main(["data", "validate", str(catalog["val"])]) == 0
+
+
+def test_train_refuses_bad_rows_then_skips_and_counts(catalog, tiny_text_ckpt, tmp_path, capsys):
+    rows = Path(catalog["train"]).read_text().splitlines()
+    broken = json.loads(rows[0])
+    broken["label"] = []
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join([json.dumps(broken), *rows[1:]]) + "\n")
+    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=1"]
+    code = main(["train", "--train", str(data), "--out", str(tmp_path / "a"), "--no-progress", *_sets(overrides)])
+    assert code == 2
+    assert "row 1, field 'label'" in capsys.readouterr().err
+    code = main(["train", "--train", str(data), "--out", str(tmp_path / "b"), "--no-progress", "--skip-invalid",
+                 *_sets(overrides)])
+    assert code == 0
+    report = json.loads((tmp_path / "b" / "data_report.json").read_text())
+    assert report[str(data)]["rows_skipped"] == 1
+    assert report[str(data)]["rows_loaded"] == len(rows) - 1
+
+
+def test_unknown_config_key_is_a_clear_error(catalog, tiny_text_ckpt, tmp_path, capsys):
+    code = _train(catalog, tmp_path / "r", tiny_overrides(tiny_text_ckpt) + ["schemes.alpah=0.2"])
+    assert code == 2
+    assert "schemes.alpah" in capsys.readouterr().err
+
+
+def test_resume_equals_uninterrupted(catalog, tiny_text_ckpt, tmp_path):
+    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=3", "schemes.prediction_nr_start_epoch=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(catalog, full, overrides) == 0
+    # stop mid-epoch (epoch 1 has more than 5 steps), then resume to the end
+    assert _train(catalog, part, overrides + ["train.max_steps=5"]) == 0
+    assert not (part / "final").exists()
+    assert _train(catalog, part, ["train.max_steps=null"], "--resume") == 0
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(part / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert json.loads((full / "val_report.json").read_text()) == json.loads((part / "val_report.json").read_text())
+
+
+def test_resume_needs_an_existing_run(catalog, tmp_path, capsys):
+    assert _train(catalog, tmp_path / "none", [], "--resume") == 2
+    assert "cannot resume" in capsys.readouterr().err
