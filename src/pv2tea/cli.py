@@ -20,8 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="PV2TEA: multimodal product attribute value extraction trained on weak text labels.")
 data_app = typer.Typer(no_args_is_help=True, help="Dataset tools: synthetic catalog, validation.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
@@ -276,7 +276,8 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (for tests): returns the exit code instead of exiting."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except SystemExit as exc:  # click usage errors
@@ -288,7 +289,6 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
 
 
 if __name__ == "__main__":

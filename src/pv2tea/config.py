@@ -30,6 +30,9 @@ class VisionConfig:
     image_size: int | None = None  # None: the backbone's own pretrained input size
     max_images: int = 1  # images per product that enter the model (the first ones)
     freeze: bool = False  # keep the backbone frozen (only heads and mask train)
+    # keep BatchNorm statistics at their pretrained values (small or uneven CPU batches; a batch
+    # with a single image would otherwise break or skew them); affine BN parameters still train
+    freeze_bn: bool = True
 
 
 @dataclass

@@ -73,7 +73,7 @@ def test_train_refuses_bad_rows_then_skips_and_counts(catalog, tiny_text_ckpt, t
     rows = Path(catalog["train"]).read_text().splitlines()
     broken = json.loads(rows[0])
     broken["label"] = []
-    data = tmp_path / "train.jsonl"
+    data = Path(catalog["train"]).parent / "train_with_bad_row.jsonl"  # same folder: relative images resolve
     data.write_text("\n".join([json.dumps(broken), *rows[1:]]) + "\n")
     overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=1"]
     code = main(["train", "--train", str(data), "--out", str(tmp_path / "a"), "--no-progress", *_sets(overrides)])

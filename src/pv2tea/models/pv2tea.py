@@ -146,6 +146,14 @@ class PV2TEA(nn.Module):
                 (pretrained if _PRETRAINED.match(name) else new).append(p)
         return pretrained, new
 
+    def train(self, mode: bool = True) -> "PV2TEA":
+        super().train(mode)
+        if mode and self.cfg.vision.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     # --------------------------------------------------------------------------- forward
     def encode(self, batch: Batch) -> Encoded:
         text_hidden = self.text_encoder(input_ids=batch.text_ids,

@@ -1,0 +1,158 @@
+"""S3 two-level neighbourhood reliability (paper §3.3, Eq. 10–15), worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pv2tea.regularize.neighbors import combine, knn_indices, prediction_reliability, visual_reliability
+
+
+def polar(deg: float, r: float) -> list[float]:
+    return [r * math.cos(math.radians(deg)), r * math.sin(math.radians(deg))]
+
+
+# Two clusters by angle: A at 0°, 10°, 25° and B at 90°, 100°, 115°. The lengths differ on purpose:
+# neighbours are by cosine, so only the angles matter.
+ANGLES = [0, 10, 25, 90, 100, 115]
+FEATURES = np.array([polar(a, r) for a, r in zip(ANGLES, [1.0, 3.0, 0.5, 2.0, 1.0, 4.0])], dtype=np.float32)
+# A2 sits in the A cluster but carries the B cluster's label (a noisy weak label)
+LABELS = ["red", "red", "blue", "blue", "blue", "blue"]
+
+
+def test_knn_by_angle_k2():
+    # angular gaps: A0-A1 10°, A1-A2 15°, A0-A2 25°, A2-B0 65° (same pattern in B)
+    found = knn_indices(FEATURES, 2)
+    assert found.tolist() == [[1, 2], [0, 2], [1, 0], [4, 5], [3, 5], [4, 3]]
+
+
+def test_knn_uses_cosine_not_euclidean():
+    # row 0 (1,0): row 1 is 5.7° away but 99 units; row 2 is 45° away but 0.9 units
+    x = np.array([[1.0, 0.0], [100.0, 10.0], [0.1, 0.1]], dtype=np.float32)
+    assert knn_indices(x, 1).tolist() == [[1], [0], [1]]
+
+
+def test_knn_excludes_self_even_with_duplicates():
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    found = knn_indices(x, 2)
+    for i in range(3):
+        assert i not in found[i]
+        assert set(found[i]) == {0, 1, 2} - {i}
+
+
+def test_knn_does_not_modify_input():
+    x = FEATURES.copy()
+    knn_indices(x, 2)
+    assert np.array_equal(x, FEATURES)
+
+
+def test_visual_reliability_k2_by_hand():
+    # A0: {A1 red ✓, A2 blue ✗} → 1/2      A1: {A0 ✓, A2 ✗} → 1/2      A2 (blue): {A1 ✗, A0 ✗} → 0
+    # B0: {B1 ✓, B2 ✓} → 1                 B1: {B0, B2} → 1            B2: {B1, B0} → 1
+    s_v = visual_reliability(FEATURES, LABELS, 2)
+    assert s_v.tolist() == pytest.approx([0.5, 0.5, 0.0, 1.0, 1.0, 1.0])
+
+
+def test_visual_reliability_k3_by_hand():
+    # third neighbours: A0→B0 (90°), A1→B0 (80°), A2→B0 (65°), B0→A2 (65°), B1→A2 (75°), B2→A2 (90° vs A1 105°)
+    # A0: red? A1 ✓ A2 ✗ B0 ✗ → 1/3; A1: A0 ✓ A2 ✗ B0 ✗ → 1/3; A2 (blue): A1 ✗ A0 ✗ B0 ✓ → 1/3
+    # B*: both B neighbours ✓ and A2 (blue) ✓ → 1
+    s_v = visual_reliability(FEATURES, LABELS, 3)
+    assert s_v.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0, 1.0, 1.0])
+
+
+def test_visual_reliability_with_multi_value_labels():
+    labels = [frozenset({"red"}), frozenset({"red"}), frozenset({"red", "blue"}),
+              frozenset({"blue", "red"}), frozenset({"blue"}), frozenset({"blue"})]
+    # A2 and B0 share the label {red, blue} (set equality, order-free)
+    # A0: {A1 ✓, A2 ✗} 1/2; A1: {A0 ✓, A2 ✗} 1/2; A2: {A1 ✗, A0 ✗} 0
+    # B0: {B1 ✗, B2 ✗} 0;   B1: {B0 ✗, B2 ✓} 1/2; B2: {B1 ✓, B0 ✗} 1/2
+    s_v = visual_reliability(FEATURES, labels, 2)
+    assert s_v.tolist() == pytest.approx([0.5, 0.5, 0.0, 0.0, 0.5, 0.5])
+    # k=3 adds B0 to A2's neighbours and A2 to B0's: now the shared {red, blue} label counts
+    # A0: {A1 ✓, A2 ✗, B0 ✗}; A2: {A1 ✗, A0 ✗, B0 ✓}; B0: {B1 ✗, B2 ✗, A2 ✓}; B2: {B1 ✓, B0 ✗, A2 ✗} …
+    assert visual_reliability(FEATURES, labels, 3).tolist() == pytest.approx([1 / 3] * 6)
+
+
+def test_k_larger_than_n_minus_one_is_clipped():
+    x = FEATURES[:3]  # A0, A1, A2 only
+    assert knn_indices(x, 10).shape == (3, 2)
+    # every sample's neighbours are the other two: A0 {A1 ✓, A2 ✗}, A1 {A0 ✓, A2 ✗}, A2 {✗, ✗}
+    s_v = visual_reliability(x, ["red", "red", "blue"], 10)
+    assert s_v.tolist() == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_single_sample_is_fully_reliable():
+    s_v = visual_reliability(np.array([[0.3, 0.4]], dtype=np.float32), ["x"], 10)
+    assert s_v.tolist() == [1.0]
+    assert knn_indices(np.array([[0.3, 0.4]], dtype=np.float32), 5).shape == (1, 0)
+
+
+def test_visual_reliability_length_mismatch():
+    with pytest.raises(ValueError):
+        visual_reliability(FEATURES, LABELS[:5], 2)
+
+
+# Prediction neighbours: Y_n = same training label, Ŷ_n = same previous prediction (both contain n).
+P_LABELS = ["r", "r", "b", "b", "b", "g"]
+P_PREDS = ["r", "b", "b", "b", "r", "g"]
+# label sets: r {0,1}, b {2,3,4}, g {5}; prediction sets: r {0,4}, b {1,2,3}, g {5}
+# n=0: Y {0,1} Ŷ {0,4}   ∩ {0}     ∪ {0,1,4}     → 1/3
+# n=1: Y {0,1} Ŷ {1,2,3} ∩ {1}     ∪ {0,1,2,3}   → 1/4
+# n=2: Y {2,3,4} Ŷ {1,2,3} ∩ {2,3} ∪ {1,2,3,4}   → 2/4
+# n=3: same sets as n=2                          → 2/4
+# n=4: Y {2,3,4} Ŷ {0,4} ∩ {4}     ∪ {0,2,3,4}   → 1/4
+# n=5: Y {5} Ŷ {5}                               → 1
+S_P = [1 / 3, 1 / 4, 1 / 2, 1 / 2, 1 / 4, 1.0]
+
+
+def test_prediction_reliability_by_hand():
+    assert prediction_reliability(P_LABELS, P_PREDS).tolist() == pytest.approx(S_P)
+
+
+def test_prediction_reliability_agreeing_predictions_is_one():
+    assert prediction_reliability(P_LABELS, P_LABELS).tolist() == [1.0] * 6
+
+
+def test_prediction_reliability_frozensets():
+    labels = [frozenset({"a", "b"}), frozenset({"b", "a"}), frozenset({"c"})]
+    preds = [frozenset({"a", "b"}), frozenset({"c"}), frozenset({"c"})]
+    # label sets: {0,1}, {0,1}, {2}; prediction sets: ab {0}, c {1,2}
+    # n=0: ∩ {0} ∪ {0,1} → 1/2; n=1: ∩ {1} ∪ {0,1,2} → 1/3; n=2: ∩ {2} ∪ {1,2} → 1/2
+    assert prediction_reliability(labels, preds).tolist() == pytest.approx([1 / 2, 1 / 3, 1 / 2])
+
+
+def test_prediction_reliability_length_mismatch():
+    with pytest.raises(ValueError):
+        prediction_reliability(["a", "b"], ["a"])
+
+
+def test_combine_is_average_eq15():
+    s_v = np.array([0.5, 0.5, 0.0, 1.0, 1.0, 1.0])
+    s_p = np.array(S_P)
+    # (1/2 + 1/3)/2 = 5/12, (1/2 + 1/4)/2 = 3/8, (0 + 1/2)/2 = 1/4, (1 + 1/2)/2 = 3/4, (1 + 1/4)/2 = 5/8, 1
+    assert combine(s_v, s_p).tolist() == pytest.approx([5 / 12, 3 / 8, 1 / 4, 3 / 4, 5 / 8, 1.0])
+
+
+def test_combine_one_side_missing_returns_the_other():
+    s_v = np.array([0.5, 0.25])
+    s_p = np.array([1.0, 0.0])
+    assert combine(s_v, None).tolist() == [0.5, 0.25]
+    assert combine(None, s_p).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError):
+        combine(None, None)
+
+
+def test_end_to_end_worked_example():
+    # visual level k=2 on the clusters, prediction level with predictions that fix A2's label
+    s_v = visual_reliability(FEATURES, LABELS, 2)  # [1/2, 1/2, 0, 1, 1, 1]
+    preds = ["red", "red", "red", "blue", "blue", "blue"]
+    # label sets: red {0,1}, blue {2,3,4,5}; prediction sets: red {0,1,2}, blue {3,4,5}
+    # n=0,1: ∩ {0,1} ∪ {0,1,2} → 2/3;  n=2: ∩ {2} ∪ {0,1,2,3,4,5} → 1/6;  n=3..5: ∩ {3,4,5} ∪ {2,3,4,5} → 3/4
+    s_p = prediction_reliability(LABELS, preds)
+    assert s_p.tolist() == pytest.approx([2 / 3, 2 / 3, 1 / 6, 3 / 4, 3 / 4, 3 / 4])
+    s = combine(s_v, s_p)
+    assert s.tolist() == pytest.approx([7 / 12, 7 / 12, 1 / 12, 7 / 8, 7 / 8, 7 / 8])
+    assert int(np.argmin(s)) == 2  # the mislabelled sample gets the smallest weight
