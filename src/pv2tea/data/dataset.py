@@ -6,8 +6,8 @@ training, batch prediction and serving, and is saved with every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import timm.data
 import torch
@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from pv2tea.config import Config
 from pv2tea.data.images import load_rgb
 from pv2tea.data.schema import Record
+from pv2tea.eval.normalize import normalize_value, split_answer
 from pv2tea.models.pv2tea import Batch
 
 
@@ -36,10 +37,21 @@ class Preprocessor:
     tokenizer: PreTrainedTokenizerBase
     data_config: dict  # timm data config: input_size, mean, std, interpolation, crop
     categories: list[str]
+    values: dict[str, list[str]] = field(default_factory=dict)  # attribute → value vocabulary (normalized)
+    multi_value: dict[str, bool] = field(default_factory=dict)  # attribute → multi-value?
 
     def __post_init__(self) -> None:
         self.transform = timm.data.create_transform(**{**self.data_config, "crop_pct": 1.0}, is_training=False)
         self.category_index = {c: i for i, c in enumerate(self.categories)}
+        self.attributes = sorted(self.values)
+        self.attribute_index = {a: i for i, a in enumerate(self.attributes)}
+        self.value_classes = [(a, v) for a in self.attributes for v in self.values[a]]
+        self.value_index = {c: i for i, c in enumerate(self.value_classes)}
+
+    @property
+    def value_attributes(self) -> list[int]:
+        """Attribute index of every value class (for the classification head)."""
+        return [self.attribute_index[a] for a, _ in self.value_classes]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -48,11 +60,10 @@ class Preprocessor:
     def question(self, attribute: str, category: str) -> str:
         return self.cfg.fusion.question_template.format(attribute=attribute, category=category)
 
-    def image_tensor(self, record: Record) -> torch.Tensor | None:
-        images = record.images[: self.cfg.vision.max_images]
-        if not images:
+    def image_tensor(self, record: Record, position: int = 0) -> torch.Tensor | None:
+        if not self.cfg.vision.enabled or len(record.images) <= position:
             return None
-        return self.transform(load_rgb(images[0]))
+        return self.transform(load_rgb(record.images[position]))
 
     def collate(self, records: Sequence[Record], pair_ids: Sequence[int], indices: Sequence[int],
                 with_answers: bool) -> Batch:
@@ -70,7 +81,24 @@ class Preprocessor:
             text_ids=texts["input_ids"], text_mask=texts["attention_mask"],
             question_ids=questions["input_ids"], question_mask=questions["attention_mask"],
             category=torch.tensor([self.category_index.get(r.category, -1) for r in records]),
-            pair_id=torch.tensor(list(pair_ids)), index=torch.tensor(list(indices)))
+            pair_id=torch.tensor(list(pair_ids)), index=torch.tensor(list(indices)),
+            multi_value=torch.tensor([self.multi_value.get(r.attribute, False) for r in records]))
+        extra = self.cfg.vision.max_images - 1
+        if extra > 0 and self.cfg.vision.enabled and any(len(r.images) > 1 for r in records):
+            slots = [[self.image_tensor(r, k) for k in range(1, extra + 1)] for r in records]
+            batch.extra_mask = torch.tensor([[t is not None for t in row] for row in slots])  # (B, K-1)
+            batch.extra_images = torch.stack([torch.stack([t if t is not None else torch.zeros(3, h, w)
+                                                           for t in row]) for row in slots])  # (B, K-1, 3, H, W)
+        if self.values:
+            batch.attribute_id = torch.tensor([self.attribute_index.get(r.attribute, -1) for r in records])
+        if with_answers and self.values:
+            targets = torch.zeros(len(records), len(self.value_classes))
+            for i, r in enumerate(records):
+                for v in r.label:
+                    j = self.value_index.get((r.attribute, normalize_value(v)))
+                    if j is not None:
+                        targets[i, j] = 1.0
+            batch.value_targets = targets
         if with_answers:
             answers = tok([answer_text(r.label, self.cfg.decoder.value_delimiter) for r in records], padding=True,
                           truncation=True, max_length=self.cfg.decoder.max_answer_tokens, return_tensors="pt")
@@ -79,10 +107,25 @@ class Preprocessor:
 
     def decode_answers(self, ids: torch.Tensor) -> list[list[str]]:
         """Generated ids → list of values per row (split on the delimiter)."""
-        from pv2tea.eval.normalize import split_answer
-
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [split_answer(t, self.cfg.decoder.value_delimiter) for t in texts]
+
+
+def value_vocabulary(records: Sequence[Record]) -> dict[str, list[str]]:
+    """attribute → sorted normalized training values."""
+    vocab: dict[str, set[str]] = {}
+    for r in records:
+        vocab.setdefault(r.attribute, set()).update(normalize_value(v) for v in r.label)
+    return {a: sorted(v - {""}) for a, v in sorted(vocab.items())}
+
+
+def candidate_lookup(candidates: Mapping, record: Record) -> list[str] | None:
+    """Candidates for a record from ``{category: {attribute: [...]}}`` or ``{attribute: [...]}``."""
+    by_category = candidates.get(record.category)
+    if isinstance(by_category, Mapping) and record.attribute in by_category:
+        return list(by_category[record.attribute])
+    value = candidates.get(record.attribute)
+    return list(value) if isinstance(value, (list, tuple)) else None
 
 
 class RecordDataset(Dataset):

@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import BertConfig
 
 from pv2tea.config import Config
-from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate
+from pv2tea.data.dataset import Preprocessor, RecordDataset, candidate_lookup, make_collate
 from pv2tea.data.schema import Record
+from pv2tea.eval.normalize import normalize_value
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.models.text import load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.vision import data_config
 from pv2tea.train import checkpoint as ckpt
 
 
-def build_for_training(cfg: Config, categories: Sequence[str]) -> tuple[PV2TEA, Preprocessor]:
-    """A PV2TEA initialized from the configured offline pretrained checkpoints."""
+TEXT_ONLY_DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                         "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def build_for_training(cfg: Config, categories: Sequence[str], values: dict[str, list[str]] | None = None,
+                       multi_value: dict[str, bool] | None = None) -> tuple[PV2TEA, Preprocessor]:
+    """A PV2TEA initialized from the configured offline pretrained checkpoints.
+
+    ``values`` (attribute → value vocabulary) is needed by the classification head and optional otherwise.
+    """
     text_path = resolve_text_path(cfg.text.path)
-    model = PV2TEA(cfg, load_bert_config(text_path), num_categories=max(len(categories), 1))
+    tokenizer = load_tokenizer(text_path)
+    pre_values = values or {}
+    value_attributes = Preprocessor(cfg, tokenizer, TEXT_ONLY_DATA_CONFIG, [], pre_values).value_attributes
+    model = PV2TEA(cfg, load_bert_config(text_path), num_categories=max(len(categories), 1),
+                   value_attributes=value_attributes)
     model.load_pretrained()
-    pre = Preprocessor(cfg, load_tokenizer(text_path), data_config(model.visual.backbone, cfg.vision), list(categories))
+    data_cfg = data_config(model.visual.backbone, cfg.vision) if model.visual is not None else TEXT_ONLY_DATA_CONFIG
+    pre = Preprocessor(cfg, tokenizer, data_cfg, list(categories), pre_values, dict(multi_value or {}))
     return model, pre
 
 
 def preprocess_state(pre: Preprocessor) -> dict:
-    return {"categories": pre.categories, "data_config": {k: list(v) if isinstance(v, tuple) else v
-                                                          for k, v in pre.data_config.items()}}
+    return {"categories": pre.categories, "values": pre.values, "multi_value": pre.multi_value,
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.data_config.items()}}
 
 
 def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
@@ -38,16 +52,53 @@ def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
     bert_config = BertConfig(**ckpt.read_json(directory, ckpt.TEXT_CONFIG_FILE))
     prep = ckpt.read_json(directory, ckpt.PREPROCESS_FILE)
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in prep["data_config"].items()}
-    model = PV2TEA(cfg, bert_config, num_categories=max(len(prep["categories"]), 1))
+    pre = Preprocessor(cfg, load_tokenizer(directory), data_cfg, prep["categories"], prep.get("values", {}),
+                       prep.get("multi_value", {}))
+    model = PV2TEA(cfg, bert_config, num_categories=max(len(prep["categories"]), 1),
+                   value_attributes=pre.value_attributes)
     ckpt.load_weights(model, directory)
-    pre = Preprocessor(cfg, load_tokenizer(directory), data_cfg, prep["categories"])
     return model, pre
+
+
+def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record],
+                     candidates: Mapping) -> list[list[str] | None]:
+    """Per row: the candidate with the highest sequence likelihood (None: no candidate list)."""
+    lists = [candidate_lookup(candidates, r) for r in records]
+    if model.decoder is None:  # classification head: restrict the classes
+        allowed = torch.zeros(len(records), len(pre.value_classes), dtype=torch.bool)
+        for i, (r, cands) in enumerate(zip(records, lists)):
+            for c in cands or []:
+                j = pre.value_index.get((r.attribute, normalize_value(c)))
+                if j is not None:
+                    allowed[i, j] = True
+        has_any = allowed.any(1)
+        allowed[~has_any] = True
+        picks = model.classify(batch, allowed)
+        return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None
+                for i, p in enumerate(picks)]
+    rows = [i for i, c in enumerate(lists) for _ in (c or [])]
+    texts = [c for cands in lists for c in (cands or [])]
+    if not texts:
+        return [None] * len(records)
+    enc = pre.tokenizer(texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens,
+                        return_tensors="pt")
+    scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"])
+    best: dict[int, tuple[float, str]] = {}
+    for row, text, score in zip(rows, texts, scores.tolist()):
+        if row not in best or score > best[row][0]:
+            best[row] = (score, text)
+    return [[best[i][1]] if i in best else None for i in range(len(records))]
 
 
 @torch.no_grad()
 def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], batch_size: int,
-                    num_beams: int | None = None, progress: bool = False, desc: str = "predict") -> list[list[str]]:
-    """Generated values for each record, in order (model left in its previous train/eval mode)."""
+                    num_beams: int | None = None, progress: bool = False, desc: str = "predict",
+                    candidates: Mapping | None = None) -> list[list[str]]:
+    """Extracted values for each record, in order (model left in its previous train/eval mode).
+
+    Open generation by default; with ``candidates`` ({category: {attribute: [values]}} or
+    {attribute: [values]}) rows that have a candidate list get the most likely candidate instead.
+    """
     was_training = model.training
     model.eval()
     dataset = RecordDataset(records)
@@ -56,10 +107,18 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
     out: list[list[str]] = []
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        batch = collate(list(range(start, min(start + batch_size, len(dataset)))))
-        ids = model.generate(batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id,
-                             num_beams=num_beams)
-        out.extend(pre.decode_answers(ids))
+        indices = list(range(start, min(start + batch_size, len(dataset))))
+        batch = collate(indices)
+        if model.decoder is not None:
+            ids = model.generate(batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id,
+                                 num_beams=num_beams)
+            values = pre.decode_answers(ids)
+        else:
+            values = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
+        if candidates:
+            ranked = _rank_candidates(model, pre, batch, [dataset.records[i] for i in indices], candidates)
+            values = [r if r is not None else v for r, v in zip(ranked, values)]
+        out.extend(values)
     model.train(was_training)
     return out
 
@@ -76,8 +135,9 @@ class Predictor:
         return cls(*load_from_checkpoint(directory))
 
     def predict(self, records: Sequence[Record], batch_size: int = 16, num_beams: int | None = None,
-                progress: bool = False) -> list[list[str]]:
-        return generate_values(self.model, self.pre, records, batch_size, num_beams, progress)
+                progress: bool = False, candidates: Mapping | None = None) -> list[list[str]]:
+        return generate_values(self.model, self.pre, records, batch_size, num_beams, progress,
+                               candidates=candidates)
 
     @torch.no_grad()
     def attention_masks(self, records: Sequence[Record]) -> list[torch.Tensor | None]:
@@ -88,6 +148,6 @@ class Predictor:
             if image is None:
                 out.append(None)
                 continue
-            _, mask, grid = self.model.image_features(image.unsqueeze(0))
+            _, mask, grid = self.model.image_features(image.unsqueeze(0))  # (1, P)
             out.append(mask[0].reshape(grid) if mask is not None else None)
         return out

@@ -38,6 +38,11 @@ class Batch:
     index: torch.Tensor  # (B,) long: row index in the dataset
     answer_ids: torch.Tensor | None = None  # (B, A) [CLS] value ; value [SEP] [PAD]...
     answer_mask: torch.Tensor | None = None  # (B, A)
+    extra_images: torch.Tensor | None = None  # (B, K-1, 3, H, W): further images of a product
+    extra_mask: torch.Tensor | None = None  # (B, K-1) bool
+    attribute_id: torch.Tensor | None = None  # (B,) long, for the classification head
+    value_targets: torch.Tensor | None = None  # (B, V) multi-hot over the value vocabulary
+    multi_value: torch.Tensor | None = None  # (B,) bool: the row's attribute is multi-value
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
@@ -70,20 +75,31 @@ _PRETRAINED = re.compile(
 
 
 class PV2TEA(nn.Module):
-    def __init__(self, cfg: Config, bert_config: BertConfig, num_categories: int):
+    def __init__(self, cfg: Config, bert_config: BertConfig, num_categories: int,
+                 value_attributes: list[int] | None = None):
+        """``value_attributes[v]`` is the attribute index of value class v (classification head only)."""
         super().__init__()
         self.cfg = cfg
         s = cfg.schemes
         hidden = bert_config.hidden_size
         self.bert_config = bert_config
-        self.visual = VisualEncoder(cfg.vision, hidden, attention_pruning=s.attention_pruning)
+        self.visual = (VisualEncoder(cfg.vision, hidden, attention_pruning=s.attention_pruning)
+                       if cfg.vision.enabled else None)
         self.text_encoder = create_text_encoder(bert_config)
         fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
         self.fusion = FusionEncoder(bert_config, fusion_layers)
-        dec_config = BertConfig(**{**bert_config.to_dict(), "is_decoder": True, "add_cross_attention": True,
-                                   "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
-                                   "tie_word_embeddings": True})
-        self.decoder = BertLMHeadModel(dec_config)
+        if cfg.decoder.head == "generate":
+            dec_config = BertConfig(**{**bert_config.to_dict(), "is_decoder": True, "add_cross_attention": True,
+                                       "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
+                                       "tie_word_embeddings": True})
+            self.decoder = BertLMHeadModel(dec_config)
+            self.value_head = None
+        else:
+            if not value_attributes:
+                raise ValueError("the classification head needs the value vocabulary (value_attributes)")
+            self.decoder = None
+            self.value_head = nn.Linear(hidden, len(value_attributes))
+            self.register_buffer("value_attribute", torch.tensor(value_attributes, dtype=torch.long))
         self.category_head = nn.Linear(hidden, num_categories) if s.category_loss else None
         if s.contrastive:
             self.vision_proj = nn.Linear(hidden, s.embed_dim)
@@ -95,7 +111,7 @@ class PV2TEA(nn.Module):
             for m in self._momentum_pairs():
                 freeze_copy(m[1])
             self.queue = FeatureQueue(s.embed_dim, s.queue_size)
-        if cfg.vision.freeze:
+        if cfg.vision.freeze and self.visual is not None:
             self.visual.backbone.requires_grad_(False)
         if cfg.text.freeze:
             self.text_encoder.requires_grad_(False)
@@ -111,7 +127,8 @@ class PV2TEA(nn.Module):
         """Initialize backbones, fusion and decoder from the configured offline checkpoints."""
         from pv2tea.models.text import resolve_text_path
 
-        load_backbone_weights(self.visual.backbone, self.cfg.vision.weights)
+        if self.visual is not None:
+            load_backbone_weights(self.visual.backbone, self.cfg.vision.weights)
         text_path = resolve_text_path(self.cfg.text.path)
         source = read_text_state_dict(text_path)
         n_src = self.bert_config.num_hidden_layers
@@ -120,6 +137,11 @@ class PV2TEA(nn.Module):
         if max(fusion_src) >= n_src:
             raise ValueError(f"fusion.num_layers={len(self.fusion.layers)} exceeds the {n_src} layers of {text_path}")
         transfer(self.fusion, source, self.fusion.pretrained_mapping(fusion_src), ("layers.",), "fusion")
+        if self.decoder is not None:
+            self._load_decoder(source, n_src, str(text_path))
+        self.sync_momentum()
+
+    def _load_decoder(self, source: dict[str, torch.Tensor], n_src: int, text_path: str) -> None:
         dec_layers = self.decoder.config.num_hidden_layers
         if dec_layers > n_src:
             raise ValueError(f"decoder.num_layers={dec_layers} exceeds the {n_src} layers of {text_path}")
@@ -131,7 +153,6 @@ class PV2TEA(nn.Module):
                 mapping[k] = k[len("bert."):]
         mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"  # tied
         transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer."), "decoder")
-        self.sync_momentum()
 
     @torch.no_grad()
     def sync_momentum(self) -> None:
@@ -158,19 +179,34 @@ class PV2TEA(nn.Module):
     def encode(self, batch: Batch) -> Encoded:
         text_hidden = self.text_encoder(input_ids=batch.text_ids,
                                         attention_mask=batch.text_mask).last_hidden_state  # (B, T, H)
-        rows = batch.has_image
+        rows = batch.has_image if self.visual is not None else torch.zeros_like(batch.has_image)
+        visual = None
+        parts, masks = [], []
         if bool(rows.any()):
             visual = self.visual(batch.images[rows])
-            n_tokens = visual.tokens.shape[1]
-            vis_tokens = text_hidden.new_zeros(len(batch), n_tokens, text_hidden.shape[-1])  # (B, 1 + P, H)
-            vis_tokens[rows] = visual.tokens
-            vis_mask = rows[:, None].expand(-1, n_tokens).to(batch.text_mask.dtype)  # (B, 1 + P)
-            context = torch.cat([vis_tokens, text_hidden], 1)  # (B, 1 + P + T, H)
-            context_mask = torch.cat([vis_mask, batch.text_mask], 1)
-        else:
-            visual, context, context_mask = None, text_hidden, batch.text_mask
+            vis_tokens, vis_mask = self._scatter_tokens(visual.tokens, rows[:, None], text_hidden)
+            parts.append(vis_tokens)
+            masks.append(vis_mask)
+            if batch.extra_images is not None and bool(batch.extra_mask.any()):
+                extra = self.visual(batch.extra_images[batch.extra_mask])  # (N_extra, 1 + P, H)
+                ext_tokens, ext_mask = self._scatter_tokens(extra.tokens, batch.extra_mask, text_hidden)
+                parts.append(ext_tokens)
+                masks.append(ext_mask)
+        context = torch.cat([*parts, text_hidden], 1)  # (B, K(1 + P) + T, H)
+        context_mask = torch.cat([*[m.to(batch.text_mask.dtype) for m in masks], batch.text_mask], 1)
         question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask)
         return Encoded(question, batch.question_mask, text_hidden, visual, rows)
+
+    @staticmethod
+    def _scatter_tokens(tokens: torch.Tensor, present: torch.Tensor,
+                        like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of the present images (N, 1 + P, H) → per-row slots (B, K(1 + P), H) plus their mask."""
+        b, k = present.shape
+        n_tokens = tokens.shape[1]
+        slots = like.new_zeros(b, k, n_tokens, like.shape[-1])  # (B, K, 1 + P, H)
+        slots[present] = tokens
+        mask = present[:, :, None].expand(-1, -1, n_tokens)  # (B, K, 1 + P)
+        return slots.flatten(1, 2), mask.flatten(1)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -182,11 +218,16 @@ class PV2TEA(nn.Module):
             raise ValueError("forward needs answer_ids (training labels); use generate() for inference")
         cfg, s = self.cfg, self.cfg.schemes
         enc = self.encode(batch)
-        logits = self.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                              encoder_hidden_states=enc.question,
-                              encoder_attention_mask=enc.question_mask).logits  # (B, A, V)
-        labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
-        per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
+        if self.decoder is not None:
+            logits = self.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
+                                  encoder_hidden_states=enc.question,
+                                  encoder_attention_mask=enc.question_mask).logits  # (B, A, V)
+            labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
+            per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
+        else:
+            log_probs = F.log_softmax(self._value_logits(enc, batch), dim=-1)  # (B, V)
+            targets = batch.value_targets / batch.value_targets.sum(1, keepdim=True).clamp_min(1)
+            per_sample = -(targets * log_probs.clamp_min(-1e4)).sum(1)  # soft-target CE, (B,)
         terms = {"loss_gen": weighted_generation_loss(per_sample, sample_weights)}
         total = cfg.loss.weight_gen * terms["loss_gen"]
         momentum: dict[str, torch.Tensor] = {}
@@ -196,7 +237,7 @@ class PV2TEA(nn.Module):
             cat_logits = self.category_head(enc.visual.pooled[known])  # (B_img, C)
             terms["loss_ct"] = category_loss(cat_logits, batch.category[rows][known])
             total = total + cfg.loss.weight_ct * terms["loss_ct"]
-        if s.contrastive and enc.visual is not None:
+        if self.cfg.vision.enabled and s.contrastive and enc.visual is not None:
             image_feat = F.normalize(self.vision_proj(enc.visual.pooled), dim=-1)  # (B_img, D)
             text_feat = F.normalize(self.text_proj(enc.text_hidden[rows, 0]), dim=-1)  # (B_img, D)
             with torch.no_grad():
@@ -236,6 +277,45 @@ class PV2TEA(nn.Module):
         return self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
                                      encoder_hidden_states=enc.question,
                                      encoder_attention_mask=enc.question_mask, generation_config=gen_cfg)
+
+    def _value_logits(self, enc: Encoded, batch: Batch) -> torch.Tensor:
+        """Classification head on q_cls; classes of other attributes are masked out. (B, V)"""
+        logits = self.value_head(enc.question[:, 0])  # (B, V)
+        own = self.value_attribute[None, :] == batch.attribute_id[:, None]  # (B, V)
+        return logits.masked_fill(~own, torch.finfo(logits.dtype).min)
+
+    @torch.no_grad()
+    def classify(self, batch: Batch, allowed: torch.Tensor | None = None) -> list[list[int]]:
+        """Value-class indices per row: argmax, or for multi-value rows every class with at least half
+        the top probability. ``allowed`` (B, V) bool restricts the classes (candidate lists)."""
+        logits = self._value_logits(self.encode(batch), batch)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        probs = logits.softmax(-1)  # (B, V)
+        top = probs.max(-1, keepdim=True).values
+        multi = batch.multi_value if batch.multi_value is not None else torch.zeros(len(batch), dtype=torch.bool)
+        out = []
+        for i in range(len(batch)):
+            if bool(multi[i]):
+                out.append(torch.nonzero(probs[i] >= 0.5 * top[i]).flatten().tolist())
+            else:
+                out.append([int(probs[i].argmax())])
+        return out
+
+    @torch.no_grad()
+    def score_candidates(self, batch: Batch, rows: torch.Tensor, cand_ids: torch.Tensor,
+                         cand_mask: torch.Tensor) -> torch.Tensor:
+        """Sequence log-likelihood log p(candidate | product, question) for each candidate (N,).
+
+        rows (N,): the batch row each candidate belongs to; cand_ids/cand_mask (N, L) with [CLS] first.
+        """
+        enc = self.encode(batch)
+        logits = self.decoder(input_ids=cand_ids, attention_mask=cand_mask, encoder_hidden_states=enc.question[rows],
+                              encoder_attention_mask=enc.question_mask[rows]).logits  # (N, L, V)
+        log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # (N, L-1, V)
+        targets = cand_ids[:, 1:]  # (N, L-1)
+        token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, L-1)
+        return (token_lp * cand_mask[:, 1:]).sum(1)
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pv2tea.config import Config
-from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate
+from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate, value_vocabulary
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
@@ -85,7 +85,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
     n = len(records)
     labels = [label_key(r, r.label) for r in records]
     s_v = None
-    if s.visual_nr:
+    if s.visual_nr and model.visual is not None:
         was_training = model.training
         model.eval()
         s_v = np.ones(n)
@@ -186,8 +186,8 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
     seed_everything(cfg.train.seed)
     categories = sorted({r.category for r in records})
-    model, pre = build_for_training(cfg, categories)
     multi = multi_value_attributes(records + val_records)
+    model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=True)
     steps_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
@@ -218,8 +218,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                 tensors_out["sample_weights"] = torch.as_tensor(weights)
             training = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "optimizer": optim_meta,
                         "scheduler": scheduler.state_dict(), "rng": rng_meta, "total_steps": total_steps}
-        ckpt.save_checkpoint(target, model, cfg, bert_config, {**preprocess_state(pre), "multi_value": multi},
-                             pre.tokenizer,
+        ckpt.save_checkpoint(target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer,
                              training, tensors_out)
 
     model.train()

@@ -1,0 +1,123 @@
+"""Variants beyond the default: TEA (text only), classification head, several images, candidate ranking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_overrides
+from pv2tea.config import ConfigError, load_config
+from pv2tea.data.dataset import value_vocabulary
+from pv2tea.data.schema import Record
+from pv2tea.inference.predictor import build_for_training, generate_values
+
+TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
+       "schemes.attention_pruning=false", "schemes.visual_nr=false"]
+
+
+@pytest.fixture(scope="module")
+def recs(tmp_path_factory) -> list[Record]:
+    folder = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        p = folder / f"{i}.png"
+        Image.new("RGB", (48, 48), colour).save(p)
+        paths.append(str(p))
+    return [
+        Record("a", "red mug", (paths[0], paths[1], paths[2]), "mug", "color", ("red", "green")),
+        Record("b", "green vase", (paths[1],), "vase", "color", ("green",)),
+        Record("c", "striped mug", (), "mug", "pattern", ("striped",)),
+        Record("d", "blue vase", (paths[2], paths[0]), "vase", "pattern", ("solid",)),
+    ]
+
+
+def _build(tiny_text_ckpt, recs, *extra):
+    torch.manual_seed(0)
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), *extra])
+    multi = {"color": True, "pattern": False}
+    return build_for_training(cfg, ["mug", "vase"], value_vocabulary(recs), multi)
+
+
+def _all_grads(model) -> list[str]:
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+
+
+def test_text_only_config_must_switch_off_image_schemes():
+    with pytest.raises(ConfigError, match="schemes.contrastive=false"):
+        load_config(None, ["vision.enabled=false"])
+
+
+def test_tea_has_no_visual_parts_and_trains(tiny_text_ckpt, recs):
+    model, pre = _build(tiny_text_ckpt, recs, *TEA)
+    assert model.visual is None and not any("visual" in n for n, _ in model.named_parameters())
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    model.train()
+    out = model(batch)
+    assert set(out.terms) == {"loss_gen"}
+    out.loss.backward()
+    assert _all_grads(model) == []
+    assert len(generate_values(model, pre, recs, batch_size=2)) == 4
+
+
+def test_classification_head(tiny_text_ckpt, recs):
+    model, pre = _build(tiny_text_ckpt, recs, "decoder.head=classify")
+    assert model.decoder is None and model.value_head.out_features == len(pre.value_classes) == 4
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    # multi-hot targets over (attribute, value) classes: color → green, red; pattern → solid, striped
+    assert batch.value_targets.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
+    model.train()
+    out = model(batch, torch.ones(4))
+    out.loss.backward()
+    assert _all_grads(model) == []
+    # learns the toy set: predictions stay inside each row's attribute vocabulary
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        model(batch).loss.backward()
+        opt.step()
+    preds = generate_values(model, pre, recs, batch_size=4)
+    assert [sorted(p) for p in preds] == [["green", "red"], ["green"], ["striped"], ["solid"]]
+
+
+def test_several_images_enter_fusion(tiny_text_ckpt, recs):
+    model, pre = _build(tiny_text_ckpt, recs, "vision.max_images=3")
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    assert batch.extra_images.shape[:2] == (4, 2)
+    assert batch.extra_mask.tolist() == [[True, True], [False, False], [False, False], [True, False]]
+    model.eval()
+    with torch.no_grad():
+        many = model(batch).per_sample_gen
+        batch.extra_images[0, 1] = torch.randn_like(batch.extra_images[0, 1])  # third image of row 0 changes
+        changed = model(batch).per_sample_gen
+        batch.extra_mask[:] = False  # ignoring the extra images changes only rows 0 and 3
+        first_only = model(batch).per_sample_gen
+    assert many[0] != changed[0] and many[1] == changed[1]  # exact: unrelated rows are untouched
+    assert torch.equal(first_only[1:3], many[1:3]) and first_only[3] != many[3]
+    model.train()
+    out = model(pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True))
+    out.loss.backward()
+    assert _all_grads(model) == []
+
+
+def test_candidates_rank_by_sequence_likelihood(tiny_text_ckpt, recs):
+    model, pre = _build(tiny_text_ckpt, recs)
+    model.eval()
+    batch = pre.collate(recs[:2], [0, 1], [0, 1], with_answers=False)
+    cands = ["red", "green", "light blue"]
+    enc = pre.tokenizer(cands * 2, padding=True, return_tensors="pt")
+    rows = torch.tensor([0, 0, 0, 1, 1, 1])
+    scores = model.score_candidates(batch, rows, enc["input_ids"], enc["attention_mask"])
+    # the score is the sum of next-token log-probabilities of the candidate under the decoder
+    one = pre.tokenizer(["light blue"], return_tensors="pt")
+    q = model.encode(pre.collate(recs[:1], [0], [0], with_answers=False))
+    logits = model.decoder(input_ids=one["input_ids"], encoder_hidden_states=q.question,
+                           encoder_attention_mask=q.question_mask).logits[0]
+    lp = torch.log_softmax(logits[:-1], -1).gather(-1, one["input_ids"][0, 1:, None]).sum()
+    assert scores[2].item() == pytest.approx(lp.item(), rel=1e-4)
+    preds = generate_values(model, pre, recs, batch_size=4,
+                            candidates={"mug": {"color": cands}, "pattern": ["solid", "striped"]})
+    best0 = cands[int(scores[:3].argmax())]
+    assert preds[0] == [best0]
+    assert preds[2][0] in ("solid", "striped") and preds[3][0] in ("solid", "striped")
