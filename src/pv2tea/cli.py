@@ -273,6 +273,100 @@ def demo(
                       f"on {os.cpu_count()} CPU core(s)", highlight=False)
 
 
+@app.command("weak-label")
+def weak_label_cmd(
+    train_file: Annotated[Path, typer.Option("--train", help="Text-only labelled data to train the extractor on.")],
+    data: Annotated[Path, typer.Option("--data", help="Multimodal products to label.")],
+    out: Annotated[Path, typer.Option("--out", help="Output dataset (JSONL/CSV/Parquet) with weak labels.")],
+    kind: Annotated[str, typer.Option(help="transformer (OpenTag_cls-style) or tfidf.")] = "transformer",
+    text_path: Annotated[Optional[str], typer.Option(help="Local BERT-style checkpoint for the transformer.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    load: Annotated[Optional[Path], typer.Option("--load", help="Use a saved extractor instead of training.")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Save the trained extractor here.")] = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+) -> None:
+    """Train (or load) a text-established extractor and write its predictions as weak labels."""
+    _quiet_libraries()
+    import dataclasses
+
+    from pv2tea.baselines.text_extractor import (TextExtractorConfig, TfidfExtractorConfig, TfidfTextExtractor,
+                                                 TransformerTextExtractor, evaluate_extractor, load_extractor,
+                                                 weak_label)
+    from pv2tea.data.readers import write_records
+    from pv2tea.eval.report import format_report_table
+    from pv2tea.train.loop import multi_value_attributes
+
+    try:
+        target = _load(data, skip_invalid, require_label=False)
+        if load:
+            extractor = load_extractor(load)
+        else:
+            source = _load(train_file, skip_invalid)
+            if kind == "tfidf":
+                extractor = TfidfTextExtractor(TfidfExtractorConfig())
+            elif kind == "transformer":
+                cfg = TextExtractorConfig(progress=True)
+                changes = {k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None}
+                extractor = TransformerTextExtractor(dataclasses.replace(cfg, **changes))
+            else:
+                _fail(f"--kind must be transformer or tfidf, got {kind}")
+            extractor.fit(source.records)
+            if save:
+                extractor.save(save)
+        labelled = weak_label(extractor, target.records)
+        write_records(labelled, out)
+        console.print(f"{len(labelled)} weakly labelled row(s) written to {out}")
+        gold = [r for r in target.records if r.gold]
+        if gold:
+            report = evaluate_extractor(extractor, gold, multi_value_attributes(gold))
+            out_console.print(format_report_table(report, title="text extractor vs gold"), highlight=False)
+    except _expected_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def experiment(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data with weak labels.")],
+    val_file: Annotated[Path, typer.Option("--val", help="Validation data.")],
+    test_file: Annotated[Path, typer.Option("--test", help="Test data with gold values (and sources).")],
+    out: Annotated[Path, typer.Option("--out", help="Experiment folder (re-run to resume).")],
+    variants: Annotated[str, typer.Option(help="Comma-separated variants, or 'all'.")] = "weak_labels,text_extractor,tea,pv2tea",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per variant (0..N-1).")] = 3,
+    config: Annotated[Optional[str], typer.Option("--config", "-c")] = "cpu",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
+) -> None:
+    """Train every variant over seeds; write Table 2/3/7-style tables, t-tests and retrieval."""
+    _quiet_libraries()
+    from pv2tea.experiment import Split, known_variants, run_experiment
+
+    names = known_variants() if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
+    try:
+        split = Split(*(_load(f, False).records for f in (train_file, val_file, test_file)))
+        run_experiment(split, out, names, list(range(seeds)), config, overrides or [], progress,
+                       log=lambda m: console.print(m, highlight=False))
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    out_console.print((out / "tables.md").read_text(), highlight=False)
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run folder or an experiment folder.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the figures and index.html.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Products whose attention masks to draw.")] = None,
+) -> None:
+    """PNG figures (masks, source-aware bars, per-attribute F1, retrieval vs alpha) and one HTML page."""
+    _quiet_libraries()
+    from pv2tea.viz.run_report import build_report
+
+    try:
+        index = build_report(path, out, data)
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    console.print(f"report: {index}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (for tests): returns the exit code instead of exiting."""
     try:

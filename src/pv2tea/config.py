@@ -50,6 +50,9 @@ class TextConfig:
 class FusionConfig:
     num_layers: int | None = None  # None: as many layers as the text checkpoint
     max_question_tokens: int = 24
+    # start the new cross-attention (fusion and decoder) as a copy of the pretrained self-attention of
+    # the same layer instead of random: it learns to read the product text/image much sooner
+    cross_from_self: bool = True
     question_template: str = "What is the {attribute} of the {category}?"
 
 

@@ -52,12 +52,21 @@ class FusionEncoder(nn.Module):
             hidden = layer(hidden, self_mask, context, ctx_mask)
         return hidden
 
-    def pretrained_mapping(self, source_layers: list[int]) -> dict[str, str]:
-        """Own key → BertModel key, for initializing from a text checkpoint."""
+    def pretrained_mapping(self, source_layers: list[int], cross_from_self: bool) -> dict[str, str]:
+        """Own key → BertModel key, for initializing from a text checkpoint.
+
+        With ``cross_from_self`` the cross-attention starts as a copy of the layer's self-attention.
+        """
         mapping = {k: k for k in self.state_dict() if k.startswith("embeddings.")}
         for i, j in enumerate(source_layers):
+            prefix = f"layers.{i}."
             for k in self.state_dict():
-                prefix = f"layers.{i}."
-                if k.startswith(prefix) and not k.startswith(prefix + "crossattention."):
-                    mapping[k] = f"encoder.layer.{j}." + k[len(prefix):]
+                if not k.startswith(prefix):
+                    continue
+                rest = k[len(prefix):]
+                if rest.startswith("crossattention."):
+                    if cross_from_self:
+                        mapping[k] = f"encoder.layer.{j}.attention." + rest[len("crossattention."):]
+                else:
+                    mapping[k] = f"encoder.layer.{j}." + rest
         return mapping

@@ -136,7 +136,7 @@ class PV2TEA(nn.Module):
         fusion_src = list(range(len(self.fusion.layers)))
         if max(fusion_src) >= n_src:
             raise ValueError(f"fusion.num_layers={len(self.fusion.layers)} exceeds the {n_src} layers of {text_path}")
-        transfer(self.fusion, source, self.fusion.pretrained_mapping(fusion_src), ("layers.",), "fusion")
+        transfer(self.fusion, source, self.fusion.pretrained_mapping(fusion_src, self.cfg.fusion.cross_from_self), ("layers.",), "fusion")
         if self.decoder is not None:
             self._load_decoder(source, n_src, str(text_path))
         self.sync_momentum()
@@ -151,6 +151,8 @@ class PV2TEA(nn.Module):
                 mapping[k] = k[len("bert."):]
             elif k.startswith("bert.encoder.layer.") and ".crossattention." not in k:
                 mapping[k] = k[len("bert."):]
+            elif k.startswith("bert.encoder.layer.") and self.cfg.fusion.cross_from_self:
+                mapping[k] = k[len("bert."):].replace(".crossattention.", ".attention.")
         mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"  # tied
         transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer."), "decoder")
 

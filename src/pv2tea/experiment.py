@@ -1,0 +1,230 @@
+"""Experiments: train every requested variant over several seeds and tabulate them like the paper.
+
+Variants are named config overrides (Tables 2, 4–7, 9–11) plus two references that need no
+PV2TEA training: ``weak_labels`` (the labels the models were trained on, scored against gold) and
+``text_extractor`` (an OpenTag_cls-style text classifier trained on the same weak labels). Every
+run lives in ``OUT/<variant>/seed_<s>/``; a run with a test report is reused, a run that stopped
+mid-training is resumed, so re-running the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+
+from pv2tea.config import load_config
+from pv2tea.data.schema import Record
+from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.eval.report import format_report_table
+from pv2tea.eval.retrieval import retrieval_metrics
+from pv2tea.inference.predictor import Predictor
+from pv2tea.train.checkpoint import CheckpointError
+from pv2tea.train.loop import evaluate_records, multi_value_attributes, train
+
+TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
+       "schemes.attention_pruning=false", "schemes.visual_nr=false"]
+
+VARIANTS: dict[str, list[str]] = {
+    "pv2tea": [],
+    "tea": TEA,
+    "pv2tea_cls": ["decoder.head=classify"],
+    "wo_sc": ["schemes.contrastive=false"],
+    "wo_smooth": ["schemes.alpha=0"],
+    "wo_ct": ["schemes.category_loss=false"],
+    "wo_pruning": ["schemes.attention_pruning=false"],
+    "wo_ct_pruning": ["schemes.category_loss=false", "schemes.attention_pruning=false"],
+    "wo_nr": ["schemes.visual_nr=false", "schemes.prediction_nr=false"],
+    "wo_vis_nr": ["schemes.visual_nr=false"],
+    "wo_pred_nr": ["schemes.prediction_nr=false"],
+    **{f"alpha_{a}": [f"schemes.alpha={a}"] for a in ("0.2", "0.6", "0.8")},
+}
+REFERENCES = ("weak_labels", "text_extractor")
+METRICS = ("precision", "recall", "f1", "accuracy")
+
+
+@dataclass
+class Split:
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+
+
+def known_variants() -> list[str]:
+    return [*VARIANTS, *REFERENCES]
+
+
+def _examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
+    return [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
+                    multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
+
+
+@torch.no_grad()
+def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: int = 32) -> dict[str, float] | None:
+    """Image↔text retrieval over the distinct products of ``records`` with the S1 projections."""
+    model, pre = predictor.model, predictor.pre
+    if not model.cfg.schemes.contrastive:
+        return None
+    products = list({(r.images[0], r.text): r for r in records if r.images}.values())
+    if len(products) < 2:
+        return None
+    image_feats, text_feats = [], []
+    for start in range(0, len(products), batch_size):
+        chunk = products[start:start + batch_size]
+        batch = pre.collate(chunk, list(range(len(chunk))), list(range(len(chunk))), with_answers=False)
+        pooled = model.visual(batch.images).pooled
+        text = model.text_encoder(input_ids=batch.text_ids, attention_mask=batch.text_mask).last_hidden_state
+        image_feats.append(torch.nn.functional.normalize(model.vision_proj(pooled), dim=-1))
+        text_feats.append(torch.nn.functional.normalize(model.text_proj(text[:, 0]), dim=-1))
+    sim = torch.cat(image_feats) @ torch.cat(text_feats).t()  # (N_img, N_txt)
+    return retrieval_metrics(sim.numpy())
+
+
+def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str | None,
+                overrides: Sequence[str], progress: bool = False) -> dict[str, Any]:
+    """Train (or resume, or reuse) one variant/seed and return its test report (+ retrieval)."""
+    run_dir = out / name / f"seed_{seed}"
+    report_path = run_dir / "test_report.json"
+    if report_path.is_file():
+        return json.loads(report_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    multi = multi_value_attributes(data.train + data.val + data.test)
+    if name == "weak_labels":
+        report = source_aware_report(_examples(data.test, [r.label for r in data.test], multi))
+    elif name == "text_extractor":
+        from pv2tea.baselines.text_extractor import TextExtractorConfig, TransformerTextExtractor
+
+        text_path = load_config(base_config, overrides).text.path  # the same text checkpoint as PV2TEA
+        extractor = TransformerTextExtractor(TextExtractorConfig(text_path=text_path, seed=seed,
+                                                                 progress=progress)).fit(data.train)
+        report = source_aware_report(_examples(data.test, extractor.predict(data.test), multi))
+    else:
+        cfg = load_config(base_config, [*overrides, *VARIANTS[name], f"train.seed={seed}"])
+        resume = (run_dir / "checkpoint").is_dir()
+        try:
+            result = train(cfg, data.train, run_dir, data.val, resume=resume, progress=progress)
+        except CheckpointError:  # a half-written first checkpoint: start over
+            result = train(cfg, data.train, run_dir, data.val, resume=False, progress=progress)
+        predictor = Predictor.from_checkpoint(result.final_dir)
+        report, _ = evaluate_records(predictor.model, predictor.pre, data.test, cfg.train.eval_batch_size, multi)
+        report["retrieval"] = retrieval_on(predictor, data.test)
+    tmp = report_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
+    tmp.replace(report_path)
+    return report
+
+
+def _mean_std(values: list[float | None]) -> dict[str, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+
+
+def _get(report: dict, *path: str) -> float | None:
+    node: Any = report
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def summarize(reports: dict[str, list[dict]], reference: str = "pv2tea") -> dict[str, Any]:
+    """Mean ± std per variant (overall, by source, gap, per attribute, retrieval) and paired t-tests."""
+    summary: dict[str, Any] = {}
+    for name, runs in reports.items():
+        entry: dict[str, Any] = {"seeds": len(runs)}
+        entry["overall"] = {m: _mean_std([_get(r, "overall", m) for r in runs]) for m in METRICS}
+        entry["by_source"] = {s: {m: _mean_std([_get(r, "by_source", s, m) for r in runs]) for m in METRICS}
+                              for s in ("text", "image")}
+        entry["gap"] = {m: _mean_std([_get(r, "gap", m) for r in runs]) for m in METRICS}
+        attrs = sorted({a for r in runs for a in r.get("by_attribute", {})})
+        entry["by_attribute"] = {a: _mean_std([_get(r, "by_attribute", a, "overall", "f1") for r in runs])
+                                 for a in attrs}
+        if any(r.get("retrieval") for r in runs):
+            keys = sorted({k for r in runs for k in (r.get("retrieval") or {})})
+            entry["retrieval"] = {k: _mean_std([_get(r, "retrieval", k) for r in runs]) for k in keys}
+        summary[name] = entry
+    if reference in reports:
+        ref = [_get(r, "overall", "f1") for r in reports[reference]]
+        for name, runs in reports.items():
+            other = [_get(r, "overall", "f1") for r in runs]
+            summary[name]["ttest_vs_" + reference] = paired_ttest(ref, other)
+    return summary
+
+
+def paired_ttest(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, float | None]:
+    """Two-sided paired t-test over seeds; null when it is undefined (fewer than 2 pairs, no variance)."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 2:
+        return {"t": None, "p": None, "n": len(pairs)}
+    x, y = np.array(pairs).T
+    if np.allclose(x - y, (x - y)[0]):
+        return {"t": None, "p": None, "n": len(pairs)}
+    result = stats.ttest_rel(x, y)
+    t, p = float(result.statistic), float(result.pvalue)
+    return {"t": t if math.isfinite(t) else None, "p": p if math.isfinite(p) else None, "n": len(pairs)}
+
+
+def _fmt(cell: dict[str, float | None]) -> str:
+    return "–" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def format_tables(summary: dict[str, Any]) -> str:
+    """Markdown tables in the layout of the paper's Tables 2, 3/8, 7 and the retrieval study."""
+    lines = ["### Overall (Table 2 style; mean ± std over seeds; p: paired t-test vs pv2tea on F1)", "",
+             "| variant | P | R | F1 | Acc | p |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, e in summary.items():
+        p = e.get("ttest_vs_pv2tea", {}).get("p")
+        lines.append(f"| {name} | " + " | ".join(_fmt(e["overall"][m]) for m in METRICS)
+                     + f" | {'–' if p is None else f'{p:.3g}'} |")
+    lines += ["", "### Source-aware (Table 3 style: F1 by gold-value source and the GAP)", "",
+              "| variant | F1 text | F1 image | GAP F1 | GAP P | GAP R |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, e in summary.items():
+        lines.append(f"| {name} | {_fmt(e['by_source']['text']['f1'])} | {_fmt(e['by_source']['image']['f1'])} | "
+                     f"{_fmt(e['gap']['f1'])} | {_fmt(e['gap']['precision'])} | {_fmt(e['gap']['recall'])} |")
+    if "pv2tea" in summary and "pv2tea_cls" in summary:
+        lines += ["", "### Classification vs generation (Table 7 style)", "", "| head | P | R | F1 |",
+                  "| --- | --- | --- | --- |"]
+        for name, label in (("pv2tea_cls", "classification"), ("pv2tea", "generation")):
+            o = summary[name]["overall"]
+            lines.append(f"| {label} | {_fmt(o['precision'])} | {_fmt(o['recall'])} | {_fmt(o['f1'])} |")
+    with_retrieval = {n: e["retrieval"] for n, e in summary.items() if "retrieval" in e}
+    if with_retrieval:
+        lines += ["", "### Cross-modal retrieval on test products (Figure 4 style)", "",
+                  "| variant | T@1 | I@1 | T@M | I@M | R@Mean |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in with_retrieval.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in
+                                                     ("txt_r1", "img_r1", "txt_r_mean", "img_r_mean", "r_mean")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(data: Split, out: Path, variants: Sequence[str], seeds: Sequence[int],
+                   base_config: str | None = "cpu", overrides: Sequence[str] = (), progress: bool = False,
+                   log=print) -> dict[str, Any]:
+    unknown = [v for v in variants if v not in known_variants()]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(known_variants())}")
+    out.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, list[dict]] = {}
+    for name in variants:
+        for seed in ([seeds[0]] if name == "weak_labels" else seeds):
+            report = run_variant(name, seed, data, out, base_config, overrides, progress)
+            reports.setdefault(name, []).append(report)
+            log(f"{name} seed {seed}: F1 {report['overall']['f1']}")
+    summary = summarize(reports)
+    (out / "experiment.json").write_text(json.dumps({"variants": list(variants), "seeds": list(seeds),
+                                                     "config": base_config, "overrides": list(overrides),
+                                                     "summary": summary}, indent=2, allow_nan=False))
+    tables = format_tables(summary)
+    (out / "tables.md").write_text(tables)
+    if "pv2tea" in reports:
+        (out / "pv2tea_seed0_table.txt").write_text(format_report_table(reports["pv2tea"][0], "pv2tea"))
+    return summary

@@ -1,0 +1,95 @@
+"""The experiment runner, the report command and weak labelling at micro size (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from pv2tea.cli import main
+from pv2tea.data.synth import make_catalog
+from pv2tea.experiment import paired_ttest, summarize
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> dict[str, Path]:
+    return make_catalog(tmp_path_factory.mktemp("exp_catalog"), n_products=20, seed=5, image_size=64)
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = ["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test",
+            str(catalog["test"]), "--out", str(out), "--variants",
+            "weak_labels,text_extractor,tea,pv2tea,pv2tea_cls,wo_smooth", "--seeds", "2", "--config", "cpu",
+            *_sets(tiny_overrides(tiny_text_ckpt) + ["train.epochs=1"])]
+    assert main(args) == 0
+    tables = capsys.readouterr().out
+    for row in ("| pv2tea |", "| tea |", "| text_extractor |", "| weak_labels |", "Table 7", "R@Mean"):
+        assert row in tables, row
+    summary = json.loads((out / "experiment.json").read_text())["summary"]
+    assert summary["pv2tea"]["seeds"] == 2 and summary["weak_labels"]["seeds"] == 1
+    assert "retrieval" in summary["pv2tea"] and "retrieval" not in summary["tea"]
+    for name in ("tea", "pv2tea", "pv2tea_cls", "wo_smooth"):
+        for seed in (0, 1):
+            assert (out / name / f"seed_{seed}" / "test_report.json").is_file()
+    # a second invocation reuses every finished run (no retraining: the files stay untouched)
+    stamp = (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    assert main(["report", str(out)]) == 0
+    html = (out / "report" / "index.html").read_text()
+    assert "variants_f1.png" in html and (out / "report" / "variants_f1.png").stat().st_size > 1000
+    assert (out / "report" / "retrieval_vs_alpha.png").is_file()  # alpha 0.4 (pv2tea) and 0 (wo_smooth)
+    run = out / "pv2tea" / "seed_0"
+    assert main(["report", str(run), "--data", str(catalog["test"])]) == 0
+    for name in ("learning_curves.png", "source_aware.png", "attribute_f1.png", "attention_masks.png"):
+        assert (run / "report" / name).stat().st_size > 1000, name
+
+
+def test_unknown_variant_is_refused(catalog, tmp_path, capsys):
+    code = main(["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test",
+                 str(catalog["test"]), "--out", str(tmp_path / "x"), "--variants", "pv2tea,nonsense"])
+    assert code == 2 and "nonsense" in capsys.readouterr().err
+
+
+def test_report_on_a_non_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "neither a pv2tea run" in capsys.readouterr().err
+
+
+def test_paired_ttest_literal():
+    # differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641
+    result = paired_ttest([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert result["t"] == pytest.approx(3.4641, abs=1e-3) and result["p"] == pytest.approx(0.0742, abs=1e-3)
+    assert paired_ttest([1.0, 2.0], [0.0, 1.0])["p"] is None  # constant difference: undefined
+    assert paired_ttest([1.0], [0.0])["p"] is None
+
+
+def test_summarize_mean_std():
+    reports = {"pv2tea": [{"overall": {"f1": 50.0}}, {"overall": {"f1": 60.0}}],
+               "tea": [{"overall": {"f1": 40.0}}, {"overall": {"f1": 40.0}}]}
+    s = summarize(reports)
+    assert s["pv2tea"]["overall"]["f1"] == {"mean": 55.0, "std": pytest.approx(7.0711, abs=1e-4)}
+    assert s["tea"]["overall"]["f1"]["std"] == 0.0
+
+
+def test_weak_label_command(catalog, tmp_path, capsys):
+    out = tmp_path / "weak.jsonl"
+    assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out", str(out),
+                 "--kind", "tfidf", "--save", str(tmp_path / "extractor")]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    original = [json.loads(x) for x in Path(catalog["test"]).read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in original]
+    assert all(r["gold"] == o["gold"] and r["label"] for r, o in zip(rows, original))
+    assert "text extractor vs gold" in capsys.readouterr().out
+    again = tmp_path / "weak2.jsonl"
+    assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out",
+                 str(again), "--load", str(tmp_path / "extractor")]) == 0
+    assert [json.loads(x)["label"] for x in again.read_text().splitlines()] == [r["label"] for r in rows]
