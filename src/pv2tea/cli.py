@@ -60,6 +60,19 @@ def _load(path: Path, skip_invalid: bool, require_label: bool = True):
     return result
 
 
+def _read_candidates(path: Path | None) -> dict | None:
+    """Candidate value lists from JSON; a clear error naming the file when malformed."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"candidates file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"candidates file {path}: expected a JSON object")
+    return data
+
+
 def _data_report(*results) -> dict:
     return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
                      "skipped": [str(e) for e in r.skipped]} for r in results}
@@ -115,6 +128,7 @@ def evaluate(
     synonyms: Annotated[Optional[Path], typer.Option("--synonyms", help="JSON/YAML synonym map.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
+    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
     """Score a model against gold values: P/R/F1 overall, by source (text/image) with the GAP, per attribute."""
@@ -137,7 +151,8 @@ def evaluate(
         multi = {**ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})}
         for attr, several in multi_value_attributes(records).items():
             multi[attr] = multi.get(attr, False) or several
-        preds = predictor.predict(records, batch_size=batch_size, num_beams=num_beams, progress=True)
+        preds = predictor.predict(records, batch_size=batch_size, num_beams=num_beams, progress=True,
+                                  candidates=_read_candidates(candidates))
         examples = [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
                             multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
         report = source_aware_report(examples, syn)
@@ -157,6 +172,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Output JSONL: one line per row with the predicted values.")],
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
+    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines."""
@@ -166,7 +182,8 @@ def predict(
     try:
         dataset = _load(data, skip_invalid, require_label=False)
         predictor = Predictor.from_checkpoint(model)
-        preds = predictor.predict(dataset.records, batch_size=batch_size, num_beams=num_beams, progress=True)
+        preds = predictor.predict(dataset.records, batch_size=batch_size, num_beams=num_beams, progress=True,
+                                  candidates=_read_candidates(candidates))
     except _expected_errors() as exc:
         _fail(str(exc))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,17 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     assert "variants_f1.png" in html and (out / "report" / "variants_f1.png").stat().st_size > 1000
     assert (out / "report" / "retrieval_vs_alpha.png").is_file()  # alpha 0.4 (pv2tea) and 0 (wo_smooth)
     run = out / "pv2tea" / "seed_0"
+    cands = tmp_path / "cands.json"
+    cands.write_text(json.dumps({"pattern": ["solid", "striped"]}))
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(preds),
+                 "--candidates", str(cands)]) == 0
+    rows = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert all(r["values"] in (["solid"], ["striped"]) for r in rows if r["attribute"] == "pattern")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    assert main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]),
+                 "--candidates", str(bad)]) == 2
     assert main(["report", str(run), "--data", str(catalog["test"])]) == 0
     for name in ("learning_curves.png", "source_aware.png", "attribute_f1.png", "attention_masks.png"):
         assert (run / "report" / name).stat().st_size > 1000, name
