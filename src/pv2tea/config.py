@@ -50,9 +50,9 @@ class TextConfig:
 class FusionConfig:
     num_layers: int | None = None  # None: as many layers as the text checkpoint
     max_question_tokens: int = 24
-    # start the new cross-attention (fusion and decoder) as a copy of the pretrained self-attention of
-    # the same layer instead of random: it learns to read the product text/image much sooner
-    cross_from_self: bool = True
+    # true: start the new cross-attention (fusion and decoder) as a copy of the pretrained self-attention of
+    # the same layer instead of random (measured on the demo: no better than random, see README)
+    cross_from_self: bool = False
     question_template: str = "What is the {attribute} of the {category}?"
 
 
@@ -63,6 +63,10 @@ class DecoderConfig:
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
     num_beams: int = 1
     head: str = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
+    # the decoder cross-attends the grounded question q (paper) and also the [visual; text] tokens q was
+    # grounded on; with q alone the value must squeeze through a few question tokens and, measured on the
+    # demo catalog, the model stays at the label prior for the whole CPU budget (see README)
+    attend_context: bool = True
 
 
 @dataclass

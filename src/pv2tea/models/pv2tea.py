@@ -58,6 +58,8 @@ class Encoded:
     text_hidden: torch.Tensor  # (B, T, H)
     visual: VisualOutput | None  # over the rows with an image only
     image_rows: torch.Tensor  # (B,) bool
+    memory: torch.Tensor  # (B, M, H) what the decoder cross-attends: q, or [q; visual; text]
+    memory_mask: torch.Tensor  # (B, M)
 
 
 @dataclass
@@ -197,7 +199,12 @@ class PV2TEA(nn.Module):
         context = torch.cat([*parts, text_hidden], 1)  # (B, K(1 + P) + T, H)
         context_mask = torch.cat([*[m.to(batch.text_mask.dtype) for m in masks], batch.text_mask], 1)
         question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask)
-        return Encoded(question, batch.question_mask, text_hidden, visual, rows)
+        if self.cfg.decoder.attend_context:
+            memory = torch.cat([question, context], 1)  # (B, Q + K(1 + P) + T, H)
+            memory_mask = torch.cat([batch.question_mask, context_mask], 1)
+        else:
+            memory, memory_mask = question, batch.question_mask
+        return Encoded(question, batch.question_mask, text_hidden, visual, rows, memory, memory_mask)
 
     @staticmethod
     def _scatter_tokens(tokens: torch.Tensor, present: torch.Tensor,
@@ -222,8 +229,8 @@ class PV2TEA(nn.Module):
         enc = self.encode(batch)
         if self.decoder is not None:
             logits = self.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                                  encoder_hidden_states=enc.question,
-                                  encoder_attention_mask=enc.question_mask).logits  # (B, A, V)
+                                  encoder_hidden_states=enc.memory,
+                                  encoder_attention_mask=enc.memory_mask).logits  # (B, A, V)
             labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
             per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
         else:
@@ -277,8 +284,8 @@ class PV2TEA(nn.Module):
             # transformers 5's BERT cross-attention cache is not usable by generate; answers are short
             use_cache=False)
         return self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
-                                     encoder_hidden_states=enc.question,
-                                     encoder_attention_mask=enc.question_mask, generation_config=gen_cfg)
+                                     encoder_hidden_states=enc.memory,
+                                     encoder_attention_mask=enc.memory_mask, generation_config=gen_cfg)
 
     def _value_logits(self, enc: Encoded, batch: Batch) -> torch.Tensor:
         """Classification head on q_cls; classes of other attributes are masked out. (B, V)"""
@@ -312,8 +319,8 @@ class PV2TEA(nn.Module):
         rows (N,): the batch row each candidate belongs to; cand_ids/cand_mask (N, L) with [CLS] first.
         """
         enc = self.encode(batch)
-        logits = self.decoder(input_ids=cand_ids, attention_mask=cand_mask, encoder_hidden_states=enc.question[rows],
-                              encoder_attention_mask=enc.question_mask[rows]).logits  # (N, L, V)
+        logits = self.decoder(input_ids=cand_ids, attention_mask=cand_mask, encoder_hidden_states=enc.memory[rows],
+                              encoder_attention_mask=enc.memory_mask[rows]).logits  # (N, L, V)
         log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # (N, L-1, V)
         targets = cand_ids[:, 1:]  # (N, L-1)
         token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, L-1)
