@@ -59,6 +59,7 @@ from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_value
 from pv2tea.models.text import create_text_encoder, load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.weights import PACKAGE_PREFIX
+from pv2tea.data.dataset import crop_words
 
 __all__ = [
     "DEFAULT_TEXT_PATH",
@@ -303,11 +304,6 @@ def _select(probabilities: np.ndarray, multi_value: bool, threshold: float) -> l
     if not multi_value:
         return [int(order[0])]
     return [int(order[0])] + [int(k) for k in order[1:] if probabilities[k] > threshold]
-
-
-def crop_words(text: str, max_words: int) -> str:
-    """The first ``max_words`` whitespace-separated words of ``text``, joined by single spaces."""
-    return " ".join(text.split()[:max_words])
 
 
 def _group_by_attribute(records: Sequence[Record]) -> dict[str, list[int]]:
