@@ -30,7 +30,7 @@ def test_paper_preset_matches_appendix_a():
 
 def test_cpu_preset_loads():
     cfg = load_config("cpu")
-    assert cfg.train.batch_size == 16 and cfg.optim.head_lr == 3e-4 and cfg.vision.image_size == 128
+    assert cfg.train.batch_size == 16 and cfg.optim.head_lr == 1e-3 and cfg.optim.lr == 1e-4 and cfg.vision.image_size == 128
 
 
 def test_defaults_without_source():
