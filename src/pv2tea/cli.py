@@ -73,6 +73,14 @@ def _read_candidates(path: Path | None) -> dict | None:
     return data
 
 
+def _predict(model: Path, records, batch_size: int, num_beams: int | None, candidates: Path | None):
+    """Load a checkpoint and extract values for records (shared by evaluate and predict)."""
+    from pv2tea.inference.predictor import Predictor
+
+    return Predictor.from_checkpoint(model).predict(records, batch_size=batch_size, num_beams=num_beams,
+                                                    progress=True, candidates=_read_candidates(candidates))
+
+
 def _data_report(*results) -> dict:
     return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
                      "skipped": [str(e) for e in r.skipped]} for r in results}
@@ -136,7 +144,6 @@ def evaluate(
     from pv2tea.eval.metrics import Example, source_aware_report
     from pv2tea.eval.normalize import load_synonyms
     from pv2tea.eval.report import format_report_table, write_report
-    from pv2tea.inference.predictor import Predictor
     from pv2tea.train import checkpoint as ckpt
     from pv2tea.train.loop import multi_value_attributes
 
@@ -147,12 +154,10 @@ def evaluate(
         missing = [r.id for r in records if not r.gold]
         if missing:
             _fail(f"{data}: {len(missing)} row(s) have no 'gold' value (first: {missing[0]}); evaluation needs gold")
-        predictor = Predictor.from_checkpoint(model)
         multi = {**ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})}
         for attr, several in multi_value_attributes(records).items():
             multi[attr] = multi.get(attr, False) or several
-        preds = predictor.predict(records, batch_size=batch_size, num_beams=num_beams, progress=True,
-                                  candidates=_read_candidates(candidates))
+        preds = _predict(model, records, batch_size, num_beams, candidates)
         examples = [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
                             multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
         report = source_aware_report(examples, syn)
@@ -177,13 +182,9 @@ def predict(
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines."""
     _quiet_libraries()
-    from pv2tea.inference.predictor import Predictor
-
     try:
         dataset = _load(data, skip_invalid, require_label=False)
-        predictor = Predictor.from_checkpoint(model)
-        preds = predictor.predict(dataset.records, batch_size=batch_size, num_beams=num_beams, progress=True,
-                                  candidates=_read_candidates(candidates))
+        preds = _predict(model, dataset.records, batch_size, num_beams, candidates)
     except _expected_errors() as exc:
         _fail(str(exc))
     out.parent.mkdir(parents=True, exist_ok=True)
