@@ -234,6 +234,35 @@ def data_validate(
     out_console.print(f"{file}: all rows valid")
 
 
+import_app = typer.Typer(no_args_is_help=True, help="Convert public datasets into pv2tea's row format.")
+data_app.add_typer(import_app, name="import")
+
+
+@import_app.command("implicitave")
+def data_import_implicitave(
+    root: Annotated[Path, typer.Argument(help="ImplicitAVE checkout (holds data/evaluation_data, data/training_data).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: <Domain>/{train_text,val_text,eval}.jsonl, "
+                                                    "candidates.json, manifest.json.")],
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip and count bad rows instead of failing.")]
+    = False,
+) -> None:
+    """Import ImplicitAVE: text-only training rows, multimodal evaluation rows, candidate values."""
+    from pv2tea.data.implicitave import import_implicitave
+
+    try:
+        manifest = import_implicitave(root, out, skip_invalid=skip_invalid)
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    for domain, entry in manifest["domains"].items():
+        rows = ", ".join(f"{split} {n}" for split, n in entry["rows"].items())
+        sources = entry["sources"]
+        options = entry["options"]["file"] or "none"
+        out_console.print(f"{domain}: {rows}; eval source text {sources['text']} / image {sources['image']}; "
+                          f"options {options}" + (f"; {entry['n_skipped']} row(s) skipped" if entry["n_skipped"] else ""),
+                          highlight=False)
+    console.print(f"wrote {Path(out) / 'manifest.json'}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the catalog and the run.")] = Path("demo_out"),
@@ -383,6 +412,45 @@ def report(
     except _expected_errors() as exc:
         _fail(str(exc))
     console.print(f"report: {index}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on public datasets.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("implicitave")
+def bench_implicitave(
+    root: Annotated[Path, typer.Argument(help="ImplicitAVE repository root (the folder holding data/).")],
+    out: Annotated[Path, typer.Option("--out", help="Benchmark folder (re-run to resume).")] = Path("bench_implicitave"),
+    domains: Annotated[Optional[str], typer.Option(help="Comma-separated domains; default: all present.")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="k of the k-fold cross-validation over products.")] = 5,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    variants: Annotated[str, typer.Option(help="Comma-separated PV2TEA variants (see `experiment`).")] = "tea,pv2tea",
+    gold_ceiling: Annotated[bool, typer.Option("--gold-ceiling/--no-gold-ceiling", help="Also train on gold labels.")] = True,
+    text_rows: Annotated[int, typer.Option(help="Text-only training rows added as image-less samples (-1: all).")] = 1000,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed, half the epochs (smoke test).")] = False,
+    config: Annotated[Optional[str], typer.Option("--config", "-c")] = "cpu",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+) -> None:
+    """Weak labels from a TF-IDF text extractor -> k-fold PV2TEA vs TEA vs the extractor, per domain.
+
+    The last line printed is a JSON object {"domains": {DOMAIN: {VARIANT: {"f1", "accuracy", "f1_open"}}}}
+    (f1/accuracy: answers ranked among the closed option lists, ImplicitAVE-style).
+    """
+    _quiet_libraries()
+    from pv2tea.bench.implicitave import BenchConfig, headline, run_bench
+
+    try:
+        cfg = BenchConfig(root=root, out=out, domains=[d.strip() for d in domains.split(",")] if domains else None,
+                          folds=folds, seeds=[int(s) for s in seeds.split(",") if s.strip()],
+                          variants=[v.strip() for v in variants.split(",") if v.strip()], gold_ceiling=gold_ceiling,
+                          text_rows=text_rows, epochs=epochs, quick=quick, config=config, overrides=overrides or [])
+        results = run_bench(cfg, log=lambda m: console.print(m, highlight=False))
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    out_console.print((out / "tables.md").read_text(), highlight=False)
+    print(json.dumps(headline(results)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ class VisionConfig:
     weights: str = DEFAULT_VISION_WEIGHTS
     image_size: int | None = None  # None: the backbone's own pretrained input size
     max_images: int = 1  # images per product whose tokens enter fusion (the first ones); S1/S2/S3 use the first
-    freeze: bool = False  # keep the backbone frozen (only heads and mask train)
+    freeze: bool = False  # keep the backbone frozen (only projection and mask train); see train.cache_features
     # keep BatchNorm statistics at their pretrained values (small or uneven CPU batches; a batch
     # with a single image would otherwise break or skew them); affine BN parameters still train
     freeze_bn: bool = True
@@ -43,6 +43,8 @@ class TextConfig:
     path: str = DEFAULT_TEXT
     max_words: int = 100  # paper: descriptions cropped to 100 words
     max_tokens: int = 128  # hard cap after tokenization
+    # keep the text encoder and the word embeddings of question and answer (tied to the decoder's output
+    # layer) at their pretrained values; with train.cache_features the texts are then encoded only once
     freeze: bool = False
 
 
@@ -86,6 +88,9 @@ class SchemesConfig:
     visual_nr: bool = True
     prediction_nr: bool = True
     knn_k: int = 10
+    # the visual representation whose K nearest neighbours S3 compares labels over: "pooled" (v_cls, which L_ct
+    # makes category-discriminative) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
+    nr_features: str = "pooled"
     prediction_nr_start_epoch: int = 2  # E
     # rescale s(X_n) to mean 1 over the training set so S3 re-weights samples without also
     # shrinking the effective learning rate; false = Eq. 9 verbatim
@@ -121,6 +126,9 @@ class TrainConfig:
     save_every_steps: int | None = None  # mid-epoch checkpoints; epoch ends are always saved
     log_every_steps: int = 10
     threads: int | None = None  # torch.set_num_threads; None: leave as is
+    # encode images/texts once when their backbone is frozen (vision.freeze / text.freeze) instead of every
+    # step; memory: one backbone output per distinct image and text of the train + val sets
+    cache_features: bool = True
 
 
 @dataclass
@@ -301,5 +309,9 @@ def validate(cfg: Config) -> None:
         if needs:
             raise ConfigError("vision.enabled=false (text-only) cannot use image schemes; also set "
                               + " ".join(f"schemes.{n}=false" for n in needs))
+    if s.nr_features not in ("pooled", "aligned"):
+        raise ConfigError(f"schemes.nr_features must be 'pooled' or 'aligned', got '{s.nr_features}'")
+    if s.nr_features == "aligned" and s.visual_nr and not s.contrastive:
+        raise ConfigError("schemes.nr_features=aligned needs schemes.contrastive=true (the S1 projection)")
     if not cfg.decoder.value_delimiter.strip():
         raise ConfigError("decoder.value_delimiter must be a visible character")

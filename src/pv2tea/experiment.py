@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,9 +87,14 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
 
 
 def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str | None,
-                overrides: Sequence[str], progress: bool = False) -> dict[str, Any]:
-    """Train (or resume, or reuse) one variant/seed and return its test report (+ retrieval)."""
-    run_dir = out / name / f"seed_{seed}"
+                overrides: Sequence[str], progress: bool = False, candidates: Mapping | None = None,
+                run_name: str | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) one variant/seed and return its test report (+ retrieval).
+
+    With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
+    predictions. ``run_name`` names the run folder (default: the variant name).
+    """
+    run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
     if report_path.is_file():
         return json.loads(report_path.read_text())
@@ -114,6 +119,9 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         predictor = Predictor.from_checkpoint(result.final_dir)
         report, _ = evaluate_records(predictor.model, predictor.pre, data.test, cfg.train.eval_batch_size, multi)
         report["retrieval"] = retrieval_on(predictor, data.test)
+        if candidates:
+            ranked = predictor.predict(data.test, cfg.train.eval_batch_size, candidates=candidates)
+            report["constrained"] = source_aware_report(_examples(data.test, ranked, multi))
     tmp = report_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
     tmp.replace(report_path)

@@ -7,7 +7,7 @@ training, batch prediction and serving, and is saved with every checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import timm.data
 import torch
@@ -39,6 +39,8 @@ class Preprocessor:
     categories: list[str]
     values: dict[str, list[str]] = field(default_factory=dict)  # attribute → value vocabulary (normalized)
     multi_value: dict[str, bool] = field(default_factory=dict)  # attribute → multi-value?
+    # cached frozen-backbone outputs (pv2tea.train.feature_cache.FeatureCache); not saved with checkpoints
+    cache: Any = None
 
     def __post_init__(self) -> None:
         self.transform = timm.data.create_transform(**{**self.data_config, "crop_pct": 1.0}, is_training=False)
@@ -60,6 +62,14 @@ class Preprocessor:
     def question(self, attribute: str, category: str) -> str:
         return self.cfg.fusion.question_template.format(attribute=attribute, category=category)
 
+    def crop(self, text: str) -> str:
+        return crop_words(text, self.cfg.text.max_words)
+
+    def tokenize_texts(self, texts: Sequence[str]):
+        """Product texts (already cropped) → padded input_ids/attention_mask."""
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.text.max_tokens,
+                              return_tensors="pt")
+
     def image_tensor(self, record: Record, position: int = 0) -> torch.Tensor | None:
         if not self.cfg.vision.enabled or len(record.images) <= position:
             return None
@@ -68,23 +78,37 @@ class Preprocessor:
     def collate(self, records: Sequence[Record], pair_ids: Sequence[int], indices: Sequence[int],
                 with_answers: bool) -> Batch:
         tok = self.tokenizer
-        texts = tok([crop_words(r.text, self.cfg.text.max_words) for r in records], padding=True, truncation=True,
-                    max_length=self.cfg.text.max_tokens, return_tensors="pt")
+        cropped = [self.crop(r.text) for r in records]
+        texts = self.tokenize_texts(cropped)
         questions = tok([self.question(r.attribute, r.category) for r in records], padding=True, truncation=True,
                         max_length=self.cfg.fusion.max_question_tokens, return_tensors="pt")
-        tensors = [self.image_tensor(r) for r in records]
-        h, w = self.image_size
-        images = torch.stack([t if t is not None else torch.zeros(3, h, w) for t in tensors])  # (B, 3, H, W)
+        extra = self.cfg.vision.max_images - 1
+        vision = self.cfg.vision.enabled
+        cached_images = vision and self.cache is not None and self.cache.has_images(records, extra + 1)
+        if cached_images:
+            images, has_image = None, torch.tensor([len(r.images) > 0 for r in records])
+        else:
+            tensors = [self.image_tensor(r) for r in records]
+            h, w = self.image_size
+            images = torch.stack([t if t is not None else torch.zeros(3, h, w) for t in tensors])  # (B, 3, H, W)
+            has_image = torch.tensor([t is not None for t in tensors])
         batch = Batch(
-            images=images,
-            has_image=torch.tensor([t is not None for t in tensors]),
+            images=images, has_image=has_image,
             text_ids=texts["input_ids"], text_mask=texts["attention_mask"],
             question_ids=questions["input_ids"], question_mask=questions["attention_mask"],
             category=torch.tensor([self.category_index.get(r.category, -1) for r in records]),
             pair_id=torch.tensor(list(pair_ids)), index=torch.tensor(list(indices)),
             multi_value=torch.tensor([self.multi_value.get(r.attribute, False) for r in records]))
-        extra = self.cfg.vision.max_images - 1
-        if extra > 0 and self.cfg.vision.enabled and any(len(r.images) > 1 for r in records):
+        if self.cache is not None and self.cache.has_texts(cropped):
+            batch.text_hidden = self.cache.text_states(cropped, batch.text_mask)
+        if cached_images:
+            batch.image_feats = self.cache.image_tokens([r.images[0] if r.images else None for r in records])
+            if extra > 0 and any(len(r.images) > 1 for r in records):
+                batch.extra_mask = torch.tensor([[len(r.images) > k for k in range(1, extra + 1)] for r in records])
+                batch.extra_feats = torch.stack([self.cache.image_tokens(
+                    [r.images[k] if len(r.images) > k else None for k in range(1, extra + 1)])
+                    for r in records])  # (B, K-1, N, C)
+        elif extra > 0 and vision and any(len(r.images) > 1 for r in records):
             slots = [[self.image_tensor(r, k) for k in range(1, extra + 1)] for r in records]
             batch.extra_mask = torch.tensor([[t is not None for t in row] for row in slots])  # (B, K-1)
             batch.extra_images = torch.stack([torch.stack([t if t is not None else torch.zeros(3, h, w)

@@ -14,9 +14,15 @@ from torch import nn
 
 @torch.no_grad()
 def ema_update(online: nn.Module, momentum_model: nn.Module, momentum: float) -> None:
-    """θ' ← m·θ' + (1 − m)·θ for every parameter pair."""
-    for p, p_m in zip(online.parameters(), momentum_model.parameters(), strict=True):
-        p_m.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
+    """θ' ← m·θ' + (1 − m)·θ for every parameter pair.
+
+    Frozen online parameters are skipped: their momentum copy already equals them (after a sync).
+    """
+    pairs = [(p.detach(), p_m) for p, p_m in zip(online.parameters(), momentum_model.parameters(), strict=True)
+             if p.requires_grad]
+    if pairs:
+        online_p, momentum_p = zip(*pairs)
+        torch._foreach_lerp_(list(momentum_p), list(online_p), 1.0 - momentum)
 
 
 def freeze_copy(module: nn.Module) -> None:

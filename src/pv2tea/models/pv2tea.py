@@ -27,7 +27,7 @@ from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weig
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W); zeros where has_image is False
+    images: torch.Tensor | None  # (B, 3, H, W); zeros where has_image is False; None when image_feats is given
     has_image: torch.Tensor  # (B,) bool
     text_ids: torch.Tensor  # (B, T)
     text_mask: torch.Tensor  # (B, T)
@@ -43,6 +43,10 @@ class Batch:
     attribute_id: torch.Tensor | None = None  # (B,) long, for the classification head
     value_targets: torch.Tensor | None = None  # (B, V) multi-hot over the value vocabulary
     multi_value: torch.Tensor | None = None  # (B,) bool: the row's attribute is multi-value
+    # cached outputs of frozen backbones (see pv2tea.train.feature_cache); used instead of pixels / token ids
+    image_feats: torch.Tensor | None = None  # (B, N, C) backbone tokens of the first image
+    extra_feats: torch.Tensor | None = None  # (B, K-1, N, C) backbone tokens of further images
+    text_hidden: torch.Tensor | None = None  # (B, T, H) text-encoder states (zeros at padding)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
@@ -116,7 +120,12 @@ class PV2TEA(nn.Module):
         if cfg.vision.freeze and self.visual is not None:
             self.visual.backbone.requires_grad_(False)
         if cfg.text.freeze:
+            # the frozen text side includes the pretrained vocabulary: the word embeddings of the question
+            # (fusion) and of the answer decoder, whose output layer they are tied to (big and slow to update)
             self.text_encoder.requires_grad_(False)
+            self.fusion.embeddings.word_embeddings.requires_grad_(False)
+            if self.decoder is not None:
+                self.decoder.get_input_embeddings().requires_grad_(False)
 
     # ----------------------------------------------------------------- construction helpers
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -173,26 +182,37 @@ class PV2TEA(nn.Module):
 
     def train(self, mode: bool = True) -> "PV2TEA":
         super().train(mode)
-        if mode and self.cfg.vision.freeze_bn:
+        if not mode:
+            return self
+        if self.cfg.vision.freeze_bn:
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
+        # frozen encoders stay deterministic (no dropout), so cached states equal live ones
+        if self.cfg.vision.freeze and self.visual is not None:
+            for visual in (self.visual, getattr(self, "visual_m", None)):
+                if visual is not None:
+                    visual.backbone.eval()
+        if self.cfg.text.freeze:
+            for encoder in (self.text_encoder, getattr(self, "text_encoder_m", None)):
+                if encoder is not None:
+                    encoder.eval()
         return self
 
     # --------------------------------------------------------------------------- forward
     def encode(self, batch: Batch) -> Encoded:
-        text_hidden = self.text_encoder(input_ids=batch.text_ids,
-                                        attention_mask=batch.text_mask).last_hidden_state  # (B, T, H)
+        text_hidden = self._text_states(self.text_encoder, batch)  # (B, T, H)
         rows = batch.has_image if self.visual is not None else torch.zeros_like(batch.has_image)
         visual = None
         parts, masks = [], []
         if bool(rows.any()):
-            visual = self.visual(batch.images[rows])
+            visual = self._visual_out(self.visual, batch.images, batch.image_feats, rows)
             vis_tokens, vis_mask = self._scatter_tokens(visual.tokens, rows[:, None], text_hidden)
             parts.append(vis_tokens)
             masks.append(vis_mask)
-            if batch.extra_images is not None and bool(batch.extra_mask.any()):
-                extra = self.visual(batch.extra_images[batch.extra_mask])  # (N_extra, 1 + P, H)
+            if batch.extra_mask is not None and bool(batch.extra_mask.any()):
+                extra = self._visual_out(self.visual, batch.extra_images, batch.extra_feats,
+                                         batch.extra_mask)  # (N_extra, 1 + P, H)
                 ext_tokens, ext_mask = self._scatter_tokens(extra.tokens, batch.extra_mask, text_hidden)
                 parts.append(ext_tokens)
                 masks.append(ext_mask)
@@ -205,6 +225,21 @@ class PV2TEA(nn.Module):
         else:
             memory, memory_mask = question, batch.question_mask
         return Encoded(question, batch.question_mask, text_hidden, visual, rows, memory, memory_mask)
+
+    @staticmethod
+    def _text_states(encoder: nn.Module, batch: Batch) -> torch.Tensor:
+        """Text-encoder states (B, T, H), from the batch's cache when the encoder is frozen."""
+        if batch.text_hidden is not None:
+            return batch.text_hidden
+        return encoder(input_ids=batch.text_ids, attention_mask=batch.text_mask).last_hidden_state
+
+    @staticmethod
+    def _visual_out(encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None,
+                    select: torch.Tensor) -> VisualOutput:
+        """The visual encoder on the selected images: cached backbone tokens when given, else pixels."""
+        if feats is not None:
+            return encoder.head(feats[select])
+        return encoder(pixels[select])
 
     @staticmethod
     def _scatter_tokens(tokens: torch.Tensor, present: torch.Tensor,
@@ -250,10 +285,10 @@ class PV2TEA(nn.Module):
             image_feat = F.normalize(self.vision_proj(enc.visual.pooled), dim=-1)  # (B_img, D)
             text_feat = F.normalize(self.text_proj(enc.text_hidden[rows, 0]), dim=-1)  # (B_img, D)
             with torch.no_grad():
-                vis_m = self.visual_m(batch.images[rows])
+                # a frozen backbone equals its momentum copy, so cached states serve both
+                vis_m = self._visual_out(self.visual_m, batch.images, batch.image_feats, rows)
                 image_feat_m = F.normalize(self.vision_proj_m(vis_m.pooled), dim=-1)
-                text_m = self.text_encoder_m(input_ids=batch.text_ids[rows],
-                                             attention_mask=batch.text_mask[rows]).last_hidden_state
+                text_m = self._text_states(self.text_encoder_m, batch)[rows]  # (B_img, T, H)
                 text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
             valid = self.queue.valid()
             sc = label_smoothed_contrastive(
@@ -327,8 +362,12 @@ class PV2TEA(nn.Module):
         return (token_lp * cand_mask[:, 1:]).sum(1)
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-        """Pooled visual features (for S3's KNN) and the S2 patch mask σ(M) (B, P) with its grid."""
-        out = self.visual(images)
+    def image_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Pooled visual features (for S3's KNN) and the S2 patch mask σ(M) (B, P) with its grid.
+
+        From pixels (B, 3, H, W) or from cached backbone tokens (B, N, C).
+        """
+        out = self.visual.head(feats) if feats is not None else self.visual(images)
         mask = torch.sigmoid(out.mask_logits) if out.mask_logits is not None else None
         return out.pooled, mask, out.grid

@@ -77,17 +77,27 @@ class VisualEncoder(nn.Module):
         self.proj = nn.Sequential(nn.Linear(self.backbone.num_features, hidden_size), nn.LayerNorm(hidden_size))
         self.mask_head = nn.Linear(hidden_size, 1) if attention_pruning else None
 
-    def forward(self, images: torch.Tensor) -> VisualOutput:
+    def backbone_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone output as tokens (B, N, C): a CNN's h*w positions or a ViT's prefix + patch tokens.
+
+        This is what a feature cache stores when the backbone is frozen (``vision.freeze``).
+        """
         feats = self.backbone.forward_features(images)
         if feats.ndim == 4:  # CNN feature map (B, C, h, w)
-            grid = (feats.shape[2], feats.shape[3])
-            patches = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
-            cls = None
-        else:  # ViT tokens (B, prefix + P, C)
-            patches = feats[:, self.num_prefix_tokens:]
-            cls = feats[:, 0] if self.num_prefix_tokens else None
-            side = int(patches.shape[1] ** 0.5)
-            grid = (side, patches.shape[1] // max(side, 1))
+            return feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        return feats  # ViT tokens (B, prefix + P, C)
+
+    def grid(self, n_tokens: int) -> tuple[int, int]:
+        """Patch grid (h, w) of a token sequence (square grids; CNN maps of square images)."""
+        patches = n_tokens - self.num_prefix_tokens
+        side = int(round(patches ** 0.5))
+        return side, patches // max(side, 1)
+
+    def head(self, tokens: torch.Tensor) -> VisualOutput:
+        """Projection and S2 pruning over backbone tokens (B, N, C)."""
+        patches = tokens[:, self.num_prefix_tokens:]  # (B, P, C)
+        cls = tokens[:, 0] if self.num_prefix_tokens else None
+        grid = self.grid(tokens.shape[1])
         patches = self.proj(patches)  # (B, P, D)
         if self.mask_head is not None:
             mask_logits = self.mask_head(patches).squeeze(-1)  # (B, P)
@@ -99,3 +109,6 @@ class VisualEncoder(nn.Module):
             pooled = self.proj(cls) if cls is not None else patches.mean(1)
         tokens = torch.cat([pooled.unsqueeze(1), patches], dim=1)  # (B, 1 + P, D)
         return VisualOutput(tokens=tokens, pooled=pooled, mask_logits=mask_logits, grid=grid)
+
+    def forward(self, images: torch.Tensor) -> VisualOutput:
+        return self.head(self.backbone_tokens(images))

@@ -32,6 +32,7 @@ from pv2tea.inference.predictor import build_for_training, generate_values, prep
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.neighbors import combine, prediction_reliability, visual_reliability
 from pv2tea.train import checkpoint as ckpt
+from pv2tea.train.feature_cache import build_feature_cache
 
 log = logging.getLogger("pv2tea.train")
 
@@ -63,7 +64,7 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
         no_decay = [p for p in params if p.ndim <= 1]
         groups += [{"params": decay, "lr": lr, "weight_decay": o.weight_decay},
                    {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], foreach=True)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(total_steps, 1),
         min_lr_rate=o.min_lr_ratio)
@@ -93,11 +94,17 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         feats = []
         for start in range(0, len(with_image), cfg.train.eval_batch_size):
             rows = with_image[start:start + cfg.train.eval_batch_size]
-            images = torch.stack([pre.image_tensor(records[i]) for i in rows])
-            feats.append(model.image_features(images)[0])
+            chunk = [records[i] for i in rows]
+            if pre.cache is not None and pre.cache.has_images(chunk, 1):
+                feats.append(model.image_features(feats=pre.cache.image_tokens([r.images[0] for r in chunk]))[0])
+            else:
+                feats.append(model.image_features(torch.stack([pre.image_tensor(r) for r in chunk]))[0])
         model.train(was_training)
         if with_image:
-            features = torch.cat(feats).numpy()
+            features = torch.cat(feats)
+            if s.nr_features == "aligned":
+                features = model.vision_proj(features)  # (N, D) S1's image-text space
+            features = features.numpy()
             for attribute in {records[i].attribute for i in with_image}:
                 idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
                 rows = [with_image[k] for k in idx]
@@ -113,6 +120,10 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             s_p[rows] = prediction_reliability([labels[i] for i in rows], [pred_keys[i] for i in rows])
     weights = combine(s_v, s_p)
     stats = {"weight_mean": float(weights.mean())}
+    for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
+        rows = [i for i, r in enumerate(records) if r.source == source]
+        if rows:
+            stats[f"weight_mean_source_{source}"] = float(weights[rows].mean())
     if s.normalize_weights and weights.mean() > 0:
         weights = weights / weights.mean()
     if s_v is not None:
@@ -188,6 +199,12 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
+    frozen = (cfg.vision.enabled and cfg.vision.freeze) or cfg.text.freeze
+    if cfg.train.cache_features and frozen:
+        cache_t0 = time.time()
+        pre.cache = build_feature_cache(model, pre, records + val_records, cfg.train.eval_batch_size, progress)
+        log.info("cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
+                 len(pre.cache.images), len(pre.cache.texts), time.time() - cache_t0)
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=True)
     steps_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)

@@ -1,0 +1,1 @@
+"""Benchmarks on public datasets, run by ``pv2tea bench``."""

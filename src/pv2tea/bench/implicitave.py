@@ -1,0 +1,226 @@
+"""ImplicitAVE benchmark: the paper's weak-supervision setting on public products (issue 4).
+
+Per domain: (1) train the text-established extractor (TF-IDF word 1–2-grams + char 3–5-grams,
+logistic regression per attribute) on the domain's text-only training rows; (2) use it to weakly
+label the multimodal evaluation products; (3) k-fold cross-validation over those products (folds
+by product): PV2TEA and its variants train on the weak labels of k−1 folds with their images
+(plus, optionally, text-only training rows as image-less samples) and are scored against gold on
+the held-out fold, by free generation and ranked among the domain's closed option lists; a
+PV2TEA trained on the gold labels of the same folds is the ceiling. Runs resume: every finished
+(fold, variant, seed) keeps its ``test_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
+from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
+from pv2tea.data.schema import Record
+from pv2tea.data.validate import load_dataset
+from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.experiment import VARIANTS, Split, run_variant
+from pv2tea.train.loop import multi_value_attributes
+
+# Frozen backbones with cached features: the only way the protocol fits ~1 hour per domain on 2 CPU cores.
+BENCH_OVERRIDES = ["vision.freeze=true", "text.freeze=true"]
+METRICS = ("precision", "recall", "f1", "accuracy")
+
+
+@dataclass
+class BenchConfig:
+    root: Path  # the ImplicitAVE repository root (holds data/)
+    out: Path  # benchmark folder: imported data, extractors, runs, results
+    domains: list[str] | None = None  # None: every domain present
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    quick: bool = False  # 1 fold, 1 seed, fewer epochs: a smoke test of the whole protocol
+    variants: list[str] = field(default_factory=lambda: ["tea", "pv2tea"])
+    gold_ceiling: bool = True  # also train PV2TEA on the gold labels of the training folds
+    text_rows: int = 1000  # text-only training rows added as image-less samples (0: none, -1: all)
+    epochs: int = 10
+    config: str = "cpu"
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError("--folds must be at least 2 (one held-out fold, the rest for training)")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        if self.quick:
+            self.seeds = self.seeds[:1]
+
+
+def product_folds(records: Sequence[Record], k: int, seed: int = 0) -> list[list[int]]:
+    """Row indices of k folds; all rows of one product (same image or id) fall in the same fold."""
+    keys = list(dict.fromkeys(r.images[0] if r.images else r.id for r in records))
+    random.Random(seed).shuffle(keys)
+    fold_of = {key: i % k for i, key in enumerate(keys)}
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for i, r in enumerate(records):
+        folds[fold_of[r.images[0] if r.images else r.id]].append(i)
+    return folds
+
+
+def _examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
+    return [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
+                    multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
+
+
+def _constrain(preds: Sequence[Sequence[str]], records: Sequence[Record],
+               candidates: dict[str, list[str]] | None) -> list[list[str]]:
+    """Keep the predicted values that are options of the row's attribute (a closed-set answer)."""
+    if not candidates:
+        return [list(p) for p in preds]
+    allowed = {a: {v.lower() for v in vals} for a, vals in candidates.items()}
+    return [[v for v in p if v.lower() in allowed.get(r.attribute, {v.lower()})] for p, r in zip(preds, records)]
+
+
+def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtractor:
+    """The domain's TF-IDF extractor, trained once and saved (reloaded when present)."""
+    if (directory / "extractor.json").is_file():
+        return load_extractor(directory)  # type: ignore[return-value]
+    extractor = TfidfTextExtractor(TfidfExtractorConfig()).fit(train_rows)
+    extractor.save(directory)
+    return extractor
+
+
+def _mean_std(values: list[float | None]) -> dict[str, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            "n": len(vals)}
+
+
+def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over folds × seeds: open generation, candidate-constrained, and per attribute."""
+    out: dict[str, Any] = {"runs": len(reports)}
+    for mode in ("open", "constrained"):
+        blocks = [r if mode == "open" else r.get("constrained", r) for r in reports]
+        out[mode] = {m: _mean_std([b["overall"].get(m) for b in blocks]) for m in METRICS}
+        attrs = sorted({a for b in blocks for a in b.get("by_attribute", {})})
+        out[mode]["by_attribute"] = {
+            a: {m: _mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
+                for m in ("f1", "accuracy")} for a in attrs}
+    return out
+
+
+def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole protocol for one domain; returns {variant: summary}."""
+    paths = domain_paths(cfg.out / "data", domain)
+    if not paths.eval.is_file():
+        raise FileNotFoundError(f"{paths.eval}: domain '{domain}' has no evaluation products")
+    if not paths.train_text.is_file():
+        raise FileNotFoundError(f"{paths.train_text}: domain '{domain}' has no text-only training rows")
+    text_rows = load_dataset(paths.train_text).records
+    products = load_dataset(paths.eval, require_label=False).records
+    candidates = json.loads(paths.candidates.read_text()) if paths.candidates.is_file() else None
+    domain_dir = cfg.out / "runs" / domain
+    extractor = _text_extractor(text_rows, domain_dir / "text_extractor")
+    weak = weak_label(extractor, products)
+    multi = multi_value_attributes(products)
+    extracted = {r.id: list(r.label) for r in weak}
+
+    rng = random.Random(0)
+    extra = list(text_rows) if cfg.text_rows < 0 else rng.sample(text_rows, min(cfg.text_rows, len(text_rows)))
+    folds = product_folds(weak, cfg.folds)
+    fold_ids = [0] if cfg.quick else list(range(cfg.folds))
+    epochs = max(2, cfg.epochs // 2) if cfg.quick else cfg.epochs
+    overrides = [*BENCH_OVERRIDES, f"train.epochs={epochs}", *cfg.overrides]
+    reports: dict[str, list[dict[str, Any]]] = {}
+    for fold in fold_ids:
+        held = set(folds[fold])
+        test = [weak[i] for i in sorted(held)]
+        train_weak = [weak[i] for i in range(len(weak)) if i not in held]
+        fold_dir = domain_dir / f"fold_{fold}"
+        preds = [extracted[r.id] for r in test]
+        report = source_aware_report(_examples(test, preds, multi))
+        report["constrained"] = source_aware_report(_examples(test, _constrain(preds, test, candidates), multi))
+        reports.setdefault("text_extractor", []).append(report)
+        split = Split(train=train_weak + extra, val=[], test=test)
+        for name in cfg.variants:
+            for seed in cfg.seeds:
+                result = run_variant(name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates)
+                reports.setdefault(name, []).append(result)
+                log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
+        if cfg.gold_ceiling:
+            gold_train = [replace(r, label=tuple(r.gold)) for r in train_weak]
+            gold_split = Split(train=gold_train + extra, val=[], test=test)
+            for seed in cfg.seeds:
+                result = run_variant("pv2tea", seed, gold_split, fold_dir, cfg.config, overrides,
+                                     candidates=candidates, run_name="pv2tea_gold")
+                reports.setdefault("pv2tea_gold", []).append(result)
+                log(f"{domain} fold {fold} pv2tea_gold seed {seed}: F1 {_fmt(result)}")
+    return {name: summarize_runs(runs) for name, runs in reports.items()}
+
+
+def _fmt(report: dict[str, Any]) -> str:
+    f1 = report["overall"]["f1"]
+    constrained = report.get("constrained", {}).get("overall", {}).get("f1")
+    return f"{f1:.2f}" + (f" (ranked among options {constrained:.2f})" if constrained is not None else "")
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Import (once), then run every requested domain; writes ``bench.json`` and ``tables.md``."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data_dir = cfg.out / "data"
+    if not (data_dir / "manifest.json").is_file():
+        import_implicitave(cfg.root, data_dir)
+    present = discover_domains(cfg.root)
+    domains = cfg.domains or present
+    missing = [d for d in domains if d not in present]
+    if missing:
+        raise ValueError(f"domain(s) {missing} not in {cfg.root} (present: {', '.join(present)})")
+    results = {"domains": {}, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}}
+    for domain in domains:
+        results["domains"][domain] = run_domain(domain, cfg, log)
+        (cfg.out / "bench.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+    (cfg.out / "tables.md").write_text(format_tables(results))
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The one-line summary: candidate-constrained macro-F1 and accuracy (ImplicitAVE-style) per variant."""
+    return {"domains": {d: {v: {"f1": _round(s["constrained"]["f1"]["mean"]),
+                                "accuracy": _round(s["constrained"]["accuracy"]["mean"]),
+                                "f1_open": _round(s["open"]["f1"]["mean"])}
+                            for v, s in variants.items()}
+                        for d, variants in results["domains"].items()}}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def _cell(stat: dict[str, float | None]) -> str:
+    return "–" if stat["mean"] is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    lines = []
+    for domain, variants in results["domains"].items():
+        lines += [f"### {domain}", "",
+                  "| variant | runs | F1 ranked | Acc ranked | P ranked | R ranked | F1 open | Acc open |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, s in variants.items():
+            c, o = s["constrained"], s["open"]
+            lines.append(f"| {name} | {s['runs']} | {_cell(c['f1'])} | {_cell(c['accuracy'])} | "
+                         f"{_cell(c['precision'])} | {_cell(c['recall'])} | {_cell(o['f1'])} | {_cell(o['accuracy'])} |")
+        attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
+        names = list(variants)
+        lines += ["", "Per attribute, F1 ranked among options:", "",
+                  "| attribute | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        for a in attrs:
+            cells = [_cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None}))
+                     for n in names]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The ImplicitAVE benchmark protocol at micro size (tiny random backbones, a made-up dataset in the layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pv2tea.bench.implicitave import BenchConfig, product_folds
+from pv2tea.cli import main
+from pv2tea.data.schema import Record
+
+from conftest import tiny_overrides
+
+HEADER = "id\timages\tcategory\ttexts\tattribute_names\tattribute_values"
+COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
+
+
+def _write(path: Path, rows: list[tuple[str, str, str, str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [HEADER] + ["\t".join((asin, f"{asin}.jpg", cat, text, attr, value)) for asin, cat, text, attr, value in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """One domain 'Home': 8 evaluation products with images, 16 text-only training rows, options."""
+    base = tmp_path_factory.mktemp("implicitave")
+    evaluation = base / "data" / "evaluation_data"
+    rows, train = [], []
+    for i in range(8):
+        value = "Red" if i % 2 else "Blue"
+        rows.append((f"E{i:03d}", "Vase", f"[Title] Ceramic vase model {i} {'crimson' if i % 2 else 'navy'} glaze",
+                     "Color Family", value))
+        (evaluation / "images").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), COLOURS[value]).save(evaluation / "images" / f"E{i:03d}.jpg")
+    for i in range(16):
+        value = "Red" if i % 2 else "Blue"
+        train.append((f"T{i:03d}", "Vase", f"[Title] Vase {i} {'crimson' if i % 2 else 'navy'} finish",
+                      "Color Family", value))
+    _write(evaluation / "texts" / "Home_annotated_final.tsv", rows)
+    _write(base / "data" / "training_data" / "texts" / "Home" / "train.tsv", train)
+    (evaluation / "options_Home.json").write_text(json.dumps({"Color Family": ["Red", "Blue", "Green"]}))
+    return base
+
+
+def test_product_folds_partition_and_group():
+    recs = [Record(f"r{i}", "t", (f"img{i // 2}.jpg",), "c", "a", ("v",)) for i in range(10)]
+    folds = product_folds(recs, 3)
+    assert sorted(i for f in folds for i in f) == list(range(10))
+    for fold in folds:  # both rows of a product in the same fold
+        assert all((i ^ 1) in fold for i in fold)
+    assert folds == product_folds(recs, 3)  # deterministic
+
+
+def test_bench_config_is_validated():
+    with pytest.raises(ValueError, match="folds"):
+        BenchConfig(root=Path("."), out=Path("."), folds=1)
+    with pytest.raises(ValueError, match="unknown variant"):
+        BenchConfig(root=Path("."), out=Path("."), variants=["nope"])
+
+
+def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "4",
+            "--text-rows", "6", *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    home = result["domains"]["Home"]
+    assert set(home) == {"text_extractor", "tea", "pv2tea", "pv2tea_gold"}
+    for scores in home.values():
+        assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
+    assert home["text_extractor"]["accuracy"] == 100.0  # crimson/navy decide the value in this toy
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["domains"]["Home"]["pv2tea"]["runs"] == 1  # quick: one fold, one seed
+    assert (out / "tables.md").read_text().startswith("### Home")
+    reports = sorted((out / "runs" / "Home" / "fold_0").glob("*/seed_0/test_report.json"))
+    assert [p.parts[-3] for p in reports] == ["pv2tea", "pv2tea_gold", "tea"]
+    stamps = [p.stat().st_mtime_ns for p in reports]
+    assert main(args) == 0  # re-run: every finished run is reused, nothing retrains
+    assert [p.stat().st_mtime_ns for p in reports] == stamps
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+def test_unknown_domain_is_a_clear_error(root, tmp_path, capsys):
+    assert main(["bench", "implicitave", str(root), "--out", str(tmp_path / "b"), "--domains", "Toys"]) == 2
+    assert "Toys" in capsys.readouterr().err

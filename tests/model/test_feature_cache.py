@@ -1,0 +1,61 @@
+"""Frozen-backbone feature cache: cached states must reproduce the live computation exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pv2tea.data.dataset import RecordDataset, make_collate
+from pv2tea.train.feature_cache import build_feature_cache
+
+from test_model import build, image_paths, records, single_thread  # noqa: F401  (fixtures)
+
+FROZEN = ["vision.freeze=true", "text.freeze=true", "vision.max_images=2"]
+
+
+@pytest.mark.parametrize("extra", [FROZEN, ["vision.freeze=true"], ["text.freeze=true"]])
+def test_cached_forward_equals_live_forward(tiny_text_ckpt, image_paths, extra):  # noqa: F811
+    model, pre = build(tiny_text_ckpt, *extra)
+    rows = records(image_paths)
+    dataset = RecordDataset(rows)
+    live = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
+    pre.cache = build_feature_cache(model, pre, rows, batch_size=2)
+    cached = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
+    assert (cached.images is None) == ("vision.freeze=true" in extra)
+    assert (cached.text_hidden is not None) == ("text.freeze=true" in extra)
+    model.eval()  # dropout of the trainable parts off: compare deterministic outputs
+    with torch.no_grad():
+        a, b = model.encode(live), model.encode(cached)
+        torch.testing.assert_close(a.question, b.question, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.memory, b.memory, atol=1e-5, rtol=1e-4)
+        la, lb = model(live).terms, model(cached).terms
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_encoders_stay_in_eval_mode_and_untrained(tiny_text_ckpt, image_paths):  # noqa: F811
+    model, pre = build(tiny_text_ckpt, *FROZEN)
+    model.train()
+    assert not model.text_encoder.training and not model.visual.backbone.training
+    assert model.visual.proj.training and model.fusion.training
+    rows = records(image_paths)
+    pre.cache = build_feature_cache(model, pre, rows, batch_size=4)
+    before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    batch = make_collate(pre, RecordDataset(rows), with_answers=True)(list(range(len(rows))))
+    out = model(batch)
+    out.loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any(n.startswith(("text_encoder.", "visual.backbone.")) for n in trained)
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+    assert model.visual.proj[0].weight.grad is not None and model.fusion.layers[0].crossattention.self.query.weight.grad is not None
+    assert all(torch.equal(before[k], v) for k, v in model.text_encoder.state_dict().items())
+
+
+def test_cache_refuses_mismatched_tokenization(tiny_text_ckpt, image_paths):  # noqa: F811
+    model, pre = build(tiny_text_ckpt, "text.freeze=true")
+    rows = records(image_paths)
+    pre.cache = build_feature_cache(model, pre, rows, batch_size=4)
+    key = next(iter(pre.cache.texts))
+    pre.cache.texts[key] = pre.cache.texts[key][:-1]  # one token short
+    with pytest.raises(RuntimeError, match="cached text states"):
+        make_collate(pre, RecordDataset(rows), with_answers=False)(list(range(len(rows))))
