@@ -267,7 +267,7 @@ def data_import_implicitave(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the catalog and the run.")] = Path("demo_out"),
     n_products: Annotated[int, typer.Option(min=20)] = 500,
-    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Default: the cpu preset's.")] = None,
     seed: int = 0,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Extra dotted config overrides.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -286,7 +286,8 @@ def demo(
     try:
         paths = make_catalog(out / "catalog", n_products=n_products, seed=seed, image_size=128)
         console.print(f"synthetic catalog: {out / 'catalog'} ({time.time() - t0:.1f} s)")
-        cfg = load_config("cpu", [f"train.epochs={epochs}", f"train.seed={seed}", *(overrides or [])])
+        epoch_set = [f"train.epochs={epochs}"] if epochs else []
+        cfg = load_config("cpu", [*epoch_set, f"train.seed={seed}", *(overrides or [])])
         train_data, val_data, test_data = (_load(paths[k], False) for k in ("train", "val", "test"))
         run_dir = out / "run"
         if (run_dir / "checkpoint").exists():

@@ -91,6 +91,9 @@ class SchemesConfig:
     # the visual representation whose K nearest neighbours S3 compares labels over: "pooled" (v_cls, which L_ct
     # makes category-discriminative) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
     nr_features: str = "pooled"
+    # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
+    # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
+    nr_label_match: str = "overlap"
     prediction_nr_start_epoch: int = 2  # E
     # rescale s(X_n) to mean 1 over the training set so S3 re-weights samples without also
     # shrinking the effective learning rate; false = Eq. 9 verbatim
@@ -309,6 +312,8 @@ def validate(cfg: Config) -> None:
         if needs:
             raise ConfigError("vision.enabled=false (text-only) cannot use image schemes; also set "
                               + " ".join(f"schemes.{n}=false" for n in needs))
+    if s.nr_label_match not in ("exact", "overlap"):
+        raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
     if s.nr_features not in ("pooled", "aligned"):
         raise ConfigError(f"schemes.nr_features must be 'pooled' or 'aligned', got '{s.nr_features}'")
     if s.nr_features == "aligned" and s.visual_nr and not s.contrastive:

@@ -156,3 +156,34 @@ def test_end_to_end_worked_example():
     s = combine(s_v, s_p)
     assert s.tolist() == pytest.approx([7 / 12, 7 / 12, 1 / 12, 7 / 8, 7 / 8, 7 / 8])
     assert int(np.argmin(s)) == 2  # the mislabelled sample gets the smallest weight
+
+
+# --- "overlap" label matching (Jaccard of value sets), the default in training ---------------
+
+def test_overlap_equals_exact_for_single_values():
+    singles = [frozenset({v}) for v in LABELS]
+    for k in (1, 2, 3, 5):
+        assert visual_reliability(FEATURES, singles, k, "overlap").tolist() == pytest.approx(
+            visual_reliability(FEATURES, LABELS, k).tolist())
+    labels, preds = [frozenset({v}) for v in P_LABELS], [frozenset({v}) for v in P_PREDS]
+    assert prediction_reliability(labels, preds, "overlap").tolist() == pytest.approx(S_P)
+
+
+def test_visual_reliability_overlap_by_hand():
+    labels = [frozenset({"red"}), frozenset({"red"}), frozenset({"red", "blue"}),
+              frozenset({"blue", "red"}), frozenset({"blue"}), frozenset({"blue"})]
+    # k=2 neighbours: A0 {A1, A2}, A1 {A0, A2}, A2 {A1, A0}, B0 {B1, B2}, B1 {B0, B2}, B2 {B1, B0}
+    # J({red},{red}) = 1, J({red},{red,blue}) = J({blue},{red,blue}) = 1/2
+    # A0: (1 + 1/2)/2; A2: (1/2 + 1/2)/2; B0: (1/2 + 1/2)/2; B1: (1/2 + 1)/2
+    s_v = visual_reliability(FEATURES, labels, 2, "overlap")
+    assert s_v.tolist() == pytest.approx([0.75, 0.75, 0.5, 0.5, 0.75, 0.75])
+
+
+def test_prediction_reliability_overlap_by_hand():
+    labels = [frozenset({"a", "b"}), frozenset({"a"}), frozenset({"c"})]
+    preds = [frozenset({"a", "b"}), frozenset({"a", "b"}), frozenset({"c"})]
+    # memberships in Y_0: [1, 1/2, 0], in Ŷ_0: [1, 1, 0] → Σmin 1.5 / Σmax 2
+    # Y_1: [1/2, 1, 0], Ŷ_1: [1, 1, 0] → 1.5 / 2;  n=2 agrees only with itself → 1
+    assert prediction_reliability(labels, preds, "overlap").tolist() == pytest.approx([0.75, 0.75, 1.0])
+    from pv2tea.regularize.neighbors import _fuzzy_prediction_reliability  # chunked rows: same result
+    assert _fuzzy_prediction_reliability(labels, preds, chunk=1).tolist() == pytest.approx([0.75, 0.75, 1.0])

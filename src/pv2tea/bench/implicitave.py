@@ -25,6 +25,7 @@ from pv2tea.data.implicitave import discover_domains, domain_paths, import_impli
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.eval.normalize import normalize_value
 from pv2tea.experiment import VARIANTS, Split, run_variant
 from pv2tea.train.loop import multi_value_attributes
 
@@ -77,10 +78,12 @@ def _examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: 
 def _constrain(preds: Sequence[Sequence[str]], records: Sequence[Record],
                candidates: dict[str, list[str]] | None) -> list[list[str]]:
     """Keep the predicted values that are options of the row's attribute (a closed-set answer)."""
-    if not candidates:
-        return [list(p) for p in preds]
-    allowed = {a: {v.lower() for v in vals} for a, vals in candidates.items()}
-    return [[v for v in p if v.lower() in allowed.get(r.attribute, {v.lower()})] for p, r in zip(preds, records)]
+    allowed = {a: {normalize_value(v) for v in vals} for a, vals in (candidates or {}).items()}
+    out = []
+    for values, record in zip(preds, records):
+        options = allowed.get(record.attribute)  # None: no closed list for this attribute
+        out.append([v for v in values if options is None or normalize_value(v) in options])
+    return out
 
 
 def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtractor:

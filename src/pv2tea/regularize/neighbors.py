@@ -34,8 +34,14 @@ def knn_indices(features: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def visual_reliability(features: np.ndarray, labels: Sequence[Hashable], k: int) -> np.ndarray:
+def visual_reliability(features: np.ndarray, labels: Sequence[Hashable], k: int,
+                       match: str = "exact") -> np.ndarray:
     """s_v(X_n) = |N_n ∩ Y_n| / K (Eq. 12): the share of the K visual neighbours sharing n's label.
+
+    ``match="overlap"`` (labels are sets of values): a neighbour counts with the Jaccard overlap of
+    its value set and n's instead of 0/1 set equality, so a multi-value label such as
+    {red, white, blue}, which almost no other sample repeats exactly, is not judged unreliable for
+    that alone. For single values both are the same.
 
     The sample itself is excluded from its neighbour set, so s_v ∈ [0, 1]. With fewer than two
     samples there are no neighbours and s_v = 1 (no evidence against the label).
@@ -46,20 +52,32 @@ def visual_reliability(features: np.ndarray, labels: Sequence[Hashable], k: int)
     neighbours = knn_indices(features, k)
     if neighbours.shape[1] == 0:
         return np.ones(n)
+    if match == "overlap":
+        hot = _multi_hot(labels)  # (N, V)
+        inter = np.einsum("nv,nkv->nk", hot, hot[neighbours])  # (N, k')
+        union = hot.sum(1)[:, None] + hot[neighbours].sum(2) - inter  # (N, k')
+        return np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean(1)
     index: dict[Hashable, int] = {}
     codes = np.array([index.setdefault(lbl, len(index)) for lbl in labels])
     same = codes[neighbours] == codes[:, None]  # (N, k')
     return same.sum(1) / neighbours.shape[1]
 
 
-def prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable]) -> np.ndarray:
+def prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable],
+                           match: str = "exact") -> np.ndarray:
     """s_p(X_n) = |Ŷ_n ∩ Y_n| / |Ŷ_n ∪ Y_n| (Eq. 13–14).
+
+    ``match="overlap"`` (labels and predictions are sets of values): Y_n and Ŷ_n become fuzzy sets,
+    j belonging to Y_n with the Jaccard overlap of y_j and y_n (to Ŷ_n likewise), and the ratio is
+    Σ_j min / Σ_j max; for single values it is the same as set equality.
 
     Y_n: samples whose training label equals n's label; Ŷ_n: samples whose previous prediction
     equals n's prediction (both include n itself).
     """
     if len(labels) != len(predictions):
         raise ValueError("labels and predictions differ in length")
+    if match == "overlap":
+        return _fuzzy_prediction_reliability(labels, predictions)
     label_count = Counter(labels)
     pred_count = Counter(predictions)
     both = Counter(zip(labels, predictions))
@@ -82,3 +100,32 @@ def combine(s_v: np.ndarray | None, s_p: np.ndarray | None) -> np.ndarray:
     if s_p is None:
         return s_v
     return (s_v + s_p) / 2
+
+
+def _multi_hot(sets: Sequence[Hashable]) -> np.ndarray:
+    """(N, V) 0/1 matrix of value sets (each label an iterable of values)."""
+    vocab: dict[Hashable, int] = {}
+    rows = [[vocab.setdefault(v, len(vocab)) for v in values] for values in sets]  # type: ignore[union-attr]
+    hot = np.zeros((len(rows), max(len(vocab), 1)))
+    for i, cols in enumerate(rows):
+        hot[i, cols] = 1.0
+    return hot
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Jaccard overlap (A, B) of multi-hot rows; two empty sets overlap fully."""
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _fuzzy_prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable],
+                                  chunk: int = 1024) -> np.ndarray:
+    hot_y = _multi_hot([*labels, *predictions])
+    hot_y, hot_p = hot_y[:len(labels)], hot_y[len(labels):]  # one shared value vocabulary
+    out = np.empty(len(labels))
+    for start in range(0, len(labels), chunk):  # (chunk, N) blocks bound the memory
+        a = _jaccard(hot_y[start:start + chunk], hot_y)  # membership of j in Y_n
+        b = _jaccard(hot_p[start:start + chunk], hot_p)  # membership of j in Ŷ_n
+        out[start:start + chunk] = np.minimum(a, b).sum(1) / np.maximum(a, b).sum(1)
+    return out

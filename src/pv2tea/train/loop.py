@@ -108,7 +108,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             for attribute in {records[i].attribute for i in with_image}:
                 idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
                 rows = [with_image[k] for k in idx]
-                s_v[rows] = visual_reliability(features[idx], [labels[i] for i in rows], s.knn_k)
+                s_v[rows] = visual_reliability(features[idx], [labels[i][1] for i in rows], s.knn_k, s.nr_label_match)
     s_p = None
     if use_pred:
         preds = generate_values(model, pre, records, cfg.train.eval_batch_size, progress=progress,
@@ -117,7 +117,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         s_p = np.ones(n)
         for attribute in {r.attribute for r in records}:
             rows = [i for i, r in enumerate(records) if r.attribute == attribute]
-            s_p[rows] = prediction_reliability([labels[i] for i in rows], [pred_keys[i] for i in rows])
+            s_p[rows] = prediction_reliability([labels[i][1] for i in rows], [pred_keys[i][1] for i in rows],
+                                                 s.nr_label_match)
     weights = combine(s_v, s_p)
     stats = {"weight_mean": float(weights.mean())}
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
