@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from pv2tea.config import load_config  # noqa: E402
 from pv2tea.data.dataset import RecordDataset, make_collate  # noqa: E402
@@ -58,6 +59,8 @@ def step_times(records, cached: bool, steps: int) -> tuple[list[float], float]:
 
 
 def main() -> None:
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--products", type=int, default=200)
