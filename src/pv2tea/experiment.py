@@ -60,7 +60,8 @@ def known_variants() -> list[str]:
     return [*VARIANTS, *REFERENCES]
 
 
-def _examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
+def gold_examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
+    """Predictions paired with the gold values (and sources) of their records, for scoring."""
     return [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
                     multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
 
@@ -101,14 +102,14 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     run_dir.mkdir(parents=True, exist_ok=True)
     multi = multi_value_attributes(data.train + data.val + data.test)
     if name == "weak_labels":
-        report = source_aware_report(_examples(data.test, [r.label for r in data.test], multi))
+        report = source_aware_report(gold_examples(data.test, [r.label for r in data.test], multi))
     elif name == "text_extractor":
         from pv2tea.baselines.text_extractor import TextExtractorConfig, TransformerTextExtractor
 
         text_path = load_config(base_config, overrides).text.path  # the same text checkpoint as PV2TEA
         extractor = TransformerTextExtractor(TextExtractorConfig(text_path=text_path, seed=seed,
                                                                  progress=progress)).fit(data.train)
-        report = source_aware_report(_examples(data.test, extractor.predict(data.test), multi))
+        report = source_aware_report(gold_examples(data.test, extractor.predict(data.test), multi))
     else:
         cfg = load_config(base_config, [*overrides, *VARIANTS[name], f"train.seed={seed}"])
         resume = (run_dir / "checkpoint").is_dir()
@@ -121,7 +122,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         report["retrieval"] = retrieval_on(predictor, data.test)
         if candidates:
             ranked = predictor.predict(data.test, cfg.train.eval_batch_size, candidates=candidates)
-            report["constrained"] = source_aware_report(_examples(data.test, ranked, multi))
+            report["constrained"] = source_aware_report(gold_examples(data.test, ranked, multi))
     tmp = report_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
     tmp.replace(report_path)

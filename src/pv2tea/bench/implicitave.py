@@ -24,9 +24,9 @@ from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtra
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
-from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.eval.metrics import source_aware_report
 from pv2tea.eval.normalize import normalize_value
-from pv2tea.experiment import VARIANTS, Split, run_variant
+from pv2tea.experiment import VARIANTS, Split, gold_examples, run_variant
 from pv2tea.train.loop import multi_value_attributes
 
 # Frozen backbones with cached features: the only way the protocol fits ~1 hour per domain on 2 CPU cores.
@@ -68,11 +68,6 @@ def product_folds(records: Sequence[Record], k: int, seed: int = 0) -> list[list
     for i, r in enumerate(records):
         folds[fold_of[r.images[0] if r.images else r.id]].append(i)
     return folds
-
-
-def _examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
-    return [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
-                    multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
 
 
 def _constrain(preds: Sequence[Sequence[str]], records: Sequence[Record],
@@ -145,8 +140,8 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         train_weak = [weak[i] for i in range(len(weak)) if i not in held]
         fold_dir = domain_dir / f"fold_{fold}"
         preds = [extracted[r.id] for r in test]
-        report = source_aware_report(_examples(test, preds, multi))
-        report["constrained"] = source_aware_report(_examples(test, _constrain(preds, test, candidates), multi))
+        report = source_aware_report(gold_examples(test, preds, multi))
+        report["constrained"] = source_aware_report(gold_examples(test, _constrain(preds, test, candidates), multi))
         reports.setdefault("text_extractor", []).append(report)
         split = Split(train=train_weak + extra, val=[], test=test)
         for name in cfg.variants:
