@@ -88,3 +88,29 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
 def test_unknown_domain_is_a_clear_error(root, tmp_path, capsys):
     assert main(["bench", "implicitave", str(root), "--out", str(tmp_path / "b"), "--domains", "Toys"]) == 2
     assert "Toys" in capsys.readouterr().err
+
+
+def test_constrain_keeps_only_options_of_the_rows_attribute():
+    from pv2tea.bench.implicitave import _constrain
+
+    rows = [Record("a", "t", (), "c", "Color", ("red",)), Record("b", "t", (), "c", "Size", ("big",))]
+    preds = [["Red", "purple"], ["huge"]]
+    assert _constrain(preds, rows, {"Color": ["red", "Blue"]}) == [["Red"], ["huge"]]  # Size has no list
+    assert _constrain(preds, rows, None) == [["Red", "purple"], ["huge"]]
+
+
+def test_headline_and_tables_from_summaries():
+    from pv2tea.bench.implicitave import format_tables, headline, summarize_runs
+
+    def report(f1, acc):
+        block = {"overall": {"f1": f1, "accuracy": acc, "precision": f1, "recall": f1},
+                 "by_attribute": {"Color": {"overall": {"f1": f1, "accuracy": acc}}}}
+        return {**block, "constrained": block}
+
+    summary = summarize_runs([report(40.0, 50.0), report(60.0, 70.0)])
+    assert summary["runs"] == 2
+    assert summary["constrained"]["f1"]["mean"] == 50.0
+    assert summary["constrained"]["f1"]["std"] == pytest.approx(14.1421, abs=1e-3)
+    results = {"domains": {"Home": {"pv2tea": summary}}}
+    assert headline(results) == {"domains": {"Home": {"pv2tea": {"f1": 50.0, "accuracy": 60.0, "f1_open": 50.0}}}}
+    assert "| pv2tea | 2 | 50.0 ± 14.1 |" in format_tables(results)
