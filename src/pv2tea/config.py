@@ -75,7 +75,10 @@ class SchemesConfig:
     """The three bias-reduction schemes of the paper; each part can be switched off."""
 
     # S1: augmented label-smoothed contrast (L_sc)
-    contrastive: bool = True
+    contrastive: bool = True  # false: no image-text alignment objective at all (w/o L_sc)
+    # "contrastive": the paper's S1; "matching": binary image-text matching on the fused pair instead (the
+    # baseline of Figure 4; alpha, temperature, queue and momentum are then unused)
+    alignment: str = "contrastive"
     alpha: float = 0.4  # label smoothing with momentum similarities; 0 = plain InfoNCE targets
     temperature: float = 0.07
     queue_size: int = 57600  # capped at the training-set size
@@ -316,7 +319,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
     if s.nr_features not in ("pooled", "aligned"):
         raise ConfigError(f"schemes.nr_features must be 'pooled' or 'aligned', got '{s.nr_features}'")
-    if s.nr_features == "aligned" and s.visual_nr and not s.contrastive:
+    if s.alignment not in ("contrastive", "matching"):
+        raise ConfigError(f"schemes.alignment must be 'contrastive' or 'matching', got '{s.alignment}'")
+    if s.nr_features == "aligned" and s.visual_nr and not (s.contrastive and s.alignment == "contrastive"):
         raise ConfigError("schemes.nr_features=aligned needs schemes.contrastive=true (the S1 projection)")
     if not cfg.decoder.value_delimiter.strip():
         raise ConfigError("decoder.value_delimiter must be a visible character")

@@ -36,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "tea": TEA,
     "pv2tea_cls": ["decoder.head=classify"],
     "wo_sc": ["schemes.contrastive=false"],
+    "matching": ["schemes.alignment=matching"],  # binary image-text matching instead of S1 (Figure 4)
     "wo_smooth": ["schemes.alpha=0"],
     "wo_ct": ["schemes.category_loss=false"],
     "wo_pruning": ["schemes.attention_pruning=false"],
@@ -70,11 +71,14 @@ def gold_examples(records: Sequence[Record], preds: Sequence[Sequence[str]], mul
 def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: int = 32) -> dict[str, float] | None:
     """Image↔text retrieval over the distinct products of ``records`` with the S1 projections."""
     model, pre = predictor.model, predictor.pre
-    if not model.cfg.schemes.contrastive:
+    if not model.uses_contrast and model.itm_head is None:
         return None
     products = list({(r.images[0], r.text): r for r in records if r.images}.values())
     if len(products) < 2:
         return None
+    if model.itm_head is not None:  # binary matching: score every pair through the fusion
+        batch = pre.collate(products, list(range(len(products))), list(range(len(products))), with_answers=False)
+        return retrieval_metrics(model.match_scores(batch).numpy())
     image_feats, text_feats = [], []
     for start in range(0, len(products), batch_size):
         chunk = products[start:start + batch_size]

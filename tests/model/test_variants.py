@@ -121,3 +121,44 @@ def test_candidates_rank_by_sequence_likelihood(tiny_text_ckpt, recs):
     best0 = cands[int(scores[:3].argmax())]
     assert preds[0] == [best0]
     assert preds[2][0] in ("solid", "striped") and preds[3][0] in ("solid", "striped")
+
+
+def test_binary_matching_variant_trains_and_retrieves(tiny_text_ckpt, recs):
+    from pv2tea.experiment import retrieval_on
+    from pv2tea.inference.predictor import Predictor
+
+    model, pre = _build(tiny_text_ckpt, recs, "schemes.alignment=matching")
+    assert model.itm_head is not None and not model.uses_contrast
+    assert not any(n.startswith(("vision_proj", "text_proj", "visual_m", "text_encoder_m", "queue"))
+                   for n in model.state_dict())
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    model.train()
+    out = model(batch)
+    assert {"loss_gen", "loss_itm", "loss_ct"} <= set(out.terms) and "loss_sc" not in out.terms
+    assert torch.isfinite(out.terms["loss_itm"])
+    out.loss.backward()
+    assert _all_grads(model) == []  # the ITM head and every fusion weight receive a gradient
+    model.eval()
+    scores = model.match_scores(pre.collate(recs[:2], [0, 1], [0, 1], with_answers=False))
+    assert scores.shape == (2, 2) and bool(((scores > 0) & (scores < 1)).all())
+    metrics = retrieval_on(Predictor(model, pre), recs)
+    assert set(metrics) >= {"txt_r1", "img_r1", "r_mean"}
+
+
+def test_matching_needs_two_products_in_the_batch(tiny_text_ckpt, recs):
+    from pv2tea.losses.matching import image_text_matching_loss, negative_partners
+
+    assert negative_partners(torch.tensor([3, 3, 3])) is None
+    assert negative_partners(torch.tensor([1, 1, 2])).tolist() == [2, 2, 0]
+    assert negative_partners(torch.tensor([5, 6])).tolist() == [1, 0]
+    perfect = image_text_matching_loss(torch.tensor([[-9.0, 9.0]]), torch.tensor([[9.0, -9.0]]))
+    assert float(perfect) < 1e-3
+    model, pre = _build(tiny_text_ckpt, recs, "schemes.alignment=matching")
+    one_product = [recs[0], recs[0]]
+    out = model(pre.collate(one_product, [0, 0], [0, 1], with_answers=True))
+    assert "loss_itm" not in out.terms  # no mismatched pair to learn from: the term is left out
+
+
+def test_alignment_is_validated():
+    with pytest.raises(ConfigError, match="alignment"):
+        load_config(None, ["schemes.alignment=itc"])

@@ -19,6 +19,7 @@ from transformers import BertConfig, BertLMHeadModel, GenerationConfig
 from pv2tea.config import Config
 from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
+from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.fusion import FusionEncoder
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
@@ -62,6 +63,8 @@ class Encoded:
     text_hidden: torch.Tensor  # (B, T, H)
     visual: VisualOutput | None  # over the rows with an image only
     image_rows: torch.Tensor  # (B,) bool
+    context: torch.Tensor  # (B, K(1 + P) + T, H): [visual; text] tokens the question cross-attends
+    context_mask: torch.Tensor  # (B, K(1 + P) + T)
     memory: torch.Tensor  # (B, M, H) what the decoder cross-attends: q, or [q; visual; text]
     memory_mask: torch.Tensor  # (B, M)
 
@@ -107,7 +110,10 @@ class PV2TEA(nn.Module):
             self.value_head = nn.Linear(hidden, len(value_attributes))
             self.register_buffer("value_attribute", torch.tensor(value_attributes, dtype=torch.long))
         self.category_head = nn.Linear(hidden, num_categories) if s.category_loss else None
-        if s.contrastive:
+        self.uses_contrast = s.contrastive and s.alignment == "contrastive"
+        # binary image-text matching on the fused question's [CLS] (the Figure 4 baseline)
+        self.itm_head = nn.Linear(hidden, 2) if s.contrastive and s.alignment == "matching" else None
+        if self.uses_contrast:
             self.vision_proj = nn.Linear(hidden, s.embed_dim)
             self.text_proj = nn.Linear(hidden, s.embed_dim)
             self.visual_m = copy.deepcopy(self.visual)
@@ -129,7 +135,7 @@ class PV2TEA(nn.Module):
 
     # ----------------------------------------------------------------- construction helpers
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.cfg.schemes.contrastive:
+        if not self.uses_contrast:
             return []
         return [(self.visual, self.visual_m), (self.text_encoder, self.text_encoder_m),
                 (self.vision_proj, self.vision_proj_m), (self.text_proj, self.text_proj_m)]
@@ -224,7 +230,8 @@ class PV2TEA(nn.Module):
             memory_mask = torch.cat([batch.question_mask, context_mask], 1)
         else:
             memory, memory_mask = question, batch.question_mask
-        return Encoded(question, batch.question_mask, text_hidden, visual, rows, memory, memory_mask)
+        return Encoded(question, batch.question_mask, text_hidden, visual, rows, context, context_mask, memory,
+                       memory_mask)
 
     @staticmethod
     def _text_states(encoder: nn.Module, batch: Batch) -> torch.Tensor:
@@ -281,7 +288,12 @@ class PV2TEA(nn.Module):
             cat_logits = self.category_head(enc.visual.pooled[known])  # (B_img, C)
             terms["loss_ct"] = category_loss(cat_logits, batch.category[rows][known])
             total = total + cfg.loss.weight_ct * terms["loss_ct"]
-        if self.cfg.vision.enabled and s.contrastive and enc.visual is not None:
+        if self.itm_head is not None and enc.visual is not None:
+            itm = self._matching_loss(enc, batch)
+            if itm is not None:
+                terms["loss_itm"] = itm
+                total = total + cfg.loss.weight_sc * itm
+        if self.uses_contrast and enc.visual is not None:
             image_feat = F.normalize(self.vision_proj(enc.visual.pooled), dim=-1)  # (B_img, D)
             text_feat = F.normalize(self.text_proj(enc.text_hidden[rows, 0]), dim=-1)  # (B_img, D)
             with torch.no_grad():
@@ -299,6 +311,36 @@ class PV2TEA(nn.Module):
             total = total + cfg.loss.weight_sc * terms["loss_sc"]
             momentum = {"image": image_feat_m, "text": text_feat_m, "ids": batch.pair_id[rows]}
         return PV2TEAOutput(loss=total, terms=terms, per_sample_gen=per_sample.detach(), momentum=momentum)
+
+    def _matching_loss(self, enc: Encoded, batch: Batch) -> torch.Tensor | None:
+        """ITM over the image rows: each text with its own image (match) and with another product's (no match)."""
+        sel = torch.nonzero(enc.image_rows).flatten()  # (B_img,)
+        partner = negative_partners(batch.pair_id[sel])
+        if partner is None:
+            return None
+        n_vis = enc.context.shape[1] - enc.text_hidden.shape[1]
+        neg = sel[partner]
+        context = torch.cat([enc.context[neg, :n_vis], enc.text_hidden[sel]], 1)  # (B_img, K(1 + P) + T, H)
+        mask = torch.cat([enc.context_mask[neg, :n_vis], batch.text_mask[sel]], 1)
+        q_neg = self.fusion(batch.question_ids[sel], batch.question_mask[sel], context, mask)[:, 0]  # (B_img, H)
+        return image_text_matching_loss(self.itm_head(enc.question[sel, 0]), self.itm_head(q_neg))
+
+    @torch.no_grad()
+    def match_scores(self, batch: Batch) -> torch.Tensor:
+        """P(match) of every (image of row i, text of row j) pair (N, N), by the ITM head on the fusion.
+
+        Uses each row's first image and row j's question; for retrieval with a matching-aligned model.
+        """
+        enc = self.encode(batch)
+        n_vis = enc.context.shape[1] - enc.text_hidden.shape[1]
+        n = len(batch)
+        scores = torch.zeros(n, n)
+        for j in range(n):  # one text against every image
+            context = torch.cat([enc.context[:, :n_vis], enc.text_hidden[j].expand(n, -1, -1)], 1)
+            mask = torch.cat([enc.context_mask[:, :n_vis], batch.text_mask[j].expand(n, -1)], 1)
+            q = self.fusion(batch.question_ids[j].expand(n, -1), batch.question_mask[j].expand(n, -1), context, mask)
+            scores[:, j] = self.itm_head(q[:, 0]).softmax(-1)[:, 1]
+        return scores
 
     @torch.no_grad()
     def enqueue(self, out: PV2TEAOutput) -> None:

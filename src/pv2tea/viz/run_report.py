@@ -92,8 +92,10 @@ def build_experiment_report(exp_dir: Path, out: Path) -> Path:
     alphas = {0.4: "pv2tea", 0.0: "wo_smooth", 0.2: "alpha_0.2", 0.6: "alpha_0.6", 0.8: "alpha_0.8"}
     sweep = {a: {k: v["mean"] for k, v in summary[n]["retrieval"].items()}
              for a, n in sorted(alphas.items()) if n in summary and "retrieval" in summary[n]}
+    matching = summary.get("matching", {}).get("retrieval")
+    baseline = {k: v["mean"] for k, v in matching.items()} if matching else None
     if len(sweep) >= 2:
-        figs.append(figures.retrieval_vs_alpha(sweep, out / "retrieval_vs_alpha.png"))
+        figs.append(figures.retrieval_vs_alpha(sweep, out / "retrieval_vs_alpha.png", baseline=baseline))
     tables_md = (exp_dir / "tables.md").read_text() if (exp_dir / "tables.md").is_file() else ""
     sections = [Section("Variants", figs, [tables_md],
                         f"seeds: {meta['seeds']}; config: {meta['config']} {' '.join(meta['overrides'])}")]
