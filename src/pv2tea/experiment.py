@@ -133,7 +133,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     return report
 
 
-def _mean_std(values: list[float | None]) -> dict[str, float | None]:
+def mean_std(values: list[float | None]) -> dict[str, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": None, "std": None}
@@ -154,16 +154,16 @@ def summarize(reports: dict[str, list[dict]], reference: str = "pv2tea") -> dict
     summary: dict[str, Any] = {}
     for name, runs in reports.items():
         entry: dict[str, Any] = {"seeds": len(runs)}
-        entry["overall"] = {m: _mean_std([_get(r, "overall", m) for r in runs]) for m in METRICS}
-        entry["by_source"] = {s: {m: _mean_std([_get(r, "by_source", s, m) for r in runs]) for m in METRICS}
+        entry["overall"] = {m: mean_std([_get(r, "overall", m) for r in runs]) for m in METRICS}
+        entry["by_source"] = {s: {m: mean_std([_get(r, "by_source", s, m) for r in runs]) for m in METRICS}
                               for s in ("text", "image")}
-        entry["gap"] = {m: _mean_std([_get(r, "gap", m) for r in runs]) for m in METRICS}
+        entry["gap"] = {m: mean_std([_get(r, "gap", m) for r in runs]) for m in METRICS}
         attrs = sorted({a for r in runs for a in r.get("by_attribute", {})})
-        entry["by_attribute"] = {a: _mean_std([_get(r, "by_attribute", a, "overall", "f1") for r in runs])
+        entry["by_attribute"] = {a: mean_std([_get(r, "by_attribute", a, "overall", "f1") for r in runs])
                                  for a in attrs}
         if any(r.get("retrieval") for r in runs):
             keys = sorted({k for r in runs for k in (r.get("retrieval") or {})})
-            entry["retrieval"] = {k: _mean_std([_get(r, "retrieval", k) for r in runs]) for k in keys}
+            entry["retrieval"] = {k: mean_std([_get(r, "retrieval", k) for r in runs]) for k in keys}
         summary[name] = entry
     if reference in reports:
         ref = [_get(r, "overall", "f1") for r in reports[reference]]

@@ -18,15 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import source_aware_report
 from pv2tea.eval.normalize import normalize_value
-from pv2tea.experiment import VARIANTS, Split, gold_examples, run_variant
+from pv2tea.experiment import VARIANTS, Split, gold_examples, mean_std, run_variant
 from pv2tea.train.loop import multi_value_attributes
 
 # Frozen backbones with cached features: the only way the protocol fits ~1 hour per domain on 2 CPU cores.
@@ -90,23 +88,15 @@ def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtra
     return extractor
 
 
-def _mean_std(values: list[float | None]) -> dict[str, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-            "n": len(vals)}
-
-
 def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std over folds × seeds: open generation, candidate-constrained, and per attribute."""
     out: dict[str, Any] = {"runs": len(reports)}
     for mode in ("open", "constrained"):
         blocks = [r if mode == "open" else r.get("constrained", r) for r in reports]
-        out[mode] = {m: _mean_std([b["overall"].get(m) for b in blocks]) for m in METRICS}
+        out[mode] = {m: mean_std([b["overall"].get(m) for b in blocks]) for m in METRICS}
         attrs = sorted({a for b in blocks for a in b.get("by_attribute", {})})
         out[mode]["by_attribute"] = {
-            a: {m: _mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
+            a: {m: mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
                 for m in ("f1", "accuracy")} for a in attrs}
     return out
 

@@ -234,11 +234,13 @@ class PV2TEA(nn.Module):
                        memory_mask)
 
     @staticmethod
-    def _text_states(encoder: nn.Module, batch: Batch) -> torch.Tensor:
-        """Text-encoder states (B, T, H), from the batch's cache when the encoder is frozen."""
+    def _text_states(encoder: nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-encoder states (B, T, H) of all rows or the selected ``rows``; from the batch's cache when
+        the encoder is frozen."""
+        select = slice(None) if rows is None else rows
         if batch.text_hidden is not None:
-            return batch.text_hidden
-        return encoder(input_ids=batch.text_ids, attention_mask=batch.text_mask).last_hidden_state
+            return batch.text_hidden[select]
+        return encoder(input_ids=batch.text_ids[select], attention_mask=batch.text_mask[select]).last_hidden_state
 
     @staticmethod
     def _visual_out(encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None,
@@ -300,7 +302,7 @@ class PV2TEA(nn.Module):
                 # a frozen backbone equals its momentum copy, so cached states serve both
                 vis_m = self._visual_out(self.visual_m, batch.images, batch.image_feats, rows)
                 image_feat_m = F.normalize(self.vision_proj_m(vis_m.pooled), dim=-1)
-                text_m = self._text_states(self.text_encoder_m, batch)[rows]  # (B_img, T, H)
+                text_m = self._text_states(self.text_encoder_m, batch, rows)  # (B_img, T, H)
                 text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
             valid = self.queue.valid()
             sc = label_smoothed_contrastive(
