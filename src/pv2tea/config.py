@@ -97,6 +97,10 @@ class SchemesConfig:
     # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
     nr_label_match: str = "overlap"
+    # compare each agreement with its chance level (Cohen's kappa per sample, see regularize.neighbors): a
+    # category's default value agrees with same-category neighbours just by being frequent; false = the raw
+    # agreements of Eq. 12-14
+    nr_chance_correction: bool = True
     prediction_nr_start_epoch: int = 2  # E
     # rescale s(X_n) to mean 1 over the training set so S3 re-weights samples without also
     # shrinking the effective learning rate; false = Eq. 9 verbatim

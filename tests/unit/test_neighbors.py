@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.regularize.neighbors import combine, knn_indices, prediction_reliability, visual_reliability
+from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
+                                        knn_indices, prediction_reliability, visual_reliability)
 
 
 def polar(deg: float, r: float) -> list[float]:
@@ -187,3 +188,65 @@ def test_prediction_reliability_overlap_by_hand():
     assert prediction_reliability(labels, preds, "overlap").tolist() == pytest.approx([0.75, 0.75, 1.0])
     from pv2tea.regularize.neighbors import _fuzzy_prediction_reliability  # chunked rows: same result
     assert _fuzzy_prediction_reliability(labels, preds, chunk=1).tolist() == pytest.approx([0.75, 0.75, 1.0])
+
+
+# ------------------------------------------------------------------ chance correction
+
+
+def test_expected_agreement_exact_by_hand():
+    # group a: labels x, x, y -> the x's agree with 1 of the 2 others, y with none; group b: alone -> 0
+    labels = ["x", "x", "y", "x"]
+    groups = ["a", "a", "a", "b"]
+    np.testing.assert_allclose(expected_agreement(labels, groups), [0.5, 0.5, 0.0, 0.0])
+
+
+def test_expected_agreement_without_groups_uses_everyone():
+    np.testing.assert_allclose(expected_agreement(["x", "x", "y", "x"]), [2 / 3, 2 / 3, 0.0, 2 / 3])
+
+
+def test_expected_agreement_overlap_by_hand():
+    labels = [frozenset({"red"}), frozenset({"red", "blue"}), frozenset({"blue"})]
+    # Jaccard: (0,1) = 1/2, (0,2) = 0, (1,2) = 1/2
+    np.testing.assert_allclose(expected_agreement(labels, match="overlap"), [0.25, 0.5, 0.25])
+
+
+def test_expected_agreement_length_mismatch():
+    with pytest.raises(ValueError, match="differ in length"):
+        expected_agreement(["x", "y"], ["a"])
+
+
+def test_chance_corrected_maps_kappa_to_unit_interval():
+    s = np.array([0.8, 0.8, 0.2, 0.0, 1.0, 0.5])
+    e = np.array([0.8, 0.6, 0.6, 0.9, 1.0, 0.0])
+    # kappa: 0, 0.5, -1 (clipped from -1), -9 -> -1, e = 1 -> 0, 0.5
+    np.testing.assert_allclose(chance_corrected(s, e), [0.5, 0.75, 0.0, 0.0, 0.5, 0.75], atol=1e-12)
+
+
+def test_chance_correction_ranks_a_rare_agreeing_label_above_a_default_value():
+    # Both samples agree with 2 of their 3 neighbours, but "white" is what 80% of the category carries,
+    # "pink" 20%: only the pink agreement is above chance.
+    labels = ["white"] * 8 + ["pink"] * 2
+    e = expected_agreement(labels, ["mug"] * 10)
+    s = np.full(10, 2 / 3)
+    w = chance_corrected(s, e)
+    assert w[-1] > 0.5 > w[0]
+
+
+def test_expected_prediction_agreement_exact_by_hand():
+    labels = ["a", "a", "b", "b"]
+    preds = ["a", "b", "b", "b"]
+    # n=0: |Y|=2, |P|=1 -> inter 0.5 -> 0.5 / 2.5 ; n=1: |Y|=2, |P|=3 -> 1.5 / 3.5 ; n=2,3: |Y|=2,|P|=3
+    np.testing.assert_allclose(expected_prediction_agreement(labels, preds), [0.2, 1.5 / 3.5, 1.5 / 3.5, 1.5 / 3.5])
+
+
+def test_expected_prediction_agreement_overlap_equals_exact_for_single_values():
+    labels = [frozenset({v}) for v in "aabbc"]
+    preds = [frozenset({v}) for v in "abbcc"]
+    np.testing.assert_allclose(expected_prediction_agreement(labels, preds, "overlap"),
+                               expected_prediction_agreement(labels, preds, "exact"))
+
+
+def test_perfect_predictions_are_above_chance():
+    labels = ["a", "a", "b", "c"]
+    w = chance_corrected(prediction_reliability(labels, labels), expected_prediction_agreement(labels, labels))
+    assert (w > 0.5).all()

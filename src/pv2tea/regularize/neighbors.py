@@ -88,6 +88,74 @@ def prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Has
     return out
 
 
+def expected_agreement(labels: Sequence[Hashable], groups: Sequence[Hashable] | None = None,
+                       match: str = "exact") -> np.ndarray:
+    """e_n: the agreement n's label has by chance with another sample of its group (the chance level of s_v).
+
+    The mean agreement (1/0 set equality, or Jaccard overlap with ``match="overlap"``) of n's label with the
+    labels of the other samples of n's group (e.g. its category, whose K visual neighbours mostly share it;
+    ``groups=None``: one group). A label the whole group repeats, such as a category's default value,
+    agrees with any neighbour, so agreement with the neighbours says little about it.
+    A sample alone in its group gets e_n = 0.
+    """
+    n = len(labels)
+    keys = [None] * n if groups is None else list(groups)
+    if len(keys) != n:
+        raise ValueError("labels and groups differ in length")
+    out = np.zeros(n)
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    for rows in members.values():
+        m = len(rows)
+        if m < 2:
+            continue
+        group_labels = [labels[i] for i in rows]
+        if match == "overlap":
+            hot = _multi_hot(group_labels)  # (m, V)
+            total = _jaccard(hot, hot).sum(1) - 1.0  # (m,) every other member, itself excluded
+        else:
+            count = Counter(group_labels)
+            total = np.array([count[y] - 1 for y in group_labels], dtype=float)
+        out[rows] = total / (m - 1)
+    return out
+
+
+def expected_prediction_agreement(labels: Sequence[Hashable], predictions: Sequence[Hashable],
+                                  match: str = "exact") -> np.ndarray:
+    """The chance level of s_p: |Y_n ∩ Ŷ_n| / |Y_n ∪ Ŷ_n| if predictions were independent of labels.
+
+    With N samples the expected intersection is |Y_n|·|Ŷ_n| / N; with ``match="overlap"`` the
+    cardinalities are those of the fuzzy sets of :func:`prediction_reliability`.
+    """
+    n = len(labels)
+    if n != len(predictions):
+        raise ValueError("labels and predictions differ in length")
+    if match == "overlap":
+        hot = _multi_hot([*labels, *predictions])
+        hot_y, hot_p = hot[:n], hot[n:]  # one shared value vocabulary
+        blocks = range(0, n, 1024)  # (1024, N) blocks bound the memory
+        size_y = np.concatenate([_jaccard(hot_y[s:s + 1024], hot_y).sum(1) for s in blocks])
+        size_p = np.concatenate([_jaccard(hot_p[s:s + 1024], hot_p).sum(1) for s in blocks])
+    else:
+        label_count, pred_count = Counter(labels), Counter(predictions)
+        size_y = np.array([label_count[y] for y in labels], dtype=float)
+        size_p = np.array([pred_count[p] for p in predictions], dtype=float)
+    inter = size_y * size_p / max(n, 1)
+    return inter / (size_y + size_p - inter)
+
+
+def chance_corrected(agreement: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Reliability above chance, mapped to [0, 1]: (1 + κ) / 2 with κ = (s − e) / (1 − e) clipped to [−1, 1].
+
+    0.5 means "agrees as often as chance" (also when e = 1: everything agrees, so nothing is learned),
+    1 agreement beyond any chance, 0 none where much was expected. Cohen's κ applied per sample.
+    """
+    room = 1.0 - expected
+    kappa = np.where(room > 1e-9, (agreement - expected) / np.maximum(room, 1e-9), 0.0)
+    return (1.0 + np.clip(kappa, -1.0, 1.0)) / 2.0
+
+
 def combine(s_v: np.ndarray | None, s_p: np.ndarray | None) -> np.ndarray:
     """s(X_n) (Eq. 15): s_v before epoch E, the average of s_v and s_p from E on.
 

@@ -30,7 +30,8 @@ from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
-from pv2tea.regularize.neighbors import combine, prediction_reliability, visual_reliability
+from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
+                                        prediction_reliability, visual_reliability)
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.feature_cache import build_feature_cache
 
@@ -108,7 +109,11 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             for attribute in {records[i].attribute for i in with_image}:
                 idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
                 rows = [with_image[k] for k in idx]
-                s_v[rows] = visual_reliability(features[idx], [labels[i][1] for i in rows], s.knn_k, s.nr_label_match)
+                row_labels = [labels[i][1] for i in rows]
+                s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
+                if s.nr_chance_correction:  # chance level: agreement with a random sample of the same category
+                    expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
+                    s_v[rows] = chance_corrected(s_v[rows], expected)
     s_p = None
     if use_pred:
         preds = generate_values(model, pre, records, cfg.train.eval_batch_size, progress=progress,
@@ -117,8 +122,11 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         s_p = np.ones(n)
         for attribute in {r.attribute for r in records}:
             rows = [i for i, r in enumerate(records) if r.attribute == attribute]
-            s_p[rows] = prediction_reliability([labels[i][1] for i in rows], [pred_keys[i][1] for i in rows],
-                                                 s.nr_label_match)
+            row_labels, row_preds = [labels[i][1] for i in rows], [pred_keys[i][1] for i in rows]
+            s_p[rows] = prediction_reliability(row_labels, row_preds, s.nr_label_match)
+            if s.nr_chance_correction:
+                s_p[rows] = chance_corrected(s_p[rows],
+                                             expected_prediction_agreement(row_labels, row_preds, s.nr_label_match))
     weights = combine(s_v, s_p)
     stats = {"weight_mean": float(weights.mean())}
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
