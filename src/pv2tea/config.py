@@ -91,8 +91,9 @@ class SchemesConfig:
     visual_nr: bool = True
     prediction_nr: bool = True
     knn_k: int = 10
-    # the visual representation whose K nearest neighbours S3 compares labels over: "pooled" (v_cls, which L_ct
-    # makes category-discriminative) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
+    # the visual representation whose K nearest neighbours S3 compares labels over: "backbone" (the mean of the
+    # visual backbone's output tokens, as pretrained), "pooled" (the model's v_cls, which L_ct trains to tell
+    # categories apart) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
     nr_features: str = "pooled"
     # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
@@ -321,8 +322,8 @@ def validate(cfg: Config) -> None:
                               + " ".join(f"schemes.{n}=false" for n in needs))
     if s.nr_label_match not in ("exact", "overlap"):
         raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
-    if s.nr_features not in ("pooled", "aligned"):
-        raise ConfigError(f"schemes.nr_features must be 'pooled' or 'aligned', got '{s.nr_features}'")
+    if s.nr_features not in ("backbone", "pooled", "aligned"):
+        raise ConfigError(f"schemes.nr_features must be 'backbone', 'pooled' or 'aligned', got '{s.nr_features}'")
     if s.alignment not in ("contrastive", "matching"):
         raise ConfigError(f"schemes.alignment must be 'contrastive' or 'matching', got '{s.alignment}'")
     if s.nr_features == "aligned" and s.visual_nr and not (s.contrastive and s.alignment == "contrastive"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -127,6 +128,30 @@ def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contr
     # (1/N) Σ s_n g_n with s = e_2: a quarter of row 2's per-sample loss
     assert one_hot.terms["loss_gen"].item() == pytest.approx(plain.per_sample_gen[2].item() / 4, rel=1e-5)
     assert torch.allclose(doubled.per_sample_gen, plain.per_sample_gen)  # g itself is unweighted
+
+
+@pytest.mark.parametrize("features,chance", [("backbone", True), ("pooled", True), ("aligned", True),
+                                              ("pooled", False)])
+def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features, chance):
+    from pv2tea.train.loop import sample_weights
+
+    model, pre = build(tiny_text_ckpt, f"schemes.nr_features={features}", "schemes.knn_k=2",
+                       f"schemes.nr_chance_correction={str(chance).lower()}", "schemes.prediction_nr=false")
+    recs = records(image_paths) * 2  # 8 rows, 6 with an image
+    weights, stats = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    assert weights.shape == (8,) and np.isfinite(weights).all() and (weights >= 0).all()
+    assert weights.mean() == pytest.approx(1.0)  # schemes.normalize_weights
+    assert 0.0 <= stats["s_v_mean"] <= 1.0
+
+
+def test_backbone_features_are_the_mean_backbone_token(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt)
+    model.eval()
+    pixels = torch.stack([pre.image_tensor(r) for r in records(image_paths) if r.images])  # (3, 3, S, S)
+    with torch.no_grad():
+        tokens = model.visual.backbone_tokens(pixels)  # (3, N, C)
+    assert torch.allclose(model.backbone_features(pixels), tokens.mean(1))
+    assert torch.allclose(model.backbone_features(feats=tokens), tokens.mean(1))
 
 
 def test_s3_switches_do_not_change_the_module(tiny_text_ckpt):

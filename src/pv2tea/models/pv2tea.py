@@ -415,3 +415,10 @@ class PV2TEA(nn.Module):
         out = self.visual.head(feats) if feats is not None else self.visual(images)
         mask = torch.sigmoid(out.mask_logits) if out.mask_logits is not None else None
         return out.pooled, mask, out.grid
+
+    @torch.no_grad()
+    def backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """(B, C) mean of the visual backbone's output tokens, from pixels or cached tokens (B, N, C)."""
+        tokens = feats if feats is not None else self.visual.backbone_tokens(images)
+        return tokens.mean(1)

@@ -146,14 +146,15 @@ def expected_prediction_agreement(labels: Sequence[Hashable], predictions: Seque
 
 
 def chance_corrected(agreement: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    """Reliability above chance, mapped to [0, 1]: (1 + κ) / 2 with κ = (s − e) / (1 − e) clipped to [−1, 1].
+    """Reliability above chance: Cohen's κ = (s − e) / (1 − e) per sample, clipped to [0, 1].
 
-    0.5 means "agrees as often as chance" (also when e = 1: everything agrees, so nothing is learned),
-    1 agreement beyond any chance, 0 none where much was expected. Cohen's κ applied per sample.
+    0 means "agrees no more than chance", 1 agreement beyond any chance. Where e = 1 (every sample of the
+    group carries the same label) nothing contradicts the label and the reliability is 1.
+    Agreement *below* chance is not more informative than none, hence the floor at 0.
     """
     room = 1.0 - expected
-    kappa = np.where(room > 1e-9, (agreement - expected) / np.maximum(room, 1e-9), 0.0)
-    return (1.0 + np.clip(kappa, -1.0, 1.0)) / 2.0
+    kappa = np.where(room > 1e-9, (agreement - expected) / np.maximum(room, 1e-9), 1.0)
+    return np.clip(kappa, 0.0, 1.0)
 
 
 def combine(s_v: np.ndarray | None, s_p: np.ndarray | None) -> np.ndarray:

@@ -96,10 +96,12 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         for start in range(0, len(with_image), cfg.train.eval_batch_size):
             rows = with_image[start:start + cfg.train.eval_batch_size]
             chunk = [records[i] for i in rows]
+            features_of = model.backbone_features if s.nr_features == "backbone" else (
+                lambda images=None, feats=None: model.image_features(images, feats)[0])
             if pre.cache is not None and pre.cache.has_images(chunk, 1):
-                feats.append(model.image_features(feats=pre.cache.image_tokens([r.images[0] for r in chunk]))[0])
+                feats.append(features_of(feats=pre.cache.image_tokens([r.images[0] for r in chunk])))
             else:
-                feats.append(model.image_features(torch.stack([pre.image_tensor(r) for r in chunk]))[0])
+                feats.append(features_of(torch.stack([pre.image_tensor(r) for r in chunk])))
         model.train(was_training)
         if with_image:
             features = torch.cat(feats)
@@ -133,7 +135,10 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         rows = [i for i, r in enumerate(records) if r.source == source]
         if rows:
             stats[f"weight_mean_source_{source}"] = float(weights[rows].mean())
-    if s.normalize_weights and weights.mean() > 0:
+    if not weights.any():  # no sample agrees above chance: no evidence either way, so do not stop learning
+        weights = np.ones(n)
+        stats["weights_all_zero"] = 1.0
+    if s.normalize_weights:
         weights = weights / weights.mean()
     if s_v is not None:
         stats["s_v_mean"] = float(s_v.mean())
