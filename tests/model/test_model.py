@@ -355,3 +355,19 @@ def test_real_offline_backbones(image_paths):
     out = model(batch)
     assert set(out.terms) == {"loss_gen", "loss_sc", "loss_ct"}
     assert torch.isfinite(out.loss)
+
+
+def test_text_num_layers_keeps_the_first_layers(tiny_text_ckpt):
+    full, _ = build(tiny_text_ckpt)
+    short, _ = build(tiny_text_ckpt, "text.num_layers=1")
+    full.load_pretrained()
+    short.load_pretrained()
+    assert len(short.text_encoder.encoder.layer) == 1
+    assert len(full.text_encoder.encoder.layer) == full.bert_config.num_hidden_layers > 1
+    assert torch.equal(short.text_encoder.encoder.layer[0].output.dense.weight,
+                       full.text_encoder.encoder.layer[0].output.dense.weight)
+
+
+def test_text_num_layers_beyond_the_checkpoint_is_an_error(tiny_text_ckpt):
+    with pytest.raises(ValueError, match="text.num_layers=9"):
+        build(tiny_text_ckpt, "text.num_layers=9")

@@ -94,7 +94,12 @@ class PV2TEA(nn.Module):
         self.bert_config = bert_config
         self.visual = (VisualEncoder(cfg.vision, hidden, attention_pruning=s.attention_pruning)
                        if cfg.vision.enabled else None)
-        self.text_encoder = create_text_encoder(bert_config)
+        text_layers = cfg.text.num_layers or bert_config.num_hidden_layers
+        if not 1 <= text_layers <= bert_config.num_hidden_layers:
+            raise ValueError(f"text.num_layers={cfg.text.num_layers}: the text checkpoint has "
+                             f"{bert_config.num_hidden_layers} layers")
+        self.text_encoder = create_text_encoder(BertConfig(**{**bert_config.to_dict(),
+                                                              "num_hidden_layers": text_layers}))
         fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
         self.fusion = FusionEncoder(bert_config, fusion_layers)
         if cfg.decoder.head == "generate":
