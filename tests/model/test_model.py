@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -138,8 +139,10 @@ def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features
     model, pre = build(tiny_text_ckpt, f"schemes.nr_features={features}", "schemes.knn_k=2",
                        f"schemes.nr_chance_correction={str(chance).lower()}", "schemes.prediction_nr=false")
     recs = records(image_paths) * 2  # 8 rows, 6 with an image
+    recs += [dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern", label=("solid",))
+             for r in recs]  # a second attribute: 16 rows
     weights, stats = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
-    assert weights.shape == (8,) and np.isfinite(weights).all() and (weights >= 0).all()
+    assert weights.shape == (16,) and np.isfinite(weights).all() and (weights >= 0).all()
     assert weights.mean() == pytest.approx(1.0)  # schemes.normalize_weights
     assert 0.0 <= stats["s_v_mean"] <= 1.0
 

@@ -129,7 +129,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             if s.nr_chance_correction:
                 s_p[rows] = chance_corrected(s_p[rows],
                                              expected_prediction_agreement(row_labels, row_preds, s.nr_label_match))
-    weights = combine(s_v, s_p)
+    weights = np.array(combine(s_v, s_p), dtype=float)  # a copy (combine may return s_v itself)
     stats = {"weight_mean": float(weights.mean())}
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
         rows = [i for i, r in enumerate(records) if r.source == source]
