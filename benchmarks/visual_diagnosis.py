@@ -10,8 +10,8 @@ Needs gold values on both files (the synthetic catalog has them). Encodes every 
    uses (timm's ``forward_intermediates``). Exact-set accuracy and macro F1 over values on the test file. It bounds what the image side
    can contribute once the model has learned to read it.
 2. S3's visual reliability s_v (Eq. 12, K nearest neighbours of the final pooled features) on the training
-   file, averaged over rows whose weak label is right vs wrong, raw and chance-corrected
-   (`schemes.nr_chance_correction`). A useful weight is higher for right labels than for wrong ones.
+   file, averaged over rows whose weak label is right vs wrong, raw and chance-corrected both ways
+   (`schemes.nr_chance=soft|clip`). A useful weight is higher for right labels than for wrong ones.
 
 Only diagnostics: nothing is trained except the probes; results are printed, not saved.
 """
@@ -101,8 +101,9 @@ def main() -> None:
         labels = [normalize_values(r.label) for r in tr]
         right = np.array([labels[i] == normalize_values(r.gold) for i, r in enumerate(tr)])
         s_v = visual_reliability(feats["final"][[row_of[r.images[0]] for r in tr]], labels, args.k, "overlap")
-        kappa = chance_corrected(s_v, expected_agreement(labels, [r.category for r in tr], "overlap"))
-        for name, s in (("raw s_v", s_v), ("chance-corrected", kappa)):
+        expected = expected_agreement(labels, [r.category for r in tr], "overlap")
+        for name, s in (("raw s_v", s_v), ("soft (1 + κ)/2", chance_corrected(s_v, expected, "soft")),
+                        ("clip κ to [0, 1]", chance_corrected(s_v, expected, "clip"))):
             print(f"  S3 {name:>16}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
                   f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; "
                   f"{right.sum()} right, {(~right).sum()} wrong)")

@@ -104,9 +104,10 @@ class SchemesConfig:
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
     nr_label_match: str = "overlap"
     # compare each agreement with its chance level (Cohen's kappa per sample, see regularize.neighbors): a
-    # category's default value agrees with same-category neighbours just by being frequent; false = the raw
-    # agreements of Eq. 12-14
-    nr_chance_correction: bool = True
+    # category's default value agrees with same-category neighbours just by being frequent. "soft": weight
+    # (1 + kappa) / 2 (0.5 at chance); "clip": kappa clipped to [0, 1] (0 at chance: sharper, but an attribute the
+    # KNN features say little about loses most of its rows); "none": the raw agreements of Eq. 12-14
+    nr_chance: str = "soft"
     prediction_nr_start_epoch: int = 2  # E
     # rescale s(X_n) to mean 1 over the training set so S3 re-weights samples without also
     # shrinking the effective learning rate; false = Eq. 9 verbatim. (Rescaling each attribute to mean 1
@@ -332,6 +333,8 @@ def validate(cfg: Config) -> None:
                               + " ".join(f"schemes.{n}=false" for n in needs))
     if s.nr_label_match not in ("exact", "overlap"):
         raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
+    if s.nr_chance not in ("none", "soft", "clip"):
+        raise ConfigError(f"schemes.nr_chance must be 'none', 'soft' or 'clip', got '{s.nr_chance}'")
     if s.nr_features not in ("backbone", "pooled", "aligned"):
         raise ConfigError(f"schemes.nr_features must be 'backbone', 'pooled' or 'aligned', got '{s.nr_features}'")
     if s.alignment not in ("contrastive", "matching"):

@@ -131,13 +131,13 @@ def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contr
     assert torch.allclose(doubled.per_sample_gen, plain.per_sample_gen)  # g itself is unweighted
 
 
-@pytest.mark.parametrize("features,chance", [("backbone", True), ("pooled", True), ("aligned", True),
-                                              ("pooled", False)])
+@pytest.mark.parametrize("features,chance", [("backbone", "soft"), ("pooled", "clip"), ("aligned", "soft"),
+                                              ("pooled", "none")])
 def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features, chance):
     from pv2tea.train.loop import sample_weights
 
     model, pre = build(tiny_text_ckpt, f"schemes.nr_features={features}", "schemes.knn_k=2",
-                       f"schemes.nr_chance_correction={str(chance).lower()}", "schemes.prediction_nr=false")
+                       f"schemes.nr_chance={chance}", "schemes.prediction_nr=false")
     recs = records(image_paths) * 2  # 8 rows, 6 with an image
     recs += [dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern", label=("solid",))
              for r in recs]  # a second attribute: 16 rows

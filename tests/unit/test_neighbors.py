@@ -215,11 +215,23 @@ def test_expected_agreement_length_mismatch():
         expected_agreement(["x", "y"], ["a"])
 
 
-def test_chance_corrected_is_kappa_clipped_to_unit_interval():
+def test_chance_corrected_clip_is_kappa_clipped_to_unit_interval():
     s = np.array([0.8, 0.8, 0.2, 1.0, 1.0, 0.5])
     e = np.array([0.8, 0.6, 0.6, 0.5, 1.0, 0.0])
     # kappa: 0, 0.5, -1 -> 0, 1, e = 1 (all labels alike) -> 1, 0.5
-    np.testing.assert_allclose(chance_corrected(s, e), [0.0, 0.5, 0.0, 1.0, 1.0, 0.5], atol=1e-12)
+    np.testing.assert_allclose(chance_corrected(s, e, "clip"), [0.0, 0.5, 0.0, 1.0, 1.0, 0.5], atol=1e-12)
+
+
+def test_chance_corrected_soft_maps_kappa_to_half_at_chance():
+    s = np.array([0.8, 0.8, 0.2, 0.0, 1.0, 0.5])
+    e = np.array([0.8, 0.6, 0.6, 0.9, 1.0, 0.0])
+    # kappa: 0, 0.5, -1, -9 -> -1, e = 1 -> 1, 0.5; weight (1 + kappa) / 2
+    np.testing.assert_allclose(chance_corrected(s, e), [0.5, 0.75, 0.0, 0.0, 1.0, 0.75], atol=1e-12)
+
+
+def test_chance_corrected_rejects_unknown_mapping():
+    with pytest.raises(ValueError, match="mapping"):
+        chance_corrected(np.ones(2), np.zeros(2), "sharp")
 
 
 def test_chance_correction_ranks_a_rare_agreeing_label_above_a_default_value():
@@ -228,8 +240,9 @@ def test_chance_correction_ranks_a_rare_agreeing_label_above_a_default_value():
     labels = ["white"] * 8 + ["pink"] * 2
     e = expected_agreement(labels, ["mug"] * 10)
     s = np.full(10, 2 / 3)
-    w = chance_corrected(s, e)
-    assert w[-1] > 0 and w[0] == 0
+    # white: e = 7/9, kappa = -0.5; pink: e = 1/9, kappa = 0.625
+    np.testing.assert_allclose(chance_corrected(s, e, "soft")[[0, -1]], [0.25, 0.8125])
+    np.testing.assert_allclose(chance_corrected(s, e, "clip")[[0, -1]], [0.0, 0.625])
 
 
 def test_expected_prediction_agreement_exact_by_hand():
@@ -248,5 +261,5 @@ def test_expected_prediction_agreement_overlap_equals_exact_for_single_values():
 
 def test_perfect_predictions_are_above_chance():
     labels = ["a", "a", "b", "c"]
-    w = chance_corrected(prediction_reliability(labels, labels), expected_prediction_agreement(labels, labels))
+    w = chance_corrected(prediction_reliability(labels, labels), expected_prediction_agreement(labels, labels), "clip")
     assert (w > 0).all()

@@ -145,16 +145,24 @@ def expected_prediction_agreement(labels: Sequence[Hashable], predictions: Seque
     return inter / (size_y + size_p - inter)
 
 
-def chance_corrected(agreement: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    """Reliability above chance: Cohen's κ = (s − e) / (1 − e) per sample, clipped to [0, 1].
+CHANCE_MAPPINGS = ("soft", "clip")
 
-    0 means "agrees no more than chance", 1 agreement beyond any chance. Where e = 1 (every sample of the
-    group carries the same label) nothing contradicts the label and the reliability is 1.
-    Agreement *below* chance is not more informative than none, hence the floor at 0.
+
+def chance_corrected(agreement: np.ndarray, expected: np.ndarray, mapping: str = "soft") -> np.ndarray:
+    """Reliability relative to chance, from Cohen's κ = (s − e) / (1 − e) per sample, in [0, 1].
+
+    ``mapping="soft"``: (1 + κ) / 2 with κ clipped to [−1, 1]; a label that agrees as often as chance gets
+    0.5, one that agrees less gets less. ``"clip"``: κ clipped to [0, 1]; agreement at or below chance
+    gets 0. Where e = 1 (every sample of the group carries the same label) nothing contradicts the label:
+    κ is taken as 1.
     """
+    if mapping not in CHANCE_MAPPINGS:
+        raise ValueError(f"mapping must be one of {CHANCE_MAPPINGS}, got {mapping!r}")
     room = 1.0 - expected
     kappa = np.where(room > 1e-9, (agreement - expected) / np.maximum(room, 1e-9), 1.0)
-    return np.clip(kappa, 0.0, 1.0)
+    if mapping == "clip":
+        return np.clip(kappa, 0.0, 1.0)
+    return (1.0 + np.clip(kappa, -1.0, 1.0)) / 2.0
 
 
 def combine(s_v: np.ndarray | None, s_p: np.ndarray | None) -> np.ndarray:

@@ -113,9 +113,9 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
                 rows = [with_image[k] for k in idx]
                 row_labels = [labels[i][1] for i in rows]
                 s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
-                if s.nr_chance_correction:  # chance level: agreement with a random sample of the same category
+                if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
                     expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
-                    s_v[rows] = chance_corrected(s_v[rows], expected)
+                    s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
     s_p = None
     if use_pred:
         preds = generate_values(model, pre, records, cfg.train.eval_batch_size, progress=progress,
@@ -126,9 +126,9 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             rows = [i for i, r in enumerate(records) if r.attribute == attribute]
             row_labels, row_preds = [labels[i][1] for i in rows], [pred_keys[i][1] for i in rows]
             s_p[rows] = prediction_reliability(row_labels, row_preds, s.nr_label_match)
-            if s.nr_chance_correction:
-                s_p[rows] = chance_corrected(s_p[rows],
-                                             expected_prediction_agreement(row_labels, row_preds, s.nr_label_match))
+            if s.nr_chance != "none":
+                s_p[rows] = chance_corrected(
+                    s_p[rows], expected_prediction_agreement(row_labels, row_preds, s.nr_label_match), s.nr_chance)
     weights = np.array(combine(s_v, s_p), dtype=float)  # a copy (combine may return s_v itself)
     stats = {"weight_mean": float(weights.mean())}
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
