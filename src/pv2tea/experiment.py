@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -130,6 +131,10 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     tmp = report_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
     tmp.replace(report_path)
+    if (run_dir / "final").is_dir():
+        # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
+        # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return report
 
 

@@ -38,6 +38,9 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     for name in ("tea", "pv2tea", "pv2tea_cls", "wo_smooth"):
         for seed in (0, 1):
             assert (out / name / f"seed_{seed}" / "test_report.json").is_file()
+            # finished: the final model stays, the resumable checkpoint is pruned to save disk
+            assert (out / name / f"seed_{seed}" / "final").is_dir()
+            assert not (out / name / f"seed_{seed}" / "checkpoint").exists()
     # a second invocation reuses every finished run (no retraining: the files stay untouched)
     stamp = (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
