@@ -112,8 +112,7 @@ def expected_agreement(labels: Sequence[Hashable], groups: Sequence[Hashable] | 
             continue
         group_labels = [labels[i] for i in rows]
         if match == "overlap":
-            hot = _multi_hot(group_labels)  # (m, V)
-            total = _jaccard(hot, hot).sum(1) - 1.0  # (m,) every other member, itself excluded
+            total = _jaccard_row_sums(_multi_hot(group_labels)) - 1.0  # (m,) every other member, itself excluded
         else:
             count = Counter(group_labels)
             total = np.array([count[y] - 1 for y in group_labels], dtype=float)
@@ -132,11 +131,8 @@ def expected_prediction_agreement(labels: Sequence[Hashable], predictions: Seque
     if n != len(predictions):
         raise ValueError("labels and predictions differ in length")
     if match == "overlap":
-        hot = _multi_hot([*labels, *predictions])
-        hot_y, hot_p = hot[:n], hot[n:]  # one shared value vocabulary
-        blocks = range(0, n, 1024)  # (1024, N) blocks bound the memory
-        size_y = np.concatenate([_jaccard(hot_y[s:s + 1024], hot_y).sum(1) for s in blocks])
-        size_p = np.concatenate([_jaccard(hot_p[s:s + 1024], hot_p).sum(1) for s in blocks])
+        hot = _multi_hot([*labels, *predictions])  # one shared value vocabulary
+        size_y, size_p = _jaccard_row_sums(hot[:n]), _jaccard_row_sums(hot[n:])
     else:
         label_count, pred_count = Counter(labels), Counter(predictions)
         size_y = np.array([label_count[y] for y in labels], dtype=float)
@@ -194,6 +190,12 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _jaccard_row_sums(hot: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """(N,) Σ_j Jaccard(row n, row j) over all rows j (itself included), in (chunk, N) blocks to bound memory."""
+    blocks = [_jaccard(hot[start:start + chunk], hot).sum(1) for start in range(0, len(hot), chunk)]
+    return np.concatenate(blocks) if blocks else np.zeros(0)
 
 
 def _fuzzy_prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable],
