@@ -55,6 +55,8 @@ def _load(path: Path, skip_invalid: bool, require_label: bool = True):
     from pv2tea.data.validate import load_dataset
 
     result = load_dataset(path, skip_invalid=skip_invalid, require_label=require_label)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if result.n_skipped:
         console.print(f"[yellow]skipped {result.n_skipped} invalid row(s) of {path}[/] (see data_report.json)")
     return result
@@ -83,7 +85,7 @@ def _predict(model: Path, records, batch_size: int, num_beams: int | None, candi
 
 def _data_report(*results) -> dict:
     return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
-                     "skipped": [str(e) for e in r.skipped]} for r in results}
+                     "skipped": [str(e) for e in r.skipped], "warnings": r.warnings} for r in results}
 
 
 @app.command()
@@ -223,9 +225,12 @@ def data_validate(
     from pv2tea.data.validate import validate_file
 
     try:
-        errors = validate_file(file, check_images=not no_images, require_label=not unlabelled)
+        warnings: list[str] = []
+        errors = validate_file(file, check_images=not no_images, require_label=not unlabelled, warnings=warnings)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if errors:
         for error in errors:
             out_console.print(str(error), highlight=False)

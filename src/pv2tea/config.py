@@ -72,6 +72,9 @@ class DecoderConfig:
     # true: the decoder cross-attends [q; visual; text] instead of the grounded question q alone (paper);
     # measured on the demo it then loses track of the question (answers pattern values for color)
     attend_context: bool = False
+    # true: pointer-generator output; each step mixes the vocabulary with copying a token of the product text
+    # (models/copy_decoder.py). Not in the paper, whose decoder is pretrained on far more data.
+    copy: bool = False
 
 
 @dataclass
@@ -113,6 +116,10 @@ class SchemesConfig:
     # shrinking the effective learning rate; false = Eq. 9 verbatim. (Rescaling each attribute to mean 1
     # instead was measured on the demo: F1 25.1 vs 31.4, BENCHMARKS.md.)
     normalize_weights: bool = True
+    # not in the paper: during training, hide the text of a row that has an image with this probability, so the
+    # answer must come from the image. Text-stated rows then teach the visual path with correct labels
+    # (a value stated in the text is also shown in the image) instead of the model leaning on the text alone.
+    text_dropout: float = 0.0
 
 
 @dataclass
@@ -311,6 +318,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("schemes.queue_size and schemes.knn_k must be >= 1")
     if not 0.0 <= s.momentum < 1.0:
         raise ConfigError("schemes.momentum must be in [0, 1)")
+    if not 0.0 <= s.text_dropout < 1.0:
+        raise ConfigError(f"schemes.text_dropout must be in [0, 1), got {s.text_dropout}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
     if cfg.optim.lr <= 0:

@@ -67,6 +67,15 @@ def test_validate_exit_codes(catalog, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bad.jsonl row 2, field 'text'" in out and "bad.jsonl row 3, field 'images'" in out
     assert main(["data", "validate", str(catalog["val"])]) == 0
+    extra = tmp_path / "extra.jsonl"
+    rows = [json.loads(x) for x in Path(catalog["val"]).read_text().splitlines()[:2]]
+    rows[1]["colour"] = "red"
+    extra.write_text("".join(json.dumps({**r, "images": [str(Path(catalog["val"]).parent / i) for i in r["images"]]})
+                             + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["data", "validate", str(extra)]) == 0  # a warning, not an error
+    captured = capsys.readouterr()
+    assert "field 'colour' is not part of the schema and is ignored (row 2)" in captured.out + captured.err
 
 
 def test_train_refuses_bad_rows_then_skips_and_counts(catalog, tiny_text_ckpt, tmp_path, capsys):

@@ -374,3 +374,87 @@ def test_text_num_layers_keeps_the_first_layers(tiny_text_ckpt):
 def test_text_num_layers_beyond_the_checkpoint_is_an_error(tiny_text_ckpt):
     with pytest.raises(ValueError, match="text.num_layers=9"):
         build(tiny_text_ckpt, "text.num_layers=9")
+
+
+def test_copy_decoder_trains_generates_and_scores(tiny_text_ckpt, image_paths):
+    """decoder.copy: the mixture is a distribution, gradients reach the copy parts, greedy and beam generation
+    and candidate scoring run."""
+    model, pre = build(tiny_text_ckpt, "decoder.copy=true")
+    batch = make_batch(pre, records(image_paths))
+    model.train()
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for part in (model.decoder.copy_query, model.decoder.copy_key, model.decoder.copy_gate):
+        assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0
+    _, new = model.parameter_groups()
+    assert any(p is model.decoder.copy_gate.weight for p in new)  # trained at the head learning rate
+    model.eval()
+    enc = model.encode(batch)
+    logits = model.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
+                           encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask,
+                           **model._copy_inputs(enc, batch)).logits  # (B, A, V) log-probabilities
+    assert torch.allclose(logits.exp().sum(-1), torch.ones(logits.shape[:2]), atol=1e-4)
+    tok = pre.tokenizer
+    for beams in (1, 2):
+        ids = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, num_beams=beams)
+        assert ids.shape[0] == 4 and ids[:, 0].eq(tok.cls_token_id).all()
+
+
+def test_copy_decoder_copies_the_attended_text_token(tiny_text_ckpt, image_paths):
+    """With the gate closed and the attention forced onto one text position, the next token is that
+    position's token id (whatever the vocabulary head says)."""
+    model, pre = build(tiny_text_ckpt, "decoder.copy=true")
+    model.eval()
+    batch = make_batch(pre, records(image_paths)[:1])
+    dec = model.decoder
+    with torch.no_grad():
+        dec.copy_gate.weight.zero_()
+        dec.copy_gate.bias.fill_(-30.0)  # always copy
+        dec.copy_query.weight.zero_()
+        dec.copy_query.bias.zero_()
+        dec.copy_key.weight.zero_()
+        dec.copy_key.bias.zero_()
+    target = 2  # second word piece of the text ("ceramic" side of "red ceramic mug ...")
+    mask = torch.zeros_like(batch.text_mask)
+    mask[:, target] = 1
+    enc = model.encode(batch)
+    logits = dec(input_ids=batch.answer_ids[:, :1], attention_mask=batch.answer_mask[:, :1],
+                 encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask,
+                 copy_states=enc.text_hidden, copy_ids=batch.text_ids, copy_mask=mask).logits
+    assert int(logits[0, -1].argmax()) == int(batch.text_ids[0, target])
+    assert logits[0, -1].exp().max().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_copy_decoder_without_copyable_tokens_generates(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt, "decoder.copy=true")
+    model.eval()
+    batch = make_batch(pre, records(image_paths)[:2])
+    enc = model.encode(batch)
+    dec = model.decoder
+    inputs = dict(input_ids=batch.answer_ids, attention_mask=batch.answer_mask, encoder_hidden_states=enc.memory,
+                  encoder_attention_mask=enc.memory_mask, copy_states=enc.text_hidden, copy_ids=batch.text_ids)
+    with torch.no_grad():
+        empty = dec(**inputs, copy_mask=torch.zeros_like(batch.text_mask)).logits
+        vocab = dec.cls(dec.bert(batch.answer_ids, attention_mask=batch.answer_mask,
+                                 encoder_hidden_states=enc.memory,
+                                 encoder_attention_mask=enc.memory_mask).last_hidden_state).log_softmax(-1)
+    assert torch.allclose(empty, vocab, atol=1e-5)
+
+
+def test_text_dropout_hides_the_text_of_image_rows_in_training_only(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt, "schemes.text_dropout=0.999999", "decoder.copy=true")
+    batch = make_batch(pre, records(image_paths))
+    model.train()
+    enc = model.encode(batch)
+    has_image = batch.has_image
+    assert not enc.text_mask[has_image].any()  # every image row lost its text
+    assert torch.equal(enc.text_mask[~has_image], batch.text_mask[~has_image])  # a text-only row keeps it
+    n_vis = enc.context.shape[1] - enc.text_hidden.shape[1]
+    assert not enc.context_mask[has_image, n_vis:].any() and enc.context_mask[has_image, :n_vis].any()
+    assert not model._copy_inputs(enc, batch)["copy_mask"][has_image].any()
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    model.eval()
+    assert torch.equal(model.encode(batch).text_mask, batch.text_mask)  # never at inference

@@ -199,3 +199,17 @@ def test_load_rgb_converts_and_names_the_path_on_failure(tmp_path: Path) -> None
     for name in ("fake.jpg", "absent.png", "cut.png"):
         with pytest.raises(ImageLoadError, match=name):
             load_rgb(tmp_path / name)
+
+
+def test_fields_outside_the_schema_are_reported_not_dropped_silently(dataset_dir: Path) -> None:
+    _png(dataset_dir / "img" / "ok.png")
+    path = _write_jsonl(dataset_dir / "extra.jsonl",
+                        [_row(1), _row(2, colour="red"), _row(3, colour="blue", note="x"), _row(4)])
+    result = load_dataset(path)
+    assert len(result.records) == 4  # still valid rows
+    colour, note = result.warnings
+    assert "extra.jsonl: field 'colour' is not part of the schema and is ignored (row 2 and 1 more)" in colour
+    assert "field 'note'" in note and "(row 3)" in note and "known fields: id, text" in note
+    warnings: list[str] = []
+    assert validate_file(path, warnings=warnings) == [] and warnings == result.warnings
+    assert load_dataset(_write_jsonl(dataset_dir / "clean.jsonl", [_row(1)])).warnings == []

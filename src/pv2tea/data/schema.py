@@ -97,6 +97,7 @@ class LoadResult:
     path: str  # the dataset file as given by the caller
     records: list[Record]  # valid rows, in file order
     skipped: list[RowError] = field(default_factory=list)  # first problem of each dropped row
+    warnings: list[str] = field(default_factory=list)  # e.g. fields outside the schema, which are ignored
 
     @property
     def n_skipped(self) -> int:

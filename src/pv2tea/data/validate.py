@@ -19,6 +19,7 @@ import numpy as np
 from pv2tea.data.images import check_image
 from pv2tea.data.readers import read_table
 from pv2tea.data.schema import (
+    FIELDS,
     PARSE_ERROR_KEY,
     REQUIRED_FIELDS,
     SOURCES,
@@ -29,7 +30,7 @@ from pv2tea.data.schema import (
     Unparsable,
 )
 
-__all__ = ["load_dataset", "validate_file", "validate_rows"]
+__all__ = ["load_dataset", "unknown_field_warnings", "validate_file", "validate_rows"]
 
 # Each entry: (row number, every problem found in that row).
 RowProblems = tuple[int, list[RowError]]
@@ -190,13 +191,36 @@ def validate_rows(
     return records, problems
 
 
+def unknown_field_warnings(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> list[str]:
+    """One message per field that is not part of the schema (it is ignored), with its first row and count.
+
+    A misspelt field (``"colour"``, ``"labels"``) would otherwise be dropped without a word.
+    """
+    first: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for row, raw in enumerate(rows, start=1):
+        for name in raw:
+            if name in FIELDS or name == PARSE_ERROR_KEY:
+                continue
+            first.setdefault(name, row)
+            count[name] = count.get(name, 0) + 1
+    return [f"{path}: field '{name}' is not part of the schema and is ignored (row {first[name]}"
+            f"{f' and {count[name] - 1} more' if count[name] > 1 else ''}); known fields: {', '.join(FIELDS)}"
+            for name in sorted(first, key=first.__getitem__)]
+
+
 def validate_file(
-    path: str | PathLike[str], *, check_images: bool = True, require_label: bool = True
+    path: str | PathLike[str], *, check_images: bool = True, require_label: bool = True,
+    warnings: list[str] | None = None,
 ) -> list[RowError]:
-    """Every problem in the dataset file at ``path``, in row order (empty if valid)."""
-    _, problems = validate_rows(
-        read_table(path), path, check_images=check_images, require_label=require_label
-    )
+    """Every problem in the dataset file at ``path``, in row order (empty if valid).
+
+    ``warnings``, when given, is extended with the messages about fields outside the schema.
+    """
+    rows = read_table(path)
+    _, problems = validate_rows(rows, path, check_images=check_images, require_label=require_label)
+    if warnings is not None:
+        warnings.extend(unknown_field_warnings(rows, path))
     return [error for _, errors in problems for error in errors]
 
 
@@ -214,13 +238,13 @@ def load_dataset(
             every error found in the file.
         FileNotFoundError / ValueError: for a missing file or an unsupported extension.
     """
-    records, problems = validate_rows(
-        read_table(path), path, check_images=check_images, require_label=require_label
-    )
+    rows = read_table(path)
+    records, problems = validate_rows(rows, path, check_images=check_images, require_label=require_label)
     if problems and not skip_invalid:
         raise DataValidationError([error for _, errors in problems for error in errors])
     return LoadResult(
         path=str(path),
         records=records,
         skipped=[errors[0] for _, errors in problems],
+        warnings=unknown_field_warnings(rows, path),
     )

@@ -20,6 +20,7 @@ from pv2tea.config import Config
 from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
+from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
 from pv2tea.models.fusion import FusionEncoder
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
@@ -61,6 +62,7 @@ class Encoded:
     question: torch.Tensor  # (B, Q, H) grounded representation q
     question_mask: torch.Tensor  # (B, Q)
     text_hidden: torch.Tensor  # (B, T, H)
+    text_mask: torch.Tensor  # (B, T): the text tokens fusion and copying may read (zeros where text is dropped)
     visual: VisualOutput | None  # over the rows with an image only
     image_rows: torch.Tensor  # (B,) bool
     context: torch.Tensor  # (B, K(1 + P) + T, H): [visual; text] tokens the question cross-attends
@@ -106,7 +108,7 @@ class PV2TEA(nn.Module):
             dec_config = BertConfig(**{**bert_config.to_dict(), "is_decoder": True, "add_cross_attention": True,
                                        "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
                                        "tie_word_embeddings": True})
-            self.decoder = BertLMHeadModel(dec_config)
+            self.decoder = (CopyDecoder if cfg.decoder.copy else BertLMHeadModel)(dec_config)
             self.value_head = None
         else:
             if not value_attributes:
@@ -176,7 +178,7 @@ class PV2TEA(nn.Module):
             elif k.startswith("bert.encoder.layer.") and self.cfg.fusion.cross_from_self:
                 mapping[k] = k[len("bert."):].replace(".crossattention.", ".attention.")
         mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"  # tied
-        transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer."), "decoder")
+        transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer.", "copy_"), "decoder")
 
     @torch.no_grad()
     def sync_momentum(self) -> None:
@@ -227,16 +229,20 @@ class PV2TEA(nn.Module):
                 ext_tokens, ext_mask = self._scatter_tokens(extra.tokens, batch.extra_mask, text_hidden)
                 parts.append(ext_tokens)
                 masks.append(ext_mask)
+        text_mask = batch.text_mask
+        if self.training and self.cfg.schemes.text_dropout > 0 and visual is not None:
+            drop = rows & (torch.rand(len(batch), device=rows.device) < self.cfg.schemes.text_dropout)  # (B,)
+            text_mask = text_mask * (~drop)[:, None].to(text_mask.dtype)
         context = torch.cat([*parts, text_hidden], 1)  # (B, K(1 + P) + T, H)
-        context_mask = torch.cat([*[m.to(batch.text_mask.dtype) for m in masks], batch.text_mask], 1)
+        context_mask = torch.cat([*[m.to(text_mask.dtype) for m in masks], text_mask], 1)
         question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask)
         if self.cfg.decoder.attend_context:
             memory = torch.cat([question, context], 1)  # (B, Q + K(1 + P) + T, H)
             memory_mask = torch.cat([batch.question_mask, context_mask], 1)
         else:
             memory, memory_mask = question, batch.question_mask
-        return Encoded(question, batch.question_mask, text_hidden, visual, rows, context, context_mask, memory,
-                       memory_mask)
+        return Encoded(question, batch.question_mask, text_hidden, text_mask, visual, rows, context, context_mask,
+                       memory, memory_mask)
 
     @staticmethod
     def _text_states(encoder: nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,8 +284,8 @@ class PV2TEA(nn.Module):
         enc = self.encode(batch)
         if self.decoder is not None:
             logits = self.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                                  encoder_hidden_states=enc.memory,
-                                  encoder_attention_mask=enc.memory_mask).logits  # (B, A, V)
+                                  encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask,
+                                  **self._copy_inputs(enc, batch)).logits  # (B, A, V)
             labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
             per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
         else:
@@ -369,7 +375,16 @@ class PV2TEA(nn.Module):
             use_cache=False)
         return self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
                                      encoder_hidden_states=enc.memory,
-                                     encoder_attention_mask=enc.memory_mask, generation_config=gen_cfg)
+                                     encoder_attention_mask=enc.memory_mask, generation_config=gen_cfg,
+                                     **self._copy_inputs(enc, batch))
+
+    def _copy_inputs(self, enc: Encoded, batch: Batch, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The text tokens the copy decoder may copy (of all rows or the selected ``rows``); {} without copy."""
+        if not self.cfg.decoder.copy:
+            return {}
+        select = slice(None) if rows is None else rows
+        return {"copy_states": enc.text_hidden[select], "copy_ids": batch.text_ids[select],
+                "copy_mask": copy_mask(enc.text_mask[select])}
 
     def _value_logits(self, enc: Encoded, batch: Batch) -> torch.Tensor:
         """Classification head on q_cls; classes of other attributes are masked out. (B, V)"""
@@ -404,7 +419,8 @@ class PV2TEA(nn.Module):
         """
         enc = self.encode(batch)
         logits = self.decoder(input_ids=cand_ids, attention_mask=cand_mask, encoder_hidden_states=enc.memory[rows],
-                              encoder_attention_mask=enc.memory_mask[rows]).logits  # (N, L, V)
+                              encoder_attention_mask=enc.memory_mask[rows],
+                              **self._copy_inputs(enc, batch, rows)).logits  # (N, L, V)
         log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # (N, L-1, V)
         targets = cand_ids[:, 1:]  # (N, L-1)
         token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, L-1)
