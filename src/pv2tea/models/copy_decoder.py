@@ -45,9 +45,8 @@ class CopyDecoder(BertLMHeadModel):
         """copy_states (B, T, H), copy_ids (B, T) and copy_mask (B, T): the text tokens that may be copied."""
         if copy_states is None or copy_ids is None or copy_mask is None:
             raise ValueError("CopyDecoder needs copy_states, copy_ids and copy_mask")
-        kwargs.pop("use_cache", None)
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
+        # ``kwargs``: what ``generate`` passes along (cache flags, return_dict...); no KV cache is kept (answers are
+        # a few tokens long), so none of it applies
         out = self.bert(input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, use_cache=False, return_dict=True)
         hidden = out.last_hidden_state  # (B, A, H)
