@@ -32,6 +32,10 @@ class VisionConfig:
     image_size: int | None = None  # None: the backbone's own pretrained input size
     max_images: int = 1  # images per product whose tokens enter fusion (the first ones); S1/S2/S3 use the first
     freeze: bool = False  # keep the backbone frozen (only projection and mask train); see train.cache_features
+    # earlier backbone levels (timm ``forward_intermediates`` indices, e.g. [2]) whose feature maps are average-pooled
+    # to the final patch grid and appended to each patch token's channels. An ImageNet CNN's final map keeps
+    # little of an object's color; its early levels keep much more (BENCHMARKS.md, visual diagnosis)
+    extra_levels: list[int] = field(default_factory=list)
     # keep BatchNorm statistics at their pretrained values (small or uneven CPU batches; a batch
     # with a single image would otherwise break or skew them); affine BN parameters still train
     freeze_bn: bool = True
@@ -176,8 +180,13 @@ class ConfigError(ValueError):
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert one value against a field annotation (str | int | float | bool | None, unions)."""
+    """Check/convert one value against a field annotation (str | int | float | bool | None, unions, lists)."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list such as [2, 3], got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -328,6 +337,9 @@ def validate(cfg: Config) -> None:
                          ("decoder", cfg.decoder.num_layers)):
         if layers is not None and layers < 1:
             raise ConfigError(f"{name}.num_layers must be >= 1 (or null: as many as the text checkpoint)")
+    if any(level < 0 for level in cfg.vision.extra_levels) or len(set(cfg.vision.extra_levels)) != len(
+            cfg.vision.extra_levels):
+        raise ConfigError(f"vision.extra_levels must be distinct indices >= 0, got {cfg.vision.extra_levels}")
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")
     if "{attribute}" not in cfg.fusion.question_template:

@@ -106,6 +106,8 @@ def test_unknown_key_names_the_key():
     "vision.name=123",             # int for str
     "optim=1",                     # scalar for a section
     "fusion.num_layers=two",       # int | None
+    "vision.extra_levels=2",       # scalar for a list
+    "vision.extra_levels=[two]",   # list of strings for a list of ints
 ])
 def test_wrong_type_raises(override):
     with pytest.raises(ConfigError):
@@ -127,6 +129,7 @@ def test_alpha_bounds_allowed(alpha):
     "schemes.temperature=0", "schemes.queue_size=0", "schemes.knn_k=0", "schemes.momentum=1.0",
     "train.epochs=0", "train.batch_size=0", "optim.lr=0", "optim.lr=-1e-3", "vision.max_images=0",
     "fusion.question_template=What is it?", "schemes.text_dropout=1.0", "schemes.text_dropout=-0.1",
+    "vision.extra_levels=[-1]", "vision.extra_levels=[2, 2]",
 ])
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):
@@ -159,3 +162,11 @@ def test_base_dict_is_not_mutated():
 def test_nan_learning_rate_rejected():
     with pytest.raises(ConfigError):
         load_config(None, ["optim.lr=nan"])
+
+
+def test_list_field_from_override_and_yaml(tmp_path):
+    assert load_config(None, ["vision.extra_levels=[2, 3]"]).vision.extra_levels == [2, 3]
+    path = tmp_path / "cfg.yaml"
+    path.write_text("vision: {extra_levels: [1]}\n")
+    assert load_config(str(path)).vision.extra_levels == [1]
+    assert Config().vision.extra_levels == [] and Config().vision.extra_levels is not Config().vision.extra_levels

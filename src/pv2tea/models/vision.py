@@ -13,6 +13,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pv2tea.config import VisionConfig
@@ -74,18 +75,47 @@ class VisualEncoder(nn.Module):
         super().__init__()
         self.backbone = create_backbone(cfg)
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
-        self.proj = nn.Sequential(nn.Linear(self.backbone.num_features, hidden_size), nn.LayerNorm(hidden_size))
+        self.extra_levels = list(cfg.extra_levels)
+        self.num_features = self.backbone.num_features + sum(self._level_channels(i) for i in self.extra_levels)
+        self.proj = nn.Sequential(nn.Linear(self.num_features, hidden_size), nn.LayerNorm(hidden_size))
         self.mask_head = nn.Linear(hidden_size, 1) if attention_pruning else None
+
+    def _level_channels(self, index: int) -> int:
+        info = getattr(self.backbone, "feature_info", None)
+        if not hasattr(self.backbone, "forward_intermediates") or not info:
+            raise ValueError(f"vision.extra_levels: timm model {type(self.backbone).__name__} has no "
+                             "forward_intermediates")
+        if index >= len(info):
+            raise ValueError(f"vision.extra_levels: level {index} does not exist; the backbone has levels "
+                             f"0..{len(info) - 1} ({', '.join(str(f['num_chs']) for f in info)} channels)")
+        return int(info[index]["num_chs"])
 
     def backbone_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone output as tokens (B, N, C): a CNN's h*w positions or a ViT's prefix + patch tokens.
 
-        This is what a feature cache stores when the backbone is frozen (``vision.freeze``).
+        With ``vision.extra_levels`` each token also carries the earlier levels' maps, average-pooled to the
+        final grid (C = final channels + the levels' channels; a ViT's prefix tokens get their mean). This is
+        what a feature cache stores when the backbone is frozen (``vision.freeze``).
         """
-        feats = self.backbone.forward_features(images)
+        if not self.extra_levels:
+            feats = self.backbone.forward_features(images)
+            levels: list[torch.Tensor] = []
+        else:
+            feats, levels = self.backbone.forward_intermediates(images, indices=self.extra_levels)
         if feats.ndim == 4:  # CNN feature map (B, C, h, w)
-            return feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        return feats  # ViT tokens (B, prefix + P, C)
+            grid = feats.shape[-2:]
+            tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        else:  # ViT tokens (B, prefix + P, C)
+            grid = self.grid(feats.shape[1])
+            tokens = feats
+        if not levels:
+            return tokens
+        pooled = [F.adaptive_avg_pool2d(level, grid).flatten(2).transpose(1, 2) for level in levels]  # (B, h*w, C_i)
+        extra = torch.cat(pooled, -1)  # (B, h*w, ΣC_i)
+        if self.num_prefix_tokens:
+            prefix = extra.mean(1, keepdim=True).expand(-1, self.num_prefix_tokens, -1)  # (B, prefix, ΣC_i)
+            extra = torch.cat([prefix, extra], 1)  # (B, prefix + P, ΣC_i)
+        return torch.cat([tokens, extra], -1)  # (B, N, C + ΣC_i)
 
     def grid(self, n_tokens: int) -> tuple[int, int]:
         """Patch grid (h, w) of a token sequence (square grids; CNN maps of square images)."""
