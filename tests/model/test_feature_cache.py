@@ -60,3 +60,44 @@ def test_cache_refuses_mismatched_tokenization(tiny_text_ckpt, image_paths):  # 
     pre.cache.texts[key] = pre.cache.texts[key][:-1]  # one token short
     with pytest.raises(RuntimeError, match="cached text states"):
         make_collate(pre, RecordDataset(rows), with_answers=False)(list(range(len(rows))))
+
+
+def test_partial_text_fine_tuning_trains_only_the_top_layers(tiny_text_ckpt, image_paths):  # noqa: F811
+    """text.train_layers=1: the cache holds the frozen bottom's output, the top layer runs (and learns) per step,
+    and the cached forward equals the live one."""
+    model, pre = build(tiny_text_ckpt, "vision.freeze=true", "text.train_layers=1")
+    layers = model.text_encoder.encoder.layer
+    assert model.text_frozen_layers == len(layers) - 1 >= 1
+    model.train()
+    assert layers[-1].training and not layers[0].training and not model.text_encoder.embeddings.training
+    rows = records(image_paths)
+    dataset = RecordDataset(rows)
+    live = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
+    pre.cache = build_feature_cache(model, pre, rows, batch_size=2)
+    cached = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
+    assert cached.text_hidden is not None
+    model.eval()
+    with torch.no_grad():
+        real = live.text_mask.bool()  # padding positions differ (zeros in the cache) and are masked everywhere
+        a, b = model.encode(live), model.encode(cached)
+        torch.testing.assert_close(a.text_hidden[real], b.text_hidden[real], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.question, b.question, atol=1e-5, rtol=1e-4)
+    model.train()
+    model(cached).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("text_encoder.")}
+    top = f"text_encoder.encoder.layer.{len(layers) - 1}."
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(top))
+    assert all(g is None for n, g in grads.items() if not n.startswith(top))
+    assert not model.fusion.embeddings.word_embeddings.weight.requires_grad
+
+
+@pytest.mark.parametrize("override", [["text.train_layers=0"], ["text.freeze=true", "text.train_layers=1"]])
+def test_train_layers_needs_an_unfrozen_encoder(tiny_text_ckpt, override):  # noqa: F811
+    from pv2tea.config import ConfigError
+    with pytest.raises(ConfigError, match="text.train_layers"):
+        build(tiny_text_ckpt, *override)
+
+
+def test_train_layers_beyond_the_encoder_is_refused(tiny_text_ckpt):  # noqa: F811
+    with pytest.raises(ValueError, match="text.train_layers=9"):
+        build(tiny_text_ckpt, "text.train_layers=9")

@@ -21,7 +21,7 @@ from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
-from pv2tea.models.fusion import FusionEncoder
+from pv2tea.models.fusion import FusionEncoder, additive_mask
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
 from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights
@@ -102,6 +102,11 @@ class PV2TEA(nn.Module):
                              f"{bert_config.num_hidden_layers} layers")
         self.text_encoder = create_text_encoder(BertConfig(**{**bert_config.to_dict(),
                                                               "num_hidden_layers": text_layers}))
+        if cfg.text.train_layers is not None and cfg.text.train_layers > text_layers:
+            raise ValueError(f"text.train_layers={cfg.text.train_layers}: the text encoder has {text_layers} layers")
+        # the bottom layers that never train (all with text.freeze); with a feature cache their output is cached
+        self.text_frozen_layers = (text_layers if cfg.text.freeze else
+                                   text_layers - cfg.text.train_layers if cfg.text.train_layers else 0)
         fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
         self.fusion = FusionEncoder(bert_config, fusion_layers)
         if cfg.decoder.head == "generate":
@@ -132,15 +137,22 @@ class PV2TEA(nn.Module):
             self.queue = FeatureQueue(s.embed_dim, s.queue_size)
         if cfg.vision.freeze and self.visual is not None:
             self.visual.backbone.requires_grad_(False)
-        if cfg.text.freeze:
+        if cfg.text.freeze or cfg.text.train_layers:
             # the frozen text side includes the pretrained vocabulary: the word embeddings of the question
             # (fusion) and of the answer decoder, whose output layer they are tied to (big and slow to update)
-            self.text_encoder.requires_grad_(False)
+            for module in self._frozen_text_parts(self.text_encoder):
+                module.requires_grad_(False)
             self.fusion.embeddings.word_embeddings.requires_grad_(False)
             if self.decoder is not None:
                 self.decoder.get_input_embeddings().requires_grad_(False)
 
     # ----------------------------------------------------------------- construction helpers
+    def _frozen_text_parts(self, encoder: nn.Module) -> list[nn.Module]:
+        """The embeddings and bottom layers of a text encoder that stay frozen (none when it all trains)."""
+        if not self.text_frozen_layers:
+            return []
+        return [encoder.embeddings, *encoder.encoder.layer[:self.text_frozen_layers]]
+
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         if not self.uses_contrast:
             return []
@@ -206,10 +218,10 @@ class PV2TEA(nn.Module):
             for visual in (self.visual, getattr(self, "visual_m", None)):
                 if visual is not None:
                     visual.backbone.eval()
-        if self.cfg.text.freeze:
-            for encoder in (self.text_encoder, getattr(self, "text_encoder_m", None)):
-                if encoder is not None:
-                    encoder.eval()
+        for encoder in (self.text_encoder, getattr(self, "text_encoder_m", None)):
+            if encoder is not None:
+                for module in [encoder] if self.cfg.text.freeze else self._frozen_text_parts(encoder):
+                    module.eval()
         return self
 
     # --------------------------------------------------------------------------- forward
@@ -244,14 +256,26 @@ class PV2TEA(nn.Module):
         return Encoded(question, batch.question_mask, text_hidden, text_mask, visual, rows, context, context_mask,
                        memory, memory_mask)
 
-    @staticmethod
-    def _text_states(encoder: nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Text-encoder states (B, T, H) of all rows or the selected ``rows``; from the batch's cache when
-        the encoder is frozen."""
+    def _text_states(self, encoder: nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-encoder states (B, T, H) of all rows or the selected ``rows``. With the batch's cached output of
+        the frozen bottom layers only the trainable top layers (``text.train_layers``; none when frozen) run."""
         select = slice(None) if rows is None else rows
-        if batch.text_hidden is not None:
-            return batch.text_hidden[select]
-        return encoder(input_ids=batch.text_ids[select], attention_mask=batch.text_mask[select]).last_hidden_state
+        if batch.text_hidden is None:
+            return encoder(input_ids=batch.text_ids[select],
+                           attention_mask=batch.text_mask[select]).last_hidden_state
+        hidden = batch.text_hidden[select]  # (B, T, H) after the frozen layers
+        top = encoder.encoder.layer[self.text_frozen_layers:]
+        if len(top):
+            mask = additive_mask(batch.text_mask[select], hidden.dtype)  # (B, 1, 1, T)
+            for layer in top:
+                hidden = layer(hidden, attention_mask=mask)
+        return hidden
+
+    @torch.no_grad()
+    def frozen_text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) output of the text encoder's frozen part: what a feature cache stores."""
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[self.text_frozen_layers]
 
     @staticmethod
     def _visual_out(encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None,

@@ -1,8 +1,9 @@
 """Feature cache for frozen backbones: encode every image and product text once, not every step.
 
 With ``vision.freeze`` (and/or ``text.freeze``) the backbone's output for an image (text) never
-changes during training, and the momentum copy of a frozen backbone equals it. Training then only
-runs the trainable heads (projection, S2 mask, fusion, decoder) per step, which on a CPU is an
+changes during training, and the momentum copy of a frozen backbone equals it. With ``text.train_layers``
+the same holds for the text encoder's frozen bottom layers: their output is cached and the top layers run
+at each step. Training then only runs the trainable heads (projection, S2 mask, fusion, decoder) per step, which on a CPU is an
 order of magnitude faster. Images are keyed by path, texts by their cropped string.
 """
 
@@ -50,7 +51,8 @@ class FeatureCache:
 @torch.no_grad()
 def build_feature_cache(model, pre, records: Sequence[Record], batch_size: int = 32,
                         progress: bool = False) -> FeatureCache:
-    """Encode the distinct images (when ``vision.freeze``) and texts (when ``text.freeze``) of records."""
+    """Encode the distinct images (when ``vision.freeze``) and texts (through the frozen text layers: all with
+    ``text.freeze``, the bottom ones with ``text.train_layers``) of records."""
     cfg = model.cfg
     cache = FeatureCache()
     was_training = model.training
@@ -63,14 +65,13 @@ def build_feature_cache(model, pre, records: Sequence[Record], batch_size: int =
             pixels = torch.stack([pre.transform(load_rgb(p)) for p in chunk])  # (b, 3, H, W)
             tokens = model.visual.backbone_tokens(pixels)  # (b, N, C)
             cache.images.update(zip(chunk, tokens.clone().unbind(0)))
-    if cfg.text.freeze:
+    if model.text_frozen_layers:
         texts = list(dict.fromkeys(pre.crop(r.text) for r in records))
         for start in tqdm(range(0, len(texts), batch_size), desc="cache text features", disable=not progress,
                           leave=False):
             chunk = texts[start:start + batch_size]
             enc = pre.tokenize_texts(chunk)
-            states = model.text_encoder(input_ids=enc["input_ids"],
-                                        attention_mask=enc["attention_mask"]).last_hidden_state  # (b, T, H)
+            states = model.frozen_text_states(enc["input_ids"], enc["attention_mask"])  # (b, T, H)
             lengths = enc["attention_mask"].sum(1).tolist()
             cache.texts.update((t, states[i, :n].clone()) for i, (t, n) in enumerate(zip(chunk, lengths)))
     model.train(was_training)
