@@ -458,3 +458,35 @@ def test_text_dropout_hides_the_text_of_image_rows_in_training_only(tiny_text_ck
     out.loss.backward()
     model.eval()
     assert torch.equal(model.encode(batch).text_mask, batch.text_mask)  # never at inference
+
+
+def test_copy_mixture_equals_the_dense_mixture_with_its_gradients():
+    """The mixture computed at the copied ids only equals the dense g·p_vocab + (1 − g)·p_copy (See et al.), values
+    and gradients, with repeated ids, masked positions and a row that copies nothing."""
+    from pv2tea.models.copy_decoder import mixture_log_probs
+
+    torch.manual_seed(0)
+    B, A, T, V = 3, 4, 6, 11
+    copy_ids = torch.tensor([[1, 5, 5, 7, 0, 0], [2, 2, 2, 3, 9, 4], [8, 1, 0, 0, 0, 0]])
+    mask = copy_ids != 0
+    mask[2] = False  # nothing to copy: attention uniform, gate open
+    logits = torch.randn(B, A, V, requires_grad=True)
+    scores = torch.randn(B, A, T, requires_grad=True)
+    gate = torch.rand(B, A, 1, requires_grad=True)
+
+    def inputs():
+        attn = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min).softmax(-1)
+        generate = torch.where(mask.any(-1)[:, None, None], gate, torch.ones_like(gate))
+        return attn, generate
+
+    attn, generate = inputs()
+    sparse = mixture_log_probs(logits, attn, generate, copy_ids)
+    grads_sparse = torch.autograd.grad(sparse.exp().pow(2).sum() + sparse.sum(), (logits, scores, gate))
+    attn, generate = inputs()
+    copy = torch.zeros(B, A, V).scatter_add(2, copy_ids[:, None, :].expand(-1, A, -1), attn)
+    dense = torch.log((generate * logits.softmax(-1) + (1 - generate) * copy).clamp_min(1e-12))
+    grads_dense = torch.autograd.grad(dense.exp().pow(2).sum() + dense.sum(), (logits, scores, gate))
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(sparse.exp().sum(-1), torch.ones(B, A))
+    for a, b in zip(grads_sparse, grads_dense):
+        torch.testing.assert_close(a, b)

@@ -50,7 +50,7 @@ class CopyDecoder(BertLMHeadModel):
         out = self.bert(input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, use_cache=False, return_dict=True)
         hidden = out.last_hidden_state  # (B, A, H)
-        vocab_probs = self.cls(hidden).softmax(-1)  # (B, A, V)
+        vocab_logits = self.cls(hidden)  # (B, A, V)
         scores = self.copy_query(hidden) @ self.copy_key(copy_states).transpose(1, 2)  # (B, A, T)
         scores = scores / math.sqrt(hidden.shape[-1])
         scores = scores.masked_fill(~copy_mask.bool()[:, None, :], torch.finfo(scores.dtype).min)
@@ -59,10 +59,31 @@ class CopyDecoder(BertLMHeadModel):
         generate = torch.sigmoid(self.copy_gate(torch.cat([hidden, read], -1)))  # (B, A, 1)
         # a row with nothing to copy (empty or dropped text) generates
         generate = torch.where(copy_mask.bool().any(-1)[:, None, None], generate, torch.ones_like(generate))
-        copy_probs = torch.zeros_like(vocab_probs).scatter_add_(
-            2, copy_ids[:, None, :].expand(-1, hidden.shape[1], -1), attn)  # (B, A, V)
-        probs = generate * vocab_probs + (1 - generate) * copy_probs
-        return CausalLMOutputWithCrossAttentions(logits=torch.log(probs.clamp_min(1e-12)))
+        return CausalLMOutputWithCrossAttentions(logits=mixture_log_probs(vocab_logits, attn, generate, copy_ids))
+
+
+def mixture_log_probs(vocab_logits: torch.Tensor, attn: torch.Tensor, generate: torch.Tensor,
+                      copy_ids: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
+    """log(g · softmax(vocab_logits) + (1 − g) · copy), each probability floored at ``floor``.
+
+    vocab_logits (B, A, V); attn (B, A, T) copy attention over text positions (zero where masked); generate
+    g (B, A, 1); copy_ids (B, T) token id of each position. ``copy`` puts the attention of all positions that
+    hold an id on that id. Only the T copied ids differ from log g + log_softmax, so the mixture is computed
+    at those ids and written into the dense log-probabilities, instead of building a dense (B, A, V) copy
+    distribution.
+    """
+    log_floor = math.log(floor)
+    log_vocab = vocab_logits.log_softmax(-1)  # (B, A, V)
+    dense = (torch.log(generate.clamp_min(floor)) + log_vocab).clamp_min(log_floor)  # (B, A, V)
+    same = (copy_ids[:, :, None] == copy_ids[:, None, :]).to(attn.dtype)  # (B, T, T)
+    copy_at = attn @ same  # (B, A, T): copy probability of the id at each position
+    ids = copy_ids[:, None, :].expand(-1, attn.shape[1], -1)  # (B, A, T)
+    vocab_at = log_vocab.gather(2, ids).exp()  # (B, A, T)
+    mixed = torch.log((generate * vocab_at + (1 - generate) * copy_at).clamp_min(floor))  # (B, A, T)
+    # an id held by several positions gets the same value from each; only its first position carries gradient
+    first = same.tril(-1).sum(-1) == 0  # (B, T)
+    mixed = torch.where(first[:, None, :], mixed, mixed.detach())
+    return dense.scatter(2, ids, mixed)
 
 
 def copy_mask(text_mask: torch.Tensor) -> torch.Tensor:
