@@ -128,6 +128,9 @@ class SchemesConfig:
     # answer must come from the image. Text-stated rows then teach the visual path with correct labels
     # (a value stated in the text is also shown in the image) instead of the model leaning on the text alone.
     text_dropout: float = 0.0
+    # not in the paper: multiply the sample weight of a row whose weak label does not occur in its text (the
+    # extractor guessed instead of reading it; regularize/grounding.py) by this factor; 1 = off
+    ungrounded_weight: float = 1.0
 
 
 @dataclass
@@ -333,6 +336,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("schemes.momentum must be in [0, 1)")
     if not 0.0 <= s.text_dropout < 1.0:
         raise ConfigError(f"schemes.text_dropout must be in [0, 1), got {s.text_dropout}")
+    if not 0.0 <= s.ungrounded_weight <= 1.0:
+        raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
     if cfg.optim.lr <= 0:

@@ -490,3 +490,18 @@ def test_copy_mixture_equals_the_dense_mixture_with_its_gradients():
     torch.testing.assert_close(sparse.exp().sum(-1), torch.ones(B, A))
     for a, b in zip(grads_sparse, grads_dense):
         torch.testing.assert_close(a, b)
+
+
+def test_ungrounded_weight_without_s3(tiny_text_ckpt, image_paths):
+    """schemes.ungrounded_weight alone (S3 off) down-weights the rows whose label is not in their text."""
+    from pv2tea.train.loop import sample_weights
+
+    model, pre = build(tiny_text_ckpt, "schemes.visual_nr=false", "schemes.prediction_nr=false",
+                       "schemes.ungrounded_weight=0.2")
+    recs = records(image_paths)  # every label occurs in its text
+    recs[1] = dataclasses.replace(recs[1], label=("purple",))  # not in "green cotton shirt with white stripes"
+    weights, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    expected = np.array([1.0, 0.2, 1.0, 1.0])
+    np.testing.assert_allclose(weights, expected / expected.mean())
+    model, pre = build(tiny_text_ckpt, "schemes.visual_nr=false", "schemes.prediction_nr=false")
+    assert sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)[0] is None

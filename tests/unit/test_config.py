@@ -129,7 +129,8 @@ def test_alpha_bounds_allowed(alpha):
     "schemes.temperature=0", "schemes.queue_size=0", "schemes.knn_k=0", "schemes.momentum=1.0",
     "train.epochs=0", "train.batch_size=0", "optim.lr=0", "optim.lr=-1e-3", "vision.max_images=0",
     "fusion.question_template=What is it?", "schemes.text_dropout=1.0", "schemes.text_dropout=-0.1",
-    "vision.extra_levels=[-1]", "vision.extra_levels=[2, 2]",
+    "vision.extra_levels=[-1]", "vision.extra_levels=[2, 2]", "schemes.ungrounded_weight=1.5",
+    "schemes.ungrounded_weight=-0.1",
 ])
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):

@@ -30,6 +30,7 @@ from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
+from pv2tea.regularize.grounding import grounding_weights
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         prediction_reliability, visual_reliability)
 from pv2tea.train import checkpoint as ckpt
@@ -82,7 +83,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
     """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off."""
     s = cfg.schemes
     use_pred = s.prediction_nr and epoch >= s.prediction_nr_start_epoch
-    if not s.visual_nr and not use_pred:
+    if not s.visual_nr and not use_pred and s.ungrounded_weight == 1.0:
         return None, {}
     n = len(records)
     labels = [label_key(r, r.label) for r in records]
@@ -129,7 +130,10 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             if s.nr_chance != "none":
                 s_p[rows] = chance_corrected(
                     s_p[rows], expected_prediction_agreement(row_labels, row_preds, s.nr_label_match), s.nr_chance)
-    weights = np.array(combine(s_v, s_p), dtype=float)  # a copy (combine may return s_v itself)
+    weights = np.array(combine(s_v, s_p) if s_v is not None or s_p is not None else np.ones(n),
+                       dtype=float)  # a copy (combine may return s_v itself)
+    if s.ungrounded_weight != 1.0:
+        weights *= grounding_weights(records, s.ungrounded_weight)
     stats = {"weight_mean": float(weights.mean())}
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
         rows = [i for i, r in enumerate(records) if r.source == source]
