@@ -64,17 +64,17 @@ class CopyDecoder(BertLMHeadModel):
 
 def mixture_log_probs(vocab_logits: torch.Tensor, attn: torch.Tensor, generate: torch.Tensor,
                       copy_ids: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
-    """log(g · softmax(vocab_logits) + (1 − g) · copy), each probability floored at ``floor``.
+    """log(g · softmax(vocab_logits) + (1 − g) · copy); g and the copied ids' probabilities floored at ``floor``.
 
     vocab_logits (B, A, V); attn (B, A, T) copy attention over text positions (zero where masked); generate
     g (B, A, 1); copy_ids (B, T) token id of each position. ``copy`` puts the attention of all positions that
     hold an id on that id. Only the T copied ids differ from log g + log_softmax, so the mixture is computed
     at those ids and written into the dense log-probabilities, instead of building a dense (B, A, V) copy
-    distribution.
+    distribution. Each elementwise pass over (B, A, V) costs about as much as the rest of the head on a CPU
+    (benchmarks/copy_mixture_speed.py), so the dense part is two passes: log_softmax and + log g.
     """
-    log_floor = math.log(floor)
     log_vocab = vocab_logits.log_softmax(-1)  # (B, A, V)
-    dense = (torch.log(generate.clamp_min(floor)) + log_vocab).clamp_min(log_floor)  # (B, A, V)
+    dense = log_vocab + torch.log(generate.clamp_min(floor))  # (B, A, V)
     same = (copy_ids[:, :, None] == copy_ids[:, None, :]).to(attn.dtype)  # (B, T, T)
     copy_at = attn @ same  # (B, A, T): copy probability of the id at each position
     ids = copy_ids[:, None, :].expand(-1, attn.shape[1], -1)  # (B, A, T)
