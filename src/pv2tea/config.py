@@ -54,9 +54,9 @@ class TextConfig:
     # keep the text encoder and the word embeddings of question and answer (tied to the decoder's output
     # layer) at their pretrained values; with train.cache_features the texts are then encoded only once
     freeze: bool = False
-    # with freeze=false: fine-tune only the top N layers of the text encoder (None: all of it). The embeddings, the
-    # lower layers and the word embeddings stay as with freeze; with train.cache_features the lower layers'
-    # output is encoded once and only the top N layers run at each step
+    # with freeze=false: fine-tune only the top N layers of the text encoder (None: all of it; freeze=true
+    # wins). The embeddings, the lower layers and the word embeddings stay as with freeze; with
+    # train.cache_features the lower layers' output is encoded once and only the top N layers run at each step
     train_layers: int | None = None
 
 
@@ -349,9 +349,9 @@ def validate(cfg: Config) -> None:
     if any(level < 0 for level in cfg.vision.extra_levels) or len(set(cfg.vision.extra_levels)) != len(
             cfg.vision.extra_levels):
         raise ConfigError(f"vision.extra_levels must be distinct indices >= 0, got {cfg.vision.extra_levels}")
-    if cfg.text.train_layers is not None and (cfg.text.train_layers < 1 or cfg.text.freeze):
-        raise ConfigError(f"text.train_layers={cfg.text.train_layers}: give N >= 1 with text.freeze=false "
-                          "(text.freeze=true trains no text layer)")
+    if cfg.text.train_layers is not None and cfg.text.train_layers < 1:
+        raise ConfigError(f"text.train_layers={cfg.text.train_layers}: give N >= 1 (or text.freeze=true to train "
+                          "no text layer)")
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")
     if "{attribute}" not in cfg.fusion.question_template:

@@ -91,13 +91,33 @@ def test_partial_text_fine_tuning_trains_only_the_top_layers(tiny_text_ckpt, ima
     assert not model.fusion.embeddings.word_embeddings.weight.requires_grad
 
 
-@pytest.mark.parametrize("override", [["text.train_layers=0"], ["text.freeze=true", "text.train_layers=1"]])
-def test_train_layers_needs_an_unfrozen_encoder(tiny_text_ckpt, override):  # noqa: F811
+def test_train_layers_must_be_positive_and_freeze_wins(tiny_text_ckpt):  # noqa: F811
     from pv2tea.config import ConfigError
     with pytest.raises(ConfigError, match="text.train_layers"):
-        build(tiny_text_ckpt, *override)
+        build(tiny_text_ckpt, "text.train_layers=0")
+    model, _ = build(tiny_text_ckpt, "text.freeze=true", "text.train_layers=1")
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
 
 
 def test_train_layers_beyond_the_encoder_is_refused(tiny_text_ckpt):  # noqa: F811
     with pytest.raises(ValueError, match="text.train_layers=9"):
         build(tiny_text_ckpt, "text.train_layers=9")
+
+
+def test_train_layers_equal_to_the_encoder_caches_the_embeddings(tiny_text_ckpt, image_paths):  # noqa: F811
+    model, pre = build(tiny_text_ckpt, "text.train_layers=2")  # the tiny encoder has 2 layers: all of them train
+    assert model.text_frozen_layers == 0 and model.text_cached
+    assert not model.text_encoder.embeddings.word_embeddings.weight.requires_grad
+    assert all(p.requires_grad for p in model.text_encoder.encoder.parameters())
+    rows = records(image_paths)
+    pre.cache = build_feature_cache(model, pre, rows, batch_size=4)
+    batch = make_collate(pre, RecordDataset(rows), with_answers=True)(list(range(len(rows))))
+    live = make_collate(pre, RecordDataset(rows), with_answers=True)
+    pre.cache = None
+    live_batch = live(list(range(len(rows))))
+    assert batch.text_hidden is not None and live_batch.text_hidden is None
+    model.eval()
+    with torch.no_grad():
+        real = batch.text_mask.bool()
+        torch.testing.assert_close(model.encode(batch).text_hidden[real], model.encode(live_batch).text_hidden[real],
+                                   atol=1e-5, rtol=1e-4)

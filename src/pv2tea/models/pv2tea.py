@@ -107,6 +107,7 @@ class PV2TEA(nn.Module):
         # the bottom layers that never train (all with text.freeze); with a feature cache their output is cached
         self.text_frozen_layers = (text_layers if cfg.text.freeze else
                                    text_layers - cfg.text.train_layers if cfg.text.train_layers else 0)
+        self.text_cached = cfg.text.freeze or cfg.text.train_layers is not None  # the embeddings are frozen
         fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
         self.fusion = FusionEncoder(bert_config, fusion_layers)
         if cfg.decoder.head == "generate":
@@ -149,7 +150,7 @@ class PV2TEA(nn.Module):
     # ----------------------------------------------------------------- construction helpers
     def _frozen_text_parts(self, encoder: nn.Module) -> list[nn.Module]:
         """The embeddings and bottom layers of a text encoder that stay frozen (none when it all trains)."""
-        if not self.text_frozen_layers:
+        if not self.text_cached:
             return []
         return [encoder.embeddings, *encoder.encoder.layer[:self.text_frozen_layers]]
 

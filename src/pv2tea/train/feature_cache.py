@@ -65,7 +65,7 @@ def build_feature_cache(model, pre, records: Sequence[Record], batch_size: int =
             pixels = torch.stack([pre.transform(load_rgb(p)) for p in chunk])  # (b, 3, H, W)
             tokens = model.visual.backbone_tokens(pixels)  # (b, N, C)
             cache.images.update(zip(chunk, tokens.clone().unbind(0)))
-    if model.text_frozen_layers:
+    if model.text_cached:
         texts = list(dict.fromkeys(pre.crop(r.text) for r in records))
         for start in tqdm(range(0, len(texts), batch_size), desc="cache text features", disable=not progress,
                           leave=False):

@@ -217,7 +217,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
-    frozen = (cfg.vision.enabled and cfg.vision.freeze) or bool(model.text_frozen_layers)
+    frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
     if cfg.train.cache_features and frozen:
         cache_t0 = time.time()
         pre.cache = build_feature_cache(model, pre, records + val_records, cfg.train.eval_batch_size, progress)
