@@ -1,10 +1,11 @@
 """Feature cache for frozen backbones: encode every image and product text once, not every step.
 
 With ``vision.freeze`` (and/or ``text.freeze``) the backbone's output for an image (text) never
-changes during training, and the momentum copy of a frozen backbone equals it. With ``text.train_layers``
-the same holds for the text encoder's frozen bottom layers: their output is cached and the top layers run
-at each step. Training then only runs the trainable heads (projection, S2 mask, fusion, decoder) per step, which on a CPU is an
-order of magnitude faster. Images are keyed by path, texts by their cropped string.
+changes during training, and the momentum copy of a frozen backbone equals it. Training then only
+runs the trainable heads (projection, S2 mask, fusion, decoder) per step, which on a CPU is an
+order of magnitude faster. With ``text.train_layers`` the same holds for the text encoder's frozen
+bottom layers: their output is cached and only the top layers run at each step. Images are keyed by
+path, texts by their cropped string.
 """
 
 from __future__ import annotations
