@@ -35,7 +35,7 @@ import pandas as pd
 
 from pv2tea.data.readers import write_records
 from pv2tea.data.schema import DataValidationError, RowError
-from pv2tea.eval.normalize import normalize_value
+from pv2tea.eval.normalize import normalize_value, occurs_in
 
 __all__ = [
     "COLUMNS",
@@ -152,9 +152,7 @@ def clean_text(text: str) -> str:
 
 def value_source(value: str, text: str) -> str:
     """``"text"`` if the normalized value occurs as whole words in the normalized text, else ``"image"``."""
-    needle = normalize_value(value)
-    haystack = normalize_value(text)
-    return "text" if needle and f" {needle} " in f" {haystack} " else "image"
+    return "text" if occurs_in(value, text) else "image"
 
 
 def read_tsv(path: Path) -> pd.DataFrame:

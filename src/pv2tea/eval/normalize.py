@@ -83,6 +83,12 @@ def normalize_value(value: str, synonyms: Mapping[str, str] | None = None) -> st
     return normalize_with(value, canonical_synonyms(synonyms))
 
 
+def occurs_in(value: str, text: str) -> bool:
+    """True if the normalized value occurs in the normalized text as whole words (an empty value never does)."""
+    needle = normalize_value(value)
+    return bool(needle) and f" {needle} " in f" {normalize_value(text)} "
+
+
 def normalize_values(
     values: Iterable[str], synonyms: Mapping[str, str] | None = None
 ) -> frozenset[str]:

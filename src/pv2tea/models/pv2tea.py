@@ -138,7 +138,7 @@ class PV2TEA(nn.Module):
             self.queue = FeatureQueue(s.embed_dim, s.queue_size)
         if cfg.vision.freeze and self.visual is not None:
             self.visual.backbone.requires_grad_(False)
-        if cfg.text.freeze or cfg.text.train_layers:
+        if self.text_cached:
             # the frozen text side includes the pretrained vocabulary: the word embeddings of the question
             # (fusion) and of the answer decoder, whose output layer they are tied to (big and slow to update)
             for module in self._frozen_text_parts(self.text_encoder):

@@ -13,14 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from pv2tea.data.schema import Record
-from pv2tea.eval.normalize import normalize_value
+from pv2tea.eval.normalize import occurs_in
 
 
 def label_in_text(values: Sequence[str], text: str) -> bool:
     """True if every value occurs in the text as whole words, after normalization (case, punctuation)."""
-    haystack = f" {normalize_value(text)} "
-    needles = [normalize_value(v) for v in values]
-    return bool(needles) and all(n and f" {n} " in haystack for n in needles)
+    return bool(values) and all(occurs_in(v, text) for v in values)
 
 
 def grounding_weights(records: Sequence[Record], ungrounded_weight: float) -> np.ndarray:
