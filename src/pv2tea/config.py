@@ -131,6 +131,11 @@ class SchemesConfig:
     # not in the paper: multiply the sample weight of a row whose weak label does not occur in its text (the
     # extractor guessed instead of reading it; regularize/grounding.py) by this factor; 1 = off
     ungrounded_weight: float = 1.0
+    # not in the paper: during training, with this probability take the words of its label's values out of the
+    # text of a row that has an image and whose label occurs in its text (regularize/grounding.py). The row then
+    # looks like a product whose value only the image shows, and teaches the model to answer those from the
+    # image with a label that is right; 0 = off
+    mention_dropout: float = 0.0
 
 
 @dataclass
@@ -336,6 +341,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("schemes.momentum must be in [0, 1)")
     if not 0.0 <= s.text_dropout < 1.0:
         raise ConfigError(f"schemes.text_dropout must be in [0, 1), got {s.text_dropout}")
+    if not 0.0 <= s.mention_dropout <= 1.0:
+        raise ConfigError(f"schemes.mention_dropout must be in [0, 1], got {s.mention_dropout}")
     if not 0.0 <= s.ungrounded_weight <= 1.0:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:

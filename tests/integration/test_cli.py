@@ -121,3 +121,34 @@ def test_resume_equals_uninterrupted(catalog, tiny_text_ckpt, tmp_path):
 def test_resume_needs_an_existing_run(catalog, tmp_path, capsys):
     assert _train(catalog, tmp_path / "none", [], "--resume") == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+def test_mention_dropout_trains_on_mention_free_texts_from_the_cache(catalog, tiny_text_ckpt, tmp_path, monkeypatch):
+    """schemes.mention_dropout=1: every training batch shows a row with an image whose label is in its text without
+    the label's words (and the others unchanged), from the feature cache (the texts were cached up front)."""
+    from pv2tea.data.dataset import Preprocessor
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.regularize.grounding import label_in_text, mention_free_texts
+
+    seen: dict[str, set[str]] = {}
+    uncached = []
+    collate = Preprocessor.collate
+
+    def spy(self, records, pair_ids, indices, with_answers):
+        batch = collate(self, records, pair_ids, indices, with_answers)
+        if with_answers:  # training batches (evaluation and S3 predictions collate without answers)
+            for r in records:
+                seen.setdefault(r.id, set()).add(r.text)
+            uncached.append(batch.text_hidden is None)
+        return batch
+
+    monkeypatch.setattr(Preprocessor, "collate", spy)
+    run = tmp_path / "run"
+    assert _train(catalog, run, tiny_overrides(tiny_text_ckpt) + ["schemes.mention_dropout=1.0"]) == 0
+    rows = load_dataset(catalog["train"]).records
+    free = mention_free_texts(rows)
+    assert 0 < sum(t is not None for t in free) < len(rows)
+    assert seen == {r.id: {t if t is not None else r.text} for r, t in zip(rows, free)}
+    assert not any(label_in_text(r.label, t) for r, t in zip(rows, free) if t is not None)
+    assert uncached and not any(uncached)
+    assert f"mention dropout: {sum(t is not None for t in free)} of {len(rows)} rows" in (run / "train.log").read_text()

@@ -131,7 +131,7 @@ def test_alpha_bounds_allowed(alpha):
     "train.epochs=0", "train.batch_size=0", "optim.lr=0", "optim.lr=-1e-3", "vision.max_images=0",
     "fusion.question_template=What is it?", "schemes.text_dropout=1.0", "schemes.text_dropout=-0.1",
     "vision.extra_levels=[-1]", "vision.extra_levels=[2, 2]", "schemes.ungrounded_weight=1.5",
-    "schemes.ungrounded_weight=-0.1",
+    "schemes.ungrounded_weight=-0.1", "schemes.mention_dropout=1.5", "schemes.mention_dropout=-0.1",
 ])
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):

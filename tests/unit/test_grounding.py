@@ -1,4 +1,5 @@
-"""Label grounding (schemes.ungrounded_weight): is the weak label in the text it was extracted from?"""
+"""Label grounding: is the weak label in the text it was extracted from (schemes.ungrounded_weight), and the
+text without it (schemes.mention_dropout)?"""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from pv2tea.data.schema import Record
-from pv2tea.regularize.grounding import grounding_weights, label_in_text
+from pv2tea.regularize.grounding import grounding_weights, label_in_text, mention_free_texts, remove_mentions
+from pv2tea.train.loop import mention_dropout_rows
 
 
 @pytest.mark.parametrize("values,text,expected", [
@@ -27,3 +29,40 @@ def test_grounding_weights_scale_only_ungrounded_rows():
             Record("c", "Blue and red stripes", (), "mug", "color", ("red", "blue"))]
     np.testing.assert_allclose(grounding_weights(rows, 0.25), [1.0, 0.25, 1.0])
     np.testing.assert_allclose(grounding_weights(rows, 1.0), [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("text,values,expected", [
+    ("Homely Mug - Color: Brown", ["brown"], "Homely Mug - Color:"),                          # case
+    ("A bored red cat", ["red"], "A bored cat"),                                               # whole words only
+    ("Navy-Blue mug, navy blue lid, blue cup", ["navy blue"], "mug, lid, blue cup"),           # any separator
+    ("A navy blue mug in blue", ["blue", "navy blue"], "A mug in"),                            # longest first
+    ("Title\n- Color: Yellow, Green and Pink\n- Soft", ["yellow", "green", "pink"],
+     "Title\n- Color: , and\n- Soft"),                                                        # lines kept
+    ("Polka dot (polka-dot) print", ["Polka Dot"], "() print"),
+    ("A mug", ["C++"], "A mug"),                                                               # regex-safe
+    ("A mug", ["!!"], "A mug"),                                                                # empty value
+])
+def test_remove_mentions(text, values, expected):
+    out = remove_mentions(text, values)
+    assert out == expected
+    assert not any(label_in_text([v], out) for v in values)
+
+
+def test_mention_free_texts_only_for_grounded_rows_with_an_image():
+    rows = [Record("a", "Color: Red. A mug", ("a.png",), "mug", "color", ("red",)),
+            Record("b", "Color: Red. A mug", (), "mug", "color", ("red",)),         # no image to answer from
+            Record("c", "A plain mug", ("c.png",), "mug", "color", ("white",)),     # label not in the text
+            Record("d", "Blue and red stripes", ("d.png",), "mug", "color", ("red", "blue"))]
+    assert mention_free_texts(rows) == ["Color: . A mug", None, None, "and stripes"]
+
+
+def test_mention_dropout_rows_are_a_pure_function_of_seed_and_epoch():
+    free = [f"text {i}" if i % 3 else None for i in range(3000)]
+    eligible = {i for i, t in enumerate(free) if t is not None}
+    a = mention_dropout_rows(free, 0.5, seed=1, epoch=0)
+    assert a == mention_dropout_rows(free, 0.5, seed=1, epoch=0)
+    assert a != mention_dropout_rows(free, 0.5, seed=1, epoch=1) != mention_dropout_rows(free, 0.5, seed=2, epoch=0)
+    assert set(a) <= eligible and all(a[i] == free[i] for i in a)
+    assert abs(len(a) / len(eligible) - 0.5) < 0.05
+    assert set(mention_dropout_rows(free, 1.0, seed=1, epoch=0)) == eligible
+    assert mention_dropout_rows(free, 0.0, seed=1, epoch=0) == {}

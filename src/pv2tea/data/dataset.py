@@ -6,7 +6,7 @@ training, batch prediction and serving, and is saved with every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import timm.data
@@ -168,7 +168,10 @@ class RecordDataset(Dataset):
 
 
 def make_collate(pre: Preprocessor, dataset: RecordDataset, with_answers: bool):
-    def collate(indices: list[int]) -> Batch:
-        return pre.collate([dataset.records[i] for i in indices], [dataset.pair_ids[i] for i in indices],
-                           indices, with_answers)
+    """Batch of dataset rows by index; ``texts`` replaces the text of some rows (index → text)."""
+    def collate(indices: list[int], texts: Mapping[int, str] | None = None) -> Batch:
+        texts = texts or {}
+        records = [replace(dataset.records[i], text=texts[i]) if i in texts else dataset.records[i]
+                   for i in indices]
+        return pre.collate(records, [dataset.pair_ids[i] for i in indices], indices, with_answers)
     return collate

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +30,7 @@ from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
-from pv2tea.regularize.grounding import grounding_weights
+from pv2tea.regularize.grounding import grounding_weights, mention_free_texts
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         prediction_reliability, visual_reliability)
 from pv2tea.train import checkpoint as ckpt
@@ -54,6 +54,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def mention_dropout_rows(free_texts: Sequence[str | None], p: float, seed: int, epoch: int) -> dict[int, str]:
+    """Rows whose text loses its label's mentions this epoch (index → mention-free text): each row that has a
+    mention-free text with probability p, a pure function of (seed, epoch) so resume replays it."""
+    if p <= 0:
+        return {}
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_000)
+    draw = torch.rand(len(free_texts), generator=g).tolist()
+    return {i: t for i, (t, u) in enumerate(zip(free_texts, draw)) if t is not None and u < p}
 
 
 def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
@@ -217,10 +227,17 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
+    free_texts: list[str | None] = [None] * len(records)
+    if cfg.schemes.mention_dropout > 0 and model.visual is not None:
+        free_texts = mention_free_texts(records)
+        log.info("mention dropout: %d of %d rows have an image and their label in their text",
+                 sum(t is not None for t in free_texts), len(records))
     frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
     if cfg.train.cache_features and frozen:
         cache_t0 = time.time()
-        pre.cache = build_feature_cache(model, pre, records + val_records, cfg.train.eval_batch_size, progress)
+        mention_free = [replace(r, text=t) for r, t in zip(records, free_texts) if t is not None]
+        pre.cache = build_feature_cache(model, pre, records + val_records + mention_free, cfg.train.eval_batch_size,
+                                        progress)
         log.info("cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
                  len(pre.cache.images), len(pre.cache.texts), time.time() - cache_t0)
     dataset = RecordDataset(records)
@@ -265,11 +282,12 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         if step_in_epoch == 0:
             weights, weight_stats = sample_weights(model, pre, records, epoch, cfg, progress)
         batches = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch)
+        swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
         sums: dict[str, float] = {}
         bar = tqdm(total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not progress, leave=False)
         for indices in batches[step_in_epoch:]:
-            batch = collate(indices)
+            batch = collate(indices, swapped)
             w = torch.as_tensor(weights[indices], dtype=torch.float32) if weights is not None else None
             model.momentum_update()
             out = model(batch, w)
