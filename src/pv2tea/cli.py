@@ -181,21 +181,35 @@ def predict(
     num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
     candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+    keep_grounded: Annotated[bool, typer.Option("--keep-grounded", help="Keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.")] = False,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines."""
     _quiet_libraries()
     try:
         dataset = _load(data, skip_invalid, require_label=False)
+        if keep_grounded and not any(r.label for r in dataset.records):
+            raise ValueError(f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; "
+                             "no row has one")
         preds = _predict(model, dataset.records, batch_size, num_beams, candidates)
     except _expected_errors() as exc:
         _fail(str(exc))
+    kept = [False] * len(preds)
+    if keep_grounded:
+        from pv2tea.regularize.grounding import keep_grounded as keep, label_in_text
+
+        preds = keep(dataset.records, preds)
+        kept = [label_in_text(r.label, r.text) for r in dataset.records]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as f:
-        for r, p in zip(dataset.records, preds):
-            f.write(json.dumps({"id": r.id, "attribute": r.attribute, "category": r.category, "values": p}) + "\n")
+        for r, p, k in zip(dataset.records, preds, kept):
+            row = {"id": r.id, "attribute": r.attribute, "category": r.category, "values": p}
+            if keep_grounded:
+                row["kept_label"] = k
+            f.write(json.dumps(row) + "\n")
     os.replace(tmp, out)
     console.print(f"{len(preds)} prediction(s) written to {out}"
+                  + (f"; {sum(kept)} grounded label(s) kept" if keep_grounded else "")
                   + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else ""))
 
 

@@ -5,6 +5,10 @@ PV2TEA training: ``weak_labels`` (the labels the models were trained on, scored 
 ``text_extractor`` (an OpenTag_cls-style text classifier trained on the same weak labels). Every
 run lives in ``OUT/<variant>/seed_<s>/``; a run with a test report is reused, a run that stopped
 mid-training is resumed, so re-running the same command continues where it stopped.
+
+When the test rows carry weak labels, each model variant also gets a ``<variant>+keep_grounded`` row: the
+model deployed next to the extractor that made the labels, answering only the rows whose label the text does
+not state (``pv2tea predict --keep-grounded``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.report import format_report_table
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
+from pv2tea.regularize.grounding import keep_grounded
 from pv2tea.train.checkpoint import CheckpointError
 from pv2tea.train.loop import evaluate_records, multi_value_attributes, train
 
@@ -48,6 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     **{f"alpha_{a}": [f"schemes.alpha={a}"] for a in ("0.2", "0.6", "0.8")},
 }
 REFERENCES = ("weak_labels", "text_extractor")
+KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states
 METRICS = ("precision", "recall", "f1", "accuracy")
 
 
@@ -102,10 +108,17 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     """
     run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
-    if report_path.is_file():
-        return json.loads(report_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     multi = multi_value_attributes(data.train + data.val + data.test)
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if "keep_grounded" not in report and (run_dir / "final").is_dir() and _has_labels(data.test):
+            # a run finished before this report existed: add it from the final model
+            predictor = Predictor.from_checkpoint(run_dir / "final")
+            preds = predictor.predict(data.test, predictor.model.cfg.train.eval_batch_size)
+            report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+            _write_json(report_path, report)
+        return report
+    run_dir.mkdir(parents=True, exist_ok=True)
     if name == "weak_labels":
         report = source_aware_report(gold_examples(data.test, [r.label for r in data.test], multi))
     elif name == "text_extractor":
@@ -123,19 +136,36 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         except CheckpointError:  # a half-written first checkpoint: start over
             result = train(cfg, data.train, run_dir, data.val, resume=False, progress=progress)
         predictor = Predictor.from_checkpoint(result.final_dir)
-        report, _ = evaluate_records(predictor.model, predictor.pre, data.test, cfg.train.eval_batch_size, multi)
+        report, preds = evaluate_records(predictor.model, predictor.pre, data.test, cfg.train.eval_batch_size, multi)
         report["retrieval"] = retrieval_on(predictor, data.test)
+        if _has_labels(data.test):
+            report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
         if candidates:
             ranked = predictor.predict(data.test, cfg.train.eval_batch_size, candidates=candidates)
             report["constrained"] = source_aware_report(gold_examples(data.test, ranked, multi))
-    tmp = report_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
-    tmp.replace(report_path)
+    _write_json(report_path, report)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
         # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return report
+
+
+def _has_labels(records: Sequence[Record]) -> bool:
+    return any(r.label for r in records)
+
+
+def keep_grounded_report(records: Sequence[Record], preds: Sequence[Sequence[str]],
+                         multi: dict[str, bool]) -> dict[str, Any]:
+    """The report of the model deployed next to the labels' extractor: a test row keeps its weak label when its
+    text states it, the model answers the others (``pv2tea predict --keep-grounded``)."""
+    return source_aware_report(gold_examples(records, keep_grounded(records, preds), multi))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
+    tmp.replace(path)
 
 
 def mean_std(values: list[float | None]) -> dict[str, float | None]:
@@ -237,6 +267,9 @@ def run_experiment(data: Split, out: Path, variants: Sequence[str], seeds: Seque
             report = run_variant(name, seed, data, out, base_config, overrides, progress)
             reports.setdefault(name, []).append(report)
             log(f"{name} seed {seed}: F1 {report['overall']['f1']}")
+    for name in list(reports):  # each model variant deployed with --keep-grounded, as a row of its own
+        if all("keep_grounded" in r for r in reports[name]):
+            reports[f"{name}{KEEP_SUFFIX}"] = [r["keep_grounded"] for r in reports[name]]
     summary = summarize(reports)
     (out / "experiment.json").write_text(json.dumps({"variants": list(variants), "seeds": list(seeds),
                                                      "config": base_config, "overrides": list(overrides),

@@ -30,7 +30,8 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
             *_sets(tiny_overrides(tiny_text_ckpt) + ["train.epochs=1"])]
     assert main(args) == 0
     tables = capsys.readouterr().out
-    for row in ("| pv2tea |", "| tea |", "| text_extractor |", "| weak_labels |", "Table 7", "R@Mean"):
+    for row in ("| pv2tea |", "| tea |", "| text_extractor |", "| weak_labels |", "Table 7", "R@Mean",
+                "| pv2tea+keep_grounded |", "| tea+keep_grounded |"):
         assert row in tables, row
     summary = json.loads((out / "experiment.json").read_text())["summary"]
     assert summary["pv2tea"]["seeds"] == 2 and summary["weak_labels"]["seeds"] == 1
@@ -41,10 +42,17 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
             # finished: the final model stays, the resumable checkpoint is pruned to save disk
             assert (out / name / f"seed_{seed}" / "final").is_dir()
             assert not (out / name / f"seed_{seed}" / "checkpoint").exists()
-    # a second invocation reuses every finished run (no retraining: the files stay untouched)
+    assert "pv2tea+keep_grounded" in summary and "text_extractor+keep_grounded" not in summary
+    # a second invocation reuses every finished run (no retraining: the files stay untouched); a report from
+    # before keep_grounded existed gets it from the final model
+    report_path = out / "pv2tea" / "seed_0" / "test_report.json"
+    report = json.loads(report_path.read_text())
+    kept_report = report.pop("keep_grounded")
+    report_path.write_text(json.dumps(report))
     stamp = (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads(report_path.read_text())["keep_grounded"] == kept_report
 
     assert main(["report", str(out)]) == 0
     html = (out / "report" / "index.html").read_text()
@@ -58,6 +66,35 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
                  "--candidates", str(cands)]) == 0
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     assert all(r["values"] in (["solid"], ["striped"]) for r in rows if r["attribute"] == "pattern")
+    # --keep-grounded: the rows whose weak label the text states keep it, the model answers the others; scored,
+    # that is the experiment's keep_grounded report
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.eval.metrics import Example, source_aware_report
+    from pv2tea.regularize.grounding import label_in_text
+
+    plain, kept = tmp_path / "plain.jsonl", tmp_path / "kept.jsonl"
+    assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(plain)]) == 0
+    assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(kept),
+                 "--keep-grounded"]) == 0
+    assert "grounded label(s) kept" in " ".join(capsys.readouterr().err.split())  # rich may wrap the line
+    test = load_dataset(catalog["test"]).records
+    plain_rows = [json.loads(x) for x in plain.read_text().splitlines()]
+    kept_rows = [json.loads(x) for x in kept.read_text().splitlines()]
+    flags = [label_in_text(r.label, r.text) for r in test]
+    assert any(flags) and not all(flags)
+    for r, a, b, flag in zip(test, plain_rows, kept_rows, flags):
+        assert b["kept_label"] is flag and "kept_label" not in a
+        assert b["values"] == (list(r.label) if flag else a["values"])
+    multi = {"color": True, "pattern": False}
+    assert source_aware_report([Example(tuple(r.gold), tuple(b["values"]), r.source, r.attribute, multi[r.attribute])
+                                for r, b in zip(test, kept_rows)]) == kept_report
+    unlabelled = Path(catalog["test"]).with_name("unlabelled.jsonl")  # next to the images its paths are relative to
+    unlabelled.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k not in ("label", "gold")})
+                                  + "\n" for line in Path(catalog["test"]).read_text().splitlines()))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run / "final"), "--data", str(unlabelled), "--out", str(kept),
+                 "--keep-grounded"]) == 2
+    assert "needs the rows' existing values in a 'label' field" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2")
     assert main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]),

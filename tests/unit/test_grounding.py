@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pv2tea.data.schema import Record
-from pv2tea.regularize.grounding import grounding_weights, label_in_text, mention_free_texts, remove_mentions
+from pv2tea.regularize.grounding import (grounding_weights, keep_grounded, label_in_text, mention_free_texts,
+                                        remove_mentions)
 from pv2tea.train.loop import mention_dropout_rows
 
 
@@ -66,3 +67,14 @@ def test_mention_dropout_rows_are_a_pure_function_of_seed_and_epoch():
     assert abs(len(a) / len(eligible) - 0.5) < 0.05
     assert set(mention_dropout_rows(free, 1.0, seed=1, epoch=0)) == eligible
     assert mention_dropout_rows(free, 0.0, seed=1, epoch=0) == {}
+
+
+def test_keep_grounded_keeps_only_the_labels_the_text_states():
+    rows = [Record("a", "Color: Red. A mug", ("a.png",), "mug", "color", ("red",)),
+            Record("b", "A plain mug", ("b.png",), "mug", "color", ("white",)),     # the extractor guessed
+            Record("c", "A plain mug", ("c.png",), "mug", "color", ()),             # no label at all
+            Record("d", "Blue and red stripes", (), "mug", "color", ("red", "green"))]  # green not stated
+    preds = [["blue"], ["black"], ["grey"], ["red"]]
+    assert keep_grounded(rows, preds) == [["red"], ["black"], ["grey"], ["red"]]
+    with pytest.raises(ValueError, match="3 predictions for 4 rows"):
+        keep_grounded(rows, preds[:3])

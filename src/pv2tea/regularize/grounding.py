@@ -9,6 +9,9 @@ A grounded label is the reliable kind, and its product looks, once the value's w
 text, like a product whose value only the image shows. ``schemes.mention_dropout`` trains on such copies
 (:func:`remove_mentions`), so the model learns to answer from the image when the text does not say it,
 from labels that are right (not in the paper; 0 = off).
+
+At inference the same test decides where a catalog's existing labels can be trusted: :func:`keep_grounded` keeps
+a label its text states and lets the model answer the rest (``pv2tea predict --keep-grounded``).
 """
 
 from __future__ import annotations
@@ -59,3 +62,11 @@ def mention_free_texts(records: Sequence[Record]) -> list[str | None]:
     and its label occurs in its text; None otherwise (nothing to take out, or no image to answer from)."""
     return [remove_mentions(r.text, r.label) if r.images and label_in_text(r.label, r.text) else None
             for r in records]
+
+
+def keep_grounded(records: Sequence[Record], predictions: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Per row, its existing label when the label occurs in its text (the extractor read it there), else the
+    model's prediction: the model corrects only the labels the text does not support."""
+    if len(records) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} rows")
+    return [list(r.label) if label_in_text(r.label, r.text) else list(p) for r, p in zip(records, predictions)]
