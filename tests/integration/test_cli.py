@@ -152,3 +152,29 @@ def test_mention_dropout_trains_on_mention_free_texts_from_the_cache(catalog, ti
     assert not any(label_in_text(r.label, t) for r, t in zip(rows, free) if t is not None)
     assert uncached and not any(uncached)
     assert f"mention dropout: {sum(t is not None for t in free)} of {len(rows)} rows" in (run / "train.log").read_text()
+
+
+def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):
+    """`pv2tea demo`: catalog, training, the source-aware table and the comparison with the weak labels and with
+    --keep-grounded, whose predictions are the weak label where the text states it and PV2TEA's elsewhere."""
+    from pv2tea.eval.metrics import Example, source_aware_report
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n-products", "20", "--epochs", "1", "--no-progress",
+                 *_sets(tiny_overrides(tiny_text_ckpt))]) == 0
+    printed = capsys.readouterr().out
+    assert "PV2TEA on the test split" in printed and "+ kept labels: a weak label" in " ".join(printed.split())
+    run = out / "run"
+    rows = [json.loads(x) for x in (run / "test_predictions.jsonl").read_text().splitlines()]
+    test = {json.loads(x)["id"]: json.loads(x) for x in (out / "catalog" / "test.jsonl").read_text().splitlines()}
+    from pv2tea.regularize.grounding import label_in_text
+
+    for row in rows:
+        stated = label_in_text(row["weak_label"], test[row["id"]]["text"])
+        assert row["pred_keep_grounded"] == (row["weak_label"] if stated else row["pred"])
+    kept = json.loads((run / "keep_grounded_test_report.json").read_text())
+    multi = {"color": True, "pattern": False}
+    assert kept == source_aware_report([Example(tuple(r["gold"]), tuple(r["pred_keep_grounded"]), r["source"],
+                                                test[r["id"]]["attribute"], multi[test[r["id"]]["attribute"]])
+                                        for r in rows])
+    assert main(["demo", "--out", str(out), "--n-products", "20", "--no-progress"]) == 2  # never over a run

@@ -80,6 +80,11 @@ def test_compare_table_side_by_side() -> None:
     assert _row(table, "GAP (text - image)") == ["–"] * 3 + ["75.00", "50.00", "60.71"]
     # an attribute only one method was evaluated on
     assert _row(table, "pattern          overall") == ["–"] * 3 + ["100.00"] * 3
+    chosen = compare_table({"weak": color_only, "PV2TEA": full}, metrics=("f1", "accuracy"))
+    assert "weak Acc" in chosen.splitlines()[0] and "weak P" not in chosen.splitlines()[0]
+    assert _row(chosen, "all attributes   overall")[2] == "55.56"
+    with pytest.raises(ValueError, match="unknown metric"):
+        compare_table({"weak": color_only}, metrics=("f2",))
 
 
 def test_write_report_roundtrip_and_atomic(tmp_path: Path) -> None:

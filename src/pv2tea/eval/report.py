@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -116,26 +116,31 @@ def format_report_table(report: Mapping[str, Any], title: str = "") -> str:
     return _render(table)
 
 
-def compare_table(reports: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
-    """Render several methods' reports side by side (P, R, F1 per method).
+def compare_table(reports: Mapping[str, Mapping[str, Any]], title: str = "",
+                  metrics: Sequence[str] = ("precision", "recall", "f1")) -> str:
+    """Render several methods' reports side by side (``metrics`` per method: P, R, F1 by default).
 
     ``reports`` maps a method name (e.g. ``"weak text labels"``, ``"PV2TEA"``) to its
     source-aware report. Rows are the union over reports, in first-seen order; a row a
     method lacks (an attribute it was not evaluated on) is shown as ``–``.
     """
+    headers = {metric: header for header, metric in _METRIC_COLUMNS}
+    unknown = [m for m in metrics if m not in headers]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(headers)}")
     table = _new_table(title)
     method_rows = {method: _report_rows(report) for method, report in reports.items()}
     for method in method_rows:
-        for header, _ in _METRIC_COLUMNS[:3]:
+        for metric in metrics:
             table.add_column(
-                f"{method} {header}", justify="right", max_width=_COMPARE_COLUMN_WIDTH
+                f"{method} {headers[metric]}", justify="right", max_width=_COMPARE_COLUMN_WIDTH
             )
     keys = list(dict.fromkeys(key for rows in method_rows.values() for key in rows))
     cells = [
         [
             _cell(rows.get(key, {}).get(metric))
             for rows in method_rows.values()
-            for _, metric in _METRIC_COLUMNS[:3]
+            for metric in metrics
         ]
         for key in keys
     ]
