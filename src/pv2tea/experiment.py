@@ -104,7 +104,8 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     """Train (or resume, or reuse) one variant/seed and return its test report (+ retrieval).
 
     With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
-    predictions. ``run_name`` names the run folder (default: the variant name).
+    predictions. When the test rows carry weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`,
+    with its own ``constrained``). ``run_name`` names the run folder (default: the variant name).
     """
     run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
@@ -114,8 +115,11 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         if "keep_grounded" not in report and (run_dir / "final").is_dir() and _has_labels(data.test):
             # a run finished before this report existed: add it from the final model
             predictor = Predictor.from_checkpoint(run_dir / "final")
-            preds = predictor.predict(data.test, predictor.model.cfg.train.eval_batch_size)
-            report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+            batch_size = predictor.model.cfg.train.eval_batch_size
+            report["keep_grounded"] = keep_grounded_report(data.test, predictor.predict(data.test, batch_size), multi)
+            if candidates:
+                ranked = predictor.predict(data.test, batch_size, candidates=candidates)
+                report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
             _write_json(report_path, report)
         return report
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +147,8 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         if candidates:
             ranked = predictor.predict(data.test, cfg.train.eval_batch_size, candidates=candidates)
             report["constrained"] = source_aware_report(gold_examples(data.test, ranked, multi))
+            if "keep_grounded" in report:
+                report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
     _write_json(report_path, report)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint

@@ -70,12 +70,17 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     home = result["domains"]["Home"]
-    assert set(home) == {"text_extractor", "tea", "pv2tea", "pv2tea_gold"}
+    assert set(home) == {"text_extractor", "tea", "pv2tea", "pv2tea_gold", "tea+keep_grounded",
+                         "pv2tea+keep_grounded"}
     for scores in home.values():
         assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
     assert home["text_extractor"]["accuracy"] == 100.0  # crimson/navy decide the value in this toy
     saved = json.loads((out / "bench.json").read_text())
     assert saved["domains"]["Home"]["pv2tea"]["runs"] == 1  # quick: one fold, one seed
+    fold_report = json.loads((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "test_report.json").read_text())
+    kept = saved["domains"]["Home"]["pv2tea+keep_grounded"]
+    assert kept["constrained"]["f1"]["mean"] == fold_report["keep_grounded"]["constrained"]["overall"]["f1"]
+    assert kept["open"]["f1"]["mean"] == fold_report["keep_grounded"]["overall"]["f1"]
     assert (out / "tables.md").read_text().startswith("### Home")
     reports = sorted((out / "runs" / "Home" / "fold_0").glob("*/seed_0/test_report.json"))
     assert [p.parts[-3] for p in reports] == ["pv2tea", "pv2tea_gold", "tea"]

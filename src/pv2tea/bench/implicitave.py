@@ -24,7 +24,7 @@ from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import source_aware_report
 from pv2tea.eval.normalize import normalize_value
-from pv2tea.experiment import VARIANTS, Split, gold_examples, mean_std, run_variant
+from pv2tea.experiment import KEEP_SUFFIX, VARIANTS, Split, gold_examples, mean_std, run_variant
 from pv2tea.train.loop import multi_value_attributes
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
@@ -139,6 +139,8 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
             for seed in cfg.seeds:
                 result = run_variant(name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates)
                 reports.setdefault(name, []).append(result)
+                if "keep_grounded" in result:  # deployed next to the extractor: its labels the text states kept
+                    reports.setdefault(f"{name}{KEEP_SUFFIX}", []).append(result["keep_grounded"])
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
             gold_train = [replace(r, label=tuple(r.gold)) for r in train_weak]
