@@ -295,11 +295,12 @@ def demo(
     _quiet_libraries()
     from pv2tea.config import load_config
     from pv2tea.data.synth import make_catalog
-    from pv2tea.eval.metrics import Example, source_aware_report
+    from pv2tea.eval.metrics import source_aware_report
     from pv2tea.eval.report import compare_table, format_report_table, write_report
     from pv2tea.train.loop import evaluate_records, multi_value_attributes
     from pv2tea.train.loop import train as run_training
     from pv2tea.inference.predictor import Predictor
+    from pv2tea.experiment import gold_examples, keep_grounded_report
     from pv2tea.regularize.grounding import keep_grounded
 
     t0 = time.time()
@@ -321,13 +322,9 @@ def demo(
         multi = multi_value_attributes(records)
         model_report, preds = evaluate_records(predictor.model, predictor.pre, records, cfg.train.eval_batch_size,
                                                multi)
-        weak_report = source_aware_report(
-            [Example(gold=tuple(r.gold), pred=tuple(r.label), source=r.source, attribute=r.attribute,
-                     multi_value=multi.get(r.attribute, False)) for r in records])
+        weak_report = source_aware_report(gold_examples(records, [r.label for r in records], multi))
         kept = keep_grounded(records, preds)
-        kept_report = source_aware_report(
-            [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
-                     multi_value=multi.get(r.attribute, False)) for r, p in zip(records, kept)])
+        kept_report = keep_grounded_report(records, preds, multi)
     except _expected_errors() as exc:
         _fail(str(exc))
     write_report(model_report, run_dir / "test_report.json")

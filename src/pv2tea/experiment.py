@@ -27,7 +27,7 @@ from scipy import stats
 from pv2tea.config import load_config
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
-from pv2tea.eval.report import format_report_table
+from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
 from pv2tea.regularize.grounding import keep_grounded
@@ -120,7 +120,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
             if candidates:
                 ranked = predictor.predict(data.test, batch_size, candidates=candidates)
                 report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
-            _write_json(report_path, report)
+            write_report(report, report_path)
         return report
     run_dir.mkdir(parents=True, exist_ok=True)
     if name == "weak_labels":
@@ -149,7 +149,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
             report["constrained"] = source_aware_report(gold_examples(data.test, ranked, multi))
             if "keep_grounded" in report:
                 report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
-    _write_json(report_path, report)
+    write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
         # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
@@ -166,12 +166,6 @@ def keep_grounded_report(records: Sequence[Record], preds: Sequence[Sequence[str
     """The report of the model deployed next to the labels' extractor: a test row keeps its weak label when its
     text states it, the model answers the others (``pv2tea predict --keep-grounded``)."""
     return source_aware_report(gold_examples(records, keep_grounded(records, preds), multi))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    tmp.replace(path)
 
 
 def mean_std(values: list[float | None]) -> dict[str, float | None]:
