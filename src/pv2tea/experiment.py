@@ -22,9 +22,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import yaml
 from scipy import stats
 
-from pv2tea.config import load_config
+from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.report import format_report_table, write_report
@@ -35,7 +36,8 @@ from pv2tea.train.checkpoint import CheckpointError
 from pv2tea.train.loop import evaluate_records, multi_value_attributes, train
 
 TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
-       "schemes.attention_pruning=false", "schemes.visual_nr=false"]
+       "schemes.attention_pruning=false", "schemes.visual_nr=false",
+       "schemes.text_dropout=0", "schemes.mention_dropout=0"]  # both act on image rows only: off, as they are
 
 VARIANTS: dict[str, list[str]] = {
     "pv2tea": [],
@@ -110,6 +112,9 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
     multi = multi_value_attributes(data.train + data.val + data.test)
+    if name in VARIANTS:
+        cfg = load_config(base_config, [*overrides, *VARIANTS[name], f"train.seed={seed}"])
+        check_same_config(run_dir, cfg)
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         if "keep_grounded" not in report and (run_dir / "final").is_dir() and _has_labels(data.test):
@@ -133,7 +138,6 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
                                                                  progress=progress)).fit(data.train)
         report = source_aware_report(gold_examples(data.test, extractor.predict(data.test), multi))
     else:
-        cfg = load_config(base_config, [*overrides, *VARIANTS[name], f"train.seed={seed}"])
         resume = (run_dir / "checkpoint").is_dir()
         try:
             result = train(cfg, data.train, run_dir, data.val, resume=resume, progress=progress)
@@ -155,6 +159,34 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return report
+
+
+def check_same_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse to reuse or resume a run folder whose saved ``config.yaml`` differs from ``cfg``.
+
+    Without this, re-running an experiment with other settings into the same ``--out`` would silently report
+    the old runs. ``schemes.queue_size`` is saved capped at the training set's size, so a saved value at or
+    under the requested one matches.
+    """
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    def as_saved(data: dict[str, Any]) -> dict[str, Any]:  # tuples → lists, as in the YAML
+        return yaml.safe_load(yaml.safe_dump(data, sort_keys=False))
+
+    requested = as_saved(cfg.to_dict())
+    try:  # a setting added since the run was made has its default there
+        saved = as_saved(from_dict(yaml.safe_load(saved_path.read_text()) or {}).to_dict())
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{saved_path} cannot be compared with the requested settings: {exc}. "
+                          f"Choose another --out.") from exc
+    diffs = [(key, a, b) for key, a, b in config_differences(saved, requested)
+             if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)]
+    if diffs:
+        shown = "; ".join(f"{key}: {a!r} there, {b!r} now" for key, a, b in diffs[:5])
+        more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+        raise ConfigError(f"{saved_path} was made with other settings ({shown}{more}). Re-run with the same "
+                          f"settings to reuse it, or choose another --out.")
 
 
 def _has_labels(records: Sequence[Record]) -> bool:

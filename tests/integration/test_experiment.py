@@ -53,6 +53,23 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     assert main(args) == 0
     assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(report_path.read_text())["keep_grounded"] == kept_report
+    # other settings into the same --out: refused with the setting named, nothing reused or overwritten
+    capsys.readouterr()
+    assert main([*args, "--set", "schemes.alpha=0.3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "was made with other settings" in err and "schemes.alpha: 0.4 there, 0.3 now" in err
+    assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    # a run saved before a setting existed has that setting's default: still the same run
+    import yaml
+
+    saved_path = out / "pv2tea" / "seed_0" / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text())
+    assert saved["schemes"].pop("nr_features") == "backbone"
+    saved_path.write_text(yaml.safe_dump(saved))
+    assert main(args) == 0
+    saved["schemes"]["mention_dropout"] = 0.5  # the preset's 0.25 is asked for
+    saved_path.write_text(yaml.safe_dump(saved))
+    assert main(args) == 2
 
     assert main(["report", str(out)]) == 0
     html = (out / "report" / "index.html").read_text()

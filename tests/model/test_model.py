@@ -131,8 +131,8 @@ def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contr
     assert torch.allclose(doubled.per_sample_gen, plain.per_sample_gen)  # g itself is unweighted
 
 
-@pytest.mark.parametrize("features,chance", [("backbone", "soft"), ("pooled", "clip"), ("aligned", "soft"),
-                                              ("pooled", "none")])
+@pytest.mark.parametrize("features,chance", [("backbone", "soft"), ("masked", "soft"), ("pooled", "clip"),
+                                              ("aligned", "soft"), ("pooled", "none")])
 def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features, chance):
     from pv2tea.train.loop import sample_weights
 
@@ -155,6 +155,34 @@ def test_backbone_features_are_the_mean_backbone_token(tiny_text_ckpt, image_pat
         tokens = model.visual.backbone_tokens(pixels)  # (3, N, C)
     assert torch.allclose(model.backbone_features(pixels), tokens.mean(1))
     assert torch.allclose(model.backbone_features(feats=tokens), tokens.mean(1))
+
+
+def test_masked_backbone_features_weight_patches_by_the_s2_mask(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt, "vision.image_size=64")
+    model.eval()
+    pixels = torch.stack([pre.image_tensor(r) for r in records(image_paths) if r.images])  # (3, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.visual.backbone_tokens(pixels)  # (3, N, C)
+        assert tokens.shape[1] > 1 and model.visual.num_prefix_tokens == 0  # a CNN grid of several patches
+        torch.nn.init.zeros_(model.visual.mask_head.weight)
+        torch.nn.init.zeros_(model.visual.mask_head.bias)  # σ(M) = 1/2 everywhere: the plain mean
+        assert torch.allclose(model.masked_backbone_features(feats=tokens), tokens.mean(1), atol=1e-6)
+        logits = torch.full(tokens.shape[:2], -30.0)
+        logits[:, 1] = 30.0  # every patch masked out but the second
+        model.visual.mask_head = _FixedMask(logits)
+        assert torch.allclose(model.masked_backbone_features(feats=tokens), tokens[:, 1], atol=1e-5)
+        assert torch.allclose(model.masked_backbone_features(pixels), tokens[:, 1], atol=1e-5)
+
+
+class _FixedMask(torch.nn.Module):
+    """Stands in for the S2 mask head: the same logits M (B, P) for any input."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.logits.unsqueeze(-1)  # (B, P, 1)
 
 
 def test_s3_switches_do_not_change_the_module(tiny_text_ckpt):

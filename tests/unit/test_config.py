@@ -172,3 +172,13 @@ def test_list_field_from_override_and_yaml(tmp_path):
     path.write_text("vision: {extra_levels: [1]}\n")
     assert load_config(str(path)).vision.extra_levels == [1]
     assert Config().vision.extra_levels == [] and Config().vision.extra_levels is not Config().vision.extra_levels
+
+
+def test_config_differences_literal():
+    from pv2tea.config import config_differences
+
+    saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": True}
+    requested = {"a": 1, "b": {"c": [1, 3], "d": "x", "new": 0.5}}
+    assert config_differences(saved, requested) == [("b.c", [1, 2], [1, 3]), ("b.new", None, 0.5),
+                                                    ("gone", True, None)]
+    assert config_differences(requested, requested) == []

@@ -468,3 +468,17 @@ class PV2TEA(nn.Module):
         """(B, C) mean of the visual backbone's output tokens, from pixels or cached tokens (B, N, C)."""
         tokens = feats if feats is not None else self.visual.backbone_tokens(images)
         return tokens.mean(1)
+
+    @torch.no_grad()
+    def masked_backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
+        """(B, C) mean of the backbone's patch tokens weighted by the S2 mask σ(M): the product, not its background.
+
+        Without attention pruning it is :meth:`backbone_features`. From pixels or cached tokens (B, N, C).
+        """
+        tokens = feats if feats is not None else self.visual.backbone_tokens(images)
+        _, gate, _ = self.image_features(feats=tokens)  # (B, P) or None
+        if gate is None:
+            return tokens.mean(1)
+        patches = tokens[:, self.visual.num_prefix_tokens:]  # (B, P, C)
+        return (patches * gate.unsqueeze(-1)).sum(1) / gate.sum(1, keepdim=True).clamp_min(1e-6)

@@ -103,8 +103,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         model.eval()
         s_v = np.ones(n)
         with_image = [i for i, r in enumerate(records) if r.images]
-        features_of = model.backbone_features if s.nr_features == "backbone" else (
-            lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
+        features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features}.get(
+            s.nr_features, lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
         feats = []
         for start in range(0, len(with_image), cfg.train.eval_batch_size):
             rows = with_image[start:start + cfg.train.eval_batch_size]
