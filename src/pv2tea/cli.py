@@ -193,24 +193,47 @@ def predict(
         preds = _predict(model, dataset.records, batch_size, num_beams, candidates)
     except _expected_errors() as exc:
         _fail(str(exc))
-    kept = [False] * len(preds)
-    if keep_grounded:
-        from pv2tea.regularize.grounding import keep_grounded as keep, label_in_text
+    from pv2tea.inference.predictor import prediction_rows
 
-        preds = keep(dataset.records, preds)
-        kept = [label_in_text(r.label, r.text) for r in dataset.records]
+    rows = prediction_rows(dataset.records, preds, keep_grounded)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as f:
-        for r, p, k in zip(dataset.records, preds, kept):
-            row = {"id": r.id, "attribute": r.attribute, "category": r.category, "values": p}
-            if keep_grounded:
-                row["kept_label"] = k
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(tmp, out)
     console.print(f"{len(preds)} prediction(s) written to {out}"
-                  + (f"; {sum(kept)} grounded label(s) kept" if keep_grounded else "")
+                  + (f"; {sum(r['kept_label'] for r in rows)} grounded label(s) kept" if keep_grounded else "")
                   + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else ""))
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder whose files requests may name in 'image_paths' (default: inline images only).")] = None,
+    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    max_products: Annotated[int, typer.Option(min=1, help="Most products one request may carry.")] = 1024,
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /health (API description at /docs)."""
+    _quiet_libraries()
+    import uvicorn
+
+    from pv2tea.inference.predictor import Predictor
+    from pv2tea.inference.server import create_app
+
+    if image_root is not None and not image_root.is_dir():
+        _fail(f"--image-root {image_root}: not a folder")
+    try:
+        predictor = Predictor.from_checkpoint(model)
+        cands = _read_candidates(candidates)
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    app_ = create_app(predictor, model_name=str(model), candidates=cands, image_root=image_root,
+                      batch_size=batch_size, max_products=max_products)
+    console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health, docs at /docs)")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 @data_app.command("synth")

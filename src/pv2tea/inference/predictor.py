@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +16,7 @@ from pv2tea.eval.normalize import normalize_value
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.models.text import load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.vision import data_config
+from pv2tea.regularize.grounding import keep_grounded as keep, label_in_text
 from pv2tea.train import checkpoint as ckpt
 
 
@@ -121,6 +122,22 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
         out.extend(values)
     model.train(was_training)
     return out
+
+
+def prediction_rows(records: Sequence[Record], predictions: Sequence[Sequence[str]],
+                    keep_grounded: bool = False) -> list[dict[str, Any]]:
+    """The output rows of ``pv2tea predict`` and of the HTTP endpoint, one per record.
+
+    ``{"id", "attribute", "category", "values"}``; with ``keep_grounded`` also ``"kept_label"``: true where the
+    row's existing label occurs in its text and is returned instead of the model's answer.
+    """
+    if not keep_grounded:
+        return [{"id": r.id, "attribute": r.attribute, "category": r.category, "values": list(p)}
+                for r, p in zip(records, predictions)]
+    kept = [label_in_text(r.label, r.text) for r in records]
+    values = keep(records, predictions, kept)
+    return [{"id": r.id, "attribute": r.attribute, "category": r.category, "values": v, "kept_label": k}
+            for r, v, k in zip(records, values, kept)]
 
 
 class Predictor:

@@ -64,9 +64,15 @@ def mention_free_texts(records: Sequence[Record]) -> list[str | None]:
             for r in records]
 
 
-def keep_grounded(records: Sequence[Record], predictions: Sequence[Sequence[str]]) -> list[list[str]]:
+def keep_grounded(records: Sequence[Record], predictions: Sequence[Sequence[str]],
+                  kept: Sequence[bool] | None = None) -> list[list[str]]:
     """Per row, its existing label when the label occurs in its text (the extractor read it there), else the
-    model's prediction: the model corrects only the labels the text does not support."""
+    model's prediction: the model corrects only the labels the text does not support.
+
+    ``kept``: the rows' :func:`label_in_text` flags when the caller already has them.
+    """
     if len(records) != len(predictions):
         raise ValueError(f"{len(predictions)} predictions for {len(records)} rows")
-    return [list(r.label) if label_in_text(r.label, r.text) else list(p) for r, p in zip(records, predictions)]
+    if kept is None:
+        kept = [label_in_text(r.label, r.text) for r in records]
+    return [list(r.label) if k else list(p) for r, p, k in zip(records, predictions, kept)]

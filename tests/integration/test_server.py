@@ -1,0 +1,130 @@
+"""The HTTP endpoint (``pv2tea serve``) on a tiny trained model: answers, kept labels, and every bad request."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import tiny_overrides
+from pv2tea.cli import main
+from pv2tea.data.synth import make_catalog
+from pv2tea.data.validate import load_dataset
+from pv2tea.inference.predictor import Predictor
+from pv2tea.inference.server import create_app
+from pv2tea.regularize.grounding import label_in_text
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_text_ckpt):
+    """A tiny model trained for one epoch and 16 of its catalog rows (raw and validated)."""
+    root = tmp_path_factory.mktemp("serve")
+    catalog = make_catalog(root / "catalog", n_products=16, seed=4, image_size=48)
+    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1"]
+    assert main(["train", "--train", str(catalog["train"]), "--out", str(root / "run"), "--no-progress",
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    predictor = Predictor.from_checkpoint(root / "run" / "final")
+    raw = [json.loads(line) for line in Path(catalog["train"]).read_text().splitlines()][:16]
+    records = load_dataset(catalog["train"]).records[:16]
+    return predictor, catalog, raw, records
+
+
+def _inline(row: dict, catalog: dict) -> dict:
+    """A catalog row as a request product: images inline as base64, no gold or source."""
+    folder = Path(catalog["train"]).parent
+    images = [base64.b64encode((folder / p).read_bytes()).decode() for p in row["images"]]
+    return {"id": row["id"], "text": row["text"], "category": row["category"], "attribute": row["attribute"],
+            "images": images, "label": row["label"]}
+
+
+def test_predict_answers_as_the_python_api(served):
+    predictor, catalog, raw, records = served
+    client = TestClient(create_app(predictor, model_name="tiny"))
+    assert client.get("/health").json()["status"] == "ok"
+    response = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw]})
+    assert response.status_code == 200, response.text
+    answers = response.json()["predictions"]
+    expected = predictor.predict(records, 32)
+    assert [a["id"] for a in answers] == [r.id for r in records]
+    assert [a["values"] for a in answers] == expected
+    assert all("kept_label" not in a for a in answers)
+    # the model sees each product's own image bytes (a tiny random model may answer alike without them)
+    seen = []
+
+    def spy(records_in, *args, **kwargs):
+        seen.extend([Path(p).read_bytes() for p in r.images] for r in records_in)  # before the request's folder goes
+        return predictor.predict(records_in, *args, **kwargs)
+
+    spied = create_app(type("Spy", (), {"predict": staticmethod(spy), "model": predictor.model})())
+    assert TestClient(spied).post("/predict", json={"products": [_inline(r, catalog) for r in raw]}).status_code == 200
+    assert seen == [[Path(p).read_bytes() for p in r.images] for r in records] and any(seen)
+    # kept labels: a row whose text states its label returns the label, the others the model's answer
+    kept = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw], "keep_grounded": True})
+    flags = [label_in_text(r.label, r.text) for r in records]
+    assert any(flags) and not all(flags)
+    for a, r, p, flag in zip(kept.json()["predictions"], records, expected, flags):
+        assert a["kept_label"] is flag and a["values"] == (list(r.label) if flag else p)
+
+
+def test_image_paths_under_the_root_equal_inline_images(served):
+    predictor, catalog, raw, _ = served
+    folder = Path(catalog["train"]).parent
+    client = TestClient(create_app(predictor, image_root=folder))
+    by_path = [{**_inline(r, catalog), "images": [], "image_paths": r["images"]} for r in raw[:4]]
+    inline = [_inline(r, catalog) for r in raw[:4]]
+    a = client.post("/predict", json={"products": by_path}).json()["predictions"]
+    b = client.post("/predict", json={"products": inline}).json()["predictions"]
+    assert a == b
+    escape = {**by_path[0], "image_paths": ["../../etc/passwd"]}
+    response = client.post("/predict", json={"products": [escape]})
+    assert response.status_code == 422
+    assert response.json()["detail"] == [{"row": 1, "field": "image_paths[0]",
+                                          "message": "'../../etc/passwd' is outside the image root"}]
+
+
+def test_bad_requests_name_the_row_and_field(served):
+    predictor, catalog, raw, _ = served
+    client = TestClient(create_app(predictor, max_products=3))
+    good = _inline(raw[0], catalog)
+
+    def problems(products, **options):
+        response = client.post("/predict", json={"products": products, **options})
+        assert response.status_code == 422, response.text
+        return response.json()["detail"]
+
+    [bad_b64] = problems([good, {**good, "id": "x", "images": ["not base64!"]}])
+    assert (bad_b64["row"], bad_b64["field"]) == (2, "images[0]") and "not a base64 image" in bad_b64["message"]
+    [not_image] = problems([{**good, "images": [base64.b64encode(b"plain text").decode()]}])
+    assert (not_image["row"], not_image["field"]) == (1, "images") and "not an image" in not_image["message"]
+    [empty] = problems([{**good, "text": "  "}])
+    assert (empty["row"], empty["field"]) == (1, "text")
+    [dup] = problems([good, good])
+    assert (dup["row"], dup["field"]) == (2, "id") and "duplicate id" in dup["message"]
+    [no_root] = problems([{**good, "images": [], "image_paths": ["a.png"]}])
+    assert no_root["field"] == "image_paths[0]" and "--image-root" in no_root["message"]
+    unlabelled = {k: v for k, v in good.items() if k != "label"}
+    assert client.post("/predict", json={"products": [unlabelled]}).status_code == 200
+    [no_label] = problems([unlabelled], keep_grounded=True)
+    assert no_label["field"] == "label" and "keep_grounded" in no_label["message"]
+    # schema errors (FastAPI/pydantic): an unknown field, a missing one, no products
+    for body in ({"products": [{**good, "colour": "red"}]}, {"products": [{"id": "a"}]}, {"products": []}):
+        assert client.post("/predict", json=body).status_code == 422
+    assert client.post("/predict", json={"products": [good] * 4}).status_code == 413
+
+
+def test_serve_command(served, monkeypatch, tmp_path, capsys):
+    predictor, catalog, raw, _ = served
+    started = {}
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: started.update(app=app, host=host, port=port))
+    model = Path(catalog["train"]).parent.parent / "run" / "final"
+    assert main(["serve", "--model", str(model), "--port", "8123"]) == 0
+    assert started["host"] == "127.0.0.1" and started["port"] == 8123
+    assert TestClient(started["app"]).get("/health").json()["model"] == str(model)
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--model", str(model), "--image-root", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
