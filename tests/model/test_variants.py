@@ -12,8 +12,7 @@ from pv2tea.data.dataset import value_vocabulary
 from pv2tea.data.schema import Record
 from pv2tea.inference.predictor import build_for_training, generate_values
 
-TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
-       "schemes.attention_pruning=false", "schemes.visual_nr=false"]
+from pv2tea.experiment import TEA, VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +161,53 @@ def test_matching_needs_two_products_in_the_batch(tiny_text_ckpt, recs):
 def test_alignment_is_validated():
     with pytest.raises(ConfigError, match="alignment"):
         load_config(None, ["schemes.alignment=itc"])
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_experiment_variant_builds_weighs_trains_and_answers(tiny_text_ckpt, recs, name):
+    """Each row of `pv2tea experiment` as configured there: its parts, S3 weights, loss terms, gradients, answers."""
+    from pv2tea.train.loop import sample_weights
+
+    model, pre = _build(tiny_text_ckpt, recs, *VARIANTS[name], "schemes.prediction_nr_start_epoch=0")
+    s = model.cfg.schemes
+    assert (model.visual is None) == (name == "tea")
+    if model.visual is not None:
+        assert (model.visual.mask_head is not None) == s.attention_pruning
+    assert (model.category_head is not None) == s.category_loss
+    weights, stats = sample_weights(model, pre, recs, epoch=1, cfg=model.cfg)
+    assert ("s_v_mean" in stats) == (s.visual_nr and model.visual is not None)
+    assert ("s_p_mean" in stats) == s.prediction_nr
+    if weights is not None:
+        assert weights.shape == (4,) and weights.mean() == pytest.approx(1.0)
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    model.train()
+    out = model(batch, None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
+    expected = {"loss_gen"} | ({"loss_ct"} if s.category_loss else set())
+    if s.contrastive:
+        expected |= {"loss_sc" if s.alignment == "contrastive" else "loss_itm"}
+    assert set(out.terms) == expected and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert _all_grads(model) == []
+    answers = generate_values(model, pre, recs, batch_size=2)
+    assert len(answers) == 4 and all(isinstance(a, list) for a in answers)
+
+
+def test_variant_names_switch_what_they_say():
+    """Each ablation differs from pv2tea in exactly the settings its name (paper Tables 4-6, 9-11) says."""
+    from pv2tea.config import config_differences
+
+    base = load_config("cpu").to_dict()
+    changed = {name: {k for k, _, _ in config_differences(base, load_config("cpu", VARIANTS[name]).to_dict())}
+               for name in VARIANTS}
+    assert changed["pv2tea"] == set()
+    assert changed["wo_sc"] == {"schemes.contrastive"}
+    assert changed["wo_smooth"] == {"schemes.alpha"} and load_config("cpu", VARIANTS["wo_smooth"]).schemes.alpha == 0
+    assert changed["wo_ct"] == {"schemes.category_loss"}
+    assert changed["wo_pruning"] == {"schemes.attention_pruning"}
+    assert changed["wo_ct_pruning"] == {"schemes.category_loss", "schemes.attention_pruning"}
+    assert changed["wo_vis_nr"] == {"schemes.visual_nr"} and changed["wo_pred_nr"] == {"schemes.prediction_nr"}
+    assert changed["wo_nr"] == {"schemes.visual_nr", "schemes.prediction_nr"}
+    assert changed["pv2tea_cls"] == {"decoder.head"} and changed["matching"] == {"schemes.alignment"}
+    assert {"vision.enabled", "schemes.contrastive"} <= changed["tea"]
+    for a in ("0.2", "0.6", "0.8"):
+        assert changed[f"alpha_{a}"] == {"schemes.alpha"}
