@@ -76,7 +76,7 @@ def _read_candidates(path: Path | None) -> dict | None:
 
 
 def _predict(model: Path, records, batch_size: int, num_beams: int | None, candidates: Path | None):
-    """Load a checkpoint and extract values for records (shared by evaluate and predict)."""
+    """Load a checkpoint and extract values for records (evaluate)."""
     from pv2tea.inference.predictor import Predictor
 
     return Predictor.from_checkpoint(model).predict(records, batch_size=batch_size, num_beams=num_beams,
@@ -182,27 +182,27 @@ def predict(
     candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
     keep_grounded: Annotated[bool, typer.Option("--keep-grounded", help="Keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.")] = False,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")] = 4096,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.")] = False,
 ) -> None:
-    """Extract attribute values for every row and write them as JSON Lines."""
+    """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
     _quiet_libraries()
+    from pv2tea.inference.batch import predict_to_file
+    from pv2tea.inference.predictor import Predictor
+
     try:
         dataset = _load(data, skip_invalid, require_label=False)
         if keep_grounded and not any(r.label for r in dataset.records):
             raise ValueError(f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; "
                              "no row has one")
-        preds = _predict(model, dataset.records, batch_size, num_beams, candidates)
+        result = predict_to_file(Predictor.from_checkpoint(model), dataset.records, out, batch_size=batch_size,
+                                 num_beams=num_beams, candidates=_read_candidates(candidates),
+                                 keep_grounded=keep_grounded, chunk_size=chunk_size, resume=resume)
     except _expected_errors() as exc:
         _fail(str(exc))
-    from pv2tea.inference.predictor import prediction_rows
-
-    rows = prediction_rows(dataset.records, preds, keep_grounded)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, out)
-    console.print(f"{len(preds)} prediction(s) written to {out}"
-                  + (f"; {sum(r['kept_label'] for r in rows)} grounded label(s) kept" if keep_grounded else "")
+    console.print(f"{result.written + result.resumed} prediction(s) written to {out}"
+                  + (f" ({result.resumed} from the interrupted run)" if result.resumed else "")
+                  + (f"; {result.kept} grounded label(s) kept" if keep_grounded else "")
                   + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else ""))
 
 
