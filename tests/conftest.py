@@ -35,6 +35,20 @@ def tiny_text_ckpt(tmp_path_factory) -> Path:
     return make_tiny_text_checkpoint(tmp_path_factory.mktemp("tiny_bert"))
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory, tiny_text_ckpt) -> tuple[Path, dict[str, Path]]:
+    """A tiny model trained for one epoch on a 16-product synthetic catalog: (its final/ folder, the catalog)."""
+    from pv2tea.cli import main
+    from pv2tea.data.synth import make_catalog
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    catalog = make_catalog(root / "catalog", n_products=16, seed=4, image_size=48)
+    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1"]
+    assert main(["train", "--train", str(catalog["train"]), "--out", str(root / "run"), "--no-progress",
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    return root / "run" / "final", catalog
+
+
 def tiny_overrides(text_path: Path) -> list[str]:
     """Dotted overrides that make every part tiny and random (fast on CPU)."""
     return [

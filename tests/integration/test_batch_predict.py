@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
 from pv2tea.cli import main
-from pv2tea.data.synth import make_catalog
 from pv2tea.data.validate import load_dataset
 from pv2tea.inference.predictor import Predictor, prediction_rows
 
@@ -19,13 +17,9 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_text_ckpt):
-    root = tmp_path_factory.mktemp("batch")
-    catalog = make_catalog(root / "catalog", n_products=16, seed=6, image_size=48)
-    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1"]
-    assert main(["train", "--train", str(catalog["train"]), "--out", str(root / "run"), "--no-progress",
-                 *[a for o in overrides for a in ("--set", o)]]) == 0
-    return root / "run" / "final", catalog["train"]
+def trained(tiny_trained):
+    model, catalog = tiny_trained
+    return model, catalog["train"]
 
 
 def test_chunks_resume_after_a_crash_and_equal_one_pass(trained, tmp_path, monkeypatch, capsys):

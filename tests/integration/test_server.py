@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import tiny_overrides
 from pv2tea.cli import main
-from pv2tea.data.synth import make_catalog
 from pv2tea.data.validate import load_dataset
 from pv2tea.inference.predictor import Predictor
 from pv2tea.inference.server import create_app
@@ -19,14 +17,10 @@ from pv2tea.regularize.grounding import label_in_text
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_text_ckpt):
-    """A tiny model trained for one epoch and 16 of its catalog rows (raw and validated)."""
-    root = tmp_path_factory.mktemp("serve")
-    catalog = make_catalog(root / "catalog", n_products=16, seed=4, image_size=48)
-    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1"]
-    assert main(["train", "--train", str(catalog["train"]), "--out", str(root / "run"), "--no-progress",
-                 *[a for o in overrides for a in ("--set", o)]]) == 0
-    predictor = Predictor.from_checkpoint(root / "run" / "final")
+def served(tiny_trained):
+    """The tiny trained model and 16 of its catalog rows (raw and validated)."""
+    model, catalog = tiny_trained
+    predictor = Predictor.from_checkpoint(model)
     raw = [json.loads(line) for line in Path(catalog["train"]).read_text().splitlines()][:16]
     records = load_dataset(catalog["train"]).records[:16]
     return predictor, catalog, raw, records
@@ -121,7 +115,7 @@ def test_serve_command(served, monkeypatch, tmp_path, capsys):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: started.update(app=app, host=host, port=port))
-    model = Path(catalog["train"]).parent.parent / "run" / "final"
+    model = Path(catalog["train"]).parent.parent / "run" / "final"  # the tiny_trained layout
     assert main(["serve", "--model", str(model), "--port", "8123"]) == 0
     assert started["host"] == "127.0.0.1" and started["port"] == 8123
     assert TestClient(started["app"]).get("/health").json()["model"] == str(model)
