@@ -109,9 +109,9 @@ class SchemesConfig:
     knn_k: int = 10
     # the visual representation whose K nearest neighbours S3 compares labels over: "backbone" (the mean of the
     # visual backbone's output tokens), "masked" (their mean weighted by S2's current mask σ(M), so the
-    # neighbours are chosen by the product's pixels rather than background and distractors), "pooled" (the model's v_cls, which L_ct trains to tell categories apart,
-    # so its neighbours share the category more than the value) or "aligned" (v_cls in S1's image-text space;
-    # needs schemes.contrastive)
+    # neighbours are chosen by the product's pixels rather than background and distractors), "pooled" (the
+    # model's v_cls, which L_ct trains to tell categories apart, so its neighbours share the category more than
+    # the value) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
     nr_features: str = "backbone"
     # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)

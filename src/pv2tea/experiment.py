@@ -161,6 +161,11 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     return report
 
 
+def _as_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as it reads back from ``config.yaml`` (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(data, sort_keys=False))
+
+
 def check_same_config(run_dir: Path, cfg: Config) -> None:
     """Refuse to reuse or resume a run folder whose saved ``config.yaml`` differs from ``cfg``.
 
@@ -171,12 +176,9 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    def as_saved(data: dict[str, Any]) -> dict[str, Any]:  # tuples → lists, as in the YAML
-        return yaml.safe_load(yaml.safe_dump(data, sort_keys=False))
-
-    requested = as_saved(cfg.to_dict())
+    requested = _as_saved(cfg.to_dict())
     try:  # a setting added since the run was made has its default there
-        saved = as_saved(from_dict(yaml.safe_load(saved_path.read_text()) or {}).to_dict())
+        saved = _as_saved(from_dict(yaml.safe_load(saved_path.read_text()) or {}).to_dict())
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(f"{saved_path} cannot be compared with the requested settings: {exc}. "
                           f"Choose another --out.") from exc
