@@ -184,20 +184,27 @@ def predict(
     keep_grounded: Annotated[bool, typer.Option("--keep-grounded", help="Keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.")] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")] = 4096,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.")] = False,
+    extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor (pv2tea weak-label ... --save DIR): rank each row's candidates by the model's likelihood times the extractor's probability (needs --candidates).")] = None,
+    extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion (0: the model alone).")] = 1.0,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
     _quiet_libraries()
+    from pv2tea.baselines.text_extractor import load_extractor
     from pv2tea.inference.batch import predict_to_file
+    from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
 
     try:
+        check_fusion(candidates, extractor)
+        text_extractor = load_extractor(extractor) if extractor is not None else None
         dataset = _load(data, skip_invalid, require_label=False)
         if keep_grounded and not any(r.label for r in dataset.records):
             raise ValueError(f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; "
                              "no row has one")
         result = predict_to_file(Predictor.from_checkpoint(model), dataset.records, out, batch_size=batch_size,
                                  num_beams=num_beams, candidates=_read_candidates(candidates),
-                                 keep_grounded=keep_grounded, chunk_size=chunk_size, resume=resume)
+                                 keep_grounded=keep_grounded, chunk_size=chunk_size, resume=resume,
+                                 extractor=text_extractor, extractor_weight=extractor_weight)
     except _expected_errors() as exc:
         _fail(str(exc))
     console.print(f"{result.written + result.resumed} prediction(s) written to {out}"
@@ -215,23 +222,30 @@ def serve(
     candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     max_products: Annotated[int, typer.Option(min=1, help="Most products one request may carry.")] = 1024,
+    extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).")] = None,
+    extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")] = 1.0,
 ) -> None:
     """Serve a model over HTTP: POST /predict, GET /health (API description at /docs)."""
     _quiet_libraries()
     import uvicorn
 
+    from pv2tea.baselines.text_extractor import load_extractor
+    from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
 
     if image_root is not None and not image_root.is_dir():
         _fail(f"--image-root {image_root}: not a folder")
     try:
+        check_fusion(candidates, extractor)
         predictor = Predictor.from_checkpoint(model)
         cands = _read_candidates(candidates)
+        app_ = create_app(predictor, model_name=str(model), candidates=cands, image_root=image_root,
+                          batch_size=batch_size, max_products=max_products,
+                          extractor=load_extractor(extractor) if extractor is not None else None,
+                          extractor_weight=extractor_weight)
     except _expected_errors() as exc:
         _fail(str(exc))
-    app_ = create_app(predictor, model_name=str(model), candidates=cands, image_root=image_root,
-                      batch_size=batch_size, max_products=max_products)
     console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health, docs at /docs)")
     uvicorn.run(app_, host=host, port=port, log_level="info")
 

@@ -56,6 +56,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 REFERENCES = ("weak_labels", "text_extractor")
 KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states
+FUSED_SUFFIX = "+extractor"  # a variant's row when its candidate ranking is fused with the text extractor
 METRICS = ("precision", "recall", "f1", "accuracy")
 
 
@@ -102,12 +103,15 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
 
 def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str | None,
                 overrides: Sequence[str], progress: bool = False, candidates: Mapping | None = None,
-                run_name: str | None = None) -> dict[str, Any]:
+                run_name: str | None = None, priors: Sequence[Mapping[str, float]] | None = None
+                ) -> dict[str, Any]:
     """Train (or resume, or reuse) one variant/seed and return its test report (+ retrieval).
 
     With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
-    predictions. When the test rows carry weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`,
-    with its own ``constrained``). ``run_name`` names the run folder (default: the variant name).
+    predictions, and with ``priors`` (the text extractor's class probabilities of each test row) ``fused``: the
+    candidates ranked by model and extractor together (:mod:`pv2tea.inference.fusion`). When the test rows carry
+    weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`, with its own ``constrained``).
+    ``run_name`` names the run folder (default: the variant name).
     """
     run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
@@ -117,14 +121,20 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         check_same_config(run_dir, cfg)
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        if "keep_grounded" not in report and (run_dir / "final").is_dir() and _has_labels(data.test):
-            # a run finished before this report existed: add it from the final model
+        want_keep = "keep_grounded" not in report and _has_labels(data.test)
+        want_fused = "fused" not in report and bool(candidates) and priors is not None
+        if (want_keep or want_fused) and (run_dir / "final").is_dir():
+            # a run finished before these reports existed: add them from the final model
             predictor = Predictor.from_checkpoint(run_dir / "final")
             batch_size = predictor.model.cfg.train.eval_batch_size
-            report["keep_grounded"] = keep_grounded_report(data.test, predictor.predict(data.test, batch_size), multi)
-            if candidates:
-                ranked = predictor.predict(data.test, batch_size, candidates=candidates)
-                report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+            if want_keep:
+                report["keep_grounded"] = keep_grounded_report(data.test, predictor.predict(data.test, batch_size),
+                                                               multi)
+                if candidates:
+                    ranked = predictor.predict(data.test, batch_size, candidates=candidates)
+                    report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+            if want_fused:
+                report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
             write_report(report, report_path)
         return report
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,12 +163,22 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
             report["constrained"] = source_aware_report(gold_examples(data.test, ranked, multi))
             if "keep_grounded" in report:
                 report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+            if priors is not None:
+                report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
     write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
         # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return report
+
+
+def _fused_report(predictor: Predictor, records: Sequence[Record], candidates: Mapping,
+                  priors: Sequence[Mapping[str, float]], multi: dict[str, bool]) -> dict[str, Any]:
+    """The report of candidates ranked by the model and the text extractor together (late fusion)."""
+    ranked = predictor.predict(records, predictor.model.cfg.train.eval_batch_size, candidates=candidates,
+                               priors=priors)
+    return source_aware_report(gold_examples(records, ranked, multi))
 
 
 def _as_saved(data: dict[str, Any]) -> dict[str, Any]:

@@ -76,3 +76,34 @@ def test_a_partial_file_from_other_input_is_refused(trained, tmp_path, capsys):
     (tmp_path / "p.jsonl.partial").write_text(json.dumps({"id": "elsewhere", "values": []}) + "\n")
     assert main(["predict", "--model", str(model), "--data", str(data), "--out", str(out), "--resume"]) == 2
     assert "holds id 'elsewhere'" in " ".join(capsys.readouterr().err.split())
+
+
+def test_predict_fused_with_a_saved_extractor(trained, tmp_path, capsys):
+    from pv2tea.baselines.text_extractor import TfidfTextExtractor
+    from pv2tea.eval.normalize import normalize_value
+
+    model, data = trained
+    records = load_dataset(data).records
+    extractor_dir = TfidfTextExtractor().fit(records).save(tmp_path / "extractor")
+    values = {a: sorted({v for r in records if r.attribute == a for v in r.label})
+              for a in {r.attribute for r in records}}
+    cands = tmp_path / "cands.json"
+    cands.write_text(json.dumps(values))
+    out = tmp_path / "fused.jsonl"
+    base = ["predict", "--model", str(model), "--data", str(data), "--candidates", str(cands)]
+    assert main([*base, "--out", str(out), "--extractor", str(extractor_dir)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r.id for r in records]
+    assert all(len(r["values"]) == 1 and r["values"][0] in values[r["attribute"]] for r in rows)
+    # with a dominant extractor weight the answers are the extractor's most probable candidates
+    strong = tmp_path / "strong.jsonl"
+    assert main([*base, "--out", str(strong), "--extractor", str(extractor_dir), "--extractor-weight", "1000"]) == 0
+    extractor = TfidfTextExtractor.load(extractor_dir)
+    expected = [max(values[r.attribute], key=lambda v: p.get(normalize_value(v), 0.0))
+                for r, p in zip(records, extractor.value_probabilities(records))]
+    assert [json.loads(line)["values"][0] for line in strong.read_text().splitlines()] == expected
+    capsys.readouterr()
+    assert main([*base[:5], "--out", str(tmp_path / "x.jsonl"), "--extractor", str(extractor_dir)]) == 2
+    assert "needs candidate lists (--candidates)" in " ".join(capsys.readouterr().err.split())
+    assert main([*base, "--out", str(tmp_path / "y.jsonl"), "--extractor", str(tmp_path / "nowhere")]) == 2
+    assert "not a saved text extractor" in " ".join(capsys.readouterr().err.split())

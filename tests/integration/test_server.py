@@ -122,3 +122,25 @@ def test_serve_command(served, monkeypatch, tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--model", str(model), "--image-root", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_predict_fused_with_the_extractor_as_the_python_api(served):
+    from pv2tea.baselines.text_extractor import TfidfTextExtractor
+
+    predictor, catalog, raw, records = served
+    extractor = TfidfTextExtractor().fit(records)
+    cands = {a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}}
+    client = TestClient(create_app(predictor, candidates=cands, extractor=extractor, extractor_weight=2.0))
+    assert client.get("/health").json()["extractor"] is True
+    response = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw]})
+    assert response.status_code == 200, response.text
+    expected = predictor.predict(records, 32, candidates=cands, priors=extractor.value_probabilities(records),
+                                 prior_weight=2.0)
+    assert [a["values"] for a in response.json()["predictions"]] == expected
+    unknown = {**_inline(raw[0], catalog), "attribute": "sleeve style"}
+    bad = client.post("/predict", json={"products": [_inline(raw[1], catalog), unknown]})
+    assert bad.status_code == 422
+    assert [(p["row"], p["field"]) for p in bad.json()["detail"]] == [(2, "attribute")]
+    assert "unknown to the text extractor" in bad.json()["detail"][0]["message"]
+    with pytest.raises(ValueError, match="needs candidate lists"):
+        create_app(predictor, extractor=extractor)

@@ -122,6 +122,26 @@ def test_candidates_rank_by_sequence_likelihood(tiny_text_ckpt, recs):
     assert preds[2][0] in ("solid", "striped") and preds[3][0] in ("solid", "striped")
 
 
+@pytest.mark.parametrize("head", ["generate", "classify"])
+def test_extractor_fusion_reranks_candidates(tiny_text_ckpt, recs, head):
+    """A prior fused with weight 0 changes nothing; a confident prior with a large weight decides; a prior
+    spread evenly over the candidates leaves the model's ranking as it is."""
+    model, pre = _build(tiny_text_ckpt, recs, f"decoder.head={head}")
+    model.eval()
+    cands = {"color": ["red", "green"], "pattern": ["solid", "striped"]}
+    alone = generate_values(model, pre, recs, batch_size=4, candidates=cands)
+    # for each row, the prior puts its mass on the candidate the model did not pick
+    other = [[c for c in cands[r.attribute] if [c] != p][0] for r, p in zip(recs, alone)]
+    priors = [{o: 0.99, **{c: 0.01 for c in cands[r.attribute] if c != o}} for r, o in zip(recs, other)]
+    kwargs = dict(batch_size=4, candidates=cands, priors=priors)
+    assert generate_values(model, pre, recs, prior_weight=0.0, **kwargs) == alone
+    assert generate_values(model, pre, recs, prior_weight=50.0, **kwargs) == [[o] for o in other]
+    flat = [{c: 0.5 for c in cands[r.attribute]} for r in recs]
+    assert generate_values(model, pre, recs, batch_size=4, candidates=cands, priors=flat) == alone
+    with pytest.raises(ValueError, match="3 priors for 4 records"):
+        generate_values(model, pre, recs, **{**kwargs, "priors": priors[:3]})
+
+
 def test_binary_matching_variant_trains_and_retrieves(tiny_text_ckpt, recs):
     from pv2tea.experiment import retrieval_on
     from pv2tea.inference.predictor import Predictor

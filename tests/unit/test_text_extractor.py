@@ -185,3 +185,17 @@ def test_tfidf_on_gold_labels_is_better_on_text_sourced_values(tmp_path: Path) -
     assert text["f1"] > image["f1"]
     with pytest.raises(ValueError, match="pattern"):
         evaluate_extractor(extractor, test, {"color": True})
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_value_probabilities_agree_with_predict(flavour: str, fitted: dict[str, TextExtractor],
+                                                toy: list[Record]) -> None:
+    extractor = fitted[flavour]
+    materials = [r for r in toy if r.attribute == "material"]
+    probabilities = extractor.value_probabilities(materials)
+    for probs, values in zip(probabilities, extractor.predict(materials)):
+        assert set(probs) == {"wood", "steel", "glass"}  # keyed by normalized value
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)  # single-value: one distribution
+        assert max(probs, key=probs.get) == values[0].lower()
+    with pytest.raises(ValueError, match="'pattern'"):
+        extractor.value_probabilities([replace(toy[1], attribute="pattern")])

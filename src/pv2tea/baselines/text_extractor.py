@@ -375,6 +375,25 @@ class TextExtractor(ABC):
                 predictions[position] = [vocab.surfaces[k] for k in chosen]
         return predictions
 
+    def value_probabilities(self, records: Sequence[Record]) -> list[dict[str, float]]:
+        """Each record's class probabilities, keyed by normalized value (the prior of late fusion,
+        :mod:`pv2tea.inference.fusion`). Single-value attributes sum to 1; a multi-value attribute gives
+        each value its own probability.
+
+        Raises:
+            ValueError: naming any attribute not seen in training.
+        """
+        records = list(records)
+        self._require_fitted()
+        _check_attributes(self.vocabularies, records)
+        out: list[dict[str, float]] = [{} for _ in records]
+        for attribute, positions in _group_by_attribute(records).items():
+            vocab = self.vocabularies[attribute]
+            probabilities = self._probabilities([records[i] for i in positions], vocab)  # (n, classes)
+            for position, row in zip(positions, probabilities):
+                out[position] = {key: float(p) for key, p in zip(vocab.keys, row)}
+        return out
+
     def _texts(self, records: Iterable[Record]) -> list[str]:
         return [crop_words(record.text, self.config.max_words) for record in records]
 

@@ -6,7 +6,9 @@ label the multimodal evaluation products; (3) k-fold cross-validation over those
 by product): PV2TEA and its variants train on the weak labels of k−1 folds with their images
 (plus, optionally, text-only training rows as image-less samples) and are scored against gold on
 the held-out fold, by free generation and ranked among the domain's closed option lists; a
-PV2TEA trained on the gold labels of the same folds is the ceiling. Runs resume: every finished
+PV2TEA trained on the gold labels of the same folds is the ceiling. Each model variant also gets a
+``<variant>+extractor`` row: its candidate ranking fused with the extractor's class probabilities (the model
+deployed next to the extractor, :mod:`pv2tea.inference.fusion`). Runs resume: every finished
 (fold, variant, seed) keeps its ``test_report.json``.
 """
 
@@ -24,7 +26,7 @@ from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import source_aware_report
 from pv2tea.eval.normalize import normalize_value
-from pv2tea.experiment import KEEP_SUFFIX, VARIANTS, Split, gold_examples, mean_std, run_variant
+from pv2tea.experiment import FUSED_SUFFIX, KEEP_SUFFIX, VARIANTS, Split, gold_examples, mean_std, run_variant
 from pv2tea.train.loop import multi_value_attributes
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
@@ -135,12 +137,18 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         report["constrained"] = source_aware_report(gold_examples(test, _constrain(preds, test, candidates), multi))
         reports.setdefault("text_extractor", []).append(report)
         split = Split(train=train_weak + extra, val=[], test=test)
+        priors = extractor.value_probabilities(test) if candidates else None
         for name in cfg.variants:
             for seed in cfg.seeds:
-                result = run_variant(name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates)
+                result = run_variant(name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates,
+                                     priors=priors)
                 reports.setdefault(name, []).append(result)
                 if "keep_grounded" in result:  # deployed next to the extractor: its labels the text states kept
                     reports.setdefault(f"{name}{KEEP_SUFFIX}", []).append(result["keep_grounded"])
+                if "fused" in result:  # deployed next to the extractor: candidates ranked by both
+                    # fusion only ranks candidates, so the row's open and constrained blocks are the same
+                    reports.setdefault(f"{name}{FUSED_SUFFIX}", []).append({**result["fused"],
+                                                                             "constrained": result["fused"]})
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
             gold_train = [replace(r, label=tuple(r.gold)) for r in train_weak]

@@ -17,7 +17,9 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from pv2tea.baselines.text_extractor import TextExtractor
 from pv2tea.data.schema import Record
+from pv2tea.inference import fusion
 from pv2tea.inference.predictor import Predictor, prediction_rows
 
 
@@ -53,13 +55,18 @@ def _read_partial(path: Path) -> dict[str, dict[str, Any]]:
 
 def predict_to_file(predictor: Predictor, records: Sequence[Record], out: str | Path, *, batch_size: int = 32,
                     num_beams: int | None = None, candidates: Mapping | None = None, keep_grounded: bool = False,
-                    chunk_size: int = 4096, resume: bool = False, progress: bool = True) -> BatchResult:
+                    chunk_size: int = 4096, resume: bool = False, progress: bool = True,
+                    extractor: TextExtractor | None = None, extractor_weight: float = 1.0) -> BatchResult:
     """Predict every record into ``out`` (JSON Lines, rows of :func:`prediction_rows`), chunk by chunk.
+
+    With ``extractor`` (and ``candidates``) each chunk's candidate ranking is fused with the extractor's class
+    probabilities (:mod:`pv2tea.inference.fusion`).
 
     Raises:
         ValueError: ``OUT.partial`` exists (an interrupted run) and ``resume`` is false, or it holds ids that
             ``records`` does not (it was written for other input).
     """
+    fusion.check_fusion(candidates, extractor)
     out = Path(out)
     partial = partial_path(out)
     done: dict[str, dict[str, Any]] = {}
@@ -81,7 +88,9 @@ def predict_to_file(predictor: Predictor, records: Sequence[Record], out: str | 
                                        unit="row", disable=not progress) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            preds = predictor.predict(chunk, batch_size, num_beams, candidates=candidates)
+            priors = extractor.value_probabilities(chunk) if extractor is not None else None
+            preds = predictor.predict(chunk, batch_size, num_beams, candidates=candidates, priors=priors,
+                                      prior_weight=extractor_weight)
             rows = prediction_rows(chunk, preds, keep_grounded)
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import BertConfig
@@ -13,6 +14,7 @@ from pv2tea.config import Config
 from pv2tea.data.dataset import Preprocessor, RecordDataset, candidate_lookup, make_collate
 from pv2tea.data.schema import Record
 from pv2tea.eval.normalize import normalize_value
+from pv2tea.inference import fusion
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.models.text import load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.vision import data_config
@@ -61,20 +63,33 @@ def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
     return model, pre
 
 
+Prior = Mapping[str, float]  # an extractor's class probabilities of one row, keyed by normalized value
+
+
 def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record],
-                     candidates: Mapping) -> list[list[str] | None]:
-    """Per row: the candidate with the highest sequence likelihood (None: no candidate list)."""
+                     candidates: Mapping, priors: Sequence[Prior | None] | None = None,
+                     prior_weight: float = 1.0) -> list[list[str] | None]:
+    """Per row: the candidate with the highest sequence likelihood (None: no candidate list).
+
+    With ``priors`` (one per record) each candidate's score is fused with the extractor's probability
+    (:mod:`pv2tea.inference.fusion`).
+    """
     lists = [candidate_lookup(candidates, r) for r in records]
+    priors = priors if priors is not None else [None] * len(records)
     if model.decoder is None:  # classification head: restrict the classes
         allowed = torch.zeros(len(records), len(pre.value_classes), dtype=torch.bool)
+        bias = torch.zeros(len(records), len(pre.value_classes))
         for i, (r, cands) in enumerate(zip(records, lists)):
-            for c in cands or []:
-                j = pre.value_index.get((r.attribute, normalize_value(c)))
-                if j is not None:
-                    allowed[i, j] = True
+            known = [(c, pre.value_index.get((r.attribute, normalize_value(c)))) for c in cands or []]
+            known = [(c, j) for c, j in known if j is not None]
+            for c, j in known:
+                allowed[i, j] = True
+            if priors[i] is not None and known:
+                prior = fusion.prior_log_probs([c for c, _ in known], priors[i])
+                bias[i, [j for _, j in known]] = torch.tensor(prior_weight * prior, dtype=bias.dtype)
         has_any = allowed.any(1)
         allowed[~has_any] = True
-        picks = model.classify(batch, allowed)
+        picks = model.classify(batch, allowed, bias if any(p is not None for p in priors) else None)
         return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None
                 for i, p in enumerate(picks)]
     rows = [i for i, c in enumerate(lists) for _ in (c or [])]
@@ -83,23 +98,37 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
         return [None] * len(records)
     enc = pre.tokenizer(texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens,
                         return_tensors="pt")
-    scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"])
-    best: dict[int, tuple[float, str]] = {}
-    for row, text, score in zip(rows, texts, scores.tolist()):
-        if row not in best or score > best[row][0]:
-            best[row] = (score, text)
-    return [[best[i][1]] if i in best else None for i in range(len(records))]
+    scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"]).tolist()
+    out: list[list[str] | None] = []
+    start = 0
+    for i, cands in enumerate(lists):
+        if not cands:
+            out.append(None)
+            continue
+        row_scores = np.array(scores[start:start + len(cands)])  # (C,)
+        start += len(cands)
+        if priors[i] is not None:
+            row_scores = fusion.fuse_scores(row_scores, fusion.prior_log_probs(cands, priors[i]), prior_weight)
+        out.append([cands[int(np.argmax(row_scores))]])
+    return out
 
 
 @torch.no_grad()
 def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], batch_size: int,
                     num_beams: int | None = None, progress: bool = False, desc: str = "predict",
-                    candidates: Mapping | None = None) -> list[list[str]]:
+                    candidates: Mapping | None = None, priors: Sequence[Prior | None] | None = None,
+                    prior_weight: float = 1.0) -> list[list[str]]:
     """Extracted values for each record, in order (model left in its previous train/eval mode).
 
     Open generation by default; with ``candidates`` ({category: {attribute: [values]}} or
-    {attribute: [values]}) rows that have a candidate list get the most likely candidate instead.
+    {attribute: [values]}) rows that have a candidate list get the most likely candidate instead, and with
+    ``priors`` (an extractor's class probabilities per record, :meth:`TextExtractor.value_probabilities`) the
+    candidate that is most likely under both, the extractor weighted by ``prior_weight``.
     """
+    if priors is not None:
+        if len(priors) != len(records):
+            raise ValueError(f"{len(priors)} priors for {len(records)} records")
+        prior_weight = fusion.check_weight(prior_weight)
     was_training = model.training
     model.eval()
     dataset = RecordDataset(records)
@@ -117,7 +146,8 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
         else:
             values = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
         if candidates:
-            ranked = _rank_candidates(model, pre, batch, [dataset.records[i] for i in indices], candidates)
+            ranked = _rank_candidates(model, pre, batch, [dataset.records[i] for i in indices], candidates,
+                                      None if priors is None else [priors[i] for i in indices], prior_weight)
             values = [r if r is not None else v for r, v in zip(ranked, values)]
         out.extend(values)
     model.train(was_training)
@@ -152,9 +182,10 @@ class Predictor:
         return cls(*load_from_checkpoint(directory))
 
     def predict(self, records: Sequence[Record], batch_size: int = 16, num_beams: int | None = None,
-                progress: bool = False, candidates: Mapping | None = None) -> list[list[str]]:
+                progress: bool = False, candidates: Mapping | None = None,
+                priors: Sequence[Prior | None] | None = None, prior_weight: float = 1.0) -> list[list[str]]:
         return generate_values(self.model, self.pre, records, batch_size, num_beams, progress,
-                               candidates=candidates)
+                               candidates=candidates, priors=priors, prior_weight=prior_weight)
 
     @torch.no_grad()
     def attention_masks(self, records: Sequence[Record]) -> list[torch.Tensor | None]:

@@ -22,7 +22,9 @@ from typing import Any, Mapping
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from pv2tea.baselines.text_extractor import TextExtractor
 from pv2tea.data.validate import validate_rows
+from pv2tea.inference import fusion
 from pv2tea.inference.predictor import Predictor, prediction_rows
 
 MAX_IMAGE_BYTES = 20 * 2**20  # per inline image, decoded
@@ -112,8 +114,13 @@ def _rows(request: PredictRequest, folder: Path, image_root: Path | None) -> tup
 
 
 def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mapping | None = None,
-               image_root: str | Path | None = None, batch_size: int = 32, max_products: int = 1024) -> FastAPI:
-    """The FastAPI application serving ``predictor`` (one request predicts at a time; torch uses the cores)."""
+               image_root: str | Path | None = None, batch_size: int = 32, max_products: int = 1024,
+               extractor: TextExtractor | None = None, extractor_weight: float = 1.0) -> FastAPI:
+    """The FastAPI application serving ``predictor`` (one request predicts at a time; torch uses the cores).
+
+    With ``extractor`` (and ``candidates``) candidate ranking is fused with the extractor's probabilities.
+    """
+    fusion.check_fusion(candidates, extractor)
     root = Path(image_root).resolve() if image_root is not None else None
     lock = threading.Lock()
     app = FastAPI(title="pv2tea", summary="Product attribute values from text and image (PV2TEA).")
@@ -121,7 +128,8 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "images": predictor.model.visual is not None,
-                "candidates": candidates is not None, "max_products": max_products}
+                "candidates": candidates is not None, "extractor": extractor is not None,
+                "max_products": max_products}
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
     def predict(request: PredictRequest) -> dict[str, Any]:
@@ -133,13 +141,19 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
             rows, problems = _rows(request, folder, root)
             records, invalid = validate_rows(rows, folder / "request", require_label=False)
             problems += [_problem(e.row, e.field, e.message) for _, errors in invalid for e in errors]
+            if extractor is not None and not invalid:
+                problems += [_problem(n, "attribute", f"'{r.attribute}' is unknown to the text extractor (it knows "
+                                                      f"{', '.join(sorted(extractor.vocabularies))})")
+                             for n, r in enumerate(records, 1) if r.attribute not in extractor.vocabularies]
             if problems:
                 raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
             if request.keep_grounded and not any(r.label for r in records):
                 raise HTTPException(422, [_problem(0, "label", "keep_grounded needs the products' existing "
                                                                "values in 'label'; none has one")])
             with lock:
-                preds = predictor.predict(records, batch_size, request.num_beams, candidates=candidates)
+                priors = extractor.value_probabilities(records) if extractor is not None else None
+                preds = predictor.predict(records, batch_size, request.num_beams, candidates=candidates,
+                                          priors=priors, prior_weight=extractor_weight)
         return {"predictions": prediction_rows(records, preds, request.keep_grounded),
                 "seconds": time.perf_counter() - t0}
 

@@ -418,12 +418,16 @@ class PV2TEA(nn.Module):
         return logits.masked_fill(~own, torch.finfo(logits.dtype).min)
 
     @torch.no_grad()
-    def classify(self, batch: Batch, allowed: torch.Tensor | None = None) -> list[list[int]]:
+    def classify(self, batch: Batch, allowed: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> list[list[int]]:
         """Value-class indices per row: argmax, or for multi-value rows every class with at least half
-        the top probability. ``allowed`` (B, V) bool restricts the classes (candidate lists)."""
+        the top probability. ``allowed`` (B, V) bool restricts the classes (candidate lists); ``bias`` (B, V)
+        is added to the log-probabilities (an extractor's weighted log-prior, late fusion)."""
         logits = self._value_logits(self.encode(batch), batch)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        if bias is not None:
+            logits = logits.log_softmax(-1) + bias
         probs = logits.softmax(-1)  # (B, V)
         top = probs.max(-1, keepdim=True).values
         multi = batch.multi_value if batch.multi_value is not None else torch.zeros(len(batch), dtype=torch.bool)
