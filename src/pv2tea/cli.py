@@ -490,7 +490,8 @@ def bench_implicitave(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     variants: Annotated[str, typer.Option(help="Comma-separated PV2TEA variants (see `experiment`).")] = "tea,pv2tea",
     gold_ceiling: Annotated[bool, typer.Option("--gold-ceiling/--no-gold-ceiling", help="Also train on gold labels.")] = True,
-    text_rows: Annotated[int, typer.Option(help="Text-only training rows added as image-less samples (-1: all).")] = 1000,
+    text_rows: Annotated[int, typer.Option(help="Text-only training rows (image-less samples) per epoch, drawn afresh from the pool each epoch (0: none, -1: the whole pool every epoch).")] = 1000,
+    text_pool: Annotated[int, typer.Option(help="Text-only training rows the per-epoch rows are drawn from (-1: all of train.tsv).")] = -1,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed, half the epochs (smoke test).")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c")] = "cpu",
@@ -508,7 +509,7 @@ def bench_implicitave(
         cfg = BenchConfig(root=root, out=out, domains=[d.strip() for d in domains.split(",")] if domains else None,
                           folds=folds, seeds=[int(s) for s in seeds.split(",") if s.strip()],
                           variants=[v.strip() for v in variants.split(",") if v.strip()], gold_ceiling=gold_ceiling,
-                          text_rows=text_rows, epochs=epochs, quick=quick, config=config, overrides=overrides or [])
+                          text_rows=text_rows, text_pool=text_pool, epochs=epochs, quick=quick, config=config, overrides=overrides or [])
         results = run_bench(cfg, log=lambda m: console.print(m, highlight=False))
     except _expected_errors() as exc:
         _fail(str(exc))

@@ -172,6 +172,9 @@ class TrainConfig:
     # encode images/texts once when their backbone is frozen (vision.freeze / text.freeze) instead of every
     # step; memory: one backbone output per distinct image and text of the train + val sets
     cache_features: bool = True
+    # rows without an image (e.g. a large text-only training set) seen per epoch: a fresh sample each epoch, a
+    # function of (seed, epoch); None: all of them every epoch. Rows with an image are seen every epoch.
+    image_less_per_epoch: int | None = None
 
 
 @dataclass
@@ -365,6 +368,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
+    if cfg.train.image_less_per_epoch is not None and cfg.train.image_less_per_epoch < 0:
+        raise ConfigError(f"train.image_less_per_epoch must be >= 0 or null (all), "
+                          f"got {cfg.train.image_less_per_epoch}")
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be > 0")
     for name, layers in (("text", cfg.text.num_layers), ("fusion", cfg.fusion.num_layers),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from pv2tea.bench.implicitave import BenchConfig, product_folds
@@ -86,6 +87,8 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     # the extractor decides every toy row, so fusing the model with it cannot do worse than the extractor
     assert fused["constrained"]["accuracy"]["mean"] >= home["text_extractor"]["accuracy"] - 1e-9
     assert (out / "tables.md").read_text().startswith("### Home")
+    run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
+    assert run_cfg["train"]["image_less_per_epoch"] == 6  # 6 of the 16 text-only rows, drawn afresh each epoch
     reports = sorted((out / "runs" / "Home" / "fold_0").glob("*/seed_0/test_report.json"))
     assert [p.parts[-3] for p in reports] == ["pv2tea", "pv2tea_gold", "tea"]
     stamps = [p.stat().st_mtime_ns for p in reports]

@@ -178,3 +178,28 @@ def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):
                                                 test[r["id"]]["attribute"], multi[test[r["id"]]["attribute"]])
                                         for r in rows])
     assert main(["demo", "--out", str(out), "--n-products", "20", "--no-progress"]) == 2  # never over a run
+
+
+def test_image_less_rows_drawn_per_epoch_train_and_resume(catalog, tiny_text_ckpt, tmp_path):
+    """Half the rows lose their image; each epoch trains on the image rows plus 4 of the others."""
+    rows = [json.loads(x) for x in Path(catalog["train"]).read_text().splitlines()]
+    for row in rows[::2]:
+        row["images"] = []
+    data = Path(catalog["train"]).parent / "train_half_text_only.jsonl"  # same folder: relative images resolve
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    n_image = sum(bool(r["images"]) for r in rows)
+    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=2", "train.image_less_per_epoch=4",
+                                                  "schemes.prediction_nr_start_epoch=1"]
+
+    def run(out: Path, extra: list[str], *flags: str) -> int:
+        return main(["train", "--train", str(data), "--out", str(out), "--no-progress", *_sets(extra), *flags])
+
+    assert run(tmp_path / "full", overrides) == 0
+    epochs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = -(-(n_image + 4) // 4)  # ceil((image rows + 4) / batch size 4)
+    assert [e["step"] for e in epochs] == [per_epoch, 2 * per_epoch]
+    assert run(tmp_path / "part", overrides + ["train.max_steps=3"]) == 0
+    assert run(tmp_path / "part", ["train.max_steps=null"], "--resume") == 0
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -45,7 +45,8 @@ class BenchConfig:
     quick: bool = False  # 1 fold, 1 seed, fewer epochs: a smoke test of the whole protocol
     variants: list[str] = field(default_factory=lambda: ["tea", "pv2tea"])
     gold_ceiling: bool = True  # also train PV2TEA on the gold labels of the training folds
-    text_rows: int = 1000  # text-only training rows added as image-less samples (0: none, -1: all)
+    text_rows: int = 1000  # text-only rows trained on per epoch, drawn afresh each epoch (0: none, -1: all)
+    text_pool: int = -1  # text-only rows they are drawn from (-1: all of the domain's train.tsv)
     epochs: int = 10
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
@@ -121,11 +122,14 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     extracted = {r.id: list(r.label) for r in weak}
 
     rng = random.Random(0)
-    extra = list(text_rows) if cfg.text_rows < 0 else rng.sample(text_rows, min(cfg.text_rows, len(text_rows)))
+    pool = list(text_rows) if cfg.text_pool < 0 else rng.sample(text_rows, min(cfg.text_pool, len(text_rows)))
+    extra = [] if cfg.text_rows == 0 else pool
+    per_epoch = [] if cfg.text_rows < 0 or cfg.text_rows >= len(extra) else [
+        f"train.image_less_per_epoch={cfg.text_rows}"]  # a fresh sample of the pool each epoch
     folds = product_folds(weak, cfg.folds)
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
     epochs = max(2, cfg.epochs // 2) if cfg.quick else cfg.epochs
-    overrides = [*BENCH_OVERRIDES, f"train.epochs={epochs}", *cfg.overrides]
+    overrides = [*BENCH_OVERRIDES, f"train.epochs={epochs}", *per_epoch, *cfg.overrides]
     reports: dict[str, list[dict[str, Any]]] = {}
     for fold in fold_ids:
         held = set(folds[fold])

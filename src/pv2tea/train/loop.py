@@ -56,6 +56,19 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def epoch_rows(records: Sequence[Record], per_epoch: int | None, seed: int, epoch: int) -> list[int]:
+    """The record indices trained on in one epoch: every row with an image, plus ``per_epoch`` of the rows
+    without one (all of them when None), drawn afresh each epoch as a pure function of (seed, epoch), so that a
+    large text-only training set is covered over the epochs at the cost of ``per_epoch`` rows, and resume
+    replays the draw."""
+    image_less = [i for i, r in enumerate(records) if not r.images]
+    if per_epoch is None or per_epoch >= len(image_less):
+        return list(range(len(records)))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 70_000)
+    drawn = {image_less[j] for j in torch.randperm(len(image_less), generator=g)[:per_epoch].tolist()}
+    return [i for i, r in enumerate(records) if r.images or i in drawn]
+
+
 def mention_dropout_rows(free_texts: Sequence[str | None], p: float, seed: int, epoch: int) -> dict[int, str]:
     """Rows whose text loses its label's mentions this epoch (index → mention-free text): each row that has a
     mention-free text with probability p, a pure function of (seed, epoch) so resume replays it."""
@@ -181,6 +194,13 @@ def multi_value_attributes(records: Sequence[Record]) -> dict[str, bool]:
     return out
 
 
+def _scatter(values: np.ndarray, rows: Sequence[int], n: int) -> np.ndarray:
+    """A length-n array of ones holding ``values`` at ``rows``."""
+    out = np.ones(n)
+    out[list(rows)] = values
+    return out
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -242,7 +262,12 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                  len(pre.cache.images), len(pre.cache.texts), time.time() - cache_t0)
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=True)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    per_epoch = len(epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, 0))  # same every epoch
+    if per_epoch < len(records):
+        log.info("each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
+                 sum(bool(r.images) for r in records), per_epoch - sum(bool(r.images) for r in records),
+                 sum(not r.images for r in records))
+    steps_per_epoch = math.ceil(per_epoch / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     bert_config = model.bert_config.to_dict()
@@ -279,9 +304,13 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     while epoch < cfg.train.epochs and not stop:
         epoch_t0 = time.time()
         weight_stats: dict[str, float] = {}
+        rows = epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, epoch)
         if step_in_epoch == 0:
-            weights, weight_stats = sample_weights(model, pre, records, epoch, cfg, progress)
-        batches = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch)
+            weights, weight_stats = sample_weights(model, pre, [records[i] for i in rows], epoch, cfg, progress)
+            if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
+                weights = _scatter(weights, rows, len(records))
+        batches = [[rows[j] for j in b] for b in epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed,
+                                                               epoch)]
         swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
         sums: dict[str, float] = {}
         bar = tqdm(total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
