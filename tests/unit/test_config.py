@@ -182,3 +182,10 @@ def test_config_differences_literal():
     assert config_differences(saved, requested) == [("b.c", [1, 2], [1, 3]), ("b.new", None, 0.5),
                                                     ("gone", True, None)]
     assert config_differences(requested, requested) == []
+
+
+def test_image_less_per_epoch_bounds():
+    assert load_config(None, ["train.image_less_per_epoch=0"]).train.image_less_per_epoch == 0
+    assert load_config(None, ["train.image_less_per_epoch=null"]).train.image_less_per_epoch is None
+    with pytest.raises(ConfigError, match="image_less_per_epoch"):
+        load_config(None, ["train.image_less_per_epoch=-1"])
