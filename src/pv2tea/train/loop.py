@@ -264,9 +264,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     collate = make_collate(pre, dataset, with_answers=True)
     per_epoch = len(epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, 0))  # same every epoch
     if per_epoch < len(records):
+        n_image = sum(bool(r.images) for r in records)
         log.info("each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
-                 sum(bool(r.images) for r in records), per_epoch - sum(bool(r.images) for r in records),
-                 sum(not r.images for r in records))
+                 n_image, per_epoch - n_image, len(records) - n_image)
     steps_per_epoch = math.ceil(per_epoch / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
