@@ -66,7 +66,7 @@ def test_bench_config_is_validated():
 def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "4",
-            "--text-rows", "6", *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+            "--text-rows", "6", "--text-pool", "-1", *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)

@@ -45,8 +45,10 @@ class BenchConfig:
     quick: bool = False  # 1 fold, 1 seed, fewer epochs: a smoke test of the whole protocol
     variants: list[str] = field(default_factory=lambda: ["tea", "pv2tea"])
     gold_ceiling: bool = True  # also train PV2TEA on the gold labels of the training folds
-    text_rows: int = 1000  # text-only rows trained on per epoch, drawn afresh each epoch (0: none, -1: all)
-    text_pool: int = -1  # text-only rows they are drawn from (-1: all of the domain's train.tsv)
+    text_rows: int = 1000  # text-only rows trained on per epoch (0: none, -1: the whole pool)
+    # text-only rows of the domain's train.tsv they come from (-1: all; None: text_rows, i.e. one fixed sample seen
+    # every epoch); a pool larger than text_rows gives a fresh draw each epoch (train.image_less_per_epoch)
+    text_pool: int | None = None
     epochs: int = 10
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
@@ -122,7 +124,8 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     extracted = {r.id: list(r.label) for r in weak}
 
     rng = random.Random(0)
-    pool = list(text_rows) if cfg.text_pool < 0 else rng.sample(text_rows, min(cfg.text_pool, len(text_rows)))
+    size = cfg.text_rows if cfg.text_pool is None else cfg.text_pool
+    pool = list(text_rows) if size < 0 else rng.sample(text_rows, min(size, len(text_rows)))
     extra = [] if cfg.text_rows == 0 else pool
     per_epoch = [] if cfg.text_rows < 0 or cfg.text_rows >= len(extra) else [
         f"train.image_less_per_epoch={cfg.text_rows}"]  # a fresh sample of the pool each epoch
