@@ -83,6 +83,15 @@ def _predict(model: Path, records, batch_size: int, num_beams: int | None, candi
                                                     progress=True, candidates=_read_candidates(candidates))
 
 
+def _load_extractor(path: Path | None):
+    """A saved text extractor for --extractor fusion (its libraries are imported only then)."""
+    if path is None:
+        return None
+    from pv2tea.baselines.text_extractor import load_extractor
+
+    return load_extractor(path)
+
+
 def _data_report(*results) -> dict:
     return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
                      "skipped": [str(e) for e in r.skipped], "warnings": r.warnings} for r in results}
@@ -189,14 +198,13 @@ def predict(
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
     _quiet_libraries()
-    from pv2tea.baselines.text_extractor import load_extractor
     from pv2tea.inference.batch import predict_to_file
     from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
 
     try:
         check_fusion(candidates, extractor)
-        text_extractor = load_extractor(extractor) if extractor is not None else None
+        text_extractor = _load_extractor(extractor)
         dataset = _load(data, skip_invalid, require_label=False)
         if keep_grounded and not any(r.label for r in dataset.records):
             raise ValueError(f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; "
@@ -229,7 +237,6 @@ def serve(
     _quiet_libraries()
     import uvicorn
 
-    from pv2tea.baselines.text_extractor import load_extractor
     from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
@@ -242,7 +249,7 @@ def serve(
         cands = _read_candidates(candidates)
         app_ = create_app(predictor, model_name=str(model), candidates=cands, image_root=image_root,
                           batch_size=batch_size, max_products=max_products,
-                          extractor=load_extractor(extractor) if extractor is not None else None,
+                          extractor=_load_extractor(extractor),
                           extractor_weight=extractor_weight)
     except _expected_errors() as exc:
         _fail(str(exc))

@@ -13,14 +13,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from pv2tea.baselines.text_extractor import TextExtractor
 from pv2tea.data.schema import Record
 from pv2tea.inference import fusion
 from pv2tea.inference.predictor import Predictor, prediction_rows
+
+if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
+    from pv2tea.baselines.text_extractor import TextExtractor
 
 
 @dataclass

@@ -17,15 +17,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from pv2tea.baselines.text_extractor import TextExtractor
 from pv2tea.data.validate import validate_rows
 from pv2tea.inference import fusion
 from pv2tea.inference.predictor import Predictor, prediction_rows
+
+if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
+    from pv2tea.baselines.text_extractor import TextExtractor
 
 MAX_IMAGE_BYTES = 20 * 2**20  # per inline image, decoded
 
