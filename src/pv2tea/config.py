@@ -138,6 +138,11 @@ class SchemesConfig:
     # looks like a product whose value only the image shows, and teaches the model to answer those from the
     # image with a label that is right; 0 = off
     mention_dropout: float = 0.0
+    # how mention dropout takes the value out: "sentence" drops every sentence or bullet line that states it and
+    # deletes the words only in the title, so the text reads like one that never stated the value; "words"
+    # deletes just the words, which leaves a hole ("Color: ", "Available in .") a model can learn to spot, and
+    # then it answers from the image only where it sees such a hole (BENCHMARKS.md, stop 13)
+    mention_removal: str = "sentence"
 
 
 @dataclass
@@ -364,6 +369,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.text_dropout must be in [0, 1), got {s.text_dropout}")
     if not 0.0 <= s.mention_dropout <= 1.0:
         raise ConfigError(f"schemes.mention_dropout must be in [0, 1], got {s.mention_dropout}")
+    if s.mention_removal not in ("sentence", "words"):
+        raise ConfigError(f"schemes.mention_removal must be 'sentence' or 'words', got '{s.mention_removal}'")
     if not 0.0 <= s.ungrounded_weight <= 1.0:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:

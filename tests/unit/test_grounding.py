@@ -38,23 +38,50 @@ def test_grounding_weights_scale_only_ungrounded_rows():
     ("Navy-Blue mug, navy blue lid, blue cup", ["navy blue"], "mug, lid, blue cup"),           # any separator
     ("A navy blue mug in blue", ["blue", "navy blue"], "A mug in"),                            # longest first
     ("Title\n- Color: Yellow, Green and Pink\n- Soft", ["yellow", "green", "pink"],
-     "Title\n- Color: , and\n- Soft"),                                                        # lines kept
+     "Title\n- Color:\n- Soft"),                                                              # list glue too
+    ("Red/white & blue or green mug", ["red", "white", "blue", "green"], "mug"),
     ("Polka dot (polka-dot) print", ["Polka Dot"], "() print"),
     ("A mug", ["C++"], "A mug"),                                                               # regex-safe
     ("A mug", ["!!"], "A mug"),                                                                # empty value
 ])
-def test_remove_mentions(text, values, expected):
+def test_remove_mentions_words(text, values, expected):
+    out = remove_mentions(text, values, mode="words")
+    assert out == expected
+    assert not any(label_in_text([v], out) for v in values)
+
+
+@pytest.mark.parametrize("text,values,expected", [
+    # a bullet that states the value goes whole: no "Color:" left behind
+    ("Homely Ceramic Mug\n- Dishwasher safe\n- Color: Brown\n- Lead-free\nA gift for housewarmings.", ["brown"],
+     "Homely Ceramic Mug\n- Dishwasher safe\n- Lead-free\nA gift for housewarmings."),
+    # a description sentence that states it goes whole; the other sentences of the line stay
+    ("Urbano Mug\n- Soft\nA gift. Available in purple, red and yellow. Wash cold.", ["purple", "red", "yellow"],
+     "Urbano Mug\n- Soft\nA gift. Wash cold."),
+    # in the title only the words (with their list glue) go
+    ("Urbano Purple, Red and Yellow Mug - Gift Set\n- Soft", ["purple", "red", "yellow"],
+     "Urbano Mug - Gift Set\n- Soft"),
+    ("Striped Rug. Features a striped design! Soft.", ["striped"], "Rug. Soft."),        # sentences of one line
+    ("Red", ["red"], ""),                                                                  # nothing else to keep
+    ("A mug\n- Soft", ["!!"], "A mug\n- Soft"),
+])
+def test_remove_mentions_sentence(text, values, expected):
     out = remove_mentions(text, values)
     assert out == expected
     assert not any(label_in_text([v], out) for v in values)
 
 
+def test_remove_mentions_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="'sentence' or 'words'"):
+        remove_mentions("Red mug", ["red"], mode="tokens")
+
+
 def test_mention_free_texts_only_for_grounded_rows_with_an_image():
-    rows = [Record("a", "Color: Red. A mug", ("a.png",), "mug", "color", ("red",)),
+    rows = [Record("a", "A mug. Color: Red. Soft", ("a.png",), "mug", "color", ("red",)),
             Record("b", "Color: Red. A mug", (), "mug", "color", ("red",)),         # no image to answer from
             Record("c", "A plain mug", ("c.png",), "mug", "color", ("white",)),     # label not in the text
             Record("d", "Blue and red stripes", ("d.png",), "mug", "color", ("red", "blue"))]
-    assert mention_free_texts(rows) == ["Color: . A mug", None, None, "and stripes"]
+    assert mention_free_texts(rows) == ["A mug. Soft", None, None, "stripes"]
+    assert mention_free_texts(rows, mode="words") == ["A mug. Color:. Soft", None, None, "stripes"]
 
 
 def test_mention_dropout_rows_are_a_pure_function_of_seed_and_epoch():

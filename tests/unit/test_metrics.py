@@ -17,6 +17,7 @@ from pv2tea.eval.metrics import (
 )
 from pv2tea.eval.normalize import (
     SynonymFileError,
+    drop_attribute_name,
     load_synonyms,
     normalize_value,
     normalize_values,
@@ -84,6 +85,13 @@ def test_split_answer() -> None:
     assert split_answer(" red; Yellow ;; red ;") == ["red", "Yellow"]
     assert split_answer("red, green", delimiter=",") == ["red", "green"]
     assert split_answer("  ;  ") == []
+
+
+def test_drop_attribute_name() -> None:
+    assert drop_attribute_name(["Brown", "Color", " color! "], "color") == ["Brown"]
+    assert drop_attribute_name(["short", "sleeve style"], "sleeve_style") == ["short"]
+    assert drop_attribute_name(["colorful", "multi color"], "color") == ["colorful", "multi color"]
+    assert drop_attribute_name([], "color") == []
 
 
 def test_load_synonyms_json_variant_form(tmp_path: Path) -> None:

@@ -109,6 +109,17 @@ def split_answer(text: str, delimiter: str = ";") -> list[str]:
     return list(dict.fromkeys(part for part in parts if part))
 
 
+def drop_attribute_name(values: Iterable[str], attribute: str) -> list[str]:
+    """The generated values without the attribute's own name: copying "Color" out of "Color: Brown" is a decoding
+    slip, never a value of ``color``.
+
+    >>> drop_attribute_name(["Brown", "color"], "color")
+    ['Brown']
+    """
+    name = normalize_value(attribute.replace("_", " "))
+    return [v for v in values if normalize_value(v) != name]
+
+
 def _parse_file(path: Path) -> Any:
     """Parse ``path`` as JSON (``.json``) or YAML (anything else; YAML is a JSON superset)."""
     text = path.read_text(encoding="utf-8")

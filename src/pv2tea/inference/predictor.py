@@ -13,7 +13,7 @@ from transformers import BertConfig
 from pv2tea.config import Config
 from pv2tea.data.dataset import Preprocessor, RecordDataset, candidate_lookup, make_collate
 from pv2tea.data.schema import Record
-from pv2tea.eval.normalize import normalize_value
+from pv2tea.eval.normalize import drop_attribute_name, normalize_value
 from pv2tea.inference import fusion
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.models.text import load_bert_config, load_tokenizer, resolve_text_path
@@ -142,7 +142,8 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
         if model.decoder is not None:
             ids = model.generate(batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id,
                                  num_beams=num_beams)
-            values = pre.decode_answers(ids)
+            values = [drop_attribute_name(v, dataset.records[i].attribute)
+                      for v, i in zip(pre.decode_answers(ids), indices)]
         else:
             values = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
         if candidates:

@@ -35,32 +35,80 @@ def grounding_weights(records: Sequence[Record], ungrounded_weight: float) -> np
     return np.array([1.0 if label_in_text(r.label, r.text) else ungrounded_weight for r in records])
 
 
-def _mention_pattern(value: str) -> re.Pattern[str] | None:
-    """Whole-word, case-insensitive occurrences of a value in raw text, any non-word characters between its
-    words (as :func:`occurs_in` sees them after normalization: "Navy-Blue" is a mention of "navy blue")."""
+def _mention_pattern(value: str) -> str | None:
+    """Regex source for whole-word, case-insensitive occurrences of a value in raw text, any non-word characters
+    between its words (as :func:`occurs_in` sees them after normalization: "Navy-Blue" is a mention of "navy blue")."""
     words = normalize_value(value).split()
     if not words:
         return None
-    return re.compile(r"(?<!\w)" + r"[\W_]+".join(map(re.escape, words)) + r"(?!\w)", re.IGNORECASE)
+    return r"(?<!\w)" + r"[\W_]+".join(map(re.escape, words)) + r"(?!\w)"
 
 
-def remove_mentions(text: str, values: Sequence[str]) -> str:
-    """The text with every whole-word mention of the values deleted and the runs of spaces left behind collapsed.
+# what joins the values of a list: "A, B and C", "A/B", "A & B", "A or B"
+_LIST_GLUE = r"(?:\s*[,/&+]\s*(?:(?:and|or)\s+)?|\s+(?:and|or)\s+)"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]\s*)?$")
 
-    >>> remove_mentions("Color: Navy-Blue and white. A navy blue mug", ["navy blue", "white"])
-    'Color: and . A mug'
+
+def _mentions(values: Sequence[str]) -> re.Pattern[str] | None:
+    """A list of mentions of the values with the glue between them, as one match ("Yellow, Green and Pink")."""
+    alternatives = [p for p in map(_mention_pattern, sorted(values, key=len, reverse=True)) if p]  # longest first
+    if not alternatives:
+        return None
+    one = "(?:" + "|".join(alternatives) + ")"
+    return re.compile(f"{one}(?:{_LIST_GLUE}{one})*", re.IGNORECASE)
+
+
+def _tidy(text: str) -> str:
+    """Collapse the runs of spaces and the space before punctuation that a deletion leaves."""
+    text = re.sub(r"[ \t]{2,}", " ", text)
+    text = re.sub(r" +([,.;:!?)])", r"\1", text)
+    return re.sub(r"[ \t]+(\n|$)", r"\1", text).strip()
+
+
+def remove_mentions(text: str, values: Sequence[str], mode: str = "sentence") -> str:
+    r"""The text without its mentions of the values.
+
+    ``mode="words"`` deletes the mentions (and the list glue between them) and keeps everything else.
+    ``mode="sentence"`` (the default) makes the text look like one that never stated the value, not like one
+    with a hole in it: a sentence or bullet line that mentions a value is dropped whole ("Color: Brown",
+    "Available in red and blue."), and only in the first sentence (the title) are the words deleted. A text is
+    never emptied: when every sentence mentions a value, the words are deleted instead.
+
+    >>> remove_mentions("Navy-Blue and White Mug\n- Color: Navy Blue and white\n- 12 oz", ["navy blue", "white"])
+    'Mug\n- 12 oz'
+    >>> remove_mentions("Color: Navy-Blue and white. A navy blue mug", ["navy blue", "white"], mode="words")
+    'Color:. A mug'
     """
-    for value in sorted(values, key=len, reverse=True):  # longest first: "navy blue" before "blue"
-        pattern = _mention_pattern(value)
-        if pattern is not None:
-            text = pattern.sub("", text)
-    return re.sub(r"[ \t]+(\n|$)", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+    if mode not in ("sentence", "words"):
+        raise ValueError(f"mention removal mode must be 'sentence' or 'words', got '{mode}'")
+    pattern = _mentions(values)
+    if pattern is None:
+        return text
+    if mode == "words":
+        return _tidy(pattern.sub("", text))
+    lines, first = [], True
+    for line in text.split("\n"):
+        kept = []
+        for sentence in _SENTENCE_END.split(line):
+            if not sentence.strip():
+                continue
+            if first:  # the title: keep it, without the values
+                kept.append(pattern.sub("", sentence))
+                first = False
+            elif not pattern.search(sentence):
+                kept.append(sentence)
+        joined = _tidy(" ".join(kept))
+        if joined and not _BULLET.match(joined):
+            lines.append(joined)
+    out = "\n".join(lines)
+    return out if out.strip() else _tidy(pattern.sub("", text))
 
 
-def mention_free_texts(records: Sequence[Record]) -> list[str | None]:
+def mention_free_texts(records: Sequence[Record], mode: str = "sentence") -> list[str | None]:
     """Per row, its text without the mentions of its label (:func:`remove_mentions`) when the row has an image
     and its label occurs in its text; None otherwise (nothing to take out, or no image to answer from)."""
-    return [remove_mentions(r.text, r.label) if r.images and label_in_text(r.label, r.text) else None
+    return [remove_mentions(r.text, r.label, mode) if r.images and label_in_text(r.label, r.text) else None
             for r in records]
 
 

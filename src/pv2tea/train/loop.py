@@ -249,7 +249,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
     free_texts: list[str | None] = [None] * len(records)
     if cfg.schemes.mention_dropout > 0 and model.visual is not None:
-        free_texts = mention_free_texts(records)
+        free_texts = mention_free_texts(records, cfg.schemes.mention_removal)
         log.info("mention dropout: %d of %d rows have an image and their label in their text",
                  sum(t is not None for t in free_texts), len(records))
     frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
