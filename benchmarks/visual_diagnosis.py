@@ -12,6 +12,8 @@ Needs gold values on both files (the synthetic catalog has them). Encodes every 
 2. S3's visual reliability s_v (Eq. 12, K nearest neighbours of the final pooled features) on the training
    file, averaged over rows whose weak label is right vs wrong, raw and chance-corrected both ways
    (`schemes.nr_chance=soft|clip`). A useful weight is higher for right labels than for wrong ones.
+3. How often the weak label is right where the text states it (grounded: what mention dropout trains the image
+   side on) and where it does not (the extractor guessed), on the training file.
 
 Only diagnostics: nothing is trained except the probes; results are printed, not saved.
 """
@@ -36,6 +38,7 @@ from pv2tea.data.images import load_rgb  # noqa: E402
 from pv2tea.data.validate import load_dataset  # noqa: E402
 from pv2tea.eval.normalize import normalize_values  # noqa: E402
 from pv2tea.models.vision import create_backbone, data_config, load_backbone_weights  # noqa: E402
+from pv2tea.regularize.grounding import label_in_text  # noqa: E402
 from pv2tea.regularize.neighbors import chance_corrected, expected_agreement, visual_reliability  # noqa: E402
 
 
@@ -107,6 +110,10 @@ def main() -> None:
             print(f"  S3 {name:>16}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
                   f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; "
                   f"{right.sum()} right, {(~right).sum()} wrong)")
+        grounded = np.array([label_in_text(r.label, r.text) for r in tr])
+        for name, rows in (("grounded (label in text)", grounded), ("ungrounded", ~grounded)):
+            print(f"  weak labels {name:>24}: {right[rows].sum():>3} right, {(~right[rows]).sum():>3} wrong "
+                  f"({100 * right[rows].mean() if rows.any() else 0:.0f}% right)")
 
 
 if __name__ == "__main__":
