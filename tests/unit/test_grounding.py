@@ -38,14 +38,13 @@ def test_grounding_weights_scale_only_ungrounded_rows():
     ("Navy-Blue mug, navy blue lid, blue cup", ["navy blue"], "mug, lid, blue cup"),           # any separator
     ("A navy blue mug in blue", ["blue", "navy blue"], "A mug in"),                            # longest first
     ("Title\n- Color: Yellow, Green and Pink\n- Soft", ["yellow", "green", "pink"],
-     "Title\n- Color:\n- Soft"),                                                              # list glue too
-    ("Red/white & blue or green mug", ["red", "white", "blue", "green"], "mug"),
+     "Title\n- Color: , and\n- Soft"),                                                        # lines kept
     ("Polka dot (polka-dot) print", ["Polka Dot"], "() print"),
     ("A mug", ["C++"], "A mug"),                                                               # regex-safe
     ("A mug", ["!!"], "A mug"),                                                                # empty value
 ])
 def test_remove_mentions_words(text, values, expected):
-    out = remove_mentions(text, values, mode="words")
+    out = remove_mentions(text, values)
     assert out == expected
     assert not any(label_in_text([v], out) for v in values)
 
@@ -61,11 +60,12 @@ def test_remove_mentions_words(text, values, expected):
     ("Urbano Purple, Red and Yellow Mug - Gift Set\n- Soft", ["purple", "red", "yellow"],
      "Urbano Mug - Gift Set\n- Soft"),
     ("Striped Rug. Features a striped design! Soft.", ["striped"], "Rug. Soft."),        # sentences of one line
+    ("Red/white & blue or green mug. Soft", ["red", "white", "blue", "green"], "mug. Soft"),  # list glue
     ("Red", ["red"], ""),                                                                  # nothing else to keep
     ("A mug\n- Soft", ["!!"], "A mug\n- Soft"),
 ])
 def test_remove_mentions_sentence(text, values, expected):
-    out = remove_mentions(text, values)
+    out = remove_mentions(text, values, mode="sentence")
     assert out == expected
     assert not any(label_in_text([v], out) for v in values)
 
@@ -80,8 +80,8 @@ def test_mention_free_texts_only_for_grounded_rows_with_an_image():
             Record("b", "Color: Red. A mug", (), "mug", "color", ("red",)),         # no image to answer from
             Record("c", "A plain mug", ("c.png",), "mug", "color", ("white",)),     # label not in the text
             Record("d", "Blue and red stripes", ("d.png",), "mug", "color", ("red", "blue"))]
-    assert mention_free_texts(rows) == ["A mug. Soft", None, None, "stripes"]
-    assert mention_free_texts(rows, mode="words") == ["A mug. Color:. Soft", None, None, "stripes"]
+    assert mention_free_texts(rows) == ["A mug. Color: . Soft", None, None, "and stripes"]
+    assert mention_free_texts(rows, mode="sentence") == ["A mug. Soft", None, None, "stripes"]
 
 
 def test_mention_dropout_rows_are_a_pure_function_of_seed_and_epoch():

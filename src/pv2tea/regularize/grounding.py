@@ -66,27 +66,32 @@ def _tidy(text: str) -> str:
     return re.sub(r"[ \t]+(\n|$)", r"\1", text).strip()
 
 
-def remove_mentions(text: str, values: Sequence[str], mode: str = "sentence") -> str:
+def remove_mentions(text: str, values: Sequence[str], mode: str = "words") -> str:
     r"""The text without its mentions of the values.
 
-    ``mode="words"`` deletes the mentions (and the list glue between them) and keeps everything else.
-    ``mode="sentence"`` (the default) makes the text look like one that never stated the value, not like one
-    with a hole in it: a sentence or bullet line that mentions a value is dropped whole ("Color: Brown",
-    "Available in red and blue."), and only in the first sentence (the title) are the words deleted. A text is
-    never emptied: when every sentence mentions a value, the words are deleted instead.
+    ``mode="words"`` (the default) deletes the mentions and keeps everything else, list glue included.
+    ``mode="sentence"`` makes the text look like one that never stated the value, not like one with a hole in it:
+    a sentence or bullet line that mentions a value is dropped whole ("Color: Brown", "Available in red and
+    blue."), and only in the first sentence (the title) are the words deleted. A text is never emptied: when every
+    sentence mentions a value, the words are deleted instead.
 
-    >>> remove_mentions("Navy-Blue and White Mug\n- Color: Navy Blue and white\n- 12 oz", ["navy blue", "white"])
+    >>> remove_mentions("Color: Navy-Blue and white. A navy blue mug", ["navy blue", "white"])
+    'Color: and . A mug'
+    >>> remove_mentions("Navy-Blue and White Mug\n- Color: Navy Blue and white\n- 12 oz", ["navy blue", "white"],
+    ...                 mode="sentence")
     'Mug\n- 12 oz'
-    >>> remove_mentions("Color: Navy-Blue and white. A navy blue mug", ["navy blue", "white"], mode="words")
-    'Color:. A mug'
     """
     if mode not in ("sentence", "words"):
         raise ValueError(f"mention removal mode must be 'sentence' or 'words', got '{mode}'")
+    if mode == "words":
+        for value in sorted(values, key=len, reverse=True):  # longest first: "navy blue" before "blue"
+            one = _mention_pattern(value)
+            if one is not None:
+                text = re.sub(one, "", text, flags=re.IGNORECASE)
+        return re.sub(r"[ \t]+(\n|$)", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
     pattern = _mentions(values)
     if pattern is None:
         return text
-    if mode == "words":
-        return _tidy(pattern.sub("", text))
     lines, first = [], True
     for line in text.split("\n"):
         kept = []
@@ -105,7 +110,7 @@ def remove_mentions(text: str, values: Sequence[str], mode: str = "sentence") ->
     return out if out.strip() else _tidy(pattern.sub("", text))
 
 
-def mention_free_texts(records: Sequence[Record], mode: str = "sentence") -> list[str | None]:
+def mention_free_texts(records: Sequence[Record], mode: str = "words") -> list[str | None]:
     """Per row, its text without the mentions of its label (:func:`remove_mentions`) when the row has an image
     and its label occurs in its text; None otherwise (nothing to take out, or no image to answer from)."""
     return [remove_mentions(r.text, r.label, mode) if r.images and label_in_text(r.label, r.text) else None
