@@ -138,8 +138,8 @@ class SchemesConfig:
     # looks like a product whose value only the image shows, and teaches the model to answer those from the
     # image with a label that is right; 0 = off
     mention_dropout: float = 0.0
-    # how mention dropout takes the value out: "words" deletes the value's words (and the list glue between them),
-    # which can leave a hole ("Color: ", "Available in ."); "sentence" drops every sentence or bullet line that
+    # how mention dropout takes the value out: "words" deletes the value's words, which can leave a hole
+    # ("Color: ", "Available in ."); "sentence" drops every sentence or bullet line that
     # states the value and deletes the words only in the title, so the text reads like one that never stated it.
     # Over 3 seeds on the demo catalog the two were level (BENCHMARKS.md, stop 13)
     mention_removal: str = "words"

@@ -83,12 +83,18 @@ def remove_mentions(text: str, values: Sequence[str], mode: str = "words") -> st
     """
     if mode not in ("sentence", "words"):
         raise ValueError(f"mention removal mode must be 'sentence' or 'words', got '{mode}'")
-    if mode == "words":
-        for value in sorted(values, key=len, reverse=True):  # longest first: "navy blue" before "blue"
-            one = _mention_pattern(value)
-            if one is not None:
-                text = re.sub(one, "", text, flags=re.IGNORECASE)
-        return re.sub(r"[ \t]+(\n|$)", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+    return _delete_words(text, values) if mode == "words" else _drop_statements(text, values)
+
+
+def _delete_words(text: str, values: Sequence[str]) -> str:
+    for value in sorted(values, key=len, reverse=True):  # longest first: "navy blue" before "blue"
+        one = _mention_pattern(value)
+        if one is not None:
+            text = re.sub(one, "", text, flags=re.IGNORECASE)
+    return re.sub(r"[ \t]+(\n|$)", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+
+def _drop_statements(text: str, values: Sequence[str]) -> str:
     pattern = _mentions(values)
     if pattern is None:
         return text
