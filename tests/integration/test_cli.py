@@ -118,6 +118,36 @@ def test_resume_equals_uninterrupted(catalog, tiny_text_ckpt, tmp_path):
     assert json.loads((full / "val_report.json").read_text()) == json.loads((part / "val_report.json").read_text())
 
 
+def test_weight_averaging_is_the_mean_of_the_last_epochs_and_resumes(catalog, tiny_text_ckpt, tmp_path):
+    """train.average_epochs=2 of 3: final = (weights after epoch 2 + weights after epoch 3) / 2 for every trainable
+    tensor, frozen ones untouched; a run stopped after epoch 2 and resumed ends with the same average."""
+    base = tiny_overrides(tiny_text_ckpt) + ["train.epochs=3", "vision.freeze=true"]
+    plain, averaged, part = tmp_path / "plain", tmp_path / "avg", tmp_path / "part"
+    assert _train(catalog, plain, base) == 0
+    steps_2 = [json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines()][1]["step"]
+    assert _train(catalog, plain / "two", base + [f"train.max_steps={steps_2}"]) == 0  # stops after epoch 2
+    w2 = load_file(str(plain / "two" / "checkpoint" / "model.safetensors"))
+    w3 = load_file(str(plain / "final" / "model.safetensors"))
+    assert _train(catalog, averaged, base + ["train.average_epochs=2"]) == 0
+    avg = load_file(str(averaged / "final" / "model.safetensors"))
+    last = load_file(str(averaged / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(last[k], w3[k]) for k in w3)  # averaging does not change the trajectory
+    moved = [k for k in avg if not torch.equal(w2[k], w3[k])]
+    latest_keys = [k for k in moved if torch.equal(avg[k], w3[k])]  # not trained: momentum copies, S1 queues
+    averaged_keys = [k for k in moved if k not in latest_keys and avg[k].is_floating_point()
+                     and torch.allclose(avg[k], (w2[k] + w3[k]) / 2, atol=1e-6)]
+    assert sorted(averaged_keys + latest_keys) == sorted(moved)
+    assert "decoder.cls.predictions.transform.dense.weight" in averaged_keys
+    assert any(k.startswith("text_encoder_m.") for k in latest_keys)
+    assert all(torch.equal(avg[k], w3[k]) for k in avg if k.startswith("visual.backbone."))  # frozen
+    assert [json.loads(x).get("averaged_epochs") for x in (averaged / "metrics.jsonl").read_text().splitlines()] == [
+        None, 1, 2]
+    assert _train(catalog, part, base + ["train.average_epochs=2", f"train.max_steps={steps_2}"]) == 0
+    assert _train(catalog, part, ["train.max_steps=null"], "--resume") == 0
+    resumed = load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(avg[k], resumed[k]) for k in avg)
+
+
 def test_resume_needs_an_existing_run(catalog, tmp_path, capsys):
     assert _train(catalog, tmp_path / "none", [], "--resume") == 2
     assert "cannot resume" in capsys.readouterr().err

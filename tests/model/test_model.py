@@ -533,3 +533,15 @@ def test_ungrounded_weight_without_s3(tiny_text_ckpt, image_paths):
     np.testing.assert_allclose(weights, expected / expected.mean())
     model, pre = build(tiny_text_ckpt, "schemes.visual_nr=false", "schemes.prediction_nr=false")
     assert sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)[0] is None
+
+
+@pytest.mark.parametrize("order, expected", [("text", "white ; green ; blue"), ("sorted", "blue ; green ; white")])
+def test_multi_value_answers_follow_the_text_order(tiny_text_ckpt, image_paths, order, expected):
+    """decoder.value_order: the training answer lists the values as the (possibly replaced) text first mentions
+    them, unmentioned ones last; "sorted" ignores the text."""
+    _, pre = build(tiny_text_ckpt, f"decoder.value_order={order}")
+    row = Record("p9-color", "White shirt, green stripes", (image_paths[0],), "shirt", "color",
+                 ("green", "blue", "white"))
+    batch = make_batch(pre, [row])
+    answer = pre.tokenizer.decode(batch.answer_ids[0], skip_special_tokens=True)
+    assert answer == expected

@@ -19,10 +19,12 @@ from pv2tea.eval.normalize import (
     SynonymFileError,
     drop_attribute_name,
     load_synonyms,
+    mention_position,
     normalize_value,
     normalize_values,
     split_answer,
 )
+from pv2tea.data.dataset import answer_text
 
 APPROX = {"abs": 1e-9}
 
@@ -368,3 +370,19 @@ def test_report_keys_are_stable_and_json_serializable() -> None:
             assert set(block) == block_keys
         assert json.loads(json.dumps(report, allow_nan=False)) == report
     assert source_aware_report([])["overall"]["n"] == 0
+
+
+def test_mention_position_is_whole_word_after_normalization() -> None:
+    text = "Navy-Blue shirt; also in RED (blue trim)"
+    assert mention_position("navy blue", text) == 0
+    assert mention_position("red", text) == mention_position("Red!", text) == len("navy blue shirt also in ")
+    assert mention_position("blue", text) == len("navy ")  # first whole-word occurrence
+    assert mention_position("re", text) is None and mention_position("", text) is None
+
+
+def test_answer_text_orders_by_first_mention_then_sorted() -> None:
+    values = ["yellow", "white", "green", "white", " "]
+    assert answer_text(values, ";") == "green ; white ; yellow"
+    assert answer_text(values, ";", "Available in Yellow, green and white.") == "yellow ; green ; white"
+    assert answer_text(values, "|", "A white vase") == "white | green | yellow"  # unmentioned ones sorted, last
+    assert answer_text(values, ";", "") == "green ; white ; yellow"

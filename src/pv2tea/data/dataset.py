@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from pv2tea.config import Config
 from pv2tea.data.images import load_rgb
 from pv2tea.data.schema import Record
-from pv2tea.eval.normalize import normalize_value, split_answer
+from pv2tea.eval.normalize import mention_position, normalize_value, split_answer
 from pv2tea.models.pv2tea import Batch
 
 
@@ -26,9 +26,18 @@ def crop_words(text: str, max_words: int) -> str:
     return " ".join(text.split()[:max_words])
 
 
-def answer_text(values: Sequence[str], delimiter: str) -> str:
-    """The decoder target: values in a canonical (sorted) order joined by the delimiter."""
-    return f" {delimiter} ".join(sorted(dict.fromkeys(v.strip() for v in values if v.strip())))
+def answer_text(values: Sequence[str], delimiter: str, text: str | None = None) -> str:
+    """The decoder target: the values joined by the delimiter, in a canonical order.
+
+    Without ``text``: sorted. With it: the values the text mentions first, in the order of their first mention
+    ("Available in yellow, green and white" → "yellow ; green ; white"), then the others sorted. A copying decoder
+    then reads a stated list left to right instead of having to know the whole list before its first word.
+    """
+    unique = sorted(dict.fromkeys(v.strip() for v in values if v.strip()))
+    if text is not None:
+        where = {v: mention_position(v, text) for v in unique}
+        unique.sort(key=lambda v: (where[v] is None, where[v] or 0))  # stable: ties and unmentioned stay sorted
+    return f" {delimiter} ".join(unique)
 
 
 @dataclass
@@ -124,7 +133,9 @@ class Preprocessor:
                         targets[i, j] = 1.0
             batch.value_targets = targets
         if with_answers:
-            answers = tok([answer_text(r.label, self.cfg.decoder.value_delimiter) for r in records], padding=True,
+            order = self.cfg.decoder.value_order == "text"
+            answers = tok([answer_text(r.label, self.cfg.decoder.value_delimiter, r.text if order else None)
+                           for r in records], padding=True,
                           truncation=True, max_length=self.cfg.decoder.max_answer_tokens, return_tensors="pt")
             batch.answer_ids, batch.answer_mask = answers["input_ids"], answers["attention_mask"]
         return batch

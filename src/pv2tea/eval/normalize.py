@@ -27,6 +27,7 @@ __all__ = [
     "normalize_value",
     "normalize_values",
     "normalize_with",
+    "mention_position",
     "split_answer",
 ]
 
@@ -85,8 +86,17 @@ def normalize_value(value: str, synonyms: Mapping[str, str] | None = None) -> st
 
 def occurs_in(value: str, text: str) -> bool:
     """True if the normalized value occurs in the normalized text as whole words (an empty value never does)."""
+    return mention_position(value, text) is not None
+
+
+def mention_position(value: str, text: str) -> int | None:
+    """Where the normalized value first occurs in the normalized text as whole words (a character offset into
+    the normalized text), or None when it does not occur."""
     needle = normalize_value(value)
-    return bool(needle) and f" {needle} " in f" {normalize_value(text)} "
+    if not needle:
+        return None
+    at = f" {normalize_value(text)} ".find(f" {needle} ")
+    return None if at < 0 else at
 
 
 def normalize_values(

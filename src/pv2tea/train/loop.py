@@ -31,6 +31,7 @@ from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import grounding_weights, mention_free_texts
+from pv2tea.train.averaging import WeightAverage
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         prediction_reliability, visual_reliability)
 from pv2tea.train import checkpoint as ckpt
@@ -275,6 +276,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
 
     step, epoch, step_in_epoch = 0, 0, 0
     weights: np.ndarray | None = None
+    average = WeightAverage(model) if cfg.train.average_epochs else None
     if resume:
         state, tensors = ckpt.load_training_state(ckpt_dir)
         ckpt.load_weights(model, ckpt_dir)
@@ -283,6 +285,8 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         ckpt.set_rng_state(tensors, state["rng"])
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
+        if average is not None:
+            average.load(tensors, state.get("averaged_epochs", 0))
         log.info("resumed from %s at epoch %d step %d", ckpt_dir, epoch, step)
 
     def save(target: Path, with_state: bool) -> None:
@@ -295,6 +299,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                 tensors_out["sample_weights"] = torch.as_tensor(weights)
             training = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "optimizer": optim_meta,
                         "scheduler": scheduler.state_dict(), "rng": rng_meta, "total_steps": total_steps}
+            if average is not None:
+                average_tensors, training["averaged_epochs"] = average.state()
+                tensors_out.update(average_tensors)
         ckpt.save_checkpoint(target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer,
                              training, tensors_out)
 
@@ -353,6 +360,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                                   **{k: v / done_steps for k, v in sums.items()}, **weight_stats}
         if finished_epoch:
             epoch, step_in_epoch = epoch + 1, 0
+            if average is not None and epoch > cfg.train.epochs - cfg.train.average_epochs:
+                average.update(model)
+                record["averaged_epochs"] = average.count
             if val_records:
                 report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi,
                                              progress=progress)
@@ -365,9 +375,13 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "val"})
 
     if epoch >= cfg.train.epochs:
+        if average is not None and average.count > 1:
+            average.copy_to(model)
+            log.info("final weights: the average of the last %d epochs", average.count)
+            val_report = None  # the epoch's validation scored the last weights, not the average
         save(final_dir, False)
         if val_records:
-            if val_report is None:  # resumed after the last epoch had been evaluated
+            if val_report is None:  # resumed after the last epoch had been evaluated, or weights averaged
                 val_report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi)
             (run_dir / "val_report.json").write_text(json.dumps(val_report, indent=2, allow_nan=False))
     return TrainResult(run_dir, final_dir, val_report, time.time() - t0)
