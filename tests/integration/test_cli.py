@@ -181,7 +181,33 @@ def test_mention_dropout_trains_on_mention_free_texts_from_the_cache(catalog, ti
     assert seen == {r.id: {t if t is not None else r.text} for r, t in zip(rows, free)}
     assert not any(label_in_text(r.label, t) for r, t in zip(rows, free) if t is not None)
     assert uncached and not any(uncached)
-    assert f"mention dropout: {sum(t is not None for t in free)} of {len(rows)} rows" in (run / "train.log").read_text()
+    assert f"mention-free texts: {sum(t is not None for t in free)} of {len(rows)} rows" in (run / "train.log").read_text()
+
+
+def test_prediction_nr_predicts_from_mention_free_texts(catalog, tiny_text_ckpt, tmp_path, monkeypatch):
+    """schemes.prediction_nr_text=mention_free: S3's prediction level predicts a row whose label its text states
+    from the text without the statement, every other row from its own text; training batches are untouched
+    (no mention dropout)."""
+    import pv2tea.train.loop as loop
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.regularize.grounding import mention_free_texts
+
+    shown: list[list[str]] = []
+    generate = loop.generate_values
+
+    def spy(model, pre, records, batch_size, **kwargs):
+        if kwargs.get("desc") == "S3 predictions":
+            shown.append([r.text for r in records])
+        return generate(model, pre, records, batch_size, **kwargs)
+
+    monkeypatch.setattr(loop, "generate_values", spy)
+    overrides = tiny_overrides(tiny_text_ckpt) + ["schemes.prediction_nr_text=mention_free", "train.epochs=3",
+                                                  "schemes.prediction_nr_start_epoch=1"]
+    assert _train(catalog, tmp_path / "run", overrides) == 0
+    rows = load_dataset(catalog["train"]).records
+    free = mention_free_texts(rows)
+    assert 0 < sum(t is not None for t in free) < len(rows)
+    assert shown == [[t if t is not None else r.text for r, t in zip(rows, free)]] * 2  # epochs 2 and 3
 
 
 def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):

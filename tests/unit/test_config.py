@@ -133,7 +133,7 @@ def test_alpha_bounds_allowed(alpha):
     "vision.extra_levels=[-1]", "vision.extra_levels=[2, 2]", "schemes.ungrounded_weight=1.5",
     "schemes.ungrounded_weight=-0.1", "schemes.mention_dropout=1.5", "schemes.mention_dropout=-0.1",
     "schemes.mention_removal=tokens", "decoder.value_order=random",
-    "train.average_epochs=-1", "train.average_epochs=11",
+    "train.average_epochs=-1", "train.average_epochs=11", "schemes.prediction_nr_text=half",
 ])
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):

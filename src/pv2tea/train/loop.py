@@ -103,8 +103,12 @@ def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str
 
 @torch.no_grad()
 def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], epoch: int, cfg: Config,
-                   progress: bool = False) -> tuple[np.ndarray | None, dict[str, float]]:
-    """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off."""
+                   progress: bool = False, prediction_texts: Sequence[str | None] | None = None
+                   ) -> tuple[np.ndarray | None, dict[str, float]]:
+    """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off.
+
+    ``prediction_texts`` (one per record, None: its own text): the texts the prediction level predicts from.
+    """
     s = cfg.schemes
     use_pred = s.prediction_nr and epoch >= s.prediction_nr_start_epoch
     if not s.visual_nr and not use_pred and s.ungrounded_weight == 1.0:
@@ -143,7 +147,9 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
                     s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
     s_p = None
     if use_pred:
-        preds = generate_values(model, pre, records, cfg.train.eval_batch_size, progress=progress,
+        shown = records if prediction_texts is None else [
+            r if t is None else replace(r, text=t) for r, t in zip(records, prediction_texts)]
+        preds = generate_values(model, pre, shown, cfg.train.eval_batch_size, progress=progress,
                                 desc="S3 predictions")
         pred_keys = [label_key(r, p) for r, p in zip(records, preds)]
         s_p = np.ones(n)
@@ -249,9 +255,10 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     multi = multi_value_attributes(records + val_records)
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
     free_texts: list[str | None] = [None] * len(records)
-    if cfg.schemes.mention_dropout > 0 and model.visual is not None:
+    mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
+    if (cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None:
         free_texts = mention_free_texts(records, cfg.schemes.mention_removal)
-        log.info("mention dropout: %d of %d rows have an image and their label in their text",
+        log.info("mention-free texts: %d of %d rows have an image and their label in their text",
                  sum(t is not None for t in free_texts), len(records))
     frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
     if cfg.train.cache_features and frozen:
@@ -313,7 +320,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         weight_stats: dict[str, float] = {}
         rows = epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, epoch)
         if step_in_epoch == 0:
-            weights, weight_stats = sample_weights(model, pre, [records[i] for i in rows], epoch, cfg, progress)
+            weights, weight_stats = sample_weights(
+                model, pre, [records[i] for i in rows], epoch, cfg, progress,
+                [free_texts[i] for i in rows] if mention_free_predictions else None)
             if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
                 weights = _scatter(weights, rows, len(records))
         batches = [[rows[j] for j in b] for b in epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed,
