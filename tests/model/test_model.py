@@ -147,6 +147,28 @@ def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features
     assert 0.0 <= stats["s_v_mean"] <= 1.0
 
 
+def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_paths):
+    """schemes.nr_sharpness raises s(X_n) to a power (same order, wider gaps); normalize_within=attribute gives each
+    attribute mean weight 1."""
+    from pv2tea.train.loop import sample_weights
+
+    recs = records(image_paths) * 2
+    recs += [dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern",
+                                 label=("solid",) if i % 3 else ("dotted",)) for i, r in enumerate(recs)]
+    common = ["schemes.knn_k=2", "schemes.prediction_nr=false", "schemes.normalize_weights=false"]
+    model, pre = build(tiny_text_ckpt, *common)
+    base, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    model.cfg.schemes.nr_sharpness = 3.0
+    sharp, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    assert np.allclose(sharp, base ** 3) and len(set(np.round(base, 6))) > 1
+    model.cfg.schemes.normalize_weights, model.cfg.schemes.normalize_within = True, "attribute"
+    per_attribute, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    for attribute in ("color", "pattern"):
+        rows = [i for i, r in enumerate(recs) if r.attribute == attribute]
+        assert per_attribute[rows].mean() == pytest.approx(1.0)
+        assert np.allclose(per_attribute[rows], sharp[rows] / sharp[rows].mean())
+
+
 def test_backbone_features_are_the_mean_backbone_token(tiny_text_ckpt, image_paths):
     model, pre = build(tiny_text_ckpt)
     model.eval()

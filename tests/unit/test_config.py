@@ -134,6 +134,7 @@ def test_alpha_bounds_allowed(alpha):
     "schemes.ungrounded_weight=-0.1", "schemes.mention_dropout=1.5", "schemes.mention_dropout=-0.1",
     "schemes.mention_removal=tokens", "decoder.value_order=random",
     "train.average_epochs=-1", "train.average_epochs=11", "schemes.prediction_nr_text=half",
+    "schemes.normalize_within=category", "schemes.nr_sharpness=0",
 ])
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):

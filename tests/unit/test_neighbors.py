@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
+from pv2tea.regularize.neighbors import (rescale_to_mean_one, chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         knn_indices, prediction_reliability, visual_reliability)
 
 
@@ -263,3 +263,10 @@ def test_perfect_predictions_are_above_chance():
     labels = ["a", "a", "b", "c"]
     w = chance_corrected(prediction_reliability(labels, labels), expected_prediction_agreement(labels, labels), "clip")
     assert (w > 0).all()
+
+
+def test_rescale_to_mean_one_overall_and_per_group():
+    w = np.array([1.0, 3.0, 0.0, 0.0, 2.0])
+    assert np.allclose(rescale_to_mean_one(w), w / 1.2)
+    assert np.allclose(rescale_to_mean_one(w, ["a", "a", "b", "b", "c"]), [0.5, 1.5, 1.0, 1.0, 1.0])  # b: all zero
+    assert np.allclose(rescale_to_mean_one(np.zeros(3)), np.ones(3))

@@ -175,6 +175,22 @@ def combine(s_v: np.ndarray | None, s_p: np.ndarray | None) -> np.ndarray:
     return (s_v + s_p) / 2
 
 
+def rescale_to_mean_one(weights: np.ndarray, groups: Sequence[Hashable] | None = None) -> np.ndarray:
+    """Weights divided by their mean, within each group (``None``: one group), so re-weighting changes which rows
+    a group learns from and not how much it learns. A group whose weights are all zero (no row agrees above chance:
+    no evidence either way) gets weight 1 everywhere."""
+    out = np.ones(len(weights))
+    keys = [None] * len(weights) if groups is None else list(groups)
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    for rows in members.values():
+        mean = float(weights[rows].mean())
+        if mean > 0:
+            out[rows] = weights[rows] / mean
+    return out
+
+
 def _multi_hot(sets: Sequence[Hashable]) -> np.ndarray:
     """(N, V) 0/1 matrix of value sets (each label an iterable of values)."""
     vocab: dict[Hashable, int] = {}

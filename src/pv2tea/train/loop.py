@@ -31,10 +31,10 @@ from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import grounding_weights, mention_free_texts
-from pv2tea.train.averaging import WeightAverage
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
-                                        prediction_reliability, visual_reliability)
+                                        prediction_reliability, rescale_to_mean_one, visual_reliability)
 from pv2tea.train import checkpoint as ckpt
+from pv2tea.train.averaging import WeightAverage
 from pv2tea.train.feature_cache import build_feature_cache
 
 log = logging.getLogger("pv2tea.train")
@@ -162,6 +162,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
                     s_p[rows], expected_prediction_agreement(row_labels, row_preds, s.nr_label_match), s.nr_chance)
     weights = np.array(combine(s_v, s_p) if s_v is not None or s_p is not None else np.ones(n),
                        dtype=float)  # a copy (combine may return s_v itself)
+    if s.nr_sharpness != 1.0:
+        weights = weights ** s.nr_sharpness
     if s.ungrounded_weight != 1.0:
         weights *= grounding_weights(records, s.ungrounded_weight)
     stats = {"weight_mean": float(weights.mean())}
@@ -173,7 +175,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         weights = np.ones(n)
         stats["weights_all_zero"] = 1.0
     if s.normalize_weights:
-        weights = weights / weights.mean()
+        weights = rescale_to_mean_one(
+            weights, [r.attribute for r in records] if s.normalize_within == "attribute" else None)
     if s_v is not None:
         stats["s_v_mean"] = float(s_v.mean())
     if s_p is not None:
