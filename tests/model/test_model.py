@@ -156,8 +156,12 @@ def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_path
     recs += [dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern",
                                  label=("solid",) if i % 3 else ("dotted",)) for i, r in enumerate(recs)]
     common = ["schemes.knn_k=2", "schemes.prediction_nr=false", "schemes.normalize_weights=false"]
+    recs = [dataclasses.replace(r, gold=r.label if i % 2 else ("purple",)) for i, r in enumerate(recs)]
     model, pre = build(tiny_text_ckpt, *common)
-    base, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    base, stats = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    # with gold on the training rows, the log says how S3 weighs right and wrong labels
+    assert stats["weight_mean_label_right"] == pytest.approx(base[1::2].mean())
+    assert stats["weight_mean_label_wrong"] == pytest.approx(base[0::2].mean())
     model.cfg.schemes.nr_sharpness = 3.0
     sharp, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     assert np.allclose(sharp, base ** 3) and len(set(np.round(base, 6))) > 1

@@ -171,6 +171,12 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         rows = [i for i, r in enumerate(records) if r.source == source]
         if rows:
             stats[f"weight_mean_source_{source}"] = float(weights[rows].mean())
+    # where training rows carry gold values too: does S3 down-weight the wrong labels?
+    right = {i: labels[i][1] == normalize_values(r.gold) for i, r in enumerate(records) if r.gold}
+    for name, keep in (("right", True), ("wrong", False)):
+        rows = [i for i, ok in right.items() if ok == keep]
+        if rows:
+            stats[f"weight_mean_label_{name}"] = float(weights[rows].mean())
     if not weights.any():  # no sample agrees above chance: no evidence either way, so do not stop learning
         weights = np.ones(n)
         stats["weights_all_zero"] = 1.0
