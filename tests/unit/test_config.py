@@ -135,6 +135,7 @@ def test_alpha_bounds_allowed(alpha):
     "schemes.mention_removal=tokens", "decoder.value_order=random",
     "train.average_epochs=-1", "train.average_epochs=11", "schemes.prediction_nr_text=half",
     "schemes.normalize_within=category", "schemes.nr_sharpness=0",
+    "schemes.nr_visual=svm", "schemes.nr_features=levels",
 ])
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):

@@ -474,6 +474,13 @@ class PV2TEA(nn.Module):
         return tokens.mean(1)
 
     @torch.no_grad()
+    def level_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, ΣC_i) mean over the backbone tokens of the earlier levels' channels only (``vision.extra_levels``),
+        from pixels or cached tokens (B, N, C)."""
+        tokens = feats if feats is not None else self.visual.backbone_tokens(images)
+        return tokens[..., self.visual.backbone.num_features:].mean(1)
+
+    @torch.no_grad()
     def masked_backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
                                  ) -> torch.Tensor:
         """(B, C) mean of the backbone's patch tokens weighted by the S2 mask σ(M): the product, not its background.

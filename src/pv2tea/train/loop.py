@@ -33,6 +33,7 @@ from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import grounding_weights, mention_free_texts
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         prediction_reliability, rescale_to_mean_one, visual_reliability)
+from pv2tea.regularize.probe import probe_reliability
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.averaging import WeightAverage
 from pv2tea.train.feature_cache import build_feature_cache
@@ -121,7 +122,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         model.eval()
         s_v = np.ones(n)
         with_image = [i for i, r in enumerate(records) if r.images]
-        features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features}.get(
+        features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features,
+                       "levels": model.level_features}.get(
             s.nr_features, lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
         feats = []
         for start in range(0, len(with_image), cfg.train.eval_batch_size):
@@ -141,7 +143,10 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
                 idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
                 rows = [with_image[k] for k in idx]
                 row_labels = [labels[i][1] for i in rows]
-                s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
+                if s.nr_visual == "probe":
+                    s_v[rows] = probe_reliability(features[idx], row_labels, seed=cfg.train.seed)
+                else:
+                    s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
                 if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
                     expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
                     s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
