@@ -103,7 +103,8 @@ def test_unknown_config_key_is_a_clear_error(catalog, tiny_text_ckpt, tmp_path, 
 
 
 def test_resume_equals_uninterrupted(catalog, tiny_text_ckpt, tmp_path):
-    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=3", "schemes.prediction_nr_start_epoch=1"]
+    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=3", "schemes.prediction_nr=true",
+                                                  "schemes.prediction_nr_start_epoch=1"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(catalog, full, overrides) == 0
     # stop mid-epoch (epoch 1 has more than 5 steps), then resume to the end
@@ -202,6 +203,7 @@ def test_prediction_nr_predicts_from_mention_free_texts(catalog, tiny_text_ckpt,
 
     monkeypatch.setattr(loop, "generate_values", spy)
     overrides = tiny_overrides(tiny_text_ckpt) + ["schemes.prediction_nr_text=mention_free", "train.epochs=3",
+                                                  "schemes.prediction_nr=true",
                                                   "schemes.prediction_nr_start_epoch=1"]
     assert _train(catalog, tmp_path / "run", overrides) == 0
     rows = load_dataset(catalog["train"]).records
@@ -245,7 +247,7 @@ def test_image_less_rows_drawn_per_epoch_train_and_resume(catalog, tiny_text_ckp
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     n_image = sum(bool(r["images"]) for r in rows)
     overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=2", "train.image_less_per_epoch=4",
-                                                  "schemes.prediction_nr_start_epoch=1"]
+                                                  "schemes.prediction_nr=true", "schemes.prediction_nr_start_epoch=1"]
 
     def run(out: Path, extra: list[str], *flags: str) -> int:
         return main(["train", "--train", str(data), "--out", str(out), "--no-progress", *_sets(extra), *flags])

@@ -64,7 +64,7 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
 
     saved_path = out / "pv2tea" / "seed_0" / "config.yaml"
     saved = yaml.safe_load(saved_path.read_text())
-    assert saved["schemes"].pop("nr_features") == "backbone"
+    assert saved["schemes"].pop("mention_removal") == "words"
     saved_path.write_text(yaml.safe_dump(saved))
     assert main(args) == 0
     saved["schemes"]["mention_dropout"] = 0.5  # the preset's 0.25 is asked for

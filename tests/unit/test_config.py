@@ -32,6 +32,8 @@ def test_cpu_preset_loads():
     cfg = load_config("cpu")
     assert cfg.train.batch_size == 16 and cfg.optim.head_lr == 1e-3 and cfg.optim.lr == 1e-4 and cfg.vision.image_size == 128
     assert cfg.vision.freeze and not cfg.text.freeze and cfg.text.train_layers == 2 and cfg.vision.extra_levels == [2]
+    s = cfg.schemes
+    assert s.nr_visual == "probe" and s.nr_features == "levels" and s.visual_nr and not s.prediction_nr
 
 
 def test_defaults_without_source():
