@@ -11,7 +11,8 @@ Needs gold values on both files (the synthetic catalog has them). Encodes every 
    can contribute once the model has learned to read it.
 2. S3's visual reliability s_v (Eq. 12, K nearest neighbours of the final pooled features) on the training
    file, averaged over rows whose weak label is right vs wrong, raw and chance-corrected both ways
-   (`schemes.nr_chance=soft|clip`). A useful weight is higher for right labels than for wrong ones.
+   (`schemes.nr_chance=soft|clip`), and the cross-fitted probe's (`schemes.nr_visual=probe`) on stage-2 and final
+   features, with the AUC of each for "the weak label is right". A useful weight is higher for right labels.
 3. The same probe trained on the *weak* labels (all training rows, and only the rows whose text states the label),
    scored against gold: what the image side can learn from the labels PV2TEA trains on.
 4. How often the weak label is right where the text states it (grounded: what mention dropout trains the image
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.multiclass import OneVsRestClassifier  # noqa: E402
 from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler  # noqa: E402
 
@@ -42,6 +44,7 @@ from pv2tea.eval.normalize import normalize_values  # noqa: E402
 from pv2tea.models.vision import create_backbone, data_config, load_backbone_weights  # noqa: E402
 from pv2tea.regularize.grounding import label_in_text  # noqa: E402
 from pv2tea.regularize.neighbors import chance_corrected, expected_agreement, visual_reliability  # noqa: E402
+from pv2tea.regularize.probe import probe_reliability  # noqa: E402
 
 
 @torch.no_grad()
@@ -116,10 +119,14 @@ def main() -> None:
                       f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}")
         s_v = visual_reliability(feats["final"][[row_of[r.images[0]] for r in tr]], labels, args.k, "overlap")
         expected = expected_agreement(labels, [r.category for r in tr], "overlap")
-        for name, s in (("raw s_v", s_v), ("soft (1 + κ)/2", chance_corrected(s_v, expected, "soft")),
-                        ("clip κ to [0, 1]", chance_corrected(s_v, expected, "clip"))):
-            print(f"  S3 {name:>16}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
-                  f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; "
+        scores = [("raw s_v", s_v), ("soft (1 + κ)/2", chance_corrected(s_v, expected, "soft")),
+                  ("clip κ to [0, 1]", chance_corrected(s_v, expected, "clip"))]
+        for depth in ("stage 2", "final"):  # schemes.nr_visual=probe; nr_features=levels reads stage 2
+            p = probe_reliability(feats[depth][[row_of[r.images[0]] for r in tr]], labels)
+            scores.append((f"probe {depth}, soft", chance_corrected(p, expected, "soft")))
+        for name, s in scores:
+            print(f"  S3 {name:>17}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
+                  f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; AUC {roc_auc_score(right, s):.3f}; "
                   f"{right.sum()} right, {(~right).sum()} wrong)")
         for name, rows in (("grounded (label in text)", grounded), ("ungrounded", ~grounded)):
             print(f"  weak labels {name:>24}: {right[rows].sum():>3} right, {(~right[rows]).sum():>3} wrong "
