@@ -27,9 +27,10 @@ def test_multi_value_rows_average_their_values_and_unseen_values_get_zero():
     x, labels = _two_clusters()
     labels[0] = frozenset({"red", "blue"})  # half explained by the image
     labels[25] = frozenset({"green"})  # a value no other row carries: its fold's probe has never seen it
+    labels[30] = frozenset()  # nothing left after normalization: nothing to judge
     s = probe_reliability(x, labels)
     assert 0.3 < s[0] < 0.7
-    assert s[25] == 0.0
+    assert s[25] == 0.0 and s[30] == 1.0
 
 
 def test_cross_fitting_is_deterministic_and_small_inputs():

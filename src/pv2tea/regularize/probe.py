@@ -29,9 +29,9 @@ def probe_reliability(features: np.ndarray, labels: Sequence[Sequence[Hashable]]
                       strength: float = 0.5) -> np.ndarray:
     """(N,) mean out-of-fold probability of each row's values under one-vs-rest logistic probes.
 
-    features (N, C); labels: each row's values (a set; every row at least one). ``folds`` splits (capped at N);
-    each value's probe is an L2-regularized logistic regression (inverse strength ``strength``) on standardized
-    features of the other folds. A value none of the other folds carries gets probability 0 there. With fewer
+    features (N, C); labels: each row's values (a set; a row without any gets 1, nothing to judge). ``folds``
+    splits (capped at N); each value's probe is an L2-regularized logistic regression (inverse strength
+    ``strength``) on standardized features of the other folds. A value none of the other folds carries gets probability 0 there. With fewer
     than two rows there is nothing to cross-fit: every row gets 1 (no evidence against its label).
     """
     n = len(labels)
@@ -64,4 +64,4 @@ def _out_of_fold(features: np.ndarray, labels: Sequence[Sequence[Hashable]], fol
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf = LogisticRegression(C=strength, max_iter=500).fit(x_train, y)
             prob[held, j] = clf.predict_proba(x_held)[:, 1]
-    return np.array([prob[i, hot[i]].mean() for i in range(n)])
+    return np.array([prob[i, hot[i]].mean() if hot[i].any() else 1.0 for i in range(n)])  # no value: no evidence
