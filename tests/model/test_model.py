@@ -596,3 +596,22 @@ def test_multi_value_answers_follow_the_text_order(tiny_text_ckpt, image_paths, 
     batch = make_batch(pre, [row])
     answer = pre.tokenizer.decode(batch.answer_ids[0], skip_special_tokens=True)
     assert answer == expected
+
+
+def test_s3_visual_level_is_computed_once_while_the_backbone_is_frozen(tiny_text_ckpt, image_paths, monkeypatch):
+    """With vision.freeze and backbone-token features, s_v cannot change between epochs: a kept cache gives the
+    same weights without scoring the labels again; a trained feature space (pooled) is scored every time."""
+    import pv2tea.train.loop as loop
+
+    calls = []
+    visual = loop.visual_reliability
+    monkeypatch.setattr(loop, "visual_reliability", lambda *a, **k: calls.append(1) or visual(*a, **k))
+    recs = records(image_paths) * 2
+    for features, expected_calls in (("backbone", 1), ("pooled", 2)):
+        model, pre = build(tiny_text_ckpt, "vision.freeze=true", f"schemes.nr_features={features}",
+                           "schemes.knn_k=2", "schemes.prediction_nr=false")
+        cache: dict = {}
+        calls.clear()
+        first, _ = loop.sample_weights(model, pre, recs, epoch=0, cfg=model.cfg, visual_cache=cache)
+        again, _ = loop.sample_weights(model, pre, recs, epoch=1, cfg=model.cfg, visual_cache=cache)
+        assert np.array_equal(first, again) and len(calls) == expected_calls

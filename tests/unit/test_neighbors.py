@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.regularize.neighbors import (rescale_to_mean_one, chance_corrected, combine, expected_agreement, expected_prediction_agreement,
-                                        knn_indices, prediction_reliability, visual_reliability)
+from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
+                                        knn_indices, prediction_reliability, rescale_to_mean_one, visual_reliability)
 
 
 def polar(deg: float, r: float) -> list[float]:

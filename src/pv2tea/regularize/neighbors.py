@@ -99,14 +99,10 @@ def expected_agreement(labels: Sequence[Hashable], groups: Sequence[Hashable] | 
     A sample alone in its group gets e_n = 0.
     """
     n = len(labels)
-    keys = [None] * n if groups is None else list(groups)
-    if len(keys) != n:
+    if groups is not None and len(groups) != n:
         raise ValueError("labels and groups differ in length")
     out = np.zeros(n)
-    members: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(keys):
-        members.setdefault(key, []).append(i)
-    for rows in members.values():
+    for rows in _members(n, groups):
         m = len(rows)
         if m < 2:
             continue
@@ -180,15 +176,19 @@ def rescale_to_mean_one(weights: np.ndarray, groups: Sequence[Hashable] | None =
     a group learns from and not how much it learns. A group whose weights are all zero (no row agrees above chance:
     no evidence either way) gets weight 1 everywhere."""
     out = np.ones(len(weights))
-    keys = [None] * len(weights) if groups is None else list(groups)
-    members: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(keys):
-        members.setdefault(key, []).append(i)
-    for rows in members.values():
+    for rows in _members(len(weights), groups):
         mean = float(weights[rows].mean())
         if mean > 0:
             out[rows] = weights[rows] / mean
     return out
+
+
+def _members(n: int, groups: Sequence[Hashable] | None) -> list[list[int]]:
+    """The row indices of each group (``None``: all n rows are one group), in order of first appearance."""
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate([None] * n if groups is None else groups):
+        members.setdefault(key, []).append(i)
+    return list(members.values())
 
 
 def _multi_hot(sets: Sequence[Hashable]) -> np.ndarray:

@@ -103,12 +103,55 @@ def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str
 
 
 @torch.no_grad()
+def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], labels: Sequence[frozenset[str]],
+                  cfg: Config) -> np.ndarray:
+    """S3's visual level s_v (N,) per attribute, chance-corrected as ``schemes.nr_chance`` says; 1 without image."""
+    s = cfg.schemes
+    n = len(records)
+    was_training = model.training
+    model.eval()
+    s_v = np.ones(n)
+    with_image = [i for i, r in enumerate(records) if r.images]
+    features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features,
+                   "levels": model.level_features}.get(
+        s.nr_features, lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
+    feats = []
+    for start in range(0, len(with_image), cfg.train.eval_batch_size):
+        rows = with_image[start:start + cfg.train.eval_batch_size]
+        chunk = [records[i] for i in rows]
+        if pre.cache is not None and pre.cache.has_images(chunk, 1):
+            feats.append(features_of(feats=pre.cache.image_tokens([r.images[0] for r in chunk])))
+        else:
+            feats.append(features_of(torch.stack([pre.image_tensor(r) for r in chunk])))
+    model.train(was_training)
+    if with_image:
+        features = torch.cat(feats)
+        if s.nr_features == "aligned":
+            features = model.vision_proj(features)  # (N, D) S1's image-text space
+        features = features.numpy()
+        for attribute in {records[i].attribute for i in with_image}:
+            idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
+            rows = [with_image[k] for k in idx]
+            row_labels = [labels[i] for i in rows]
+            if s.nr_visual == "probe":
+                s_v[rows] = probe_reliability(features[idx], row_labels, seed=cfg.train.seed)
+            else:
+                s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
+            if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
+                expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
+                s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
+    return s_v
+
+
+@torch.no_grad()
 def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], epoch: int, cfg: Config,
-                   progress: bool = False, prediction_texts: Sequence[str | None] | None = None
+                   progress: bool = False, prediction_texts: Sequence[str | None] | None = None,
+                   visual_cache: dict[tuple[str, ...], np.ndarray] | None = None
                    ) -> tuple[np.ndarray | None, dict[str, float]]:
     """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off.
 
     ``prediction_texts`` (one per record, None: its own text): the texts the prediction level predicts from.
+    ``visual_cache``: a dict kept across epochs, where s_v is kept while it cannot change.
     """
     s = cfg.schemes
     use_pred = s.prediction_nr and epoch >= s.prediction_nr_start_epoch
@@ -118,38 +161,16 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
     labels = [label_key(r, r.label) for r in records]
     s_v = None
     if s.visual_nr and model.visual is not None:
-        was_training = model.training
-        model.eval()
-        s_v = np.ones(n)
-        with_image = [i for i, r in enumerate(records) if r.images]
-        features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features,
-                       "levels": model.level_features}.get(
-            s.nr_features, lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
-        feats = []
-        for start in range(0, len(with_image), cfg.train.eval_batch_size):
-            rows = with_image[start:start + cfg.train.eval_batch_size]
-            chunk = [records[i] for i in rows]
-            if pre.cache is not None and pre.cache.has_images(chunk, 1):
-                feats.append(features_of(feats=pre.cache.image_tokens([r.images[0] for r in chunk])))
-            else:
-                feats.append(features_of(torch.stack([pre.image_tensor(r) for r in chunk])))
-        model.train(was_training)
-        if with_image:
-            features = torch.cat(feats)
-            if s.nr_features == "aligned":
-                features = model.vision_proj(features)  # (N, D) S1's image-text space
-            features = features.numpy()
-            for attribute in {records[i].attribute for i in with_image}:
-                idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
-                rows = [with_image[k] for k in idx]
-                row_labels = [labels[i][1] for i in rows]
-                if s.nr_visual == "probe":
-                    s_v[rows] = probe_reliability(features[idx], row_labels, seed=cfg.train.seed)
-                else:
-                    s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
-                if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
-                    expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
-                    s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
+        # with a frozen backbone, features of the backbone's own tokens and the labels are the same every epoch,
+        # and so is s_v: computed once per set of rows
+        key = tuple(r.id for r in records)
+        fixed = cfg.vision.freeze and s.nr_features in ("backbone", "levels")
+        if fixed and visual_cache is not None and key in visual_cache:
+            s_v = visual_cache[key].copy()
+        else:
+            s_v = _visual_level(model, pre, records, [lbl for _, lbl in labels], cfg)
+            if fixed and visual_cache is not None:
+                visual_cache[key] = s_v.copy()
     s_p = None
     if use_pred:
         shown = records if prediction_texts is None else [
@@ -297,6 +318,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
 
     step, epoch, step_in_epoch = 0, 0, 0
     weights: np.ndarray | None = None
+    visual_cache: dict[tuple[str, ...], np.ndarray] = {}  # S3's s_v while the backbone is frozen
     average = WeightAverage(model) if cfg.train.average_epochs else None
     if resume:
         state, tensors = ckpt.load_training_state(ckpt_dir)
@@ -336,7 +358,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         if step_in_epoch == 0:
             weights, weight_stats = sample_weights(
                 model, pre, [records[i] for i in rows], epoch, cfg, progress,
-                [free_texts[i] for i in rows] if mention_free_predictions else None)
+                [free_texts[i] for i in rows] if mention_free_predictions else None, visual_cache)
             if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
                 weights = _scatter(weights, rows, len(records))
         batches = [[rows[j] for j in b] for b in epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed,
