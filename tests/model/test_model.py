@@ -193,9 +193,35 @@ def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_path
     model.cfg.schemes.normalize_weights, model.cfg.schemes.normalize_within = True, "attribute"
     per_attribute, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     for attribute in ("color", "pattern"):
-        rows = [i for i, r in enumerate(recs) if r.attribute == attribute]
+        rows = [i for i, r in enumerate(recs) if r.attribute == attribute and r.images]
         assert per_attribute[rows].mean() == pytest.approx(1.0)
         assert np.allclose(per_attribute[rows], sharp[rows] / sharp[rows].mean())
+    assert np.allclose(per_attribute[[i for i, r in enumerate(recs) if not r.images]], 1.0)
+
+
+def test_s3_rows_without_evidence_are_rescaled_apart(tiny_text_ckpt, image_paths):
+    """With the visual level alone, an image-less row (s = 1: nothing to judge) keeps weight 1 and the judged
+    rows have mean 1 among themselves, instead of the image-less rows outweighing them after rescaling.
+    With the prediction level every row is judged, and all rows are rescaled together."""
+    from pv2tea.train.loop import sample_weights
+
+    recs = [dataclasses.replace(r, id=f"{r.id}-{i}", label=("red",) if i % 3 else ("blue",))
+            for i, r in enumerate(records(image_paths) * 3)]  # 12 rows, 9 with an image
+    with_image = [i for i, r in enumerate(recs) if r.images]
+    without = [i for i, r in enumerate(recs) if not r.images]
+    common = ["schemes.knn_k=2", "schemes.nr_chance=none", "schemes.prediction_nr_start_epoch=0"]
+    model, pre = build(tiny_text_ckpt, *common, "schemes.prediction_nr=false", "schemes.normalize_weights=false")
+    raw, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    assert raw[with_image].mean() < 1.0 and np.allclose(raw[without], 1.0)  # the test needs judged rows below 1
+    model.cfg.schemes.normalize_weights = True
+    scaled, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    assert np.allclose(scaled[without], 1.0)
+    assert np.allclose(scaled[with_image], raw[with_image] / raw[with_image].mean())
+    model.cfg.schemes.prediction_nr = True
+    raw_both, _ = sample_weights(model, pre, recs, epoch=0, cfg=dataclasses.replace(
+        model.cfg, schemes=dataclasses.replace(model.cfg.schemes, normalize_weights=False)))
+    both, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    assert np.allclose(both, raw_both / raw_both.mean())
 
 
 def test_backbone_features_are_the_mean_backbone_token(tiny_text_ckpt, image_paths):

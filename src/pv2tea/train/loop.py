@@ -143,6 +143,16 @@ def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], l
     return s_v
 
 
+def weight_groups(records: Sequence[Record], within: str, visual: bool, use_pred: bool
+                  ) -> list[tuple[bool, str | None]]:
+    """The groups S3 weights are rescaled to mean 1 in: ``within`` ("all" or "attribute"), and apart from each
+    other the rows S3 judged and the rows it could not (only the visual level in use and no image). An unjudged
+    row has s = 1 for lack of evidence, not for agreeing; rescaled together with judged rows (mean s about 0.5
+    on real data) it would count twice as much as they do, and image-less text rows would outweigh the products."""
+    judged = [use_pred or not visual or bool(r.images) for r in records]
+    return [(j, r.attribute if within == "attribute" else None) for j, r in zip(judged, records)]
+
+
 @torch.no_grad()
 def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], epoch: int, cfg: Config,
                    progress: bool = False, prediction_texts: Sequence[str | None] | None = None,
@@ -207,8 +217,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         weights = np.ones(n)
         stats["weights_all_zero"] = 1.0
     if s.normalize_weights:
-        weights = rescale_to_mean_one(
-            weights, [r.attribute for r in records] if s.normalize_within == "attribute" else None)
+        weights = rescale_to_mean_one(weights, weight_groups(records, s.normalize_within, s_v is not None, use_pred))
     if s_v is not None:
         stats["s_v_mean"] = float(s_v.mean())
     if s_p is not None:
