@@ -172,6 +172,22 @@ def test_s3_on_the_earlier_levels_with_knn_or_probe(tiny_text_ckpt, image_paths,
         assert np.allclose(weights[rows], expected, atol=1e-5)
 
 
+def test_s3_probe_off_for_an_attribute_its_features_do_not_explain(tiny_text_ckpt, image_paths):
+    """nr_visual=probe: when the cross-fitted probe explains an attribute's labels no better than their
+    frequencies (here each image carries both values), that attribute's rows are not judged: weight 1, and the
+    gain is logged."""
+    from pv2tea.train.loop import sample_weights
+
+    base = [r for r in records(image_paths) if r.images]
+    recs = [dataclasses.replace(r, id=f"{r.id}-{k}", label=("red",) if k % 2 else ("blue",))
+            for k in range(8) for r in base]  # 24 rows: every image labelled red 4 times and blue 4 times
+    model, pre = build(tiny_text_ckpt, "vision.extra_levels=[1]", "schemes.nr_features=levels",
+                       "schemes.nr_visual=probe", "schemes.prediction_nr=false")
+    weights, stats = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    assert stats["probe_gain_color"] <= 0
+    assert np.allclose(weights, 1.0)
+
+
 def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_paths):
     """schemes.nr_sharpness raises s(X_n) to a power (same order, wider gaps); normalize_within=attribute gives each
     attribute mean weight 1."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pv2tea.regularize.probe import probe_reliability
+from pv2tea.regularize.probe import cross_fitted_probe, probe_reliability
 
 
 def _two_clusters(n: int = 40, seed: int = 0) -> tuple[np.ndarray, list[frozenset[str]]]:
@@ -39,3 +39,17 @@ def test_cross_fitting_is_deterministic_and_small_inputs():
     assert np.array_equal(probe_reliability(x[:1], labels[:1]), np.ones(1))
     with pytest.raises(ValueError, match="feature rows"):
         probe_reliability(x[:3], labels)
+
+
+def test_gain_says_whether_the_features_explain_the_labels():
+    """The probe against the other folds' value frequencies: positive when the features separate the labels,
+    not when the labels are independent of them; ``prior`` is each row's value frequency in the other folds."""
+    x, labels = _two_clusters()
+    fit = cross_fitted_probe(x, labels)
+    assert fit.gain > 0.3
+    assert np.allclose(fit.reliability, probe_reliability(x, labels))
+    assert ((0.4 <= fit.prior) & (fit.prior <= 0.6)).all()  # each value is about half of the other folds
+    shuffled = list(np.random.default_rng(1).permutation(np.array(labels, dtype=object)))
+    assert cross_fitted_probe(x, shuffled).gain < 0
+    constant = [frozenset({"red"})] * 40  # one value everywhere: the probe cannot beat its frequency (1)
+    assert cross_fitted_probe(x, constant).gain == pytest.approx(0.0, abs=1e-5)

@@ -33,7 +33,7 @@ from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import grounding_weights, mention_free_texts
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         prediction_reliability, rescale_to_mean_one, visual_reliability)
-from pv2tea.regularize.probe import probe_reliability
+from pv2tea.regularize.probe import cross_fitted_probe
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.averaging import WeightAverage
 from pv2tea.train.feature_cache import build_feature_cache
@@ -104,13 +104,18 @@ def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str
 
 @torch.no_grad()
 def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], labels: Sequence[frozenset[str]],
-                  cfg: Config) -> np.ndarray:
-    """S3's visual level s_v (N,) per attribute, chance-corrected as ``schemes.nr_chance`` says; 1 without image."""
+                  cfg: Config) -> tuple[np.ndarray, dict[str, float]]:
+    """S3's visual level s_v (N,) per attribute, chance-corrected as ``schemes.nr_chance`` says, and log stats.
+
+    NaN where there is no visual evidence: a row without an image, or (``schemes.nr_visual=probe``) every row of
+    an attribute whose cross-fitted probe explains the labels no better than their frequencies do.
+    """
     s = cfg.schemes
     n = len(records)
     was_training = model.training
     model.eval()
-    s_v = np.ones(n)
+    s_v = np.full(n, np.nan)
+    stats: dict[str, float] = {}
     with_image = [i for i, r in enumerate(records) if r.images]
     features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features,
                    "levels": model.level_features}.get(
@@ -134,29 +139,34 @@ def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], l
             rows = [with_image[k] for k in idx]
             row_labels = [labels[i] for i in rows]
             if s.nr_visual == "probe":
-                s_v[rows] = probe_reliability(features[idx], row_labels, seed=cfg.train.seed)
+                fit = cross_fitted_probe(features[idx], row_labels, seed=cfg.train.seed)
+                stats[f"probe_gain_{attribute}"] = fit.gain
+                if fit.gain <= 0:  # the features do not tell this attribute's labels apart: no evidence
+                    continue
+                s_v[rows] = fit.reliability
             else:
                 s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
             if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
                 expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
                 s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
-    return s_v
+    return s_v, stats
 
 
-def weight_groups(records: Sequence[Record], within: str, visual: bool, use_pred: bool
+def weight_groups(records: Sequence[Record], within: str, judged: np.ndarray | None, use_pred: bool
                   ) -> list[tuple[bool, str | None]]:
     """The groups S3 weights are rescaled to mean 1 in: ``within`` ("all" or "attribute"), and apart from each
-    other the rows S3 judged and the rows it could not (only the visual level in use and no image). An unjudged
-    row has s = 1 for lack of evidence, not for agreeing; rescaled together with judged rows (mean s about 0.5
-    on real data) it would count twice as much as they do, and image-less text rows would outweigh the products."""
-    judged = [use_pred or not visual or bool(r.images) for r in records]
-    return [(j, r.attribute if within == "attribute" else None) for j, r in zip(judged, records)]
+    other the rows S3 judged and the rows it could not (``judged``: the visual level's verdicts, None when it is
+    off; with the prediction level in use every row is judged). An unjudged row has s = 1 for lack of evidence,
+    not for agreeing; rescaled together with judged rows (mean s about 0.5) it would count twice as much as they
+    do, and image-less text rows would outweigh the products."""
+    return [(use_pred or judged is None or bool(judged[i]), r.attribute if within == "attribute" else None)
+            for i, r in enumerate(records)]
 
 
 @torch.no_grad()
 def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], epoch: int, cfg: Config,
                    progress: bool = False, prediction_texts: Sequence[str | None] | None = None,
-                   visual_cache: dict[tuple[str, ...], np.ndarray] | None = None
+                   visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] | None = None
                    ) -> tuple[np.ndarray | None, dict[str, float]]:
     """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off.
 
@@ -169,18 +179,20 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         return None, {}
     n = len(records)
     labels = [label_key(r, r.label) for r in records]
-    s_v = None
+    s_v, judged, stats = None, None, {}
     if s.visual_nr and model.visual is not None:
         # with a frozen backbone, features of the backbone's own tokens and the labels are the same every epoch,
         # and so is s_v: computed once per set of rows
         key = tuple(r.id for r in records)
         fixed = cfg.vision.freeze and s.nr_features in ("backbone", "levels")
         if fixed and visual_cache is not None and key in visual_cache:
-            s_v = visual_cache[key].copy()
+            s_v, stats = visual_cache[key]
         else:
-            s_v = _visual_level(model, pre, records, [lbl for _, lbl in labels], cfg)
+            s_v, stats = _visual_level(model, pre, records, [lbl for _, lbl in labels], cfg)
             if fixed and visual_cache is not None:
-                visual_cache[key] = s_v.copy()
+                visual_cache[key] = (s_v, stats)
+        judged = ~np.isnan(s_v)
+        s_v, stats = np.where(judged, s_v, 1.0), dict(stats)  # no evidence: 1, as Eq. 12 has nothing against it
     s_p = None
     if use_pred:
         shown = records if prediction_texts is None else [
@@ -202,7 +214,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         weights = weights ** s.nr_sharpness
     if s.ungrounded_weight != 1.0:
         weights *= grounding_weights(records, s.ungrounded_weight)
-    stats = {"weight_mean": float(weights.mean())}
+    stats["weight_mean"] = float(weights.mean())
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
         rows = [i for i, r in enumerate(records) if r.source == source]
         if rows:
@@ -217,7 +229,7 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         weights = np.ones(n)
         stats["weights_all_zero"] = 1.0
     if s.normalize_weights:
-        weights = rescale_to_mean_one(weights, weight_groups(records, s.normalize_within, s_v is not None, use_pred))
+        weights = rescale_to_mean_one(weights, weight_groups(records, s.normalize_within, judged, use_pred))
     if s_v is not None:
         stats["s_v_mean"] = float(s_v.mean())
     if s_p is not None:
