@@ -91,6 +91,7 @@ def _out_of_fold(features: np.ndarray, labels: Sequence[Sequence[Hashable]], fol
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf = LogisticRegression(C=strength, max_iter=500).fit(x_train, y)
             prob[held, j] = clf.predict_proba(x_held)[:, 1]
+
     def of_labels(p: np.ndarray) -> np.ndarray:  # (N,) mean over each row's values; no value: no evidence
         return np.array([p[i, hot[i]].mean() if hot[i].any() else 1.0 for i in range(n)])
 
