@@ -339,7 +339,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
 
     step, epoch, step_in_epoch = 0, 0, 0
     weights: np.ndarray | None = None
-    visual_cache: dict[tuple[str, ...], np.ndarray] = {}  # S3's s_v while the backbone is frozen
+    visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] = {}  # S3: s_v (+ its log) while frozen
     average = WeightAverage(model) if cfg.train.average_epochs else None
     if resume:
         state, tensors = ckpt.load_training_state(ckpt_dir)
