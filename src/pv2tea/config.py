@@ -211,6 +211,10 @@ class TrainConfig:
     # the final model holds the equal average of the trainable weights at the end of the last N epochs
     # (stochastic weight averaging, train/averaging.py); 0: the weights of the last epoch
     average_epochs: int = 0
+    # a pv2tea checkpoint folder (a run's final/) whose text encoder, fusion and decoder start this run instead of
+    # the pretrained text checkpoint, e.g. a TEA trained once on a large text-only set (`pv2tea bench
+    # ... --text-pretrain`); the visual side, heads and momentum copies start as usual. None: no warm start
+    init_from: str | None = None
 
 
 @dataclass

@@ -126,3 +126,27 @@ def test_headline_and_tables_from_summaries():
     results = {"domains": {"Home": {"pv2tea": summary}}}
     assert headline(results) == {"domains": {"Home": {"pv2tea": {"f1": 50.0, "accuracy": 60.0, "f1_open": 50.0}}}}
     assert "| pv2tea | 2 | 50.0 ± 14.1 |" in format_tables(results)
+
+
+def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "2",
+            "--variants", "pv2tea", "--no-gold-ceiling", "--text-pretrain", "1",
+            *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    assert main(args) == 0
+    pretrain = out / "runs" / "Home" / "text_pretrain"
+    pre_cfg = yaml.safe_load((pretrain / "config.yaml").read_text())
+    assert pre_cfg["vision"]["enabled"] is False and pre_cfg["train"]["epochs"] == 1  # a TEA, on the text rows
+    assert pre_cfg["train"]["init_from"] is None
+    epochs = [json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines() if '"finished"' in line]
+    assert [e["step"] for e in epochs] == [4]  # all 16 text-only rows at batch size 4, one epoch
+    run = out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0"
+    run_cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert run_cfg["train"]["init_from"] == str(pretrain / "final")
+    assert "warm start:" in (run / "train.log").read_text()
+    stamp = (pretrain / "final" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # re-run: the pretraining is reused too
+    assert (pretrain / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="text-pretrain"):
+        BenchConfig(root=Path("."), out=Path("."), text_pretrain=-1)

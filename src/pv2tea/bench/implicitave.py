@@ -26,8 +26,10 @@ from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import source_aware_report
 from pv2tea.eval.normalize import normalize_value
-from pv2tea.experiment import FUSED_SUFFIX, KEEP_SUFFIX, VARIANTS, Split, gold_examples, mean_std, run_variant
-from pv2tea.train.loop import multi_value_attributes
+from pv2tea.config import load_config
+from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, VARIANTS, Split, check_same_config, gold_examples, mean_std,
+                                run_variant)
+from pv2tea.train.loop import multi_value_attributes, train
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
 # layers): the only way the protocol fits ~1 hour per domain on 2 CPU cores.
@@ -50,10 +52,15 @@ class BenchConfig:
     # every epoch); a pool larger than text_rows gives a fresh draw each epoch (train.image_less_per_epoch)
     text_pool: int | None = None
     epochs: int = 10
+    # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
+    # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model
+    text_pretrain: int = 0
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.text_pretrain < 0:
+            raise ValueError(f"--text-pretrain must be >= 0 epochs, got {self.text_pretrain}")
         if self.folds < 2:
             raise ValueError("--folds must be at least 2 (one held-out fold, the rest for training)")
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -92,6 +99,22 @@ def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtra
     extractor = TfidfTextExtractor(TfidfExtractorConfig()).fit(train_rows)
     extractor.save(directory)
     return extractor
+
+
+def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, overrides: Sequence[str],
+                   log: Callable[[str], None]) -> Path:
+    """A TEA trained on all the domain's text-only rows (once; reused when finished); returns its final/ folder."""
+    final = directory / "final"
+    run_cfg = load_config(cfg.config, [*overrides, *VARIANTS["tea"], f"train.epochs={cfg.text_pretrain}",
+                                       "train.image_less_per_epoch=null", "train.init_from=null", "train.seed=0"])
+    check_same_config(directory, run_cfg)
+    if not (final / "model.safetensors").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        resume = (directory / "checkpoint").is_dir()
+        log(f"text pretraining: TEA on {len(text_rows)} text-only rows, {cfg.text_pretrain} epoch(s)"
+            + (" (resumed)" if resume else ""))
+        train(run_cfg, text_rows, directory, resume=resume, progress=False)
+    return final
 
 
 def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -133,6 +156,9 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
     epochs = max(2, cfg.epochs // 2) if cfg.quick else cfg.epochs
     overrides = [*BENCH_OVERRIDES, f"train.epochs={epochs}", *per_epoch, *cfg.overrides]
+    if cfg.text_pretrain:
+        start = _text_pretrain(text_rows, domain_dir / "text_pretrain", cfg, overrides, log)
+        overrides.append(f"train.init_from={start}")
     reports: dict[str, list[dict[str, Any]]] = {}
     for fold in fold_ids:
         held = set(folds[fold])

@@ -130,6 +130,42 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
                               f"unexpected {sorted(unexpected)[:8]}")
 
 
+WARM_START_PARTS = ("text_encoder.", "fusion.", "decoder.")  # what a text-only (TEA) run trains that PV2TEA shares
+
+
+def load_warm_start(model: torch.nn.Module, directory: Path) -> int:
+    """Copy the text encoder, fusion and decoder weights of checkpoint ``directory`` into ``model``.
+
+    Every one of those weights must be in the checkpoint with the same shape (same text model, layer counts and
+    decoder kind); the rest of ``model`` (visual encoder, heads, projections, momentum copies) is left as it is.
+    Returns the number of tensors copied.
+    """
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+    source = load_file(str(path))
+    target = {k: v for k, v in model.state_dict().items() if k.startswith(WARM_START_PARTS)}
+    # tied weights (the decoder's output layer is its word embeddings) are saved once, under one of their names
+    tied: dict[int, str] = {}
+    for k, v in target.items():
+        if k in source:
+            tied.setdefault(v.data_ptr(), k)
+    source = {**{k: source[tied[v.data_ptr()]] for k, v in target.items() if k not in source
+                 and v.data_ptr() in tied}, **source}
+    missing = sorted(k for k in target if k not in source)
+    wrong = sorted(k for k in target if k in source and source[k].shape != target[k].shape)
+    if missing or wrong:
+        detail = (f"missing {missing[:4]}" if missing else "") + (", " if missing and wrong else "") + \
+            (f"shape differs for {[(k, tuple(source[k].shape), tuple(target[k].shape)) for k in wrong[:3]]}"
+             if wrong else "")
+        raise CheckpointError(f"train.init_from: {path} does not fit this model's text encoder, fusion and decoder "
+                              f"(is it a run with the same text model, layer counts and decoder?): {detail}")
+    with torch.no_grad():
+        for k, tensor in target.items():
+            tensor.copy_(source[k])
+    return len(target)
+
+
 def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     state_path, tensor_path = Path(directory) / STATE_FILE, Path(directory) / OPTIM_FILE
     if not state_path.is_file() or not tensor_path.is_file():

@@ -310,6 +310,10 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
+    if cfg.train.init_from and not resume:
+        n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
+        model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
+        log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
     free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
     if (cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None:

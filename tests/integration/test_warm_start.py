@@ -1,0 +1,78 @@
+"""train.init_from: a run starts from another run's text encoder, fusion and decoder (a text-only warm start)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pv2tea.config import load_config
+from pv2tea.data.schema import Record
+from pv2tea.experiment import TEA
+from pv2tea.inference.predictor import build_for_training
+from pv2tea.train import checkpoint as ckpt
+from pv2tea.train.loop import train
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tea_final(tmp_path_factory, tiny_text_ckpt):
+    """A tiny TEA trained on text-only rows: its final/ folder."""
+    rows = [Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,))
+            for i, c in enumerate(["red", "blue"] * 6)]
+    run = tmp_path_factory.mktemp("tea_run")
+    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), *TEA, "train.epochs=2"]), rows, run, progress=False)
+    return run / "final"
+
+
+def _products(tmp_path) -> list[Record]:
+    from PIL import Image
+
+    out = []
+    for i, c in enumerate(["red", "blue"] * 3):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 32), c).save(path)
+        out.append(Record(f"p{i}", f"mug {i}", (str(path),), "mug", "color", (c,)))
+    return out
+
+
+def test_pv2tea_starts_from_a_text_only_run(tea_final, tiny_text_ckpt, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_text_ckpt))
+    model, _ = build_for_training(cfg, ["mug"])
+    visual_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
+    source = load_file(str(tea_final / ckpt.MODEL_FILE))
+    n = ckpt.load_warm_start(model, tea_final)
+    state = model.state_dict()
+    shared = [k for k in state if k.startswith(ckpt.WARM_START_PARTS)]
+    assert n == len(shared) > 0
+    saved = [k for k in shared if k in source]  # tied weights (decoder output = its word embeddings) are saved once
+    assert len(saved) >= len(shared) - 2 and all(torch.equal(state[k], source[k]) for k in saved)
+    # the TEA run trained its top text layers and decoder: the warm start is not the pretrained text model
+    fresh, _ = build_for_training(cfg, ["mug"])
+    assert any(not torch.equal(fresh.state_dict()[k], state[k]) for k in shared if k.startswith("decoder."))
+    assert all(torch.equal(state[k], v) for k, v in visual_before.items())  # the visual side is left alone
+    model.sync_momentum()
+    assert all(torch.equal(a, b) for a, b in zip(model.text_encoder.state_dict().values(),
+                                                 model.text_encoder_m.state_dict().values()))
+
+
+def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_text_ckpt, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), f"train.init_from={tea_final}", "train.epochs=1",
+                             "optim.lr=1e-30", "optim.head_lr=1e-30"])  # updates vanish in float32: the final model is the warm start
+    run = tmp_path / "run"
+    train(cfg, _products(tmp_path), run, progress=False)
+    assert "warm start:" in (run / "train.log").read_text()
+    source = load_file(str(tea_final / ckpt.MODEL_FILE))
+    final = load_file(str(run / "final" / ckpt.MODEL_FILE))
+    decoder = [k for k in final if k.startswith("decoder.") and k in source]
+    assert decoder and all(torch.equal(final[k], source[k]) for k in decoder)
+
+
+def test_init_from_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_ckpt, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "decoder.num_layers=2"])  # the TEA run has 1
+    model, _ = build_for_training(cfg, ["mug"])
+    with pytest.raises(ckpt.CheckpointError, match="does not fit.*decoder"):
+        ckpt.load_warm_start(model, tea_final)
+    with pytest.raises(ckpt.CheckpointError, match="not a pv2tea checkpoint"):
+        ckpt.load_warm_start(model, tmp_path)
