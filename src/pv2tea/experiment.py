@@ -53,6 +53,8 @@ VARIANTS: dict[str, list[str]] = {
     "wo_vis_nr": ["schemes.visual_nr=false"],
     "wo_pred_nr": ["schemes.prediction_nr=false"],
     **{f"alpha_{a}": [f"schemes.alpha={a}"] for a in ("0.2", "0.6", "0.8")},
+    # not a paper ablation: the `cpu` preset's text and mention dropout (additions tuned on the demo) switched off
+    "wo_dropout": ["schemes.text_dropout=0", "schemes.mention_dropout=0"],
 }
 REFERENCES = ("weak_labels", "text_extractor")
 KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states

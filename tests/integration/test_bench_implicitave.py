@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,5 +149,11 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     capsys.readouterr()
     assert main(args) == 0  # re-run: the pretraining is reused too
     assert (pretrain / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    # a benchmark that differs only in what a text-only run ignores shares the pretraining
+    other = tmp_path / "other"
+    shutil.copytree(pretrain, other / "runs" / "Home" / "text_pretrain")
+    assert main([*args[:4], str(other), *args[5:], "--set", "loss.weight_sc=0.5", "--set", "schemes.text_dropout=0.1"]) == 0
+    copied = other / "runs" / "Home" / "text_pretrain" / "final" / "model.safetensors"
+    assert copied.stat().st_mtime_ns == stamp  # copied with its time stamp, and not retrained
     with pytest.raises(ValueError, match="text-pretrain"):
         BenchConfig(root=Path("."), out=Path("."), text_pretrain=-1)

@@ -234,3 +234,5 @@ def test_variant_names_switch_what_they_say():
     assert {"vision.enabled", "schemes.contrastive"} <= changed["tea"]
     for a in ("0.2", "0.6", "0.8"):
         assert changed[f"alpha_{a}"] == {"schemes.alpha"}
+    dropout = {k for k, _, _ in config_differences(cpu, load_config("cpu", VARIANTS["wo_dropout"]).to_dict())}
+    assert dropout == {"schemes.text_dropout", "schemes.mention_dropout"}  # the cpu preset's additions, off
