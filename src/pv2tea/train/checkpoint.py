@@ -145,24 +145,21 @@ def load_warm_start(model: torch.nn.Module, directory: Path) -> int:
         raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     source = load_file(str(path))
     target = {k: v for k, v in model.state_dict().items() if k.startswith(WARM_START_PARTS)}
-    # tied weights (the decoder's output layer is its word embeddings) are saved once, under one of their names
-    tied: dict[int, str] = {}
-    for k, v in target.items():
-        if k in source:
-            tied.setdefault(v.data_ptr(), k)
-    source = {**{k: source[tied[v.data_ptr()]] for k, v in target.items() if k not in source
-                 and v.data_ptr() in tied}, **source}
-    missing = sorted(k for k in target if k not in source)
-    wrong = sorted(k for k in target if k in source and source[k].shape != target[k].shape)
+    # tied weights (the decoder's output layer is its word embeddings) are saved once: copying the saved name fills
+    # the storage the other names share
+    filled = {v.data_ptr() for k, v in target.items() if k in source}
+    missing = sorted(k for k, v in target.items() if k not in source and v.data_ptr() not in filled)
+    wrong = [(k, tuple(source[k].shape), tuple(v.shape)) for k, v in target.items()
+             if k in source and source[k].shape != v.shape]
     if missing or wrong:
-        detail = (f"missing {missing[:4]}" if missing else "") + (", " if missing and wrong else "") + \
-            (f"shape differs for {[(k, tuple(source[k].shape), tuple(target[k].shape)) for k in wrong[:3]]}"
-             if wrong else "")
+        detail = "; ".join([*([f"missing {missing[:4]}"] if missing else []),
+                            *([f"shape (saved, here) differs for {wrong[:3]}"] if wrong else [])])
         raise CheckpointError(f"train.init_from: {path} does not fit this model's text encoder, fusion and decoder "
                               f"(is it a run with the same text model, layer counts and decoder?): {detail}")
     with torch.no_grad():
         for k, tensor in target.items():
-            tensor.copy_(source[k])
+            if k in source:
+                tensor.copy_(source[k])
     return len(target)
 
 
