@@ -32,7 +32,7 @@ from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
 from pv2tea.regularize.grounding import keep_grounded
-from pv2tea.train.checkpoint import CheckpointError
+from pv2tea.train.checkpoint import MODEL_FILE, WARM_START_FILE, CheckpointError, warm_start_fingerprint
 from pv2tea.train.loop import evaluate_records, multi_value_attributes, train
 
 TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
@@ -205,12 +205,29 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
         raise ConfigError(f"{saved_path} cannot be compared with the requested settings: {exc}. "
                           f"Choose another --out.") from exc
     diffs = [(key, a, b) for key, a, b in config_differences(saved, requested)
-             if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)]
+             if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)
+             and key != "train.init_from"]
+    diffs += _warm_start_difference(run_dir, saved["train"].get("init_from"), requested["train"].get("init_from"))
     if diffs:
         shown = "; ".join(f"{key}: {a!r} there, {b!r} now" for key, a, b in diffs[:5])
         more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
         raise ConfigError(f"{saved_path} was made with other settings ({shown}{more}). Re-run with the same "
                           f"settings to reuse it, or choose another --out.")
+
+
+def _warm_start_difference(run_dir: Path, saved: str | None, requested: str | None) -> list[tuple[str, Any, Any]]:
+    """``train.init_from`` compared by the weights' content when the run recorded it: a moved warm-start folder
+    matches, and a warm start retrained at the same path does not."""
+    record = run_dir / WARM_START_FILE
+    if saved and requested and record.is_file() and (Path(requested) / MODEL_FILE).is_file():
+        try:
+            there = json.loads(record.read_text())["sha256"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{record} is unreadable ({exc}); choose another --out.") from exc
+        now = warm_start_fingerprint(Path(requested))
+        return [] if there == now else [("train.init_from", f"{saved} (sha256 {there[:12]})",
+                                         f"{requested} (sha256 {now[:12]})")]
+    return [] if saved == requested else [("train.init_from", saved, requested)]
 
 
 def _has_labels(records: Sequence[Record]) -> bool:

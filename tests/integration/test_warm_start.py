@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from pv2tea.config import load_config
+from pv2tea.config import ConfigError, load_config
 from pv2tea.data.schema import Record
-from pv2tea.experiment import TEA
+from pv2tea.experiment import TEA, check_same_config
 from pv2tea.inference.predictor import build_for_training
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.loop import train
@@ -44,7 +47,7 @@ def test_pv2tea_starts_from_a_text_only_run(tea_final, tiny_text_ckpt, tmp_path)
     source = load_file(str(tea_final / ckpt.MODEL_FILE))
     n = ckpt.load_warm_start(model, tea_final)
     state = model.state_dict()
-    shared = [k for k in state if k.startswith(ckpt.WARM_START_PARTS)]
+    shared = [k for k in state if k.startswith(model.warm_start_prefixes)]
     assert n == len(shared) > 0
     saved = [k for k in shared if k in source]  # tied weights (decoder output = its word embeddings) are saved once
     assert len(saved) >= len(shared) - 2 and all(torch.equal(state[k], source[k]) for k in saved)
@@ -67,6 +70,29 @@ def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_te
     final = load_file(str(run / "final" / ckpt.MODEL_FILE))
     decoder = [k for k in final if k.startswith("decoder.") and k in source]
     assert decoder and all(torch.equal(final[k], source[k]) for k in decoder)
+
+    # the run is recognized by the warm start's content: a moved copy of it matches, other weights do not
+    moved = tmp_path / "moved" / "final"
+    shutil.copytree(tea_final, moved)
+    check_same_config(run, _with_init_from(cfg, moved))
+    other = tmp_path / "other"
+    shutil.copytree(tea_final, other)
+    weights = load_file(str(other / ckpt.MODEL_FILE))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, str(other / ckpt.MODEL_FILE))
+    with pytest.raises(ConfigError, match="train.init_from"):
+        check_same_config(run, _with_init_from(cfg, other))
+    # retrained in place (same path, other weights): the finished run is not taken for one of the new warm start
+    shutil.copy(other / ckpt.MODEL_FILE, moved / ckpt.MODEL_FILE)
+    with pytest.raises(ConfigError, match="sha256"):
+        check_same_config(run, _with_init_from(cfg, moved))
+
+
+def _with_init_from(cfg, path):
+    out = copy.deepcopy(cfg)
+    out.train.init_from = str(path)
+    return out
 
 
 def test_init_from_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_ckpt, tmp_path):

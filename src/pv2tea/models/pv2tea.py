@@ -86,6 +86,9 @@ _PRETRAINED = re.compile(
 
 
 class PV2TEA(nn.Module):
+    # the parts a text-only (TEA) run trains that every variant shares: what ``train.init_from`` warm-starts
+    warm_start_prefixes: tuple[str, ...] = ("text_encoder.", "fusion.", "decoder.")
+
     def __init__(self, cfg: Config, bert_config: BertConfig, num_categories: int,
                  value_attributes: list[int] | None = None):
         """``value_attributes[v]`` is the attribute index of value class v (classification head only)."""

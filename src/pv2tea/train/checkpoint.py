@@ -8,18 +8,22 @@ the S1 queues are model buffers). Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pv2tea.config import Config, from_dict
+
+if TYPE_CHECKING:
+    from pv2tea.models.pv2tea import PV2TEA
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "pv2tea_config.json"
@@ -130,10 +134,22 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
                               f"unexpected {sorted(unexpected)[:8]}")
 
 
-WARM_START_PARTS = ("text_encoder.", "fusion.", "decoder.")  # what a text-only (TEA) run trains that PV2TEA shares
+WARM_START_FILE = "warm_start.json"  # in a run folder: which checkpoint the run started from, by path and content
 
 
-def load_warm_start(model: torch.nn.Module, directory: Path) -> int:
+def warm_start_fingerprint(directory: Path) -> str:
+    """SHA-256 of a checkpoint's weights file: names a warm start by content, wherever its folder has moved."""
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_warm_start(model: PV2TEA, directory: Path) -> int:
     """Copy the text encoder, fusion and decoder weights of checkpoint ``directory`` into ``model``.
 
     Every one of those weights must be in the checkpoint with the same shape (same text model, layer counts and
@@ -144,7 +160,7 @@ def load_warm_start(model: torch.nn.Module, directory: Path) -> int:
     if not path.is_file():
         raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     source = load_file(str(path))
-    target = {k: v for k, v in model.state_dict().items() if k.startswith(WARM_START_PARTS)}
+    target = {k: v for k, v in model.state_dict().items() if k.startswith(model.warm_start_prefixes)}
     # tied weights (the decoder's output layer is its word embeddings) are saved once: copying the saved name fills
     # the storage the other names share
     filled = {v.data_ptr() for k, v in target.items() if k in source}

@@ -313,6 +313,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     if cfg.train.init_from and not resume:
         n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
         model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
+        # by content too, so the run is still recognized as the same after the warm start's folder has moved
+        (run_dir / ckpt.WARM_START_FILE).write_text(json.dumps(
+            {"init_from": cfg.train.init_from, "sha256": ckpt.warm_start_fingerprint(Path(cfg.train.init_from))}))
         log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
     free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
