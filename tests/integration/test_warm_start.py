@@ -14,7 +14,7 @@ from pv2tea.data.schema import Record
 from pv2tea.experiment import TEA, check_same_config
 from pv2tea.inference.predictor import build_for_training
 from pv2tea.train import checkpoint as ckpt
-from pv2tea.train.loop import train
+from pv2tea.train.loop import build_optimizer, train
 
 from conftest import tiny_overrides
 
@@ -102,3 +102,30 @@ def test_init_from_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_c
         ckpt.load_warm_start(model, tea_final)
     with pytest.raises(ckpt.CheckpointError, match="not a pv2tea checkpoint"):
         ckpt.load_warm_start(model, tmp_path)
+
+
+@pytest.mark.parametrize("warm_start_lr", ["lr", "head_lr"])
+def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, warm_start_lr):
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.lr=1e-4", "optim.head_lr=1e-3",
+                             f"train.init_from={tea_final}", f"optim.warm_start_lr={warm_start_lr}"])
+    model, _ = build_for_training(cfg, ["mug"])
+    optimizer, _ = build_optimizer(model, cfg, total_steps=10)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    cross = [n for n in names if n.startswith("decoder.") and "crossattention" in n and names[n].requires_grad]
+    visual_new = [n for n in names if n.startswith("visual.") and names[n].requires_grad
+                  and not n.startswith("visual.backbone.")]
+    assert cross and visual_new  # a new part of the decoder, and the visual side the warm start leaves alone
+    expected = 1e-4 if warm_start_lr == "lr" else 1e-3
+    assert {lr_of[id(names[n])] for n in cross} == {expected}
+    assert {lr_of[id(names[n])] for n in visual_new} == {1e-3}
+    cold = load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.lr=1e-4", "optim.head_lr=1e-3"])
+    cold_model, _ = build_for_training(cold, ["mug"])
+    cold_lr = {id(p): g["lr"] for g in build_optimizer(cold_model, cold, 10)[0].param_groups for p in g["params"]}
+    cold_names = dict(cold_model.named_parameters())
+    assert {cold_lr[id(cold_names[n])] for n in cross} == {1e-3}  # without a warm start they are new
+
+
+def test_unknown_warm_start_lr_is_refused(tiny_text_ckpt):
+    with pytest.raises(ConfigError, match="optim.warm_start_lr"):
+        load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.warm_start_lr=fast"])

@@ -201,12 +201,16 @@ class PV2TEA(nn.Module):
         for online, momentum in self._momentum_pairs():
             momentum.load_state_dict(online.state_dict())
 
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(pretrained, newly initialized) trainable parameters, for separate learning rates."""
+    def parameter_groups(self, warm_started: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(pretrained, newly initialized) trainable parameters, for separate learning rates.
+
+        ``warm_started``: the parts a warm start fills (``warm_start_prefixes``) count as pretrained.
+        """
         pretrained, new = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (pretrained if _PRETRAINED.match(name) else new).append(p)
+                trained = _PRETRAINED.match(name) or (warm_started and name.startswith(self.warm_start_prefixes))
+                (pretrained if trained else new).append(p)
         return pretrained, new
 
     def train(self, mode: bool = True) -> "PV2TEA":

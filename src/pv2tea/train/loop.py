@@ -84,7 +84,7 @@ def mention_dropout_rows(free_texts: Sequence[str | None], p: float, seed: int, 
 def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     """AdamW (no decay on biases/norms) + cosine schedule with warmup."""
     o = cfg.optim
-    pretrained, new = model.parameter_groups()
+    pretrained, new = model.parameter_groups(warm_started=bool(cfg.train.init_from) and o.warm_start_lr == "lr")
     groups = []
     for params, lr in ((pretrained, o.lr), (new, o.head_lr or o.lr)):
         decay = [p for p in params if p.ndim > 1]
