@@ -13,6 +13,7 @@ from PIL import Image
 from pv2tea.bench.implicitave import BenchConfig, product_folds
 from pv2tea.cli import main
 from pv2tea.data.schema import Record
+from pv2tea.train.checkpoint import warm_start_fingerprint
 
 from conftest import tiny_overrides
 
@@ -146,6 +147,11 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     assert run_cfg["train"]["init_from"] == str(pretrain / "final")
     assert "warm start:" in (run / "train.log").read_text()
     stamp = (pretrain / "final" / "model.safetensors").stat().st_mtime_ns
+    # the warm start scored alone on the held-out fold, next to the runs it started
+    results = json.loads((out / "bench.json").read_text())["domains"]["Home"]
+    assert results["text_pretrain"]["runs"] == 1 and results["text_pretrain"]["constrained"]["f1"]["mean"] is not None
+    scored = json.loads((out / "runs" / "Home" / "fold_0" / "text_pretrain" / "test_report.json").read_text())
+    assert scored["warm_start_sha256"] == warm_start_fingerprint(pretrain / "final")
     capsys.readouterr()
     assert main(args) == 0  # re-run: the pretraining is reused too
     assert (pretrain / "final" / "model.safetensors").stat().st_mtime_ns == stamp
