@@ -73,7 +73,7 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     home = result["domains"]["Home"]
-    assert set(home) == {"text_extractor", "tea", "pv2tea", "pv2tea_gold", "tea+keep_grounded",
+    assert set(home) == {"text_extractor", "text_pretrain", "tea", "pv2tea", "pv2tea_gold", "tea+keep_grounded",
                          "pv2tea+keep_grounded", "tea+extractor", "pv2tea+extractor"}
     for scores in home.values():
         assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
