@@ -36,7 +36,7 @@ def test_cli_end_to_end_real_backbones(catalog, tmp_path, capsys):
                  "train.batch_size=8", "schemes.queue_size=32", "schemes.knn_k=3"]
     assert main(["data", "validate", str(catalog["train"])]) == 0
     assert _train(catalog, run, overrides) == 0
-    for name in ("config.yaml", "metrics.jsonl", "train.log", "data_report.json", "val_report.json",
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "train.log", "data_report.json", "val_report.json",
                  "final/model.safetensors", "final/pv2tea_config.json", "checkpoint/trainer_state.json"):
         assert (run / name).is_file(), name
     epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])

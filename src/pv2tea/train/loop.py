@@ -1,7 +1,7 @@
 """Training PV2TEA: L = L_sc + L_ct + L_r-mlm with S3 sample weights recomputed every epoch.
 
-A run directory holds ``config.yaml`` (resolved), ``data_report.json`` (counted skips),
-``metrics.jsonl`` (one line per epoch), ``train.log``, ``checkpoint/`` (latest state, for
+A run directory holds ``config.yaml`` (resolved), ``environment.json`` (package versions, CPU),
+``data_report.json`` (counted skips), ``metrics.jsonl`` (one line per epoch), ``train.log``, ``checkpoint/`` (latest state, for
 ``--resume``) and ``final/`` (the model for inference) with ``val_report.json``.
 """
 
@@ -36,6 +36,7 @@ from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agr
 from pv2tea.regularize.probe import cross_fitted_probe
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.averaging import WeightAverage
+from pv2tea.train.environment import record_environment
 from pv2tea.train.feature_cache import build_feature_cache
 
 log = logging.getLogger("pv2tea.train")
@@ -304,6 +305,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     n_products = len({(r.images, r.text) for r in records if r.images})
     cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    record_environment(run_dir, resume)
     if data_report is not None:
         (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
     seed_everything(cfg.train.seed)
