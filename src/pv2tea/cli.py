@@ -110,7 +110,7 @@ def train(
 ) -> None:
     """Train PV2TEA on weakly labelled products."""
     _quiet_libraries()
-    from pv2tea.config import load_config
+    from pv2tea.config import load_config, upgrade_saved
     from pv2tea.train.loop import train as run_training
 
     try:
@@ -120,7 +120,7 @@ def train(
                 _fail(f"cannot resume: {saved} not found (was --out the run directory?)")
             import yaml
 
-            cfg = load_config(None, overrides, base=yaml.safe_load(saved.read_text()))
+            cfg = load_config(None, overrides, base=upgrade_saved(yaml.safe_load(saved.read_text())))
         else:
             if (out / "checkpoint").exists():
                 _fail(f"{out} already holds a run; pass --resume to continue it or choose another --out")

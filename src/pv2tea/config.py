@@ -6,6 +6,7 @@ are fields of :class:`SchemesConfig`, never branches keyed on a variant name.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -321,6 +322,22 @@ def from_dict(data: dict[str, Any]) -> Config:
     _update(cfg, data or {}, "")
     validate(cfg)
     return cfg
+
+
+def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config with the settings added since it was saved set to how that run trained.
+
+    A setting whose default changed behaviour for existing runs is filled in here, so reuse checks and resumes do not
+    take an old run for one of the new default: ``optim.warm_start_lr`` (added with the default "lr") was "head_lr"
+    for every warm-started run saved without it.
+    """
+    if not isinstance(data, dict):
+        return data  # from_dict says what is wrong with it
+    data = copy.deepcopy(data)
+    optim, train = data.get("optim"), data.get("train")
+    if isinstance(optim, dict) and isinstance(train, dict) and train.get("init_from") and "warm_start_lr" not in optim:
+        optim["warm_start_lr"] = "head_lr"
+    return data
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 import yaml
 from scipy import stats
 
-from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config
+from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.report import format_report_table, write_report
@@ -200,7 +200,7 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
         return
     requested = _as_saved(cfg.to_dict())
     try:  # a setting added since the run was made has its default there
-        saved = _as_saved(from_dict(yaml.safe_load(saved_path.read_text()) or {}).to_dict())
+        saved = _as_saved(from_dict(upgrade_saved(yaml.safe_load(saved_path.read_text()) or {})).to_dict())
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(f"{saved_path} cannot be compared with the requested settings: {exc}. "
                           f"Choose another --out.") from exc
@@ -211,8 +211,12 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
     if diffs:
         shown = "; ".join(f"{key}: {a!r} there, {b!r} now" for key, a, b in diffs[:5])
         more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
-        raise ConfigError(f"{saved_path} was made with other settings ({shown}{more}). Re-run with the same "
-                          f"settings to reuse it, or choose another --out.")
+        if any(key == "train.init_from" and "sha256" in str(b) for key, _, b in diffs):
+            advice = ("Its warm start's weights have changed since: delete that run folder to train it again from "
+                      "them, or choose another --out.")
+        else:
+            advice = "Re-run with the same settings to reuse it, or choose another --out."
+        raise ConfigError(f"{saved_path} was made with other settings ({shown}{more}). {advice}")
 
 
 def _warm_start_difference(run_dir: Path, saved: str | None, requested: str | None) -> list[tuple[str, Any, Any]]:
@@ -222,8 +226,11 @@ def _warm_start_difference(run_dir: Path, saved: str | None, requested: str | No
     if saved and requested and record.is_file() and (Path(requested) / MODEL_FILE).is_file():
         try:
             there = json.loads(record.read_text())["sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{record} is unreadable ({exc}); choose another --out.") from exc
+            if not isinstance(there, str):
+                raise TypeError(f"sha256 is {there!r}, not a string")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{record} is unreadable ({exc}); delete that run folder or choose another "
+                              f"--out.") from exc
         now = warm_start_fingerprint(Path(requested))
         return [] if there == now else [("train.init_from", f"{saved} (sha256 {there[:12]})",
                                          f"{requested} (sha256 {now[:12]})")]

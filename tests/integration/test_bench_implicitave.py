@@ -150,11 +150,18 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     # the warm start scored alone on the held-out fold, next to the runs it started
     results = json.loads((out / "bench.json").read_text())["domains"]["Home"]
     assert results["text_pretrain"]["runs"] == 1 and results["text_pretrain"]["constrained"]["f1"]["mean"] is not None
-    scored = json.loads((out / "runs" / "Home" / "fold_0" / "text_pretrain" / "test_report.json").read_text())
+    scored_path = out / "runs" / "Home" / "fold_0" / "text_pretrain" / "test_report.json"
+    scored = json.loads(scored_path.read_text())
     assert scored["warm_start_sha256"] == warm_start_fingerprint(pretrain / "final")
+    assert "constrained" in scored and len(scored["products_sha256"]) == 64
+    scored_stamp = scored_path.stat().st_mtime_ns
     capsys.readouterr()
-    assert main(args) == 0  # re-run: the pretraining is reused too
+    assert main(args) == 0  # re-run: the pretraining is reused too, and the warm start's score
     assert (pretrain / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert scored_path.stat().st_mtime_ns == scored_stamp
+    scored_path.write_text("{damaged")
+    assert main(args) == 0  # a damaged score is computed again, not a crash
+    assert json.loads(scored_path.read_text()) == scored
     # a benchmark that differs only in what a text-only run ignores shares the pretraining
     other = tmp_path / "other"
     shutil.copytree(pretrain, other / "runs" / "Home" / "text_pretrain")

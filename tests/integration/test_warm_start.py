@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from pv2tea.config import ConfigError, load_config
+from pv2tea.config import ConfigError, load_config, upgrade_saved
 from pv2tea.data.schema import Record
 from pv2tea.experiment import TEA, check_same_config
 from pv2tea.inference.predictor import build_for_training
@@ -85,8 +86,26 @@ def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_te
         check_same_config(run, _with_init_from(cfg, other))
     # retrained in place (same path, other weights): the finished run is not taken for one of the new warm start
     shutil.copy(other / ckpt.MODEL_FILE, moved / ckpt.MODEL_FILE)
-    with pytest.raises(ConfigError, match="sha256"):
+    with pytest.raises(ConfigError, match="sha256.*weights have changed"):
         check_same_config(run, _with_init_from(cfg, moved))
+
+    # a run saved before optim.warm_start_lr existed trained its warm-started parts at head_lr: it is not taken for
+    # a run of the new default, and resuming it keeps its optimizer groups
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["optim"]["warm_start_lr"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match="optim.warm_start_lr: 'head_lr' there, 'lr' now"):
+        check_same_config(run, cfg)
+    old_default = copy.deepcopy(cfg)
+    old_default.optim.warm_start_lr = "head_lr"
+    check_same_config(run, old_default)
+    assert load_config(None, base=upgrade_saved(saved)).optim.warm_start_lr == "head_lr"
+    assert upgrade_saved({"optim": {}, "train": {}}) == {"optim": {}, "train": {}}  # no warm start: nothing to fill
+
+    # a damaged record names its file instead of failing somewhere later
+    (run / ckpt.WARM_START_FILE).write_text('{"sha256": null}')
+    with pytest.raises(ConfigError, match=f"{ckpt.WARM_START_FILE} is unreadable"):
+        check_same_config(run, old_default)
 
 
 def _with_init_from(cfg, path):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 
 from pv2tea.train import environment
-from pv2tea.train.environment import environment_differences, environment_info, record_environment
+from pv2tea.train.environment import (environment_differences, environment_info, record_environment,
+                                      source_revision)
 
 
 def test_environment_info_names_this_process():
@@ -46,9 +50,26 @@ def test_resume_keeps_the_first_record_and_warns_on_a_change(tmp_path, monkeypat
     assert saved["resumed"][-1]["packages"]["pillow"] == "0.0.1"
 
 
-def test_unreadable_record_is_replaced_with_a_warning(tmp_path, caplog):
-    (tmp_path / "environment.json").write_text("{not json")
+@pytest.mark.parametrize("content, message", [("{not json", "unreadable"), ("[]", "does not hold"),
+                                              ('{"first": 3, "resumed": []}', "does not hold"),
+                                              ('{"first": null, "resumed": "abc"}', "does not hold"),
+                                              (None, "unknown")])
+def test_a_resume_without_a_usable_record_says_so(tmp_path, caplog, content, message):
+    if content is not None:
+        (tmp_path / "environment.json").write_text(content)
     with caplog.at_level(logging.WARNING, logger="pv2tea.train"):
         record_environment(tmp_path, resume=True)
-    assert any("unreadable" in r.getMessage() for r in caplog.records)
-    assert json.loads((tmp_path / "environment.json").read_text())["resumed"] == []
+    assert any(message in r.getMessage() for r in caplog.records)
+    saved = json.loads((tmp_path / "environment.json").read_text())
+    assert saved["first"] is None and len(saved["resumed"]) == 1  # not passed off as the start's environment
+
+
+def test_source_revision_names_the_checkout():
+    repo = Path(environment.__file__).resolve().parents[3]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    source = source_revision()
+    if (repo / ".git").exists() and head.returncode == 0:
+        assert source is not None and source["commit"] == head.stdout.strip()
+        assert isinstance(source["modified"], bool)
+    else:  # installed from a wheel or an exported tree
+        assert source is None

@@ -15,6 +15,7 @@ deployed next to the extractor, :mod:`pv2tea.inference.fusion`). Runs resume: ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field, replace
@@ -131,11 +132,17 @@ def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, o
 
 def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, list[str]] | None,
                       multi: dict[str, bool], report_path: Path) -> dict[str, Any]:
-    """The text-pretrained TEA scored on a fold's held-out products as it is (cached, keyed by its weights)."""
+    """The text-pretrained TEA scored on a fold's held-out products as it is (cached, keyed by its weights and the
+    products)."""
     fingerprint = warm_start_fingerprint(final)
+    products = hashlib.sha256("\n".join(r.id for r in test).encode()).hexdigest()  # the fold's held-out products
     if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        if report.get("warm_start_sha256") == fingerprint:
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, ValueError):
+            report = None  # damaged: scored again below
+        if (isinstance(report, dict) and report.get("warm_start_sha256") == fingerprint
+                and report.get("products_sha256") == products and (not candidates or "constrained" in report)):
             return report
     predictor = Predictor.from_checkpoint(final)
     batch_size = predictor.model.cfg.train.eval_batch_size
@@ -143,7 +150,7 @@ def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, lis
     if candidates:
         ranked = predictor.predict(test, batch_size, candidates=candidates)
         report["constrained"] = source_aware_report(gold_examples(test, ranked, multi))
-    report["warm_start_sha256"] = fingerprint
+    report["warm_start_sha256"], report["products_sha256"] = fingerprint, products
     write_report(report, report_path)
     return report
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def source_revision() -> dict[str, Any] | None:
+    """The git commit of the pv2tea source and whether it has uncommitted changes, when it runs from a checkout
+    (an editable install; the package version alone does not name the code); None otherwise."""
+    tracked = _git("ls-files", "--error-unmatch", Path(__file__).name)  # not a checkout that holds this file: None
+    head = _git("rev-parse", "HEAD") if tracked is not None and tracked.returncode == 0 else None
+    if head is None or head.returncode != 0:
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "..")
+    return {"commit": head.stdout.strip(), "modified": bool(status and status.stdout.strip())}
+
+
 def environment_info() -> dict[str, Any]:
     """The environment of this process (JSON-serializable)."""
     return {
@@ -50,34 +70,51 @@ def environment_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "packages": {name: _version(name) for name in PACKAGES},
+        "source": source_revision(),
     }
 
 
 def environment_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two ``environment_info`` records (empty when they agree)."""
-    diffs = [f"{key}: {before.get(key)} -> {now.get(key)}" for key in ("python", "platform", "cpu", "torch_threads",
-                                                                       "cuda") if before.get(key) != now.get(key)]
-    old, new = before.get("packages", {}), now.get("packages", {})
+    """Human-readable differences between two ``environment_info`` records (empty when they agree); the platform
+    string (it holds the kernel release) is recorded but not compared."""
+    keys = ("python", "cpu", "torch_threads", "cuda", "source")
+    diffs = [f"{key}: {before.get(key)} -> {now.get(key)}" for key in keys if before.get(key) != now.get(key)]
+    old, new = before.get("packages") or {}, now.get("packages") or {}
     diffs += [f"{name} {old.get(name)} -> {new.get(name)}" for name in sorted(set(old) | set(new))
               if old.get(name) != new.get(name)]
     return diffs
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """``{"first": info | None, "resumed": [info, ...]}`` from ``path``, or None (with a warning) when damaged."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s is unreadable (%s); writing the current environment", path, err)
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("first"), (dict, type(None)))
+            and isinstance(record.get("resumed"), list) and all(isinstance(x, dict) for x in record["resumed"])):
+        log.warning("%s does not hold an environment record; writing the current environment", path)
+        return None
+    return record
 
 
 def record_environment(run_dir: Path, resume: bool) -> None:
     """Write ``run_dir/environment.json``; on resume, keep the first record and log what has changed since."""
     path = run_dir / ENVIRONMENT_FILE
     now = environment_info()
-    if resume and path.is_file():
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            log.warning("%s is unreadable (%s); writing the current environment", path, err)
-        else:
-            first = recorded.get("first", recorded)
-            diffs = environment_differences(first, now)
-            if diffs:
-                log.warning("resumed under a different environment than the run started in (its numbers will "
-                            "differ from an uninterrupted run): %s", "; ".join(diffs))
-            path.write_text(json.dumps({"first": first, "resumed": [*recorded.get("resumed", []), now]}, indent=2))
-            return
-    path.write_text(json.dumps({"first": now, "resumed": []}, indent=2))
+    record = _read_record(path) if resume and path.is_file() else None
+    if record is not None:
+        first = record["first"]
+        diffs = environment_differences(first, now) if first is not None else []
+        if diffs:
+            log.warning("resumed under a different environment than the run started in (its numbers will "
+                        "differ from an uninterrupted run): %s", "; ".join(diffs))
+        record = {"first": first, "resumed": [*record["resumed"], now]}
+    elif resume:  # a run made before runs recorded their environment, or its record was damaged
+        log.warning("%s: the environment this run started in is unknown; recording the current one as a resume",
+                    path)
+        record = {"first": None, "resumed": [now]}
+    else:
+        record = {"first": now, "resumed": []}
+    path.write_text(json.dumps(record, indent=2))
