@@ -130,6 +130,31 @@ def test_headline_and_tables_from_summaries():
     assert "| pv2tea | 2 | 50.0 ± 14.1 |" in format_tables(results)
 
 
+def test_fold_ttests_pair_folds_and_average_seeds():
+    from pv2tea.bench.implicitave import add_fold_ttests, format_tables, per_fold_f1, summarize_runs
+
+    def report(f1):
+        block = {"overall": {"f1": f1, "accuracy": f1, "precision": f1, "recall": f1}, "by_attribute": {}}
+        return {**block, "constrained": block}
+
+    # 3 folds; the extractor once per fold, PV2TEA with 2 seeds per fold (fold-major)
+    reports = {"text_extractor": [report(50.0), report(60.0), report(40.0)],
+               "pv2tea": [report(52.0), report(54.0), report(61.0), report(63.0), report(41.0), report(45.0)]}
+    assert per_fold_f1(reports["pv2tea"], 3) == [53.0, 62.0, 43.0]
+    summaries = {name: summarize_runs(runs) for name, runs in reports.items()}
+    add_fold_ttests(summaries, reports, 3)
+    test = summaries["pv2tea"]["ttest_vs_text_extractor"]
+    # extractor - pv2tea per fold: -3, -2, -3: mean -8/3, sd 0.57735, t = (-8/3) / (0.57735 / sqrt 3) = -8.0,
+    # p = 0.0153 (df 2)
+    assert test["n"] == 3 and test["t"] == pytest.approx(-8.0, rel=1e-6) and test["p"] == pytest.approx(0.01527, abs=1e-4)
+    assert "ttest_vs_pv2tea" in summaries["text_extractor"] and "ttest_vs_pv2tea" not in summaries["pv2tea"]
+    table = format_tables({"domains": {"Food": summaries}})
+    assert "| pv2tea | 6 |" in table and "| 0.0153 | – |" in table
+    one_fold = {name: summarize_runs(runs[:1]) for name, runs in reports.items()}
+    add_fold_ttests(one_fold, {name: runs[:1] for name, runs in reports.items()}, 1)
+    assert one_fold["pv2tea"]["ttest_vs_text_extractor"]["p"] is None  # undefined with one fold
+
+
 def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "2",

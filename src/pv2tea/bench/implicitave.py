@@ -31,7 +31,7 @@ from pv2tea.eval.report import write_report
 from pv2tea.eval.normalize import normalize_value
 from pv2tea.config import load_config
 from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, VARIANTS, Split, check_same_config, gold_examples, mean_std,
-                                run_variant)
+                                paired_ttest, run_variant)
 from pv2tea.inference.predictor import Predictor
 from pv2tea.train.checkpoint import warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
@@ -232,7 +232,35 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                                      candidates=candidates, run_name="pv2tea_gold")
                 reports.setdefault("pv2tea_gold", []).append(result)
                 log(f"{domain} fold {fold} pv2tea_gold seed {seed}: F1 {_fmt(result)}")
-    return {name: summarize_runs(runs) for name, runs in reports.items()}
+    summaries = {name: summarize_runs(runs) for name, runs in reports.items()}
+    add_fold_ttests(summaries, reports, len(fold_ids))
+    return summaries
+
+
+SIGNIFICANCE_REFERENCES = ("text_extractor", "pv2tea")  # every variant is t-tested against these
+
+
+def per_fold_f1(runs: list[dict[str, Any]], n_folds: int) -> list[float | None]:
+    """Ranked F1 per fold, averaged over the fold's seeds (``runs`` are fold-major, as ``run_domain`` makes them)."""
+    per = len(runs) // n_folds
+    f1s = [r.get("constrained", r)["overall"].get("f1") for r in runs]
+    out = []
+    for fold in range(n_folds):
+        values = [x for x in f1s[fold * per:(fold + 1) * per] if x is not None]
+        out.append(sum(values) / len(values) if values else None)
+    return out
+
+
+def add_fold_ttests(summaries: dict[str, Any], reports: dict[str, list[dict[str, Any]]], n_folds: int) -> None:
+    """Paired t-tests over folds (ranked F1) of every variant against the extractor and against PV2TEA, in place:
+    the folds hold different products, so a fold is one paired observation (undefined with one fold)."""
+    for ref in SIGNIFICANCE_REFERENCES:
+        if ref not in reports:
+            continue
+        base = per_fold_f1(reports[ref], n_folds)
+        for name, runs in reports.items():
+            if name != ref:
+                summaries[name][f"ttest_vs_{ref}"] = paired_ttest(base, per_fold_f1(runs, n_folds))
 
 
 def _fmt(report: dict[str, Any]) -> str:
@@ -273,6 +301,10 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
+def _p(test: dict[str, Any] | None) -> str:
+    return "–" if not test or test.get("p") is None else f"{test['p']:.3g}"
+
+
 def _cell(stat: dict[str, float | None]) -> str:
     return "–" if stat["mean"] is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
@@ -281,12 +313,17 @@ def format_tables(results: dict[str, Any]) -> str:
     lines = []
     for domain, variants in results["domains"].items():
         lines += [f"### {domain}", "",
-                  "| variant | runs | F1 ranked | Acc ranked | P ranked | R ranked | F1 open | Acc open |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| variant | runs | F1 ranked | Acc ranked | P ranked | R ranked | F1 open | Acc open "
+                  "| p vs extractor | p vs pv2tea |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, s in variants.items():
             c, o = s["constrained"], s["open"]
+            p = [_p(s.get(f"ttest_vs_{ref}")) for ref in SIGNIFICANCE_REFERENCES]
             lines.append(f"| {name} | {s['runs']} | {_cell(c['f1'])} | {_cell(c['accuracy'])} | "
-                         f"{_cell(c['precision'])} | {_cell(c['recall'])} | {_cell(o['f1'])} | {_cell(o['accuracy'])} |")
+                         f"{_cell(c['precision'])} | {_cell(c['recall'])} | {_cell(o['f1'])} | {_cell(o['accuracy'])} "
+                         f"| {p[0]} | {p[1]} |")
+        lines += ["", "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference "
+                  "itself)."]
         attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
         names = list(variants)
         lines += ["", "Per attribute, F1 ranked among options:", "",
