@@ -8,6 +8,7 @@ the S1 queues are model buffers). Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -142,8 +143,14 @@ def warm_start_fingerprint(directory: Path) -> str:
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+    stat = path.stat()  # the reuse checks of every fold and variant ask again: read the file once per version of it
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
