@@ -76,6 +76,12 @@ class FusionConfig:
     # the same layer instead of random (measured on the demo: no better than random, see README)
     cross_from_self: bool = False
     question_template: str = "What is the {attribute} of the {category}?"
+    # None: the paper's fusion, one cross-attention over the concatenated [visual; text] tokens. A number g0: the
+    # text tokens keep that cross-attention and each fusion layer reads the visual tokens through a second one,
+    # added as h + tanh(g) * (x_visual - h) with a learned gate g that starts at g0 (Flamingo-style). With g0 = 0 a
+    # model warm-started from a text-only run (train.init_from) answers exactly as that run at the first step, and
+    # the image enters only as far as the gate opens
+    visual_gate: float | None = None
 
 
 @dataclass

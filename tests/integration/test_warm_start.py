@@ -148,3 +148,54 @@ def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, 
 def test_unknown_warm_start_lr_is_refused(tiny_text_ckpt):
     with pytest.raises(ConfigError, match="optim.warm_start_lr"):
         load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.warm_start_lr=fast"])
+
+
+def test_a_gated_visual_path_keeps_the_warm_start_until_its_gate_opens(tea_final, tiny_text_ckpt, tmp_path):
+    """fusion.visual_gate=0: warm-started from a TEA, PV2TEA reads the products exactly as the TEA does."""
+    from pv2tea.inference.predictor import load_from_checkpoint
+
+    tea, tea_pre = load_from_checkpoint(tea_final)
+    assert all(layer.visual_attention is None for layer in tea.fusion.layers)  # a TEA has no visual path
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", f"train.init_from={tea_final}"])
+    model, pre = build_for_training(cfg, ["mug"])
+    ckpt.load_warm_start(model, tea_final)  # the gated path is not in the TEA's checkpoint and is left new
+    _, new = model.parameter_groups(warm_started=True)
+    gated = {id(p) for n, p in model.named_parameters() if ".visual_" in n}
+    assert gated and gated <= {id(p) for p in new}  # it trains at head_lr
+
+    rows = [*_products(tmp_path), Record("t", "a red mug", (), "mug", "color", ("red",))]
+    batch = pre.collate(rows, list(range(len(rows))), list(range(len(rows))), with_answers=True)
+    tea_batch = tea_pre.collate(rows, list(range(len(rows))), list(range(len(rows))), with_answers=True)
+    assert bool(batch.has_image[:-1].all()) and not bool(batch.has_image[-1])
+    model.eval()
+    tea.eval()
+    with torch.no_grad():
+        q_tea = tea.encode(tea_batch).question
+        q = model.encode(batch).question
+        torch.testing.assert_close(q, q_tea)
+        tok = pre.tokenizer
+        ids = dict(bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id)
+        assert torch.equal(model.generate(batch, **ids), tea.generate(tea_batch, **ids))
+
+        for layer in model.fusion.layers:
+            layer.visual_gate.fill_(1.0)
+        q_open = model.encode(batch).question
+    assert not torch.allclose(q_open[:-1], q_tea[:-1])  # image rows now read their image
+    torch.testing.assert_close(q_open[-1], q_tea[-1])  # the row without an image is untouched
+
+
+def test_the_gate_learns_from_zero_and_then_trains_its_attention(tea_final, tiny_text_ckpt, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0"])
+    model, pre = build_for_training(cfg, ["mug"])
+    rows = _products(tmp_path)
+    batch = pre.collate(rows, list(range(len(rows))), list(range(len(rows))), with_answers=True)
+    model.train()
+    model(batch).loss.backward()
+    layer = model.fusion.layers[0]
+    assert float(layer.visual_gate.grad.abs()) > 0  # tanh'(0) = 1: the closed gate still hears the loss
+    assert all(p.grad is None or not bool(p.grad.any()) for p in layer.visual_attention.parameters())
+    model.zero_grad()
+    with torch.no_grad():
+        layer.visual_gate.fill_(0.5)
+    model(batch).loss.backward()
+    assert all(p.grad is not None and bool(p.grad.any()) for p in layer.visual_attention.parameters())

@@ -115,11 +115,13 @@ def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, o
     run_cfg = load_config(cfg.config, [*overrides, *VARIANTS["tea"], f"train.epochs={cfg.text_pretrain}",
                                        "train.image_less_per_epoch=null", "train.init_from=null", "train.seed=0"])
     # what a text-only run from scratch ignores (the image schemes, the L_sc / L_ct weights, the lr of warm-started
-    # parts) is the preset's, so benchmarks that differ only there share one pretraining
+    # parts, the gate of a visual path it does not have) is the preset's, so benchmarks that differ only there share
+    # one pretraining
     preset = load_config(cfg.config, VARIANTS["tea"])
     run_cfg.schemes = preset.schemes
     run_cfg.loss.weight_sc, run_cfg.loss.weight_ct = preset.loss.weight_sc, preset.loss.weight_ct
     run_cfg.optim.warm_start_lr = preset.optim.warm_start_lr
+    run_cfg.fusion.visual_gate = preset.fusion.visual_gate
     check_same_config(directory, run_cfg)
     if not (final / "model.safetensors").is_file():
         directory.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,15 @@ BERT layers with bidirectional self-attention and cross-attention to the concate
 [visual; text] tokens. transformers' ``BertLayer`` only allows cross-attention in decoders
 (causal), so the layer is assembled here from ``BertAttention``/``BertIntermediate``/``BertOutput``
 with ``is_causal=False``; the self-attention and feed-forward weights copy a pretrained layer.
+
+With a visual gate (``fusion.visual_gate``) the visual tokens get their own cross-attention per layer, whose
+output is mixed in through ``tanh(g)`` (the text cross-attention then sees the text tokens only): at ``g = 0`` the
+layer is the text-only layer, so a text-only warm start is kept intact until the image earns its weight.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,36 +26,76 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+# state-dict keys of the gated visual path: parts a text-only (TEA) checkpoint does not have
+VISUAL_GATE_KEYS = (".visual_attention.", ".visual_gate")
+
+
+@dataclass
+class GatedContext:
+    """The visual tokens of a gated layer, apart from the text context."""
+    tokens: torch.Tensor  # (B, V, H)
+    mask: torch.Tensor  # (B, 1, 1, V) additive
+    rows: torch.Tensor  # (B, 1, 1): 1 where the row has at least one visual token
+
+
 class FusionLayer(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, visual_gate: float | None = None):
         super().__init__()
         self.attention = BertAttention(config, is_causal=False)
         self.crossattention = BertAttention(config, is_causal=False, is_cross_attention=True)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
+        if visual_gate is None:
+            self.visual_attention, self.visual_gate = None, None
+        else:
+            self.visual_attention = BertAttention(config, is_causal=False, is_cross_attention=True)
+            self.visual_gate = nn.Parameter(torch.full((1,), float(visual_gate)))
 
     def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor) -> torch.Tensor:
+                context_mask: torch.Tensor, has_context: torch.Tensor | None = None,
+                visual: GatedContext | None = None) -> torch.Tensor:
+        """``has_context`` (B, 1, 1): rows with no unmasked context key keep their state through the
+        cross-attention (a softmax over only masked keys would average them in)."""
         hidden, _ = self.attention(hidden, attention_mask=self_mask)  # (B, Q, H)
-        hidden, _ = self.crossattention(hidden, encoder_hidden_states=context,
-                                        encoder_attention_mask=context_mask)  # (B, Q, H)
+        crossed, _ = self.crossattention(hidden, encoder_hidden_states=context,
+                                         encoder_attention_mask=context_mask)  # (B, Q, H)
+        hidden = crossed if has_context is None else torch.where(has_context, crossed, hidden)
+        if visual is not None:
+            seen, _ = self.visual_attention(hidden, encoder_hidden_states=visual.tokens,
+                                            encoder_attention_mask=visual.mask)  # (B, Q, H)
+            gate = torch.tanh(self.visual_gate) * visual.rows  # (B, 1, 1)
+            hidden = hidden + gate * (seen - hidden)
         return self.output(self.intermediate(hidden), hidden)
 
 
 class FusionEncoder(nn.Module):
-    def __init__(self, config: BertConfig, num_layers: int):
+    def __init__(self, config: BertConfig, num_layers: int, visual_gate: float | None = None):
+        """``visual_gate``: None for the paper's shared cross-attention, else the gate's start value."""
         super().__init__()
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList(FusionLayer(config) for _ in range(num_layers))
+        self.layers = nn.ModuleList(FusionLayer(config, visual_gate) for _ in range(num_layers))
+        self.gated = visual_gate is not None
 
     def forward(self, question_ids: torch.Tensor, question_mask: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor) -> torch.Tensor:
-        """Grounded question representation q = [q_cls, q_1, ..., q_R], shape (B, R + 1, H)."""
+                context_mask: torch.Tensor, n_visual: int = 0) -> torch.Tensor:
+        """Grounded question representation q = [q_cls, q_1, ..., q_R], shape (B, R + 1, H).
+
+        ``context`` is [visual; text] (B, V + T, H) whose first ``n_visual`` tokens are visual; a gated encoder
+        reads those through its visual cross-attention, the shared one reads all of them.
+        """
         hidden = self.embeddings(input_ids=question_ids)
         self_mask = additive_mask(question_mask, hidden.dtype)  # (B, 1, 1, Q)
-        ctx_mask = additive_mask(context_mask, hidden.dtype)  # (B, 1, 1, V + T)
+        visual, has_text = None, None
+        if self.gated:
+            vis_mask = context_mask[:, :n_visual]  # (B, V)
+            if n_visual and bool(vis_mask.any()):
+                visual = GatedContext(context[:, :n_visual], additive_mask(vis_mask, hidden.dtype),
+                                      vis_mask.any(1)[:, None, None].to(hidden.dtype))
+            context, context_mask = context[:, n_visual:], context_mask[:, n_visual:]  # (B, T, H), (B, T)
+            has_text = context_mask.any(1)[:, None, None]  # (B, 1, 1)
+        ctx_mask = additive_mask(context_mask, hidden.dtype)  # (B, 1, 1, K)
         for layer in self.layers:
-            hidden = layer(hidden, self_mask, context, ctx_mask)
+            hidden = layer(hidden, self_mask, context, ctx_mask, has_text, visual)
         return hidden
 
     def pretrained_mapping(self, source_layers: list[int], cross_from_self: bool) -> dict[str, str]:
@@ -64,6 +110,8 @@ class FusionEncoder(nn.Module):
                 if not k.startswith(prefix):
                     continue
                 rest = k[len(prefix):]
+                if rest.startswith(("visual_attention.", "visual_gate")):
+                    continue  # new, like the cross-attention without cross_from_self
                 if rest.startswith("crossattention."):
                     if cross_from_self:
                         mapping[k] = f"encoder.layer.{j}.attention." + rest[len("crossattention."):]

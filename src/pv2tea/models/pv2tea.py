@@ -21,7 +21,7 @@ from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
-from pv2tea.models.fusion import FusionEncoder, additive_mask
+from pv2tea.models.fusion import VISUAL_GATE_KEYS, FusionEncoder, additive_mask
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
 from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights
@@ -112,7 +112,9 @@ class PV2TEA(nn.Module):
                                    text_layers - cfg.text.train_layers if cfg.text.train_layers else 0)
         self.text_cached = cfg.text.freeze or cfg.text.train_layers is not None  # the embeddings are frozen
         fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
-        self.fusion = FusionEncoder(bert_config, fusion_layers)
+        # the gated visual path exists only where there are images (a TEA's fusion is the text-only one)
+        self.fusion = FusionEncoder(bert_config, fusion_layers,
+                                    cfg.fusion.visual_gate if self.visual is not None else None)
         if cfg.decoder.head == "generate":
             dec_config = BertConfig(**{**bert_config.to_dict(), "is_decoder": True, "add_cross_attention": True,
                                        "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
@@ -207,11 +209,18 @@ class PV2TEA(nn.Module):
         ``warm_started``: the parts a warm start fills (``warm_start_prefixes``) count as pretrained.
         """
         pretrained, new = [], []
+        warm = self.warm_start_keys() if warm_started else set()
         for name, p in self.named_parameters():
             if p.requires_grad:
-                trained = _PRETRAINED.match(name) or (warm_started and name.startswith(self.warm_start_prefixes))
+                trained = _PRETRAINED.match(name) or name in warm
                 (pretrained if trained else new).append(p)
         return pretrained, new
+
+    def warm_start_keys(self) -> set[str]:
+        """State-dict keys a warm start fills: the text encoder, fusion and decoder, minus the gated visual
+        path of the fusion (``fusion.visual_gate``), which a text-only run does not have."""
+        return {k for k in self.state_dict()
+                if k.startswith(self.warm_start_prefixes) and not any(part in k for part in VISUAL_GATE_KEYS)}
 
     def train(self, mode: bool = True) -> "PV2TEA":
         super().train(mode)
@@ -255,7 +264,8 @@ class PV2TEA(nn.Module):
             text_mask = text_mask * (~drop)[:, None].to(text_mask.dtype)
         context = torch.cat([*parts, text_hidden], 1)  # (B, K(1 + P) + T, H)
         context_mask = torch.cat([*[m.to(text_mask.dtype) for m in masks], text_mask], 1)
-        question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask)
+        question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask,
+                               n_visual=context.shape[1] - text_hidden.shape[1])
         if self.cfg.decoder.attend_context:
             memory = torch.cat([question, context], 1)  # (B, Q + K(1 + P) + T, H)
             memory_mask = torch.cat([batch.question_mask, context_mask], 1)
@@ -367,7 +377,8 @@ class PV2TEA(nn.Module):
         neg = sel[partner]
         context = torch.cat([enc.context[neg, :n_vis], enc.text_hidden[sel]], 1)  # (B_img, K(1 + P) + T, H)
         mask = torch.cat([enc.context_mask[neg, :n_vis], batch.text_mask[sel]], 1)
-        q_neg = self.fusion(batch.question_ids[sel], batch.question_mask[sel], context, mask)[:, 0]  # (B_img, H)
+        q_neg = self.fusion(batch.question_ids[sel], batch.question_mask[sel], context, mask,
+                            n_visual=n_vis)[:, 0]  # (B_img, H)
         return image_text_matching_loss(self.itm_head(enc.question[sel, 0]), self.itm_head(q_neg))
 
     @torch.no_grad()
@@ -383,7 +394,8 @@ class PV2TEA(nn.Module):
         for j in range(n):  # one text against every image
             context = torch.cat([enc.context[:, :n_vis], enc.text_hidden[j].expand(n, -1, -1)], 1)
             mask = torch.cat([enc.context_mask[:, :n_vis], batch.text_mask[j].expand(n, -1)], 1)
-            q = self.fusion(batch.question_ids[j].expand(n, -1), batch.question_mask[j].expand(n, -1), context, mask)
+            q = self.fusion(batch.question_ids[j].expand(n, -1), batch.question_mask[j].expand(n, -1), context, mask,
+                            n_visual=n_vis)
             scores[:, j] = self.itm_head(q[:, 0]).softmax(-1)[:, 1]
         return scores
 

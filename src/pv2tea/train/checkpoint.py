@@ -160,14 +160,16 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
     """Copy the text encoder, fusion and decoder weights of checkpoint ``directory`` into ``model``.
 
     Every one of those weights must be in the checkpoint with the same shape (same text model, layer counts and
-    decoder kind); the rest of ``model`` (visual encoder, heads, projections, momentum copies) is left as it is.
+    decoder kind); the rest of ``model`` (visual encoder, heads, projections, momentum copies, a gated visual path of
+    the fusion) is left as it is.
     Returns the number of tensors copied.
     """
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     source = load_file(str(path))
-    target = {k: v for k, v in model.state_dict().items() if k.startswith(model.warm_start_prefixes)}
+    keys = model.warm_start_keys()
+    target = {k: v for k, v in model.state_dict().items() if k in keys}
     # tied weights (the decoder's output layer is its word embeddings) are saved once: copying the saved name fills
     # the storage the other names share
     filled = {v.data_ptr() for k, v in target.items() if k in source}
