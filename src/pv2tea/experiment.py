@@ -55,6 +55,9 @@ VARIANTS: dict[str, list[str]] = {
     **{f"alpha_{a}": [f"schemes.alpha={a}"] for a in ("0.2", "0.6", "0.8")},
     # not a paper ablation: the `cpu` preset's text and mention dropout (additions tuned on the demo) switched off
     "wo_dropout": ["schemes.text_dropout=0", "schemes.mention_dropout=0"],
+    # not in the paper: the visual tokens through a cross-attention of their own behind a tanh gate that starts
+    # closed (a text-only warm start is kept intact until the image earns its weight)
+    "visual_gate": ["fusion.visual_gate=0"],
 }
 REFERENCES = ("weak_labels", "text_extractor")
 KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states
