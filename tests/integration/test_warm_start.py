@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -199,3 +200,10 @@ def test_the_gate_learns_from_zero_and_then_trains_its_attention(tea_final, tiny
         layer.visual_gate.fill_(0.5)
     model(batch).loss.backward()
     assert all(p.grad is not None and bool(p.grad.any()) for p in layer.visual_attention.parameters())
+
+
+    run = tmp_path / "run"  # a training run records how far each layer's gate opened, epoch by epoch
+    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", "train.epochs=1"]), rows, run,
+          progress=False)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(record["visual_gate"]) == 1 and 0 < abs(record["visual_gate"][0]) < 1

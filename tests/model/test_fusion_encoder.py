@@ -43,8 +43,10 @@ def test_a_closed_gate_is_the_text_only_fusion_and_an_open_one_reads_the_image()
         for layer in encoder.layers:
             layer.visual_gate.fill_(2.0)
     mask[2, :4] = 0  # row 2 has no image
+    assert encoder.gate_openings() == [pytest.approx(0.964, abs=1e-3)] * 2  # tanh(2)
     opened = encoder(question, q_mask, context, mask, n_visual=4)
     assert not torch.allclose(opened[:2], text_only[:2])
     torch.testing.assert_close(opened[2], text_only[2])
     # the paper's fusion reads every token through one cross-attention: no visual parameters, no gate
-    assert not any("visual" in k for k in FusionEncoder(CONFIG, 2).state_dict())
+    shared = FusionEncoder(CONFIG, 2)
+    assert not any("visual" in k for k in shared.state_dict()) and shared.gate_openings() == []

@@ -76,6 +76,10 @@ class FusionEncoder(nn.Module):
         self.layers = nn.ModuleList(FusionLayer(config, visual_gate) for _ in range(num_layers))
         self.gated = visual_gate is not None
 
+    def gate_openings(self) -> list[float]:
+        """tanh(g) of each layer's visual gate, the share of the image-read state it mixes in (empty: no gate)."""
+        return [round(float(torch.tanh(layer.visual_gate.detach())), 4) for layer in self.layers if self.gated]
+
     def forward(self, question_ids: torch.Tensor, question_mask: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor, n_visual: int = 0) -> torch.Tensor:
         """Grounded question representation q = [q_cls, q_1, ..., q_R], shape (B, R + 1, H).

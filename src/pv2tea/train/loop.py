@@ -433,6 +433,8 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "finished": finished_epoch,
                                   "seconds": round(time.time() - epoch_t0, 2),
                                   **{k: v / done_steps for k, v in sums.items()}, **weight_stats}
+        if model.fusion.gated:
+            record["visual_gate"] = model.fusion.gate_openings()  # per fusion layer: how far the image is let in
         if finished_epoch:
             epoch, step_in_epoch = epoch + 1, 0
             if average is not None and epoch > cfg.train.epochs - cfg.train.average_epochs:
