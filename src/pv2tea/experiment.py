@@ -210,11 +210,13 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
     diffs = [(key, a, b) for key, a, b in config_differences(saved, requested)
              if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)
              and key != "train.init_from"]
-    diffs += _warm_start_difference(run_dir, saved["train"].get("init_from"), requested["train"].get("init_from"))
+    warm, retrained = _warm_start_difference(run_dir, saved["train"].get("init_from"),
+                                             requested["train"].get("init_from"))
+    diffs += warm
     if diffs:
         shown = "; ".join(f"{key}: {a!r} there, {b!r} now" for key, a, b in diffs[:5])
         more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
-        if any(key == "train.init_from" and "sha256" in str(b) for key, _, b in diffs):
+        if retrained:
             advice = ("Its warm start's weights have changed since: delete that run folder to train it again from "
                       "them, or choose another --out.")
         else:
@@ -222,9 +224,11 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
         raise ConfigError(f"{saved_path} was made with other settings ({shown}{more}). {advice}")
 
 
-def _warm_start_difference(run_dir: Path, saved: str | None, requested: str | None) -> list[tuple[str, Any, Any]]:
+def _warm_start_difference(run_dir: Path, saved: str | None,
+                           requested: str | None) -> tuple[list[tuple[str, Any, Any]], bool]:
     """``train.init_from`` compared by the weights' content when the run recorded it: a moved warm-start folder
-    matches, and a warm start retrained at the same path does not."""
+    matches, and a warm start retrained at the same path does not. Returns (the difference, if any; whether it is
+    that the warm start's weights changed)."""
     record = run_dir / WARM_START_FILE
     if saved and requested and record.is_file() and (Path(requested) / MODEL_FILE).is_file():
         try:
@@ -235,9 +239,10 @@ def _warm_start_difference(run_dir: Path, saved: str | None, requested: str | No
             raise ConfigError(f"{record} is unreadable ({exc}); delete that run folder or choose another "
                               f"--out.") from exc
         now = warm_start_fingerprint(Path(requested))
-        return [] if there == now else [("train.init_from", f"{saved} (sha256 {there[:12]})",
-                                         f"{requested} (sha256 {now[:12]})")]
-    return [] if saved == requested else [("train.init_from", saved, requested)]
+        if there == now:
+            return [], False
+        return [("train.init_from", f"{saved} (sha256 {there[:12]})", f"{requested} (sha256 {now[:12]})")], True
+    return ([] if saved == requested else [("train.init_from", saved, requested)]), False
 
 
 def _has_labels(records: Sequence[Record]) -> bool:
