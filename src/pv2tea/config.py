@@ -80,7 +80,7 @@ class FusionConfig:
     # text tokens keep that cross-attention and each fusion layer reads the visual tokens through a second one,
     # added as h + tanh(g) * (x_visual - h) with a learned gate g that starts at g0 (Flamingo-style). With g0 = 0 a
     # model warm-started from a text-only run (train.init_from) answers exactly as that run at the first step, and
-    # the image enters only as far as the gate opens
+    # the image enters only as far as the gate opens (decoder.attend_context, off by default, is not gated)
     visual_gate: float | None = None
 
 
