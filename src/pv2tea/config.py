@@ -80,7 +80,9 @@ class FusionConfig:
     # text tokens keep that cross-attention and each fusion layer reads the visual tokens through a second one,
     # added as h + tanh(g) * (x_visual - h) with a learned gate g that starts at g0 (Flamingo-style). With g0 = 0 a
     # model warm-started from a text-only run (train.init_from) answers exactly as that run at the first step, and
-    # the image enters only as far as the gate opens (decoder.attend_context, off by default, is not gated)
+    # the image enters only as far as the gate opens. In training, a row whose text is hidden (schemes.text_dropout)
+    # then sees little more than its question until the gate opens. Not with decoder.attend_context (the decoder would
+    # read the visual tokens ungated)
     visual_gate: float | None = None
 
 
@@ -473,6 +475,9 @@ def validate(cfg: Config) -> None:
                           "no text layer)")
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")
+    if cfg.fusion.visual_gate is not None and cfg.decoder.attend_context:
+        raise ConfigError("fusion.visual_gate with decoder.attend_context=true: the decoder would read the visual "
+                          "tokens past the gate; set decoder.attend_context=false or fusion.visual_gate=null")
     if "{attribute}" not in cfg.fusion.question_template:
         raise ConfigError("fusion.question_template must contain {attribute}")
     if cfg.decoder.value_order not in VALUE_ORDERS:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from pv2tea.config import ConfigError, load_config, upgrade_saved
 from pv2tea.data.schema import Record
 from pv2tea.experiment import TEA, check_same_config
-from pv2tea.inference.predictor import build_for_training
+from pv2tea.inference.predictor import build_for_training, load_from_checkpoint
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.loop import build_optimizer, train
 
@@ -152,9 +152,8 @@ def test_unknown_warm_start_lr_is_refused(tiny_text_ckpt):
 
 
 def test_a_gated_visual_path_keeps_the_warm_start_until_its_gate_opens(tea_final, tiny_text_ckpt, tmp_path):
-    """fusion.visual_gate=0: warm-started from a TEA, PV2TEA reads the products exactly as the TEA does."""
-    from pv2tea.inference.predictor import load_from_checkpoint
-
+    """fusion.visual_gate=0: warm-started from a TEA, PV2TEA reads the products exactly as the TEA does (before
+    training; in training, text dropout hides some rows' text)."""
     tea, tea_pre = load_from_checkpoint(tea_final)
     assert all(layer.visual_attention is None for layer in tea.fusion.layers)  # a TEA has no visual path
     cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", f"train.init_from={tea_final}"])
@@ -185,7 +184,7 @@ def test_a_gated_visual_path_keeps_the_warm_start_until_its_gate_opens(tea_final
     torch.testing.assert_close(q_open[-1], q_tea[-1])  # the row without an image is untouched
 
 
-def test_the_gate_learns_from_zero_and_then_trains_its_attention(tea_final, tiny_text_ckpt, tmp_path):
+def test_the_gate_learns_from_zero_and_then_trains_its_attention(tiny_text_ckpt, tmp_path):
     cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0"])
     model, pre = build_for_training(cfg, ["mug"])
     rows = _products(tmp_path)
@@ -201,9 +200,10 @@ def test_the_gate_learns_from_zero_and_then_trains_its_attention(tea_final, tiny
     model(batch).loss.backward()
     assert all(p.grad is not None and bool(p.grad.any()) for p in layer.visual_attention.parameters())
 
-
     run = tmp_path / "run"  # a training run records how far each layer's gate opened, epoch by epoch
     train(load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", "train.epochs=1"]), rows, run,
           progress=False)
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(record["visual_gate"]) == 1 and 0 < abs(record["visual_gate"][0]) < 1
+    reloaded, _ = load_from_checkpoint(run / "final")  # the saved model is rebuilt with its gated path
+    assert reloaded.fusion.gate_openings() == record["visual_gate"]

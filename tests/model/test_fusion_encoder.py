@@ -50,3 +50,15 @@ def test_a_closed_gate_is_the_text_only_fusion_and_an_open_one_reads_the_image()
     # the paper's fusion reads every token through one cross-attention: no visual parameters, no gate
     shared = FusionEncoder(CONFIG, 2)
     assert not any("visual" in k for k in shared.state_dict()) and shared.gate_openings() == []
+
+
+def test_a_row_with_neither_image_nor_text_keeps_its_question_state():
+    torch.manual_seed(0)
+    encoder = FusionEncoder(CONFIG, num_layers=1, visual_gate=1.0).eval()
+    question, q_mask, context, mask = _inputs()
+    mask[1] = 0  # row 1: no visual token, no text token
+    out = encoder(question, q_mask, context, mask, n_visual=4)
+    changed = context.clone()
+    changed[1] += 3.0
+    torch.testing.assert_close(encoder(question, q_mask, changed, mask, n_visual=4)[1], out[1])
+    assert torch.isfinite(out).all()

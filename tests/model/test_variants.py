@@ -240,3 +240,32 @@ def test_variant_names_switch_what_they_say():
     assert dropout == {"schemes.text_dropout", "schemes.mention_dropout"}  # the cpu preset's additions, off
     assert changed["visual_gate"] == {"fusion.visual_gate"}
     assert load_config("cpu", VARIANTS["visual_gate"]).fusion.visual_gate == 0
+
+
+@pytest.mark.parametrize("extra", [["vision.max_images=3"], ["decoder.head=classify"],
+                                   ["schemes.alignment=matching"]], ids=["3_images", "classify", "matching"])
+def test_an_open_visual_gate_works_with_several_images_the_classifier_and_matching(tiny_text_ckpt, recs, extra):
+    model, pre = _build(tiny_text_ckpt, recs, "fusion.visual_gate=0.5", *extra)
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    model.train()
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert _all_grads(model) == []  # the open gate's attention trains along with everything else
+    model.eval()
+    with torch.no_grad():
+        for layer in model.fusion.layers:
+            layer.visual_gate.zero_()
+        closed = model.encode(batch).question
+        text_only = model.fusion(batch.question_ids, batch.question_mask, model.encode(batch).text_hidden,
+                                 batch.text_mask, n_visual=0)
+    torch.testing.assert_close(closed, text_only)  # every image's tokens (here up to 3) sit behind the gate
+
+
+def test_a_visual_gate_refuses_an_ungated_decoder_view_and_needs_the_visual_token_count(tiny_text_ckpt, recs):
+    with pytest.raises(ConfigError, match="attend_context"):
+        load_config(None, ["fusion.visual_gate=0", "decoder.attend_context=true"])
+    model, pre = _build(tiny_text_ckpt, recs, "fusion.visual_gate=0")
+    batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
+    with pytest.raises(ValueError, match="n_visual"):
+        model.fusion(batch.question_ids, batch.question_mask, model.encode(batch).context, batch.text_mask)

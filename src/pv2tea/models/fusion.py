@@ -81,12 +81,15 @@ class FusionEncoder(nn.Module):
         return [round(float(torch.tanh(layer.visual_gate.detach())), 4) for layer in self.layers if self.gated]
 
     def forward(self, question_ids: torch.Tensor, question_mask: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor, n_visual: int = 0) -> torch.Tensor:
+                context_mask: torch.Tensor, n_visual: int | None = None) -> torch.Tensor:
         """Grounded question representation q = [q_cls, q_1, ..., q_R], shape (B, R + 1, H).
 
         ``context`` is [visual; text] (B, V + T, H) whose first ``n_visual`` tokens are visual; a gated encoder
-        reads those through its visual cross-attention, the shared one reads all of them.
+        reads those through its visual cross-attention, the shared one reads all of them. A gated encoder needs
+        ``n_visual`` (0 when there are no visual tokens): without it, image tokens would be read as text.
         """
+        if self.gated and n_visual is None:
+            raise ValueError("a gated fusion (fusion.visual_gate) needs n_visual, the number of leading visual tokens")
         hidden = self.embeddings(input_ids=question_ids)
         self_mask = additive_mask(question_mask, hidden.dtype)  # (B, 1, 1, Q)
         visual, has_text = None, None
