@@ -26,8 +26,9 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-# state-dict keys of the gated visual path: parts a text-only (TEA) checkpoint does not have
-VISUAL_GATE_KEYS = (".visual_attention.", ".visual_gate")
+def is_visual_gate_key(key: str) -> bool:
+    """A state-dict key of the gated visual path (a part a text-only (TEA) checkpoint does not have)."""
+    return ".visual_attention." in f".{key}" or ".visual_gate" in f".{key}"
 
 
 @dataclass
@@ -117,7 +118,7 @@ class FusionEncoder(nn.Module):
                 if not k.startswith(prefix):
                     continue
                 rest = k[len(prefix):]
-                if rest.startswith(("visual_attention.", "visual_gate")):
+                if is_visual_gate_key(rest):
                     continue  # new, like the cross-attention without cross_from_self
                 if rest.startswith("crossattention."):
                     if cross_from_self:

@@ -21,7 +21,7 @@ from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
-from pv2tea.models.fusion import VISUAL_GATE_KEYS, FusionEncoder, additive_mask
+from pv2tea.models.fusion import FusionEncoder, additive_mask, is_visual_gate_key
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
 from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights
@@ -220,7 +220,7 @@ class PV2TEA(nn.Module):
         """State-dict keys a warm start fills: the text encoder, fusion and decoder, minus the gated visual
         path of the fusion (``fusion.visual_gate``), which a text-only run does not have."""
         return {k for k in self.state_dict()
-                if k.startswith(self.warm_start_prefixes) and not any(part in k for part in VISUAL_GATE_KEYS)}
+                if k.startswith(self.warm_start_prefixes) and not is_visual_gate_key(k)}
 
     def train(self, mode: bool = True) -> "PV2TEA":
         super().train(mode)
