@@ -499,9 +499,9 @@ def bench_implicitave(
     gold_ceiling: Annotated[bool, typer.Option("--gold-ceiling/--no-gold-ceiling", help="Also train on gold labels.")] = True,
     text_rows: Annotated[int, typer.Option(help="Text-only training rows (image-less samples) per epoch (0: none, -1: all of train.tsv).")] = 1000,
     text_pool: Annotated[Optional[int], typer.Option(help="Draw the --text-rows afresh each epoch from this many text-only rows (-1: all of train.tsv); default: one fixed sample of --text-rows rows.")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of each fold's run on the products.")] = 5,
     text_pretrain: Annotated[int, typer.Option(min=0, help="Epochs of a TEA trained once per domain on all its text-only rows, whose text encoder, fusion and decoder start every fold's run (0: none).")] = 6,
-    quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed, half the epochs (smoke test).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[Optional[list[str]], typer.Option("--set")] = None,
 ) -> None:

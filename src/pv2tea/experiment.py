@@ -27,7 +27,7 @@ from scipy import stats
 
 from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
 from pv2tea.data.schema import Record
-from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.eval.metrics import Example, departures, source_aware_report
 from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
@@ -126,20 +126,26 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         check_same_config(run_dir, cfg)
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        want_keep = "keep_grounded" not in report and _has_labels(data.test)
+        labelled = _has_labels(data.test)
+        want_keep = "keep_grounded" not in report and labelled
         want_fused = "fused" not in report and bool(candidates) and priors is not None
-        if (want_keep or want_fused) and (run_dir / "final").is_dir():
+        can_fuse = bool(candidates) and priors is not None  # what the fused report needs
+        want_departures = labelled and ("departures" not in report or (
+            can_fuse and "fused" in report and "departures" not in report["fused"]))
+        if (want_keep or want_fused or want_departures) and (run_dir / "final").is_dir():
             # a run finished before these reports existed: add them from the final model
             predictor = Predictor.from_checkpoint(run_dir / "final")
             batch_size = predictor.model.cfg.train.eval_batch_size
+            preds = predictor.predict(data.test, batch_size)
+            ranked = predictor.predict(data.test, batch_size, candidates=candidates) if candidates else None
             if want_keep:
-                report["keep_grounded"] = keep_grounded_report(data.test, predictor.predict(data.test, batch_size),
-                                                               multi)
-                if candidates:
-                    ranked = predictor.predict(data.test, batch_size, candidates=candidates)
+                report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+                if ranked is not None:
                     report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
-            if want_fused:
+            if want_fused or (want_departures and can_fuse):
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
+            if want_departures:
+                _add_departures(report, data.test, preds, ranked, multi)
             write_report(report, report_path)
         return report
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +176,8 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
                 report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
             if priors is not None:
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
+        if _has_labels(data.test):
+            _add_departures(report, data.test, preds, ranked if candidates else None, multi)
     write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
@@ -183,7 +191,21 @@ def _fused_report(predictor: Predictor, records: Sequence[Record], candidates: M
     """The report of candidates ranked by the model and the text extractor together (late fusion)."""
     ranked = predictor.predict(records, predictor.model.cfg.train.eval_batch_size, candidates=candidates,
                                priors=priors)
-    return source_aware_report(gold_examples(records, ranked, multi))
+    examples = gold_examples(records, ranked, multi)
+    report = source_aware_report(examples)
+    if _has_labels(records):
+        report["departures"] = departures(examples, [r.label for r in records])
+    return report
+
+
+def _add_departures(report: dict[str, Any], records: Sequence[Record], preds: Sequence[Sequence[str]],
+                    ranked: Sequence[Sequence[str]] | None, multi: dict[str, bool]) -> None:
+    """Where the answers (open, and ranked among the candidates) depart from the test rows' weak labels, in place:
+    how many the model fixed and broke (:func:`pv2tea.eval.metrics.departures`)."""
+    labels = [r.label for r in records]
+    report["departures"] = departures(gold_examples(records, preds, multi), labels)
+    if ranked is not None and "constrained" in report:
+        report["constrained"]["departures"] = departures(gold_examples(records, ranked, multi), labels)
 
 
 def _as_saved(data: dict[str, Any]) -> dict[str, Any]:

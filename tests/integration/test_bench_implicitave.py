@@ -67,7 +67,7 @@ def test_bench_config_is_validated():
 
 def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "4",
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "2",
             "--text-rows", "6", "--text-pool", "-1", *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -88,6 +88,14 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     assert fused["constrained"]["f1"]["mean"] == fused["open"]["f1"]["mean"] == fold_report["fused"]["overall"]["f1"]
     # the extractor decides every toy row, so fusing the model with it cannot do worse than the extractor
     assert fused["constrained"]["accuracy"]["mean"] >= home["text_extractor"]["accuracy"] - 1e-9
+    moved = saved["domains"]["Home"]["pv2tea"]["constrained"]["departures"]  # against the weak labels
+    assert moved == fold_report["constrained"]["departures"] and moved["n"] == fold_report["constrained"]["overall"]["n"]
+    assert moved["fixed"] == 0 and moved["either"] == 100.0  # the labels are all right here: nothing to fix
+    assert moved["broke"] == moved["changed"] - moved["both"]
+    ranked_acc = fold_report["constrained"]["overall"]["accuracy"]
+    assert moved["net"] == pytest.approx((ranked_acc - 100.0) * moved["n"] / 100)
+    assert saved["domains"]["Home"]["text_pretrain"]["constrained"]["departures"]["n"] == moved["n"]
+    assert "| pv2tea | " + str(moved["n"]) + " | " + str(moved["changed"]) in (out / "tables.md").read_text()
     assert (out / "tables.md").read_text().startswith("### Home")
     run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
     assert run_cfg["train"]["image_less_per_epoch"] == 6  # 6 of the 16 text-only rows, drawn afresh each epoch

@@ -48,11 +48,15 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     report_path = out / "pv2tea" / "seed_0" / "test_report.json"
     report = json.loads(report_path.read_text())
     kept_report = report.pop("keep_grounded")
+    moved = report.pop("departures")  # where the answers left the weak labels of the test rows
+    assert moved["n"] == report["overall"]["n"] and moved["fixed"] + moved["broke"] + moved["neither"] + moved[
+        "both"] == moved["changed"]
     report_path.write_text(json.dumps(report))
     stamp = (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(report_path.read_text())["keep_grounded"] == kept_report
+    assert json.loads(report_path.read_text())["departures"] == moved  # added back from the final model
     # other settings into the same --out: refused with the setting named, nothing reused or overwritten
     capsys.readouterr()
     assert main([*args, "--set", "schemes.alpha=0.3"]) == 2

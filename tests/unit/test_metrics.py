@@ -10,8 +10,10 @@ import pytest
 from pv2tea.eval.metrics import (
     Example,
     Scores,
+    departures,
     harmonic_f1,
     is_correct,
+    merge_departures,
     score,
     source_aware_report,
 )
@@ -386,3 +388,44 @@ def test_answer_text_orders_by_first_mention_then_sorted() -> None:
     assert answer_text(values, ";", "Available in Yellow, green and white.") == "yellow ; green ; white"
     assert answer_text(values, "|", "A white vase") == "white | green | yellow"  # unmentioned ones sorted, last
     assert answer_text(values, ";", "") == "green ; white ; yellow"
+
+
+def _ex(gold, pred, multi=False):
+    return Example(gold=gold, pred=pred, source="image", attribute="color", multi_value=multi)
+
+
+def test_departures_count_fixed_broke_neither_and_both():
+    examples = [
+        _ex(("red",), ("Red",)),  # same answer as the label (after normalization): not changed
+        _ex(("red",), ("red",)),  # fixed: the label was wrong
+        _ex(("red",), ("blue",)),  # broke: the label was right
+        _ex(("red",), ("green",)),  # neither
+        _ex(("red", "blue"), ("red", "blue", "white"), multi=True),  # both correct, different sets
+        _ex(("red",), ()),  # broke: an empty answer is never correct
+    ]
+    labels = [("red ",), ("blue",), ("red",), ("blue",), ("red", "blue"), ("red",)]
+    d = departures(examples, labels)
+    assert {k: d[k] for k in ("n", "changed", "fixed", "broke", "neither", "both")} == {
+        "n": 6, "changed": 5, "fixed": 1, "broke": 2, "neither": 1, "both": 1}
+    assert d["net"] == -1  # one more row right for the labels than for the model
+    assert d["fix_rate"] == pytest.approx(20.0, **APPROX)
+    assert d["either"] == pytest.approx(100.0 * 5 / 6, **APPROX)  # only the "neither" row is wrong for both
+    # net is the difference of the two accuracies in rows
+    model_acc = score(examples).accuracy
+    label_acc = score([_ex(e.gold, ref, e.multi_value) for e, ref in zip(examples, labels)]).accuracy
+    assert d["net"] == pytest.approx((model_acc - label_acc) * 6 / 100, **APPROX)
+
+
+def test_departures_edge_cases_and_pooling():
+    empty = departures([], [])
+    assert empty["n"] == 0 and empty["fix_rate"] is None and empty["either"] is None
+    same = departures([_ex(("red",), ("red",))], [("red",)])
+    assert same["changed"] == 0 and same["fix_rate"] is None and same["either"] == 100.0
+    with pytest.raises(ValueError, match="2 examples but 1"):
+        departures([_ex(("red",), ("red",))] * 2, [("red",)])
+    a = departures([_ex(("red",), ("red",)), _ex(("red",), ("blue",))], [("blue",), ("blue",)])
+    b = departures([_ex(("red",), ("blue",))], [("red",)])
+    pooled = merge_departures([a, b])
+    assert (pooled["n"], pooled["changed"], pooled["fixed"], pooled["broke"], pooled["net"]) == (3, 2, 1, 1, 0)
+    assert pooled["fix_rate"] == pytest.approx(50.0, **APPROX)
+    assert pooled["either"] == pytest.approx(100.0 * 2 / 3, **APPROX)

@@ -26,7 +26,7 @@ from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtra
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
-from pv2tea.eval.metrics import source_aware_report
+from pv2tea.eval.metrics import departures, merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
 from pv2tea.eval.normalize import normalize_value
 from pv2tea.config import load_config
@@ -49,14 +49,16 @@ class BenchConfig:
     domains: list[str] | None = None  # None: every domain present
     folds: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])
-    quick: bool = False  # 1 fold, 1 seed, fewer epochs: a smoke test of the whole protocol
+    quick: bool = False  # 1 fold, 1 seed: a smoke test of the whole protocol (its run is the full protocol's fold 0)
     variants: list[str] = field(default_factory=lambda: ["tea", "pv2tea"])
     gold_ceiling: bool = True  # also train PV2TEA on the gold labels of the training folds
     text_rows: int = 1000  # text-only rows trained on per epoch (0: none, -1: the whole pool)
     # text-only rows of the domain's train.tsv they come from (-1: all; None: text_rows, i.e. one fixed sample seen
     # every epoch); a pool larger than text_rows gives a fresh draw each epoch (train.image_less_per_epoch)
     text_pool: int | None = None
-    epochs: int = 10
+    # epochs of each fold's run. BENCHMARKS.md stop 18 (Food, 5 folds): 5 epochs gave PV2TEA 56.2 F1 against 53.8 at
+    # 10 (TEA 56.9 vs 57.2) in half the time; with them the protocol fits about an hour per domain
+    epochs: int = 5
     # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
     # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model.
     # BENCHMARKS.md: 2 epochs (stop 16) gave TEA +1.8 to +8.8 F1 and PV2TEA 0 to +4.9 on the quick protocol; 6 epochs
@@ -144,14 +146,17 @@ def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, lis
         except (OSError, ValueError):
             report = None  # damaged: scored again below
         if (isinstance(report, dict) and report.get("warm_start_sha256") == fingerprint
-                and report.get("products_sha256") == products and (not candidates or "constrained" in report)):
+                and report.get("products_sha256") == products and (not candidates or "constrained" in report)
+                and "departures" in report):
             return report
     predictor = Predictor.from_checkpoint(final)
     batch_size = predictor.model.cfg.train.eval_batch_size
-    report = source_aware_report(gold_examples(test, predictor.predict(test, batch_size), multi))
+    labels = [r.label for r in test]  # the extractor's answers
+    examples = gold_examples(test, predictor.predict(test, batch_size), multi)
+    report = {**source_aware_report(examples), "departures": departures(examples, labels)}
     if candidates:
-        ranked = predictor.predict(test, batch_size, candidates=candidates)
-        report["constrained"] = source_aware_report(gold_examples(test, ranked, multi))
+        ranked = gold_examples(test, predictor.predict(test, batch_size, candidates=candidates), multi)
+        report["constrained"] = {**source_aware_report(ranked), "departures": departures(ranked, labels)}
     report["warm_start_sha256"], report["products_sha256"] = fingerprint, products
     write_report(report, report_path)
     return report
@@ -164,6 +169,9 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
         blocks = [r if mode == "open" else r.get("constrained", r) for r in reports]
         out[mode] = {m: mean_std([b["overall"].get(m) for b in blocks]) for m in METRICS}
         attrs = sorted({a for b in blocks for a in b.get("by_attribute", {})})
+        moved = [b["departures"] for b in blocks if "departures" in b]
+        if moved and len(moved) == len(blocks):  # pooled over the runs: where the answers left the weak labels
+            out[mode]["departures"] = merge_departures(moved)
         out[mode]["by_attribute"] = {
             a: {m: mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
                 for m in ("f1", "accuracy")} for a in attrs}
@@ -194,8 +202,7 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         f"train.image_less_per_epoch={cfg.text_rows}"]  # a fresh sample of the pool each epoch
     folds = product_folds(weak, cfg.folds)
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
-    epochs = max(2, cfg.epochs // 2) if cfg.quick else cfg.epochs
-    overrides = [*BENCH_OVERRIDES, f"train.epochs={epochs}", *per_epoch, *cfg.overrides]
+    overrides = [*BENCH_OVERRIDES, f"train.epochs={cfg.epochs}", *per_epoch, *cfg.overrides]
     if cfg.text_pretrain:
         start = _text_pretrain(text_rows, domain_dir / "text_pretrain", cfg, overrides, log)
         overrides.append(f"train.init_from={start}")
@@ -326,6 +333,19 @@ def format_tables(results: dict[str, Any]) -> str:
                          f"| {p[0]} | {p[1]} |")
         lines += ["", "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference "
                   "itself)."]
+        moved = {name: s["constrained"]["departures"] for name, s in variants.items()
+                 if "departures" in s["constrained"]}
+        if moved:
+            lines += ["", "Where the ranked answers depart from the weak labels (the extractor's answers), pooled over "
+                      "the runs: fixed = the model is right where the label is wrong, broke = the reverse; net = "
+                      "fixed − broke; either = accuracy of an oracle choosing the right one of the two per row.", "",
+                      "| variant | rows | changed | fixed | broke | neither | net | fix rate | either |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for name, d in moved.items():
+                rate = "–" if d["fix_rate"] is None else f"{d['fix_rate']:.1f}"
+                either = "–" if d["either"] is None else f"{d['either']:.1f}"
+                lines.append(f"| {name} | {d['n']} | {d['changed']} | {d['fixed']} | {d['broke']} | {d['neither']} "
+                             f"| {d['net']:+d} | {rate} | {either} |")
         attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
         names = list(variants)
         lines += ["", "Per attribute, F1 ranked among options:", "",

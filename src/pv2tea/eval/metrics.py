@@ -39,7 +39,9 @@ __all__ = [
     "SOURCES",
     "Example",
     "Scores",
+    "departures",
     "harmonic_f1",
+    "merge_departures",
     "is_correct",
     "score",
     "source_aware_report",
@@ -186,6 +188,54 @@ def score(examples: Iterable[Example], synonyms: Mapping[str, str] | None = None
     """Score examples; metrics are ``None`` for an empty example list."""
     canon = canonical_synonyms(synonyms)
     return _aggregate([_judge(e, canon) for e in examples])
+
+
+DEPARTURE_COUNTS: tuple[str, ...] = ("n", "changed", "fixed", "broke", "neither", "both", "either_correct")
+
+
+def departures(examples: Sequence[Example], reference: Sequence[Sequence[str]],
+               synonyms: Mapping[str, str] | None = None) -> dict[str, int | float | None]:
+    """Where a model's answers depart from a reference's, one reference answer per example (e.g. the weak
+    labels the model was trained on, which are the text extractor's answers).
+
+    Counts over the examples: ``changed`` (the normalized value sets differ), and among those ``fixed`` (the
+    model is correct, the reference is not), ``broke`` (the reference is correct, the model is not), ``neither``
+    and ``both`` (both correct: a multi-value superset); ``either_correct``: examples where at least one of the
+    two is correct. Derived: ``net`` = fixed − broke, the model's accuracy gain over the reference in examples;
+    ``fix_rate`` = 100 · fixed / changed; ``either`` = 100 · either_correct / n, the accuracy of an oracle that
+    picks the right one of the two per example (None where the denominator is 0).
+    """
+    if len(examples) != len(reference):
+        raise ValueError(f"{len(examples)} examples but {len(reference)} reference answers")
+    canon = canonical_synonyms(synonyms)
+    counts = dict.fromkeys(DEPARTURE_COUNTS, 0)
+    for example, ref in zip(examples, reference):
+        gold = _value_set(example.gold, canon)
+        pred, ref_set = _value_set(example.pred, canon), _value_set(ref, canon)
+        model_ok = _correct(gold, pred, example.multi_value)
+        ref_ok = _correct(gold, ref_set, example.multi_value)
+        counts["n"] += 1
+        counts["either_correct"] += model_ok or ref_ok
+        if pred != ref_set:
+            counts["changed"] += 1
+            counts["both" if model_ok and ref_ok else "fixed" if model_ok else "broke" if ref_ok else "neither"] += 1
+    return _departure_rates(counts)
+
+
+def merge_departures(blocks: Iterable[Mapping[str, Any]]) -> dict[str, int | float | None]:
+    """The :func:`departures` of several example sets (folds, seeds) pooled: counts summed, rates recomputed."""
+    counts = dict.fromkeys(DEPARTURE_COUNTS, 0)
+    for block in blocks:
+        for key in DEPARTURE_COUNTS:
+            counts[key] += int(block[key])
+    return _departure_rates(counts)
+
+
+def _departure_rates(counts: dict[str, int]) -> dict[str, int | float | None]:
+    changed, n = counts["changed"], counts["n"]
+    return {**counts, "net": counts["fixed"] - counts["broke"],
+            "fix_rate": 100.0 * counts["fixed"] / changed if changed else None,
+            "either": 100.0 * counts["either_correct"] / n if n else None}
 
 
 def _gap(text: Scores, image: Scores) -> dict[str, float | None]:
