@@ -28,6 +28,7 @@ from scipy import stats
 from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, departures, source_aware_report
+from pv2tea.eval.normalize import normalize_value
 from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
@@ -82,6 +83,18 @@ def gold_examples(records: Sequence[Record], preds: Sequence[Sequence[str]], mul
                     multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
 
 
+def constrain_to_candidates(preds: Sequence[Sequence[str]], records: Sequence[Record],
+                            candidates: Mapping[str, Sequence[str]] | None) -> list[list[str]]:
+    """Keep the predicted values that are options of the row's attribute (a closed-set answer); an attribute without
+    a list keeps every value."""
+    allowed = {a: {normalize_value(v) for v in vals} for a, vals in (candidates or {}).items()}
+    out = []
+    for values, record in zip(preds, records):
+        options = allowed.get(record.attribute)  # None: no closed list for this attribute
+        out.append([v for v in values if options is None or normalize_value(v) in options])
+    return out
+
+
 @torch.no_grad()
 def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: int = 32) -> dict[str, float] | None:
     """Image↔text retrieval over the distinct products of ``records`` with the S1 projections."""
@@ -115,7 +128,9 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
     predictions, and with ``priors`` (the text extractor's class probabilities of each test row) ``fused``: the
     candidates ranked by model and extractor together (:mod:`pv2tea.inference.fusion`). When the test rows carry
-    weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`, with its own ``constrained``).
+    weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`, with its own ``constrained``) and, in
+    the report and each of its ``constrained`` and ``fused`` blocks, ``departures``: where the answers differ from
+    the weak labels and who was right (:func:`pv2tea.eval.metrics.departures`).
     ``run_name`` names the run folder (default: the variant name).
     """
     run_dir = out / (run_name or name) / f"seed_{seed}"
@@ -136,16 +151,17 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
             # a run finished before these reports existed: add them from the final model
             predictor = Predictor.from_checkpoint(run_dir / "final")
             batch_size = predictor.model.cfg.train.eval_batch_size
-            preds = predictor.predict(data.test, batch_size)
-            ranked = predictor.predict(data.test, batch_size, candidates=candidates) if candidates else None
-            if want_keep:
-                report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
-                if ranked is not None:
-                    report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
-            if want_fused or (want_departures and can_fuse):
+            if want_keep or "departures" not in report:
+                preds = predictor.predict(data.test, batch_size)
+                ranked = predictor.predict(data.test, batch_size, candidates=candidates) if candidates else None
+                if want_keep:
+                    report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+                    if ranked is not None:
+                        report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+                if labelled and "departures" not in report:
+                    _add_departures(report, data.test, preds, ranked, multi, candidates)
+            if want_fused or (can_fuse and "departures" not in report.get("fused", {})):
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
-            if want_departures:
-                _add_departures(report, data.test, preds, ranked, multi)
             write_report(report, report_path)
         return report
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +193,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
             if priors is not None:
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
         if _has_labels(data.test):
-            _add_departures(report, data.test, preds, ranked if candidates else None, multi)
+            _add_departures(report, data.test, preds, ranked if candidates else None, multi, candidates)
     write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
@@ -194,18 +210,22 @@ def _fused_report(predictor: Predictor, records: Sequence[Record], candidates: M
     examples = gold_examples(records, ranked, multi)
     report = source_aware_report(examples)
     if _has_labels(records):
-        report["departures"] = departures(examples, [r.label for r in records])
+        report["departures"] = departures(examples, constrain_to_candidates([r.label for r in records], records,
+                                                                            candidates))
     return report
 
 
 def _add_departures(report: dict[str, Any], records: Sequence[Record], preds: Sequence[Sequence[str]],
-                    ranked: Sequence[Sequence[str]] | None, multi: dict[str, bool]) -> None:
-    """Where the answers (open, and ranked among the candidates) depart from the test rows' weak labels, in place:
-    how many the model fixed and broke (:func:`pv2tea.eval.metrics.departures`)."""
+                    ranked: Sequence[Sequence[str]] | None, multi: dict[str, bool],
+                    candidates: Mapping | None) -> None:
+    """Where the answers depart from the test rows' weak labels, in place: how many the model fixed and broke
+    (:func:`pv2tea.eval.metrics.departures`). The open answers are compared with the labels, the answers ranked
+    among the candidates with the labels kept to the candidates (the extractor's closed-set answers)."""
     labels = [r.label for r in records]
     report["departures"] = departures(gold_examples(records, preds, multi), labels)
     if ranked is not None and "constrained" in report:
-        report["constrained"]["departures"] = departures(gold_examples(records, ranked, multi), labels)
+        report["constrained"]["departures"] = departures(gold_examples(records, ranked, multi),
+                                                         constrain_to_candidates(labels, records, candidates))
 
 
 def _as_saved(data: dict[str, Any]) -> dict[str, Any]:

@@ -67,8 +67,9 @@ def test_bench_config_is_validated():
 
 def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "2",
-            "--text-rows", "6", "--text-pool", "-1", *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "3",
+            "--text-rows", "6", "--text-pool", "-1",
+            *[x for o in tiny_overrides(tiny_text_ckpt) if not o.startswith("train.epochs=") for x in ("--set", o)]]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
@@ -95,9 +96,12 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     ranked_acc = fold_report["constrained"]["overall"]["accuracy"]
     assert moved["net"] == pytest.approx((ranked_acc - 100.0) * moved["n"] / 100)
     assert saved["domains"]["Home"]["text_pretrain"]["constrained"]["departures"]["n"] == moved["n"]
+    assert saved["domains"]["Home"]["pv2tea+extractor"]["constrained"]["departures"] == fold_report["fused"][
+        "departures"]
     assert "| pv2tea | " + str(moved["n"]) + " | " + str(moved["changed"]) in (out / "tables.md").read_text()
     assert (out / "tables.md").read_text().startswith("### Home")
     run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
+    assert run_cfg["train"]["epochs"] == 3  # quick: the full protocol's fold 0, the epochs as asked
     assert run_cfg["train"]["image_less_per_epoch"] == 6  # 6 of the 16 text-only rows, drawn afresh each epoch
     reports = sorted((out / "runs" / "Home" / "fold_0").glob("*/seed_0/test_report.json"))
     assert [p.parts[-3] for p in reports] == ["pv2tea", "pv2tea_gold", "tea"]
@@ -113,12 +117,27 @@ def test_unknown_domain_is_a_clear_error(root, tmp_path, capsys):
 
 
 def test_constrain_keeps_only_options_of_the_rows_attribute():
-    from pv2tea.bench.implicitave import _constrain
+    from pv2tea.experiment import constrain_to_candidates as _constrain
 
     rows = [Record("a", "t", (), "c", "Color", ("red",)), Record("b", "t", (), "c", "Size", ("big",))]
     preds = [["Red", "purple"], ["huge"]]
     assert _constrain(preds, rows, {"Color": ["red", "Blue"]}) == [["Red"], ["huge"]]  # Size has no list
     assert _constrain(preds, rows, None) == [["Red", "purple"], ["huge"]]
+
+
+def test_ranked_departures_compare_with_the_extractors_closed_set_answers():
+    from pv2tea.experiment import _add_departures
+
+    # gold and weak label "purple" is not an option: the extractor's ranked answer is empty (wrong), so the
+    # model's ranked "red" breaks nothing there, while in the open comparison the label was right
+    rows = [Record("a", "t", (), "c", "Color", ("purple",), gold=("purple",), source="image"),
+            Record("b", "t", (), "c", "Color", ("blue",), gold=("red",), source="image")]
+    report = {"constrained": {}}
+    _add_departures(report, rows, [["red"], ["red"]], [["red"], ["red"]], {}, {"Color": ["red", "blue"]})
+    opened, ranked = report["departures"], report["constrained"]["departures"]
+    assert (opened["changed"], opened["fixed"], opened["broke"], opened["neither"]) == (2, 1, 1, 0)
+    assert (ranked["changed"], ranked["fixed"], ranked["broke"], ranked["neither"]) == (2, 1, 0, 1)
+    assert ranked["either"] == 50.0 and opened["either"] == 100.0
 
 
 def test_headline_and_tables_from_summaries():

@@ -57,6 +57,11 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(report_path.read_text())["keep_grounded"] == kept_report
     assert json.loads(report_path.read_text())["departures"] == moved  # added back from the final model
+    report = json.loads(report_path.read_text())
+    del report["departures"]  # only the departures missing: they alone are added back
+    report_path.write_text(json.dumps(report))
+    assert main(args) == 0
+    assert json.loads(report_path.read_text())["departures"] == moved
     # other settings into the same --out: refused with the setting named, nothing reused or overwritten
     capsys.readouterr()
     assert main([*args, "--set", "schemes.alpha=0.3"]) == 2
