@@ -460,6 +460,10 @@ def experiment(
     names = known_variants() if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     try:
         split = Split(*(_load(f, False).records for f in (train_file, val_file, test_file)))
+        missing = [r.id for r in split.test if not r.gold]
+        if missing:
+            _fail(f"{test_file}: {len(missing)} row(s) have no 'gold' value (first: {missing[0]}); the experiment "
+                  f"scores every variant against gold")
         run_experiment(split, out, names, list(range(seeds)), config, overrides or [], progress,
                        log=lambda m: console.print(m, highlight=False))
     except _expected_errors() as exc:

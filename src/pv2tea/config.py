@@ -249,6 +249,21 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def with_settings_of(cfg: Config, reference: Config, keys: typing.Iterable[str]) -> Config:
+    """A copy of ``cfg`` whose settings at the dotted ``keys`` (a field, or a whole section such as "schemes") are
+    ``reference``'s."""
+    out = copy.deepcopy(cfg)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        target, source = out, reference
+        for name in parents:
+            target, source = getattr(target, name), getattr(source, name)
+        if not hasattr(source, leaf):
+            raise KeyError(f"no setting '{key}'")
+        setattr(target, leaf, copy.deepcopy(getattr(source, leaf)))
+    return out
+
+
 def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = ""
                        ) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, requested value) for every setting that differs between two config dicts.

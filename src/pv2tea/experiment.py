@@ -34,7 +34,7 @@ from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
 from pv2tea.regularize.grounding import keep_grounded
 from pv2tea.train.checkpoint import MODEL_FILE, WARM_START_FILE, CheckpointError, warm_start_fingerprint
-from pv2tea.train.loop import evaluate_records, multi_value_attributes, train
+from pv2tea.train.loop import multi_value_attributes, train
 
 TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
        "schemes.attention_pruning=false", "schemes.visual_nr=false",
@@ -181,25 +181,38 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         except CheckpointError:  # a half-written first checkpoint: start over
             result = train(cfg, data.train, run_dir, data.val, resume=False, progress=progress)
         predictor = Predictor.from_checkpoint(result.final_dir)
-        report, preds = evaluate_records(predictor.model, predictor.pre, data.test, cfg.train.eval_batch_size, multi)
+        report, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
         report["retrieval"] = retrieval_on(predictor, data.test)
         if _has_labels(data.test):
             report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
-        if candidates:
-            ranked = predictor.predict(data.test, cfg.train.eval_batch_size, candidates=candidates)
-            report["constrained"] = source_aware_report(gold_examples(data.test, ranked, multi))
-            if "keep_grounded" in report:
+            if ranked is not None:
                 report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
-            if priors is not None:
-                report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
-        if _has_labels(data.test):
-            _add_departures(report, data.test, preds, ranked if candidates else None, multi, candidates)
+        if candidates and priors is not None:
+            report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
     write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
         # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return report
+
+
+def score_predictor(predictor: Predictor, records: Sequence[Record], multi: dict[str, bool],
+                    candidates: Mapping | None = None
+                    ) -> tuple[dict[str, Any], list[list[str]], list[list[str]] | None]:
+    """A model's test report against gold: its open answers, with ``candidates`` also its answers ranked among them
+    (``constrained``), and where the records carry weak labels, where the answers depart from them (``departures``).
+    Returns (report, open answers, ranked answers or None)."""
+    batch_size = predictor.model.cfg.train.eval_batch_size
+    preds = predictor.predict(records, batch_size)
+    report = source_aware_report(gold_examples(records, preds, multi))
+    ranked = None
+    if candidates:
+        ranked = predictor.predict(records, batch_size, candidates=candidates)
+        report["constrained"] = source_aware_report(gold_examples(records, ranked, multi))
+    if _has_labels(records):
+        _add_departures(report, records, preds, ranked, multi, candidates)
+    return report, preds, ranked
 
 
 def _fused_report(predictor: Predictor, records: Sequence[Record], candidates: Mapping,

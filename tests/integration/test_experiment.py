@@ -170,3 +170,18 @@ def test_weak_label_command(catalog, tmp_path, capsys):
     assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out",
                  str(again), "--load", str(tmp_path / "extractor")]) == 0
     assert [json.loads(x)["label"] for x in again.read_text().splitlines()] == [r["label"] for r in rows]
+
+
+def test_experiment_refuses_test_rows_without_gold(catalog, tmp_path, capsys):
+    rows = [json.loads(line) for line in catalog["test"].read_text().splitlines() if line.strip()]
+    for row in rows[1:]:
+        row.pop("gold", None)
+        row.pop("source", None)
+    test = catalog["test"].with_name("test_without_gold.jsonl")  # beside the images its rows name
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test", str(test),
+            "--out", str(tmp_path / "exp"), "--variants", "weak_labels", "--seeds", "1"]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{test}: {len(rows) - 1} row(s) have no 'gold' value (first: {rows[1]['id']})" in err
+    assert not (tmp_path / "exp").exists()  # refused before anything is written

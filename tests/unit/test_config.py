@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pv2tea.config import Config, ConfigError, load_config, parse_override, preset_names
+from pv2tea.config import Config, ConfigError, load_config, parse_override, preset_names, with_settings_of
 
 
 def test_preset_names():
@@ -195,3 +195,16 @@ def test_image_less_per_epoch_bounds():
     assert load_config(None, ["train.image_less_per_epoch=null"]).train.image_less_per_epoch is None
     with pytest.raises(ConfigError, match="image_less_per_epoch"):
         load_config(None, ["train.image_less_per_epoch=-1"])
+
+
+def test_with_settings_of_takes_a_field_or_a_whole_section_from_the_reference():
+    cfg = load_config("cpu", ["schemes.alpha=0.8", "schemes.knn_k=3", "loss.weight_sc=0.5", "optim.lr=0.002"])
+    reference = load_config("cpu")
+    out = with_settings_of(cfg, reference, ["schemes", "loss.weight_sc"])
+    assert out.schemes == reference.schemes and out.loss.weight_sc == reference.loss.weight_sc
+    assert out.optim.lr == 0.002  # not named: kept
+    assert cfg.schemes.alpha == 0.8 and cfg.loss.weight_sc == 0.5  # the input is not changed
+    out.schemes.alpha = 0.1
+    assert reference.schemes.alpha != 0.1  # a copy, not the reference's section itself
+    with pytest.raises(KeyError, match="loss.weight_nope"):
+        with_settings_of(cfg, reference, ["loss.weight_nope"])

@@ -26,11 +26,11 @@ from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtra
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
-from pv2tea.eval.metrics import departures, merge_departures, source_aware_report
+from pv2tea.eval.metrics import merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
-from pv2tea.config import load_config
+from pv2tea.config import load_config, with_settings_of
 from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, VARIANTS, Split, check_same_config, constrain_to_candidates,
-                                gold_examples, mean_std, paired_ttest, run_variant)
+                                gold_examples, mean_std, paired_ttest, run_variant, score_predictor)
 from pv2tea.inference.predictor import Predictor
 from pv2tea.train.checkpoint import warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
@@ -39,6 +39,10 @@ from pv2tea.train.loop import multi_value_attributes, train
 # layers): the only way the protocol fits ~1 hour per domain on 2 CPU cores.
 BENCH_OVERRIDES = ["vision.freeze=true"]
 METRICS = ("precision", "recall", "f1", "accuracy")
+# settings of the fold runs that the text pretraining (a TEA from scratch on text-only rows) keeps at the preset's: the
+# schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct weights, the lr of warm-started parts
+# and the gate of a visual path; benchmarks that differ only there share one pretraining
+FOLD_RUN_SETTINGS = ("schemes", "loss.weight_sc", "loss.weight_ct", "optim.warm_start_lr", "fusion.visual_gate")
 
 
 @dataclass
@@ -102,16 +106,10 @@ def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, o
                    log: Callable[[str], None]) -> Path:
     """A TEA trained on all the domain's text-only rows (once; reused when finished); returns its final/ folder."""
     final = directory / "final"
-    run_cfg = load_config(cfg.config, [*overrides, *VARIANTS["tea"], f"train.epochs={cfg.text_pretrain}",
-                                       "train.image_less_per_epoch=null", "train.init_from=null", "train.seed=0"])
-    # what a text-only run from scratch ignores (the image schemes, the L_sc / L_ct weights, the lr of warm-started
-    # parts, the gate of a visual path it does not have) is the preset's, so benchmarks that differ only there share
-    # one pretraining
-    preset = load_config(cfg.config, VARIANTS["tea"])
-    run_cfg.schemes = preset.schemes
-    run_cfg.loss.weight_sc, run_cfg.loss.weight_ct = preset.loss.weight_sc, preset.loss.weight_ct
-    run_cfg.optim.warm_start_lr = preset.optim.warm_start_lr
-    run_cfg.fusion.visual_gate = preset.fusion.visual_gate
+    run_cfg = with_settings_of(
+        load_config(cfg.config, [*overrides, *VARIANTS["tea"], f"train.epochs={cfg.text_pretrain}",
+                                 "train.image_less_per_epoch=null", "train.init_from=null", "train.seed=0"]),
+        load_config(cfg.config, VARIANTS["tea"]), FOLD_RUN_SETTINGS)
     check_same_config(directory, run_cfg)
     if not (final / "model.safetensors").is_file():
         directory.mkdir(parents=True, exist_ok=True)
@@ -139,15 +137,7 @@ def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, lis
                 and report.get("products_sha256") == products and (not candidates or "constrained" in report)
                 and report.get("labels_sha256") == labels):
             return report
-    predictor = Predictor.from_checkpoint(final)
-    batch_size = predictor.model.cfg.train.eval_batch_size
-    weak = [r.label for r in test]  # the extractor's answers
-    examples = gold_examples(test, predictor.predict(test, batch_size), multi)
-    report = {**source_aware_report(examples), "departures": departures(examples, weak)}
-    if candidates:
-        ranked = gold_examples(test, predictor.predict(test, batch_size, candidates=candidates), multi)
-        report["constrained"] = {**source_aware_report(ranked),
-                                 "departures": departures(ranked, constrain_to_candidates(weak, test, candidates))}
+    report, _, _ = score_predictor(Predictor.from_checkpoint(final), test, multi, candidates)
     report["warm_start_sha256"], report["products_sha256"], report["labels_sha256"] = fingerprint, products, labels
     write_report(report, report_path)
     return report
