@@ -216,13 +216,15 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     assert json.loads(scored_path.read_text()) == scored
     # a benchmark that differs only in what a text-only run ignores shares the pretraining
     other = tmp_path / "other"
+    image_size = run_cfg["vision"]["image_size"]
     shutil.copytree(pretrain, other / "runs" / "Home" / "text_pretrain")
     assert main([*args[:4], str(other), *args[5:], "--set", "loss.weight_sc=0.5", "--set", "schemes.text_dropout=0.1",
-                 "--set", "optim.warm_start_lr=head_lr", "--set", "fusion.visual_gate=0"]) == 0
+                 "--set", "optim.warm_start_lr=head_lr", "--set", "fusion.visual_gate=0",
+                 "--set", f"vision.image_size={image_size + 16}"]) == 0
     copied = other / "runs" / "Home" / "text_pretrain" / "final" / "model.safetensors"
     assert copied.stat().st_mtime_ns == stamp  # copied with its time stamp, and not retrained
     other_run = yaml.safe_load((other / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
     assert other_run["optim"]["warm_start_lr"] == "head_lr"  # the fold runs still get it
-    assert other_run["fusion"]["visual_gate"] == 0
+    assert other_run["fusion"]["visual_gate"] == 0 and other_run["vision"]["image_size"] == image_size + 16
     with pytest.raises(ValueError, match="text-pretrain"):
         BenchConfig(root=Path("."), out=Path("."), text_pretrain=-1)

@@ -125,9 +125,15 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     bad.write_text("[1, 2")
     assert main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]),
                  "--candidates", str(bad)]) == 2
-    assert main(["report", str(run), "--data", str(catalog["test"])]) == 0
+    assert main(["report", str(run), "--data", str(unlabelled)]) == 0  # masks need images, not labels
     for name in ("learning_curves.png", "source_aware.png", "attribute_f1.png", "attention_masks.png"):
         assert (run / "report" / name).stat().st_size > 1000, name
+    imageless = Path(catalog["test"]).with_name("imageless.jsonl")
+    imageless.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "images"}) + "\n"
+                                 for line in Path(catalog["test"]).read_text().splitlines()))
+    capsys.readouterr()
+    assert main(["report", str(run), "--data", str(imageless)]) == 2
+    assert f"{imageless}: no valid row with an image" in " ".join(capsys.readouterr().err.split())
 
 
 def test_unknown_variant_is_refused(catalog, tmp_path, capsys):

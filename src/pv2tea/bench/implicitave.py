@@ -40,9 +40,11 @@ from pv2tea.train.loop import multi_value_attributes, train
 BENCH_OVERRIDES = ["vision.freeze=true"]
 METRICS = ("precision", "recall", "f1", "accuracy")
 # settings of the fold runs that the text pretraining (a TEA from scratch on text-only rows) keeps at the preset's: the
-# schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct weights, the lr of warm-started parts
-# and the gate of a visual path; benchmarks that differ only there share one pretraining
-FOLD_RUN_SETTINGS = ("schemes", "loss.weight_sc", "loss.weight_ct", "optim.warm_start_lr", "fusion.visual_gate")
+# visual encoder (TEA has none), the schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct
+# weights, the lr of warm-started parts and the gate of a visual path; benchmarks that differ only there share one
+# pretraining
+FOLD_RUN_SETTINGS = ("vision", "schemes", "loss.weight_sc", "loss.weight_ct", "optim.warm_start_lr",
+                     "fusion.visual_gate")
 
 
 @dataclass

@@ -30,6 +30,7 @@ def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int) -> 
     from pv2tea.inference.predictor import Predictor
 
     model_dir = run_dir / "final" if (run_dir / "final").is_dir() else run_dir / "checkpoint"
+    asked = data is not None  # --data given: a file without a drawable product is an error, not a missing figure
     if data is None:
         report = run_dir / "data_report.json"
         files = list(json.loads(report.read_text())) if report.is_file() else []
@@ -39,14 +40,18 @@ def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int) -> 
     predictor = Predictor.from_checkpoint(model_dir)
     if predictor.model.visual is None or predictor.model.visual.mask_head is None:
         return None
+    loaded = load_dataset(data, skip_invalid=True, require_label=False)  # a mask needs an image, not a label
     seen, records = set(), []
-    for r in load_dataset(data, skip_invalid=True).records:
+    for r in loaded.records:
         if r.images and r.images[0] not in seen:
             seen.add(r.images[0])
             records.append(r)
         if len(records) >= n_masks:
             break
     if not records:
+        if asked:
+            raise ValueError(f"{data}: no valid row with an image to draw the attention masks on"
+                             + (f" ({loaded.n_skipped} invalid row(s) skipped)" if loaded.n_skipped else ""))
         return None
     masks = [m.numpy() if m is not None else None for m in predictor.attention_masks(records)]
     images = [Image.open(r.images[0]).convert("RGB") for r in records]
