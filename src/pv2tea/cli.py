@@ -62,6 +62,13 @@ def _load(path: Path, skip_invalid: bool, require_label: bool = True):
     return result
 
 
+def _require_gold(path: Path, records, why: str) -> None:
+    """Stop with a message naming the file and its first row without a gold value, if any."""
+    missing = [r.id for r in records if not r.gold]
+    if missing:
+        _fail(f"{path}: {len(missing)} row(s) have no 'gold' value (first: {missing[0]}); {why}")
+
+
 def _read_candidates(path: Path | None) -> dict | None:
     """Candidate value lists from JSON; a clear error naming the file when malformed."""
     if path is None:
@@ -162,9 +169,7 @@ def evaluate(
         syn = load_synonyms(synonyms) if synonyms else None
         dataset = _load(data, skip_invalid, require_label=False)
         records = dataset.records
-        missing = [r.id for r in records if not r.gold]
-        if missing:
-            _fail(f"{data}: {len(missing)} row(s) have no 'gold' value (first: {missing[0]}); evaluation needs gold")
+        _require_gold(data, records, "evaluation needs gold")
         multi = {**ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})}
         for attr, several in multi_value_attributes(records).items():
             multi[attr] = multi.get(attr, False) or several
@@ -460,10 +465,7 @@ def experiment(
     names = known_variants() if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     try:
         split = Split(*(_load(f, False).records for f in (train_file, val_file, test_file)))
-        missing = [r.id for r in split.test if not r.gold]
-        if missing:
-            _fail(f"{test_file}: {len(missing)} row(s) have no 'gold' value (first: {missing[0]}); the experiment "
-                  f"scores every variant against gold")
+        _require_gold(test_file, split.test, "the experiment scores every variant against gold")
         run_experiment(split, out, names, list(range(seeds)), config, overrides or [], progress,
                        log=lambda m: console.print(m, highlight=False))
     except _expected_errors() as exc:

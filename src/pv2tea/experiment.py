@@ -150,16 +150,16 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         if (want_keep or want_fused or want_departures) and (run_dir / "final").is_dir():
             # a run finished before these reports existed: add them from the final model
             predictor = Predictor.from_checkpoint(run_dir / "final")
-            batch_size = predictor.model.cfg.train.eval_batch_size
             if want_keep or "departures" not in report:
-                preds = predictor.predict(data.test, batch_size)
-                ranked = predictor.predict(data.test, batch_size, candidates=candidates) if candidates else None
+                fresh, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
                 if want_keep:
                     report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
                     if ranked is not None:
                         report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
                 if labelled and "departures" not in report:
-                    _add_departures(report, data.test, preds, ranked, multi, candidates)
+                    report["departures"] = fresh["departures"]
+                    if ranked is not None and "constrained" in report:
+                        report["constrained"]["departures"] = fresh["constrained"]["departures"]
             if want_fused or (can_fuse and "departures" not in report.get("fused", {})):
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
             write_report(report, report_path)
