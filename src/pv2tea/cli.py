@@ -483,10 +483,13 @@ def report(
     _quiet_libraries()
     from pv2tea.viz.run_report import build_report
 
+    notes: list[str] = []
     try:
-        index = build_report(path, out, data)
+        index = build_report(path, out, data, notes=notes)
     except _expected_errors() as exc:
         _fail(str(exc))
+    for note in notes:
+        console.print(f"[yellow]{note}[/]")
     console.print(f"report: {index}")
 
 

@@ -134,6 +134,15 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     capsys.readouterr()
     assert main(["report", str(run), "--data", str(imageless)]) == 2
     assert f"{imageless}: no valid row with an image" in " ".join(capsys.readouterr().err.split())
+    # a partly invalid file: the masks are drawn from its valid rows and the skipped ones are counted, not dropped
+    partly = Path(catalog["test"]).with_name("partly.jsonl")
+    lines = Path(catalog["test"]).read_text().splitlines()
+    partly.write_text("\n".join([json.dumps({**json.loads(lines[0]), "text": ""})] + lines[1:]) + "\n")
+    capsys.readouterr()
+    assert main(["report", str(run), "--data", str(partly)]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{partly}: 1 invalid row(s) skipped" in said and "row 1, field 'text'" in said
+    assert "1 invalid row(s) of" in (run / "report" / "index.html").read_text()
 
 
 def test_unknown_variant_is_refused(catalog, tmp_path, capsys):

@@ -25,7 +25,8 @@ def _reports(run_dir: Path) -> dict[str, dict]:
     return {name: json.loads((run_dir / f).read_text()) for name, f in named.items() if (run_dir / f).is_file()}
 
 
-def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int) -> Section | None:
+def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int,
+                  notes: list[str] | None = None) -> Section | None:
     from pv2tea.data.validate import load_dataset
     from pv2tea.inference.predictor import Predictor
 
@@ -57,11 +58,20 @@ def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int) -> 
     images = [Image.open(r.images[0]).convert("RGB") for r in records]
     titles = [f"{r.category} ({r.id})" for r in records]
     path = figures.mask_overlays(images, masks, titles, out / "attention_masks.png")
-    return Section("Learned attention masks (S2)", [path], [],
-                   "σ(M) per patch, upsampled over the product image: bright = kept, dark = pruned background.")
+    caption = "σ(M) per patch, upsampled over the product image: bright = kept, dark = pruned background."
+    if loaded.skipped:  # a counted skip, never a silent one
+        caption += (f" {len(loaded.skipped)} invalid row(s) of {data} were skipped; the first: {loaded.skipped[0]}"
+                    f" (`pv2tea data validate {data}` lists them all).")
+        if notes is not None:
+            notes.append(f"{data}: {len(loaded.skipped)} invalid row(s) skipped for the attention masks; "
+                         f"the first: {loaded.skipped[0]}")
+    return Section("Learned attention masks (S2)", [path], [], caption)
 
 
-def build_run_report(run_dir: Path, out: Path, data: Path | None = None, n_masks: int = 8) -> Path:
+def build_run_report(run_dir: Path, out: Path, data: Path | None = None, n_masks: int = 8,
+                     notes: list[str] | None = None) -> Path:
+    """The run's figures and index.html; ``notes``, when given, is extended with what the reader should know
+    (invalid rows of ``data`` that were skipped)."""
     sections: list[Section] = []
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file():
@@ -75,7 +85,7 @@ def build_run_report(run_dir: Path, out: Path, data: Path | None = None, n_masks
         sections.append(Section("Source-aware evaluation", [
             figures.source_aware_bars(reports, out / "source_aware.png"),
             figures.attribute_f1(reports, out / "attribute_f1.png")], tables))
-    masks = _mask_section(run_dir, data, out, n_masks)
+    masks = _mask_section(run_dir, data, out, n_masks, notes)
     if masks:
         sections.append(masks)
     return write_html_report(out, f"pv2tea run {run_dir}", sections)
@@ -112,7 +122,8 @@ def build_experiment_report(exp_dir: Path, out: Path) -> Path:
     return write_html_report(out, f"pv2tea experiment {exp_dir}", sections)
 
 
-def build_report(path: Path, out: Path | None = None, data: Path | None = None) -> Path:
+def build_report(path: Path, out: Path | None = None, data: Path | None = None,
+                 notes: list[str] | None = None) -> Path:
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
     if (path / "experiment.json").is_file():
@@ -120,4 +131,4 @@ def build_report(path: Path, out: Path | None = None, data: Path | None = None) 
     if not (path / "metrics.jsonl").is_file() and not (path / "final").is_dir():
         raise FileNotFoundError(f"{path} is neither a pv2tea run (metrics.jsonl, final/) nor an experiment "
                                 "(experiment.json)")
-    return build_run_report(path, out, data)
+    return build_run_report(path, out, data, notes=notes)
