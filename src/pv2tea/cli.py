@@ -437,7 +437,8 @@ def weak_label_cmd(
                 extractor.save(save)
         labelled = weak_label(extractor, target.records)
         write_records(labelled, out)
-        console.print(f"{len(labelled)} weakly labelled row(s) written to {out}")
+        console.print(f"{len(labelled)} weakly labelled row(s) written to {out} (label_weight: the extractor's "
+                      "confidence, which training multiplies into each row's weight unless schemes.label_weights=false)")
         gold = [r for r in target.records if r.gold]
         if gold:
             report = evaluate_extractor(extractor, gold, multi_value_attributes(gold))

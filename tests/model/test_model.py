@@ -657,3 +657,28 @@ def test_s3_visual_level_is_computed_once_while_the_backbone_is_frozen(tiny_text
         first, _ = loop.sample_weights(model, pre, recs, epoch=0, cfg=model.cfg, visual_cache=cache)
         again, _ = loop.sample_weights(model, pre, recs, epoch=1, cfg=model.cfg, visual_cache=cache)
         assert np.array_equal(first, again) and len(calls) == expected_calls
+
+
+def test_label_weights_multiply_the_sample_weights(tiny_text_ckpt, image_paths):
+    """schemes.label_weights: each row's label_weight (the extractor's confidence) multiplies its S3 weight before
+    the rescaling to mean 1; rows without one count 1; off, or with no row carrying one, nothing changes."""
+    from pv2tea.train.loop import sample_weights
+
+    recs = records(image_paths) * 2  # 8 rows, 6 with an image
+    common = ["schemes.knn_k=2", "schemes.prediction_nr=false", "schemes.normalize_weights=false"]
+    model, pre = build(tiny_text_ckpt, *common)
+    base, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
+    trust = [0.5, None, 0.25, 1.0, 0.0, 0.75, None, 0.5]
+    weighted = [dataclasses.replace(r, label_weight=w) for r, w in zip(recs, trust)]
+    got, _ = sample_weights(model, pre, weighted, epoch=0, cfg=model.cfg)
+    assert np.allclose(got, base * np.array([1.0 if w is None else w for w in trust]))
+    model.cfg.schemes.label_weights = False
+    off, _ = sample_weights(model, pre, weighted, epoch=0, cfg=model.cfg)
+    assert np.allclose(off, base)
+    # S3 off: the label weights alone, rescaled to mean 1 when asked
+    model.cfg.schemes.label_weights, model.cfg.schemes.visual_nr = True, False
+    model.cfg.schemes.normalize_weights = True
+    alone, _ = sample_weights(model, pre, weighted, epoch=0, cfg=model.cfg)
+    expected = np.array([1.0 if w is None else w for w in trust])
+    assert np.allclose(alone, expected / expected.mean())
+    assert sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)[0] is None  # nothing to weigh

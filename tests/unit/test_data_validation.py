@@ -95,6 +95,12 @@ def test_valid_file_loads_with_resolved_paths(dataset_dir: Path) -> None:
         ({"attribute": None}, "attribute", "missing required field 'attribute'"),
         ({"id": 7}, "id", "must be a string, got int"),
         ({"images": "img/ok.png", "label": {"a": 1}}, "label", "must be a list of strings"),
+        ({"label_weight": 1.5}, "label_weight", "must be a number in [0, 1], got 1.5"),
+        ({"label_weight": -0.1}, "label_weight", "got -0.1"),
+        ({"label_weight": "high"}, "label_weight", "got 'high'"),
+        ({"label_weight": True}, "label_weight", "got bool"),
+        ({"label_weight": [0.5]}, "label_weight", "got list"),
+        ({"label_weight": "nan"}, "label_weight", "got nan"),
     ],
 )
 def test_each_bad_value_is_reported_with_file_row_and_field(
@@ -213,3 +219,15 @@ def test_fields_outside_the_schema_are_reported_not_dropped_silently(dataset_dir
     warnings: list[str] = []
     assert validate_file(path, warnings=warnings) == [] and warnings == result.warnings
     assert load_dataset(_write_jsonl(dataset_dir / "clean.jsonl", [_row(1)])).warnings == []
+
+
+def test_label_weight_is_optional_and_read_as_a_number(dataset_dir: Path) -> None:
+    path = _write_jsonl(dataset_dir / "train.jsonl", [_row(1, label_weight=0.25), _row(2), _row(3, label_weight=1),
+                                                     _row(4, label_weight=0), _row(5, label_weight=None)])
+    weights = [r.label_weight for r in load_dataset(path).records]
+    assert weights == [0.25, None, 1.0, 0.0, None] and isinstance(weights[2], float)
+    # a CSV cell is text: "0.5" is the number, an empty cell is no weight
+    csv_path = dataset_dir / "train.csv"
+    csv_path.write_text("id,text,images,category,attribute,label,label_weight\n"
+                        "a,Red mug,,mug,color,red,0.5\nb,Blue mug,,mug,color,blue,\n", encoding="utf-8")
+    assert [r.label_weight for r in load_dataset(csv_path).records] == [0.5, None]

@@ -33,7 +33,8 @@ def records(tmp_path: Path) -> list[Record]:
         Record("p1-pattern", "Plain mug", (f"{img}/c.png", str(outside)), "mug", "pattern",
                ("solid",), None, None),
         Record("p2-color", "Text-only tee – ünïcode", (), "t-shirt", "color",
-               ("black|white",), ("[odd]",), "image"),
+               ("black|white",), ("[odd]",), "image", label_weight=0.8125),
+        Record("p3-color", "Gold label", (), "t-shirt", "color", ("red",), None, None, label_weight=0.0),
     ]
 
 

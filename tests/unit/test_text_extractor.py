@@ -152,6 +152,21 @@ def test_weak_label_replaces_labels_only(fitted: dict[str, TextExtractor], toy: 
     for before, after in zip(blank, labelled):
         assert (after.id, after.gold, after.source, after.text) == (before.id, before.gold, before.source, before.text)
         assert after.label != ("Purple",)
+    # label_weight: the extractor's confidence in the value(s) it wrote, the least probable chosen value's
+    probabilities = extractor.value_probabilities(blank)
+    for row, probs in zip(labelled, probabilities):
+        assert row.label_weight == pytest.approx(min(probs[v.lower()] for v in row.label), abs=1e-4)
+    assert len({r.label_weight for r in labelled}) > 1 and all(0 < r.label_weight <= 1 for r in labelled)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_predict_with_confidence_is_predict_plus_its_probability(flavour: str, fitted: dict[str, TextExtractor],
+                                                                 toy: list[Record]) -> None:
+    extractor = fitted[flavour]
+    pairs = extractor.predict_with_confidence(toy)
+    assert [values for values, _ in pairs] == extractor.predict(toy)
+    for (values, confidence), probs in zip(pairs, extractor.value_probabilities(toy)):
+        assert confidence == pytest.approx(min(probs[v.lower()] for v in values))
 
 
 def test_transformer_is_deterministic_by_seed(toy: list[Record], tiny_text_ckpt: Path) -> None:

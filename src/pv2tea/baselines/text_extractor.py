@@ -363,16 +363,26 @@ class TextExtractor(ABC):
             ValueError: naming any attribute not seen in training.
             RuntimeError: if the extractor is neither fitted nor loaded.
         """
+        return [values for values, _ in self.predict_with_confidence(records)]
+
+    def predict_with_confidence(self, records: Sequence[Record]) -> list[tuple[list[str], float]]:
+        """:meth:`predict`'s values of each record with the extractor's confidence in them: the probability of
+        the chosen value (multi-value: the least probable chosen value, as all of them must be right).
+
+        Raises:
+            ValueError: naming any attribute not seen in training.
+            RuntimeError: if the extractor is neither fitted nor loaded.
+        """
         records = list(records)
         self._require_fitted()
         _check_attributes(self.vocabularies, records)
-        predictions: list[list[str]] = [[] for _ in records]
+        predictions: list[tuple[list[str], float]] = [([], 0.0) for _ in records]
         for attribute, positions in _group_by_attribute(records).items():
             vocab = self.vocabularies[attribute]
             probabilities = self._probabilities([records[i] for i in positions], vocab)
             for position, row in zip(positions, probabilities):
                 chosen = _select(row, vocab.multi_value, self.config.threshold)
-                predictions[position] = [vocab.surfaces[k] for k in chosen]
+                predictions[position] = ([vocab.surfaces[k] for k in chosen], float(min(row[k] for k in chosen)))
         return predictions
 
     def value_probabilities(self, records: Sequence[Record]) -> list[dict[str, float]]:
@@ -781,9 +791,11 @@ def load_extractor(directory: str | PathLike[str]) -> TextExtractor:
 
 
 def weak_label(extractor: TextExtractor, records: Sequence[Record]) -> list[Record]:
-    """Copies of ``records`` whose ``label`` is the extractor's prediction (all else kept)."""
+    """Copies of ``records`` whose ``label`` is the extractor's prediction and ``label_weight`` its confidence
+    in it (:meth:`TextExtractor.predict_with_confidence`, rounded to 4 decimals); all else kept."""
     records = list(records)
-    return [replace(record, label=tuple(values)) for record, values in zip(records, extractor.predict(records))]
+    return [replace(record, label=tuple(values), label_weight=round(confidence, 4))
+            for record, (values, confidence) in zip(records, extractor.predict_with_confidence(records))]
 
 
 def evaluate_extractor(

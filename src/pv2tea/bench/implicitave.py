@@ -217,7 +217,7 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                                                                              "constrained": result["fused"]})
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
-            gold_train = [replace(r, label=tuple(r.gold)) for r in train_weak]
+            gold_train = [replace(r, label=tuple(r.gold), label_weight=None) for r in train_weak]  # gold: trusted
             gold_split = Split(train=gold_train + extra, val=[], test=test)
             for seed in cfg.seeds:
                 result = run_variant("pv2tea", seed, gold_split, fold_dir, cfg.config, overrides,

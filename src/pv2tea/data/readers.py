@@ -34,7 +34,7 @@ _PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES: tuple[str, ...] = _JSONL_SUFFIXES + _CSV_SUFFIXES + _PARQUET_SUFFIXES
 
 # Columns whose empty CSV cell means "absent" rather than an empty string.
-_NULLABLE_SCALARS = ("source",)
+_NULLABLE_SCALARS = ("source", "label_weight")
 
 _PARQUET_SCHEMA = pa.schema(
     [
@@ -46,6 +46,7 @@ _PARQUET_SCHEMA = pa.schema(
         ("label", pa.list_(pa.string())),
         ("gold", pa.list_(pa.string())),
         ("source", pa.string()),
+        ("label_weight", pa.float64()),
     ]
 )
 

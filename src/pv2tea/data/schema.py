@@ -2,7 +2,8 @@
 
 A dataset file holds one row per (product, attribute) pair: the product's text, its
 images (zero, one or more), its category, the queried attribute, the weak training
-label produced by a text-only extractor, and optionally the human gold value(s) with the
+label produced by a text-only extractor (optionally with a ``label_weight`` in [0, 1]: how far
+to trust it, such as the extractor's confidence), and optionally the human gold value(s) with the
 modality (``"text"`` or ``"image"``) the gold value can be read from, used by the
 paper's source-aware evaluation.
 """
@@ -27,7 +28,7 @@ __all__ = [
 
 # Every column of a dataset file, in the order writers emit them.
 FIELDS: tuple[str, ...] = (
-    "id", "text", "images", "category", "attribute", "label", "gold", "source"
+    "id", "text", "images", "category", "attribute", "label", "gold", "source", "label_weight"
 )
 # Columns that must be present in every row.
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "text", "category", "attribute", "label")
@@ -53,6 +54,9 @@ class Record:
     label: tuple[str, ...]  # weak value(s); empty only when loaded with require_label=False
     gold: tuple[str, ...] | None = None  # human gold value(s), if annotated
     source: str | None = None  # modality of the gold value: "text", "image" or None
+    # how far to trust ``label``, in [0, 1] (e.g. the extractor's confidence); None: fully. Training multiplies
+    # the row's generation-loss weight by it (``schemes.label_weights``)
+    label_weight: float | None = None
 
 
 @dataclass(frozen=True)

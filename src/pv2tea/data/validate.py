@@ -88,6 +88,25 @@ class _RowChecker:
                 values.append(item.strip())
         return values if len(values) == len(value) else None
 
+    def fraction(self, raw: Mapping[str, Any], field: str) -> float | None:
+        """An optional number in [0, 1] (a CSV cell's text is read as one); None if absent or invalid."""
+        value = raw.get(field)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                self.fail(field, f"must be a number in [0, 1], got {value!r}")
+                return None
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            self.fail(field, f"must be a number in [0, 1], got {type(value).__name__}")
+            return None
+        if not 0.0 <= float(value) <= 1.0:  # NaN fails too
+            self.fail(field, f"must be a number in [0, 1], got {value}")
+            return None
+        return float(value)
+
 
 def _unique(values: Sequence[str]) -> tuple[str, ...]:
     """Values without repeats, first occurrence kept."""
@@ -127,6 +146,8 @@ def _validate_row(
     if source is not None and source not in SOURCES:
         checker.fail("source", f"unknown source {source!r}; expected 'text', 'image' or null")
 
+    label_weight = checker.fraction(raw, "label_weight")
+
     images = checker.strings(raw, "images")
     resolved: list[str] = []
     for image in images or []:
@@ -151,6 +172,7 @@ def _validate_row(
         label=_unique(label or []),
         gold=_unique(gold) if gold else None,
         source=source,
+        label_weight=label_weight,
     )
 
 

@@ -36,6 +36,13 @@ def grounding_weights(records: Sequence[Record], ungrounded_weight: float) -> np
     return np.array([1.0 if label_in_text(r.label, r.text) else ungrounded_weight for r in records])
 
 
+def label_weights(records: Sequence[Record]) -> np.ndarray | None:
+    """(N,) each row's ``label_weight`` (1 where it has none); None when no row has one."""
+    if all(r.label_weight is None for r in records):
+        return None
+    return np.array([1.0 if r.label_weight is None else r.label_weight for r in records])
+
+
 def _mention_pattern(value: str) -> str | None:
     """Regex source for whole-word, case-insensitive occurrences of a value in raw text, any non-word characters
     between its words (as :func:`occurs_in` sees them after normalization: "Navy-Blue" is a mention of "navy blue")."""

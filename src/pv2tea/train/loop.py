@@ -30,7 +30,7 @@ from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
-from pv2tea.regularize.grounding import grounding_weights, mention_free_texts
+from pv2tea.regularize.grounding import grounding_weights, label_weights, mention_free_texts
 from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
                                         prediction_reliability, rescale_to_mean_one, visual_reliability)
 from pv2tea.regularize.probe import cross_fitted_probe
@@ -176,7 +176,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
     """
     s = cfg.schemes
     use_pred = s.prediction_nr and epoch >= s.prediction_nr_start_epoch
-    if not s.visual_nr and not use_pred and s.ungrounded_weight == 1.0:
+    given = label_weights(records) if s.label_weights else None  # the data's own trust in each label
+    if not s.visual_nr and not use_pred and s.ungrounded_weight == 1.0 and given is None:
         return None, {}
     n = len(records)
     labels = [label_key(r, r.label) for r in records]
@@ -215,6 +216,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         weights = weights ** s.nr_sharpness
     if s.ungrounded_weight != 1.0:
         weights *= grounding_weights(records, s.ungrounded_weight)
+    if given is not None:
+        weights *= given
     stats["weight_mean"] = float(weights.mean())
     for source in ("text", "image"):  # does S3 down-weight the rows whose label the text could not give?
         rows = [i for i, r in enumerate(records) if r.source == source]
