@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PV2TEA: multimodal product attribute value extraction trained on weak text labels.")
@@ -56,9 +57,9 @@ def _load(path: Path, skip_invalid: bool, require_label: bool = True):
 
     result = load_dataset(path, skip_invalid=skip_invalid, require_label=require_label)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if result.n_skipped:
-        console.print(f"[yellow]skipped {result.n_skipped} invalid row(s) of {path}[/] (see data_report.json)")
+        console.print(f"[yellow]skipped {result.n_skipped} invalid row(s) of {escape(str(path))}[/] (see data_report.json)")
     return result
 
 
@@ -293,7 +294,7 @@ def data_validate(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     for warning in warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if errors:
         for error in errors:
             out_console.print(str(error), highlight=False)
@@ -438,7 +439,7 @@ def weak_label_cmd(
         labelled = weak_label(extractor, target.records)
         write_records(labelled, out)
         console.print(f"{len(labelled)} weakly labelled row(s) written to {out} (label_weight: the extractor's "
-                      "confidence, which training multiplies into each row's weight unless schemes.label_weights=false)")
+                      "confidence; training weighs the rows by it with --set schemes.label_weights=true)")
         gold = [r for r in target.records if r.gold]
         if gold:
             report = evaluate_extractor(extractor, gold, multi_value_attributes(gold))
@@ -490,7 +491,7 @@ def report(
     except _expected_errors() as exc:
         _fail(str(exc))
     for note in notes:
-        console.print(f"[yellow]{note}[/]")
+        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
     console.print(f"report: {index}")
 
 

@@ -172,10 +172,11 @@ class SchemesConfig:
     # extractor guessed instead of reading it; regularize/grounding.py) by this factor; 1 = off
     ungrounded_weight: float = 1.0
     # not in the paper: multiply each row's sample weight by its ``label_weight`` (how far to trust the weak
-    # label, such as the extractor's confidence; rows without one count 1). On ImplicitAVE Home the TF-IDF
-    # extractor's confidence separates its right labels from its wrong ones (AUC 0.75) where S3's visual
-    # neighbours do not (BENCHMARKS.md, stop 21)
-    label_weights: bool = True
+    # label, such as the extractor's confidence), taken relative to the other weighted rows of its attribute
+    # (rows without one count 1; regularize/grounding.py). On ImplicitAVE Home the TF-IDF extractor's confidence
+    # separates its right labels from its wrong ones (AUC 0.75) where S3's visual neighbours do not
+    # (BENCHMARKS.md, stop 21). Off by default: the saved configs of runs made before it stay true to them
+    label_weights: bool = False
     # not in the paper: during training, with this probability take the words of its label's values out of the
     # text of a row that has an image and whose label occurs in its text (regularize/grounding.py). The row then
     # looks like a product whose value only the image shows, and teaches the model to answer those from the

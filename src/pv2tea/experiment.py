@@ -59,8 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     # not in the paper: the visual tokens through a cross-attention of their own behind a tanh gate that starts
     # closed (a text-only warm start is kept intact until the image earns its weight)
     "visual_gate": ["fusion.visual_gate=0"],
-    # not in the paper: the rows' label_weight (e.g. the extractor's confidence) ignored
-    "wo_label_weight": ["schemes.label_weights=false"],
+    # not in the paper: each row's label_weight (e.g. the extractor's confidence) multiplied into its sample weight
+    "label_weight": ["schemes.label_weights=true"],
 }
 REFERENCES = ("weak_labels", "text_extractor")
 KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pv2tea.bench.implicitave import BenchConfig, product_folds
+from pv2tea.bench.implicitave import BenchConfig, gold_labelled, product_folds
 from pv2tea.cli import main
 from pv2tea.data.schema import Record
 from pv2tea.train.checkpoint import warm_start_fingerprint
@@ -56,6 +56,14 @@ def test_product_folds_partition_and_group():
     for fold in folds:  # both rows of a product in the same fold
         assert all((i ^ 1) in fold for i in fold)
     assert folds == product_folds(recs, 3)  # deterministic
+
+
+def test_gold_ceiling_rows_are_gold_labelled_and_fully_trusted():
+    weak = [Record("r1", "t", (), "c", "a", ("Blue",), ("Red", "Green"), "image", label_weight=0.3),
+            Record("r2", "t", (), "c", "a", ("Red",), ("Red",), "text")]
+    gold = gold_labelled(weak)
+    assert [(r.label, r.label_weight) for r in gold] == [(("Red", "Green"), None), (("Red",), None)]
+    assert [(r.id, r.gold, r.source) for r in gold] == [(r.id, r.gold, r.source) for r in weak]
 
 
 def test_bench_config_is_validated():

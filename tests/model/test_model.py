@@ -660,18 +660,20 @@ def test_s3_visual_level_is_computed_once_while_the_backbone_is_frozen(tiny_text
 
 
 def test_label_weights_multiply_the_sample_weights(tiny_text_ckpt, image_paths):
-    """schemes.label_weights: each row's label_weight (the extractor's confidence) multiplies its S3 weight before
-    the rescaling to mean 1; rows without one count 1; off, or with no row carrying one, nothing changes."""
+    """schemes.label_weights: each row's label_weight (the extractor's confidence), relative to its attribute's
+    weighted rows, multiplies its S3 weight before the rescaling to mean 1; rows without one count 1; off, or with no
+    row carrying one, nothing changes."""
     from pv2tea.train.loop import sample_weights
 
     recs = records(image_paths) * 2  # 8 rows, 6 with an image
     common = ["schemes.knn_k=2", "schemes.prediction_nr=false", "schemes.normalize_weights=false"]
-    model, pre = build(tiny_text_ckpt, *common)
+    model, pre = build(tiny_text_ckpt, *common, "schemes.label_weights=true")
     base, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     trust = [0.5, None, 0.25, 1.0, 0.0, 0.75, None, 0.5]
     weighted = [dataclasses.replace(r, label_weight=w) for r, w in zip(recs, trust)]
     got, _ = sample_weights(model, pre, weighted, epoch=0, cfg=model.cfg)
-    assert np.allclose(got, base * np.array([1.0 if w is None else w for w in trust]))
+    relative = np.array([1.0 if w is None else w / 0.5 for w in trust])  # the weighted rows' mean trust is 0.5
+    assert np.allclose(got, base * relative)
     model.cfg.schemes.label_weights = False
     off, _ = sample_weights(model, pre, weighted, epoch=0, cfg=model.cfg)
     assert np.allclose(off, base)
@@ -679,6 +681,5 @@ def test_label_weights_multiply_the_sample_weights(tiny_text_ckpt, image_paths):
     model.cfg.schemes.label_weights, model.cfg.schemes.visual_nr = True, False
     model.cfg.schemes.normalize_weights = True
     alone, _ = sample_weights(model, pre, weighted, epoch=0, cfg=model.cfg)
-    expected = np.array([1.0 if w is None else w for w in trust])
-    assert np.allclose(alone, expected / expected.mean())
+    assert np.allclose(alone, relative / relative.mean())
     assert sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)[0] is None  # nothing to weigh

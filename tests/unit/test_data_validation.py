@@ -101,6 +101,7 @@ def test_valid_file_loads_with_resolved_paths(dataset_dir: Path) -> None:
         ({"label_weight": True}, "label_weight", "got bool"),
         ({"label_weight": [0.5]}, "label_weight", "got list"),
         ({"label_weight": "nan"}, "label_weight", "got nan"),
+        ({"label_weight": 10**400}, "label_weight", "got inf"),
     ],
 )
 def test_each_bad_value_is_reported_with_file_row_and_field(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pv2tea.data.schema import Record
-from pv2tea.regularize.grounding import (grounding_weights, keep_grounded, label_in_text, mention_free_texts,
+from pv2tea.regularize.grounding import (grounding_weights, keep_grounded, label_in_text, label_weights, mention_free_texts,
                                         remove_mentions)
 from pv2tea.train.loop import mention_dropout_rows
 
@@ -105,3 +105,14 @@ def test_keep_grounded_keeps_only_the_labels_the_text_states():
     assert keep_grounded(rows, preds) == [["red"], ["black"], ["grey"], ["red"]]
     with pytest.raises(ValueError, match="3 predictions for 4 rows"):
         keep_grounded(rows, preds[:3])
+
+
+def test_label_weights_are_relative_within_each_attribute():
+    def row(i, attribute, weight):
+        return Record(f"r{i}", "t", (), "c", attribute, ("v",), label_weight=weight)
+
+    rows = [row(0, "color", 0.2), row(1, "color", 0.6), row(2, "color", None),  # color's weighted mean: 0.4
+            row(3, "shape", 0.9), row(4, "shape", 0.9),  # all alike: 1 each
+            row(5, "size", 0.0), row(6, "size", 0.0)]  # no trust at all stays none
+    assert np.allclose(label_weights(rows), [0.5, 1.5, 1.0, 1.0, 1.0, 0.0, 0.0])
+    assert label_weights([row(0, "color", None)]) is None

@@ -120,6 +120,20 @@ def test_write_dicts_and_reject_unknown_fields(tmp_path: Path) -> None:
         write_records([{"id": "a", "lable": ["red"]}], tmp_path / "e.jsonl")
 
 
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_label_weight_written_as_a_number_and_checked(tmp_path: Path, fmt: str) -> None:
+    import numpy as np
+
+    row = {"id": "a", "text": "t", "category": "mug", "attribute": "color", "label": "red"}
+    path = write_records([{**row, "label_weight": np.float32(0.5)}, {**row, "id": "b", "label_weight": "0.25"}],
+                         tmp_path / f"d.{fmt}")
+    assert [r.label_weight for r in load_dataset(path).records] == [0.5, 0.25]
+    for bad in (1.5, "high"):
+        with pytest.raises(ValueError, match=r"label_weight .* of row 'a': expected a number in \[0, 1\]"):
+            write_records([{**row, "label_weight": bad}], tmp_path / f"e.{fmt}")
+
+
 def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data\.xlsx"):
         read_table(tmp_path / "data.xlsx")

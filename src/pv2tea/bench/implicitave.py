@@ -95,6 +95,11 @@ def product_folds(records: Sequence[Record], k: int, seed: int = 0) -> list[list
     return folds
 
 
+def gold_labelled(records: Sequence[Record]) -> list[Record]:
+    """The rows with their gold values as labels, fully trusted (no extractor confidence carried over)."""
+    return [replace(r, label=tuple(r.gold or ()), label_weight=None) for r in records]
+
+
 def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtractor:
     """The domain's TF-IDF extractor, trained once and saved (reloaded when present)."""
     if (directory / "extractor.json").is_file():
@@ -217,7 +222,7 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                                                                              "constrained": result["fused"]})
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
-            gold_train = [replace(r, label=tuple(r.gold), label_weight=None) for r in train_weak]  # gold: trusted
+            gold_train = gold_labelled(train_weak)
             gold_split = Split(train=gold_train + extra, val=[], test=test)
             for seed in cfg.seeds:
                 result = run_variant("pv2tea", seed, gold_split, fold_dir, cfg.config, overrides,

@@ -179,6 +179,14 @@ def _output_row(item: Record | Mapping[str, Any], out_dir: str) -> dict[str, Any
         row[name] = _as_list(row[name])
     row["images"] = [_relative_image(image, out_dir) for image in row["images"] or []]
     row["label"] = row["label"] or []
+    weight = row["label_weight"]
+    if weight is not None:
+        try:
+            row["label_weight"] = float(weight)  # a numpy number or a numeric string is written as a number
+        except (TypeError, ValueError, OverflowError):
+            row["label_weight"] = float("nan")
+        if not 0.0 <= row["label_weight"] <= 1.0:
+            raise ValueError(f"cannot write label_weight {weight!r} of row '{row['id']}': expected a number in [0, 1]")
     return row
 
 

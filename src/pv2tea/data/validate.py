@@ -99,13 +99,17 @@ class _RowChecker:
             except ValueError:
                 self.fail(field, f"must be a number in [0, 1], got {value!r}")
                 return None
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             self.fail(field, f"must be a number in [0, 1], got {type(value).__name__}")
             return None
-        if not 0.0 <= float(value) <= 1.0:  # NaN fails too
-            self.fail(field, f"must be a number in [0, 1], got {value}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = float("inf")
+        if not 0.0 <= number <= 1.0:  # NaN fails too
+            self.fail(field, f"must be a number in [0, 1], got {number:g}")
             return None
-        return float(value)
+        return number
 
 
 def _unique(values: Sequence[str]) -> tuple[str, ...]:

@@ -37,10 +37,21 @@ def grounding_weights(records: Sequence[Record], ungrounded_weight: float) -> np
 
 
 def label_weights(records: Sequence[Record]) -> np.ndarray | None:
-    """(N,) each row's ``label_weight`` (1 where it has none); None when no row has one."""
+    """(N,) each row's ``label_weight`` relative to the other weighted rows of its attribute (rescaled to mean 1
+    over them), 1 where it has none; None when no row has one.
+
+    An extractor's confidence is lower for an attribute with many values than for one with two, so raw
+    confidences would also move whole attributes against each other; within an attribute they only order
+    its rows. An attribute whose weighted rows are all 0 keeps its zeros."""
     if all(r.label_weight is None for r in records):
         return None
-    return np.array([1.0 if r.label_weight is None else r.label_weight for r in records])
+    out = np.ones(len(records))
+    for attribute in {r.attribute for r in records}:
+        rows = [i for i, r in enumerate(records) if r.attribute == attribute and r.label_weight is not None]
+        if rows:
+            given = np.array([records[i].label_weight for i in rows], dtype=float)
+            out[rows] = given / given.mean() if given.mean() > 0 else given
+    return out
 
 
 def _mention_pattern(value: str) -> str | None:

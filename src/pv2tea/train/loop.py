@@ -169,7 +169,8 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
                    progress: bool = False, prediction_texts: Sequence[str | None] | None = None,
                    visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] | None = None
                    ) -> tuple[np.ndarray | None, dict[str, float]]:
-    """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute; None when S3 is off.
+    """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute, times the rows' own trust in their
+    labels (``schemes.ungrounded_weight``, ``schemes.label_weights``); None when none of these re-weights the rows.
 
     ``prediction_texts`` (one per record, None: its own text): the texts the prediction level predicts from.
     ``visual_cache``: a dict kept across epochs, where s_v is kept while it cannot change.
