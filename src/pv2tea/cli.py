@@ -396,6 +396,21 @@ def demo(
                       f"on {os.cpu_count()} CPU core(s)", highlight=False)
 
 
+def _print_confidence(labelled: list, multi: dict[str, bool]) -> None:
+    """How well the extractor's confidence (the rows' label_weight) tells its right labels from its wrong ones."""
+    from pv2tea.eval.metrics import Example, confidence_reliability, is_correct
+
+    right = [is_correct(Example(r.gold, r.label, r.source, r.attribute, multi[r.attribute])) for r in labelled]
+    result = confidence_reliability([r.label_weight for r in labelled], right)
+    auc = "undefined (all right or all wrong)" if result["auc"] is None else f"{result['auc']:.3f}"
+    out_console.print(f"extractor confidence (label_weight) vs its labels being right, {len(labelled)} gold row(s): "
+                      f"ROC AUC {auc}", highlight=False)
+    for b in result["bins"]:
+        accuracy = "–" if b["accuracy"] is None else f"{b['accuracy']:.1f}"
+        out_console.print(f"  confidence {b['low']:.2f}–{b['high']:.2f}: {b['n']:5d} row(s), accuracy {accuracy}",
+                          highlight=False)
+
+
 @app.command("weak-label")
 def weak_label_cmd(
     train_file: Annotated[Path, typer.Option("--train", help="Text-only labelled data to train the extractor on.")],
@@ -442,8 +457,10 @@ def weak_label_cmd(
                       "confidence; training weighs the rows by it with --set schemes.label_weights=true)")
         gold = [r for r in target.records if r.gold]
         if gold:
-            report = evaluate_extractor(extractor, gold, multi_value_attributes(gold))
+            multi = multi_value_attributes(gold)
+            report = evaluate_extractor(extractor, gold, multi)
             out_console.print(format_report_table(report, title="text extractor vs gold"), highlight=False)
+            _print_confidence([r for r in labelled if r.gold], multi)
     except _expected_errors() as exc:
         _fail(str(exc))
 

@@ -180,7 +180,13 @@ def test_weak_label_command(catalog, tmp_path, capsys):
     original = [json.loads(x) for x in Path(catalog["test"]).read_text().splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in original]
     assert all(r["gold"] == o["gold"] and r["label"] for r, o in zip(rows, original))
-    assert "text extractor vs gold" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "text extractor vs gold" in said
+    # each label carries the extractor's confidence, and the gold rows say how well it tells right from wrong
+    assert all(0 < r["label_weight"] <= 1 for r in rows) and len({r["label_weight"] for r in rows}) > 1
+    assert f"vs its labels being right, {len(rows)} gold row(s): ROC AUC" in " ".join(said.split())
+    assert sum(int(line.split()[2]) for line in said.splitlines() if line.strip().startswith("confidence 0")) \
+        == len(rows)  # the bins hold every row once
     again = tmp_path / "weak2.jsonl"
     assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out",
                  str(again), "--load", str(tmp_path / "extractor")]) == 0

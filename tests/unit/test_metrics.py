@@ -10,6 +10,7 @@ import pytest
 from pv2tea.eval.metrics import (
     Example,
     Scores,
+    confidence_reliability,
     departures,
     harmonic_f1,
     is_correct,
@@ -429,3 +430,17 @@ def test_departures_edge_cases_and_pooling():
     assert (pooled["n"], pooled["changed"], pooled["fixed"], pooled["broke"], pooled["net"]) == (3, 2, 1, 1, 0)
     assert pooled["fix_rate"] == pytest.approx(50.0, **APPROX)
     assert pooled["either"] == pytest.approx(100.0 * 2 / 3, **APPROX)
+
+
+def test_confidence_reliability_literal():
+    # right answers at 0.9, 0.8, 0.6, 1.0; wrong ones at 0.7, 0.3: of the 4 x 2 (right, wrong) pairs, all but
+    # (0.6, 0.7) rank the right answer higher
+    result = confidence_reliability([0.9, 0.8, 0.6, 0.7, 0.3, 1.0], [True, True, True, False, False, True])
+    assert result["auc"] == pytest.approx(7 / 8)
+    assert [(b["low"], b["high"], b["n"]) for b in result["bins"]] == [
+        (0.0, 0.5, 1), (0.5, 0.7, 1), (0.7, 0.9, 2), (0.9, 0.95, 1), (0.95, 1.0, 1)]
+    assert [b["accuracy"] for b in result["bins"]] == [0.0, 100.0, 50.0, 100.0, 100.0]
+    assert confidence_reliability([0.2, 0.9], [True, True])["auc"] is None  # nothing to tell apart
+    assert confidence_reliability([], [], edges=(0.5,))["bins"][0]["accuracy"] is None
+    with pytest.raises(ValueError, match="2 confidences but 1"):
+        confidence_reliability([0.1, 0.2], [True])

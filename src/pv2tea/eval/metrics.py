@@ -39,6 +39,7 @@ __all__ = [
     "SOURCES",
     "Example",
     "Scores",
+    "confidence_reliability",
     "departures",
     "harmonic_f1",
     "merge_departures",
@@ -220,6 +221,28 @@ def departures(examples: Sequence[Example], reference: Sequence[Sequence[str]],
             counts["changed"] += 1
             counts["both" if model_ok and ref_ok else "fixed" if model_ok else "broke" if ref_ok else "neither"] += 1
     return _departure_rates(counts)
+
+
+def confidence_reliability(confidences: Sequence[float], correct: Sequence[bool],
+                           edges: Sequence[float] = (0.5, 0.7, 0.9, 0.95)) -> dict[str, Any]:
+    """How well a labeller's confidence tells its right answers from its wrong ones.
+
+    ``auc``: ROC AUC of the confidence for "the answer is right" (0.5: no better than chance; None when every
+    answer is right or every one wrong). ``bins``: for the confidence ranges cut at ``edges`` (the last one
+    includes 1), the number of answers there and their accuracy in % (None for an empty bin).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences but {len(correct)} judgements")
+    bounds = [0.0, *edges, 1.0]
+    bins = []
+    for low, high in zip(bounds, bounds[1:]):
+        inside = [ok for c, ok in zip(confidences, correct) if low <= c < high or (high == 1.0 and c == 1.0)]
+        bins.append({"low": low, "high": high, "n": len(inside),
+                     "accuracy": 100.0 * sum(inside) / len(inside) if inside else None})
+    auc = float(roc_auc_score(list(correct), list(confidences))) if 0 < sum(correct) < len(correct) else None
+    return {"auc": auc, "bins": bins}
 
 
 def merge_departures(blocks: Iterable[Mapping[str, Any]]) -> dict[str, int | float | None]:
