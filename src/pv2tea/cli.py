@@ -11,11 +11,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:  # annotations only: the data modules load with the commands that use them
+    from collections.abc import Sequence
+
+    from pv2tea.data.schema import Record
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PV2TEA: multimodal product attribute value extraction trained on weak text labels.")
@@ -396,7 +401,7 @@ def demo(
                       f"on {os.cpu_count()} CPU core(s)", highlight=False)
 
 
-def _print_confidence(labelled: list, multi: dict[str, bool]) -> None:
+def _print_confidence(labelled: Sequence[Record], multi: dict[str, bool]) -> None:
     """How well the extractor's confidence (the rows' label_weight) tells its right labels from its wrong ones."""
     from pv2tea.eval.metrics import Example, confidence_reliability, is_correct
 
