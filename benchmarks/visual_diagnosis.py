@@ -61,19 +61,33 @@ def pooled_features(backbone, transform, paths: list[str], batch_size: int = 64)
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def probe(train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray, test_y: list[list[str]]
-          ) -> tuple[float, float]:
-    """(exact-set accuracy, macro F1 over values) of a one-vs-rest logistic probe; at least the top value."""
-    binarizer = MultiLabelBinarizer().fit(train_y + test_y)
-    y_train, y_test = binarizer.transform(train_y), binarizer.transform(test_y).astype(bool)
+def probe_probabilities(train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray
+                        ) -> tuple[list[str], np.ndarray]:
+    """A one-vs-rest logistic probe on standardized features: its values and each test row's probabilities (N, V)."""
+    binarizer = MultiLabelBinarizer().fit(train_y)
     scaler = StandardScaler().fit(train_x)
-    clf = OneVsRestClassifier(LogisticRegression(C=0.5, max_iter=2000)).fit(scaler.transform(train_x), y_train)
-    prob = clf.predict_proba(scaler.transform(test_x))  # (N, V)
-    pred = prob > 0.5
-    pred[np.arange(len(prob)), prob.argmax(1)] = True
+    clf = OneVsRestClassifier(LogisticRegression(C=0.5, max_iter=2000)).fit(
+        scaler.transform(train_x), binarizer.transform(train_y))
+    return list(binarizer.classes_), clf.predict_proba(scaler.transform(test_x))
+
+
+def probe(train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray, test_y: list[list[str]],
+          return_top: bool = False) -> tuple:
+    """(exact-set accuracy, macro F1 over values) of a one-vs-rest logistic probe; at least the top value.
+    With ``return_top`` also each test row's most probable value."""
+    classes, prob = probe_probabilities(train_x, train_y, test_x)  # (N, V) over the training values
+    binarizer = MultiLabelBinarizer(classes=sorted(set(classes) | {v for vs in test_y for v in vs}))
+    y_test = binarizer.fit_transform(test_y).astype(bool)
+    pred = np.zeros_like(y_test)
+    column = {c: j for j, c in enumerate(binarizer.classes_)}
+    cols = [column[c] for c in classes]
+    pred[:, cols] = prob > 0.5
+    pred[np.arange(len(prob)), [cols[j] for j in prob.argmax(1)]] = True
     exact = float((pred == y_test).all(1).mean())
     tp = (pred & y_test).sum(0)
     f1 = 2 * tp / np.maximum(2 * tp + (pred & ~y_test).sum(0) + (~pred & y_test).sum(0), 1)
+    if return_top:
+        return exact, float(f1[y_test.any(0)].mean()), [classes[j] for j in prob.argmax(1)]
     return exact, float(f1[y_test.any(0)].mean())
 
 
@@ -87,7 +101,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     backbone = create_backbone(cfg.vision)
-    load_backbone_weights(backbone, cfg.vision.weights)
+    load_backbone_weights(backbone, cfg.vision.weights, cfg.vision.name)
     backbone.eval()
     transform = timm.data.create_transform(**data_config(backbone, cfg.vision))
     train = [r for r in load_dataset(args.train).records if r.images and r.gold]

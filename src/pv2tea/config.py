@@ -44,6 +44,9 @@ class VisionConfig:
     # to the final patch grid and appended to each patch token's channels. An ImageNet CNN's final map keeps
     # little of an object's color; its early levels keep much more (BENCHMARKS.md, visual diagnosis)
     extra_levels: list[int] = field(default_factory=list)
+    # average-pool the backbone's patch grid to at most g x g tokens (None: keep it). A larger image then gives
+    # finer features without more tokens for fusion to learn over (EfficientNet-Lite0 at 224 px: 7 x 7 -> 4 x 4)
+    token_grid: int | None = None
     # keep BatchNorm statistics at their pretrained values (small or uneven CPU batches; a batch
     # with a single image would otherwise break or skew them); affine BN parameters still train
     freeze_bn: bool = True
@@ -496,6 +499,9 @@ def validate(cfg: Config) -> None:
                           "no text layer)")
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")
+    if cfg.vision.token_grid is not None and cfg.vision.token_grid < 1:
+        raise ConfigError(f"vision.token_grid must be >= 1 or null (keep the backbone's grid), "
+                          f"got {cfg.vision.token_grid}")
     if cfg.fusion.visual_gate is not None and cfg.decoder.attend_context:
         raise ConfigError("fusion.visual_gate with decoder.attend_context=true: the decoder would read the visual "
                           "tokens past the gate; set decoder.attend_context=false or fusion.visual_gate=null")

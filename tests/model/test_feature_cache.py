@@ -14,7 +14,8 @@ FROZEN = ["vision.freeze=true", "text.freeze=true", "vision.max_images=2"]
 
 
 @pytest.mark.parametrize("extra", [FROZEN, ["vision.freeze=true"], ["text.freeze=true"],
-                                   ["vision.freeze=true", "vision.extra_levels=[1, 2]"]])
+                                   ["vision.freeze=true", "vision.extra_levels=[1, 2]"],
+                                   ["vision.freeze=true", "vision.image_size=64", "vision.token_grid=1"]])
 def test_cached_forward_equals_live_forward(tiny_text_ckpt, image_paths, extra):  # noqa: F811
     model, pre = build(tiny_text_ckpt, *extra)
     rows = records(image_paths)

@@ -1,4 +1,5 @@
-"""Visual token layout: earlier backbone levels appended to the patch tokens (``vision.extra_levels``)."""
+"""Visual token layout: earlier backbone levels appended to the patch tokens (``vision.extra_levels``), the patch
+grid pooled to at most g x g tokens (``vision.token_grid``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pv2tea.config import VisionConfig
 from pv2tea.models.vision import VisualEncoder
 
 
-def encoder(name: str, levels: list[int]) -> VisualEncoder:
+def encoder(name: str, levels: list[int], token_grid: int | None = None) -> VisualEncoder:
     torch.manual_seed(0)
-    return VisualEncoder(VisionConfig(name=name, weights="none", extra_levels=levels), 32, True).eval()
+    return VisualEncoder(VisionConfig(name=name, weights="none", extra_levels=levels, token_grid=token_grid),
+                         32, True).eval()
 
 
 def test_cnn_tokens_carry_pooled_earlier_levels():
@@ -54,3 +56,37 @@ def test_without_levels_tokens_are_the_final_map():
 def test_level_out_of_range_names_the_levels():
     with pytest.raises(ValueError, match=r"level 7 does not exist.*0\.\.4"):
         encoder("test_efficientnet", [7])
+
+
+def test_token_grid_pools_a_cnn_map_and_its_levels():
+    images = torch.randn(2, 3, 128, 128)
+    full, pooled = encoder("test_efficientnet", [1]), encoder("test_efficientnet", [1], token_grid=2)
+    with torch.no_grad():
+        final = full.backbone.forward_features(images)  # (2, 256, 4, 4)
+        tokens = pooled.backbone_tokens(images)
+        level1 = full.backbone.forward_intermediates(images, indices=[1])[1][0]
+    assert final.shape[-2:] == (4, 4) and tokens.shape == (2, 4, 256 + 24)
+    # token 1 = top-right 2 x 2 cell of the final map; its level-1 channels the mean over the same quarter
+    torch.testing.assert_close(tokens[:, 1, :256], final[:, :, :2, 2:].mean((2, 3)))
+    half = level1.shape[-1] // 2
+    torch.testing.assert_close(tokens[:, 1, 256:], level1[:, :, :half, half:].mean((2, 3)))
+    assert pooled.head(tokens).grid == (2, 2)
+
+
+def test_token_grid_keeps_a_smaller_grid_and_vit_prefix():
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        small = encoder("test_efficientnet", [], token_grid=8).backbone_tokens(images)
+        plain = encoder("test_efficientnet", []).backbone_tokens(images)
+    torch.testing.assert_close(small, plain)  # 2 x 2 map, under the bound: unchanged
+    vit = encoder("test_vit", [], token_grid=2)
+    images = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        feats = vit.backbone.forward_features(images)  # (1, prefix + h*w, 64)
+        tokens = vit.backbone_tokens(images)
+    h, w = vit.grid(feats.shape[1])
+    assert h > 2 and tokens.shape == (1, vit.num_prefix_tokens + 4, 64)
+    torch.testing.assert_close(tokens[:, :vit.num_prefix_tokens], feats[:, :vit.num_prefix_tokens])
+    patches = feats[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(1, 64, h, w)  # (1, C, h, w)
+    torch.testing.assert_close(tokens[:, vit.num_prefix_tokens:],
+                               F.adaptive_avg_pool2d(patches, 2).flatten(2).transpose(1, 2))

@@ -117,6 +117,12 @@ def test_wrong_type_raises(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("grid", ["0", "-2"])
+def test_token_grid_must_be_positive(grid):
+    with pytest.raises(ConfigError, match="vision.token_grid must be >= 1"):
+        load_config(None, [f"vision.token_grid={grid}"])
+
+
 @pytest.mark.parametrize("alpha", ["-0.1", "1.5", "2"])
 def test_alpha_out_of_range(alpha):
     with pytest.raises(ConfigError, match="alpha"):

