@@ -68,7 +68,7 @@ def fold_probe(x: np.ndarray, gold: list[list[str]], folds: int) -> tuple[np.nda
     """Held-out top-value hits per row and the macro F1 over values (mean over folds) of the gold probe."""
     hits = np.zeros(len(gold), bool)
     f1s = []
-    for train, test in KFold(folds, shuffle=True, random_state=0).split(x):
+    for train, test in KFold(min(folds, len(gold)), shuffle=True, random_state=0).split(x):
         tr_y = [gold[i] for i in train]
         if len({v for vs in tr_y for v in vs}) < 2:  # one value in the training folds: the probe is that value
             top = Counter(v for vs in tr_y for v in vs).most_common(1)[0][0]
@@ -82,7 +82,7 @@ def fold_probe(x: np.ndarray, gold: list[list[str]], folds: int) -> tuple[np.nda
 
 def majority_hits(gold: list[list[str]], folds: int) -> np.ndarray:
     hits = np.zeros(len(gold), bool)
-    for train, test in KFold(folds, shuffle=True, random_state=0).split(np.arange(len(gold))):
+    for train, test in KFold(min(folds, len(gold)), shuffle=True, random_state=0).split(np.arange(len(gold))):
         top = Counter(v for i in train for v in gold[i]).most_common(1)[0][0]
         hits[test] = [top in gold[i] for i in test]
     return hits
@@ -108,7 +108,7 @@ def fused_scores(x: np.ndarray, records: list[Record], options: dict[str, list[s
         values = options.get(attribute) or sorted({v for i in idx for v in records[i].gold})
         keys = [normalize_value(v) for v in values]
         gold = [[normalize_value(v) for v in records[i].gold] for i in idx]
-        for train, test in KFold(folds, shuffle=True, random_state=0).split(idx):
+        for train, test in KFold(min(folds, len(idx)), shuffle=True, random_state=0).split(idx):
             classes, prob = probe_probabilities(x[idx[train]], [gold[j] for j in train], x[idx[test]])  # (n, V)
             column = {c: k for k, c in enumerate(classes)}
             for row, j in zip(prob, test):
@@ -173,6 +173,8 @@ def main() -> None:
             floor = []
             for attribute in attributes:
                 rows = [r for r in records if r.attribute == attribute]
+                if len(rows) < 2:
+                    raise SystemExit(f"{path}: attribute {attribute!r} has {len(rows)} product(s); a probe needs 2")
                 idx = [row_of[r.images[0]] for r in rows]
                 gold = [[normalize_value(v) for v in r.gold] for r in rows]
                 for key, x in (("final", feats["final"]), ("both", both)):

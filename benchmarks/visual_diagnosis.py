@@ -66,9 +66,12 @@ def probe_probabilities(train_x: np.ndarray, train_y: list[list[str]], test_x: n
     """A one-vs-rest logistic probe on standardized features: its values and each test row's probabilities (N, V)."""
     binarizer = MultiLabelBinarizer().fit(train_y)
     scaler = StandardScaler().fit(train_x)
+    classes = list(binarizer.classes_)
+    if len(classes) == 1:  # one value in training: the probe is that value (sklearn's binary case has 2 columns)
+        return classes, np.ones((len(test_x), 1))
     clf = OneVsRestClassifier(LogisticRegression(C=0.5, max_iter=2000)).fit(
         scaler.transform(train_x), binarizer.transform(train_y))
-    return list(binarizer.classes_), clf.predict_proba(scaler.transform(test_x))
+    return classes, clf.predict_proba(scaler.transform(test_x))  # (N, V)
 
 
 def probe(train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray, test_y: list[list[str]],

@@ -45,7 +45,10 @@ class VisionConfig:
     # little of an object's color; its early levels keep much more (BENCHMARKS.md, visual diagnosis)
     extra_levels: list[int] = field(default_factory=list)
     # average-pool the backbone's patch grid to at most g x g tokens (None: keep it). A larger image then gives
-    # finer features without more tokens for fusion to learn over (EfficientNet-Lite0 at 224 px: 7 x 7 -> 4 x 4)
+    # finer features without more tokens for fusion to learn over (EfficientNet-Lite0 at 224 px: 7 x 7 -> 4 x 4).
+    # What reads the backbone tokens reads the pooled ones: the feature cache, S2's mask, and S3's
+    # nr_features=backbone (the mean of the pooled tokens; adaptive pooling's windows may overlap, so not exactly
+    # the mean of the native grid)
     token_grid: int | None = None
     # keep BatchNorm statistics at their pretrained values (small or uneven CPU batches; a batch
     # with a single image would otherwise break or skew them); affine BN parameters still train

@@ -25,6 +25,9 @@ def test_cached_forward_equals_live_forward(tiny_text_ckpt, image_paths, extra):
     cached = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
     assert (cached.images is None) == ("vision.freeze=true" in extra)
     assert (cached.text_hidden is not None) == ("text.freeze=true" in extra)
+    if "vision.token_grid=1" in extra:  # the cache holds the pooled grid: one token per image
+        assert {tuple(t.shape[:1]) for t in pre.cache.images.values()} == {(1,)}
+        assert live.images.shape[-1] == 64  # while the native 64 px map has 2 x 2 positions
     model.eval()  # dropout of the trainable parts off: compare deterministic outputs
     with torch.no_grad():
         a, b = model.encode(live), model.encode(cached)

@@ -84,9 +84,10 @@ def test_token_grid_keeps_a_smaller_grid_and_vit_prefix():
     with torch.no_grad():
         feats = vit.backbone.forward_features(images)  # (1, prefix + h*w, 64)
         tokens = vit.backbone_tokens(images)
-    h, w = vit.grid(feats.shape[1])
-    assert h > 2 and tokens.shape == (1, vit.num_prefix_tokens + 4, 64)
-    torch.testing.assert_close(tokens[:, :vit.num_prefix_tokens], feats[:, :vit.num_prefix_tokens])
-    patches = feats[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(1, 64, h, w)  # (1, C, h, w)
-    torch.testing.assert_close(tokens[:, vit.num_prefix_tokens:],
-                               F.adaptive_avg_pool2d(patches, 2).flatten(2).transpose(1, 2))
+    prefix = vit.num_prefix_tokens
+    assert vit.grid(feats.shape[1]) == (10, 10) and tokens.shape == (1, prefix + 4, 64)
+    torch.testing.assert_close(tokens[:, :prefix], feats[:, :prefix])
+    # patch tokens are row-major over the 10 x 10 grid; 2 x 2 cell (i, j) is the mean of rows 5i..5i+4, cols 5j..5j+4
+    for cell, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        block = [prefix + 10 * r + c for r in range(5 * i, 5 * i + 5) for c in range(5 * j, 5 * j + 5)]
+        torch.testing.assert_close(tokens[:, prefix + cell], feats[:, block].mean(1))

@@ -112,18 +112,21 @@ class VisualEncoder(nn.Module):
             levels: list[torch.Tensor] = []
         else:
             feats, levels = self.backbone.forward_intermediates(images, indices=self.extra_levels)
-        prefix_tokens = None
-        if feats.ndim == 3:  # ViT tokens (B, prefix + P, C) -> patch map (B, C, h, w)
+        if feats.ndim == 4:  # CNN feature map (B, C, h, w)
+            if self.token_grid is not None:
+                feats = self._pool_grid(feats)  # (B, C, h', w')
+            grid = feats.shape[-2:]
+            tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        elif self.token_grid is not None:  # ViT tokens (B, prefix + P, C): pool the patches, keep the prefix
             h, w = self.grid(feats.shape[1])
-            prefix_tokens = feats[:, :self.num_prefix_tokens]  # (B, prefix, C)
-            feats = feats[:, self.num_prefix_tokens:].transpose(1, 2).reshape(feats.shape[0], -1, h, w)
-        if self.token_grid is not None:
-            feats = F.adaptive_avg_pool2d(feats, (min(self.token_grid, feats.shape[-2]),
-                                                  min(self.token_grid, feats.shape[-1])))  # (B, C, h', w')
-        grid = feats.shape[-2:]
-        tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        if prefix_tokens is not None:
-            tokens = torch.cat([prefix_tokens, tokens], 1)  # (B, prefix + h*w, C)
+            patches = feats[:, self.num_prefix_tokens:].transpose(1, 2)  # (B, C, h*w)
+            patches = patches.reshape(feats.shape[0], -1, h, w)  # (B, C, h, w)
+            patches = self._pool_grid(patches)  # (B, C, h', w')
+            grid = patches.shape[-2:]
+            tokens = torch.cat([feats[:, :self.num_prefix_tokens], patches.flatten(2).transpose(1, 2)], 1)
+        else:  # ViT tokens (B, prefix + P, C)
+            grid = self.grid(feats.shape[1])
+            tokens = feats
         if not levels:
             return tokens
         pooled = [F.adaptive_avg_pool2d(level, grid).flatten(2).transpose(1, 2) for level in levels]  # (B, h*w, C_i)
@@ -132,6 +135,12 @@ class VisualEncoder(nn.Module):
             prefix = extra.mean(1, keepdim=True).expand(-1, self.num_prefix_tokens, -1)  # (B, prefix, ΣC_i)
             extra = torch.cat([prefix, extra], 1)  # (B, prefix + P, ΣC_i)
         return torch.cat([tokens, extra], -1)  # (B, N, C + ΣC_i)
+
+    def _pool_grid(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, min(h, g), min(w, g)) by adaptive average pooling (``vision.token_grid`` = g)."""
+        assert self.token_grid is not None
+        size = (min(self.token_grid, feats.shape[-2]), min(self.token_grid, feats.shape[-1]))
+        return F.adaptive_avg_pool2d(feats, size)
 
     def grid(self, n_tokens: int) -> tuple[int, int]:
         """Patch grid (h, w) of a token sequence (square grids; CNN maps of square images)."""
