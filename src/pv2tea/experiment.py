@@ -8,7 +8,9 @@ mid-training is resumed, so re-running the same command continues where it stopp
 
 When the test rows carry weak labels, each model variant also gets a ``<variant>+keep_grounded`` row: the
 model deployed next to the extractor that made the labels, answering only the rows whose label the text does
-not state (``pv2tea predict --keep-grounded``).
+not state (``pv2tea predict --keep-grounded``). Each variant that reads images also gets a
+``<variant>+no_images`` row: the same trained model with every test product's images withheld, so the
+difference to its own row is what the image adds at test time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -65,6 +67,7 @@ VARIANTS: dict[str, list[str]] = {
 REFERENCES = ("weak_labels", "text_extractor")
 KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states
 FUSED_SUFFIX = "+extractor"  # a variant's row when its candidate ranking is fused with the text extractor
+NO_IMAGES_SUFFIX = "+no_images"  # a visual variant's row when its test products' images are withheld
 METRICS = ("precision", "recall", "f1", "accuracy")
 
 
@@ -149,7 +152,8 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         can_fuse = bool(candidates) and priors is not None  # what the fused report needs
         want_departures = labelled and ("departures" not in report or (
             can_fuse and "fused" in report and "departures" not in report["fused"]))
-        if (want_keep or want_fused or want_departures) and (run_dir / "final").is_dir():
+        want_no_images = NO_IMAGES_KEY not in report
+        if (want_keep or want_fused or want_departures or want_no_images) and (run_dir / "final").is_dir():
             # a run finished before these reports existed: add them from the final model
             predictor = Predictor.from_checkpoint(run_dir / "final")
             if want_keep or "departures" not in report:
@@ -164,6 +168,8 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
                         report["constrained"]["departures"] = fresh["constrained"]["departures"]
             if want_fused or (can_fuse and "departures" not in report.get("fused", {})):
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
+            if want_no_images:
+                report[NO_IMAGES_KEY] = no_images_report(predictor, data.test, multi, candidates)
             write_report(report, report_path)
         return report
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +197,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
                 report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
         if candidates and priors is not None:
             report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
+        report[NO_IMAGES_KEY] = no_images_report(predictor, data.test, multi, candidates)
     write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
@@ -300,6 +307,20 @@ def _warm_start_difference(run_dir: Path, saved: str | None,
             return [], False
         return [("train.init_from", f"{saved} (sha256 {there[:12]})", f"{requested} (sha256 {now[:12]})")], True
     return ([] if saved == requested else [("train.init_from", saved, requested)]), False
+
+
+NO_IMAGES_KEY = "without_images"  # test report key of the model's report with the test images withheld
+
+
+def no_images_report(predictor: Predictor, records: Sequence[Record], multi: dict[str, bool],
+                     candidates: Mapping | None = None) -> dict[str, Any] | None:
+    """The model's test report (open, ranked among ``candidates``, departures) with every product's images withheld:
+    compared with its report on the products as they are, what the image adds at test time. None for a model that
+    reads no image (TEA)."""
+    if not predictor.model.cfg.vision.enabled:
+        return None
+    report, _, _ = score_predictor(predictor, [replace(r, images=()) for r in records], multi, candidates)
+    return report
 
 
 def _has_labels(records: Sequence[Record]) -> bool:
@@ -415,6 +436,8 @@ def run_experiment(data: Split, out: Path, variants: Sequence[str], seeds: Seque
     for name in list(reports):  # each model variant deployed with --keep-grounded, as a row of its own
         if all("keep_grounded" in r for r in reports[name]):
             reports[f"{name}{KEEP_SUFFIX}"] = [r["keep_grounded"] for r in reports[name]]
+        if all(r.get(NO_IMAGES_KEY) for r in reports[name]):  # and with its test images withheld
+            reports[f"{name}{NO_IMAGES_SUFFIX}"] = [r[NO_IMAGES_KEY] for r in reports[name]]
     summary = summarize(reports)
     (out / "experiment.json").write_text(json.dumps({"variants": list(variants), "seeds": list(seeds),
                                                      "config": base_config, "overrides": list(overrides),

@@ -83,7 +83,7 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     result = json.loads(last)
     home = result["domains"]["Home"]
     assert set(home) == {"text_extractor", "text_pretrain", "tea", "pv2tea", "pv2tea_gold", "tea+keep_grounded",
-                         "pv2tea+keep_grounded", "tea+extractor", "pv2tea+extractor"}
+                         "pv2tea+keep_grounded", "tea+extractor", "pv2tea+extractor", "pv2tea+no_images"}
     for scores in home.values():
         assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
     assert home["text_extractor"]["accuracy"] == 100.0  # crimson/navy decide the value in this toy
@@ -93,6 +93,9 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     kept = saved["domains"]["Home"]["pv2tea+keep_grounded"]
     assert kept["constrained"]["f1"]["mean"] == fold_report["keep_grounded"]["constrained"]["overall"]["f1"]
     assert kept["open"]["f1"]["mean"] == fold_report["keep_grounded"]["overall"]["f1"]
+    blind = saved["domains"]["Home"]["pv2tea+no_images"]  # the same model, the test images withheld
+    assert blind["constrained"]["f1"]["mean"] == fold_report["without_images"]["constrained"]["overall"]["f1"]
+    assert fold_report["without_images"]["overall"]["n"] == fold_report["overall"]["n"]
     fused = saved["domains"]["Home"]["pv2tea+extractor"]  # ranking only: open and constrained are the same
     assert fused["constrained"]["f1"]["mean"] == fused["open"]["f1"]["mean"] == fold_report["fused"]["overall"]["f1"]
     # the extractor decides every toy row, so fusing the model with it cannot do worse than the extractor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,11 @@ import pytest
 from conftest import tiny_overrides
 from pv2tea.cli import main
 from pv2tea.data.synth import make_catalog
-from pv2tea.experiment import paired_ttest, summarize
+from pv2tea.data.validate import load_dataset as load_rows
+from pv2tea.eval.metrics import source_aware_report as report_of
+from pv2tea.experiment import gold_examples, paired_ttest, summarize
+from pv2tea.inference.predictor import Predictor
+from pv2tea.train.loop import multi_value_attributes
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     assert main(args) == 0
     tables = capsys.readouterr().out
     for row in ("| pv2tea |", "| tea |", "| text_extractor |", "| weak_labels |", "Table 7", "R@Mean",
-                "| pv2tea+keep_grounded |", "| tea+keep_grounded |"):
+                "| pv2tea+keep_grounded |", "| tea+keep_grounded |", "| pv2tea+no_images |"):
         assert row in tables, row
     summary = json.loads((out / "experiment.json").read_text())["summary"]
     assert summary["pv2tea"]["seeds"] == 2 and summary["weak_labels"]["seeds"] == 1
@@ -43,11 +48,14 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
             assert (out / name / f"seed_{seed}" / "final").is_dir()
             assert not (out / name / f"seed_{seed}" / "checkpoint").exists()
     assert "pv2tea+keep_grounded" in summary and "text_extractor+keep_grounded" not in summary
+    assert "tea+no_images" not in summary and "| tea+no_images |" not in tables  # TEA reads no image
+    assert json.loads((out / "tea" / "seed_0" / "test_report.json").read_text())["without_images"] is None
     # a second invocation reuses every finished run (no retraining: the files stay untouched); a report from
     # before keep_grounded existed gets it from the final model
     report_path = out / "pv2tea" / "seed_0" / "test_report.json"
     report = json.loads(report_path.read_text())
     kept_report = report.pop("keep_grounded")
+    no_images = report.pop("without_images")
     moved = report.pop("departures")  # where the answers left the weak labels of the test rows
     assert moved["n"] == report["overall"]["n"] and moved["fixed"] + moved["broke"] + moved["neither"] + moved[
         "both"] == moved["changed"]
@@ -56,6 +64,17 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     assert main(args) == 0
     assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(report_path.read_text())["keep_grounded"] == kept_report
+    assert json.loads(report_path.read_text())["without_images"] == no_images  # added back from the final model
+    # it is the model's report on the test rows with their images withheld
+    test_rows = load_rows(catalog["test"]).records
+    assert any(r.images for r in test_rows)
+    blind = Predictor.from_checkpoint(out / "pv2tea" / "seed_0" / "final").predict(
+        [replace(r, images=()) for r in test_rows], 8)
+    multi = multi_value_attributes(load_rows(catalog["train"]).records + load_rows(catalog["val"]).records + test_rows)
+    assert report_of(gold_examples(test_rows, blind, multi))["overall"] == no_images["overall"]
+    assert summary["pv2tea+no_images"]["overall"]["f1"]["mean"] == pytest.approx(
+        (no_images["overall"]["f1"] + json.loads((out / "pv2tea" / "seed_1" / "test_report.json").read_text())[
+            "without_images"]["overall"]["f1"]) / 2)
     assert json.loads(report_path.read_text())["departures"] == moved  # added back from the final model
     report = json.loads(report_path.read_text())
     del report["departures"]  # only the departures missing: they alone are added back

@@ -29,8 +29,9 @@ from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
 from pv2tea.config import load_config, with_settings_of
-from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, VARIANTS, Split, check_same_config, constrain_to_candidates,
-                                gold_examples, mean_std, paired_ttest, run_variant, score_predictor)
+from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, NO_IMAGES_KEY, NO_IMAGES_SUFFIX, VARIANTS, Split,
+                                check_same_config, constrain_to_candidates, gold_examples, mean_std, paired_ttest,
+                                run_variant, score_predictor)
 from pv2tea.inference.predictor import Predictor
 from pv2tea.train.checkpoint import warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
@@ -220,6 +221,8 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                     # fusion only ranks candidates, so the row's open and constrained blocks are the same
                     reports.setdefault(f"{name}{FUSED_SUFFIX}", []).append({**result["fused"],
                                                                              "constrained": result["fused"]})
+                if result.get(NO_IMAGES_KEY):  # the same model, the test images withheld: what the image adds
+                    reports.setdefault(f"{name}{NO_IMAGES_SUFFIX}", []).append(result[NO_IMAGES_KEY])
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
             gold_train = gold_labelled(train_weak)
