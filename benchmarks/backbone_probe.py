@@ -40,7 +40,7 @@ from pv2tea.data.schema import Record  # noqa: E402
 from pv2tea.data.validate import load_dataset  # noqa: E402
 from pv2tea.eval.metrics import Example, score  # noqa: E402
 from pv2tea.eval.normalize import normalize_value  # noqa: E402
-from pv2tea.inference.fusion import PRIOR_FLOOR, prior_log_probs  # noqa: E402
+from pv2tea.inference.fusion import PRIOR_FLOOR, log_normalize, prior_log_probs  # noqa: E402
 from pv2tea.models.vision import create_backbone, data_config, load_backbone_weights  # noqa: E402
 from pv2tea.train.loop import multi_value_attributes  # noqa: E402
 
@@ -112,9 +112,8 @@ def fused_scores(x: np.ndarray, records: list[Record], options: dict[str, list[s
             classes, prob = probe_probabilities(x[idx[train]], [gold[j] for j in train], x[idx[test]])  # (n, V)
             column = {c: k for k, c in enumerate(classes)}
             for row, j in zip(prob, test):
-                image = np.log(np.array([max(row[column[k]], PRIOR_FLOOR) if k in column else PRIOR_FLOOR
-                                         for k in keys]))
-                image -= np.logaddexp.reduce(image)  # log p_image(c | C)
+                image = log_normalize(np.log(np.array([max(row[column[k]], PRIOR_FLOOR) if k in column
+                                                       else PRIOR_FLOOR for k in keys])))  # log p_image(c | C)
                 text = prior_log_probs(values, text_probs[idx[j]])
                 for w in IMAGE_WEIGHTS:
                     answers[w][idx[j]] = values[int(np.argmax(text + w * image))]
@@ -153,6 +152,8 @@ def main() -> None:
         if not records:
             raise SystemExit(f"{path}: no row with an image and gold values")
         attributes = sorted({r.attribute for r in records})
+        paths = sorted({r.images[0] for r in records})  # one encoding per image, shared by the attributes' rows
+        row_of = {p: i for i, p in enumerate(paths)}
         if args.fuse:
             extractor = text_extractor(args.data / domain, args.fuse / domain)
             text_probs = extractor.value_probabilities(records)
@@ -164,10 +165,8 @@ def main() -> None:
             load_backbone_weights(backbone, cfg.weights, cfg.name)
             backbone.eval()
             transform = timm.data.create_transform(**data_config(backbone, cfg))
-            paths = sorted({r.images[0] for r in records})
             feats = pooled_features(backbone, transform, paths)
             seconds = time.perf_counter() - t0
-            row_of = {p: i for i, p in enumerate(paths)}
             both = np.concatenate([feats["stage 2"], feats["final"]], axis=1)  # (N, C_2 + C)
             result = {"final": ([], []), "both": ([], [])}
             floor = []

@@ -68,6 +68,7 @@ REFERENCES = ("weak_labels", "text_extractor")
 KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states
 FUSED_SUFFIX = "+extractor"  # a variant's row when its candidate ranking is fused with the text extractor
 NO_IMAGES_SUFFIX = "+no_images"  # a visual variant's row when its test products' images are withheld
+NO_IMAGES_KEY = "without_images"  # test report key of the model's report with the test images withheld
 METRICS = ("precision", "recall", "f1", "accuracy")
 
 
@@ -307,9 +308,6 @@ def _warm_start_difference(run_dir: Path, saved: str | None,
             return [], False
         return [("train.init_from", f"{saved} (sha256 {there[:12]})", f"{requested} (sha256 {now[:12]})")], True
     return ([] if saved == requested else [("train.init_from", saved, requested)]), False
-
-
-NO_IMAGES_KEY = "without_images"  # test report key of the model's report with the test images withheld
 
 
 def no_images_report(predictor: Predictor, records: Sequence[Record], multi: dict[str, bool],

