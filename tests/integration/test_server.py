@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from pv2tea.cli import main
@@ -45,16 +46,23 @@ def test_predict_answers_as_the_python_api(served):
     assert [a["id"] for a in answers] == [r.id for r in records]
     assert [a["values"] for a in answers] == expected
     assert all("kept_label" not in a for a in answers)
-    # the model sees each product's own image bytes (a tiny random model may answer alike without them)
+    # the model sees each product's own image, decoded in memory (no files): the same tensors as from the files
     seen = []
 
-    def spy(records_in, *args, **kwargs):
-        seen.extend([Path(p).read_bytes() for p in r.images] for r in records_in)  # before the request's folder goes
-        return predictor.predict(records_in, *args, **kwargs)
+    def spy(self, records_in, *args, **kwargs):
+        seen.extend([(name, self.pre.image_tensor(r, k)) for k, name in enumerate(r.images)] for r in records_in)
+        return original(self, records_in, *args, **kwargs)
 
-    spied = create_app(type("Spy", (), {"predict": staticmethod(spy), "model": predictor.model})())
-    assert TestClient(spied).post("/predict", json={"products": [_inline(r, catalog) for r in raw]}).status_code == 200
-    assert seen == [[Path(p).read_bytes() for p in r.images] for r in records] and any(seen)
+    original = Predictor.predict
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Predictor, "predict", spy)
+        spied = TestClient(create_app(predictor))
+        assert spied.post("/predict", json={"products": [_inline(r, catalog) for r in raw]}).status_code == 200
+    seen = seen[-len(records):]  # the warm-up prediction came first
+    assert [len(s) for s in seen] == [len(r.images) for r in records] and any(seen)
+    for images, record in zip(seen, records):
+        for k, (name, tensor) in enumerate(images):
+            assert name.startswith("memory:") and torch.equal(tensor, predictor.pre.image_tensor(record, k))
     # kept labels: a row whose text states its label returns the label, the others the model's answer
     kept = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw], "keep_grounded": True})
     flags = [label_in_text(r.label, r.text) for r in records]
@@ -92,7 +100,7 @@ def test_bad_requests_name_the_row_and_field(served):
     [bad_b64] = problems([good, {**good, "id": "x", "images": ["not base64!"]}])
     assert (bad_b64["row"], bad_b64["field"]) == (2, "images[0]") and "not a base64 image" in bad_b64["message"]
     [not_image] = problems([{**good, "images": [base64.b64encode(b"plain text").decode()]}])
-    assert (not_image["row"], not_image["field"]) == (1, "images") and "not an image" in not_image["message"]
+    assert (not_image["row"], not_image["field"]) == (1, "images[0]") and "not an image" in not_image["message"]
     [empty] = problems([{**good, "text": "  "}])
     assert (empty["row"], empty["field"]) == (1, "text")
     [dup] = problems([good, good])

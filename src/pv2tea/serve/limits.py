@@ -1,0 +1,148 @@
+"""Request limits of the HTTP service and product images decoded in memory under them.
+
+Every limit has a safe default and its own clear refusal. An image's pixel count is read from its header by
+Pillow's lazy ``Image.open`` and checked *before* any pixel is decoded, so a 1 KB PNG that claims
+50,000 × 50,000 pixels is refused without allocating it. Truncated files are always errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageRejected", "Limits", "decode_base64", "open_image", "read_image_file"]
+
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry; each limit is refused with its own 4xx."""
+
+    max_body_bytes: int = 64 * 2**20  # whole request body (413)
+    max_products: int = 1024  # products in one request (413)
+    max_text_chars: int = 20_000  # characters of one product's text (422, field 'text')
+    max_images_per_product: int = 8  # inline + by path (422, field 'images')
+    max_image_bytes: int = 20 * 2**20  # one encoded image file (422)
+    max_image_pixels: int = 40_000_000  # width × height of one image, read from its header (422)
+    formats: tuple[str, ...] = field(default=DEFAULT_FORMATS)  # Pillow format names allowed (422)
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_products", "max_text_chars", "max_images_per_product",
+                     "max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limit {name} must be at least 1, got {getattr(self, name)}")
+        object.__setattr__(self, "formats", tuple(f.strip().upper() for f in self.formats if f.strip()))
+        if not self.formats:
+            raise ValueError("at least one image format must be allowed")
+        unknown = sorted(set(self.formats) - set(Image.registered_extensions().values()) - {"JPEG"})
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}; Pillow names such as {list(DEFAULT_FORMATS)}")
+
+
+class ImageRejected(ValueError):
+    """An image refused by a limit or unreadable; ``reason`` is a short metrics label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason  # base64 | bytes | path | format | pixels | corrupt
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"
+
+
+def decode_base64(data: str, limits: Limits) -> bytes:
+    """The bytes of an inline image (a ``data:`` URI prefix allowed), refused before decoding when too large."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) // 4 * 3 > limits.max_image_bytes + 3:
+        raise ImageRejected("bytes", f"image is larger than {_mib(limits.max_image_bytes)} (the limit of one "
+                                     f"image file)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageRejected("base64", f"not a base64 image: {exc}") from None
+    if len(raw) > limits.max_image_bytes:
+        raise ImageRejected("bytes", f"image is larger than {_mib(limits.max_image_bytes)} (the limit of one "
+                                     f"image file)")
+    return raw
+
+
+def read_image_file(root: Path, name: str, limits: Limits) -> bytes:
+    """The bytes of ``root/name``: the path must stay under ``root`` after resolving symlinks, and be a file."""
+    if "\x00" in name:
+        raise ImageRejected("path", f"{name!r} is not a valid path")
+    path = (root / name).resolve()  # follows symlinks: one that leaves the root lands outside it
+    if not path.is_relative_to(root):
+        raise ImageRejected("path", f"'{name}' is outside the image root")
+    if not path.is_file():
+        raise ImageRejected("path", f"'{name}' is not a file under the image root")
+    size = path.stat().st_size
+    if size > limits.max_image_bytes:
+        raise ImageRejected("bytes", f"'{name}' is larger than {_mib(limits.max_image_bytes)} (the limit of one "
+                                     f"image file)")
+    with open(path, "rb") as f:
+        return f.read(limits.max_image_bytes + 1)
+
+
+def open_image(raw: bytes, limits: Limits) -> Image.Image:
+    """Decode ``raw`` to an upright RGB image (first frame; transparency composited onto white).
+
+    The format and the pixel count are checked from the header before decoding.
+
+    Raises:
+        ImageRejected: not an image, a format not allowed, too many pixels, truncated or corrupt.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(raw))  # lazy: reads the header only
+            except Image.DecompressionBombError as exc:
+                raise ImageRejected("pixels", f"image has too many pixels ({exc}); at most "
+                                              f"{limits.max_image_pixels:,}") from None
+            except UnidentifiedImageError:
+                raise ImageRejected("corrupt", "not an image file (unrecognized format)") from None
+            except Exception as exc:  # Pillow signals bad headers with many exception types
+                raise ImageRejected("corrupt", f"corrupt image header ({type(exc).__name__}: {exc})") from None
+        with image:
+            if image.format not in limits.formats:
+                raise ImageRejected("format", f"image format {image.format} is not allowed; allowed: "
+                                              f"{', '.join(limits.formats)}")
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise ImageRejected("pixels", f"image is {width} × {height} = {width * height:,} pixels; at most "
+                                              f"{limits.max_image_pixels:,}")
+            try:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return _to_rgb(upright)
+            except Exception as exc:  # truncated data, bad chunks, unsupported modes
+                raise ImageRejected("corrupt", f"image is truncated or corrupt ({type(exc).__name__}: {exc})") \
+                    from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+
+
+def default_workers() -> int:
+    """Image-decoding threads: one per core the process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
