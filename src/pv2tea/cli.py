@@ -237,35 +237,65 @@ def serve(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")],
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder whose files requests may name in 'image_paths' (default: inline images only).")] = None,
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder whose files requests may name in 'image_paths' (default: inline images only); paths and symlinks leaving it are refused.")] = None,
     candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    max_products: Annotated[int, typer.Option(min=1, help="Most products one request may carry.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--max-batch", "--batch-size", min=1, help="Most rows in one model batch; concurrent requests are coalesced up to it.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch waits for more requests before it runs.")] = 5.0,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Coalesce concurrent requests (off: one request per model batch).")] = True,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait for the model; beyond, 503 with Retry-After.")] = 256,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.001, help="Seconds before a request is answered 504.")] = 30.0,
+    max_products: Annotated[int, typer.Option(min=1, help="Most products one request may carry (413).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Largest request body (413).")] = 64 * 2**20,
+    max_text_chars: Annotated[int, typer.Option("--max-text-chars", min=1, help="Longest product text, in characters (422).")] = 20_000,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="Most images per product, inline and by path (422).")] = 8,
+    max_image_bytes: Annotated[int, typer.Option("--max-image-bytes", min=1, help="Largest encoded image file (422).")] = 20 * 2**20,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", min=1, help="Most pixels (width × height) of one image, read from its header before decoding (422).")] = 40_000_000,
+    image_formats: Annotated[str, typer.Option("--image-formats", help="Comma-separated image formats allowed (Pillow names) (422).")] = "JPEG,PNG,WEBP,GIF,BMP,TIFF",
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File holding an API key that /predict and /metrics require (or set PV2TEA_API_KEY); /health and /ready stay open.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level (warning: no access log).")] = "info",
     extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).")] = None,
     extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")] = 1.0,
 ) -> None:
-    """Serve a model over HTTP: POST /predict, GET /health (API description at /docs)."""
+    """Serve a model over HTTP: POST /predict, GET /health, /ready, /metrics (API description at /docs).
+
+    SIGTERM finishes the requests in flight, refuses new connections and exits 0.
+    """
     _quiet_libraries()
     import uvicorn
 
     from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
+    from pv2tea.serve.limits import Limits
 
     if image_root is not None and not image_root.is_dir():
         _fail(f"--image-root {image_root}: not a folder")
+    api_key = os.environ.get("PV2TEA_API_KEY") or None
+    if api_key_file is not None:
+        if not api_key_file.is_file():
+            _fail(f"--api-key-file {api_key_file}: no such file")
+        api_key = api_key_file.read_text().strip()
+        if not api_key:
+            _fail(f"--api-key-file {api_key_file} is empty")
     try:
         check_fusion(candidates, extractor)
+        limits = Limits(max_body_bytes=max_body_bytes, max_products=max_products, max_text_chars=max_text_chars,
+                        max_images_per_product=max_images, max_image_bytes=max_image_bytes,
+                        max_image_pixels=max_image_pixels, formats=tuple(image_formats.split(",")))
         predictor = Predictor.from_checkpoint(model)
         cands = _read_candidates(candidates)
         app_ = create_app(predictor, model_name=str(model), candidates=cands, image_root=image_root,
-                          batch_size=batch_size, max_products=max_products,
+                          batch_size=batch_size, limits=limits, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                          request_timeout=request_timeout, batching=batching, api_key=api_key, workers=workers,
                           extractor=_load_extractor(extractor),
                           extractor_weight=extractor_weight)
     except _expected_errors() as exc:
         _fail(str(exc))
-    console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health, docs at /docs)")
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health /ready /metrics, docs at "
+                  f"/docs){'; API key required' if api_key else ''}", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=int(request_timeout) + 5)
 
 
 @data_app.command("synth")
