@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ TEXT_CONFIG_FILE = "text_config.json"
 PREPROCESS_FILE = "preprocess.json"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
+MANIFEST_FILE = "manifest.json"  # SHA-256 and size of every other file of the folder, checked on loading
 
 
 class CheckpointError(RuntimeError):
@@ -100,6 +102,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, cfg: Config, bert_c
     if training is not None:
         save_file(training_tensors or {}, str(tmp / OPTIM_FILE))
         _write_json(tmp / STATE_FILE, training)
+    write_manifest(tmp)
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         if old.exists():
@@ -111,10 +114,70 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, cfg: Config, bert_c
     return directory
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint folder that loads, but unchecked (written before manifests existed)."""
+
+
+def _manifest_entry(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns), "size": stat.st_size}
+
+
+_UNCHECKED_WARNED: set[str] = set()  # folders without a manifest already warned about (once each)
+
+
+def write_manifest(directory: Path) -> Path:
+    """Record the SHA-256 and size of every file under ``directory`` in its ``manifest.json``."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {"format": 1, "files": {p.relative_to(directory).as_posix(): _manifest_entry(p) for p in files}}
+    _write_json(directory / MANIFEST_FILE, manifest)
+    return directory / MANIFEST_FILE
+
+
+def verify_manifest(directory: Path) -> bool:
+    """Check every file listed in ``directory``'s manifest (size, then SHA-256); False when it has no manifest.
+
+    Raises:
+        CheckpointError: a listed file is missing, truncated or altered; the message names it and the fix.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        if str(directory.resolve()) in _UNCHECKED_WARNED:
+            return False
+        _UNCHECKED_WARNED.add(str(directory.resolve()))
+        warnings.warn(f"{directory} has no {MANIFEST_FILE} (written by an older pv2tea): its files load unchecked; "
+                      f"saving the model again (train --resume, or a new run) writes one", CheckpointWarning,
+                      stacklevel=3)
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+        listed = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc}); copy the folder again from "
+                              f"where it was trained") from None
+    fix = ("copy the folder again from where it was trained (or retrain); if you changed the file on purpose, "
+           f"delete {MANIFEST_FILE} to load the folder unchecked")
+    for name, (size, sha256) in listed.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing but listed in {path}: {fix}")
+        actual = _manifest_entry(file)
+        if actual["size"] != size:
+            raise CheckpointError(f"{file} is {actual['size']:,} bytes but was written with {size:,} (truncated or "
+                                  f"altered): {fix}")
+        if actual["sha256"] != sha256:
+            raise CheckpointError(f"{file} does not match the SHA-256 recorded when it was written (altered or "
+                                  f"corrupt): {fix}")
+    return True
+
+
 def read_config(directory: Path) -> Config:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
+    verify_manifest(directory)
     return from_dict(json.loads(path.read_text()))
 
 
@@ -129,6 +192,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {MODEL_FILE}")
+    verify_manifest(directory)  # hashed once per file version (cached): read_config checked the same files
     missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {sorted(missing)[:8]}, "

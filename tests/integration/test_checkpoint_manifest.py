@@ -1,0 +1,57 @@
+"""Model folder integrity: a manifest of SHA-256 and sizes written with the folder and checked when it loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+
+import pytest
+
+from pv2tea.cli import main
+from pv2tea.inference.predictor import Predictor
+from pv2tea.train import checkpoint as ckpt
+
+
+@pytest.fixture
+def final_copy(tiny_trained, tmp_path):
+    model, _ = tiny_trained
+    return shutil.copytree(model, tmp_path / "final")
+
+
+def test_manifest_lists_every_file_with_its_hash(final_copy):
+    manifest = json.loads((final_copy / ckpt.MANIFEST_FILE).read_text())["files"]
+    files = {p.relative_to(final_copy).as_posix() for p in final_copy.rglob("*") if p.is_file()}
+    assert set(manifest) == files - {ckpt.MANIFEST_FILE} and ckpt.MODEL_FILE in manifest
+    data = (final_copy / ckpt.MODEL_FILE).read_bytes()
+    assert manifest[ckpt.MODEL_FILE] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checked folder loads without a warning
+        Predictor.from_checkpoint(final_copy)
+
+
+def test_a_truncated_or_altered_file_is_refused_by_name(final_copy, capsys):
+    weights = final_copy / ckpt.MODEL_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors is .* bytes but was written with .*truncated"):
+        Predictor.from_checkpoint(final_copy)
+    assert main(["serve", "--model", str(final_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "copy the folder again" in err
+    weights.write_bytes(data)
+    preprocess = final_copy / ckpt.PREPROCESS_FILE
+    text = preprocess.read_text()
+    preprocess.write_text(text.replace('"', "'", 1) if '"' in text else text + " ")  # same size, other content
+    with pytest.raises(ckpt.CheckpointError, match=r"preprocess\.json does not match the SHA-256"):
+        Predictor.from_checkpoint(final_copy)
+    preprocess.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"preprocess\.json is missing"):
+        Predictor.from_checkpoint(final_copy)
+
+
+def test_a_folder_without_manifest_loads_with_a_warning(final_copy):
+    (final_copy / ckpt.MANIFEST_FILE).unlink()
+    with pytest.warns(ckpt.CheckpointWarning, match="no manifest.json"):
+        Predictor.from_checkpoint(final_copy)
