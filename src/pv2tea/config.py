@@ -28,6 +28,7 @@ NORMALIZE_WITHIN = ("all", "attribute")  # schemes.normalize_within
 MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
 VALUE_ORDERS = ("text", "sorted")  # decoder.value_order
 PREDICTION_NR_TEXTS = ("full", "mention_free")  # schemes.prediction_nr_text
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # train.mixed_precision
 
 
 @dataclass
@@ -240,6 +241,12 @@ class TrainConfig:
     # the pretrained text checkpoint, e.g. a TEA trained once on a large text-only set (`pv2tea bench
     # ... --text-pretrain`); the visual side, heads and momentum copies start as usual. None: no warm start
     init_from: str | None = None
+    # "no" (float32), "bf16" (CPU or GPU) or "fp16" (GPU only, with loss scaling): the forward pass under autocast
+    # in that precision, through Accelerate; the weights and optimizer stay float32
+    mixed_precision: str = "no"
+    # optimizer steps every N micro-batches of train.batch_size rows per process: a step then takes batch_size x N x
+    # (number of processes) rows (train/distributed.py), and an epoch fewer steps
+    grad_accumulation_steps: int = 1
 
 
 @dataclass
@@ -482,6 +489,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
+    if cfg.train.mixed_precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
+                          f"got '{cfg.train.mixed_precision}'")
+    if cfg.train.grad_accumulation_steps < 1:
+        raise ConfigError(f"train.grad_accumulation_steps must be >= 1, got {cfg.train.grad_accumulation_steps}")
     if cfg.train.image_less_per_epoch is not None and cfg.train.image_less_per_epoch < 0:
         raise ConfigError(f"train.image_less_per_epoch must be >= 0 or null (all), "
                           f"got {cfg.train.image_less_per_epoch}")

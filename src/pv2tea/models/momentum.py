@@ -30,11 +30,14 @@ def freeze_copy(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def world_size() -> int:
+    """The number of processes training together (1 without ``torch.distributed``)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @torch.no_grad()
-def gather_all(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor across processes; identity in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
+def _gather_chunks(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``tensor`` (their first dimensions may differ), in rank order; a collective call."""
     sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
     longest = int(max(s.item() for s in sizes))
@@ -42,7 +45,27 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     chunks = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(chunks, padded)
-    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
+    return [c[: int(s.item())] for c, s in zip(chunks, sizes)]
+
+
+@torch.no_grad()
+def gather_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor across processes in rank order; identity in a single process."""
+    if world_size() == 1:
+        return tensor
+    return torch.cat(_gather_chunks(tensor))
+
+
+@torch.no_grad()
+def gather_others(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The rows of ``tensor`` of every other process, in rank order (None in a single process). Under DDP the
+    rows of the other ranks' step belong to the same batch: S1 contrasts with their momentum features as with the
+    batch's own, so that W ranks of B rows compute the loss of one process with W·B rows."""
+    if world_size() == 1:
+        return None
+    chunks = _gather_chunks(tensor)
+    del chunks[dist.get_rank()]
+    return torch.cat(chunks)
 
 
 class FeatureQueue(nn.Module):

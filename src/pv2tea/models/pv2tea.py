@@ -22,7 +22,7 @@ from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighte
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
 from pv2tea.models.fusion import FusionEncoder, additive_mask, is_visual_gate_key
-from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy
+from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy, gather_others, world_size
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
 from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights
 
@@ -358,13 +358,21 @@ class PV2TEA(nn.Module):
                 text_m = self._text_states(self.text_encoder_m, batch, rows)  # (B_img, T, H)
                 text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
             valid = self.queue.valid()
+            bank = [self.queue.image[valid], self.queue.text[valid], self.queue.ids[valid]]
+            momentum = {"image": image_feat_m, "text": text_feat_m, "ids": batch.pair_id[rows]}
+            if world_size() > 1:  # the other ranks' rows of this step are in-batch rows too (momentum.py)
+                bank = [torch.cat([gather_others(momentum[k].to(q.dtype)), q])
+                        for k, q in zip(("image", "text", "ids"), bank)]
             sc = label_smoothed_contrastive(
-                image_feat, text_feat, image_feat_m, text_feat_m, batch.pair_id[rows],
-                self.queue.image[valid], self.queue.text[valid], self.queue.ids[valid],
+                image_feat, text_feat, image_feat_m, text_feat_m, batch.pair_id[rows], *bank,
                 alpha=s.alpha, temperature=s.temperature)
             terms["loss_sc"] = sc["loss_sc"]
             total = total + cfg.loss.weight_sc * terms["loss_sc"]
-            momentum = {"image": image_feat_m, "text": text_feat_m, "ids": batch.pair_id[rows]}
+        elif self.uses_contrast and world_size() > 1:  # no image row here: still take part in the other ranks' gather
+            empty = self.queue.image.new_zeros((0, self.queue.image.shape[1]))
+            momentum = {"image": empty, "text": empty, "ids": self.queue.ids.new_zeros((0,))}
+            for key in ("image", "text", "ids"):
+                gather_others(momentum[key])
         return PV2TEAOutput(loss=total, terms=terms, per_sample_gen=per_sample.detach(), momentum=momentum)
 
     def _matching_loss(self, enc: Encoded, batch: Batch) -> torch.Tensor | None:

