@@ -121,7 +121,7 @@ def train(
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip bad rows and count them in the run report.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Train PV2TEA on weakly labelled products."""
+    """Train PV2TEA on weakly labelled products (on several processes under torchrun or accelerate launch)."""
     _quiet_libraries()
     from pv2tea.config import load_config, upgrade_saved
     from pv2tea.train.loop import train as run_training
@@ -145,6 +145,8 @@ def train(
                               progress=progress, data_report=_data_report(*results))
     except _expected_errors() as exc:
         _fail(str(exc))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: rank 0 reports
+        return
     console.print(f"trained in {result.seconds:.0f} s; model: {result.final_dir}")
     if result.val_report:
         from pv2tea.eval.report import format_report_table
