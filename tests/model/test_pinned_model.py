@@ -6,20 +6,17 @@ cross-entropy, a hand-built next-token table) rather than checking shapes.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from transformers import BertLMHeadModel
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from conftest import tiny_overrides
+from markov_decoder import install_markov_decoder
 from pv2tea.config import load_config
 from pv2tea.data.schema import Record
 from pv2tea.inference.predictor import build_for_training, generate_values
-from pv2tea.models.copy_decoder import CopyDecoder
 
 CATEGORIES = ["mug", "shirt"]
 
@@ -160,45 +157,11 @@ def test_freeze_bn_keeps_the_batch_norm_statistics(tiny_text_ckpt, recs, freeze_
 
 
 # ------------------------------------------------------------------------------------- decoding
-def _markov_forward(tokenizer):
-    """A decoder forward with a known next-token table, so greedy and beam search have known, different answers.
-
-    [CLS] → red .6 | blue .4;  red → green .55 | white .45;  blue → dark ≈1;  green/white/dark → [SEP].
-    Greedy: "red green" (p .33). Beam search (2 beams): "blue dark" (p .396).
-    """
-    ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("red", "blue", "green", "white", "dark")}
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    table = {cls: {ids["red"]: 0.6, ids["blue"]: 0.4}, ids["red"]: {ids["green"]: 0.55, ids["white"]: 0.45},
-             ids["blue"]: {ids["dark"]: 1.0}, ids["green"]: {sep: 1.0}, ids["white"]: {sep: 1.0},
-             ids["dark"]: {sep: 1.0}}
-
-    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                copy_states=None, copy_ids=None, copy_mask=None, **kwargs):
-        b, n = input_ids.shape
-        logits = torch.full((b, n, self.config.vocab_size), -1e4)
-        for i in range(b):
-            for t in range(n):
-                for token, p in table.get(int(input_ids[i, t]), {sep: 1.0}).items():
-                    logits[i, t, token] = math.log(p)
-        return CausalLMOutputWithCrossAttentions(logits=logits)
-
-    return forward
-
-
-@pytest.fixture
-def markov_decoder(monkeypatch):
-    def install(tokenizer):
-        forward = _markov_forward(tokenizer)
-        monkeypatch.setattr(BertLMHeadModel, "forward", forward)
-        monkeypatch.setattr(CopyDecoder, "forward", forward)
-    return install
-
-
-def test_greedy_and_beam_search_find_their_known_answers(tiny_text_ckpt, recs, markov_decoder):
+def test_greedy_and_beam_search_find_their_known_answers(tiny_text_ckpt, recs, monkeypatch):
     model, pre = _build(tiny_text_ckpt)
     model.eval()
     tok = pre.tokenizer
-    markov_decoder(tok)
+    install_markov_decoder(monkeypatch, tok)  # greedy: red green; 2 beams: blue dark
     batch = pre.collate(recs[:2], [0, 1], [0, 1], with_answers=False)
     greedy = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, num_beams=1)
     beam = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, num_beams=2)
