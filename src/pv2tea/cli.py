@@ -105,6 +105,26 @@ def _load_extractor(path: Path | None):
     return load_extractor(path)
 
 
+def _load_calibration(path: Path | None, model: Path, extractor: Path | None):
+    """A calibration file for predict/serve; it needs the extractor, and a warning when it was made for another
+    model."""
+    if path is None:
+        return None
+    if extractor is None:
+        raise ValueError("--calibration weighs the model against a text extractor: it needs --extractor (and "
+                         "--candidates)")
+    from pv2tea.inference.calibration import load_calibration
+    from pv2tea.train.checkpoint import warm_start_fingerprint
+
+    calibration = load_calibration(path)
+    made_for = calibration.meta.get("model_sha256")
+    if made_for and made_for != warm_start_fingerprint(model):
+        console.print(f"[yellow]warning:[/] {escape(str(path))} was calibrated for another model "
+                      f"({escape(str(calibration.meta.get('model')))}); run pv2tea calibrate for {escape(str(model))}",
+                      highlight=False)
+    return calibration
+
+
 def _data_report(*results) -> dict:
     return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
                      "skipped": [str(e) for e in r.skipped], "warnings": r.warnings} for r in results}
@@ -208,6 +228,7 @@ def predict(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.")] = False,
     extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor (pv2tea weak-label ... --save DIR): rank each row's candidates by the model's likelihood times the extractor's probability (needs --candidates).")] = None,
     extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion (0: the model alone).")] = 1.0,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).")] = None,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
     _quiet_libraries()
@@ -217,6 +238,7 @@ def predict(
 
     try:
         check_fusion(candidates, extractor)
+        calib = _load_calibration(calibration, model, extractor)
         text_extractor = _load_extractor(extractor)
         dataset = _load(data, skip_invalid, require_label=False)
         if keep_grounded and not any(r.label for r in dataset.records):
@@ -225,7 +247,8 @@ def predict(
         result = predict_to_file(Predictor.from_checkpoint(model), dataset.records, out, batch_size=batch_size,
                                  num_beams=num_beams, candidates=_read_candidates(candidates),
                                  keep_grounded=keep_grounded, chunk_size=chunk_size, resume=resume,
-                                 extractor=text_extractor, extractor_weight=extractor_weight)
+                                 extractor=text_extractor, extractor_weight=extractor_weight,
+                                 calibration=calib)
     except _expected_errors() as exc:
         _fail(str(exc))
     console.print(f"{result.written + result.resumed} prediction(s) written to {out}"
@@ -256,6 +279,7 @@ def serve(
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File holding an API key that /predict and /metrics require (or set PV2TEA_API_KEY); /health and /ready stay open.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level (warning: no access log).")] = "info",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).")] = None,
     extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).")] = None,
     extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")] = 1.0,
 ) -> None:
@@ -269,8 +293,15 @@ def serve(
     from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
+    import signal
+    import threading
+
+    import torch
+
     from pv2tea.serve.limits import Limits
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     if image_root is not None and not image_root.is_dir():
         _fail(f"--image-root {image_root}: not a folder")
     api_key = os.environ.get("PV2TEA_API_KEY") or None
@@ -296,8 +327,19 @@ def serve(
         _fail(str(exc))
     console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health /ready /metrics, docs at "
                   f"/docs){'; API key required' if api_key else ''}", highlight=False)
-    uvicorn.run(app_, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=int(request_timeout) + 5)
+    # uvicorn answers SIGTERM by finishing the requests in flight and closing the socket, then raises the signal
+    # again to exit; a handler of ours takes that second one, so a graceful stop exits 0
+    stopped: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(sig)) if main_thread else None
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=int(request_timeout) + 5)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        console.print("SIGTERM: the requests in flight were answered; stopped", highlight=False)
 
 
 @data_app.command("synth")
@@ -502,6 +544,73 @@ def weak_label_cmd(
         _fail(str(exc))
 
 
+def _parse_grid(grid: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in grid.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--grid must be comma-separated numbers in [0, 1], got {grid!r}") from None
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder (a run's final/).")],
+    extractor: Annotated[Path, typer.Option("--extractor", help="The saved text extractor the model is deployed next to (pv2tea weak-label ... --save DIR).")],
+    data: Annotated[Path, typer.Option("--data", help="A gold sample: products with 'gold' values the model did not train on (a few hundred rows).")],
+    candidates: Annotated[Path, typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: the closed value lists ranked.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the calibration (JSON); pass it to predict --calibration.")] = Path("calibration.json"),
+    z: Annotated[float, typer.Option(min=0.0, help="Guard: keep the model's share on an attribute only when (fixed - broke) >= z * sqrt(fixed + broke) on the sample.")] = 1.0,
+    min_rows: Annotated[int, typer.Option(min=1, help="Attributes with fewer sample rows take the share chosen on the whole sample.")] = 20,
+    grid: Annotated[str, typer.Option(help="Model shares tried (0: the extractor alone, 1: the model alone).")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+) -> None:
+    """Per attribute, how far to trust the model against the extractor, from a small gold sample; where the model
+    does not beat the extractor beyond noise, the extractor's answer is kept."""
+    _quiet_libraries()
+    from rich.table import Table
+
+    from pv2tea.inference.calibration import CalibrationConfig, fit_calibration, scored_rows, today
+    from pv2tea.inference.predictor import Predictor
+    from pv2tea.train.checkpoint import warm_start_fingerprint
+
+    try:
+        config = CalibrationConfig(grid=_parse_grid(grid), z=z, min_rows=min_rows)
+        dataset = _load(data, skip_invalid, require_label=False)
+        records = dataset.records
+        _require_gold(data, records, "calibration compares the answers with gold values")
+        cands = _read_candidates(candidates)
+        text_extractor = _load_extractor(extractor)
+        predictor = Predictor.from_checkpoint(model)
+        scores = predictor.candidate_log_probs(records, cands, batch_size)
+        rows, left_out = scored_rows(records, scores, text_extractor.value_probabilities(records))
+        if left_out:
+            attrs = sorted({records[i].attribute for i in left_out})
+            console.print(f"[yellow]warning:[/] {len(left_out)} row(s) of {escape(str(data))} have no candidate "
+                          f"list in {escape(str(candidates))} and are not used (attributes: "
+                          f"{escape(', '.join(attrs[:5]))}{' …' if len(attrs) > 5 else ''}); they keep the model's "
+                          "free answer at prediction", highlight=False)
+        calibration = fit_calibration(rows, config, meta={
+            "created": today(), "model": str(model), "model_sha256": warm_start_fingerprint(model),
+            "extractor": str(extractor), "sample": str(data), "sample_rows": len(rows),
+            "rows_without_candidates": len(left_out), "skipped_rows": dataset.n_skipped})
+        calibration.save(out)
+    except _expected_errors() as exc:
+        _fail(str(exc))
+    table = Table(title=f"calibration on {len(rows)} gold row(s) of {data}", show_edge=False)
+    for col in ("attribute", "rows", "extractor acc", "best λ", "fused acc", "fixed", "broke", "λ deployed"):
+        table.add_column(col, justify="left" if col == "attribute" else "right")
+    for name, c in [*sorted(calibration.attributes.items()), ("(whole sample)", calibration.pooled)]:
+        acc = (lambda k: f"{100.0 * k / c.rows:.1f}") if c.rows else (lambda k: "–")
+        deployed = f"{c.model_weight:g}" + (" (pooled)" if c.source == "pooled" and name != "(whole sample)" else "")
+        if c.best_weight > 0 and not c.accepted:
+            deployed += " (guard)"
+        table.add_row(name, str(c.rows), acc(c.extractor_correct), f"{c.best_weight:g}", acc(c.fused_correct),
+                      str(c.fixed), str(c.broke), deployed)
+    out_console.print(table)
+    console.print(f"calibration written to {out}: λ is the model's share (0: the extractor's answer is kept); use it "
+                  f"with pv2tea predict --extractor {extractor} --candidates {candidates} --calibration {out}")
+
+
 @app.command()
 def experiment(
     train_file: Annotated[Path, typer.Option("--train", help="Training data with weak labels.")],
@@ -589,6 +698,39 @@ def bench_implicitave(
         _fail(str(exc))
     out_console.print((out / "tables.md").read_text(), highlight=False)
     print(json.dumps(headline(results)))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A trained model folder (RUN/final).")],
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients of the loaded phase.")] = 32,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Duration of the loaded phase.")] = 60.0,
+    quick: Annotated[bool, typer.Option("--quick", help="A few seconds per phase (smoke test).")] = False,
+    max_requests: Annotated[int, typer.Option("--max-requests", min=1, help="Request budget of the loaded phase.")] = 100_000,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset file whose rows are sent (default: a small synthetic catalog).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="The batched server's --max-batch.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="The batched server's --max-wait-ms.")] = 5.0,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads of each server.")] = 1,
+) -> None:
+    """The HTTP service under load: micro-batching with N clients vs one request at a time, on loopback.
+
+    Mixes valid requests with malformed and oversized ones. The last line printed is a JSON object
+    {"serve": {"clients", "requests", "status_counts", "server_errors", "p50_ms", "p99_ms", "rows_per_s",
+    "rows_per_s_one_at_a_time", "speedup", "rss_growth"}}.
+    """
+    _quiet_libraries()
+    from pv2tea.serve.bench import ServeBenchConfig, format_table, run_serve_bench
+
+    try:
+        cfg = ServeBenchConfig(model=model, clients=clients, seconds=5.0 if quick else seconds,
+                               baseline_seconds=3.0 if quick else min(20.0, max(seconds / 3, 3.0)),
+                               max_requests=max_requests, data=data, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                               threads=threads)
+        result = run_serve_bench(cfg, log=lambda m: console.print(m, highlight=False))
+    except (RuntimeError, *_expected_errors()) as exc:
+        _fail(str(exc))
+    out_console.print(format_table(result), highlight=False)
+    print(json.dumps({"serve": result["serve"]}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
 from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
@@ -196,11 +197,17 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         start = _text_pretrain(text_rows, domain_dir / "text_pretrain", cfg, overrides, log)
         overrides.append(f"train.init_from={start}")
     reports: dict[str, list[dict[str, Any]]] = {}
+    # per (model, seed): each fold's held-out rows scored by that fold's model and the extractor, for the calibrated
+    # rows (cross-fitted over the folds once all have run)
+    scored: dict[tuple[str, int], list[FoldRows]] = {}
+    tests: list[list[Record]] = []
     for fold in fold_ids:
         held = set(folds[fold])
         test = [weak[i] for i in sorted(held)]
         train_weak = [weak[i] for i in range(len(weak)) if i not in held]
         fold_dir = domain_dir / f"fold_{fold}"
+        tests.append(test)
+        priors = extractor.value_probabilities(test) if candidates else None
         preds = [extracted[r.id] for r in test]
         report = source_aware_report(gold_examples(test, preds, multi))
         report["constrained"] = source_aware_report(gold_examples(test, constrain_to_candidates(preds, test, candidates), multi))
@@ -208,8 +215,10 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         if cfg.text_pretrain:  # the warm start alone: what the fold's training on weak labels adds to it
             reports.setdefault("text_pretrain", []).append(
                 _score_warm_start(start, test, candidates, multi, fold_dir / "text_pretrain" / "test_report.json"))
+            if candidates and priors is not None:
+                scored.setdefault(("text_pretrain", 0), []).append(
+                    fold_scored_rows(start, test, candidates, priors, fold_dir / "text_pretrain" / SCORES_FILE))
         split = Split(train=train_weak + extra, val=[], test=test)
-        priors = extractor.value_probabilities(test) if candidates else None
         for name in cfg.variants:
             for seed in cfg.seeds:
                 result = run_variant(name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates,
@@ -223,6 +232,10 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                                                                              "constrained": result["fused"]})
                 if result.get(NO_IMAGES_KEY):  # the same model, the test images withheld: what the image adds
                     reports.setdefault(f"{name}{NO_IMAGES_SUFFIX}", []).append(result[NO_IMAGES_KEY])
+                run_final = fold_dir / name / f"seed_{seed}" / "final"
+                if candidates and priors is not None and (run_final / "model.safetensors").is_file():
+                    scored.setdefault((name, seed), []).append(
+                        fold_scored_rows(run_final, test, candidates, priors, run_final.parent / SCORES_FILE))
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
             gold_train = gold_labelled(train_weak)
@@ -232,11 +245,36 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                                      candidates=candidates, run_name="pv2tea_gold")
                 reports.setdefault("pv2tea_gold", []).append(result)
                 log(f"{domain} fold {fold} pv2tea_gold seed {seed}: F1 {_fmt(result)}")
+    details = _add_calibrated(reports, scored, tests, multi, candidates, cfg)
     summaries = {name: summarize_runs(runs) for name, runs in reports.items()}
+    for name, detail in details.items():
+        summaries[name]["calibration"] = detail
     add_fold_ttests(summaries, reports, len(fold_ids))
     return summaries
 
 
+def _add_calibrated(reports: dict[str, list[dict[str, Any]]], scored: dict[tuple[str, int], list[FoldRows]],
+                    tests: list[list[Record]], multi: dict[str, bool], candidates: dict | None,
+                    cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """``<model>+calibrated`` rows in ``reports`` (fold-major, seeds inner, as the other rows), in place: each
+    fold's model next to the extractor with per-attribute shares calibrated on the other folds' held-out gold
+    (:mod:`pv2tea.bench.calibrated`); needs candidate lists and at least two folds. Returns each row's details
+    (chosen shares, the F1 by calibration sample size and by guard; the first seed's)."""
+    details: dict[str, dict[str, Any]] = {}
+    if not candidates or len(tests) < 2:
+        return details
+    for name in dict.fromkeys(n for n, _ in scored):
+        seeds = [s for n, s in scored if n == name]
+        if any(len(scored[(name, s)]) != len(tests) for s in seeds):
+            continue  # a fold without a final model (cannot happen after a finished run)
+        per_seed = {s: calibrated_reports(scored[(name, s)], tests, multi, candidates) for s in seeds}
+        row = f"{name}{CALIBRATED_SUFFIX}"
+        reports[row] = [per_seed[s][0][fold] for fold in range(len(tests)) for s in seeds]
+        details[row] = per_seed[seeds[0]][1]
+    return details
+
+
+CALIBRATED_SUFFIX = "+calibrated"  # a model next to the extractor, weighted per attribute on other folds' gold
 SIGNIFICANCE_REFERENCES = ("text_extractor", "pv2tea")  # every variant is t-tested against these
 
 
@@ -339,6 +377,26 @@ def format_tables(results: dict[str, Any]) -> str:
                 net = "–" if not d["n"] else f"{100.0 * d['net'] / d['n']:+.1f}"
                 lines.append(f"| {name} | {d['n']} | {d['changed']} | {d['fixed']} | {d['broke']} | {d['neither']} "
                              f"| {net} | {rate} | {either} |")
+        calibrated = {name: s["calibration"] for name, s in variants.items() if "calibration" in s}
+        if calibrated:
+            sizes = list(next(iter(calibrated.values()))["sample_size_f1"])
+            zs = list(next(iter(calibrated.values()))["guard_z_f1"])
+            lines += ["", "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
+                      "λ per attribute fitted on the other folds' held-out gold rows (`pv2tea calibrate`; λ = 0 keeps "
+                      "the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
+                      "from that pool, mean over folds × draws) and by the guard's z (the whole pool):", "",
+                      "| row | " + " | ".join(f"n = {n}" for n in sizes) + " | "
+                      + " | ".join(f"z = {z}" for z in zs) + " |",
+                      "| --- |" + " --- |" * (len(sizes) + len(zs))]
+            for name, c in calibrated.items():
+                lines.append(f"| {name} | " + " | ".join(f"{c['sample_size_f1'][n]:.1f}" for n in sizes) + " | "
+                             + " | ".join(f"{c['guard_z_f1'][z]:.1f}" for z in zs) + " |")
+            lines += ["", "λ deployed per attribute and fold (0: the extractor's answer):", "",
+                      "| row | attribute | λ per fold |", "| --- | --- | --- |"]
+            for name, c in calibrated.items():
+                for attribute, weights in c["model_weight"].items():
+                    lines.append(f"| {name} | {attribute} | "
+                                 + ", ".join("–" if w is None else f"{w:g}" for w in weights) + " |")
         attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
         names = list(variants)
         lines += ["", "Per attribute, F1 ranked among options:", "",

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pv2tea.data.schema import Record
 from pv2tea.inference import fusion
+from pv2tea.inference.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
 
 if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
@@ -58,11 +59,13 @@ def _read_partial(path: Path) -> dict[str, dict[str, Any]]:
 def predict_to_file(predictor: Predictor, records: Sequence[Record], out: str | Path, *, batch_size: int = 32,
                     num_beams: int | None = None, candidates: Mapping | None = None, keep_grounded: bool = False,
                     chunk_size: int = 4096, resume: bool = False, progress: bool = True,
-                    extractor: TextExtractor | None = None, extractor_weight: float = 1.0) -> BatchResult:
+                    extractor: TextExtractor | None = None, extractor_weight: float = 1.0,
+                    calibration: Calibration | None = None) -> BatchResult:
     """Predict every record into ``out`` (JSON Lines, rows of :func:`prediction_rows`), chunk by chunk.
 
     With ``extractor`` (and ``candidates``) each chunk's candidate ranking is fused with the extractor's class
-    probabilities (:mod:`pv2tea.inference.fusion`).
+    probabilities (:mod:`pv2tea.inference.fusion`), each attribute weighted by its ``calibration`` when given
+    (:mod:`pv2tea.inference.calibration`).
 
     Raises:
         ValueError: ``OUT.partial`` exists (an interrupted run) and ``resume`` is false, or it holds ids that
@@ -92,7 +95,7 @@ def predict_to_file(predictor: Predictor, records: Sequence[Record], out: str | 
             chunk = todo[start:start + chunk_size]
             priors = extractor.value_probabilities(chunk) if extractor is not None else None
             preds = predictor.predict(chunk, batch_size, num_beams, candidates=candidates, priors=priors,
-                                      prior_weight=extractor_weight)
+                                      prior_weight=extractor_weight, calibration=calibration)
             rows = prediction_rows(chunk, preds, keep_grounded)
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()

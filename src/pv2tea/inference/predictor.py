@@ -15,6 +15,7 @@ from pv2tea.data.dataset import Preprocessor, RecordDataset, candidate_lookup, m
 from pv2tea.data.schema import Record
 from pv2tea.eval.normalize import drop_attribute_name, normalize_value
 from pv2tea.inference import fusion
+from pv2tea.inference.calibration import Calibration, ScoredRow, fused_pick
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.models.text import load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.vision import data_config
@@ -92,24 +93,76 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
         picks = model.classify(batch, allowed, bias if any(p is not None for p in priors) else None)
         return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None
                 for i, p in enumerate(picks)]
+    out: list[list[str] | None] = []
+    for cands, scores, prior in zip(lists, _decoder_candidate_scores(model, pre, batch, lists), priors):
+        if scores is None:
+            out.append(None)
+            continue
+        if prior is not None:
+            scores = fusion.fuse_scores(scores, fusion.prior_log_probs(cands, prior), prior_weight)
+        out.append([cands[int(np.argmax(scores))]])
+    return out
+
+
+def _decoder_candidate_scores(model: PV2TEA, pre: Preprocessor, batch,
+                              lists: Sequence[list[str] | None]) -> list[np.ndarray | None]:
+    """Per row: the decoder's sequence log-likelihood of each of its candidates (None: no candidate list)."""
     rows = [i for i, c in enumerate(lists) for _ in (c or [])]
     texts = [c for cands in lists for c in (cands or [])]
     if not texts:
-        return [None] * len(records)
+        return [None] * len(lists)
     enc = pre.tokenizer(texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens,
                         return_tensors="pt")
-    scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"]).tolist()
-    out: list[list[str] | None] = []
+    scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"]).numpy()
+    out: list[np.ndarray | None] = []
     start = 0
-    for i, cands in enumerate(lists):
+    for cands in lists:
         if not cands:
             out.append(None)
             continue
-        row_scores = np.array(scores[start:start + len(cands)])  # (C,)
+        out.append(scores[start:start + len(cands)].astype(np.float64))  # (C,)
         start += len(cands)
-        if priors[i] is not None:
-            row_scores = fusion.fuse_scores(row_scores, fusion.prior_log_probs(cands, priors[i]), prior_weight)
-        out.append([cands[int(np.argmax(row_scores))]])
+    return out
+
+
+UNKNOWN_CLASS_LOGIT = -1e4  # a candidate the classification head has no class for (never preferred to a known one)
+
+
+@torch.no_grad()
+def candidate_log_probs(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record],
+                        candidates: Mapping) -> list[tuple[list[str], np.ndarray] | None]:
+    """Per row: its candidate list and the model's log-probabilities over it, renormalized over the list (None: the
+    row has no candidate list). The generative decoder scores each candidate's sequence likelihood; the
+    classification head its class probability (a candidate it has no class for gets a negligible one)."""
+    lists = [candidate_lookup(candidates, r) for r in records]
+    if model.decoder is not None:
+        raw = _decoder_candidate_scores(model, pre, batch, lists)
+    else:
+        log_probs = torch.log_softmax(model._value_logits(model.encode(batch), batch), dim=-1)  # (B, V)
+        raw = []
+        for i, (r, cands) in enumerate(zip(records, lists)):
+            if not cands:
+                raw.append(None)
+                continue
+            index = [pre.value_index.get((r.attribute, normalize_value(c))) for c in cands]
+            raw.append(np.array([float(log_probs[i, j]) if j is not None else UNKNOWN_CLASS_LOGIT for j in index]))
+    return [None if s is None else (list(c), fusion.log_normalize(s)) for c, s in zip(lists, raw)]
+
+
+def _rank_calibrated(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record], candidates: Mapping,
+                     priors: Sequence[Prior | None], calibration: Calibration) -> list[list[str] | None]:
+    """Per row: the candidate with the highest λ · log p_model + (1 − λ) · log q_extractor, λ the calibrated model
+    share of the row's attribute (:mod:`pv2tea.inference.calibration`); None: no candidate list."""
+    out: list[list[str] | None] = []
+    for r, scored, prior in zip(records, candidate_log_probs(model, pre, batch, records, candidates), priors):
+        if scored is None:
+            out.append(None)
+            continue
+        cands, model_lp = scored
+        weight = calibration.model_weight(r.attribute)
+        extractor_lp = fusion.prior_log_probs(cands, prior) if prior is not None else np.zeros(len(cands))
+        out.append([cands[fused_pick(ScoredRow(r.attribute, tuple(cands), model_lp, extractor_lp, frozenset()),
+                                     weight)]])
     return out
 
 
@@ -117,14 +170,19 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
 def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], batch_size: int,
                     num_beams: int | None = None, progress: bool = False, desc: str = "predict",
                     candidates: Mapping | None = None, priors: Sequence[Prior | None] | None = None,
-                    prior_weight: float = 1.0) -> list[list[str]]:
+                    prior_weight: float = 1.0, calibration: Calibration | None = None) -> list[list[str]]:
     """Extracted values for each record, in order (model left in its previous train/eval mode).
 
     Open generation by default; with ``candidates`` ({category: {attribute: [values]}} or
     {attribute: [values]}) rows that have a candidate list get the most likely candidate instead, and with
     ``priors`` (an extractor's class probabilities per record, :meth:`TextExtractor.value_probabilities`) the
-    candidate that is most likely under both, the extractor weighted by ``prior_weight``.
+    candidate that is most likely under both, the extractor weighted by ``prior_weight``. With ``calibration``
+    (:func:`pv2tea.inference.calibration.fit_calibration`, ``pv2tea calibrate``) each attribute's candidates are
+    ranked by λ · log p_model + (1 − λ) · log q_extractor with its calibrated λ instead (``prior_weight`` unused).
     """
+    if calibration is not None and (priors is None or not candidates):
+        raise ValueError("a calibration weighs the model against a text extractor over candidate lists: it needs "
+                         "--extractor and --candidates")
     if priors is not None:
         if len(priors) != len(records):
             raise ValueError(f"{len(priors)} priors for {len(records)} records")
@@ -147,8 +205,11 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
         else:
             values = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
         if candidates:
-            ranked = _rank_candidates(model, pre, batch, [dataset.records[i] for i in indices], candidates,
-                                      None if priors is None else [priors[i] for i in indices], prior_weight)
+            chunk = [dataset.records[i] for i in indices]
+            chunk_priors = None if priors is None else [priors[i] for i in indices]
+            ranked = (_rank_calibrated(model, pre, batch, chunk, candidates, chunk_priors, calibration)
+                      if calibration is not None and chunk_priors is not None
+                      else _rank_candidates(model, pre, batch, chunk, candidates, chunk_priors, prior_weight))
             values = [r if r is not None else v for r, v in zip(ranked, values)]
         out.extend(values)
     model.train(was_training)
@@ -184,9 +245,25 @@ class Predictor:
 
     def predict(self, records: Sequence[Record], batch_size: int = 16, num_beams: int | None = None,
                 progress: bool = False, candidates: Mapping | None = None,
-                priors: Sequence[Prior | None] | None = None, prior_weight: float = 1.0) -> list[list[str]]:
+                priors: Sequence[Prior | None] | None = None, prior_weight: float = 1.0,
+                calibration: Calibration | None = None) -> list[list[str]]:
         return generate_values(self.model, self.pre, records, batch_size, num_beams, progress,
-                               candidates=candidates, priors=priors, prior_weight=prior_weight)
+                               candidates=candidates, priors=priors, prior_weight=prior_weight,
+                               calibration=calibration)
+
+    @torch.no_grad()
+    def candidate_log_probs(self, records: Sequence[Record], candidates: Mapping,
+                            batch_size: int = 32) -> list[tuple[list[str], np.ndarray] | None]:
+        """Each record's candidate list and the model's log-probabilities over it (None: no list for the row);
+        what :mod:`pv2tea.inference.calibration` weighs against the extractor."""
+        dataset = RecordDataset(records)
+        collate = make_collate(self.pre, dataset, with_answers=False)
+        out: list[tuple[list[str], np.ndarray] | None] = []
+        for start in range(0, len(dataset), batch_size):
+            indices = list(range(start, min(start + batch_size, len(dataset))))
+            out.extend(candidate_log_probs(self.model, self.pre, collate(indices),
+                                           [dataset.records[i] for i in indices], candidates))
+        return out
 
     @torch.no_grad()
     def attention_masks(self, records: Sequence[Record]) -> list[torch.Tensor | None]:

@@ -1,0 +1,128 @@
+"""The benchmark's calibrated rows: each fold's model next to the extractor, weighted per attribute by a calibration
+fitted on the gold of the *other* folds' held-out products (cross-fitting; :mod:`pv2tea.inference.calibration`).
+
+A catalog team calibrates on a gold sample of products the model did not train on. In k-fold cross-validation the
+other folds' held-out rows are such a sample for fold k: each was scored by a model that did not train on it, and
+none is fold k's. How large the sample must be is measured by drawing smaller samples from the same pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pv2tea.data.schema import Record
+from pv2tea.eval.metrics import departures, source_aware_report
+from pv2tea.experiment import constrain_to_candidates, gold_examples
+from pv2tea.inference.calibration import (Calibration, CalibrationConfig, ScoredRow, fit_calibration, fused_pick,
+                                          scored_rows)
+from pv2tea.train.checkpoint import warm_start_fingerprint
+
+SCORES_FILE = "candidate_scores.json"
+SAMPLE_SIZES = (25, 50, 100, 200)  # gold rows drawn for the sample-size curve (besides the whole pool)
+SAMPLE_DRAWS = 5
+GUARD_Z = (0.0, 1.0, 1.645)  # the guard's sensitivity (the default is CalibrationConfig.z)
+
+FoldRows = list[ScoredRow | None]  # one entry per held-out record (None: no candidate list)
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping,
+                     priors: Sequence[Mapping[str, float]], cache: Path) -> FoldRows:
+    """The held-out records as scored rows of the model in ``final`` and the extractor (cached in ``cache``, keyed
+    by the model's weights, the records and the extractor's probabilities)."""
+    key = {"model_sha256": warm_start_fingerprint(final), "products_sha256": _sha([r.id for r in records]),
+           "priors_sha256": _sha([dict(p) for p in priors]), "candidates_sha256": _sha(candidates)}
+    stored = None
+    if cache.is_file():
+        try:
+            stored = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            stored = None  # damaged: scored again
+    if not (isinstance(stored, dict) and all(stored.get(k) == v for k, v in key.items())):
+        from pv2tea.inference.predictor import Predictor
+
+        predictor = Predictor.from_checkpoint(final)
+        scores = predictor.candidate_log_probs(records, candidates, predictor.model.cfg.train.eval_batch_size)
+        stored = {**key, "rows": [None if s is None else {"candidates": list(s[0]), "model": s[1].tolist()}
+                                  for s in scores]}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(stored, allow_nan=False))
+    scores = [None if row is None else (row["candidates"], np.array(row["model"])) for row in stored["rows"]]
+    rows, left_out = scored_rows(records, scores, priors)
+    out: FoldRows = [None] * len(records)
+    it = iter(rows)
+    skipped = set(left_out)
+    for i in range(len(records)):
+        if i not in skipped:
+            out[i] = next(it)
+    return out
+
+
+def _answers(rows: FoldRows, records: Sequence[Record], calibration: Calibration) -> list[list[str]]:
+    """Calibrated answers; a row without candidates keeps its weak label (the extractor's answer)."""
+    return [list(r.label) if row is None else [row.candidates[fused_pick(row, calibration.model_weight(row.attribute))]]
+            for row, r in zip(rows, records)]
+
+
+def _report(records: Sequence[Record], answers: list[list[str]], multi: dict[str, bool],
+            candidates: Mapping) -> dict[str, Any]:
+    examples = gold_examples(records, answers, multi)
+    report = source_aware_report(examples)
+    if any(r.label for r in records):
+        report["departures"] = departures(examples, constrain_to_candidates([r.label for r in records], records,
+                                                                            candidates))
+    return report
+
+
+def _pool(folds: Sequence[FoldRows], k: int) -> list[ScoredRow]:
+    return [row for j, rows in enumerate(folds) if j != k for row in rows if row is not None]
+
+
+def calibrated_reports(folds: Sequence[FoldRows], tests: Sequence[Sequence[Record]], multi: dict[str, bool],
+                       candidates: Mapping, config: CalibrationConfig | None = None
+                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per fold, the report of the calibrated answers (calibration fitted on the other folds' rows), and what the
+    calibrations chose and how the result moves with the sample size and the guard (``details``)."""
+    config = config or CalibrationConfig()
+    reports, chosen = [], []
+    for k, (rows, test) in enumerate(zip(folds, tests)):
+        calibration = fit_calibration(_pool(folds, k), config)
+        report = _report(test, _answers(rows, test, calibration), multi, candidates)
+        report["calibration"] = calibration.to_json()
+        reports.append(report)
+        chosen.append(calibration)
+
+    def f1_with(k: int, sample: list[ScoredRow], cfg: CalibrationConfig) -> float:
+        calibration = fit_calibration(sample, cfg)
+        return source_aware_report(gold_examples(tests[k], _answers(folds[k], tests[k], calibration),
+                                                 multi))["overall"]["f1"]
+
+    curve: dict[str, float] = {}
+    for n in SAMPLE_SIZES:
+        scores = []
+        for k in range(len(folds)):
+            pool = _pool(folds, k)
+            if n >= len(pool):
+                continue
+            for draw in range(SAMPLE_DRAWS):
+                pick = np.random.default_rng(draw).choice(len(pool), size=n, replace=False)
+                scores.append(f1_with(k, [pool[i] for i in sorted(pick)], config))
+        if scores:
+            curve[str(n)] = float(np.mean(scores))
+    curve["all"] = float(np.mean([r["overall"]["f1"] for r in reports]))
+    guard = {f"{z:g}": float(np.mean([f1_with(k, _pool(folds, k), CalibrationConfig(config.grid, z, config.min_rows))
+                                      for k in range(len(folds))])) for z in GUARD_Z}
+    attributes = sorted({a for c in chosen for a in c.attributes})
+    lambdas = {a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes}
+    pool_sizes = [len(_pool(folds, k)) for k in range(len(folds))]
+    return reports, {"sample_size_f1": curve, "guard_z_f1": guard, "model_weight": lambdas,
+                     "pool_rows": pool_sizes, "z": config.z, "min_rows": config.min_rows,
+                     "draws": SAMPLE_DRAWS}

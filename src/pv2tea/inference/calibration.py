@@ -1,0 +1,260 @@
+"""How far to trust the model against the extractor, per attribute, from a small gold sample — with a guard.
+
+Late fusion (:mod:`pv2tea.inference.fusion`) ranks a row's candidate values C by the model and the text extractor
+together. How much the model should weigh differs by attribute: on some it reads what the extractor cannot (a value
+only the image shows), on others it is worse than the extractor it learned from. Calibration picks, per attribute,
+the model's share λ in
+
+    score(c) = λ · log p_model(c | C) + (1 − λ) · log q_extractor(c | C)
+
+(both renormalized over C; λ = 0 is the extractor alone, λ = 1 the model alone) from a grid, by how many rows of a
+gold sample it answers right, and keeps a λ > 0 only where the gain over the extractor is beyond noise. With
+``fixed`` sample rows right under λ and wrong under the extractor and ``broke`` the reverse, λ is kept when
+
+    fixed − broke ≥ z · √(fixed + broke)
+
+(a sign test on the discordant rows, as in McNemar's test; z = 1 by default). Otherwise λ = 0: on that attribute
+the deployed answer is the extractor's, so the deployed system is never below the extractor beyond the noise of
+the sample. Ties between grid values go to the smaller λ (closer to the extractor). Attributes with fewer than
+``min_rows`` sample rows, and attributes the sample does not hold, share one λ chosen the same way on the whole
+sample (``pooled``).
+
+Selection counts right rows (accuracy) rather than macro-F1 over values: per-row outcomes are what a paired test
+can judge, and macro-F1 over a few dozen rows per attribute moves by whole points with one row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pv2tea.eval.normalize import normalize_value
+
+FORMAT = "pv2tea-calibration"
+FORMAT_VERSION = 1
+DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class CalibrationError(ValueError):
+    """A calibration file or sample that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration chooses.
+
+    Attributes:
+        grid: the model shares λ tried (each in [0, 1]; 0 is always tried: the extractor alone).
+        z: the guard's threshold in standard errors of the discordant-row sign test (0: keep any gain).
+        min_rows: an attribute with fewer sample rows takes the pooled λ.
+    """
+
+    grid: tuple[float, ...] = DEFAULT_GRID
+    z: float = 1.0
+    min_rows: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.grid or any(not (0.0 <= g <= 1.0) or not math.isfinite(g) for g in self.grid):
+            raise ValueError(f"calibration grid values must lie in [0, 1], got {list(self.grid)}")
+        if not math.isfinite(self.z) or self.z < 0:
+            raise ValueError(f"calibration z must be a finite number >= 0, got {self.z}")
+        if self.min_rows < 1:
+            raise ValueError(f"calibration min_rows must be >= 1, got {self.min_rows}")
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """One gold-labelled row: its candidates, the model's and the extractor's log-probabilities over them."""
+
+    attribute: str
+    candidates: tuple[str, ...]
+    model: np.ndarray  # (C,) log p_model(c | C)
+    extractor: np.ndarray  # (C,) log q_extractor(c | C)
+    gold: frozenset[str]  # normalized gold values
+
+    def __post_init__(self) -> None:
+        n = len(self.candidates)
+        if n == 0 or len(self.model) != n or len(self.extractor) != n:
+            raise ValueError(f"a scored row needs one model and one extractor score per candidate: {n} candidates, "
+                             f"{len(self.model)} model and {len(self.extractor)} extractor scores")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The λ chosen for one attribute (or the pooled sample) and the sample evidence behind it."""
+
+    model_weight: float  # λ deployed (0 when the guard refused the best λ)
+    best_weight: float  # the best λ on the sample, before the guard
+    rows: int
+    extractor_correct: int
+    fused_correct: int  # at best_weight
+    fixed: int
+    broke: int
+    accepted: bool  # best_weight > 0 and it passed the guard
+    source: str = "attribute"  # "attribute", or "pooled" when the attribute took the pooled λ
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-attribute model shares λ for late fusion; attributes not listed take ``pooled``."""
+
+    pooled: Choice
+    attributes: Mapping[str, Choice]
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_weight(self, attribute: str) -> float:
+        choice = self.attributes.get(attribute)
+        return (choice if choice is not None else self.pooled).model_weight
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, **dict(self.meta),
+                "config": {"grid": list(self.config.grid), "z": self.config.z, "min_rows": self.config.min_rows},
+                "pooled": self.pooled.to_json(),
+                "attributes": {a: c.to_json() for a, c in sorted(self.attributes.items())}}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False))
+        tmp.replace(path)
+        return path
+
+
+def fused_pick(row: ScoredRow, model_weight: float) -> int:
+    """Index of the candidate with the highest λ · log p_model + (1 − λ) · log q_extractor (first on ties)."""
+    scores = model_weight * row.model + (1.0 - model_weight) * row.extractor
+    return int(np.argmax(scores))
+
+
+def _correct(rows: Sequence[ScoredRow], model_weight: float) -> np.ndarray:
+    return np.array([normalize_value(r.candidates[fused_pick(r, model_weight)]) in r.gold for r in rows], dtype=bool)
+
+
+def passes_guard(fixed: int, broke: int, z: float) -> bool:
+    """A gain over the extractor beyond noise: fixed − broke ≥ z · √(fixed + broke), and strictly positive."""
+    gain = fixed - broke
+    return gain > 0 and gain >= z * math.sqrt(fixed + broke)
+
+
+def choose(rows: Sequence[ScoredRow], config: CalibrationConfig, source: str = "attribute") -> Choice:
+    """The guarded λ for ``rows`` (see the module docstring)."""
+    if not rows:
+        return Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, source)
+    base = _correct(rows, 0.0)
+    best_w, best = 0.0, base
+    for w in sorted(set(config.grid) | {0.0}):
+        hits = base if w == 0.0 else _correct(rows, w)
+        if hits.sum() > best.sum():  # strictly better: ties stay with the smaller λ
+            best_w, best = w, hits
+    fixed = int((best & ~base).sum())
+    broke = int((base & ~best).sum())
+    accepted = best_w > 0 and passes_guard(fixed, broke, config.z)
+    return Choice(best_w if accepted else 0.0, best_w, len(rows), int(base.sum()), int(best.sum()), fixed, broke,
+                  accepted, source)
+
+
+def fit_calibration(rows: Sequence[ScoredRow], config: CalibrationConfig | None = None,
+                    meta: Mapping[str, Any] | None = None) -> Calibration:
+    """Per-attribute guarded λ from a gold sample; small attributes take the pooled choice."""
+    config = config or CalibrationConfig()
+    if not rows:
+        raise CalibrationError("calibration needs at least one gold row with a candidate list")
+    pooled = choose(rows, config, source="pooled")
+    by_attribute: dict[str, list[ScoredRow]] = {}
+    for r in rows:
+        by_attribute.setdefault(r.attribute, []).append(r)
+    attributes = {}
+    for attribute, group in by_attribute.items():
+        if len(group) >= config.min_rows:
+            attributes[attribute] = choose(group, config)
+        else:  # too few rows to judge alone: the pooled λ, with this attribute's own counts under it
+            base, fused = _correct(group, 0.0), _correct(group, pooled.model_weight)
+            attributes[attribute] = Choice(pooled.model_weight, pooled.model_weight, len(group), int(base.sum()),
+                                           int(fused.sum()), int((fused & ~base).sum()), int((base & ~fused).sum()),
+                                           pooled.accepted, "pooled")
+    return Calibration(pooled, attributes, config, dict(meta or {}))
+
+
+def apply_calibration(rows: Sequence[ScoredRow], calibration: Calibration) -> list[str]:
+    """The deployed answer of each row (its candidate with the highest calibrated fused score)."""
+    return [r.candidates[fused_pick(r, calibration.model_weight(r.attribute))] for r in rows]
+
+
+def scored_rows(records: Sequence[Any], model_scores: Sequence[tuple[Sequence[str], np.ndarray] | None],
+                priors: Sequence[Mapping[str, float]]) -> tuple[list[ScoredRow], list[int]]:
+    """The records as :class:`ScoredRow` (their ``gold`` normalized; the extractor's ``priors`` renormalized over each
+    row's candidates, :func:`pv2tea.inference.fusion.prior_log_probs`), from the model's candidate log-probabilities
+    (:meth:`pv2tea.inference.predictor.Predictor.candidate_log_probs`). Returns (rows, indices of the records left
+    out: no candidate list for their attribute)."""
+    from pv2tea.inference.fusion import prior_log_probs
+
+    if not len(records) == len(model_scores) == len(priors):
+        raise ValueError(f"{len(records)} records, {len(model_scores)} model scores and {len(priors)} priors")
+    rows, skipped = [], []
+    for i, (record, scored, prior) in enumerate(zip(records, model_scores, priors)):
+        if scored is None:
+            skipped.append(i)
+            continue
+        cands, model_lp = scored
+        rows.append(ScoredRow(record.attribute, tuple(cands), np.asarray(model_lp, dtype=np.float64),
+                              prior_log_probs(cands, prior),
+                              frozenset(normalize_value(g) for g in (record.gold or ()))))
+    return rows, skipped
+
+
+def _choice_from_json(data: Any, where: str) -> Choice:
+    if not isinstance(data, Mapping):
+        raise CalibrationError(f"{where}: expected an object, got {type(data).__name__}")
+    try:
+        choice = Choice(**{k: data[k] for k in Choice.__dataclass_fields__ if k in data})
+    except TypeError as exc:
+        raise CalibrationError(f"{where}: {exc}") from exc
+    w = choice.model_weight
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 <= float(w) <= 1.0:
+        raise CalibrationError(f"{where}.model_weight: expected a number in [0, 1], got {w!r}")
+    return choice
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file written by :meth:`Calibration.save` (``pv2tea calibrate``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"calibration file {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CalibrationError(f"calibration file {path}: not a pv2tea calibration (no \"format\": \"{FORMAT}\"); "
+                               f"make one with `pv2tea calibrate`")
+    if data.get("version") != FORMAT_VERSION:
+        raise CalibrationError(f"calibration file {path}: version {data.get('version')!r}, this pv2tea reads "
+                               f"version {FORMAT_VERSION}; run `pv2tea calibrate` again")
+    cfg = data.get("config") or {}
+    try:
+        config = CalibrationConfig(grid=tuple(cfg.get("grid", DEFAULT_GRID)), z=float(cfg.get("z", 1.0)),
+                                   min_rows=int(cfg.get("min_rows", 20)))
+    except (TypeError, ValueError) as exc:
+        raise CalibrationError(f"calibration file {path}: config: {exc}") from exc
+    attributes = data.get("attributes")
+    if not isinstance(attributes, Mapping):
+        raise CalibrationError(f"calibration file {path}: 'attributes' must be an object")
+    meta = {k: v for k, v in data.items() if k not in ("format", "version", "config", "pooled", "attributes")}
+    return Calibration(_choice_from_json(data.get("pooled"), f"{path}: pooled"),
+                       {a: _choice_from_json(c, f"{path}: attributes.{a}") for a, c in attributes.items()},
+                       config, meta)
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()

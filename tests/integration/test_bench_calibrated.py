@@ -1,0 +1,118 @@
+"""The benchmark's calibrated rows (cross-fitted over folds) and `pv2tea calibrate` / `predict --calibration`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pv2tea.cli import main
+
+from conftest import tiny_overrides
+from test_bench_implicitave import root  # noqa: F401  (the made-up ImplicitAVE layout, a fixture)
+
+
+def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, tmp_path, capsys):  # noqa: F811
+    from pv2tea.bench.calibrated import SCORES_FILE
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.inference.predictor import Predictor
+
+    out = tmp_path / "bench"
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--folds", "2", "--epochs", "1",
+            "--variants", "pv2tea", "--no-gold-ceiling", "--text-pretrain", "1", "--text-rows", "4",
+            *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    assert main(args) == 0
+    home = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["domains"]["Home"]
+    assert {"pv2tea+calibrated", "text_pretrain+calibrated"} <= set(home)
+    saved = json.loads((out / "bench.json").read_text())["domains"]["Home"]
+    calibrated = saved["pv2tea+calibrated"]
+    assert calibrated["runs"] == 2  # one per fold
+    # the toy extractor is right on every row: no model share can gain on it, so the guard keeps the extractor
+    assert home["text_extractor"]["accuracy"] == 100.0
+    assert home["pv2tea+calibrated"]["accuracy"] == 100.0 and home["text_pretrain+calibrated"]["accuracy"] == 100.0
+    detail = calibrated["calibration"]
+    assert all(w == 0.0 for weights in detail["model_weight"].values() for w in weights)
+    runs = out / "runs" / "Home"
+    held = [json.loads((runs / f"fold_{k}" / "pv2tea" / "seed_0" / "test_report.json").read_text())["overall"]["n"]
+            for k in range(2)]
+    assert detail["pool_rows"] == [held[1], held[0]]  # fold k is calibrated on the other fold's rows only
+    assert set(detail["guard_z_f1"]) == {"0", "1", "1.645"} and "all" in detail["sample_size_f1"]
+    assert "Calibrated rows" in (out / "tables.md").read_text()
+    # the cached candidate scores are the model's log-probabilities over each row's options
+    cache = json.loads((runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).read_text())
+    products = load_dataset(out / "data" / "Home" / "eval.jsonl", require_label=False).records
+    by_id = {r.id: r for r in products}
+    fold0 = [by_id[i] for i in _fold_ids(runs, 0, products)]
+    options = json.loads((out / "data" / "Home" / "candidates.json").read_text())
+    fresh = Predictor.from_checkpoint(runs / "fold_0" / "pv2tea" / "seed_0" / "final").candidate_log_probs(fold0,
+                                                                                                          options)
+    assert len(cache["rows"]) == len(fold0)
+    for row, (cands, lp) in zip(cache["rows"], fresh):
+        assert row["candidates"] == cands and np.allclose(row["model"], lp)
+        assert np.exp(lp).sum() == pytest.approx(1.0)
+    stamp = (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns
+    assert main(args) == 0  # re-run: scores reused
+    assert (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns == stamp
+
+
+def _fold_ids(runs, k, products):
+    """The ids held out in fold k, in the benchmark's order (its product_folds over the weakly labelled rows)."""
+    from pv2tea.bench.implicitave import product_folds
+
+    return [products[i].id for i in sorted(product_folds(products, 2)[k])]
+
+
+def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, capsys):
+    from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.inference.calibration import load_calibration
+
+    final, catalog = tiny_trained
+    records = load_dataset(catalog["test"], require_label=False).records
+    extractor_dir = tmp_path / "extractor"
+    TfidfTextExtractor(TfidfExtractorConfig()).fit(load_dataset(catalog["train"]).records).save(extractor_dir)
+    values = sorted({v for r in records if r.attribute == "pattern" for v in (*r.gold, *r.label)})
+    cands = tmp_path / "cands.json"
+    cands.write_text(json.dumps({"pattern": values}))
+    out = tmp_path / "calibration.json"
+    base = ["--model", str(final), "--extractor", str(extractor_dir), "--candidates", str(cands)]
+    assert main(["calibrate", *base, "--data", str(catalog["test"]), "--out", str(out), "--min-rows", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "no candidate list" in captured.err  # the color rows: counted, named, left to the model
+    calibration = load_calibration(out)
+    n_pattern = sum(r.attribute == "pattern" for r in records)
+    assert calibration.meta["sample_rows"] == n_pattern
+    assert calibration.meta["rows_without_candidates"] == len(records) - n_pattern
+    assert calibration.attributes["pattern"].rows == n_pattern and "pattern" in captured.out
+    # predict with it: pattern rows get the calibrated fused answer, computed here independently
+    pred = tmp_path / "pred.jsonl"
+    assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred), "--calibration", str(out)]) == 0
+    got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
+    from pv2tea.baselines.text_extractor import load_extractor
+    from pv2tea.inference.calibration import fused_pick, scored_rows
+    from pv2tea.inference.predictor import Predictor
+
+    pattern = [r for r in records if r.attribute == "pattern"]
+    rows, _ = scored_rows(pattern, Predictor.from_checkpoint(final).candidate_log_probs(pattern, {"pattern": values}),
+                          load_extractor(extractor_dir).value_probabilities(pattern))
+    weight = calibration.model_weight("pattern")
+    assert [got[r.id] for r in pattern] == [[row.candidates[fused_pick(row, weight)]] for row in rows]
+    # a share of 0 gives the extractor's ranked answer, a share of 1 the model's ranked answer
+    data = json.loads(out.read_text())
+    for share, expect in ((0.0, lambda row: int(np.argmax(row.extractor))), (1.0, lambda row: int(np.argmax(row.model)))):
+        data["attributes"]["pattern"]["model_weight"] = share
+        out.write_text(json.dumps(data))
+        pred.unlink()
+        assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred),
+                     "--calibration", str(out)]) == 0
+        got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
+        assert [got[r.id] for r in pattern] == [[row.candidates[expect(row)]] for row in rows]
+    # usage errors are one clear line
+    assert main(["predict", "--model", str(final), "--data", str(catalog["test"]), "--out", str(tmp_path / "x.jsonl"),
+                 "--candidates", str(cands), "--calibration", str(out)]) == 2
+    assert "needs --extractor" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(tmp_path / "y.jsonl"),
+                 "--calibration", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err

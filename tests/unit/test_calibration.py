@@ -1,0 +1,127 @@
+"""Per-attribute calibration of late fusion with its guard, on hand-made rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pv2tea.inference.calibration import (Calibration, CalibrationConfig, CalibrationError, Choice, ScoredRow,
+                                          apply_calibration, choose, fit_calibration, fused_pick, load_calibration,
+                                          passes_guard, scored_rows)
+
+CANDS = ("red", "blue")
+
+
+def row(attribute: str, model_p: float, extractor_p: float, gold: str) -> ScoredRow:
+    """Two candidates; the model gives 'red' model_p, the extractor gives it extractor_p."""
+    return ScoredRow(attribute, CANDS, np.log([model_p, 1 - model_p]), np.log([extractor_p, 1 - extractor_p]),
+                     frozenset({gold}))
+
+
+def test_fused_pick_interpolates_between_extractor_and_model():
+    r = row("a", 0.9, 0.3, "red")  # the model says red, the extractor blue
+    assert fused_pick(r, 0.0) == 1 and fused_pick(r, 1.0) == 0
+    # λ·log(.9/.1) + (1-λ)·log(.3/.7) > 0  <=>  λ > 0.8473/(2.1972+0.8473) = 0.2783
+    assert fused_pick(r, 0.27) == 1 and fused_pick(r, 0.29) == 0
+
+
+def test_guard_is_a_sign_test_on_discordant_rows():
+    assert passes_guard(10, 2, 1.0)  # 8 >= sqrt(12) = 3.46
+    assert not passes_guard(5, 3, 1.0)  # 2 < sqrt(8) = 2.83
+    assert passes_guard(5, 3, 0.0) and not passes_guard(3, 3, 0.0)  # z = 0: any strict gain
+    assert not passes_guard(0, 0, 0.0)
+    assert passes_guard(9, 1, 2.5) and not passes_guard(9, 1, 2.6)  # 8 vs z·sqrt(10): 7.91, 8.22
+
+
+def test_choose_keeps_the_model_only_beyond_noise():
+    # 12 rows where the model is right and the extractor wrong, 2 the reverse, 6 both right
+    rows = ([row("a", 0.9, 0.2, "red")] * 12 + [row("a", 0.1, 0.8, "red")] * 2 + [row("a", 0.8, 0.8, "red")] * 6)
+    c = choose(rows, CalibrationConfig())
+    # the 12 flip to the model once λ·log 9 > (1-λ)·log 4, i.e. λ > 0.387, and the 2 flip away at the same λ
+    # (symmetric): from λ = 0.4 on, 12 fixed and 2 broke; ties go to the smallest λ
+    assert (c.best_weight, c.fixed, c.broke, c.rows, c.extractor_correct) == (0.4, 12, 2, 20, 8)
+    assert c.accepted and c.model_weight == 0.4 and c.fused_correct == 18
+    # the same gain on fewer rows does not pass a z of 3
+    strict = choose(rows, CalibrationConfig(z=3.0))
+    assert strict.best_weight == 0.4 and not strict.accepted and strict.model_weight == 0.0
+
+
+def test_ties_stay_with_the_extractor():
+    rows = [row("a", 0.9, 0.2, "red"), row("a", 0.9, 0.2, "blue")]  # the model fixes one and breaks one
+    c = choose(rows, CalibrationConfig(z=0.0))
+    assert c.best_weight == 0.0 and c.model_weight == 0.0 and not c.accepted
+
+
+def test_small_attributes_take_the_pooled_choice_and_unknown_attributes_too():
+    good = [row("big", 0.9, 0.2, "red")] * 30  # the model fixes all 30
+    few = [row("small", 0.1, 0.8, "red")] * 3  # the model breaks all 3
+    calibration = fit_calibration(good + few, CalibrationConfig(min_rows=20))
+    assert calibration.attributes["big"].source == "attribute" and calibration.attributes["big"].model_weight > 0
+    small = calibration.attributes["small"]
+    assert small.source == "pooled" and small.model_weight == calibration.pooled.model_weight
+    assert (small.rows, small.extractor_correct, small.broke) == (3, 3, 3)  # its own counts under the pooled λ
+    assert calibration.model_weight("never seen") == calibration.pooled.model_weight
+    answers = apply_calibration([row("big", 0.9, 0.2, "red"), row("small", 0.1, 0.8, "red")], calibration)
+    assert answers[0] == "red"
+
+
+def test_calibration_never_below_the_extractor_on_its_own_sample():
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(200):
+        m, e = rng.uniform(0.05, 0.95, size=2)
+        rows.append(row(f"a{i % 4}", float(m), float(e), "red" if rng.random() < 0.5 else "blue"))
+    calibration = fit_calibration(rows, CalibrationConfig(z=0.0, min_rows=1))
+    answers = apply_calibration(rows, calibration)
+    extractor = [r.candidates[fused_pick(r, 0.0)] for r in rows]
+    right = sum(a in r.gold for a, r in zip(answers, rows))
+    assert right >= sum(a in r.gold for a, r in zip(extractor, rows))
+
+
+def test_save_load_round_trip_and_clear_errors(tmp_path):
+    rows = [row("a", 0.9, 0.2, "red")] * 25
+    calibration = fit_calibration(rows, meta={"model": "m", "sample_rows": 25})
+    path = calibration.save(tmp_path / "c.json")
+    loaded = load_calibration(path)
+    assert loaded.attributes == calibration.attributes and loaded.pooled == calibration.pooled
+    assert loaded.config == calibration.config and loaded.meta["model"] == "m"
+    path.write_text("{nope")
+    with pytest.raises(CalibrationError, match="c.json"):
+        load_calibration(path)
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CalibrationError, match="pv2tea calibrate"):
+        load_calibration(path)
+    data = calibration.to_json()
+    data["attributes"]["a"]["model_weight"] = 1.5
+    path.write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match=r"attributes\.a\.model_weight"):
+        load_calibration(path)
+
+
+def test_config_and_rows_are_validated():
+    with pytest.raises(ValueError, match="grid"):
+        CalibrationConfig(grid=(0.0, 1.5))
+    with pytest.raises(ValueError, match="z"):
+        CalibrationConfig(z=-1)
+    with pytest.raises(ValueError, match="one model and one extractor score per candidate"):
+        ScoredRow("a", CANDS, np.zeros(3), np.zeros(2), frozenset())
+    with pytest.raises(CalibrationError, match="at least one"):
+        fit_calibration([])
+
+
+def test_scored_rows_renormalize_the_extractor_and_skip_rows_without_candidates():
+    from pv2tea.data.schema import Record
+
+    records = [Record("1", "t", (), "c", "Color", ("Red",), gold=("Red",)),
+               Record("2", "t", (), "c", "Size", ("big",), gold=("big",))]
+    scores = [(["Red", "Blue"], np.log([0.7, 0.3])), None]
+    priors = [{"red": 0.2, "blue": 0.6, "green": 0.2}, {"big": 1.0}]
+    rows, skipped = scored_rows(records, scores, priors)
+    assert skipped == [1] and len(rows) == 1
+    assert np.exp(rows[0].extractor) == pytest.approx([0.25, 0.75])
+    assert rows[0].gold == frozenset({"red"}) and rows[0].candidates == ("Red", "Blue")
+    assert math.isclose(float(np.exp(rows[0].model).sum()), 1.0)
+    assert isinstance(Calibration(Choice(0, 0, 0, 0, 0, 0, 0, False), {}).model_weight("x"), (int, float))
