@@ -16,6 +16,7 @@ from pv2tea.cli import main
 from pv2tea.data.synth import make_catalog
 from pv2tea.eval.metrics import Example, source_aware_report
 from markov_decoder import BEAM, GREEDY, install_markov_decoder
+from png_checks import assert_drawn_png
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -186,3 +187,10 @@ def test_interrupted_experiment_resumes_its_run(tiny_text_ckpt, tmp_path, monkey
     assert len(forwards) == math.ceil(n_rows / 4) - 2
     assert f"resumed from {run / 'checkpoint'} at epoch 0 step 2" in (run / "train.log").read_text()
     assert (run / "test_report.json").is_file() and (run / "final").is_dir()
+    # the report figures of the experiment and of its run: PNGs of a figure's size with something drawn on them
+    assert main(["report", str(out)]) == 0
+    assert main(["report", str(run)]) == 0
+    for png in [out / "report" / "variants_f1.png", out / "report" / "source_aware_variants.png",
+                *[run / "report" / n for n in ("learning_curves.png", "source_aware.png", "attribute_f1.png")]]:
+        assert_drawn_png(png)
+
