@@ -86,6 +86,7 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
+        image, text = image.to(self.image.dtype), text.to(self.text.dtype)  # features computed under autocast
         image, text, ids = gather_all(image), gather_all(text), gather_all(ids)
         n = image.shape[0]
         if n == 0:

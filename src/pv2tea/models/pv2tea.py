@@ -310,7 +310,7 @@ class PV2TEA(nn.Module):
         b, k = present.shape
         n_tokens = tokens.shape[1]
         slots = like.new_zeros(b, k, n_tokens, like.shape[-1])  # (B, K, 1 + P, H)
-        slots[present] = tokens
+        slots[present] = tokens.to(slots.dtype)  # under autocast the two may differ
         mask = present[:, :, None].expand(-1, -1, n_tokens)  # (B, K, 1 + P)
         return slots.flatten(1, 2), mask.flatten(1)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +37,7 @@ def make_accelerator(cfg: Config):
     precision of ``train.mixed_precision``. Gradient accumulation is done by the loop (it also sizes the last,
     shorter group of an epoch), so Accelerate's own is left at 1."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = not torch.cuda.is_available()
@@ -43,9 +45,20 @@ def make_accelerator(cfg: Config):
         raise DistributedError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 (or no)")
     # unused parameters: a rank whose rows have no image does not reach the image heads at that step; buffers (the
     # S1 queues) are kept equal by the ranks themselves (each enqueues every rank's features), not broadcast
+    # Accelerate keeps its settings per process: a second run in the same process (tests, experiments) may ask for
+    # another precision. The process group (PartialState) is kept
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
     return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp],
                        step_scheduler_with_optimizer=False)
+
+
+def prepare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model wrapped in DDP over the ranks (the model itself in one process)."""
+    with warnings.catch_warnings():  # torch renames broadcast_buffers; Accelerate still passes the old name
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return accelerator.prepare_model(model)
 
 
 def rows_per_rank_step(cfg: Config) -> int:

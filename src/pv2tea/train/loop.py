@@ -444,7 +444,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
             ckpt.save_checkpoint(target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer,
                                  training, tensors_out)
 
-    net = accelerator.prepare_model(model)  # DDP over the ranks (the model itself in one process)
+    net = ddp.prepare_model(accelerator, model)  # DDP over the ranks (the model itself in one process)
 
     model.train()
     stop = False
