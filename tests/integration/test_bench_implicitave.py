@@ -86,6 +86,12 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
                          "pv2tea+keep_grounded", "tea+extractor", "pv2tea+extractor", "pv2tea+no_images"}
     for scores in home.values():
         assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
+    fold = out / "runs" / "Home" / "fold_0"
+    for variant in ("tea", "pv2tea", "pv2tea_gold"):  # quick: the headline is the one run's test report
+        run_report = json.loads((fold / variant / "seed_0" / "test_report.json").read_text())
+        assert home[variant] == {"f1": round(run_report["constrained"]["overall"]["f1"], 2),
+                                 "accuracy": round(run_report["constrained"]["overall"]["accuracy"], 2),
+                                 "f1_open": round(run_report["overall"]["f1"], 2)}, variant
     assert home["text_extractor"]["accuracy"] == 100.0  # crimson/navy decide the value in this toy
     saved = json.loads((out / "bench.json").read_text())
     assert saved["domains"]["Home"]["pv2tea"]["runs"] == 1  # quick: one fold, one seed

