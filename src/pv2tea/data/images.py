@@ -43,10 +43,13 @@ def check_image(path: str | PathLike[str]) -> str | None:
     ``"is truncated or corrupt (OSError: image file is truncated)"``.
     """
     file = Path(path)
-    if not file.exists():
-        return "does not exist"
-    if not file.is_file():
-        return "is not a regular file"
+    try:
+        if not file.exists():
+            return "does not exist"
+        if not file.is_file():
+            return "is not a regular file"
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        return f"cannot be looked up ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc})"
     with _truncated_images_rejected():
         try:
             with Image.open(file) as image:

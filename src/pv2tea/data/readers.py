@@ -93,7 +93,9 @@ def _parse_cells(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # JSON Lines are separated by "\n" (or "\r\n") only: str.splitlines would also split a row at the U+2028, U+0085,
+    # \x1c-\x1e ... that JSON strings may hold raw
+    lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     rows: list[dict[str, Any]] = []
