@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
+from png_checks import assert_drawn_png
 from pv2tea.cli import main
 from pv2tea.data.synth import make_catalog
 from pv2tea.data.validate import load_dataset as load_rows
@@ -101,8 +102,9 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
 
     assert main(["report", str(out)]) == 0
     html = (out / "report" / "index.html").read_text()
-    assert "variants_f1.png" in html and (out / "report" / "variants_f1.png").stat().st_size > 1000
-    assert (out / "report" / "retrieval_vs_alpha.png").is_file()  # alpha 0.4 (pv2tea) and 0 (wo_smooth)
+    assert "variants_f1.png" in html
+    assert_drawn_png(out / "report" / "variants_f1.png")
+    assert_drawn_png(out / "report" / "retrieval_vs_alpha.png")  # alpha 0.4 (pv2tea) and 0 (wo_smooth)
     run = out / "pv2tea" / "seed_0"
     cands = tmp_path / "cands.json"
     cands.write_text(json.dumps({"pattern": ["solid", "striped"]}))
@@ -146,7 +148,7 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
                  "--candidates", str(bad)]) == 2
     assert main(["report", str(run), "--data", str(unlabelled)]) == 0  # masks need images, not labels
     for name in ("learning_curves.png", "source_aware.png", "attribute_f1.png", "attention_masks.png"):
-        assert (run / "report" / name).stat().st_size > 1000, name
+        assert_drawn_png(run / "report" / name)
     imageless = Path(catalog["test"]).with_name("imageless.jsonl")
     imageless.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "images"}) + "\n"
                                  for line in Path(catalog["test"]).read_text().splitlines()))
