@@ -111,6 +111,11 @@ class DecoderConfig:
     # true: pointer-generator output; each step mixes the vocabulary with copying a token of the product text
     # (models/copy_decoder.py). Not in the paper, whose decoder is pretrained on far more data.
     copy: bool = False
+    # candidate ranking (--candidates, fusion, calibration) by log p(c | x) − τ · log π(c), π(c) the share of the
+    # model's training rows labelled c (add-one smoothed over the row's candidates). τ = 1 ranks by p(x | c), the
+    # decision rule for a balanced (macro-averaged) metric; 0 by the likelihood alone (the paper). Free generation is
+    # unchanged.
+    prior_correction: float = 0.0
 
 
 @dataclass
@@ -542,6 +547,8 @@ def validate(cfg: Config) -> None:
                           "tokens past the gate; set decoder.attend_context=false or fusion.visual_gate=null")
     if "{attribute}" not in cfg.fusion.question_template:
         raise ConfigError("fusion.question_template must contain {attribute}")
+    if not (isinstance(cfg.decoder.prior_correction, (int, float)) and 0 <= cfg.decoder.prior_correction <= 10):
+        raise ConfigError(f"decoder.prior_correction must be a number in [0, 10], got {cfg.decoder.prior_correction!r}")
     if cfg.decoder.value_order not in VALUE_ORDERS:
         raise ConfigError(f"decoder.value_order must be one of {', '.join(VALUE_ORDERS)}, got '{cfg.decoder.value_order}'")
     if cfg.decoder.head not in ("generate", "classify"):

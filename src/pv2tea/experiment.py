@@ -28,6 +28,7 @@ import yaml
 from scipy import stats
 
 from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
+from pv2tea.data.dataset import value_counts
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, departures, source_aware_report
 from pv2tea.eval.normalize import normalize_value
@@ -125,6 +126,21 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
     return retrieval_metrics(sim.numpy())
 
 
+RANKING_ONLY_SETTINGS = ("decoder.prior_correction",)  # change how a trained model ranks candidates, not training
+
+
+def load_predictor(final: Path, prior_correction: float | None = None,
+                   trained_on: Sequence[Record] | None = None) -> Predictor:
+    """A trained model from its ``final/`` folder, ranking candidates with ``prior_correction`` (None: as saved); a
+    model saved without its training label counts gets them from ``trained_on`` (the rows it trained on)."""
+    predictor = Predictor.from_checkpoint(final)
+    if prior_correction is not None:
+        predictor.model.cfg.decoder.prior_correction = float(prior_correction)
+    if not predictor.pre.value_counts and trained_on is not None:
+        predictor.pre.value_counts = value_counts(trained_on)
+    return predictor
+
+
 def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str | None,
                 overrides: Sequence[str], progress: bool = False, candidates: Mapping | None = None,
                 run_name: str | None = None, priors: Sequence[Mapping[str, float]] | None = None
@@ -142,9 +158,18 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
     multi = multi_value_attributes(data.train + data.val + data.test)
+    tau = None
     if name in VARIANTS:
         cfg = load_config(base_config, [*overrides, *VARIANTS[name], f"train.seed={seed}"])
         check_same_config(run_dir, cfg)
+        tau = cfg.decoder.prior_correction
+    if report_path.is_file() and candidates and tau is not None and (run_dir / "final").is_dir():
+        old = json.loads(report_path.read_text())
+        if old.get("prior_correction", 0.0) != tau:  # ranked with other settings: every report made again
+            report = _model_reports(load_predictor(run_dir / "final", tau, data.train), data, multi, candidates,
+                                    priors)
+            write_report(report, report_path)
+            return report
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         labelled = _has_labels(data.test)
@@ -156,7 +181,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         want_no_images = NO_IMAGES_KEY not in report
         if (want_keep or want_fused or want_departures or want_no_images) and (run_dir / "final").is_dir():
             # a run finished before these reports existed: add them from the final model
-            predictor = Predictor.from_checkpoint(run_dir / "final")
+            predictor = load_predictor(run_dir / "final", tau, data.train)
             if want_keep or "departures" not in report:
                 fresh, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
                 if want_keep:
@@ -189,21 +214,29 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
             result = train(cfg, data.train, run_dir, data.val, resume=resume, progress=progress)
         except CheckpointError:  # a half-written first checkpoint: start over
             result = train(cfg, data.train, run_dir, data.val, resume=False, progress=progress)
-        predictor = Predictor.from_checkpoint(result.final_dir)
-        report, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
-        report["retrieval"] = retrieval_on(predictor, data.test)
-        if _has_labels(data.test):
-            report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
-            if ranked is not None:
-                report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
-        if candidates and priors is not None:
-            report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
-        report[NO_IMAGES_KEY] = no_images_report(predictor, data.test, multi, candidates)
+        report = _model_reports(load_predictor(result.final_dir, tau, data.train), data, multi, candidates, priors)
     write_report(report, report_path)
     if (run_dir / "final").is_dir():
         # a finished run needs only its final model (reports, figures, predict); the resumable checkpoint
         # (model + optimizer state) would double the disk use of a many-variant, many-seed experiment
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    return report
+
+
+def _model_reports(predictor: Predictor, data: Split, multi: dict[str, bool], candidates: Mapping | None,
+                   priors: Sequence[Mapping[str, float]] | None) -> dict[str, Any]:
+    """A trained model's test report with every part: open and ranked answers, retrieval, kept labels, fused with
+    the extractor, the images withheld; ``prior_correction`` records how it ranked."""
+    report, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
+    report["retrieval"] = retrieval_on(predictor, data.test)
+    if _has_labels(data.test):
+        report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+        if ranked is not None:
+            report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+    if candidates and priors is not None:
+        report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
+    report[NO_IMAGES_KEY] = no_images_report(predictor, data.test, multi, candidates)
+    report["prior_correction"] = predictor.model.cfg.decoder.prior_correction
     return report
 
 
@@ -274,7 +307,7 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
                           f"Choose another --out.") from exc
     diffs = [(key, a, b) for key, a, b in config_differences(saved, requested)
              if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)
-             and key != "train.init_from"]
+             and key != "train.init_from" and key not in RANKING_ONLY_SETTINGS]
     warm, retrained = _warm_start_difference(run_dir, saved["train"].get("init_from"),
                                              requested["train"].get("init_from"))
     diffs += warm

@@ -17,7 +17,7 @@ import numpy as np
 
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import departures, source_aware_report
-from pv2tea.experiment import constrain_to_candidates, gold_examples
+from pv2tea.experiment import constrain_to_candidates, gold_examples, load_predictor
 from pv2tea.inference.calibration import (Calibration, CalibrationConfig, ScoredRow, fit_calibration, fused_pick,
                                           scored_rows)
 from pv2tea.train.checkpoint import warm_start_fingerprint
@@ -35,11 +35,14 @@ def _sha(data: Any) -> str:
 
 
 def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping,
-                     priors: Sequence[Mapping[str, float]], cache: Path) -> FoldRows:
+                     priors: Sequence[Mapping[str, float]], cache: Path, prior_correction: float | None = None,
+                     trained_on: Sequence[Record] | None = None) -> FoldRows:
     """The held-out records as scored rows of the model in ``final`` and the extractor (cached in ``cache``, keyed
-    by the model's weights, the records and the extractor's probabilities)."""
+    by the model's weights, the records, the extractor's probabilities and the ranking's ``prior_correction``;
+    :func:`pv2tea.experiment.load_predictor` says what ``prior_correction`` and ``trained_on`` do)."""
     key = {"model_sha256": warm_start_fingerprint(final), "products_sha256": _sha([r.id for r in records]),
-           "priors_sha256": _sha([dict(p) for p in priors]), "candidates_sha256": _sha(candidates)}
+           "priors_sha256": _sha([dict(p) for p in priors]), "candidates_sha256": _sha(candidates),
+           "prior_correction": prior_correction}
     stored = None
     if cache.is_file():
         try:
@@ -47,9 +50,7 @@ def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping
         except (OSError, ValueError):
             stored = None  # damaged: scored again
     if not (isinstance(stored, dict) and all(stored.get(k) == v for k, v in key.items())):
-        from pv2tea.inference.predictor import Predictor
-
-        predictor = Predictor.from_checkpoint(final)
+        predictor = load_predictor(final, prior_correction, trained_on)
         scores = predictor.candidate_log_probs(records, candidates, predictor.model.cfg.train.eval_batch_size)
         stored = {**key, "rows": [None if s is None else {"candidates": list(s[0]), "model": s[1].tolist()}
                                   for s in scores]}

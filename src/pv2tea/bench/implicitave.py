@@ -31,9 +31,8 @@ from pv2tea.eval.metrics import merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
 from pv2tea.config import load_config, with_settings_of
 from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, NO_IMAGES_KEY, NO_IMAGES_SUFFIX, VARIANTS, Split,
-                                check_same_config, constrain_to_candidates, gold_examples, mean_std, paired_ttest,
-                                run_variant, score_predictor)
-from pv2tea.inference.predictor import Predictor
+                                check_same_config, constrain_to_candidates, gold_examples, load_predictor, mean_std,
+                                paired_ttest, run_variant, score_predictor)
 from pv2tea.train.checkpoint import warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
 
@@ -130,9 +129,10 @@ def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, o
 
 
 def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, list[str]] | None,
-                      multi: dict[str, bool], report_path: Path) -> dict[str, Any]:
-    """The text-pretrained TEA scored on a fold's held-out products as it is (cached, keyed by its weights and the
-    products)."""
+                      multi: dict[str, bool], report_path: Path, prior_correction: float = 0.0,
+                      trained_on: Sequence[Record] | None = None) -> dict[str, Any]:
+    """The text-pretrained TEA scored on a fold's held-out products as it is (cached, keyed by its weights, the
+    products and how it ranks candidates)."""
     fingerprint = warm_start_fingerprint(final)
     products = hashlib.sha256("\n".join(r.id for r in test).encode()).hexdigest()  # the fold's held-out products
     # their weak labels (the departures are counted against them; a retrained extractor changes them)
@@ -144,10 +144,12 @@ def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, lis
             report = None  # damaged: scored again below
         if (isinstance(report, dict) and report.get("warm_start_sha256") == fingerprint
                 and report.get("products_sha256") == products and (not candidates or "constrained" in report)
-                and report.get("labels_sha256") == labels):
+                and report.get("labels_sha256") == labels
+                and report.get("prior_correction", 0.0) == prior_correction):
             return report
-    report, _, _ = score_predictor(Predictor.from_checkpoint(final), test, multi, candidates)
+    report, _, _ = score_predictor(load_predictor(final, prior_correction, trained_on), test, multi, candidates)
     report["warm_start_sha256"], report["products_sha256"], report["labels_sha256"] = fingerprint, products, labels
+    report["prior_correction"] = prior_correction
     write_report(report, report_path)
     return report
 
@@ -193,6 +195,7 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     folds = product_folds(weak, cfg.folds)
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
     overrides = [*BENCH_OVERRIDES, f"train.epochs={cfg.epochs}", *per_epoch, *cfg.overrides]
+    tau = load_config(cfg.config, overrides).decoder.prior_correction  # how every model ranks the options
     if cfg.text_pretrain:
         start = _text_pretrain(text_rows, domain_dir / "text_pretrain", cfg, overrides, log)
         overrides.append(f"train.init_from={start}")
@@ -214,10 +217,12 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         reports.setdefault("text_extractor", []).append(report)
         if cfg.text_pretrain:  # the warm start alone: what the fold's training on weak labels adds to it
             reports.setdefault("text_pretrain", []).append(
-                _score_warm_start(start, test, candidates, multi, fold_dir / "text_pretrain" / "test_report.json"))
+                _score_warm_start(start, test, candidates, multi, fold_dir / "text_pretrain" / "test_report.json",
+                                  tau, text_rows))
             if candidates and priors is not None:
                 scored.setdefault(("text_pretrain", 0), []).append(
-                    fold_scored_rows(start, test, candidates, priors, fold_dir / "text_pretrain" / SCORES_FILE))
+                    fold_scored_rows(start, test, candidates, priors, fold_dir / "text_pretrain" / SCORES_FILE,
+                                     tau, text_rows))
         split = Split(train=train_weak + extra, val=[], test=test)
         for name in cfg.variants:
             for seed in cfg.seeds:
@@ -235,7 +240,8 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
                 run_final = fold_dir / name / f"seed_{seed}" / "final"
                 if candidates and priors is not None and (run_final / "model.safetensors").is_file():
                     scored.setdefault((name, seed), []).append(
-                        fold_scored_rows(run_final, test, candidates, priors, run_final.parent / SCORES_FILE))
+                        fold_scored_rows(run_final, test, candidates, priors, run_final.parent / SCORES_FILE, tau,
+                                         split.train))
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
             gold_train = gold_labelled(train_weak)

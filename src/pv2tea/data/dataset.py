@@ -48,6 +48,9 @@ class Preprocessor:
     categories: list[str]
     values: dict[str, list[str]] = field(default_factory=dict)  # attribute → value vocabulary (normalized)
     multi_value: dict[str, bool] = field(default_factory=dict)  # attribute → multi-value?
+    # attribute → normalized value → training rows carrying it: the label prior π of candidate ranking
+    # (decoder.prior_correction); empty for models trained before it was recorded
+    value_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     # cached frozen-backbone outputs (pv2tea.train.feature_cache.FeatureCache); not saved with checkpoints
     cache: Any = None
 
@@ -152,6 +155,16 @@ def value_vocabulary(records: Sequence[Record]) -> dict[str, list[str]]:
     for r in records:
         vocab.setdefault(r.attribute, set()).update(normalize_value(v) for v in r.label)
     return {a: sorted(v - {""}) for a, v in sorted(vocab.items())}
+
+
+def value_counts(records: Sequence[Record]) -> dict[str, dict[str, int]]:
+    """attribute → normalized training value → how many training rows carry it."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        per = counts.setdefault(r.attribute, {})
+        for v in {normalize_value(v) for v in r.label} - {""}:
+            per[v] = per.get(v, 0) + 1
+    return {a: dict(sorted(c.items())) for a, c in sorted(counts.items())}
 
 
 def candidate_lookup(candidates: Mapping, record: Record) -> list[str] | None:

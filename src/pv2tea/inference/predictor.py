@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,10 +29,13 @@ TEXT_ONLY_DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "st
 
 
 def build_for_training(cfg: Config, categories: Sequence[str], values: dict[str, list[str]] | None = None,
-                       multi_value: dict[str, bool] | None = None) -> tuple[PV2TEA, Preprocessor]:
+                       multi_value: dict[str, bool] | None = None,
+                       value_counts: dict[str, dict[str, int]] | None = None) -> tuple[PV2TEA, Preprocessor]:
     """A PV2TEA initialized from the configured offline pretrained checkpoints.
 
-    ``values`` (attribute → value vocabulary) is needed by the classification head and optional otherwise.
+    ``values`` (attribute → value vocabulary) is needed by the classification head and optional otherwise;
+    ``value_counts`` (:func:`pv2tea.data.dataset.value_counts` of the training rows) is the label prior of
+    ``decoder.prior_correction``, saved with the model.
     """
     text_path = resolve_text_path(cfg.text.path)
     tokenizer = load_tokenizer(text_path)
@@ -41,12 +45,14 @@ def build_for_training(cfg: Config, categories: Sequence[str], values: dict[str,
                    value_attributes=value_attributes)
     model.load_pretrained()
     data_cfg = data_config(model.visual.backbone, cfg.vision) if model.visual is not None else TEXT_ONLY_DATA_CONFIG
-    pre = Preprocessor(cfg, tokenizer, data_cfg, list(categories), pre_values, dict(multi_value or {}))
+    pre = Preprocessor(cfg, tokenizer, data_cfg, list(categories), pre_values, dict(multi_value or {}),
+                       dict(value_counts or {}))
     return model, pre
 
 
 def preprocess_state(pre: Preprocessor) -> dict:
     return {"categories": pre.categories, "values": pre.values, "multi_value": pre.multi_value,
+            "value_counts": pre.value_counts,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.data_config.items()}}
 
 
@@ -57,7 +63,7 @@ def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
     prep = ckpt.read_json(directory, ckpt.PREPROCESS_FILE)
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in prep["data_config"].items()}
     pre = Preprocessor(cfg, load_tokenizer(directory), data_cfg, prep["categories"], prep.get("values", {}),
-                       prep.get("multi_value", {}))
+                       prep.get("multi_value", {}), prep.get("value_counts", {}))
     model = PV2TEA(cfg, bert_config, num_categories=max(len(prep["categories"]), 1),
                    value_attributes=pre.value_attributes)
     ckpt.load_weights(model, directory)
@@ -65,6 +71,27 @@ def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
 
 
 Prior = Mapping[str, float]  # an extractor's class probabilities of one row, keyed by normalized value
+_log = logging.getLogger("pv2tea.predict")
+
+
+def label_log_prior(pre: Preprocessor, attribute: str, candidates: Sequence[str]) -> np.ndarray:
+    """log π(c) over a row's candidates: the share of the model's training rows labelled c, add-one smoothed and
+    renormalized over the candidates (uniform for an attribute the model has no counts of)."""
+    counts = pre.value_counts.get(attribute, {})
+    smoothed = np.array([counts.get(normalize_value(c), 0) + 1.0 for c in candidates])  # (C,)
+    return np.log(smoothed / smoothed.sum())
+
+
+def prior_correction(model: PV2TEA, pre: Preprocessor) -> float:
+    """τ of ``decoder.prior_correction``; 0 (with a warning) for a model saved without its training label counts."""
+    tau = float(getattr(model.cfg.decoder, "prior_correction", 0.0))
+    if tau and not pre.value_counts:
+        if not getattr(pre, "_warned_no_counts", False):
+            _log.warning("decoder.prior_correction=%g, but this model was saved without its training label counts "
+                         "(trained by an older pv2tea): candidates are ranked by likelihood alone", tau)
+            pre._warned_no_counts = True  # type: ignore[attr-defined]
+        return 0.0
+    return tau
 
 
 def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record],
@@ -78,6 +105,7 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
     lists = [candidate_lookup(candidates, r) for r in records]
     priors = priors if priors is not None else [None] * len(records)
     if model.decoder is None:  # classification head: restrict the classes
+        tau = prior_correction(model, pre)
         allowed = torch.zeros(len(records), len(pre.value_classes), dtype=torch.bool)
         bias = torch.zeros(len(records), len(pre.value_classes))
         for i, (r, cands) in enumerate(zip(records, lists)):
@@ -85,19 +113,27 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
             known = [(c, j) for c, j in known if j is not None]
             for c, j in known:
                 allowed[i, j] = True
-            if priors[i] is not None and known:
-                prior = fusion.prior_log_probs([c for c, _ in known], priors[i])
-                bias[i, [j for _, j in known]] = torch.tensor(prior_weight * prior, dtype=bias.dtype)
+            if known and (priors[i] is not None or tau):
+                names = [c for c, _ in known]
+                shift = np.zeros(len(known))
+                if priors[i] is not None:
+                    shift += prior_weight * fusion.prior_log_probs(names, priors[i])
+                if tau:
+                    shift -= tau * label_log_prior(pre, r.attribute, names)
+                bias[i, [j for _, j in known]] = torch.tensor(shift, dtype=bias.dtype)
         has_any = allowed.any(1)
         allowed[~has_any] = True
-        picks = model.classify(batch, allowed, bias if any(p is not None for p in priors) else None)
+        picks = model.classify(batch, allowed, bias if any(p is not None for p in priors) or tau else None)
         return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None
                 for i, p in enumerate(picks)]
+    tau = prior_correction(model, pre)
     out: list[list[str] | None] = []
-    for cands, scores, prior in zip(lists, _decoder_candidate_scores(model, pre, batch, lists), priors):
+    for r, cands, scores, prior in zip(records, lists, _decoder_candidate_scores(model, pre, batch, lists), priors):
         if scores is None:
             out.append(None)
             continue
+        if tau:
+            scores = scores - tau * label_log_prior(pre, r.attribute, cands)
         if prior is not None:
             scores = fusion.fuse_scores(scores, fusion.prior_log_probs(cands, prior), prior_weight)
         out.append([cands[int(np.argmax(scores))]])
@@ -146,6 +182,10 @@ def candidate_log_probs(model: PV2TEA, pre: Preprocessor, batch, records: Sequen
                 continue
             index = [pre.value_index.get((r.attribute, normalize_value(c))) for c in cands]
             raw.append(np.array([float(log_probs[i, j]) if j is not None else UNKNOWN_CLASS_LOGIT for j in index]))
+    tau = prior_correction(model, pre)
+    if tau:
+        raw = [None if s is None else s - tau * label_log_prior(pre, r.attribute, c)
+               for r, c, s in zip(records, lists, raw)]
     return [None if s is None else (list(c), fusion.log_normalize(s)) for c, s in zip(lists, raw)]
 
 

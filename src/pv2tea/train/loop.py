@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pv2tea.config import Config
-from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate, value_vocabulary
+from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate, value_counts, value_vocabulary
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
@@ -345,7 +345,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
     seed_everything(cfg.train.seed)
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
-    model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi)
+    model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi, value_counts(records))
     if cfg.train.init_from and not resume:
         n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
         model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
