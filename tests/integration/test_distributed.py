@@ -1,9 +1,9 @@
 """Training on 2 CPU processes (gloo) launched by torchrun, against one process (train/distributed.py).
 
 One torchrun of 2 ranks runs this file as its worker (``python test_distributed.py worker ...``): a run stopped after
-one optimizer step, the same run resumed to the end, and the same run uninterrupted. Rank-local observables (each
-rank's S1 queue after the first step, each rank's S3 weights) are written by spies to files. The test then trains
-one process with the global batch of the 2 ranks and compares.
+one optimizer step, the same run resumed to the end, the same run uninterrupted, and a run of one process resumed. Rank-local observables (each
+rank's S1 queue after the first step, each rank's S3 weights) are written by spies to files. One process trains
+one step with the global batch of the 2 ranks first, to compare with.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
     dist.barrier()
     train(_config(text_ckpt), rows, root / "resumed", resume=True, progress=False)
     train(_config(text_ckpt), rows, root / "full", progress=False)
+    train(_config(text_ckpt, f"train.batch_size={2 * PER_RANK}"), rows, root / "one_to_two", resume=True,
+          progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +113,6 @@ def runs(tmp_path_factory, dropout_free_text_ckpt):
 
     root = tmp_path_factory.mktemp("distributed")
     catalog = make_catalog(root / "catalog", n_products=10, seed=3, image_size=32)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
-                           str(HERE), "worker", str(catalog["train"]), str(root), str(dropout_free_text_ckpt)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
     rows = load_dataset(catalog["train"]).records
     mp = pytest.MonkeyPatch()
     _spy(root, "one", mp.setattr)
@@ -132,6 +128,13 @@ def runs(tmp_path_factory, dropout_free_text_ckpt):
               root / "one", progress=False)
     finally:
         mp.undo()
+    shutil.copytree(root / "one", root / "one_to_two")  # stopped in one process, resumed by the 2 ranks
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
+                           str(HERE), "worker", str(catalog["train"]), str(root), str(dropout_free_text_ckpt)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     return root, rows
 
 
@@ -203,6 +206,20 @@ def test_two_rank_run_resumes_after_being_stopped(runs):
     assert metrics[0]["step"] == 1 and not metrics[0]["finished"]
     assert [m["step"] for m in metrics[1:]] == [m["step"] for m in _metrics(root / "full")]
     assert "resumed from" in (root / "resumed" / "train.log").read_text()
+
+
+def test_a_one_process_run_resumes_on_two_ranks(runs):
+    root, rows = runs
+    run = root / "one_to_two"
+    assert ("resuming at world size 2 a run saved at world size 1: a step now takes 16 rows instead of 8"
+            in (run / "train.log").read_text())
+    assert "step 1 becomes step 0" in (run / "train.log").read_text()  # 8 rows: half a step of 16
+    metrics = _metrics(run)
+    steps_per_epoch = -(-len(rows) // (4 * PER_RANK))
+    assert metrics[0]["step"] == 1 and metrics[-1]["step"] == 2 * steps_per_epoch
+    env = json.loads((run / "environment.json").read_text())
+    assert env["first"]["world_size"] == 1 and env["resumed"][-1]["world_size"] == 2
+    assert (run / "final" / "model.safetensors").is_file()
 
 
 def test_a_two_rank_run_resumes_on_one_process_and_says_what_the_steps_become(runs, dropout_free_text_ckpt, capsys):

@@ -128,7 +128,9 @@ def world_size_change(saved: int, now: int, step: int, rows_done: int, saved_ste
                       ) -> tuple[int, str]:
     """The optimizer step a run saved at world size ``saved`` continues from at world size ``now`` (steps count
     global batches, which change size with it), and the message that says so."""
-    new_step = epoch * new_steps_per_epoch + math.ceil(rows_done / global_batch_now)
+    # the rows done as whole steps of the new size (a part of one left over is not counted: the run then ends at
+    # most one step short of the schedule's total rather than past it)
+    new_step = epoch * new_steps_per_epoch + rows_done // global_batch_now
     message = (f"resuming at world size {now} a run saved at world size {saved}: a step now takes {global_batch_now} "
                f"rows instead of {global_batch_before}, so an epoch takes {new_steps_per_epoch} steps instead of "
                f"{saved_steps_per_epoch}; the run continues from row {rows_done} of epoch {epoch + 1}, and step "

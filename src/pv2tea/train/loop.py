@@ -408,7 +408,7 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
             saved_steps = math.ceil(per_epoch / saved_batch)
             step, message = ddp.world_size_change(saved_world, world, step, rows_done, saved_steps, steps_per_epoch,
                                                   epoch, saved_batch, global_batch)
-            step_in_epoch = math.ceil(rows_done / global_batch)
+            step_in_epoch = rows_done // global_batch
             _set_schedule_position(scheduler, step)
             log.warning(message)
             if main:
