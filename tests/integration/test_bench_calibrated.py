@@ -116,3 +116,29 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(tmp_path / "y.jsonl"),
                  "--calibration", str(tmp_path / "bad.json")]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_a_ranking_change_rescores_finished_runs_without_retraining(root, tiny_text_ckpt, tmp_path, capsys):  # noqa: F811
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.experiment import gold_examples, load_predictor
+    from pv2tea.eval.metrics import source_aware_report
+
+    out = tmp_path / "bench"
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "1",
+            "--variants", "tea", "--no-gold-ceiling", "--text-pretrain", "0", "--text-rows", "4",
+            *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    assert main([*args, "--set", "decoder.prior_correction=0"]) == 0
+    run = out / "runs" / "Home" / "fold_0" / "tea" / "seed_0"
+    assert json.loads((run / "test_report.json").read_text())["prior_correction"] == 0.0
+    stamp = (run / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main([*args, "--set", "decoder.prior_correction=1"]) == 0  # only the ranking changes
+    assert (run / "final" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    report = json.loads((run / "test_report.json").read_text())
+    assert report["prior_correction"] == 1.0
+    # the ranked answers are those of the model with the correction, scored afresh here
+    products = load_dataset(out / "data" / "Home" / "eval.jsonl", require_label=False).records
+    test = [r for r in products if r.id in set(_fold_ids(None, 0, products))]
+    options = json.loads((out / "data" / "Home" / "candidates.json").read_text())
+    ranked = load_predictor(run / "final", 1.0).predict(test, candidates=options)
+    expected = source_aware_report(gold_examples(test, ranked, {}))
+    assert report["constrained"]["overall"]["f1"] == pytest.approx(expected["overall"]["f1"])
