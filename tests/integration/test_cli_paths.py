@@ -189,8 +189,9 @@ def test_interrupted_experiment_resumes_its_run(tiny_text_ckpt, tmp_path, monkey
     assert (run / "test_report.json").is_file() and (run / "final").is_dir()
     # the report figures of the experiment and of its run: PNGs of a figure's size with something drawn on them
     assert main(["report", str(out)]) == 0
-    assert main(["report", str(run)]) == 0
+    assert main(["report", str(run), "--data", str(catalog["test"])]) == 0
     for png in [out / "report" / "variants_f1.png", out / "report" / "source_aware_variants.png",
-                *[run / "report" / n for n in ("learning_curves.png", "source_aware.png", "attribute_f1.png")]]:
+                *[run / "report" / n for n in ("learning_curves.png", "source_aware.png", "attribute_f1.png",
+                                               "attention_masks.png")]]:
         assert_drawn_png(png)
 
