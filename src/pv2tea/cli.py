@@ -282,6 +282,7 @@ def serve(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).")] = None,
     extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).")] = None,
     extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")] = 1.0,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /predict, GET /health, /ready, /metrics (API description at /docs).
 
@@ -322,7 +323,8 @@ def serve(
                           batch_size=batch_size, limits=limits, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           request_timeout=request_timeout, batching=batching, api_key=api_key, workers=workers,
                           extractor=_load_extractor(extractor),
-                          extractor_weight=extractor_weight)
+                          extractor_weight=extractor_weight,
+                          calibration=_load_calibration(calibration, model, extractor))
     except _expected_errors() as exc:
         _fail(str(exc))
     console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health /ready /metrics, docs at "

@@ -142,3 +142,38 @@ def test_a_ranking_change_rescores_finished_runs_without_retraining(root, tiny_t
     ranked = load_predictor(run / "final", 1.0).predict(test, candidates=options)
     expected = source_aware_report(gold_examples(test, ranked, {}))
     assert report["constrained"]["overall"]["f1"] == pytest.approx(expected["overall"]["f1"])
+
+
+def test_the_service_answers_with_the_calibration(tiny_trained):
+    from fastapi.testclient import TestClient
+
+    from pv2tea.baselines.text_extractor import TfidfTextExtractor
+    from pv2tea.data.validate import load_dataset
+    from pv2tea.inference.calibration import Calibration, Choice
+    from pv2tea.inference.predictor import Predictor
+    from pv2tea.inference.server import create_app
+    from test_server import _inline
+
+    final, catalog = tiny_trained
+    predictor = Predictor.from_checkpoint(final)
+    raw = [json.loads(line) for line in open(catalog["train"]).read().splitlines()][:12]
+    records = load_dataset(catalog["train"]).records[:12]
+    extractor = TfidfTextExtractor().fit(load_dataset(catalog["train"]).records)
+    cands = {a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}}
+    # the model alone on color, the extractor alone on pattern
+    calibration = Calibration(Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, "pooled"),
+                              {"color": Choice(1.0, 1.0, 30, 0, 0, 0, 0, True)})
+    client = TestClient(create_app(predictor, candidates=cands, extractor=extractor, calibration=calibration))
+    response = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw]})
+    assert response.status_code == 200, response.text
+    got = [a["values"] for a in response.json()["predictions"]]
+    priors = extractor.value_probabilities(records)
+    assert got == predictor.predict(records, candidates=cands, priors=priors, calibration=calibration)
+    model_alone = predictor.predict(records, candidates=cands)
+    for r, g, m, prior in zip(records, got, model_alone, priors):
+        if r.attribute == "color":
+            assert g == m
+        else:  # the extractor's most probable option
+            assert g == [max(cands[r.attribute], key=lambda c: prior.get(c.lower(), 0.0))]
+    with pytest.raises(ValueError, match="needs --extractor"):
+        create_app(predictor, candidates=cands, calibration=calibration)

@@ -38,6 +38,7 @@ from pv2tea.data.dataset import Preprocessor
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import validate_rows
 from pv2tea.inference import fusion
+from pv2tea.inference.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
 from pv2tea.serve.batcher import Job, MicroBatcher, QueueFull
 from pv2tea.serve.limits import ImageRejected, Limits, decode_base64, default_workers, open_image, read_image_file
@@ -170,7 +171,7 @@ async def _json(send, status: int, body: dict, headers: Sequence[tuple[bytes, by
 def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mapping | None = None,
                image_root: str | Path | None = None, batch_size: int = 32, max_products: int | None = None,
                extractor: TextExtractor | None = None, extractor_weight: float = 1.0,
-               limits: Limits | None = None, max_wait_ms: float = 5.0, max_queue: int = 256,
+               calibration: Calibration | None = None, limits: Limits | None = None, max_wait_ms: float = 5.0, max_queue: int = 256,
                request_timeout: float = 30.0, batching: bool = True, api_key: str | None = None,
                workers: int | None = None) -> FastAPI:
     """The FastAPI application serving ``predictor``.
@@ -180,9 +181,11 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
     (then 503); a request taking longer than ``request_timeout`` seconds gets 504. ``limits`` bound what a
     request may carry (``max_products`` overrides its product limit). With ``api_key`` every route except
     ``/health`` and ``/ready`` needs it. With ``extractor`` (and ``candidates``) candidate ranking is fused
-    with the extractor's probabilities.
+    with the extractor's probabilities, per attribute as ``calibration`` says when given (``pv2tea calibrate``).
     """
     fusion.check_fusion(candidates, extractor)
+    if calibration is not None and extractor is None:
+        raise ValueError("a calibration weighs the model against a text extractor: it needs --extractor")
     if request_timeout <= 0:
         raise ValueError(f"the request timeout must be > 0 seconds, got {request_timeout}")
     limits = limits or Limits()
@@ -201,7 +204,7 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
         try:
             priors = extractor.value_probabilities(records) if extractor is not None else None
             return serving.predict(records, batch_size, num_beams, candidates=candidates, priors=priors,
-                                   prior_weight=extractor_weight)
+                                   prior_weight=extractor_weight, calibration=calibration)
         finally:
             pre.tensors = {}
 
