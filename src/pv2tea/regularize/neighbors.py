@@ -58,11 +58,11 @@ def approximate_knn(features: np.ndarray, k: int, *, index: str = "ivfpq", chunk
     ``index``: "ivfpq" (inverted lists of 4-bit product-quantized codes scanned with SIMD, faiss
     ``IndexIVFPQFastScan``; the default, chosen by measurement), "ivf" (inverted lists of float32 vectors),
     "hnsw" (a graph, ``IndexHNSWFlat``) or "flat" (exact, chunked). Each row's ``candidates`` best hits
-    (default 4·(k + 1)) are re-ranked by exact cosine against ``features`` itself, so "ivfpq" keeps no normalized
-    copy of the rows ("ivf", "hnsw" and "flat" store one). The inverted lists are trained on a seeded subsample.
-    Before the search, a seeded sample of 256 rows is searched exactly and the index probes more lists (or
-    explores more of the graph) until it finds ``recall`` of the sample's neighbours, so the accuracy does not
-    depend on how clustered the features happen to be. Queries run ``chunk`` rows at a time: memory beyond the
+    (default: 4·(k + 1) for "ivfpq", more when the recall needs them) are re-ranked by exact cosine against
+    ``features`` itself, so "ivfpq" keeps no normalized copy of the rows ("ivf", "hnsw" and "flat" store one). The
+    inverted lists (about √N) are trained on a seeded subsample. Before the search, a seeded sample of 256 rows is
+    searched exactly and the index probes more lists (or explores more of the graph) until it finds ``recall`` of
+    the sample's neighbours, so the accuracy does not depend on how clustered the features happen to be. Queries run ``chunk`` rows at a time: memory beyond the
     index is O(chunk · candidates), and the result does not depend on ``chunk``.
     """
     if index not in KNN_INDEXES:
@@ -72,21 +72,19 @@ def approximate_knn(features: np.ndarray, k: int, *, index: str = "ivfpq", chunk
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
     inv_norm = _inverse_norms(x, chunk)  # (N,)
-    if candidates is None:
-        candidates = 4 * (k + 1) if index == "ivfpq" else k + 1
-    candidates = min(max(candidates, k + 1), n)
     built, settings = _build_index(x, inv_norm, index, chunk, seed, lists)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 256), replace=False))
     truth = _exact_rows(x, inv_norm, sample, k, chunk)  # (256, k)
-    for setting in settings:  # the cheapest setting that finds `recall` of the sample's exact neighbours
+    for setting, factor in settings:  # the cheapest setting that finds `recall` of the sample's exact neighbours
         setting()
-        found = _search_rows(built, x, inv_norm, sample, k, candidates)
+        wanted = min(max(candidates or factor * (k + 1), k + 1), n)
+        found = _search_rows(built, x, inv_norm, sample, k, wanted)
         if _recall(found, truth) >= recall:
             break
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
         out[start:start + chunk] = _search_rows(built, x, inv_norm, np.arange(start, min(start + chunk, n)), k,
-                                                candidates)
+                                                wanted)
     short = np.flatnonzero(out[:, -1] < 0)  # the probed lists held fewer than k other rows
     if len(short):
         out[short] = _exact_rows(x, inv_norm, short, k, chunk)
@@ -118,13 +116,14 @@ def _search_rows(index, x: np.ndarray, inv_norm: np.ndarray, rows: np.ndarray, k
 
 def _build_index(x: np.ndarray, inv_norm: np.ndarray, kind: str, chunk: int, seed: int, lists: int | None):
     """The faiss index over the normalized rows of ``x`` (added ``chunk`` rows at a time), and its search
-    settings from cheapest to most thorough (callables that apply one)."""
+    settings from cheapest to most thorough: (a callable that applies one, candidates per row as a multiple of
+    k + 1). PQ codes rank coarsely, so from 16 lists on "ivfpq" also re-ranks more candidates."""
     n, dim = x.shape
 
     def normalized(rows: np.ndarray | slice) -> np.ndarray:
         return x[rows] * inv_norm[rows, None]
 
-    settings: list = [lambda: None]
+    settings: list = [(lambda: None, 1)]
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -133,7 +132,7 @@ def _build_index(x: np.ndarray, inv_norm: np.ndarray, kind: str, chunk: int, see
 
         def ef(value: int):
             return lambda: setattr(index.hnsw, "efSearch", value)
-        settings = [ef(v) for v in (32, 64, 128, 256, 512)]
+        settings = [(ef(v), 1) for v in (32, 64, 128, 256, 512)]
     else:
         nlist = lists or int(min(max(math.isqrt(n), 16), 8192))  # lists of about √N rows
         quantizer = faiss.IndexFlatIP(dim)
@@ -155,7 +154,10 @@ def _build_index(x: np.ndarray, inv_norm: np.ndarray, kind: str, chunk: int, see
 
         def probe(value: int):
             return lambda: setattr(index, "nprobe", min(value, nlist))
-        settings = [probe(v) for v in (4, 8, 16, 32, 64, 128) if v < nlist] + [probe(nlist)]
+        ladder = ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8), (64, 8), (64, 16), (128, 16), (nlist, 16), (nlist, 32))
+        if kind == "ivf":  # full vectors rank exactly: no more candidates than k + 1 are needed
+            ladder = tuple((lists_, 1) for lists_ in (4, 8, 16, 32, 64, 128, nlist))
+        settings = [(probe(p), f) for p, f in ladder if p <= nlist]
     for start in range(0, n, chunk):
         index.add(normalized(slice(start, start + chunk)))
     return index, settings
