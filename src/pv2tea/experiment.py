@@ -36,7 +36,8 @@ from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
 from pv2tea.regularize.grounding import keep_grounded
-from pv2tea.train.checkpoint import MODEL_FILE, WARM_START_FILE, CheckpointError, warm_start_fingerprint
+from pv2tea.train.checkpoint import (MODEL_FILE, WARM_START_FILE, CheckpointError, checkpoint_exists,
+                                     warm_start_fingerprint)
 from pv2tea.train.loop import multi_value_attributes, train
 
 TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
@@ -209,7 +210,7 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
                                                                  progress=progress)).fit(data.train)
         report = source_aware_report(gold_examples(data.test, extractor.predict(data.test), multi))
     else:
-        resume = (run_dir / "checkpoint").is_dir()
+        resume = checkpoint_exists(run_dir / "checkpoint")
         try:
             result = train(cfg, data.train, run_dir, data.val, resume=resume, progress=progress)
         except CheckpointError:  # a half-written first checkpoint: start over

@@ -33,7 +33,7 @@ from pv2tea.config import load_config, with_settings_of
 from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, NO_IMAGES_KEY, NO_IMAGES_SUFFIX, VARIANTS, Split,
                                 check_same_config, constrain_to_candidates, gold_examples, load_predictor, mean_std,
                                 paired_ttest, run_variant, score_predictor)
-from pv2tea.train.checkpoint import warm_start_fingerprint
+from pv2tea.train.checkpoint import checkpoint_exists, warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
@@ -121,7 +121,7 @@ def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, o
     check_same_config(directory, run_cfg)
     if not (final / "model.safetensors").is_file():
         directory.mkdir(parents=True, exist_ok=True)
-        resume = (directory / "checkpoint").is_dir()
+        resume = checkpoint_exists(directory / "checkpoint")
         log(f"text pretraining: TEA on {len(text_rows)} text-only rows, {cfg.text_pretrain} epoch(s)"
             + (" (resumed)" if resume else ""))
         train(run_cfg, text_rows, directory, resume=resume, progress=False)

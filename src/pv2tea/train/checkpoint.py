@@ -88,8 +88,9 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
 def save_checkpoint(directory: Path, model: torch.nn.Module, cfg: Config, bert_config: dict, preprocess: dict,
                     tokenizer, training: dict[str, Any] | None = None,
                     training_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint folder atomically (a crash leaves the previous one intact)."""
-    directory = Path(directory)
+    """Write a checkpoint folder atomically (a crash leaves the previous one intact: under its own name, or as
+    ``<name>.old`` when the crash fell between the two renames, which every reader here moves back)."""
+    directory = recover_interrupted_save(Path(directory))
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -112,6 +113,21 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, cfg: Config, bert_c
     if old.exists():
         shutil.rmtree(old)
     return directory
+
+
+def recover_interrupted_save(directory: Path) -> Path:
+    """Move ``<name>.old`` back to ``<name>`` when a save died after moving the previous folder aside and before
+    moving the new one in; returns ``directory``."""
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.is_dir():
+        os.replace(old, directory)
+    return directory
+
+
+def checkpoint_exists(directory: Path) -> bool:
+    """A checkpoint folder is there (after :func:`recover_interrupted_save`)."""
+    return recover_interrupted_save(directory).is_dir()
 
 
 class CheckpointWarning(UserWarning):
@@ -174,7 +190,7 @@ def verify_manifest(directory: Path) -> bool:
 
 
 def read_config(directory: Path) -> Config:
-    path = Path(directory) / CONFIG_FILE
+    path = recover_interrupted_save(Path(directory)) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
     verify_manifest(directory)
@@ -182,14 +198,14 @@ def read_config(directory: Path) -> Config:
 
 
 def read_json(directory: Path, name: str) -> Any:
-    path = Path(directory) / name
+    path = recover_interrupted_save(Path(directory)) / name
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {name}")
     return json.loads(path.read_text())
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    path = Path(directory) / MODEL_FILE
+    path = recover_interrupted_save(Path(directory)) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {MODEL_FILE}")
     verify_manifest(directory)  # hashed once per file version (cached): read_config checked the same files
@@ -253,7 +269,8 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    state_path, tensor_path = Path(directory) / STATE_FILE, Path(directory) / OPTIM_FILE
+    directory = recover_interrupted_save(Path(directory))
+    state_path, tensor_path = directory / STATE_FILE, directory / OPTIM_FILE
     if not state_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(f"{directory} holds no training state to resume from")
     return json.loads(state_path.read_text()), load_file(str(tensor_path))
