@@ -143,13 +143,15 @@ def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], l
             rows = [with_image[k] for k in idx]
             row_labels = [labels[i] for i in rows]
             if s.nr_visual == "probe":
-                fit = cross_fitted_probe(features[idx], row_labels, seed=cfg.train.seed)
+                fit = cross_fitted_probe(features[idx], row_labels, seed=cfg.train.seed, fit_rows=s.probe_fit_rows)
                 stats[f"probe_gain_{attribute}"] = fit.gain
                 if fit.gain <= 0:  # the features do not tell this attribute's labels apart: no evidence
                     continue
                 s_v[rows] = fit.reliability
             else:
-                s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match)
+                s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match,
+                                               exact_below=s.knn_exact_below, index=s.knn_index,
+                                               recall=s.knn_recall, seed=cfg.train.seed)
             if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
                 expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
                 s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
