@@ -160,17 +160,19 @@ def test_ranked_departures_compare_with_the_extractors_closed_set_answers():
 def test_headline_and_tables_from_summaries():
     from pv2tea.bench.implicitave import format_tables, headline, summarize_runs
 
-    def report(f1, acc):
-        block = {"overall": {"f1": f1, "accuracy": acc, "precision": f1, "recall": f1},
-                 "by_attribute": {"Color": {"overall": {"f1": f1, "accuracy": acc}}}}
-        return {**block, "constrained": block}
+    def block(f1, acc):
+        return {"overall": {"f1": f1, "accuracy": acc, "precision": f1, "recall": f1},
+                "by_attribute": {"Color": {"overall": {"f1": f1, "accuracy": acc}}}}
+
+    def report(f1, acc):  # free generation scores 10 under the ranked answers
+        return {**block(f1 - 10, acc - 10), "constrained": block(f1, acc)}
 
     summary = summarize_runs([report(40.0, 50.0), report(60.0, 70.0)])
     assert summary["runs"] == 2
-    assert summary["constrained"]["f1"]["mean"] == 50.0
+    assert summary["constrained"]["f1"]["mean"] == 50.0 and summary["open"]["f1"]["mean"] == 40.0
     assert summary["constrained"]["f1"]["std"] == pytest.approx(14.1421, abs=1e-3)
     results = {"domains": {"Home": {"pv2tea": summary}}}
-    assert headline(results) == {"domains": {"Home": {"pv2tea": {"f1": 50.0, "accuracy": 60.0, "f1_open": 50.0}}}}
+    assert headline(results) == {"domains": {"Home": {"pv2tea": {"f1": 50.0, "accuracy": 60.0, "f1_open": 40.0}}}}
     assert "| pv2tea | 2 | 50.0 ± 14.1 |" in format_tables(results)
 
 
