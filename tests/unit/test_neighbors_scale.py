@@ -169,6 +169,12 @@ def test_probe_subsample_path_close_to_exact_fits():
 def test_growth_exponent():
     assert growth_exponent([1e4, 1e5, 1e6], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
     assert growth_exponent([1e4, 1e5], [1.0, 100.0]) == pytest.approx(2.0)
+    assert growth_exponent([1e6], [47.0]) is None  # one size: no exponent (the JSON line says null, never NaN)
+    from pv2tea.bench.neighbors import format_table
+
+    one = {"neighbors": {"1000000": {"seconds": 47.0, "cpu_seconds": 86.1, "peak_gib": 1.38, "recall": 0.989}},
+           "exponent": None, "cpu_exponent": None}
+    assert "no growth exponent" in format_table(one)
 
 
 def test_bench_neighbors_prints_json_last(capsys):

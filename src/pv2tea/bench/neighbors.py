@@ -130,10 +130,10 @@ def measure_in_subprocess(n: int, cfg: NeighborBenchConfig) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def growth_exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
-    """The least-squares slope of log seconds on log N (1: linear growth); NaN with fewer than two sizes."""
+def growth_exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float | None:
+    """The least-squares slope of log seconds on log N (1: linear growth); None with fewer than two sizes."""
     if len(sizes) < 2:
-        return float("nan")
+        return None
     return float(np.polyfit(np.log(sizes), np.log(np.maximum(seconds, 1e-9)), 1)[0])
 
 
@@ -151,7 +151,8 @@ def run_neighbor_bench(cfg: NeighborBenchConfig, log: Callable[[str], None] = pr
     sizes = [int(n) for n in results]
     exponent = growth_exponent(sizes, [results[str(n)]["seconds"] for n in sizes])
     cpu_exponent = growth_exponent(sizes, [results[str(n)]["cpu_seconds"] for n in sizes])
-    return {"neighbors": results, "exponent": round(exponent, 3), "cpu_exponent": round(cpu_exponent, 3)}
+    return {"neighbors": results, "exponent": None if exponent is None else round(exponent, 3),
+            "cpu_exponent": None if cpu_exponent is None else round(cpu_exponent, 3)}
 
 
 def format_table(result: dict) -> str:
@@ -160,8 +161,11 @@ def format_table(result: dict) -> str:
     for n, r in result["neighbors"].items():
         lines.append(f"| {int(n):,} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} "
                      f"| {r['recall']:.3f} |")
-    lines.append(f"\nfitted growth exponent (log seconds on log N): {result['exponent']:.2f} wall, "
-                 f"{result['cpu_exponent']:.2f} CPU")
+    if result["exponent"] is not None:
+        lines.append(f"\nfitted growth exponent (log seconds on log N): {result['exponent']:.2f} wall, "
+                     f"{result['cpu_exponent']:.2f} CPU")
+    else:
+        lines.append("\n(one size: no growth exponent)")
     return "\n".join(lines)
 
 
