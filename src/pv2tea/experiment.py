@@ -164,15 +164,14 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         cfg = load_config(base_config, [*overrides, *VARIANTS[name], f"train.seed={seed}"])
         check_same_config(run_dir, cfg)
         tau = cfg.decoder.prior_correction
-    if report_path.is_file() and candidates and tau is not None and (run_dir / "final").is_dir():
-        old = json.loads(report_path.read_text())
-        if old.get("prior_correction", 0.0) != tau:  # ranked with other settings: every report made again
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if (candidates and tau is not None and (run_dir / "final").is_dir()
+                and report.get("prior_correction", 0.0) != tau):  # ranked with other settings: every report anew
             report = _model_reports(load_predictor(run_dir / "final", tau, data.train), data, multi, candidates,
                                     priors)
             write_report(report, report_path)
             return report
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
         labelled = _has_labels(data.test)
         want_keep = "keep_grounded" not in report and labelled
         want_fused = "fused" not in report and bool(candidates) and priors is not None

@@ -58,13 +58,9 @@ def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping
         cache.write_text(json.dumps(stored, allow_nan=False))
     scores = [None if row is None else (row["candidates"], np.array(row["model"])) for row in stored["rows"]]
     rows, left_out = scored_rows(records, scores, priors)
-    out: FoldRows = [None] * len(records)
-    it = iter(rows)
+    kept = iter(rows)  # in record order, without the left-out records
     skipped = set(left_out)
-    for i in range(len(records)):
-        if i not in skipped:
-            out[i] = next(it)
-    return out
+    return [None if i in skipped else next(kept) for i in range(len(records))]
 
 
 def _answers(rows: FoldRows, records: Sequence[Record], calibration: Calibration) -> list[list[str]]:
