@@ -45,9 +45,13 @@ def test_models_save_their_label_counts_and_rank_with_the_correction(tiny_traine
         expected = lp0 - label_log_prior(corrected_predictor.pre, "pattern", cands)  # (C,)
         expected -= np.log(np.exp(expected).sum())
         assert lp1 == pytest.approx(expected, abs=1e-9)
-    # the ranked answers follow the corrected scores
+    # the ranked answers follow the corrected scores: a prior that makes the plain favourite very common moves them
+    favourite = plain[0][0][int(np.argmax(plain[0][1]))]
+    corrected_predictor.pre.value_counts = {"pattern": {favourite: 10 ** 6}}
+    corrected = corrected_predictor.candidate_log_probs(test, options)
     ranked = corrected_predictor.predict(test, candidates=options)
     assert ranked == [[c[int(np.argmax(lp))]] for c, lp in corrected]
+    assert ranked[0] != [favourite]
     # a model saved without counts (older pv2tea) ranks by likelihood alone, or takes the counts it is given
     corrected_predictor.pre.value_counts = {}
     assert corrected_predictor.predict(test, candidates=options) == [[c[int(np.argmax(lp))]] for c, lp in plain]
