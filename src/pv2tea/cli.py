@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,8 +22,12 @@ if TYPE_CHECKING:  # annotations only: the data modules load with the commands t
 
     from pv2tea.data.schema import Record
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="PV2TEA: multimodal product attribute value extraction trained on weak text labels.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="PV2TEA: multimodal product attribute value extraction trained on weak text labels.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Dataset tools: synthetic catalog, validation.")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True, soft_wrap=True)
@@ -53,8 +57,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pv2tea.train.checkpoint import CheckpointError
     from pv2tea.train.loop import TrainingError
 
-    return (ConfigError, DataValidationError, WeightLoadError, CheckpointError, TrainingError, ImageLoadError,
-            SynonymFileError, FileNotFoundError, ValueError)
+    return (
+        ConfigError,
+        DataValidationError,
+        WeightLoadError,
+        CheckpointError,
+        TrainingError,
+        ImageLoadError,
+        SynonymFileError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def _load(path: Path, skip_invalid: bool, require_label: bool = True):
@@ -64,7 +77,9 @@ def _load(path: Path, skip_invalid: bool, require_label: bool = True):
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if result.n_skipped:
-        console.print(f"[yellow]skipped {result.n_skipped} invalid row(s) of {escape(str(path))}[/] (see data_report.json)")
+        console.print(
+            f"[yellow]skipped {result.n_skipped} invalid row(s) of {escape(str(path))}[/] (see data_report.json)"
+        )
     return result
 
 
@@ -92,8 +107,9 @@ def _predict(model: Path, records, batch_size: int, num_beams: int | None, candi
     """Load a checkpoint and extract values for records (evaluate)."""
     from pv2tea.inference.predictor import Predictor
 
-    return Predictor.from_checkpoint(model).predict(records, batch_size=batch_size, num_beams=num_beams,
-                                                    progress=True, candidates=_read_candidates(candidates))
+    return Predictor.from_checkpoint(model).predict(
+        records, batch_size=batch_size, num_beams=num_beams, progress=True, candidates=_read_candidates(candidates)
+    )
 
 
 def _load_extractor(path: Path | None):
@@ -111,34 +127,50 @@ def _load_calibration(path: Path | None, model: Path, extractor: Path | None):
     if path is None:
         return None
     if extractor is None:
-        raise ValueError("--calibration weighs the model against a text extractor: it needs --extractor (and "
-                         "--candidates)")
+        raise ValueError(
+            "--calibration weighs the model against a text extractor: it needs --extractor (and --candidates)"
+        )
     from pv2tea.inference.calibration import load_calibration
     from pv2tea.train.checkpoint import warm_start_fingerprint
 
     calibration = load_calibration(path)
     made_for = calibration.meta.get("model_sha256")
     if made_for and made_for != warm_start_fingerprint(model):
-        console.print(f"[yellow]warning:[/] {escape(str(path))} was calibrated for another model "
-                      f"({escape(str(calibration.meta.get('model')))}); run pv2tea calibrate for {escape(str(model))}",
-                      highlight=False)
+        console.print(
+            f"[yellow]warning:[/] {escape(str(path))} was calibrated for another model "
+            f"({escape(str(calibration.meta.get('model')))}); run pv2tea calibrate for {escape(str(model))}",
+            highlight=False,
+        )
     return calibration
 
 
 def _data_report(*results) -> dict:
-    return {r.path: {"rows_loaded": len(r.records), "rows_skipped": r.n_skipped,
-                     "skipped": [str(e) for e in r.skipped], "warnings": r.warnings} for r in results}
+    return {
+        r.path: {
+            "rows_loaded": len(r.records),
+            "rows_skipped": r.n_skipped,
+            "skipped": [str(e) for e in r.skipped],
+            "warnings": r.warnings,
+        }
+        for r in results
+    }
 
 
 @app.command()
 def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training data (JSONL/CSV/Parquet) with weak labels.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (config, metrics, logs, checkpoints).")],
-    val_file: Annotated[Optional[Path], typer.Option("--val", help="Validation data, scored each epoch.")] = None,
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Preset name (cpu, paper) or YAML file.")] = "cpu",
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. optim.lr=1e-4.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip bad rows and count them in the run report.")] = False,
+    val_file: Annotated[Path | None, typer.Option("--val", help="Validation data, scored each epoch.")] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="Preset name (cpu, paper) or YAML file.")
+    ] = "cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. optim.lr=1e-4.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")
+    ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Skip bad rows and count them in the run report.")
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train PV2TEA on weakly labelled products (on several processes under torchrun or accelerate launch)."""
@@ -161,8 +193,15 @@ def train(
         train_data = _load(train_file, skip_invalid)
         val_data = _load(val_file, skip_invalid) if val_file else None
         results = [train_data] + ([val_data] if val_data else [])
-        result = run_training(cfg, train_data.records, out, val_data.records if val_data else [], resume=resume,
-                              progress=progress, data_report=_data_report(*results))
+        result = run_training(
+            cfg,
+            train_data.records,
+            out,
+            val_data.records if val_data else [],
+            resume=resume,
+            progress=progress,
+            data_report=_data_report(*results),
+        )
     except _expected_errors() as exc:
         _fail(str(exc))
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: rank 0 reports
@@ -178,11 +217,17 @@ def train(
 def evaluate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder (a run's final/ or checkpoint/).")],
     data: Annotated[Path, typer.Option("--data", help="Products with gold values (and sources).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the JSON report.")] = None,
-    synonyms: Annotated[Optional[Path], typer.Option("--synonyms", help="JSON/YAML synonym map.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the JSON report.")] = None,
+    synonyms: Annotated[Path | None, typer.Option("--synonyms", help="JSON/YAML synonym map.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
-    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
+    num_beams: Annotated[int | None, typer.Option(min=1)] = None,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(
+            "--candidates",
+            help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.",
+        ),
+    ] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
     """Score a model against gold values: P/R/F1 overall, by source (text/image) with the GAP, per attribute."""
@@ -202,8 +247,16 @@ def evaluate(
         for attr, several in multi_value_attributes(records).items():
             multi[attr] = multi.get(attr, False) or several
         preds = _predict(model, records, batch_size, num_beams, candidates)
-        examples = [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
-                            multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
+        examples = [
+            Example(
+                gold=tuple(r.gold),
+                pred=tuple(p),
+                source=r.source,
+                attribute=r.attribute,
+                multi_value=multi.get(r.attribute, False),
+            )
+            for r, p in zip(records, preds)
+        ]
         report = source_aware_report(examples, syn)
         report["skipped_rows"] = dataset.n_skipped
     except _expected_errors() as exc:
@@ -220,15 +273,44 @@ def predict(
     data: Annotated[Path, typer.Option("--data", help="Products (label/gold not needed).")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL: one line per row with the predicted values.")],
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    num_beams: Annotated[Optional[int], typer.Option(min=1)] = None,
-    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
+    num_beams: Annotated[int | None, typer.Option(min=1)] = None,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(
+            "--candidates",
+            help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.",
+        ),
+    ] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
-    keep_grounded: Annotated[bool, typer.Option("--keep-grounded", help="Keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.")] = False,
+    keep_grounded: Annotated[
+        bool,
+        typer.Option(
+            "--keep-grounded",
+            help="Keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.",
+        ),
+    ] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")] = 4096,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.")] = False,
-    extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor (pv2tea weak-label ... --save DIR): rank each row's candidates by the model's likelihood times the extractor's probability (needs --candidates).")] = None,
-    extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion (0: the model alone).")] = 1.0,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).")] = None,
+    extractor: Annotated[
+        Path | None,
+        typer.Option(
+            "--extractor",
+            help="A saved text extractor (pv2tea weak-label ... --save DIR): rank each row's candidates by the model's likelihood times the extractor's probability (needs --candidates).",
+        ),
+    ] = None,
+    extractor_weight: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Weight of the extractor's log-probability in --extractor fusion (0: the model alone)."
+        ),
+    ] = 1.0,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).",
+        ),
+    ] = None,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
     _quiet_libraries()
@@ -242,19 +324,31 @@ def predict(
         text_extractor = _load_extractor(extractor)
         dataset = _load(data, skip_invalid, require_label=False)
         if keep_grounded and not any(r.label for r in dataset.records):
-            raise ValueError(f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; "
-                             "no row has one")
-        result = predict_to_file(Predictor.from_checkpoint(model), dataset.records, out, batch_size=batch_size,
-                                 num_beams=num_beams, candidates=_read_candidates(candidates),
-                                 keep_grounded=keep_grounded, chunk_size=chunk_size, resume=resume,
-                                 extractor=text_extractor, extractor_weight=extractor_weight,
-                                 calibration=calib)
+            raise ValueError(
+                f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; no row has one"
+            )
+        result = predict_to_file(
+            Predictor.from_checkpoint(model),
+            dataset.records,
+            out,
+            batch_size=batch_size,
+            num_beams=num_beams,
+            candidates=_read_candidates(candidates),
+            keep_grounded=keep_grounded,
+            chunk_size=chunk_size,
+            resume=resume,
+            extractor=text_extractor,
+            extractor_weight=extractor_weight,
+            calibration=calib,
+        )
     except _expected_errors() as exc:
         _fail(str(exc))
-    console.print(f"{result.written + result.resumed} prediction(s) written to {out}"
-                  + (f" ({result.resumed} from the interrupted run)" if result.resumed else "")
-                  + (f"; {result.kept} grounded label(s) kept" if keep_grounded else "")
-                  + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else ""))
+    console.print(
+        f"{result.written + result.resumed} prediction(s) written to {out}"
+        + (f" ({result.resumed} from the interrupted run)" if result.resumed else "")
+        + (f"; {result.kept} grounded label(s) kept" if keep_grounded else "")
+        + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else "")
+    )
 
 
 @app.command()
@@ -262,43 +356,121 @@ def serve(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")],
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder whose files requests may name in 'image_paths' (default: inline images only); paths and symlinks leaving it are refused.")] = None,
-    candidates: Annotated[Optional[Path], typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.")] = None,
-    batch_size: Annotated[int, typer.Option("--max-batch", "--batch-size", min=1, help="Most rows in one model batch; concurrent requests are coalesced up to it.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch waits for more requests before it runs.")] = 5.0,
-    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Coalesce concurrent requests (off: one request per model batch).")] = True,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait for the model; beyond, 503 with Retry-After.")] = 256,
-    request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.001, help="Seconds before a request is answered 504.")] = 30.0,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--image-root",
+            help="Folder whose files requests may name in 'image_paths' (default: inline images only); paths and symlinks leaving it are refused.",
+        ),
+    ] = None,
+    candidates: Annotated[
+        Path | None,
+        typer.Option(
+            "--candidates",
+            help="JSON {category: {attribute: [values]}} or {attribute: [values]}: rank these instead of free generation.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            "--batch-size",
+            min=1,
+            help="Most rows in one model batch; concurrent requests are coalesced up to it.",
+        ),
+    ] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch waits for more requests before it runs.")
+    ] = 5.0,
+    batching: Annotated[
+        bool,
+        typer.Option(
+            "--batching/--no-batching", help="Coalesce concurrent requests (off: one request per model batch)."
+        ),
+    ] = True,
+    max_queue: Annotated[
+        int,
+        typer.Option("--max-queue", min=1, help="Requests that may wait for the model; beyond, 503 with Retry-After."),
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", min=0.001, help="Seconds before a request is answered 504.")
+    ] = 30.0,
     max_products: Annotated[int, typer.Option(min=1, help="Most products one request may carry (413).")] = 1024,
-    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Largest request body (413).")] = 64 * 2**20,
-    max_text_chars: Annotated[int, typer.Option("--max-text-chars", min=1, help="Longest product text, in characters (422).")] = 20_000,
-    max_images: Annotated[int, typer.Option("--max-images", min=1, help="Most images per product, inline and by path (422).")] = 8,
-    max_image_bytes: Annotated[int, typer.Option("--max-image-bytes", min=1, help="Largest encoded image file (422).")] = 20 * 2**20,
-    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", min=1, help="Most pixels (width × height) of one image, read from its header before decoding (422).")] = 40_000_000,
-    image_formats: Annotated[str, typer.Option("--image-formats", help="Comma-separated image formats allowed (Pillow names) (422).")] = "JPEG,PNG,WEBP,GIF,BMP,TIFF",
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")] = None,
-    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="File holding an API key that /predict and /metrics require (or set PV2TEA_API_KEY); /health and /ready stay open.")] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level (warning: no access log).")] = "info",
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).")] = None,
-    extractor: Annotated[Optional[Path], typer.Option("--extractor", help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).")] = None,
-    extractor_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")] = 1.0,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Largest request body (413).")] = 64
+    * 2**20,
+    max_text_chars: Annotated[
+        int, typer.Option("--max-text-chars", min=1, help="Longest product text, in characters (422).")
+    ] = 20_000,
+    max_images: Annotated[
+        int, typer.Option("--max-images", min=1, help="Most images per product, inline and by path (422).")
+    ] = 8,
+    max_image_bytes: Annotated[
+        int, typer.Option("--max-image-bytes", min=1, help="Largest encoded image file (422).")
+    ] = 20 * 2**20,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option(
+            "--max-image-pixels",
+            min=1,
+            help="Most pixels (width × height) of one image, read from its header before decoding (422).",
+        ),
+    ] = 40_000_000,
+    image_formats: Annotated[
+        str, typer.Option("--image-formats", help="Comma-separated image formats allowed (Pillow names) (422).")
+    ] = "JPEG,PNG,WEBP,GIF,BMP,TIFF",
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="File holding an API key that /predict and /metrics require (or set PV2TEA_API_KEY); /health and /ready stay open.",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="uvicorn's log level (warning: no access log).")
+    ] = "info",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).",
+        ),
+    ] = None,
+    extractor: Annotated[
+        Path | None,
+        typer.Option(
+            "--extractor",
+            help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).",
+        ),
+    ] = None,
+    extractor_weight: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")
+    ] = 1.0,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: POST /predict, GET /health, /ready, /metrics (API description at /docs).
 
     SIGTERM finishes the requests in flight, refuses new connections and exits 0.
     """
     _quiet_libraries()
+    import signal
+    import threading
+
+    import torch
     import uvicorn
 
     from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
-    import signal
-    import threading
-
-    import torch
-
     from pv2tea.serve.limits import Limits
 
     if threads is not None:
@@ -314,29 +486,48 @@ def serve(
             _fail(f"--api-key-file {api_key_file} is empty")
     try:
         check_fusion(candidates, extractor)
-        limits = Limits(max_body_bytes=max_body_bytes, max_products=max_products, max_text_chars=max_text_chars,
-                        max_images_per_product=max_images, max_image_bytes=max_image_bytes,
-                        max_image_pixels=max_image_pixels, formats=tuple(image_formats.split(",")))
+        limits = Limits(
+            max_body_bytes=max_body_bytes,
+            max_products=max_products,
+            max_text_chars=max_text_chars,
+            max_images_per_product=max_images,
+            max_image_bytes=max_image_bytes,
+            max_image_pixels=max_image_pixels,
+            formats=tuple(image_formats.split(",")),
+        )
         predictor = Predictor.from_checkpoint(model)
         cands = _read_candidates(candidates)
-        app_ = create_app(predictor, model_name=str(model), candidates=cands, image_root=image_root,
-                          batch_size=batch_size, limits=limits, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                          request_timeout=request_timeout, batching=batching, api_key=api_key, workers=workers,
-                          extractor=_load_extractor(extractor),
-                          extractor_weight=extractor_weight,
-                          calibration=_load_calibration(calibration, model, extractor))
+        app_ = create_app(
+            predictor,
+            model_name=str(model),
+            candidates=cands,
+            image_root=image_root,
+            batch_size=batch_size,
+            limits=limits,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            request_timeout=request_timeout,
+            batching=batching,
+            api_key=api_key,
+            workers=workers,
+            extractor=_load_extractor(extractor),
+            extractor_weight=extractor_weight,
+            calibration=_load_calibration(calibration, model, extractor),
+        )
     except _expected_errors() as exc:
         _fail(str(exc))
-    console.print(f"serving {model} on http://{host}:{port} (POST /predict, GET /health /ready /metrics, docs at "
-                  f"/docs){'; API key required' if api_key else ''}", highlight=False)
+    console.print(
+        f"serving {model} on http://{host}:{port} (POST /predict, GET /health /ready /metrics, docs at "
+        f"/docs){'; API key required' if api_key else ''}",
+        highlight=False,
+    )
     # uvicorn answers SIGTERM by finishing the requests in flight and closing the socket, then raises the signal
     # again to exit; a handler of ours takes that second one, so a graceful stop exits 0
     stopped: list[int] = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(sig)) if main_thread else None
     try:
-        uvicorn.run(app_, host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=int(request_timeout) + 5)
+        uvicorn.run(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(request_timeout) + 5)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -390,11 +581,18 @@ data_app.add_typer(import_app, name="import")
 
 @import_app.command("implicitave")
 def data_import_implicitave(
-    root: Annotated[Path, typer.Argument(help="ImplicitAVE checkout (holds data/evaluation_data, data/training_data).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: <Domain>/{train_text,val_text,eval}.jsonl, "
-                                                    "candidates.json, manifest.json.")],
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip and count bad rows instead of failing.")]
-    = False,
+    root: Annotated[
+        Path, typer.Argument(help="ImplicitAVE checkout (holds data/evaluation_data, data/training_data).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output folder: <Domain>/{train_text,val_text,eval}.jsonl, candidates.json, manifest.json."
+        ),
+    ],
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Skip and count bad rows instead of failing.")
+    ] = False,
 ) -> None:
     """Import ImplicitAVE: text-only training rows, multimodal evaluation rows, candidate values."""
     from pv2tea.data.implicitave import import_implicitave
@@ -407,9 +605,11 @@ def data_import_implicitave(
         rows = ", ".join(f"{split} {n}" for split, n in entry["rows"].items())
         sources = entry["sources"]
         options = entry["options"]["file"] or "none"
-        out_console.print(f"{domain}: {rows}; eval source text {sources['text']} / image {sources['image']}; "
-                          f"options {options}" + (f"; {entry['n_skipped']} row(s) skipped" if entry["n_skipped"] else ""),
-                          highlight=False)
+        out_console.print(
+            f"{domain}: {rows}; eval source text {sources['text']} / image {sources['image']}; "
+            f"options {options}" + (f"; {entry['n_skipped']} row(s) skipped" if entry["n_skipped"] else ""),
+            highlight=False,
+        )
     console.print(f"wrote {Path(out) / 'manifest.json'}")
 
 
@@ -417,9 +617,9 @@ def data_import_implicitave(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the catalog and the run.")] = Path("demo_out"),
     n_products: Annotated[int, typer.Option(min=20)] = 500,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Default: the cpu preset's.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the cpu preset's.")] = None,
     seed: int = 0,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Extra dotted config overrides.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Extra dotted config overrides.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Synthetic catalog → train PV2TEA on weak text labels → source-aware comparison on gold."""
@@ -428,11 +628,11 @@ def demo(
     from pv2tea.data.synth import make_catalog
     from pv2tea.eval.metrics import source_aware_report
     from pv2tea.eval.report import compare_table, format_report_table, write_report
+    from pv2tea.experiment import gold_examples, keep_grounded_report
+    from pv2tea.inference.predictor import Predictor
+    from pv2tea.regularize.grounding import keep_grounded
     from pv2tea.train.loop import evaluate_records, multi_value_attributes
     from pv2tea.train.loop import train as run_training
-    from pv2tea.inference.predictor import Predictor
-    from pv2tea.experiment import gold_examples, keep_grounded_report
-    from pv2tea.regularize.grounding import keep_grounded
 
     t0 = time.time()
     try:
@@ -445,14 +645,21 @@ def demo(
         if (run_dir / "checkpoint").exists():
             _fail(f"{run_dir} already holds a run; remove it or choose another --out")
         t1 = time.time()
-        result = run_training(cfg, train_data.records, run_dir, val_data.records, progress=progress,
-                              data_report=_data_report(train_data, val_data))
+        result = run_training(
+            cfg,
+            train_data.records,
+            run_dir,
+            val_data.records,
+            progress=progress,
+            data_report=_data_report(train_data, val_data),
+        )
         train_seconds = time.time() - t1
         predictor = Predictor.from_checkpoint(result.final_dir)
         records = test_data.records
         multi = multi_value_attributes(records)
-        model_report, preds = evaluate_records(predictor.model, predictor.pre, records, cfg.train.eval_batch_size,
-                                               multi)
+        model_report, preds = evaluate_records(
+            predictor.model, predictor.pre, records, cfg.train.eval_batch_size, multi
+        )
         weak_report = source_aware_report(gold_examples(records, [r.label for r in records], multi))
         kept = keep_grounded(records, preds)
         kept_report = keep_grounded_report(records, preds, multi)
@@ -463,18 +670,37 @@ def demo(
     write_report(kept_report, run_dir / "keep_grounded_test_report.json")
     with open(run_dir / "test_predictions.jsonl", "w") as f:
         for r, p, k in zip(records, preds, kept):
-            f.write(json.dumps({"id": r.id, "gold": list(r.gold), "weak_label": list(r.label), "pred": p,
-                                "pred_keep_grounded": k, "source": r.source}) + "\n")
-    out_console.print(format_report_table(model_report, title="PV2TEA on the test split (gold values)"),
-                      highlight=False)
-    out_console.print(compare_table({"weak text labels": weak_report, "PV2TEA": model_report,
-                                     "PV2TEA + kept labels": kept_report}, metrics=("f1", "accuracy"),
-                                    title="vs the text-rule weak labels it was trained on (+ kept labels: a weak "
-                                          "label its text states is kept, PV2TEA answers the rest)"),
-                      highlight=False)
-    out_console.print(f"catalog {n_products} products, train rows {len(train_data.records)}, "
-                      f"test rows {len(records)}; training {train_seconds:.0f} s, total {time.time() - t0:.0f} s "
-                      f"on {os.cpu_count()} CPU core(s)", highlight=False)
+            f.write(
+                json.dumps(
+                    {
+                        "id": r.id,
+                        "gold": list(r.gold),
+                        "weak_label": list(r.label),
+                        "pred": p,
+                        "pred_keep_grounded": k,
+                        "source": r.source,
+                    }
+                )
+                + "\n"
+            )
+    out_console.print(
+        format_report_table(model_report, title="PV2TEA on the test split (gold values)"), highlight=False
+    )
+    out_console.print(
+        compare_table(
+            {"weak text labels": weak_report, "PV2TEA": model_report, "PV2TEA + kept labels": kept_report},
+            metrics=("f1", "accuracy"),
+            title="vs the text-rule weak labels it was trained on (+ kept labels: a weak "
+            "label its text states is kept, PV2TEA answers the rest)",
+        ),
+        highlight=False,
+    )
+    out_console.print(
+        f"catalog {n_products} products, train rows {len(train_data.records)}, "
+        f"test rows {len(records)}; training {train_seconds:.0f} s, total {time.time() - t0:.0f} s "
+        f"on {os.cpu_count()} CPU core(s)",
+        highlight=False,
+    )
 
 
 def _print_confidence(labelled: Sequence[Record], multi: dict[str, bool]) -> None:
@@ -484,12 +710,15 @@ def _print_confidence(labelled: Sequence[Record], multi: dict[str, bool]) -> Non
     right = [is_correct(Example(r.gold, r.label, r.source, r.attribute, multi[r.attribute])) for r in labelled]
     result = confidence_reliability([r.label_weight for r in labelled], right)
     auc = "undefined (all right or all wrong)" if result["auc"] is None else f"{result['auc']:.3f}"
-    out_console.print(f"extractor confidence (label_weight) vs its labels being right, {len(labelled)} gold row(s): "
-                      f"ROC AUC {auc}", highlight=False)
+    out_console.print(
+        f"extractor confidence (label_weight) vs its labels being right, {len(labelled)} gold row(s): ROC AUC {auc}",
+        highlight=False,
+    )
     for b in result["bins"]:
         accuracy = "–" if b["accuracy"] is None else f"{b['accuracy']:.1f}"
-        out_console.print(f"  confidence {b['low']:.2f}–{b['high']:.2f}: {b['n']:5d} row(s), accuracy {accuracy}",
-                          highlight=False)
+        out_console.print(
+            f"  confidence {b['low']:.2f}–{b['high']:.2f}: {b['n']:5d} row(s), accuracy {accuracy}", highlight=False
+        )
 
 
 @app.command("weak-label")
@@ -498,19 +727,25 @@ def weak_label_cmd(
     data: Annotated[Path, typer.Option("--data", help="Multimodal products to label.")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset (JSONL/CSV/Parquet) with weak labels.")],
     kind: Annotated[str, typer.Option(help="transformer (OpenTag_cls-style) or tfidf.")] = "transformer",
-    text_path: Annotated[Optional[str], typer.Option(help="Local BERT-style checkpoint for the transformer.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    load: Annotated[Optional[Path], typer.Option("--load", help="Use a saved extractor instead of training.")] = None,
-    save: Annotated[Optional[Path], typer.Option("--save", help="Save the trained extractor here.")] = None,
+    text_path: Annotated[str | None, typer.Option(help="Local BERT-style checkpoint for the transformer.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    load: Annotated[Path | None, typer.Option("--load", help="Use a saved extractor instead of training.")] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="Save the trained extractor here.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
     """Train (or load) a text-established extractor and write its predictions as weak labels."""
     _quiet_libraries()
     import dataclasses
 
-    from pv2tea.baselines.text_extractor import (TextExtractorConfig, TfidfExtractorConfig, TfidfTextExtractor,
-                                                 TransformerTextExtractor, evaluate_extractor, load_extractor,
-                                                 weak_label)
+    from pv2tea.baselines.text_extractor import (
+        TextExtractorConfig,
+        TfidfExtractorConfig,
+        TfidfTextExtractor,
+        TransformerTextExtractor,
+        evaluate_extractor,
+        load_extractor,
+        weak_label,
+    )
     from pv2tea.data.readers import write_records
     from pv2tea.eval.report import format_report_table
     from pv2tea.train.loop import multi_value_attributes
@@ -534,8 +769,10 @@ def weak_label_cmd(
                 extractor.save(save)
         labelled = weak_label(extractor, target.records)
         write_records(labelled, out)
-        console.print(f"{len(labelled)} weakly labelled row(s) written to {out} (label_weight: the extractor's "
-                      "confidence; training weighs the rows by it with --set schemes.label_weights=true)")
+        console.print(
+            f"{len(labelled)} weakly labelled row(s) written to {out} (label_weight: the extractor's "
+            "confidence; training weighs the rows by it with --set schemes.label_weights=true)"
+        )
         gold = [r for r in target.records if r.gold]
         if gold:
             multi = multi_value_attributes(gold)
@@ -556,13 +793,42 @@ def _parse_grid(grid: str) -> tuple[float, ...]:
 @app.command()
 def calibrate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder (a run's final/).")],
-    extractor: Annotated[Path, typer.Option("--extractor", help="The saved text extractor the model is deployed next to (pv2tea weak-label ... --save DIR).")],
-    data: Annotated[Path, typer.Option("--data", help="A gold sample: products with 'gold' values the model did not train on (a few hundred rows).")],
-    candidates: Annotated[Path, typer.Option("--candidates", help="JSON {category: {attribute: [values]}} or {attribute: [values]}: the closed value lists ranked.")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the calibration (JSON); pass it to predict --calibration.")] = Path("calibration.json"),
-    z: Annotated[float, typer.Option(min=0.0, help="Guard: keep the model's share on an attribute only when (fixed - broke) >= z * sqrt(fixed + broke) on the sample.")] = 1.0,
-    min_rows: Annotated[int, typer.Option(min=1, help="Attributes with fewer sample rows take the share chosen on the whole sample.")] = 20,
-    grid: Annotated[str, typer.Option(help="Model shares tried (0: the extractor alone, 1: the model alone).")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+    extractor: Annotated[
+        Path,
+        typer.Option(
+            "--extractor",
+            help="The saved text extractor the model is deployed next to (pv2tea weak-label ... --save DIR).",
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", help="A gold sample: products with 'gold' values the model did not train on (a few hundred rows)."
+        ),
+    ],
+    candidates: Annotated[
+        Path,
+        typer.Option(
+            "--candidates",
+            help="JSON {category: {attribute: [values]}} or {attribute: [values]}: the closed value lists ranked.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the calibration (JSON); pass it to predict --calibration.")
+    ] = Path("calibration.json"),
+    z: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Guard: keep the model's share on an attribute only when (fixed - broke) >= z * sqrt(fixed + broke) on the sample.",
+        ),
+    ] = 1.0,
+    min_rows: Annotated[
+        int, typer.Option(min=1, help="Attributes with fewer sample rows take the share chosen on the whole sample.")
+    ] = 20,
+    grid: Annotated[
+        str, typer.Option(help="Model shares tried (0: the extractor alone, 1: the model alone).")
+    ] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
@@ -587,14 +853,27 @@ def calibrate(
         rows, left_out = scored_rows(records, scores, text_extractor.value_probabilities(records))
         if left_out:
             attrs = sorted({records[i].attribute for i in left_out})
-            console.print(f"[yellow]warning:[/] {len(left_out)} row(s) of {escape(str(data))} have no candidate "
-                          f"list in {escape(str(candidates))} and are not used (attributes: "
-                          f"{escape(', '.join(attrs[:5]))}{' …' if len(attrs) > 5 else ''}); they keep the model's "
-                          "free answer at prediction", highlight=False)
-        calibration = fit_calibration(rows, config, meta={
-            "created": today(), "model": str(model), "model_sha256": warm_start_fingerprint(model),
-            "extractor": str(extractor), "sample": str(data), "sample_rows": len(rows),
-            "rows_without_candidates": len(left_out), "skipped_rows": dataset.n_skipped})
+            console.print(
+                f"[yellow]warning:[/] {len(left_out)} row(s) of {escape(str(data))} have no candidate "
+                f"list in {escape(str(candidates))} and are not used (attributes: "
+                f"{escape(', '.join(attrs[:5]))}{' …' if len(attrs) > 5 else ''}); they keep the model's "
+                "free answer at prediction",
+                highlight=False,
+            )
+        calibration = fit_calibration(
+            rows,
+            config,
+            meta={
+                "created": today(),
+                "model": str(model),
+                "model_sha256": warm_start_fingerprint(model),
+                "extractor": str(extractor),
+                "sample": str(data),
+                "sample_rows": len(rows),
+                "rows_without_candidates": len(left_out),
+                "skipped_rows": dataset.n_skipped,
+            },
+        )
         calibration.save(out)
     except _expected_errors() as exc:
         _fail(str(exc))
@@ -602,15 +881,25 @@ def calibrate(
     for col in ("attribute", "rows", "extractor acc", "best λ", "fused acc", "fixed", "broke", "λ deployed"):
         table.add_column(col, justify="left" if col == "attribute" else "right")
     for name, c in [*sorted(calibration.attributes.items()), ("(whole sample)", calibration.pooled)]:
-        acc = (lambda k: f"{100.0 * k / c.rows:.1f}") if c.rows else (lambda k: "–")
+        acc = (lambda k, n=c.rows: f"{100.0 * k / n:.1f}") if c.rows else (lambda k: "–")
         deployed = f"{c.model_weight:g}" + (" (pooled)" if c.source == "pooled" and name != "(whole sample)" else "")
         if c.best_weight > 0 and not c.accepted:
             deployed += " (guard)"
-        table.add_row(name, str(c.rows), acc(c.extractor_correct), f"{c.best_weight:g}", acc(c.fused_correct),
-                      str(c.fixed), str(c.broke), deployed)
+        table.add_row(
+            name,
+            str(c.rows),
+            acc(c.extractor_correct),
+            f"{c.best_weight:g}",
+            acc(c.fused_correct),
+            str(c.fixed),
+            str(c.broke),
+            deployed,
+        )
     out_console.print(table)
-    console.print(f"calibration written to {out}: λ is the model's share (0: the extractor's answer is kept); use it "
-                  f"with pv2tea predict --extractor {extractor} --candidates {candidates} --calibration {out}")
+    console.print(
+        f"calibration written to {out}: λ is the model's share (0: the extractor's answer is kept); use it "
+        f"with pv2tea predict --extractor {extractor} --candidates {candidates} --calibration {out}"
+    )
 
 
 @app.command()
@@ -619,10 +908,12 @@ def experiment(
     val_file: Annotated[Path, typer.Option("--val", help="Validation data.")],
     test_file: Annotated[Path, typer.Option("--test", help="Test data with gold values (and sources).")],
     out: Annotated[Path, typer.Option("--out", help="Experiment folder (re-run to resume).")],
-    variants: Annotated[str, typer.Option(help="Comma-separated variants, or 'all'.")] = "weak_labels,text_extractor,tea,pv2tea",
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated variants, or 'all'.")
+    ] = "weak_labels,text_extractor,tea,pv2tea",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per variant (0..N-1).")] = 3,
-    config: Annotated[Optional[str], typer.Option("--config", "-c")] = "cpu",
-    overrides: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = False,
 ) -> None:
     """Train every variant over seeds; write Table 2/3/7-style tables, t-tests and retrieval."""
@@ -633,8 +924,16 @@ def experiment(
     try:
         split = Split(*(_load(f, False).records for f in (train_file, val_file, test_file)))
         _require_gold(test_file, split.test, "the experiment scores every variant against gold")
-        run_experiment(split, out, names, list(range(seeds)), config, overrides or [], progress,
-                       log=lambda m: console.print(m, highlight=False))
+        run_experiment(
+            split,
+            out,
+            names,
+            list(range(seeds)),
+            config,
+            overrides or [],
+            progress,
+            log=lambda m: console.print(m, highlight=False),
+        )
     except _expected_errors() as exc:
         _fail(str(exc))
     out_console.print((out / "tables.md").read_text(), highlight=False)
@@ -643,8 +942,8 @@ def experiment(
 @app.command()
 def report(
     path: Annotated[Path, typer.Argument(help="A run folder or an experiment folder.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the figures and index.html.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Products whose attention masks to draw.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write the figures and index.html.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Products whose attention masks to draw.")] = None,
 ) -> None:
     """PNG figures (masks, source-aware bars, per-attribute F1, retrieval vs alpha) and one HTML page."""
     _quiet_libraries()
@@ -667,19 +966,39 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("implicitave")
 def bench_implicitave(
     root: Annotated[Path, typer.Argument(help="ImplicitAVE repository root (the folder holding data/).")],
-    out: Annotated[Path, typer.Option("--out", help="Benchmark folder (re-run to resume).")] = Path("bench_implicitave"),
-    domains: Annotated[Optional[str], typer.Option(help="Comma-separated domains; default: all present.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Benchmark folder (re-run to resume).")] = Path(
+        "bench_implicitave"
+    ),
+    domains: Annotated[str | None, typer.Option(help="Comma-separated domains; default: all present.")] = None,
     folds: Annotated[int, typer.Option(min=2, help="k of the k-fold cross-validation over products.")] = 5,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     variants: Annotated[str, typer.Option(help="Comma-separated PV2TEA variants (see `experiment`).")] = "tea,pv2tea",
-    gold_ceiling: Annotated[bool, typer.Option("--gold-ceiling/--no-gold-ceiling", help="Also train on gold labels.")] = True,
-    text_rows: Annotated[int, typer.Option(help="Text-only training rows (image-less samples) per epoch (0: none, -1: all of train.tsv).")] = 1000,
-    text_pool: Annotated[Optional[int], typer.Option(help="Draw the --text-rows afresh each epoch from this many text-only rows (-1: all of train.tsv); default: one fixed sample of --text-rows rows.")] = None,
+    gold_ceiling: Annotated[
+        bool, typer.Option("--gold-ceiling/--no-gold-ceiling", help="Also train on gold labels.")
+    ] = True,
+    text_rows: Annotated[
+        int,
+        typer.Option(help="Text-only training rows (image-less samples) per epoch (0: none, -1: all of train.tsv)."),
+    ] = 1000,
+    text_pool: Annotated[
+        int | None,
+        typer.Option(
+            help="Draw the --text-rows afresh each epoch from this many text-only rows (-1: all of train.tsv); default: one fixed sample of --text-rows rows."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of each fold's run on the products.")] = 5,
-    text_pretrain: Annotated[int, typer.Option(min=0, help="Epochs of a TEA trained once per domain on all its text-only rows, whose text encoder, fusion and decoder start every fold's run (0: none).")] = 6,
-    quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")] = False,
-    config: Annotated[Optional[str], typer.Option("--config", "-c")] = "cpu",
-    overrides: Annotated[Optional[list[str]], typer.Option("--set")] = None,
+    text_pretrain: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Epochs of a TEA trained once per domain on all its text-only rows, whose text encoder, fusion and decoder start every fold's run (0: none).",
+        ),
+    ] = 6,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")
+    ] = False,
+    config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:
     """Weak labels from a TF-IDF text extractor -> k-fold PV2TEA vs TEA vs the extractor, per domain.
 
@@ -690,11 +1009,22 @@ def bench_implicitave(
     from pv2tea.bench.implicitave import BenchConfig, headline, run_bench
 
     try:
-        cfg = BenchConfig(root=root, out=out, domains=[d.strip() for d in domains.split(",")] if domains else None,
-                          folds=folds, seeds=[int(s) for s in seeds.split(",") if s.strip()],
-                          variants=[v.strip() for v in variants.split(",") if v.strip()], gold_ceiling=gold_ceiling,
-                          text_rows=text_rows, text_pool=text_pool, epochs=epochs, text_pretrain=text_pretrain, quick=quick,
-                          config=config, overrides=overrides or [])
+        cfg = BenchConfig(
+            root=root,
+            out=out,
+            domains=[d.strip() for d in domains.split(",")] if domains else None,
+            folds=folds,
+            seeds=[int(s) for s in seeds.split(",") if s.strip()],
+            variants=[v.strip() for v in variants.split(",") if v.strip()],
+            gold_ceiling=gold_ceiling,
+            text_rows=text_rows,
+            text_pool=text_pool,
+            epochs=epochs,
+            text_pretrain=text_pretrain,
+            quick=quick,
+            config=config,
+            overrides=overrides or [],
+        )
         results = run_bench(cfg, log=lambda m: console.print(m, highlight=False))
     except _expected_errors() as exc:
         _fail(str(exc))
@@ -704,7 +1034,9 @@ def bench_implicitave(
 
 @bench_app.command("neighbors")
 def bench_neighbors(
-    quick: Annotated[bool, typer.Option("--quick", help="One process per N instead of the fastest of two (N up to 1M still).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One process per N instead of the fastest of two (N up to 1M still).")
+    ] = False,
     sizes: Annotated[str, typer.Option(help="Comma-separated numbers of rows N.")] = "10000,100000,1000000",
     k: Annotated[int, typer.Option(min=1, help="Neighbours per row (schemes.knn_k).")] = 10,
     dim: Annotated[int, typer.Option(min=2, help="Feature dimensions.")] = 256,
@@ -717,8 +1049,9 @@ def bench_neighbors(
     from pv2tea.bench.neighbors import NeighborBenchConfig, format_table, run_neighbor_bench
 
     try:
-        cfg = NeighborBenchConfig(sizes=tuple(int(n) for n in sizes.split(",") if n.strip()), k=k, dim=dim,
-                                  repeats=1 if quick else 2)
+        cfg = NeighborBenchConfig(
+            sizes=tuple(int(n) for n in sizes.split(",") if n.strip()), k=k, dim=dim, repeats=1 if quick else 2
+        )
         result = run_neighbor_bench(cfg, log=lambda m: console.print(m, highlight=False))
     except (RuntimeError, ValueError) as exc:
         _fail(str(exc))
@@ -732,10 +1065,17 @@ def bench_serve(
     clients: Annotated[int, typer.Option(min=1, help="Concurrent clients of the loaded phase.")] = 32,
     seconds: Annotated[float, typer.Option(min=0.1, help="Duration of the loaded phase.")] = 60.0,
     quick: Annotated[bool, typer.Option("--quick", help="A few seconds per phase (smoke test).")] = False,
-    max_requests: Annotated[int, typer.Option("--max-requests", min=1, help="Request budget of the loaded phase.")] = 100_000,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset file whose rows are sent (default: a small synthetic catalog).")] = None,
+    max_requests: Annotated[
+        int, typer.Option("--max-requests", min=1, help="Request budget of the loaded phase.")
+    ] = 100_000,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset file whose rows are sent (default: a small synthetic catalog)."),
+    ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="The batched server's --max-batch.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="The batched server's --max-wait-ms.")] = 5.0,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", min=0.0, help="The batched server's --max-wait-ms.")
+    ] = 5.0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads of each server.")] = 1,
 ) -> None:
     """The HTTP service under load: micro-batching with N clients vs one request at a time, on loopback.
@@ -748,10 +1088,17 @@ def bench_serve(
     from pv2tea.serve.bench import ServeBenchConfig, format_table, run_serve_bench
 
     try:
-        cfg = ServeBenchConfig(model=model, clients=clients, seconds=5.0 if quick else seconds,
-                               baseline_seconds=3.0 if quick else min(20.0, max(seconds / 3, 3.0)),
-                               max_requests=max_requests, data=data, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                               threads=threads)
+        cfg = ServeBenchConfig(
+            model=model,
+            clients=clients,
+            seconds=5.0 if quick else seconds,
+            baseline_seconds=3.0 if quick else min(20.0, max(seconds / 3, 3.0)),
+            max_requests=max_requests,
+            data=data,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            threads=threads,
+        )
         result = run_serve_bench(cfg, log=lambda m: console.print(m, highlight=False))
     except (RuntimeError, *_expected_errors()) as exc:
         _fail(str(exc))

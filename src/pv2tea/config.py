@@ -11,10 +11,11 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -302,8 +303,9 @@ def with_settings_of(cfg: Config, reference: Config, keys: typing.Iterable[str])
     return out
 
 
-def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = ""
-                       ) -> list[tuple[str, Any, Any]]:
+def config_differences(
+    saved: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, requested value) for every setting that differs between two config dicts.
 
     A key present on one side only counts as a difference with ``None`` on the other side.
@@ -451,8 +453,9 @@ def read_yaml(source: str) -> dict[str, Any]:
     return data
 
 
-def load_config(source: str | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> Config:
+def load_config(
+    source: str | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Config:
     """Resolve a config: ``base`` dict (e.g. a saved run) ← preset/file ← dotted overrides."""
     data: dict[str, Any] = dict(base or {})
     if source:
@@ -487,20 +490,25 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= s.mention_dropout <= 1.0:
         raise ConfigError(f"schemes.mention_dropout must be in [0, 1], got {s.mention_dropout}")
     if s.mention_removal not in MENTION_REMOVALS:
-        raise ConfigError(f"schemes.mention_removal must be one of {', '.join(MENTION_REMOVALS)}, "
-                          f"got '{s.mention_removal}'")
+        raise ConfigError(
+            f"schemes.mention_removal must be one of {', '.join(MENTION_REMOVALS)}, got '{s.mention_removal}'"
+        )
     if s.normalize_within not in NORMALIZE_WITHIN:
-        raise ConfigError(f"schemes.normalize_within must be one of {', '.join(NORMALIZE_WITHIN)}, "
-                          f"got '{s.normalize_within}'")
+        raise ConfigError(
+            f"schemes.normalize_within must be one of {', '.join(NORMALIZE_WITHIN)}, got '{s.normalize_within}'"
+        )
     if cfg.optim.warm_start_lr not in WARM_START_LRS:
-        raise ConfigError(f"optim.warm_start_lr must be one of {', '.join(WARM_START_LRS)}, "
-                          f"got '{cfg.optim.warm_start_lr}'")
+        raise ConfigError(
+            f"optim.warm_start_lr must be one of {', '.join(WARM_START_LRS)}, got '{cfg.optim.warm_start_lr}'"
+        )
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
     if s.knn_index not in KNN_INDEXES or s.knn_exact_below < 0 or not 0.0 < s.knn_recall <= 1.0:
-        raise ConfigError(f"schemes.knn_index must be one of {', '.join(KNN_INDEXES)}, schemes.knn_exact_below "
-                          f">= 0 and schemes.knn_recall in (0, 1]; got '{s.knn_index}', {s.knn_exact_below}, "
-                          f"{s.knn_recall}")
+        raise ConfigError(
+            f"schemes.knn_index must be one of {', '.join(KNN_INDEXES)}, schemes.knn_exact_below "
+            f">= 0 and schemes.knn_recall in (0, 1]; got '{s.knn_index}', {s.knn_exact_below}, "
+            f"{s.knn_recall}"
+        )
     if s.probe_fit_rows < 2:
         raise ConfigError(f"schemes.probe_fit_rows must be >= 2, got {s.probe_fit_rows}")
     if s.nr_visual not in NR_VISUAL:
@@ -508,57 +516,75 @@ def validate(cfg: Config) -> None:
     if s.nr_features == "levels" and not cfg.vision.extra_levels:
         raise ConfigError("schemes.nr_features=levels needs vision.extra_levels (the earlier levels to read)")
     if s.prediction_nr_text not in PREDICTION_NR_TEXTS:
-        raise ConfigError(f"schemes.prediction_nr_text must be one of {', '.join(PREDICTION_NR_TEXTS)}, "
-                          f"got '{s.prediction_nr_text}'")
+        raise ConfigError(
+            f"schemes.prediction_nr_text must be one of {', '.join(PREDICTION_NR_TEXTS)}, got '{s.prediction_nr_text}'"
+        )
     if not 0.0 <= s.ungrounded_weight <= 1.0:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
     if cfg.train.mixed_precision not in MIXED_PRECISIONS:
-        raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
-                          f"got '{cfg.train.mixed_precision}'")
+        raise ConfigError(
+            f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got '{cfg.train.mixed_precision}'"
+        )
     if cfg.train.grad_accumulation_steps < 1:
         raise ConfigError(f"train.grad_accumulation_steps must be >= 1, got {cfg.train.grad_accumulation_steps}")
     if cfg.train.image_less_per_epoch is not None and cfg.train.image_less_per_epoch < 0:
-        raise ConfigError(f"train.image_less_per_epoch must be >= 0 or null (all), "
-                          f"got {cfg.train.image_less_per_epoch}")
+        raise ConfigError(
+            f"train.image_less_per_epoch must be >= 0 or null (all), got {cfg.train.image_less_per_epoch}"
+        )
     if not 0 <= cfg.train.average_epochs <= cfg.train.epochs:
-        raise ConfigError(f"train.average_epochs must be between 0 and train.epochs ({cfg.train.epochs}), "
-                          f"got {cfg.train.average_epochs}")
+        raise ConfigError(
+            f"train.average_epochs must be between 0 and train.epochs ({cfg.train.epochs}), "
+            f"got {cfg.train.average_epochs}"
+        )
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be > 0")
-    for name, layers in (("text", cfg.text.num_layers), ("fusion", cfg.fusion.num_layers),
-                         ("decoder", cfg.decoder.num_layers)):
+    for name, layers in (
+        ("text", cfg.text.num_layers),
+        ("fusion", cfg.fusion.num_layers),
+        ("decoder", cfg.decoder.num_layers),
+    ):
         if layers is not None and layers < 1:
             raise ConfigError(f"{name}.num_layers must be >= 1 (or null: as many as the text checkpoint)")
     if any(level < 0 for level in cfg.vision.extra_levels) or len(set(cfg.vision.extra_levels)) != len(
-            cfg.vision.extra_levels):
+        cfg.vision.extra_levels
+    ):
         raise ConfigError(f"vision.extra_levels must be distinct indices >= 0, got {cfg.vision.extra_levels}")
     if cfg.text.train_layers is not None and cfg.text.train_layers < 1:
-        raise ConfigError(f"text.train_layers={cfg.text.train_layers}: give N >= 1 (or text.freeze=true to train "
-                          "no text layer)")
+        raise ConfigError(
+            f"text.train_layers={cfg.text.train_layers}: give N >= 1 (or text.freeze=true to train no text layer)"
+        )
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")
     if cfg.vision.token_grid is not None and cfg.vision.token_grid < 1:
-        raise ConfigError(f"vision.token_grid must be >= 1 or null (keep the backbone's grid), "
-                          f"got {cfg.vision.token_grid}")
+        raise ConfigError(
+            f"vision.token_grid must be >= 1 or null (keep the backbone's grid), got {cfg.vision.token_grid}"
+        )
     if cfg.fusion.visual_gate is not None and cfg.decoder.attend_context:
-        raise ConfigError("fusion.visual_gate with decoder.attend_context=true: the decoder would read the visual "
-                          "tokens past the gate; set decoder.attend_context=false or fusion.visual_gate=null")
+        raise ConfigError(
+            "fusion.visual_gate with decoder.attend_context=true: the decoder would read the visual "
+            "tokens past the gate; set decoder.attend_context=false or fusion.visual_gate=null"
+        )
     if "{attribute}" not in cfg.fusion.question_template:
         raise ConfigError("fusion.question_template must contain {attribute}")
     if not (isinstance(cfg.decoder.prior_correction, (int, float)) and 0 <= cfg.decoder.prior_correction <= 10):
         raise ConfigError(f"decoder.prior_correction must be a number in [0, 10], got {cfg.decoder.prior_correction!r}")
     if cfg.decoder.value_order not in VALUE_ORDERS:
-        raise ConfigError(f"decoder.value_order must be one of {', '.join(VALUE_ORDERS)}, got '{cfg.decoder.value_order}'")
+        raise ConfigError(
+            f"decoder.value_order must be one of {', '.join(VALUE_ORDERS)}, got '{cfg.decoder.value_order}'"
+        )
     if cfg.decoder.head not in ("generate", "classify"):
         raise ConfigError(f"decoder.head must be 'generate' or 'classify', got '{cfg.decoder.head}'")
     if not cfg.vision.enabled:
-        needs = [name for name in ("contrastive", "category_loss", "attention_pruning", "visual_nr")
-                 if getattr(s, name)]
+        needs = [
+            name for name in ("contrastive", "category_loss", "attention_pruning", "visual_nr") if getattr(s, name)
+        ]
         if needs:
-            raise ConfigError("vision.enabled=false (text-only) cannot use image schemes; also set "
-                              + " ".join(f"schemes.{n}=false" for n in needs))
+            raise ConfigError(
+                "vision.enabled=false (text-only) cannot use image schemes; also set "
+                + " ".join(f"schemes.{n}=false" for n in needs)
+            )
     if s.nr_label_match not in ("exact", "overlap"):
         raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
     if s.nr_chance not in ("none", "soft", "clip"):

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,13 +37,24 @@ from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
 from pv2tea.regularize.grounding import keep_grounded
-from pv2tea.train.checkpoint import (MODEL_FILE, WARM_START_FILE, CheckpointError, checkpoint_exists,
-                                     warm_start_fingerprint)
+from pv2tea.train.checkpoint import (
+    MODEL_FILE,
+    WARM_START_FILE,
+    CheckpointError,
+    checkpoint_exists,
+    warm_start_fingerprint,
+)
 from pv2tea.train.loop import multi_value_attributes, train
 
-TEA = ["vision.enabled=false", "schemes.contrastive=false", "schemes.category_loss=false",
-       "schemes.attention_pruning=false", "schemes.visual_nr=false",
-       "schemes.text_dropout=0", "schemes.mention_dropout=0"]  # both act on image rows only: off, as they are
+TEA = [
+    "vision.enabled=false",
+    "schemes.contrastive=false",
+    "schemes.category_loss=false",
+    "schemes.attention_pruning=false",
+    "schemes.visual_nr=false",
+    "schemes.text_dropout=0",
+    "schemes.mention_dropout=0",
+]  # both act on image rows only: off, as they are
 
 VARIANTS: dict[str, list[str]] = {
     "pv2tea": [],
@@ -87,12 +99,21 @@ def known_variants() -> list[str]:
 
 def gold_examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
     """Predictions paired with the gold values (and sources) of their records, for scoring."""
-    return [Example(gold=tuple(r.gold), pred=tuple(p), source=r.source, attribute=r.attribute,
-                    multi_value=multi.get(r.attribute, False)) for r, p in zip(records, preds)]
+    return [
+        Example(
+            gold=tuple(r.gold),
+            pred=tuple(p),
+            source=r.source,
+            attribute=r.attribute,
+            multi_value=multi.get(r.attribute, False),
+        )
+        for r, p in zip(records, preds)
+    ]
 
 
-def constrain_to_candidates(preds: Sequence[Sequence[str]], records: Sequence[Record],
-                            candidates: Mapping[str, Sequence[str]] | None) -> list[list[str]]:
+def constrain_to_candidates(
+    preds: Sequence[Sequence[str]], records: Sequence[Record], candidates: Mapping[str, Sequence[str]] | None
+) -> list[list[str]]:
     """Keep the predicted values that are options of the row's attribute (a closed-set answer); an attribute without
     a list keeps every value."""
     allowed = {a: {normalize_value(v) for v in vals} for a, vals in (candidates or {}).items()}
@@ -117,7 +138,7 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
         return retrieval_metrics(model.match_scores(batch).numpy())
     image_feats, text_feats = [], []
     for start in range(0, len(products), batch_size):
-        chunk = products[start:start + batch_size]
+        chunk = products[start : start + batch_size]
         batch = pre.collate(chunk, list(range(len(chunk))), list(range(len(chunk))), with_answers=False)
         pooled = model.visual(batch.images).pooled
         text = model.text_encoder(input_ids=batch.text_ids, attention_mask=batch.text_mask).last_hidden_state
@@ -130,8 +151,9 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
 RANKING_ONLY_SETTINGS = ("decoder.prior_correction",)  # change how a trained model ranks candidates, not training
 
 
-def load_predictor(final: Path, prior_correction: float | None = None,
-                   trained_on: Sequence[Record] | None = None) -> Predictor:
+def load_predictor(
+    final: Path, prior_correction: float | None = None, trained_on: Sequence[Record] | None = None
+) -> Predictor:
     """A trained model from its ``final/`` folder, ranking candidates with ``prior_correction`` (None: as saved); a
     model saved without its training label counts gets them from ``trained_on`` (the rows it trained on)."""
     predictor = Predictor.from_checkpoint(final)
@@ -142,10 +164,18 @@ def load_predictor(final: Path, prior_correction: float | None = None,
     return predictor
 
 
-def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str | None,
-                overrides: Sequence[str], progress: bool = False, candidates: Mapping | None = None,
-                run_name: str | None = None, priors: Sequence[Mapping[str, float]] | None = None
-                ) -> dict[str, Any]:
+def run_variant(
+    name: str,
+    seed: int,
+    data: Split,
+    out: Path,
+    base_config: str | None,
+    overrides: Sequence[str],
+    progress: bool = False,
+    candidates: Mapping | None = None,
+    run_name: str | None = None,
+    priors: Sequence[Mapping[str, float]] | None = None,
+) -> dict[str, Any]:
     """Train (or resume, or reuse) one variant/seed and return its test report (+ retrieval).
 
     With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
@@ -166,18 +196,22 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         tau = cfg.decoder.prior_correction
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        if (candidates and tau is not None and (run_dir / "final").is_dir()
-                and report.get("prior_correction", 0.0) != tau):  # ranked with other settings: every report anew
-            report = _model_reports(load_predictor(run_dir / "final", tau, data.train), data, multi, candidates,
-                                    priors)
+        if (
+            candidates
+            and tau is not None
+            and (run_dir / "final").is_dir()
+            and report.get("prior_correction", 0.0) != tau
+        ):  # ranked with other settings: every report anew
+            report = _model_reports(load_predictor(run_dir / "final", tau, data.train), data, multi, candidates, priors)
             write_report(report, report_path)
             return report
         labelled = _has_labels(data.test)
         want_keep = "keep_grounded" not in report and labelled
         want_fused = "fused" not in report and bool(candidates) and priors is not None
         can_fuse = bool(candidates) and priors is not None  # what the fused report needs
-        want_departures = labelled and ("departures" not in report or (
-            can_fuse and "fused" in report and "departures" not in report["fused"]))
+        want_departures = labelled and (
+            "departures" not in report or (can_fuse and "fused" in report and "departures" not in report["fused"])
+        )
         want_no_images = NO_IMAGES_KEY not in report
         if (want_keep or want_fused or want_departures or want_no_images) and (run_dir / "final").is_dir():
             # a run finished before these reports existed: add them from the final model
@@ -205,8 +239,9 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
         from pv2tea.baselines.text_extractor import TextExtractorConfig, TransformerTextExtractor
 
         text_path = load_config(base_config, overrides).text.path  # the same text checkpoint as PV2TEA
-        extractor = TransformerTextExtractor(TextExtractorConfig(text_path=text_path, seed=seed,
-                                                                 progress=progress)).fit(data.train)
+        extractor = TransformerTextExtractor(
+            TextExtractorConfig(text_path=text_path, seed=seed, progress=progress)
+        ).fit(data.train)
         report = source_aware_report(gold_examples(data.test, extractor.predict(data.test), multi))
     else:
         resume = checkpoint_exists(run_dir / "checkpoint")
@@ -223,8 +258,13 @@ def run_variant(name: str, seed: int, data: Split, out: Path, base_config: str |
     return report
 
 
-def _model_reports(predictor: Predictor, data: Split, multi: dict[str, bool], candidates: Mapping | None,
-                   priors: Sequence[Mapping[str, float]] | None) -> dict[str, Any]:
+def _model_reports(
+    predictor: Predictor,
+    data: Split,
+    multi: dict[str, bool],
+    candidates: Mapping | None,
+    priors: Sequence[Mapping[str, float]] | None,
+) -> dict[str, Any]:
     """A trained model's test report with every part: open and ranked answers, retrieval, kept labels, fused with
     the extractor, the images withheld; ``prior_correction`` records how it ranked."""
     report, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
@@ -240,9 +280,9 @@ def _model_reports(predictor: Predictor, data: Split, multi: dict[str, bool], ca
     return report
 
 
-def score_predictor(predictor: Predictor, records: Sequence[Record], multi: dict[str, bool],
-                    candidates: Mapping | None = None
-                    ) -> tuple[dict[str, Any], list[list[str]], list[list[str]] | None]:
+def score_predictor(
+    predictor: Predictor, records: Sequence[Record], multi: dict[str, bool], candidates: Mapping | None = None
+) -> tuple[dict[str, Any], list[list[str]], list[list[str]] | None]:
     """A model's test report against gold: its open answers, with ``candidates`` also its answers ranked among them
     (``constrained``), and where the records carry weak labels, where the answers depart from them (``departures``).
     Returns (report, open answers, ranked answers or None)."""
@@ -258,30 +298,41 @@ def score_predictor(predictor: Predictor, records: Sequence[Record], multi: dict
     return report, preds, ranked
 
 
-def _fused_report(predictor: Predictor, records: Sequence[Record], candidates: Mapping,
-                  priors: Sequence[Mapping[str, float]], multi: dict[str, bool]) -> dict[str, Any]:
+def _fused_report(
+    predictor: Predictor,
+    records: Sequence[Record],
+    candidates: Mapping,
+    priors: Sequence[Mapping[str, float]],
+    multi: dict[str, bool],
+) -> dict[str, Any]:
     """The report of candidates ranked by the model and the text extractor together (late fusion)."""
-    ranked = predictor.predict(records, predictor.model.cfg.train.eval_batch_size, candidates=candidates,
-                               priors=priors)
+    ranked = predictor.predict(records, predictor.model.cfg.train.eval_batch_size, candidates=candidates, priors=priors)
     examples = gold_examples(records, ranked, multi)
     report = source_aware_report(examples)
     if _has_labels(records):
-        report["departures"] = departures(examples, constrain_to_candidates([r.label for r in records], records,
-                                                                            candidates))
+        report["departures"] = departures(
+            examples, constrain_to_candidates([r.label for r in records], records, candidates)
+        )
     return report
 
 
-def _add_departures(report: dict[str, Any], records: Sequence[Record], preds: Sequence[Sequence[str]],
-                    ranked: Sequence[Sequence[str]] | None, multi: dict[str, bool],
-                    candidates: Mapping | None) -> None:
+def _add_departures(
+    report: dict[str, Any],
+    records: Sequence[Record],
+    preds: Sequence[Sequence[str]],
+    ranked: Sequence[Sequence[str]] | None,
+    multi: dict[str, bool],
+    candidates: Mapping | None,
+) -> None:
     """Where the answers depart from the test rows' weak labels, in place: how many the model fixed and broke
     (:func:`pv2tea.eval.metrics.departures`). The open answers are compared with the labels, the answers ranked
     among the candidates with the labels kept to the candidates (the extractor's closed-set answers)."""
     labels = [r.label for r in records]
     report["departures"] = departures(gold_examples(records, preds, multi), labels)
     if ranked is not None and "constrained" in report:
-        report["constrained"]["departures"] = departures(gold_examples(records, ranked, multi),
-                                                         constrain_to_candidates(labels, records, candidates))
+        report["constrained"]["departures"] = departures(
+            gold_examples(records, ranked, multi), constrain_to_candidates(labels, records, candidates)
+        )
 
 
 def _as_saved(data: dict[str, Any]) -> dict[str, Any]:
@@ -303,27 +354,36 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
     try:  # a setting added since the run was made has its default there
         saved = _as_saved(from_dict(upgrade_saved(yaml.safe_load(saved_path.read_text()) or {})).to_dict())
     except (ConfigError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{saved_path} cannot be compared with the requested settings: {exc}. "
-                          f"Choose another --out.") from exc
-    diffs = [(key, a, b) for key, a, b in config_differences(saved, requested)
-             if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)
-             and key != "train.init_from" and key not in RANKING_ONLY_SETTINGS]
-    warm, retrained = _warm_start_difference(run_dir, saved["train"].get("init_from"),
-                                             requested["train"].get("init_from"))
+        raise ConfigError(
+            f"{saved_path} cannot be compared with the requested settings: {exc}. Choose another --out."
+        ) from exc
+    diffs = [
+        (key, a, b)
+        for key, a, b in config_differences(saved, requested)
+        if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)
+        and key != "train.init_from"
+        and key not in RANKING_ONLY_SETTINGS
+    ]
+    warm, retrained = _warm_start_difference(
+        run_dir, saved["train"].get("init_from"), requested["train"].get("init_from")
+    )
     diffs += warm
     if diffs:
         shown = "; ".join(f"{key}: {a!r} there, {b!r} now" for key, a, b in diffs[:5])
         more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
         if retrained:
-            advice = ("Its warm start's weights have changed since: delete that run folder to train it again from "
-                      "them, or choose another --out.")
+            advice = (
+                "Its warm start's weights have changed since: delete that run folder to train it again from "
+                "them, or choose another --out."
+            )
         else:
             advice = "Re-run with the same settings to reuse it, or choose another --out."
         raise ConfigError(f"{saved_path} was made with other settings ({shown}{more}). {advice}")
 
 
-def _warm_start_difference(run_dir: Path, saved: str | None,
-                           requested: str | None) -> tuple[list[tuple[str, Any, Any]], bool]:
+def _warm_start_difference(
+    run_dir: Path, saved: str | None, requested: str | None
+) -> tuple[list[tuple[str, Any, Any]], bool]:
     """``train.init_from`` compared by the weights' content when the run recorded it: a moved warm-start folder
     matches, and a warm start retrained at the same path does not. Returns (the difference, if any; whether it is
     that the warm start's weights changed)."""
@@ -334,8 +394,9 @@ def _warm_start_difference(run_dir: Path, saved: str | None,
             if not isinstance(there, str):
                 raise TypeError(f"sha256 is {there!r}, not a string")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{record} is unreadable ({exc}); delete that run folder or choose another "
-                              f"--out.") from exc
+            raise ConfigError(
+                f"{record} is unreadable ({exc}); delete that run folder or choose another --out."
+            ) from exc
         now = warm_start_fingerprint(Path(requested))
         if there == now:
             return [], False
@@ -343,8 +404,9 @@ def _warm_start_difference(run_dir: Path, saved: str | None,
     return ([] if saved == requested else [("train.init_from", saved, requested)]), False
 
 
-def no_images_report(predictor: Predictor, records: Sequence[Record], multi: dict[str, bool],
-                     candidates: Mapping | None = None) -> dict[str, Any] | None:
+def no_images_report(
+    predictor: Predictor, records: Sequence[Record], multi: dict[str, bool], candidates: Mapping | None = None
+) -> dict[str, Any] | None:
     """The model's test report (open, ranked among ``candidates``, departures) with every product's images withheld:
     compared with its report on the products as they are, what the image adds at test time. None for a model that
     reads no image (TEA)."""
@@ -358,8 +420,9 @@ def _has_labels(records: Sequence[Record]) -> bool:
     return any(r.label for r in records)
 
 
-def keep_grounded_report(records: Sequence[Record], preds: Sequence[Sequence[str]],
-                         multi: dict[str, bool]) -> dict[str, Any]:
+def keep_grounded_report(
+    records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]
+) -> dict[str, Any]:
     """The report of the model deployed next to the labels' extractor: a test row keeps its weak label when its
     text states it, the model answers the others (``pv2tea predict --keep-grounded``)."""
     return source_aware_report(gold_examples(records, keep_grounded(records, preds), multi))
@@ -387,12 +450,14 @@ def summarize(reports: dict[str, list[dict]], reference: str = "pv2tea") -> dict
     for name, runs in reports.items():
         entry: dict[str, Any] = {"seeds": len(runs)}
         entry["overall"] = {m: mean_std([_get(r, "overall", m) for r in runs]) for m in METRICS}
-        entry["by_source"] = {s: {m: mean_std([_get(r, "by_source", s, m) for r in runs]) for m in METRICS}
-                              for s in ("text", "image")}
+        entry["by_source"] = {
+            s: {m: mean_std([_get(r, "by_source", s, m) for r in runs]) for m in METRICS} for s in ("text", "image")
+        }
         entry["gap"] = {m: mean_std([_get(r, "gap", m) for r in runs]) for m in METRICS}
         attrs = sorted({a for r in runs for a in r.get("by_attribute", {})})
-        entry["by_attribute"] = {a: mean_std([_get(r, "by_attribute", a, "overall", "f1") for r in runs])
-                                 for a in attrs}
+        entry["by_attribute"] = {
+            a: mean_std([_get(r, "by_attribute", a, "overall", "f1") for r in runs]) for a in attrs
+        }
         if any(r.get("retrieval") for r in runs):
             keys = sorted({k for r in runs for k in (r.get("retrieval") or {})})
             entry["retrieval"] = {k: mean_std([_get(r, "retrieval", k) for r in runs]) for k in keys}
@@ -424,43 +489,77 @@ def _fmt(cell: dict[str, float | None]) -> str:
 
 def format_tables(summary: dict[str, Any]) -> str:
     """Markdown tables in the layout of the paper's Tables 2, 3/8, 7 and the retrieval study."""
-    lines = ["### Overall (Table 2 style; mean ± std over seeds; p: paired t-test vs pv2tea on F1)", "",
-             "| variant | P | R | F1 | Acc | p |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "### Overall (Table 2 style; mean ± std over seeds; p: paired t-test vs pv2tea on F1)",
+        "",
+        "| variant | P | R | F1 | Acc | p |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, e in summary.items():
         p = e.get("ttest_vs_pv2tea", {}).get("p")
-        lines.append(f"| {name} | " + " | ".join(_fmt(e["overall"][m]) for m in METRICS)
-                     + f" | {'–' if p is None else f'{p:.3g}'} |")
-    lines += ["", "### Source-aware (Table 3 style: F1 by gold-value source and the GAP)", "",
-              "| variant | F1 text | F1 image | GAP F1 | GAP P | GAP R |", "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_fmt(e["overall"][m]) for m in METRICS)
+            + f" | {'–' if p is None else f'{p:.3g}'} |"
+        )
+    lines += [
+        "",
+        "### Source-aware (Table 3 style: F1 by gold-value source and the GAP)",
+        "",
+        "| variant | F1 text | F1 image | GAP F1 | GAP P | GAP R |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, e in summary.items():
-        lines.append(f"| {name} | {_fmt(e['by_source']['text']['f1'])} | {_fmt(e['by_source']['image']['f1'])} | "
-                     f"{_fmt(e['gap']['f1'])} | {_fmt(e['gap']['precision'])} | {_fmt(e['gap']['recall'])} |")
+        lines.append(
+            f"| {name} | {_fmt(e['by_source']['text']['f1'])} | {_fmt(e['by_source']['image']['f1'])} | "
+            f"{_fmt(e['gap']['f1'])} | {_fmt(e['gap']['precision'])} | {_fmt(e['gap']['recall'])} |"
+        )
     if "pv2tea" in summary and "pv2tea_cls" in summary:
-        lines += ["", "### Classification vs generation (Table 7 style)", "", "| head | P | R | F1 |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "### Classification vs generation (Table 7 style)",
+            "",
+            "| head | P | R | F1 |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, label in (("pv2tea_cls", "classification"), ("pv2tea", "generation")):
             o = summary[name]["overall"]
             lines.append(f"| {label} | {_fmt(o['precision'])} | {_fmt(o['recall'])} | {_fmt(o['f1'])} |")
     with_retrieval = {n: e["retrieval"] for n, e in summary.items() if "retrieval" in e}
     if with_retrieval:
-        lines += ["", "### Cross-modal retrieval on test products (Figure 4 style)", "",
-                  "| variant | T@1 | I@1 | T@M | I@M | R@Mean |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "### Cross-modal retrieval on test products (Figure 4 style)",
+            "",
+            "| variant | T@1 | I@1 | T@M | I@M | R@Mean |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for name, r in with_retrieval.items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) for k in
-                                                     ("txt_r1", "img_r1", "txt_r_mean", "img_r_mean", "r_mean")) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_fmt(r[k]) for k in ("txt_r1", "img_r1", "txt_r_mean", "img_r_mean", "r_mean"))
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def run_experiment(data: Split, out: Path, variants: Sequence[str], seeds: Sequence[int],
-                   base_config: str | None = "cpu", overrides: Sequence[str] = (), progress: bool = False,
-                   log=print) -> dict[str, Any]:
+def run_experiment(
+    data: Split,
+    out: Path,
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    base_config: str | None = "cpu",
+    overrides: Sequence[str] = (),
+    progress: bool = False,
+    log=print,
+) -> dict[str, Any]:
     unknown = [v for v in variants if v not in known_variants()]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(known_variants())}")
     out.mkdir(parents=True, exist_ok=True)
     reports: dict[str, list[dict]] = {}
     for name in variants:
-        for seed in ([seeds[0]] if name == "weak_labels" else seeds):
+        for seed in [seeds[0]] if name == "weak_labels" else seeds:
             report = run_variant(name, seed, data, out, base_config, overrides, progress)
             reports.setdefault(name, []).append(report)
             log(f"{name} seed {seed}: F1 {report['overall']['f1']}")
@@ -470,9 +569,19 @@ def run_experiment(data: Split, out: Path, variants: Sequence[str], seeds: Seque
         if all(r.get(NO_IMAGES_KEY) for r in reports[name]):  # and with its test images withheld
             reports[f"{name}{NO_IMAGES_SUFFIX}"] = [r[NO_IMAGES_KEY] for r in reports[name]]
     summary = summarize(reports)
-    (out / "experiment.json").write_text(json.dumps({"variants": list(variants), "seeds": list(seeds),
-                                                     "config": base_config, "overrides": list(overrides),
-                                                     "summary": summary}, indent=2, allow_nan=False))
+    (out / "experiment.json").write_text(
+        json.dumps(
+            {
+                "variants": list(variants),
+                "seeds": list(seeds),
+                "config": base_config,
+                "overrides": list(overrides),
+                "summary": summary,
+            },
+            indent=2,
+            allow_nan=False,
+        )
+    )
     tables = format_tables(summary)
     (out / "tables.md").write_text(tables)
     if "pv2tea" in reports:

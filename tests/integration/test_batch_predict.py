@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -26,12 +25,25 @@ def test_chunks_resume_after_a_crash_and_equal_one_pass(trained, tmp_path, monke
     model, data = trained
     records = load_dataset(data).records
     predictor = Predictor.from_checkpoint(model)
-    expected = "".join(json.dumps(row) + "\n" for row in
-                       prediction_rows(records, predictor.predict(records, 8), keep_grounded=True))
+    expected = "".join(
+        json.dumps(row) + "\n" for row in prediction_rows(records, predictor.predict(records, 8), keep_grounded=True)
+    )
     assert len(records) > 12
     out = tmp_path / "preds.jsonl"
-    args = ["predict", "--model", str(model), "--data", str(data), "--out", str(out), "--keep-grounded",
-            "--batch-size", "8", "--chunk-size", "5"]
+    args = [
+        "predict",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--keep-grounded",
+        "--batch-size",
+        "8",
+        "--chunk-size",
+        "5",
+    ]
     assert main(args) == 0
     assert out.read_text() == expected and not (tmp_path / "preds.jsonl.partial").exists()
 
@@ -85,8 +97,9 @@ def test_predict_fused_with_a_saved_extractor(trained, tmp_path, capsys):
     model, data = trained
     records = load_dataset(data).records
     extractor_dir = TfidfTextExtractor().fit(records).save(tmp_path / "extractor")
-    values = {a: sorted({v for r in records if r.attribute == a for v in r.label})
-              for a in {r.attribute for r in records}}
+    values = {
+        a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}
+    }
     cands = tmp_path / "cands.json"
     cands.write_text(json.dumps(values))
     out = tmp_path / "fused.jsonl"
@@ -99,8 +112,10 @@ def test_predict_fused_with_a_saved_extractor(trained, tmp_path, capsys):
     strong = tmp_path / "strong.jsonl"
     assert main([*base, "--out", str(strong), "--extractor", str(extractor_dir), "--extractor-weight", "1000"]) == 0
     extractor = TfidfTextExtractor.load(extractor_dir)
-    expected = [max(values[r.attribute], key=lambda v: p.get(normalize_value(v), 0.0))
-                for r, p in zip(records, extractor.value_probabilities(records))]
+    expected = [
+        max(values[r.attribute], key=lambda v: p.get(normalize_value(v), 0.0))
+        for r, p in zip(records, extractor.value_probabilities(records))
+    ]
     assert [json.loads(line)["values"][0] for line in strong.read_text().splitlines()] == expected
     capsys.readouterr()
     assert main([*base[:5], "--out", str(tmp_path / "x.jsonl"), "--extractor", str(extractor_dir)]) == 2

@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-
-from pv2tea.cli import main
+from test_bench_implicitave import root  # noqa: F401  (the made-up ImplicitAVE layout, a fixture)
 
 from conftest import tiny_overrides
-from test_bench_implicitave import root  # noqa: F401  (the made-up ImplicitAVE layout, a fixture)
+from pv2tea.cli import main
 
 
 def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, tmp_path, capsys):  # noqa: F811
@@ -19,9 +18,25 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
     from pv2tea.inference.predictor import Predictor
 
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--folds", "2", "--epochs", "1",
-            "--variants", "pv2tea", "--no-gold-ceiling", "--text-pretrain", "1", "--text-rows", "4",
-            *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    args = [
+        "bench",
+        "implicitave",
+        str(root),
+        "--out",
+        str(out),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--variants",
+        "pv2tea",
+        "--no-gold-ceiling",
+        "--text-pretrain",
+        "1",
+        "--text-rows",
+        "4",
+        *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)],
+    ]
     assert main(args) == 0
     home = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["domains"]["Home"]
     assert {"pv2tea+calibrated", "text_pretrain+calibrated"} <= set(home)
@@ -34,8 +49,10 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
     detail = calibrated["calibration"]
     assert all(w == 0.0 for weights in detail["model_weight"].values() for w in weights)
     runs = out / "runs" / "Home"
-    held = [json.loads((runs / f"fold_{k}" / "pv2tea" / "seed_0" / "test_report.json").read_text())["overall"]["n"]
-            for k in range(2)]
+    held = [
+        json.loads((runs / f"fold_{k}" / "pv2tea" / "seed_0" / "test_report.json").read_text())["overall"]["n"]
+        for k in range(2)
+    ]
     assert detail["pool_rows"] == [held[1], held[0]]  # fold k is calibrated on the other fold's rows only
     assert set(detail["guard_z_f1"]) == {"0", "1", "1.645"} and "all" in detail["sample_size_f1"]
     assert "Calibrated rows" in (out / "tables.md").read_text()
@@ -45,8 +62,9 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
     by_id = {r.id: r for r in products}
     fold0 = [by_id[i] for i in _fold_ids(runs, 0, products)]
     options = json.loads((out / "data" / "Home" / "candidates.json").read_text())
-    fresh = Predictor.from_checkpoint(runs / "fold_0" / "pv2tea" / "seed_0" / "final").candidate_log_probs(fold0,
-                                                                                                          options)
+    fresh = Predictor.from_checkpoint(runs / "fold_0" / "pv2tea" / "seed_0" / "final").candidate_log_probs(
+        fold0, options
+    )
     assert len(cache["rows"]) == len(fold0)
     for row, (cands, lp) in zip(cache["rows"], fresh):
         assert row["candidates"] == cands and np.allclose(row["model"], lp)
@@ -94,39 +112,92 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     from pv2tea.inference.predictor import Predictor
 
     pattern = [r for r in records if r.attribute == "pattern"]
-    rows, _ = scored_rows(pattern, Predictor.from_checkpoint(final).candidate_log_probs(pattern, {"pattern": values}),
-                          load_extractor(extractor_dir).value_probabilities(pattern))
+    rows, _ = scored_rows(
+        pattern,
+        Predictor.from_checkpoint(final).candidate_log_probs(pattern, {"pattern": values}),
+        load_extractor(extractor_dir).value_probabilities(pattern),
+    )
     weight = calibration.model_weight("pattern")
     assert [got[r.id] for r in pattern] == [[row.candidates[fused_pick(row, weight)]] for row in rows]
     # a share of 0 gives the extractor's ranked answer, a share of 1 the model's ranked answer
     data = json.loads(out.read_text())
-    for share, expect in ((0.0, lambda row: int(np.argmax(row.extractor))), (1.0, lambda row: int(np.argmax(row.model)))):
+    for share, expect in (
+        (0.0, lambda row: int(np.argmax(row.extractor))),
+        (1.0, lambda row: int(np.argmax(row.model))),
+    ):
         data["attributes"]["pattern"]["model_weight"] = share
         out.write_text(json.dumps(data))
         pred.unlink()
-        assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred),
-                     "--calibration", str(out)]) == 0
+        assert (
+            main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred), "--calibration", str(out)]) == 0
+        )
         got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
         assert [got[r.id] for r in pattern] == [[row.candidates[expect(row)]] for row in rows]
     # usage errors are one clear line
-    assert main(["predict", "--model", str(final), "--data", str(catalog["test"]), "--out", str(tmp_path / "x.jsonl"),
-                 "--candidates", str(cands), "--calibration", str(out)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(final),
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(tmp_path / "x.jsonl"),
+                "--candidates",
+                str(cands),
+                "--calibration",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "needs --extractor" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{}")
-    assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(tmp_path / "y.jsonl"),
-                 "--calibration", str(tmp_path / "bad.json")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                *base,
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(tmp_path / "y.jsonl"),
+                "--calibration",
+                str(tmp_path / "bad.json"),
+            ]
+        )
+        == 2
+    )
     assert "bad.json" in capsys.readouterr().err
 
 
 def test_a_ranking_change_rescores_finished_runs_without_retraining(root, tiny_text_ckpt, tmp_path, capsys):  # noqa: F811
     from pv2tea.data.validate import load_dataset
-    from pv2tea.experiment import gold_examples, load_predictor
     from pv2tea.eval.metrics import source_aware_report
+    from pv2tea.experiment import gold_examples, load_predictor
 
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "1",
-            "--variants", "tea", "--no-gold-ceiling", "--text-pretrain", "0", "--text-rows", "4",
-            *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    args = [
+        "bench",
+        "implicitave",
+        str(root),
+        "--out",
+        str(out),
+        "--quick",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--variants",
+        "tea",
+        "--no-gold-ceiling",
+        "--text-pretrain",
+        "0",
+        "--text-rows",
+        "4",
+        *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)],
+    ]
     assert main([*args, "--set", "decoder.prior_correction=0"]) == 0
     run = out / "runs" / "Home" / "fold_0" / "tea" / "seed_0"
     assert json.loads((run / "test_report.json").read_text())["prior_correction"] == 0.0
@@ -146,23 +217,26 @@ def test_a_ranking_change_rescores_finished_runs_without_retraining(root, tiny_t
 
 def test_the_service_answers_with_the_calibration(tiny_trained):
     from fastapi.testclient import TestClient
+    from test_server import _inline
 
     from pv2tea.baselines.text_extractor import TfidfTextExtractor
     from pv2tea.data.validate import load_dataset
     from pv2tea.inference.calibration import Calibration, Choice
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
-    from test_server import _inline
 
     final, catalog = tiny_trained
     predictor = Predictor.from_checkpoint(final)
     raw = [json.loads(line) for line in open(catalog["train"]).read().splitlines()][:12]
     records = load_dataset(catalog["train"]).records[:12]
     extractor = TfidfTextExtractor().fit(load_dataset(catalog["train"]).records)
-    cands = {a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}}
+    cands = {
+        a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}
+    }
     # the model alone on color, the extractor alone on pattern
-    calibration = Calibration(Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, "pooled"),
-                              {"color": Choice(1.0, 1.0, 30, 0, 0, 0, 0, True)})
+    calibration = Calibration(
+        Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, "pooled"), {"color": Choice(1.0, 1.0, 30, 0, 0, 0, 0, True)}
+    )
     client = TestClient(create_app(predictor, candidates=cands, extractor=extractor, calibration=calibration))
     response = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw]})
     assert response.status_code == 200, response.text

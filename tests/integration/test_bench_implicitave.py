@@ -10,12 +10,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import tiny_overrides
 from pv2tea.bench.implicitave import BenchConfig, gold_labelled, product_folds
 from pv2tea.cli import main
 from pv2tea.data.schema import Record
 from pv2tea.train.checkpoint import warm_start_fingerprint
-
-from conftest import tiny_overrides
 
 HEADER = "id\timages\tcategory\ttexts\tattribute_names\tattribute_values"
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
@@ -23,7 +22,9 @@ COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
 
 def _write(path: Path, rows: list[tuple[str, str, str, str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [HEADER] + ["\t".join((asin, f"{asin}.jpg", cat, text, attr, value)) for asin, cat, text, attr, value in rows]
+    lines = [HEADER] + [
+        "\t".join((asin, f"{asin}.jpg", cat, text, attr, value)) for asin, cat, text, attr, value in rows
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -35,14 +36,22 @@ def root(tmp_path_factory) -> Path:
     rows, train = [], []
     for i in range(8):
         value = "Red" if i % 2 else "Blue"
-        rows.append((f"E{i:03d}", "Vase", f"[Title] Ceramic vase model {i} {'crimson' if i % 2 else 'navy'} glaze",
-                     "Color Family", value))
+        rows.append(
+            (
+                f"E{i:03d}",
+                "Vase",
+                f"[Title] Ceramic vase model {i} {'crimson' if i % 2 else 'navy'} glaze",
+                "Color Family",
+                value,
+            )
+        )
         (evaluation / "images").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (16, 16), COLOURS[value]).save(evaluation / "images" / f"E{i:03d}.jpg")
     for i in range(16):
         value = "Red" if i % 2 else "Blue"
-        train.append((f"T{i:03d}", "Vase", f"[Title] Vase {i} {'crimson' if i % 2 else 'navy'} finish",
-                      "Color Family", value))
+        train.append(
+            (f"T{i:03d}", "Vase", f"[Title] Vase {i} {'crimson' if i % 2 else 'navy'} finish", "Color Family", value)
+        )
     _write(evaluation / "texts" / "Home_annotated_final.tsv", rows)
     _write(base / "data" / "training_data" / "texts" / "Home" / "train.tsv", train)
     (evaluation / "options_Home.json").write_text(json.dumps({"Color Family": ["Red", "Blue", "Green"]}))
@@ -59,8 +68,10 @@ def test_product_folds_partition_and_group():
 
 
 def test_gold_ceiling_rows_are_gold_labelled_and_fully_trusted():
-    weak = [Record("r1", "t", (), "c", "a", ("Blue",), ("Red", "Green"), "image", label_weight=0.3),
-            Record("r2", "t", (), "c", "a", ("Red",), ("Red",), "text")]
+    weak = [
+        Record("r1", "t", (), "c", "a", ("Blue",), ("Red", "Green"), "image", label_weight=0.3),
+        Record("r2", "t", (), "c", "a", ("Red",), ("Red",), "text"),
+    ]
     gold = gold_labelled(weak)
     assert [(r.label, r.label_weight) for r in gold] == [(("Red", "Green"), None), (("Red",), None)]
     assert [(r.id, r.gold, r.source) for r in gold] == [(r.id, r.gold, r.source) for r in weak]
@@ -75,23 +86,49 @@ def test_bench_config_is_validated():
 
 def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "3",
-            "--text-rows", "6", "--text-pool", "-1",
-            *[x for o in tiny_overrides(tiny_text_ckpt) if not o.startswith("train.epochs=") for x in ("--set", o)]]
+    args = [
+        "bench",
+        "implicitave",
+        str(root),
+        "--out",
+        str(out),
+        "--quick",
+        "--folds",
+        "2",
+        "--epochs",
+        "3",
+        "--text-rows",
+        "6",
+        "--text-pool",
+        "-1",
+        *[x for o in tiny_overrides(tiny_text_ckpt) if not o.startswith("train.epochs=") for x in ("--set", o)],
+    ]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
     home = result["domains"]["Home"]
-    assert set(home) == {"text_extractor", "text_pretrain", "tea", "pv2tea", "pv2tea_gold", "tea+keep_grounded",
-                         "pv2tea+keep_grounded", "tea+extractor", "pv2tea+extractor", "pv2tea+no_images"}
+    assert set(home) == {
+        "text_extractor",
+        "text_pretrain",
+        "tea",
+        "pv2tea",
+        "pv2tea_gold",
+        "tea+keep_grounded",
+        "pv2tea+keep_grounded",
+        "tea+extractor",
+        "pv2tea+extractor",
+        "pv2tea+no_images",
+    }
     for scores in home.values():
         assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
     fold = out / "runs" / "Home" / "fold_0"
     for variant in ("tea", "pv2tea", "pv2tea_gold"):  # quick: the headline is the one run's test report
         run_report = json.loads((fold / variant / "seed_0" / "test_report.json").read_text())
-        assert home[variant] == {"f1": round(run_report["constrained"]["overall"]["f1"], 2),
-                                 "accuracy": round(run_report["constrained"]["overall"]["accuracy"], 2),
-                                 "f1_open": round(run_report["overall"]["f1"], 2)}, variant
+        assert home[variant] == {
+            "f1": round(run_report["constrained"]["overall"]["f1"], 2),
+            "accuracy": round(run_report["constrained"]["overall"]["accuracy"], 2),
+            "f1_open": round(run_report["overall"]["f1"], 2),
+        }, variant
     assert home["text_extractor"]["accuracy"] == 100.0  # crimson/navy decide the value in this toy
     saved = json.loads((out / "bench.json").read_text())
     assert saved["domains"]["Home"]["pv2tea"]["runs"] == 1  # quick: one fold, one seed
@@ -107,14 +144,17 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     # the extractor decides every toy row, so fusing the model with it cannot do worse than the extractor
     assert fused["constrained"]["accuracy"]["mean"] >= home["text_extractor"]["accuracy"] - 1e-9
     moved = saved["domains"]["Home"]["pv2tea"]["constrained"]["departures"]  # against the weak labels
-    assert moved == fold_report["constrained"]["departures"] and moved["n"] == fold_report["constrained"]["overall"]["n"]
+    assert (
+        moved == fold_report["constrained"]["departures"] and moved["n"] == fold_report["constrained"]["overall"]["n"]
+    )
     assert moved["fixed"] == 0 and moved["either"] == 100.0  # the labels are all right here: nothing to fix
     assert moved["broke"] == moved["changed"] - moved["both"]
     ranked_acc = fold_report["constrained"]["overall"]["accuracy"]
     assert moved["net"] == pytest.approx((ranked_acc - 100.0) * moved["n"] / 100)
     assert saved["domains"]["Home"]["text_pretrain"]["constrained"]["departures"]["n"] == moved["n"]
-    assert saved["domains"]["Home"]["pv2tea+extractor"]["constrained"]["departures"] == fold_report["fused"][
-        "departures"]
+    assert (
+        saved["domains"]["Home"]["pv2tea+extractor"]["constrained"]["departures"] == fold_report["fused"]["departures"]
+    )
     assert "| pv2tea | " + str(moved["n"]) + " | " + str(moved["changed"]) in (out / "tables.md").read_text()
     assert (out / "tables.md").read_text().startswith("### Home")
     run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
@@ -147,8 +187,10 @@ def test_ranked_departures_compare_with_the_extractors_closed_set_answers():
 
     # gold and weak label "purple" is not an option: the extractor's ranked answer is empty (wrong), so the
     # model's ranked "red" breaks nothing there, while in the open comparison the label was right
-    rows = [Record("a", "t", (), "c", "Color", ("purple",), gold=("purple",), source="image"),
-            Record("b", "t", (), "c", "Color", ("blue",), gold=("red",), source="image")]
+    rows = [
+        Record("a", "t", (), "c", "Color", ("purple",), gold=("purple",), source="image"),
+        Record("b", "t", (), "c", "Color", ("blue",), gold=("red",), source="image"),
+    ]
     report = {"constrained": {}}
     _add_departures(report, rows, [["red"], ["red"]], [["red"], ["red"]], {}, {"Color": ["red", "blue"]})
     opened, ranked = report["departures"], report["constrained"]["departures"]
@@ -161,8 +203,10 @@ def test_headline_and_tables_from_summaries():
     from pv2tea.bench.implicitave import format_tables, headline, summarize_runs
 
     def block(f1, acc):
-        return {"overall": {"f1": f1, "accuracy": acc, "precision": f1, "recall": f1},
-                "by_attribute": {"Color": {"overall": {"f1": f1, "accuracy": acc}}}}
+        return {
+            "overall": {"f1": f1, "accuracy": acc, "precision": f1, "recall": f1},
+            "by_attribute": {"Color": {"overall": {"f1": f1, "accuracy": acc}}},
+        }
 
     def report(f1, acc):  # free generation scores 10 under the ranked answers
         return {**block(f1 - 10, acc - 10), "constrained": block(f1, acc)}
@@ -184,15 +228,19 @@ def test_fold_ttests_pair_folds_and_average_seeds():
         return {**block, "constrained": block}
 
     # 3 folds; the extractor once per fold, PV2TEA with 2 seeds per fold (fold-major)
-    reports = {"text_extractor": [report(50.0), report(60.0), report(40.0)],
-               "pv2tea": [report(52.0), report(54.0), report(61.0), report(63.0), report(41.0), report(45.0)]}
+    reports = {
+        "text_extractor": [report(50.0), report(60.0), report(40.0)],
+        "pv2tea": [report(52.0), report(54.0), report(61.0), report(63.0), report(41.0), report(45.0)],
+    }
     assert per_fold_f1(reports["pv2tea"], 3) == [53.0, 62.0, 43.0]
     summaries = {name: summarize_runs(runs) for name, runs in reports.items()}
     add_fold_ttests(summaries, reports, 3)
     test = summaries["pv2tea"]["ttest_vs_text_extractor"]
     # extractor - pv2tea per fold: -3, -2, -3: mean -8/3, sd 0.57735, t = (-8/3) / (0.57735 / sqrt 3) = -8.0,
     # p = 0.0153 (df 2)
-    assert test["n"] == 3 and test["t"] == pytest.approx(-8.0, rel=1e-6) and test["p"] == pytest.approx(0.01527, abs=1e-4)
+    assert (
+        test["n"] == 3 and test["t"] == pytest.approx(-8.0, rel=1e-6) and test["p"] == pytest.approx(0.01527, abs=1e-4)
+    )
     assert "ttest_vs_pv2tea" in summaries["text_extractor"] and "ttest_vs_pv2tea" not in summaries["pv2tea"]
     table = format_tables({"domains": {"Food": summaries}})
     assert "| pv2tea | 6 |" in table and "| 0.0153 | – |" in table
@@ -203,15 +251,32 @@ def test_fold_ttests_pair_folds_and_average_seeds():
 
 def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--epochs", "2",
-            "--variants", "pv2tea", "--no-gold-ceiling", "--text-pretrain", "1",
-            *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)]]
+    args = [
+        "bench",
+        "implicitave",
+        str(root),
+        "--out",
+        str(out),
+        "--quick",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--variants",
+        "pv2tea",
+        "--no-gold-ceiling",
+        "--text-pretrain",
+        "1",
+        *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)],
+    ]
     assert main(args) == 0
     pretrain = out / "runs" / "Home" / "text_pretrain"
     pre_cfg = yaml.safe_load((pretrain / "config.yaml").read_text())
     assert pre_cfg["vision"]["enabled"] is False and pre_cfg["train"]["epochs"] == 1  # a TEA, on the text rows
     assert pre_cfg["train"]["init_from"] is None
-    epochs = [json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines() if '"finished"' in line]
+    epochs = [
+        json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines() if '"finished"' in line
+    ]
     assert [e["step"] for e in epochs] == [4]  # all 16 text-only rows at batch size 4, one epoch
     run = out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0"
     run_cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -237,9 +302,26 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     other = tmp_path / "other"
     image_size = run_cfg["vision"]["image_size"]
     shutil.copytree(pretrain, other / "runs" / "Home" / "text_pretrain")
-    assert main([*args[:4], str(other), *args[5:], "--set", "loss.weight_sc=0.5", "--set", "schemes.text_dropout=0.1",
-                 "--set", "optim.warm_start_lr=head_lr", "--set", "fusion.visual_gate=0",
-                 "--set", f"vision.image_size={image_size + 16}"]) == 0
+    assert (
+        main(
+            [
+                *args[:4],
+                str(other),
+                *args[5:],
+                "--set",
+                "loss.weight_sc=0.5",
+                "--set",
+                "schemes.text_dropout=0.1",
+                "--set",
+                "optim.warm_start_lr=head_lr",
+                "--set",
+                "fusion.visual_gate=0",
+                "--set",
+                f"vision.image_size={image_size + 16}",
+            ]
+        )
+        == 0
+    )
     copied = other / "runs" / "Home" / "text_pretrain" / "final" / "model.safetensors"
     assert copied.stat().st_mtime_ns == stamp  # copied with its time stamp, and not retrained
     other_run = yaml.safe_load((other / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())

@@ -18,8 +18,17 @@ def test_round_trip_identical_predictions(tiny_config, tmp_path):
         p = tmp_path / f"{i}.png"
         Image.new("RGB", (40, 40), color).save(p)
         paths.append(str(p))
-    records = [Record(id=f"r{i}", text=f"a {c} mug with dots", images=(p,) if i < 2 else (), category="mug",
-                      attribute="color", label=(c,)) for i, (c, p) in enumerate(zip(["red", "blue", "green"], paths))]
+    records = [
+        Record(
+            id=f"r{i}",
+            text=f"a {c} mug with dots",
+            images=(p,) if i < 2 else (),
+            category="mug",
+            attribute="color",
+            label=(c,),
+        )
+        for i, (c, p) in enumerate(zip(["red", "blue", "green"], paths))
+    ]
     torch.manual_seed(0)
     model, pre = build_for_training(tiny_config, ["mug", "vase"])
     with torch.no_grad():  # make the decoder's outputs depend on the inputs in a non-trivial way
@@ -28,8 +37,9 @@ def test_round_trip_identical_predictions(tiny_config, tmp_path):
     model.eval()
     before = generate_values(model, pre, records, batch_size=2)
     ids_before = model.generate(pre.collate(records, [0, 1, 2], [0, 1, 2], False), 101, 102, 0)
-    ckpt.save_checkpoint(tmp_path / "ckpt", model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre),
-                         pre.tokenizer)
+    ckpt.save_checkpoint(
+        tmp_path / "ckpt", model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre), pre.tokenizer
+    )
     loaded = Predictor.from_checkpoint(tmp_path / "ckpt")
     assert loaded.predict(records, batch_size=2) == before
     ids_after = loaded.model.generate(loaded.pre.collate(records, [0, 1, 2], [0, 1, 2], False), 101, 102, 0)
@@ -49,8 +59,16 @@ def test_atomic_save_keeps_previous_checkpoint_on_failure(tiny_config, tmp_path,
     raises, and leaves the previous checkpoint in place, loadable, with the previous weights."""
     model, pre = build_for_training(tiny_config, ["mug"])
     target = tmp_path / "ckpt"
-    ckpt.save_checkpoint(target, model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre), pre.tokenizer,
-                         {"step": 1}, {"x": torch.ones(2)})
+    ckpt.save_checkpoint(
+        target,
+        model,
+        tiny_config,
+        model.bert_config.to_dict(),
+        preprocess_state(pre),
+        pre.tokenizer,
+        {"step": 1},
+        {"x": torch.ones(2)},
+    )
     first = _state(model)
     with torch.no_grad():
         for p in model.parameters():
@@ -61,10 +79,24 @@ def test_atomic_save_keeps_previous_checkpoint_on_failure(tiny_config, tmp_path,
 
     monkeypatch.setattr(pre.tokenizer, "save_pretrained", boom)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(target, model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre),
-                             pre.tokenizer, {"step": 2}, {"x": torch.zeros(2)})
-    for name in (ckpt.MODEL_FILE, ckpt.CONFIG_FILE, ckpt.TEXT_CONFIG_FILE, ckpt.PREPROCESS_FILE, ckpt.STATE_FILE,
-                 ckpt.OPTIM_FILE):
+        ckpt.save_checkpoint(
+            target,
+            model,
+            tiny_config,
+            model.bert_config.to_dict(),
+            preprocess_state(pre),
+            pre.tokenizer,
+            {"step": 2},
+            {"x": torch.zeros(2)},
+        )
+    for name in (
+        ckpt.MODEL_FILE,
+        ckpt.CONFIG_FILE,
+        ckpt.TEXT_CONFIG_FILE,
+        ckpt.PREPROCESS_FILE,
+        ckpt.STATE_FILE,
+        ckpt.OPTIM_FILE,
+    ):
         assert (target / name).is_file(), name
     reloaded = Predictor.from_checkpoint(target).model.state_dict()
     assert reloaded.keys() == first.keys()
@@ -87,8 +119,9 @@ def test_crash_between_the_renames_keeps_a_checkpoint(tiny_config, tmp_path, mon
 
     monkeypatch.setattr(ckpt.os, "replace", crash_on_moving_the_new_folder_in)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(target, model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre),
-                             pre.tokenizer)
+        ckpt.save_checkpoint(
+            target, model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre), pre.tokenizer
+        )
     monkeypatch.setattr(ckpt.os, "replace", replace)
     old = target.with_name("ckpt.old")
     assert not target.exists() and old.is_dir()  # the crash fell between the two renames

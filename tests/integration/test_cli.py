@@ -24,27 +24,57 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 def _train(catalog, out: Path, overrides: list[str], *extra: str) -> int:
-    return main(["train", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--out", str(out),
-                 "--no-progress", *_sets(overrides), *extra])
+    return main(
+        [
+            "train",
+            "--train",
+            str(catalog["train"]),
+            "--val",
+            str(catalog["val"]),
+            "--out",
+            str(out),
+            "--no-progress",
+            *_sets(overrides),
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.real_backbone
 def test_cli_end_to_end_real_backbones(catalog, tmp_path, capsys):
     """Default offline backbones (EfficientNet-Lite0 + MiniLM), shrunk only in depth and image size."""
     run = tmp_path / "run"
-    overrides = ["vision.image_size=64", "fusion.num_layers=1", "decoder.num_layers=1", "train.epochs=1",
-                 "train.batch_size=8", "schemes.queue_size=32", "schemes.knn_k=3"]
+    overrides = [
+        "vision.image_size=64",
+        "fusion.num_layers=1",
+        "decoder.num_layers=1",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "schemes.queue_size=32",
+        "schemes.knn_k=3",
+    ]
     assert main(["data", "validate", str(catalog["train"])]) == 0
     assert _train(catalog, run, overrides) == 0
-    for name in ("config.yaml", "environment.json", "metrics.jsonl", "train.log", "data_report.json", "val_report.json",
-                 "final/model.safetensors", "final/pv2tea_config.json", "checkpoint/trainer_state.json"):
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "metrics.jsonl",
+        "train.log",
+        "data_report.json",
+        "val_report.json",
+        "final/model.safetensors",
+        "final/pv2tea_config.json",
+        "checkpoint/trainer_state.json",
+    ):
         assert (run / name).is_file(), name
     epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss_gen", "loss_sc", "loss_ct", "weight_mean"} <= set(epoch)
 
     report_path = tmp_path / "report.json"
-    assert main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]),
-                 "--out", str(report_path)]) == 0
+    assert (
+        main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(report_path)])
+        == 0
+    )
     report = json.loads(report_path.read_text())
     assert {"overall", "by_source", "gap", "by_attribute"} <= set(report)
     assert set(report["by_attribute"]) == {"color", "pattern"}
@@ -70,8 +100,12 @@ def test_validate_exit_codes(catalog, tmp_path, capsys):
     extra = tmp_path / "extra.jsonl"
     rows = [json.loads(x) for x in Path(catalog["val"]).read_text().splitlines()[:2]]
     rows[1]["colour"] = "red"
-    extra.write_text("".join(json.dumps({**r, "images": [str(Path(catalog["val"]).parent / i) for i in r["images"]]})
-                             + "\n" for r in rows))
+    extra.write_text(
+        "".join(
+            json.dumps({**r, "images": [str(Path(catalog["val"]).parent / i) for i in r["images"]]}) + "\n"
+            for r in rows
+        )
+    )
     capsys.readouterr()
     assert main(["data", "validate", str(extra)]) == 0  # a warning, not an error
     captured = capsys.readouterr()
@@ -88,8 +122,18 @@ def test_train_refuses_bad_rows_then_skips_and_counts(catalog, tiny_text_ckpt, t
     code = main(["train", "--train", str(data), "--out", str(tmp_path / "a"), "--no-progress", *_sets(overrides)])
     assert code == 2
     assert "row 1, field 'label'" in capsys.readouterr().err
-    code = main(["train", "--train", str(data), "--out", str(tmp_path / "b"), "--no-progress", "--skip-invalid",
-                 *_sets(overrides)])
+    code = main(
+        [
+            "train",
+            "--train",
+            str(data),
+            "--out",
+            str(tmp_path / "b"),
+            "--no-progress",
+            "--skip-invalid",
+            *_sets(overrides),
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "b" / "data_report.json").read_text())
     assert report[str(data)]["rows_skipped"] == 1
@@ -103,8 +147,11 @@ def test_unknown_config_key_is_a_clear_error(catalog, tiny_text_ckpt, tmp_path, 
 
 
 def test_resume_equals_uninterrupted(catalog, tiny_text_ckpt, tmp_path):
-    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=3", "schemes.prediction_nr=true",
-                                                  "schemes.prediction_nr_start_epoch=1"]
+    overrides = tiny_overrides(tiny_text_ckpt) + [
+        "train.epochs=3",
+        "schemes.prediction_nr=true",
+        "schemes.prediction_nr_start_epoch=1",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(catalog, full, overrides) == 0
     # stop mid-epoch (epoch 1 has more than 5 steps), then resume to the end
@@ -135,14 +182,22 @@ def test_weight_averaging_is_the_mean_of_the_last_epochs_and_resumes(catalog, ti
     assert all(torch.equal(last[k], w3[k]) for k in w3)  # averaging does not change the trajectory
     moved = [k for k in avg if not torch.equal(w2[k], w3[k])]
     latest_keys = [k for k in moved if torch.equal(avg[k], w3[k])]  # not trained: momentum copies, S1 queues
-    averaged_keys = [k for k in moved if k not in latest_keys and avg[k].is_floating_point()
-                     and torch.allclose(avg[k], (w2[k] + w3[k]) / 2, atol=1e-6)]
+    averaged_keys = [
+        k
+        for k in moved
+        if k not in latest_keys
+        and avg[k].is_floating_point()
+        and torch.allclose(avg[k], (w2[k] + w3[k]) / 2, atol=1e-6)
+    ]
     assert sorted(averaged_keys + latest_keys) == sorted(moved)
     assert "decoder.cls.predictions.transform.dense.weight" in averaged_keys
     assert any(k.startswith("text_encoder_m.") for k in latest_keys)
     assert all(torch.equal(avg[k], w3[k]) for k in avg if k.startswith("visual.backbone."))  # frozen
     assert [json.loads(x).get("averaged_epochs") for x in (averaged / "metrics.jsonl").read_text().splitlines()] == [
-        None, 1, 2]
+        None,
+        1,
+        2,
+    ]
     assert _train(catalog, part, base + ["train.average_epochs=2", f"train.max_steps={steps_2}"]) == 0
     assert _train(catalog, part, ["train.max_steps=null"], "--resume") == 0
     resumed = load_file(str(part / "final" / "model.safetensors"))
@@ -182,7 +237,9 @@ def test_mention_dropout_trains_on_mention_free_texts_from_the_cache(catalog, ti
     assert seen == {r.id: {t if t is not None else r.text} for r, t in zip(rows, free)}
     assert not any(label_in_text(r.label, t) for r, t in zip(rows, free) if t is not None)
     assert uncached and not any(uncached)
-    assert f"mention-free texts: {sum(t is not None for t in free)} of {len(rows)} rows" in (run / "train.log").read_text()
+    assert (
+        f"mention-free texts: {sum(t is not None for t in free)} of {len(rows)} rows" in (run / "train.log").read_text()
+    )
 
 
 def test_prediction_nr_predicts_from_mention_free_texts(catalog, tiny_text_ckpt, tmp_path, monkeypatch):
@@ -202,9 +259,12 @@ def test_prediction_nr_predicts_from_mention_free_texts(catalog, tiny_text_ckpt,
         return generate(model, pre, records, batch_size, **kwargs)
 
     monkeypatch.setattr(loop, "generate_values", spy)
-    overrides = tiny_overrides(tiny_text_ckpt) + ["schemes.prediction_nr_text=mention_free", "train.epochs=3",
-                                                  "schemes.prediction_nr=true",
-                                                  "schemes.prediction_nr_start_epoch=1"]
+    overrides = tiny_overrides(tiny_text_ckpt) + [
+        "schemes.prediction_nr_text=mention_free",
+        "train.epochs=3",
+        "schemes.prediction_nr=true",
+        "schemes.prediction_nr_start_epoch=1",
+    ]
     assert _train(catalog, tmp_path / "run", overrides) == 0
     rows = load_dataset(catalog["train"]).records
     free = mention_free_texts(rows)
@@ -218,8 +278,22 @@ def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):
     from pv2tea.eval.metrics import Example, source_aware_report
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n-products", "20", "--epochs", "1", "--no-progress",
-                 *_sets(tiny_overrides(tiny_text_ckpt))]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--n-products",
+                "20",
+                "--epochs",
+                "1",
+                "--no-progress",
+                *_sets(tiny_overrides(tiny_text_ckpt)),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "PV2TEA on the test split" in printed and "+ kept labels: a weak label" in " ".join(printed.split())
     run = out / "run"
@@ -232,9 +306,18 @@ def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):
         assert row["pred_keep_grounded"] == (row["weak_label"] if stated else row["pred"])
     kept = json.loads((run / "keep_grounded_test_report.json").read_text())
     multi = {"color": True, "pattern": False}
-    assert kept == source_aware_report([Example(tuple(r["gold"]), tuple(r["pred_keep_grounded"]), r["source"],
-                                                test[r["id"]]["attribute"], multi[test[r["id"]]["attribute"]])
-                                        for r in rows])
+    assert kept == source_aware_report(
+        [
+            Example(
+                tuple(r["gold"]),
+                tuple(r["pred_keep_grounded"]),
+                r["source"],
+                test[r["id"]]["attribute"],
+                multi[test[r["id"]]["attribute"]],
+            )
+            for r in rows
+        ]
+    )
     assert main(["demo", "--out", str(out), "--n-products", "20", "--no-progress"]) == 2  # never over a run
 
 
@@ -246,8 +329,12 @@ def test_image_less_rows_drawn_per_epoch_train_and_resume(catalog, tiny_text_ckp
     data = Path(catalog["train"]).parent / "train_half_text_only.jsonl"  # same folder: relative images resolve
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     n_image = sum(bool(r["images"]) for r in rows)
-    overrides = tiny_overrides(tiny_text_ckpt) + ["train.epochs=2", "train.image_less_per_epoch=4",
-                                                  "schemes.prediction_nr=true", "schemes.prediction_nr_start_epoch=1"]
+    overrides = tiny_overrides(tiny_text_ckpt) + [
+        "train.epochs=2",
+        "train.image_less_per_epoch=4",
+        "schemes.prediction_nr=true",
+        "schemes.prediction_nr_start_epoch=1",
+    ]
 
     def run(out: Path, extra: list[str], *flags: str) -> int:
         return main(["train", "--train", str(data), "--out", str(out), "--no-progress", *_sets(extra), *flags])

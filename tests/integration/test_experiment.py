@@ -30,14 +30,37 @@ def _sets(overrides):
 
 def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, capsys):
     out = tmp_path / "exp"
-    args = ["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test",
-            str(catalog["test"]), "--out", str(out), "--variants",
-            "weak_labels,text_extractor,tea,pv2tea,pv2tea_cls,wo_smooth", "--seeds", "2", "--config", "cpu",
-            *_sets(tiny_overrides(tiny_text_ckpt) + ["train.epochs=1"])]
+    args = [
+        "experiment",
+        "--train",
+        str(catalog["train"]),
+        "--val",
+        str(catalog["val"]),
+        "--test",
+        str(catalog["test"]),
+        "--out",
+        str(out),
+        "--variants",
+        "weak_labels,text_extractor,tea,pv2tea,pv2tea_cls,wo_smooth",
+        "--seeds",
+        "2",
+        "--config",
+        "cpu",
+        *_sets(tiny_overrides(tiny_text_ckpt) + ["train.epochs=1"]),
+    ]
     assert main(args) == 0
     tables = capsys.readouterr().out
-    for row in ("| pv2tea |", "| tea |", "| text_extractor |", "| weak_labels |", "Table 7", "R@Mean",
-                "| pv2tea+keep_grounded |", "| tea+keep_grounded |", "| pv2tea+no_images |"):
+    for row in (
+        "| pv2tea |",
+        "| tea |",
+        "| text_extractor |",
+        "| weak_labels |",
+        "Table 7",
+        "R@Mean",
+        "| pv2tea+keep_grounded |",
+        "| tea+keep_grounded |",
+        "| pv2tea+no_images |",
+    ):
         assert row in tables, row
     summary = json.loads((out / "experiment.json").read_text())["summary"]
     assert summary["pv2tea"]["seeds"] == 2 and summary["weak_labels"]["seeds"] == 1
@@ -58,8 +81,10 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     kept_report = report.pop("keep_grounded")
     no_images = report.pop("without_images")
     moved = report.pop("departures")  # where the answers left the weak labels of the test rows
-    assert moved["n"] == report["overall"]["n"] and moved["fixed"] + moved["broke"] + moved["neither"] + moved[
-        "both"] == moved["changed"]
+    assert (
+        moved["n"] == report["overall"]["n"]
+        and moved["fixed"] + moved["broke"] + moved["neither"] + moved["both"] == moved["changed"]
+    )
     report_path.write_text(json.dumps(report))
     stamp = (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
@@ -70,12 +95,19 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     test_rows = load_rows(catalog["test"]).records
     assert any(r.images for r in test_rows)
     blind = Predictor.from_checkpoint(out / "pv2tea" / "seed_0" / "final").predict(
-        [replace(r, images=()) for r in test_rows], 8)
+        [replace(r, images=()) for r in test_rows], 8
+    )
     multi = multi_value_attributes(load_rows(catalog["train"]).records + load_rows(catalog["val"]).records + test_rows)
     assert report_of(gold_examples(test_rows, blind, multi))["overall"] == no_images["overall"]
     assert summary["pv2tea+no_images"]["overall"]["f1"]["mean"] == pytest.approx(
-        (no_images["overall"]["f1"] + json.loads((out / "pv2tea" / "seed_1" / "test_report.json").read_text())[
-            "without_images"]["overall"]["f1"]) / 2)
+        (
+            no_images["overall"]["f1"]
+            + json.loads((out / "pv2tea" / "seed_1" / "test_report.json").read_text())["without_images"]["overall"][
+                "f1"
+            ]
+        )
+        / 2
+    )
     assert json.loads(report_path.read_text())["departures"] == moved  # added back from the final model
     report = json.loads(report_path.read_text())
     del report["departures"]  # only the departures missing: they alone are added back
@@ -109,8 +141,22 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     cands = tmp_path / "cands.json"
     cands.write_text(json.dumps({"pattern": ["solid", "striped"]}))
     preds = tmp_path / "preds.jsonl"
-    assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(preds),
-                 "--candidates", str(cands)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run / "final"),
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(preds),
+                "--candidates",
+                str(cands),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     assert all(r["values"] in (["solid"], ["striped"]) for r in rows if r["attribute"] == "pattern")
     # --keep-grounded: the rows whose weak label the text states keep it, the model answers the others; scored,
@@ -121,8 +167,21 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
 
     plain, kept = tmp_path / "plain.jsonl", tmp_path / "kept.jsonl"
     assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(plain)]) == 0
-    assert main(["predict", "--model", str(run / "final"), "--data", str(catalog["test"]), "--out", str(kept),
-                 "--keep-grounded"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run / "final"),
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(kept),
+                "--keep-grounded",
+            ]
+        )
+        == 0
+    )
     assert "grounded label(s) kept" in " ".join(capsys.readouterr().err.split())  # rich may wrap the line
     test = load_dataset(catalog["test"]).records
     plain_rows = [json.loads(x) for x in plain.read_text().splitlines()]
@@ -133,25 +192,45 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
         assert b["kept_label"] is flag and "kept_label" not in a
         assert b["values"] == (list(r.label) if flag else a["values"])
     multi = {"color": True, "pattern": False}
-    assert source_aware_report([Example(tuple(r.gold), tuple(b["values"]), r.source, r.attribute, multi[r.attribute])
-                                for r, b in zip(test, kept_rows)]) == kept_report
+    assert (
+        source_aware_report(
+            [
+                Example(tuple(r.gold), tuple(b["values"]), r.source, r.attribute, multi[r.attribute])
+                for r, b in zip(test, kept_rows)
+            ]
+        )
+        == kept_report
+    )
     unlabelled = Path(catalog["test"]).with_name("unlabelled.jsonl")  # next to the images its paths are relative to
-    unlabelled.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k not in ("label", "gold")})
-                                  + "\n" for line in Path(catalog["test"]).read_text().splitlines()))
+    unlabelled.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k not in ("label", "gold")}) + "\n"
+            for line in Path(catalog["test"]).read_text().splitlines()
+        )
+    )
     capsys.readouterr()
-    assert main(["predict", "--model", str(run / "final"), "--data", str(unlabelled), "--out", str(kept),
-                 "--keep-grounded"]) == 2
+    assert (
+        main(
+            ["predict", "--model", str(run / "final"), "--data", str(unlabelled), "--out", str(kept), "--keep-grounded"]
+        )
+        == 2
+    )
     assert "needs the rows' existing values in a 'label' field" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2")
-    assert main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]),
-                 "--candidates", str(bad)]) == 2
+    assert (
+        main(["evaluate", "--model", str(run / "final"), "--data", str(catalog["test"]), "--candidates", str(bad)]) == 2
+    )
     assert main(["report", str(run), "--data", str(unlabelled)]) == 0  # masks need images, not labels
     for name in ("learning_curves.png", "source_aware.png", "attribute_f1.png", "attention_masks.png"):
         assert_drawn_png(run / "report" / name)
     imageless = Path(catalog["test"]).with_name("imageless.jsonl")
-    imageless.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "images"}) + "\n"
-                                 for line in Path(catalog["test"]).read_text().splitlines()))
+    imageless.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "images"}) + "\n"
+            for line in Path(catalog["test"]).read_text().splitlines()
+        )
+    )
     capsys.readouterr()
     assert main(["report", str(run), "--data", str(imageless)]) == 2
     assert f"{imageless}: no valid row with an image" in " ".join(capsys.readouterr().err.split())
@@ -167,8 +246,21 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
 
 
 def test_unknown_variant_is_refused(catalog, tmp_path, capsys):
-    code = main(["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test",
-                 str(catalog["test"]), "--out", str(tmp_path / "x"), "--variants", "pv2tea,nonsense"])
+    code = main(
+        [
+            "experiment",
+            "--train",
+            str(catalog["train"]),
+            "--val",
+            str(catalog["val"]),
+            "--test",
+            str(catalog["test"]),
+            "--out",
+            str(tmp_path / "x"),
+            "--variants",
+            "pv2tea,nonsense",
+        ]
+    )
     assert code == 2 and "nonsense" in capsys.readouterr().err
 
 
@@ -186,8 +278,10 @@ def test_paired_ttest_literal():
 
 
 def test_summarize_mean_std():
-    reports = {"pv2tea": [{"overall": {"f1": 50.0}}, {"overall": {"f1": 60.0}}],
-               "tea": [{"overall": {"f1": 40.0}}, {"overall": {"f1": 40.0}}]}
+    reports = {
+        "pv2tea": [{"overall": {"f1": 50.0}}, {"overall": {"f1": 60.0}}],
+        "tea": [{"overall": {"f1": 40.0}}, {"overall": {"f1": 40.0}}],
+    }
     s = summarize(reports)
     assert s["pv2tea"]["overall"]["f1"] == {"mean": 55.0, "std": pytest.approx(7.0711, abs=1e-4)}
     assert s["tea"]["overall"]["f1"]["std"] == 0.0
@@ -195,8 +289,24 @@ def test_summarize_mean_std():
 
 def test_weak_label_command(catalog, tmp_path, capsys):
     out = tmp_path / "weak.jsonl"
-    assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out", str(out),
-                 "--kind", "tfidf", "--save", str(tmp_path / "extractor")]) == 0
+    assert (
+        main(
+            [
+                "weak-label",
+                "--train",
+                str(catalog["train"]),
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(out),
+                "--kind",
+                "tfidf",
+                "--save",
+                str(tmp_path / "extractor"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     original = [json.loads(x) for x in Path(catalog["test"]).read_text().splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in original]
@@ -206,11 +316,26 @@ def test_weak_label_command(catalog, tmp_path, capsys):
     # each label carries the extractor's confidence, and the gold rows say how well it tells right from wrong
     assert all(0 < r["label_weight"] <= 1 for r in rows) and len({r["label_weight"] for r in rows}) > 1
     assert f"vs its labels being right, {len(rows)} gold row(s): ROC AUC" in " ".join(said.split())
-    assert sum(int(line.split()[2]) for line in said.splitlines() if line.strip().startswith("confidence 0")) \
-        == len(rows)  # the bins hold every row once
+    assert sum(int(line.split()[2]) for line in said.splitlines() if line.strip().startswith("confidence 0")) == len(
+        rows
+    )  # the bins hold every row once
     again = tmp_path / "weak2.jsonl"
-    assert main(["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--out",
-                 str(again), "--load", str(tmp_path / "extractor")]) == 0
+    assert (
+        main(
+            [
+                "weak-label",
+                "--train",
+                str(catalog["train"]),
+                "--data",
+                str(catalog["test"]),
+                "--out",
+                str(again),
+                "--load",
+                str(tmp_path / "extractor"),
+            ]
+        )
+        == 0
+    )
     assert [json.loads(x)["label"] for x in again.read_text().splitlines()] == [r["label"] for r in rows]
 
 
@@ -221,8 +346,21 @@ def test_experiment_refuses_test_rows_without_gold(catalog, tmp_path, capsys):
         row.pop("source", None)
     test = catalog["test"].with_name("test_without_gold.jsonl")  # beside the images its rows name
     test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["experiment", "--train", str(catalog["train"]), "--val", str(catalog["val"]), "--test", str(test),
-            "--out", str(tmp_path / "exp"), "--variants", "weak_labels", "--seeds", "1"]
+    args = [
+        "experiment",
+        "--train",
+        str(catalog["train"]),
+        "--val",
+        str(catalog["val"]),
+        "--test",
+        str(test),
+        "--out",
+        str(tmp_path / "exp"),
+        "--variants",
+        "weak_labels",
+        "--seeds",
+        "1",
+    ]
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{test}: {len(rows) - 1} row(s) have no 'gold' value (first: {rows[1]['id']})" in err

@@ -49,8 +49,9 @@ def no_preset(tmp_path_factory) -> str:
 
 
 def _train_cli(catalog, out: Path, overrides: list[str], *flags: str) -> int:
-    return main(["train", "--train", str(catalog["train"]), "--out", str(out), "--no-progress", *_sets(overrides),
-                 *flags])
+    return main(
+        ["train", "--train", str(catalog["train"]), "--out", str(out), "--no-progress", *_sets(overrides), *flags]
+    )
 
 
 class _ForwardSpy:
@@ -112,7 +113,7 @@ def test_resume_continues_where_the_run_stopped(catalog, rows, tiny_text_ckpt, n
     assert len(spy.calls) == 2 * steps_per_epoch - 2  # only the remaining steps
     seed = load_config(None, overrides).train.seed
     order = loop.epoch_batches(len(rows), 4, seed, 0)
-    assert [c[0] for c in spy.calls[:steps_per_epoch - 2]] == order[2:]  # epoch 1 from its third batch on
+    assert [c[0] for c in spy.calls[: steps_per_epoch - 2]] == order[2:]  # epoch 1 from its third batch on
     assert at_first_step == {"adam_steps": {2.0}, "scheduler": 2}  # optimizer and schedule loaded, not fresh
     assert weights_computed == [1]  # epoch 1's S3 weights come from the checkpoint, epoch 2's are computed
     first_call_rows, first_weights, _ = spy.calls[0]
@@ -122,7 +123,10 @@ def test_resume_continues_where_the_run_stopped(catalog, rows, tiny_text_ckpt, n
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0] == first[0]  # appended, not rewritten
     assert [(m["epoch"], m["step"], m["finished"]) for m in metrics] == [
-        (1, 2, False), (1, steps_per_epoch, True), (2, 2 * steps_per_epoch, True)]
+        (1, 2, False),
+        (1, steps_per_epoch, True),
+        (2, 2 * steps_per_epoch, True),
+    ]
     assert (run / "final" / ckpt.MODEL_FILE).is_file()
 
 
@@ -137,13 +141,22 @@ def _coloured_images(folder: Path, n: int) -> list[str]:
 
 # hand-made S3 case: (category, label, feature); None: no image
 S3_ROWS = {
-    "color": [("mug", ("red",), (1.0, 0.0, 0.0)), ("mug", ("red",), (0.9, 0.2, 0.0)),
-              ("mug", ("red",), (0.9, 0.0, 0.3)),
-              ("mug", ("blue",), (0.8, 0.5, 0.0)),  # a blue label among red-looking mugs
-              ("shirt", ("blue",), (0.0, 1.0, 0.1)), ("shirt", ("blue", "white"), (0.1, 0.9, 0.0)),
-              ("shirt", ("red",), (0.0, 0.3, 1.0)), ("mug", ("red",), None)],
-    "pattern": [("mug", ("solid",), (0.3, 0.3, 1.0)), ("mug", ("solid",), (0.2, 0.4, 1.0)),
-                ("shirt", ("striped",), (1.0, 0.2, 0.1)), ("shirt", ("solid",), (0.9, 0.1, 0.3))],
+    "color": [
+        ("mug", ("red",), (1.0, 0.0, 0.0)),
+        ("mug", ("red",), (0.9, 0.2, 0.0)),
+        ("mug", ("red",), (0.9, 0.0, 0.3)),
+        ("mug", ("blue",), (0.8, 0.5, 0.0)),  # a blue label among red-looking mugs
+        ("shirt", ("blue",), (0.0, 1.0, 0.1)),
+        ("shirt", ("blue", "white"), (0.1, 0.9, 0.0)),
+        ("shirt", ("red",), (0.0, 0.3, 1.0)),
+        ("mug", ("red",), None),
+    ],
+    "pattern": [
+        ("mug", ("solid",), (0.3, 0.3, 1.0)),
+        ("mug", ("solid",), (0.2, 0.4, 1.0)),
+        ("shirt", ("striped",), (1.0, 0.2, 0.1)),
+        ("shirt", ("solid",), (0.9, 0.1, 0.3)),
+    ],
 }
 
 
@@ -171,15 +184,21 @@ def test_s3_default_knn_path_equals_an_independent_computation(tiny_text_ckpt, t
     """sample_weights with the default S3 settings (backbone features → per-attribute KNN with label overlap →
     same-category chance correction → mean 1) on hand-made features, against a from-scratch computation."""
     cfg = load_config(None, tiny_overrides(tiny_text_ckpt) + ["schemes.knn_k=2"])
-    assert (cfg.schemes.nr_features, cfg.schemes.nr_visual, cfg.schemes.nr_label_match, cfg.schemes.nr_chance,
-            cfg.schemes.normalize_within) == ("backbone", "knn", "overlap", "soft", "all")
+    assert (
+        cfg.schemes.nr_features,
+        cfg.schemes.nr_visual,
+        cfg.schemes.nr_label_match,
+        cfg.schemes.nr_chance,
+        cfg.schemes.normalize_within,
+    ) == ("backbone", "knn", "overlap", "soft", "all")
     n_images = sum(f is not None for spec in S3_ROWS.values() for _, _, f in spec)
     paths = iter(_coloured_images(tmp_path, n_images))
     records, features = [], []
     for attribute, spec in S3_ROWS.items():
         for i, (category, label, feature) in enumerate(spec):
-            records.append(Record(f"{attribute}{i}", "a product", (next(paths),) if feature else (), category,
-                                  attribute, label))
+            records.append(
+                Record(f"{attribute}{i}", "a product", (next(paths),) if feature else (), category, attribute, label)
+            )
             if feature is not None:
                 features.append(feature)
     torch.manual_seed(0)
@@ -189,7 +208,7 @@ def test_s3_default_knn_path_equals_an_independent_computation(tiny_text_ckpt, t
     def hand_made(images=None, feats=None):  # the features of the image rows, in the order they are asked for
         start = len(served)
         served.extend(range(start, start + len(images)))
-        return torch.tensor(features[start:start + len(images)])
+        return torch.tensor(features[start : start + len(images)])
 
     model.backbone_features = hand_made
     weights, stats = loop.sample_weights(model, pre, records, epoch=0, cfg=cfg)
@@ -200,8 +219,9 @@ def test_s3_default_knn_path_equals_an_independent_computation(tiny_text_ckpt, t
     assert weights[7] == 1.0  # no image: no evidence
 
 
-def test_non_finite_loss_stops_training_with_a_clear_error(catalog, tiny_text_ckpt, no_preset, tmp_path, monkeypatch,
-                                                            capsys):
+def test_non_finite_loss_stops_training_with_a_clear_error(
+    catalog, tiny_text_ckpt, no_preset, tmp_path, monkeypatch, capsys
+):
     import pv2tea.models.pv2tea as pv2tea_model
 
     calls = []
@@ -218,8 +238,6 @@ def test_non_finite_loss_stops_training_with_a_clear_error(catalog, tiny_text_ck
     err = " ".join(capsys.readouterr().err.split())
     assert "non-finite loss at epoch 1 step 1" in err and "'loss_gen': nan" in err
     assert not (run / "final").exists()
-
-
 
 
 CLIP = 0.05
@@ -246,8 +264,9 @@ def observed_run(rows, tiny_text_ckpt, tmp_path_factory) -> dict:
         seen["saved"].append((Path(directory).name, None if training is None else training["step"]))
         return original_save(directory, model, cfg, bert_config, preprocess, tokenizer, training, training_tensors)
 
-    cfg = load_config(None, tiny_overrides(tiny_text_ckpt) + ["train.epochs=1", f"optim.grad_clip={CLIP}",
-                                                               "train.save_every_steps=2"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_text_ckpt) + ["train.epochs=1", f"optim.grad_clip={CLIP}", "train.save_every_steps=2"]
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "sample_weights", lambda *args, **kwargs: (seen["weights"].copy(), {}))
         mp.setattr(PV2TEA, "forward", forward)

@@ -31,8 +31,14 @@ def _inline(row: dict, catalog: dict) -> dict:
     """A catalog row as a request product: images inline as base64, no gold or source."""
     folder = Path(catalog["train"]).parent
     images = [base64.b64encode((folder / p).read_bytes()).decode() for p in row["images"]]
-    return {"id": row["id"], "text": row["text"], "category": row["category"], "attribute": row["attribute"],
-            "images": images, "label": row["label"]}
+    return {
+        "id": row["id"],
+        "text": row["text"],
+        "category": row["category"],
+        "attribute": row["attribute"],
+        "images": images,
+        "label": row["label"],
+    }
 
 
 def test_predict_answers_as_the_python_api(served):
@@ -58,7 +64,7 @@ def test_predict_answers_as_the_python_api(served):
         patch.setattr(Predictor, "predict", spy)
         spied = TestClient(create_app(predictor))
         assert spied.post("/predict", json={"products": [_inline(r, catalog) for r in raw]}).status_code == 200
-    seen = seen[-len(records):]  # the warm-up prediction came first
+    seen = seen[-len(records) :]  # the warm-up prediction came first
     assert [len(s) for s in seen] == [len(r.images) for r in records] and any(seen)
     for images, record in zip(seen, records):
         for k, (name, tensor) in enumerate(images):
@@ -83,8 +89,9 @@ def test_image_paths_under_the_root_equal_inline_images(served):
     escape = {**by_path[0], "image_paths": ["../../etc/passwd"]}
     response = client.post("/predict", json={"products": [escape]})
     assert response.status_code == 422
-    assert response.json()["detail"] == [{"row": 1, "field": "image_paths[0]",
-                                          "message": "'../../etc/passwd' is outside the image root"}]
+    assert response.json()["detail"] == [
+        {"row": 1, "field": "image_paths[0]", "message": "'../../etc/passwd' is outside the image root"}
+    ]
 
 
 def test_bad_requests_name_the_row_and_field(served):
@@ -137,13 +144,16 @@ def test_predict_fused_with_the_extractor_as_the_python_api(served):
 
     predictor, catalog, raw, records = served
     extractor = TfidfTextExtractor().fit(records)
-    cands = {a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}}
+    cands = {
+        a: sorted({v for r in records if r.attribute == a for v in r.label}) for a in {r.attribute for r in records}
+    }
     client = TestClient(create_app(predictor, candidates=cands, extractor=extractor, extractor_weight=2.0))
     assert client.get("/health").json()["extractor"] is True
     response = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw]})
     assert response.status_code == 200, response.text
-    expected = predictor.predict(records, 32, candidates=cands, priors=extractor.value_probabilities(records),
-                                 prior_weight=2.0)
+    expected = predictor.predict(
+        records, 32, candidates=cands, priors=extractor.value_probabilities(records), prior_weight=2.0
+    )
     assert [a["values"] for a in response.json()["predictions"]] == expected
     unknown = {**_inline(raw[0], catalog), "attribute": "sleeve style"}
     bad = client.post("/predict", json={"products": [_inline(raw[1], catalog), unknown]})

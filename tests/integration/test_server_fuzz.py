@@ -25,28 +25,53 @@ def client(tiny_trained):
 
 text = st.text(max_size=20) | st.sampled_from(["", "  ", "\u2028", "\x00", "e\u0301", "x" * 2_500])
 number = st.integers(-(2**80), 2**80) | st.floats(allow_nan=False) | st.sampled_from([1e308, -0.0])
-anything = st.recursive(st.none() | st.booleans() | number | text,
-                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
-                        max_leaves=6)
-junk_b64 = st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()) | text | \
-    st.sampled_from(["data:image/png;base64,AAAA", "=", "A" * 300_000])
+anything = st.recursive(
+    st.none() | st.booleans() | number | text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=6,
+)
+junk_b64 = (
+    st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode())
+    | text
+    | st.sampled_from(["data:image/png;base64,AAAA", "=", "A" * 300_000])
+)
 product = st.fixed_dictionaries(
-    {"id": text | anything, "text": text | anything, "category": st.sampled_from(["mug", "t-shirt"]) | anything,
-     "attribute": st.sampled_from(["color", "pattern"]) | anything},
-    optional={"images": st.lists(junk_b64, max_size=2) | anything, "image_paths": st.lists(text, max_size=2),
-              "label": st.lists(text, max_size=2) | anything, "colour": text})
-request = st.fixed_dictionaries({"products": st.lists(product, max_size=5) | anything},
-                                optional={"num_beams": number | anything, "keep_grounded": anything})
-body = request.map(json.dumps) | anything.map(json.dumps) | st.binary(max_size=60).map(
-    lambda b: b.decode("latin-1")) | st.just('{"products": [')
+    {
+        "id": text | anything,
+        "text": text | anything,
+        "category": st.sampled_from(["mug", "t-shirt"]) | anything,
+        "attribute": st.sampled_from(["color", "pattern"]) | anything,
+    },
+    optional={
+        "images": st.lists(junk_b64, max_size=2) | anything,
+        "image_paths": st.lists(text, max_size=2),
+        "label": st.lists(text, max_size=2) | anything,
+        "colour": text,
+    },
+)
+request = st.fixed_dictionaries(
+    {"products": st.lists(product, max_size=5) | anything},
+    optional={"num_beams": number | anything, "keep_grounded": anything},
+)
+body = (
+    request.map(json.dumps)
+    | anything.map(json.dumps)
+    | st.binary(max_size=60).map(lambda b: b.decode("latin-1"))
+    | st.just('{"products": [')
+)
 
 
-@settings(max_examples=40, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=body)
 def test_every_body_is_answered_or_refused_clearly(client, data):
-    response = client.post("/predict", content=data.encode("utf-8", "surrogatepass"),
-                           headers={"Content-Type": "application/json"})
+    response = client.post(
+        "/predict", content=data.encode("utf-8", "surrogatepass"), headers={"Content-Type": "application/json"}
+    )
     assert response.status_code in (200, 413, 422), (response.status_code, response.text[:500])
     answer = response.json()
     if response.status_code == 200:

@@ -6,14 +6,39 @@ import json
 
 from pv2tea.cli import main
 
-KEYS = ["clients", "requests", "status_counts", "server_errors", "p50_ms", "p99_ms", "rows_per_s",
-        "rows_per_s_one_at_a_time", "speedup", "rss_growth"]
+KEYS = [
+    "clients",
+    "requests",
+    "status_counts",
+    "server_errors",
+    "p50_ms",
+    "p99_ms",
+    "rows_per_s",
+    "rows_per_s_one_at_a_time",
+    "speedup",
+    "rss_growth",
+]
 
 
 def test_bench_serve_short(tiny_trained, capsys):
     model, catalog = tiny_trained
-    assert main(["bench", "serve", "--model", str(model), "--clients", "8", "--seconds", "2",
-                 "--data", str(catalog["train"])]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "serve",
+                "--model",
+                str(model),
+                "--clients",
+                "8",
+                "--seconds",
+                "2",
+                "--data",
+                str(catalog["train"]),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     serve = json.loads(out[-1])["serve"]
     assert list(serve) == KEYS and serve["clients"] == 8
@@ -24,5 +49,7 @@ def test_bench_serve_short(tiny_trained, capsys):
     assert serve["rows_per_s"] > 0 and serve["rows_per_s_one_at_a_time"] > 0 and serve["p99_ms"] >= serve["p50_ms"]
     # SIGTERM while a request is in flight: it is answered, new connections are refused, the server exits 0
     assert any(line.startswith("| exit code after SIGTERM | 0 | 0 |") for line in out)
-    assert any(line.startswith("| SIGTERM mid-request: the request in flight, new connections | HTTP/1.1 200 OK, "
-                               "refused |") for line in out), out
+    assert any(
+        line.startswith("| SIGTERM mid-request: the request in flight, new connections | HTTP/1.1 200 OK, refused |")
+        for line in out
+    ), out

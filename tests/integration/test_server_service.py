@@ -25,11 +25,14 @@ from pv2tea.serve.limits import Limits
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG of ~100 bytes whose header claims width × height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,16 @@ def served(tiny_trained):
     predictor = Predictor.from_checkpoint(model)
     rows = [json.loads(line) for line in Path(catalog["train"]).read_text().splitlines()][:16]
     folder = Path(catalog["train"]).parent
-    products = [{"id": r["id"], "text": r["text"], "category": r["category"], "attribute": r["attribute"],
-                 "images": [base64.b64encode((folder / p).read_bytes()).decode() for p in r["images"]]}
-                for r in rows]
+    products = [
+        {
+            "id": r["id"],
+            "text": r["text"],
+            "category": r["category"],
+            "attribute": r["attribute"],
+            "images": [base64.b64encode((folder / p).read_bytes()).decode() for p in r["images"]],
+        }
+        for r in rows
+    ]
     return predictor, catalog, products, load_dataset(catalog["train"]).records[:16]
 
 
@@ -61,7 +71,7 @@ def test_concurrent_requests_are_coalesced_and_each_gets_its_own_rows(served):
     answers: dict[int, dict] = {}
 
     def send(n: int) -> None:
-        answers[n] = client.post("/predict", json={"products": products[2 * n:2 * n + 2]}).json()
+        answers[n] = client.post("/predict", json={"products": products[2 * n : 2 * n + 2]}).json()
 
     threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
     for t in threads:
@@ -71,8 +81,8 @@ def test_concurrent_requests_are_coalesced_and_each_gets_its_own_rows(served):
     expected = predictor.predict(records, 16)
     for n in range(8):
         got = answers[n]["predictions"]
-        assert [a["id"] for a in got] == [r.id for r in records[2 * n:2 * n + 2]]
-        assert [a["values"] for a in got] == expected[2 * n:2 * n + 2]
+        assert [a["id"] for a in got] == [r.id for r in records[2 * n : 2 * n + 2]]
+        assert [a["values"] for a in got] == expected[2 * n : 2 * n + 2]
     text = client.get("/metrics").text
     # the 8 requests of 2 rows each filled one batch of 16 rows (before the 2 s wait ran out)
     assert metric(text, "pv2tea_batch_rows_bucket", le="8.0") == 0 and metric(text, "pv2tea_batch_rows_count") == 1
@@ -118,7 +128,12 @@ def test_ready_metrics_and_api_key(served):
         assert client.app.state.batcher.ready.wait(10)
         assert client.get("/ready").json()["status"] == "ready" and client.get("/health").status_code == 200
         body = {"products": products[:2]}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cret"}, {"Authorization": "s3cret key"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"X-API-Key": "s3cret"},
+            {"Authorization": "s3cret key"},
+        ):
             response = client.post("/predict", json=body, headers=headers)
             assert response.status_code == 401 and "API key" in response.json()["detail"]
             assert response.headers["www-authenticate"] == "Bearer"
@@ -164,8 +179,15 @@ def test_each_limit_has_its_own_clear_4xx(served, tmp_path):
     root.mkdir()
     (tmp_path / "outside.png").write_bytes(base64.b64decode(_png((8, 8))))
     (root / "leak.png").symlink_to(tmp_path / "outside.png")
-    limits = Limits(max_body_bytes=60_000, max_products=4, max_text_chars=300, max_images_per_product=2,
-                    max_image_bytes=20_000, max_image_pixels=64 * 64, formats=("PNG",))
+    limits = Limits(
+        max_body_bytes=60_000,
+        max_products=4,
+        max_text_chars=300,
+        max_images_per_product=2,
+        max_image_bytes=20_000,
+        max_image_pixels=64 * 64,
+        formats=("PNG",),
+    )
     client = TestClient(create_app(predictor, limits=limits, image_root=root))
     good = products[0]
     assert client.post("/predict", json={"products": [good]}).status_code == 200
@@ -176,13 +198,15 @@ def test_each_limit_has_its_own_clear_4xx(served, tmp_path):
         [problem] = response.json()["detail"]
         return problem
 
-    cases = [({"text": "x" * 301}, "text", "--max-text-chars"),
-             ({"images": [_png((8, 8))] * 3}, "images", "--max-images"),
-             ({"images": [_png((65, 64))]}, "images[0]", "pixels"),
-             ({"images": [base64.b64encode(png_claiming(50_000, 50_000)).decode()]}, "images[0]", "pixels"),
-             ({"images": [_png((8, 8), "GIF")]}, "images[0]", "format GIF is not allowed"),
-             ({"images": ["A" * 40_000]}, "images[0]", "larger than"),
-             ({"images": [], "image_paths": ["leak.png"]}, "image_paths[0]", "outside the image root")]
+    cases = [
+        ({"text": "x" * 301}, "text", "--max-text-chars"),
+        ({"images": [_png((8, 8))] * 3}, "images", "--max-images"),
+        ({"images": [_png((65, 64))]}, "images[0]", "pixels"),
+        ({"images": [base64.b64encode(png_claiming(50_000, 50_000)).decode()]}, "images[0]", "pixels"),
+        ({"images": [_png((8, 8), "GIF")]}, "images[0]", "format GIF is not allowed"),
+        ({"images": ["A" * 40_000]}, "images[0]", "larger than"),
+        ({"images": [], "image_paths": ["leak.png"]}, "image_paths[0]", "outside the image root"),
+    ]
     for change, field, message in cases:
         problem = refused({**good, **change})
         assert problem["row"] == 1 and problem["field"] == field and message in problem["message"], problem
@@ -202,6 +226,7 @@ def test_each_limit_has_its_own_clear_4xx(served, tmp_path):
     junk = client.post("/predict", content=b'{"products": [', headers={"Content-Type": "application/json"})
     assert junk.status_code == 422 and "input" not in junk.json()["detail"][0]
     text = client.get("/metrics").text
-    assert {reason: metric(text, "pv2tea_images_rejected_total", reason=reason)
-            for reason in ("count", "pixels", "format", "bytes", "path")} == \
-        {"count": 1, "pixels": 2, "format": 1, "bytes": 1, "path": 1}
+    assert {
+        reason: metric(text, "pv2tea_images_rejected_total", reason=reason)
+        for reason in ("count", "pixels", "format", "bytes", "path")
+    } == {"count": 1, "pixels": 2, "format": 1, "bytes": 1, "path": 1}

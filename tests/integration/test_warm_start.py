@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config, upgrade_saved
 from pv2tea.data.schema import Record
 from pv2tea.experiment import TEA, check_same_config
@@ -18,14 +19,13 @@ from pv2tea.inference.predictor import build_for_training, load_from_checkpoint
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train.loop import build_optimizer, train
 
-from conftest import tiny_overrides
-
 
 @pytest.fixture(scope="module")
 def tea_final(tmp_path_factory, tiny_text_ckpt):
     """A tiny TEA trained on text-only rows: its final/ folder."""
-    rows = [Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,))
-            for i, c in enumerate(["red", "blue"] * 6)]
+    rows = [
+        Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,)) for i, c in enumerate(["red", "blue"] * 6)
+    ]
     run = tmp_path_factory.mktemp("tea_run")
     train(load_config(None, [*tiny_overrides(tiny_text_ckpt), *TEA, "train.epochs=2"]), rows, run, progress=False)
     return run / "final"
@@ -58,13 +58,23 @@ def test_pv2tea_starts_from_a_text_only_run(tea_final, tiny_text_ckpt, tmp_path)
     assert any(not torch.equal(fresh.state_dict()[k], state[k]) for k in shared if k.startswith("decoder."))
     assert all(torch.equal(state[k], v) for k, v in visual_before.items())  # the visual side is left alone
     model.sync_momentum()
-    assert all(torch.equal(a, b) for a, b in zip(model.text_encoder.state_dict().values(),
-                                                 model.text_encoder_m.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.text_encoder.state_dict().values(), model.text_encoder_m.state_dict().values())
+    )
 
 
 def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_text_ckpt, tmp_path):
-    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), f"train.init_from={tea_final}", "train.epochs=1",
-                             "optim.lr=1e-30", "optim.head_lr=1e-30"])  # updates vanish in float32: the final model is the warm start
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tiny_text_ckpt),
+            f"train.init_from={tea_final}",
+            "train.epochs=1",
+            "optim.lr=1e-30",
+            "optim.head_lr=1e-30",
+        ],
+    )  # updates vanish in float32: the final model is the warm start
     run = tmp_path / "run"
     train(cfg, _products(tmp_path), run, progress=False)
     assert "warm start:" in (run / "train.log").read_text()
@@ -126,15 +136,24 @@ def test_init_from_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_c
 
 @pytest.mark.parametrize("warm_start_lr", ["lr", "head_lr"])
 def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, warm_start_lr):
-    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.lr=1e-4", "optim.head_lr=1e-3",
-                             f"train.init_from={tea_final}", f"optim.warm_start_lr={warm_start_lr}"])
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tiny_text_ckpt),
+            "optim.lr=1e-4",
+            "optim.head_lr=1e-3",
+            f"train.init_from={tea_final}",
+            f"optim.warm_start_lr={warm_start_lr}",
+        ],
+    )
     model, _ = build_for_training(cfg, ["mug"])
     optimizer, _ = build_optimizer(model, cfg, total_steps=10)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
     cross = [n for n in names if n.startswith("decoder.") and "crossattention" in n and names[n].requires_grad]
-    visual_new = [n for n in names if n.startswith("visual.") and names[n].requires_grad
-                  and not n.startswith("visual.backbone.")]
+    visual_new = [
+        n for n in names if n.startswith("visual.") and names[n].requires_grad and not n.startswith("visual.backbone.")
+    ]
     assert cross and visual_new  # a new part of the decoder, and the visual side the warm start leaves alone
     expected = 1e-4 if warm_start_lr == "lr" else 1e-3
     assert {lr_of[id(names[n])] for n in cross} == {expected}
@@ -201,8 +220,12 @@ def test_the_gate_learns_from_zero_and_then_trains_its_attention(tiny_text_ckpt,
     assert all(p.grad is not None and bool(p.grad.any()) for p in layer.visual_attention.parameters())
 
     run = tmp_path / "run"  # a training run records how far each layer's gate opened, epoch by epoch
-    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", "train.epochs=1"]), rows, run,
-          progress=False)
+    train(
+        load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", "train.epochs=1"]),
+        rows,
+        run,
+        progress=False,
+    )
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert len(record["visual_gate"]) == 1 and 0 < abs(record["visual_gate"][0]) < 1
     reloaded, _ = load_from_checkpoint(run / "final")  # the saved model is rebuilt with its gated path

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import build, image_paths, records, single_thread  # noqa: F401  (fixtures)
 
 from pv2tea.data.dataset import RecordDataset, make_collate
 from pv2tea.train.feature_cache import build_feature_cache
 
-from test_model import build, image_paths, records, single_thread  # noqa: F401  (fixtures)
-
 FROZEN = ["vision.freeze=true", "text.freeze=true", "vision.max_images=2"]
 
 
-@pytest.mark.parametrize("extra", [FROZEN, ["vision.freeze=true"], ["text.freeze=true"],
-                                   ["vision.freeze=true", "vision.extra_levels=[1, 2]"],
-                                   ["vision.freeze=true", "vision.image_size=64", "vision.token_grid=1"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        FROZEN,
+        ["vision.freeze=true"],
+        ["text.freeze=true"],
+        ["vision.freeze=true", "vision.extra_levels=[1, 2]"],
+        ["vision.freeze=true", "vision.image_size=64", "vision.token_grid=1"],
+    ],
+)
 def test_cached_forward_equals_live_forward(tiny_text_ckpt, image_paths, extra):  # noqa: F811
     model, pre = build(tiny_text_ckpt, *extra)
     rows = records(image_paths)
@@ -52,7 +58,10 @@ def test_frozen_encoders_stay_in_eval_mode_and_untrained(tiny_text_ckpt, image_p
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert not any(n.startswith(("text_encoder.", "visual.backbone.")) for n in trained)
     assert all(p.grad is None for p in model.text_encoder.parameters())
-    assert model.visual.proj[0].weight.grad is not None and model.fusion.layers[0].crossattention.self.query.weight.grad is not None
+    assert (
+        model.visual.proj[0].weight.grad is not None
+        and model.fusion.layers[0].crossattention.self.query.weight.grad is not None
+    )
     assert all(torch.equal(before[k], v) for k, v in model.text_encoder.state_dict().items())
 
 
@@ -97,6 +106,7 @@ def test_partial_text_fine_tuning_trains_only_the_top_layers(tiny_text_ckpt, ima
 
 def test_train_layers_must_be_positive_and_freeze_wins(tiny_text_ckpt):  # noqa: F811
     from pv2tea.config import ConfigError
+
     with pytest.raises(ConfigError, match="text.train_layers"):
         build(tiny_text_ckpt, "text.train_layers=0")
     model, _ = build(tiny_text_ckpt, "text.freeze=true", "text.train_layers=1")
@@ -123,5 +133,6 @@ def test_train_layers_equal_to_the_encoder_caches_the_embeddings(tiny_text_ckpt,
     model.eval()
     with torch.no_grad():
         real = batch.text_mask.bool()
-        torch.testing.assert_close(model.encode(batch).text_hidden[real], model.encode(live_batch).text_hidden[real],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model.encode(batch).text_hidden[real], model.encode(live_batch).text_hidden[real], atol=1e-5, rtol=1e-4
+        )

@@ -8,8 +8,15 @@ from transformers import BertConfig
 
 from pv2tea.models.fusion import FusionEncoder
 
-CONFIG = BertConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                    max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CONFIG = BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 
 def _inputs(b: int = 3, v: int = 4, t: int = 5):

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_overrides
 from pv2tea.config import load_config
 from pv2tea.data.schema import Record
 from pv2tea.inference.predictor import build_for_training
-
-from conftest import tiny_overrides
 
 CATEGORIES = ["mug", "shirt"]
 
@@ -33,8 +32,12 @@ def single_thread():
 @pytest.fixture(scope="module")
 def image_paths(tmp_path_factory) -> list[str]:
     folder = tmp_path_factory.mktemp("images")
-    specs = [("RGB", (40, 30), (220, 20, 20)), ("RGB", (24, 48), (20, 200, 40)), ("L", (33, 33), 128),
-             ("RGB", (64, 64), (10, 10, 230))]
+    specs = [
+        ("RGB", (40, 30), (220, 20, 20)),
+        ("RGB", (24, 48), (20, 200, 40)),
+        ("L", (33, 33), 128),
+        ("RGB", (64, 64), (10, 10, 230)),
+    ]
     paths = []
     for i, (mode, size, colour) in enumerate(specs):
         path = folder / f"img{i}.png"
@@ -49,8 +52,14 @@ def records(paths: list[str]) -> list[Record]:
     """Three image-bearing products and one text-only product (row 2); 'toy' is an unknown category."""
     return [
         Record("p0-color", "red ceramic mug with a handle", (paths[0],), "mug", "color", ("red",)),
-        Record("p1-color", "green cotton shirt with white stripes", (paths[1], paths[3]), "shirt", "color",
-               ("green", "white")),
+        Record(
+            "p1-color",
+            "green cotton shirt with white stripes",
+            (paths[1], paths[3]),
+            "shirt",
+            "color",
+            ("green", "white"),
+        ),
         Record("p2-color", "plain blue mug, no picture available", (), "mug", "color", ("blue",)),
         Record("p3-color", "grey plush toy", (paths[2],), "toy", "color", ("grey",)),
     ]
@@ -74,12 +83,16 @@ def momentum_modules(model) -> list[torch.nn.Module]:
 SCHEMES = list(itertools.product([True, False], repeat=3))
 
 
-@pytest.mark.parametrize("contrastive,category_loss,pruning", SCHEMES,
-                         ids=[f"sc{int(a)}-ct{int(b)}-pt{int(c)}" for a, b, c in SCHEMES])
+@pytest.mark.parametrize(
+    "contrastive,category_loss,pruning", SCHEMES, ids=[f"sc{int(a)}-ct{int(b)}-pt{int(c)}" for a, b, c in SCHEMES]
+)
 def test_scheme_combinations(tiny_text_ckpt, image_paths, contrastive, category_loss, pruning):
-    model, pre = build(tiny_text_ckpt, f"schemes.contrastive={str(contrastive).lower()}",
-                       f"schemes.category_loss={str(category_loss).lower()}",
-                       f"schemes.attention_pruning={str(pruning).lower()}")
+    model, pre = build(
+        tiny_text_ckpt,
+        f"schemes.contrastive={str(contrastive).lower()}",
+        f"schemes.category_loss={str(category_loss).lower()}",
+        f"schemes.attention_pruning={str(pruning).lower()}",
+    )
     batch = make_batch(pre, records(image_paths))
     assert batch.has_image.tolist() == [True, True, False, True]
     assert batch.category.tolist() == [0, 1, 0, -1]
@@ -101,8 +114,11 @@ def test_scheme_combinations(tiny_text_ckpt, image_paths, contrastive, category_
     assert bool(out.momentum) == contrastive
 
     out.loss.backward()
-    no_grad = [name for name, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    no_grad = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))
+    ]
     assert no_grad == []
     if contrastive:
         for module in momentum_modules(model):
@@ -131,16 +147,24 @@ def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contr
     assert torch.allclose(doubled.per_sample_gen, plain.per_sample_gen)  # g itself is unweighted
 
 
-@pytest.mark.parametrize("features,chance", [("backbone", "soft"), ("masked", "soft"), ("pooled", "clip"),
-                                              ("aligned", "soft"), ("pooled", "none")])
+@pytest.mark.parametrize(
+    "features,chance",
+    [("backbone", "soft"), ("masked", "soft"), ("pooled", "clip"), ("aligned", "soft"), ("pooled", "none")],
+)
 def test_s3_weights_for_each_feature_space(tiny_text_ckpt, image_paths, features, chance):
     from pv2tea.train.loop import sample_weights
 
-    model, pre = build(tiny_text_ckpt, f"schemes.nr_features={features}", "schemes.knn_k=2",
-                       f"schemes.nr_chance={chance}", "schemes.prediction_nr=false")
+    model, pre = build(
+        tiny_text_ckpt,
+        f"schemes.nr_features={features}",
+        "schemes.knn_k=2",
+        f"schemes.nr_chance={chance}",
+        "schemes.prediction_nr=false",
+    )
     recs = records(image_paths) * 2  # 8 rows, 6 with an image
-    recs += [dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern", label=("solid",))
-             for r in recs]  # a second attribute: 16 rows
+    recs += [
+        dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern", label=("solid",)) for r in recs
+    ]  # a second attribute: 16 rows
     weights, stats = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     assert weights.shape == (16,) and np.isfinite(weights).all() and (weights >= 0).all()
     assert weights.mean() == pytest.approx(1.0)  # schemes.normalize_weights
@@ -154,16 +178,23 @@ def test_s3_on_the_earlier_levels_with_knn_or_probe(tiny_text_ckpt, image_paths,
     from pv2tea.regularize.probe import probe_reliability
     from pv2tea.train.loop import sample_weights
 
-    model, pre = build(tiny_text_ckpt, "vision.extra_levels=[1]", "schemes.nr_features=levels",
-                       f"schemes.nr_visual={visual}", "schemes.knn_k=2", "schemes.prediction_nr=false",
-                       "schemes.nr_chance=none", "schemes.normalize_weights=false")
+    model, pre = build(
+        tiny_text_ckpt,
+        "vision.extra_levels=[1]",
+        "schemes.nr_features=levels",
+        f"schemes.nr_visual={visual}",
+        "schemes.knn_k=2",
+        "schemes.prediction_nr=false",
+        "schemes.nr_chance=none",
+        "schemes.normalize_weights=false",
+    )
     recs = records(image_paths) * 3  # 12 rows, 9 with an image
     weights, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     batch = make_batch(pre, recs)
     with torch.no_grad():
         tokens = model.visual.backbone_tokens(batch.images)  # (B, N, C + C_1)
     levels = model.level_features(batch.images)
-    assert torch.allclose(levels, tokens[..., model.visual.backbone.num_features:].mean(1))
+    assert torch.allclose(levels, tokens[..., model.visual.backbone.num_features :].mean(1))
     assert levels.shape[1] == model.visual.num_features - model.visual.backbone.num_features
     rows = [i for i, r in enumerate(recs) if r.images]
     assert np.allclose(weights[[i for i in range(12) if i not in rows]], 1.0)  # no image: no visual evidence
@@ -179,10 +210,16 @@ def test_s3_probe_off_for_an_attribute_its_features_do_not_explain(tiny_text_ckp
     from pv2tea.train.loop import sample_weights
 
     base = [r for r in records(image_paths) if r.images]
-    recs = [dataclasses.replace(r, id=f"{r.id}-{k}", label=("red",) if k % 2 else ("blue",))
-            for k in range(8) for r in base]  # 24 rows: every image labelled red 4 times and blue 4 times
-    model, pre = build(tiny_text_ckpt, "vision.extra_levels=[1]", "schemes.nr_features=levels",
-                       "schemes.nr_visual=probe", "schemes.prediction_nr=false")
+    recs = [
+        dataclasses.replace(r, id=f"{r.id}-{k}", label=("red",) if k % 2 else ("blue",)) for k in range(8) for r in base
+    ]  # 24 rows: every image labelled red 4 times and blue 4 times
+    model, pre = build(
+        tiny_text_ckpt,
+        "vision.extra_levels=[1]",
+        "schemes.nr_features=levels",
+        "schemes.nr_visual=probe",
+        "schemes.prediction_nr=false",
+    )
     weights, stats = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     assert stats["probe_gain_color"] <= 0
     assert np.allclose(weights, 1.0)
@@ -194,8 +231,12 @@ def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_path
     from pv2tea.train.loop import sample_weights
 
     recs = records(image_paths) * 2
-    recs += [dataclasses.replace(r, id=r.id.replace("color", "pattern"), attribute="pattern",
-                                 label=("solid",) if i % 3 else ("dotted",)) for i, r in enumerate(recs)]
+    recs += [
+        dataclasses.replace(
+            r, id=r.id.replace("color", "pattern"), attribute="pattern", label=("solid",) if i % 3 else ("dotted",)
+        )
+        for i, r in enumerate(recs)
+    ]
     common = ["schemes.knn_k=2", "schemes.prediction_nr=false", "schemes.normalize_weights=false"]
     recs = [dataclasses.replace(r, gold=r.label if i % 2 else ("purple",)) for i, r in enumerate(recs)]
     model, pre = build(tiny_text_ckpt, *common)
@@ -205,7 +246,7 @@ def test_s3_sharpness_and_per_attribute_normalization(tiny_text_ckpt, image_path
     assert stats["weight_mean_label_wrong"] == pytest.approx(base[0::2].mean())
     model.cfg.schemes.nr_sharpness = 3.0
     sharp, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
-    assert np.allclose(sharp, base ** 3) and len(set(np.round(base, 6))) > 1
+    assert np.allclose(sharp, base**3) and len(set(np.round(base, 6))) > 1
     model.cfg.schemes.normalize_weights, model.cfg.schemes.normalize_within = True, "attribute"
     per_attribute, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     for attribute in ("color", "pattern"):
@@ -221,8 +262,10 @@ def test_s3_rows_without_evidence_are_rescaled_apart(tiny_text_ckpt, image_paths
     With the prediction level every row is judged, and all rows are rescaled together."""
     from pv2tea.train.loop import sample_weights
 
-    recs = [dataclasses.replace(r, id=f"{r.id}-{i}", label=("red",) if i % 3 else ("blue",))
-            for i, r in enumerate(records(image_paths) * 3)]  # 12 rows, 9 with an image
+    recs = [
+        dataclasses.replace(r, id=f"{r.id}-{i}", label=("red",) if i % 3 else ("blue",))
+        for i, r in enumerate(records(image_paths) * 3)
+    ]  # 12 rows, 9 with an image
     with_image = [i for i, r in enumerate(recs) if r.images]
     without = [i for i, r in enumerate(recs) if not r.images]
     common = ["schemes.knn_k=2", "schemes.nr_chance=none", "schemes.prediction_nr_start_epoch=0"]
@@ -234,8 +277,13 @@ def test_s3_rows_without_evidence_are_rescaled_apart(tiny_text_ckpt, image_paths
     assert np.allclose(scaled[without], 1.0)
     assert np.allclose(scaled[with_image], raw[with_image] / raw[with_image].mean())
     model.cfg.schemes.prediction_nr = True
-    raw_both, _ = sample_weights(model, pre, recs, epoch=0, cfg=dataclasses.replace(
-        model.cfg, schemes=dataclasses.replace(model.cfg.schemes, normalize_weights=False)))
+    raw_both, _ = sample_weights(
+        model,
+        pre,
+        recs,
+        epoch=0,
+        cfg=dataclasses.replace(model.cfg, schemes=dataclasses.replace(model.cfg.schemes, normalize_weights=False)),
+    )
     both, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
     assert np.allclose(both, raw_both / raw_both.mean())
 
@@ -286,8 +334,7 @@ def test_s3_switches_do_not_change_the_module(tiny_text_ckpt):
 
 @pytest.mark.parametrize("pruning", [True, False])
 def test_generate_and_image_feature_shapes(tiny_text_ckpt, image_paths, pruning):
-    model, pre = build(tiny_text_ckpt, f"schemes.attention_pruning={str(pruning).lower()}",
-                       "vision.image_size=64")
+    model, pre = build(tiny_text_ckpt, f"schemes.attention_pruning={str(pruning).lower()}", "vision.image_size=64")
     model.eval()
     batch = make_batch(pre, records(image_paths))
     assert batch.images.shape == (4, 3, 64, 64)
@@ -296,8 +343,7 @@ def test_generate_and_image_feature_shapes(tiny_text_ckpt, image_paths, pruning)
     assert ids.dtype == torch.long and ids.ndim == 2 and ids.shape[0] == 4
     assert 2 <= ids.shape[1] <= 1 + 8  # decoder.max_answer_tokens=8
     assert ids[:, 0].tolist() == [tok.cls_token_id] * 4
-    short = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, num_beams=2,
-                           max_new_tokens=3)
+    short = model.generate(batch, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, num_beams=2, max_new_tokens=3)
     assert short.shape[0] == 4 and 2 <= short.shape[1] <= 4 and short[:, 0].eq(tok.cls_token_id).all()
     assert len(pre.decode_answers(ids)) == 4
 
@@ -345,8 +391,12 @@ def test_text_only_row_unaffected_by_image_rows(tiny_text_ckpt, image_paths):
 
 def test_momentum_update_moves_toward_online(tiny_text_ckpt):
     model, _ = build(tiny_text_ckpt, "schemes.momentum=0.75")
-    pairs = [(model.vision_proj, model.vision_proj_m), (model.text_proj, model.text_proj_m),
-             (model.visual, model.visual_m), (model.text_encoder, model.text_encoder_m)]
+    pairs = [
+        (model.vision_proj, model.vision_proj_m),
+        (model.text_proj, model.text_proj_m),
+        (model.visual, model.visual_m),
+        (model.text_encoder, model.text_encoder_m),
+    ]
     for online, momentum in pairs:  # synced after load_pretrained
         for p, p_m in zip(online.parameters(), momentum.parameters()):
             assert torch.equal(p, p_m)
@@ -409,7 +459,9 @@ def test_vit_backbone(tiny_text_ckpt, image_paths, pruning):
     assert set(out.terms) == {"loss_gen", "loss_sc", "loss_ct"}
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    no_grad = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     assert no_grad == []
     pooled, mask, grid = model.image_features(batch.images[batch.has_image])
     assert pooled.shape == (3, model.bert_config.hidden_size)
@@ -431,8 +483,9 @@ def test_real_offline_backbones(image_paths):
 
     from pv2tea.models.weights import WeightLoadError, efficientnet_package_filter, load_strict
 
-    cfg = load_config(None, ["vision.image_size=64", "fusion.num_layers=1", "decoder.num_layers=1",
-                             "schemes.queue_size=16"])
+    cfg = load_config(
+        None, ["vision.image_size=64", "fusion.num_layers=1", "decoder.num_layers=1", "schemes.queue_size=16"]
+    )
     assert cfg.vision.name == "efficientnet_lite0" and cfg.text.path.startswith("package:")
     model, pre = build_for_training(cfg, CATEGORIES)
 
@@ -488,8 +541,9 @@ def test_text_num_layers_keeps_the_first_layers(tiny_text_ckpt):
     short.load_pretrained()
     assert len(short.text_encoder.encoder.layer) == 1
     assert len(full.text_encoder.encoder.layer) == full.bert_config.num_hidden_layers > 1
-    assert torch.equal(short.text_encoder.encoder.layer[0].output.dense.weight,
-                       full.text_encoder.encoder.layer[0].output.dense.weight)
+    assert torch.equal(
+        short.text_encoder.encoder.layer[0].output.dense.weight, full.text_encoder.encoder.layer[0].output.dense.weight
+    )
 
 
 def test_text_num_layers_beyond_the_checkpoint_is_an_error(tiny_text_ckpt):
@@ -512,9 +566,13 @@ def test_copy_decoder_trains_generates_and_scores(tiny_text_ckpt, image_paths):
     assert any(p is model.decoder.copy_gate.weight for p in new)  # trained at the head learning rate
     model.eval()
     enc = model.encode(batch)
-    logits = model.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                           encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask,
-                           **model._copy_inputs(enc, batch)).logits  # (B, A, V) log-probabilities
+    logits = model.decoder(
+        input_ids=batch.answer_ids,
+        attention_mask=batch.answer_mask,
+        encoder_hidden_states=enc.memory,
+        encoder_attention_mask=enc.memory_mask,
+        **model._copy_inputs(enc, batch),
+    ).logits  # (B, A, V) log-probabilities
     assert torch.allclose(logits.exp().sum(-1), torch.ones(logits.shape[:2]), atol=1e-4)
     tok = pre.tokenizer
     for beams in (1, 2):
@@ -540,9 +598,15 @@ def test_copy_decoder_copies_the_attended_text_token(tiny_text_ckpt, image_paths
     mask = torch.zeros_like(batch.text_mask)
     mask[:, target] = 1
     enc = model.encode(batch)
-    logits = dec(input_ids=batch.answer_ids[:, :1], attention_mask=batch.answer_mask[:, :1],
-                 encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask,
-                 copy_states=enc.text_hidden, copy_ids=batch.text_ids, copy_mask=mask).logits
+    logits = dec(
+        input_ids=batch.answer_ids[:, :1],
+        attention_mask=batch.answer_mask[:, :1],
+        encoder_hidden_states=enc.memory,
+        encoder_attention_mask=enc.memory_mask,
+        copy_states=enc.text_hidden,
+        copy_ids=batch.text_ids,
+        copy_mask=mask,
+    ).logits
     assert int(logits[0, -1].argmax()) == int(batch.text_ids[0, target])
     assert logits[0, -1].exp().max().item() == pytest.approx(1.0, abs=1e-6)
 
@@ -553,13 +617,24 @@ def test_copy_decoder_without_copyable_tokens_generates(tiny_text_ckpt, image_pa
     batch = make_batch(pre, records(image_paths)[:2])
     enc = model.encode(batch)
     dec = model.decoder
-    inputs = dict(input_ids=batch.answer_ids, attention_mask=batch.answer_mask, encoder_hidden_states=enc.memory,
-                  encoder_attention_mask=enc.memory_mask, copy_states=enc.text_hidden, copy_ids=batch.text_ids)
+    inputs = dict(
+        input_ids=batch.answer_ids,
+        attention_mask=batch.answer_mask,
+        encoder_hidden_states=enc.memory,
+        encoder_attention_mask=enc.memory_mask,
+        copy_states=enc.text_hidden,
+        copy_ids=batch.text_ids,
+    )
     with torch.no_grad():
         empty = dec(**inputs, copy_mask=torch.zeros_like(batch.text_mask)).logits
-        vocab = dec.cls(dec.bert(batch.answer_ids, attention_mask=batch.answer_mask,
-                                 encoder_hidden_states=enc.memory,
-                                 encoder_attention_mask=enc.memory_mask).last_hidden_state).log_softmax(-1)
+        vocab = dec.cls(
+            dec.bert(
+                batch.answer_ids,
+                attention_mask=batch.answer_mask,
+                encoder_hidden_states=enc.memory,
+                encoder_attention_mask=enc.memory_mask,
+            ).last_hidden_state
+        ).log_softmax(-1)
     assert torch.allclose(empty, vocab, atol=1e-5)
 
 
@@ -617,8 +692,9 @@ def test_ungrounded_weight_without_s3(tiny_text_ckpt, image_paths):
     """schemes.ungrounded_weight alone (S3 off) down-weights the rows whose label is not in their text."""
     from pv2tea.train.loop import sample_weights
 
-    model, pre = build(tiny_text_ckpt, "schemes.visual_nr=false", "schemes.prediction_nr=false",
-                       "schemes.ungrounded_weight=0.2")
+    model, pre = build(
+        tiny_text_ckpt, "schemes.visual_nr=false", "schemes.prediction_nr=false", "schemes.ungrounded_weight=0.2"
+    )
     recs = records(image_paths)  # every label occurs in its text
     recs[1] = dataclasses.replace(recs[1], label=("purple",))  # not in "green cotton shirt with white stripes"
     weights, _ = sample_weights(model, pre, recs, epoch=0, cfg=model.cfg)
@@ -633,8 +709,9 @@ def test_multi_value_answers_follow_the_text_order(tiny_text_ckpt, image_paths, 
     """decoder.value_order: the training answer lists the values as the (possibly replaced) text first mentions
     them, unmentioned ones last; "sorted" ignores the text."""
     _, pre = build(tiny_text_ckpt, f"decoder.value_order={order}")
-    row = Record("p9-color", "White shirt, green stripes", (image_paths[0],), "shirt", "color",
-                 ("green", "blue", "white"))
+    row = Record(
+        "p9-color", "White shirt, green stripes", (image_paths[0],), "shirt", "color", ("green", "blue", "white")
+    )
     batch = make_batch(pre, [row])
     answer = pre.tokenizer.decode(batch.answer_ids[0], skip_special_tokens=True)
     assert answer == expected
@@ -650,8 +727,13 @@ def test_s3_visual_level_is_computed_once_while_the_backbone_is_frozen(tiny_text
     monkeypatch.setattr(loop, "visual_reliability", lambda *a, **k: calls.append(1) or visual(*a, **k))
     recs = records(image_paths) * 2
     for features, expected_calls in (("backbone", 1), ("pooled", 2)):
-        model, pre = build(tiny_text_ckpt, "vision.freeze=true", f"schemes.nr_features={features}",
-                           "schemes.knn_k=2", "schemes.prediction_nr=false")
+        model, pre = build(
+            tiny_text_ckpt,
+            "vision.freeze=true",
+            f"schemes.nr_features={features}",
+            "schemes.knn_k=2",
+            "schemes.prediction_nr=false",
+        )
         cache: dict = {}
         calls.clear()
         first, _ = loop.sample_weights(model, pre, recs, epoch=0, cfg=model.cfg, visual_cache=cache)

@@ -32,10 +32,12 @@ def recs(tmp_path_factory) -> list[Record]:
         path = folder / f"{i}.png"
         image.save(path)
         paths.append(str(path))
-    return [Record("a", "red ceramic mug", (paths[0],), "mug", "color", ("red",)),
-            Record("b", "green shirt with white stripes", (paths[1],), "shirt", "color", ("green", "white")),
-            Record("c", "plain blue mug", (), "mug", "color", ("blue",)),
-            Record("d", "navy plush toy", (paths[2],), "toy", "color", ("navy blue",))]
+    return [
+        Record("a", "red ceramic mug", (paths[0],), "mug", "color", ("red",)),
+        Record("b", "green shirt with white stripes", (paths[1],), "shirt", "color", ("green", "white")),
+        Record("c", "plain blue mug", (), "mug", "color", ("blue",)),
+        Record("d", "navy plush toy", (paths[2],), "toy", "color", ("navy blue",)),
+    ]
 
 
 def _build(text_ckpt: Path, *extra: str):
@@ -52,8 +54,9 @@ def _batch(pre, recs):
     return pre.collate(recs, list(range(len(recs))), list(range(len(recs))), with_answers=True)
 
 
-def _independent_ce(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
-                    smoothing: float = 0.0) -> torch.Tensor:
+def _independent_ce(
+    logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
     """Per row: mean over the answer tokens after [CLS] of the smoothed −log p(token | previous tokens)."""
     out = []
     for row in range(answer_ids.shape[0]):
@@ -77,8 +80,12 @@ def test_generation_loss_equals_an_independent_cross_entropy(tiny_text_ckpt, rec
     with torch.no_grad():
         out = model(batch)
         enc = model.encode(batch)
-        logits = model.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                               encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask).logits
+        logits = model.decoder(
+            input_ids=batch.answer_ids,
+            attention_mask=batch.answer_mask,
+            encoder_hidden_states=enc.memory,
+            encoder_attention_mask=enc.memory_mask,
+        ).logits
     expected = _independent_ce(logits, batch.answer_ids, batch.answer_mask, smoothing)
     assert torch.allclose(out.per_sample_gen, expected, rtol=1e-5, atol=1e-6)
     assert out.terms["loss_gen"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
@@ -113,8 +120,9 @@ def test_loss_weights_scale_the_total(tiny_text_ckpt, recs):
         assert weighted.terms[name].item() == pytest.approx(term.item(), rel=1e-6)  # the terms themselves stay
     t = {k: v.item() for k, v in plain.terms.items()}
     assert plain.loss.item() == pytest.approx(t["loss_gen"] + t["loss_ct"] + t["loss_sc"], rel=1e-6)
-    assert weighted.loss.item() == pytest.approx(0.5 * t["loss_gen"] + 3.0 * t["loss_ct"] + 0.25 * t["loss_sc"],
-                                                 rel=1e-6)
+    assert weighted.loss.item() == pytest.approx(
+        0.5 * t["loss_gen"] + 3.0 * t["loss_ct"] + 0.25 * t["loss_sc"], rel=1e-6
+    )
 
 
 def test_attend_context_feeds_question_and_context_to_the_decoder(tiny_text_ckpt, recs):
@@ -127,12 +135,19 @@ def test_attend_context_feeds_question_and_context_to_the_decoder(tiny_text_ckpt
         memory = torch.cat([enc.question, enc.context], 1)
         assert torch.equal(enc.memory, memory)
         assert torch.equal(enc.memory_mask, torch.cat([batch.question_mask, enc.context_mask], 1))
-        logits = model.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                               encoder_hidden_states=memory, encoder_attention_mask=enc.memory_mask).logits
+        logits = model.decoder(
+            input_ids=batch.answer_ids,
+            attention_mask=batch.answer_mask,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=enc.memory_mask,
+        ).logits
         out = model(batch)
-        question_only = model.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                                      encoder_hidden_states=enc.question,
-                                      encoder_attention_mask=batch.question_mask).logits
+        question_only = model.decoder(
+            input_ids=batch.answer_ids,
+            attention_mask=batch.answer_mask,
+            encoder_hidden_states=enc.question,
+            encoder_attention_mask=batch.question_mask,
+        ).logits
     expected = _independent_ce(logits, batch.answer_ids, batch.answer_mask)
     assert torch.allclose(out.per_sample_gen, expected, rtol=1e-5, atol=1e-6)
     other = _independent_ce(question_only, batch.answer_ids, batch.answer_mask)
@@ -181,8 +196,11 @@ def test_decoding_known_token_ids_into_values(tiny_text_ckpt):
     cfg = load_config(None, tiny_overrides(tiny_text_ckpt))
     _, pre = build_for_training(cfg, CATEGORIES)
     tok = pre.tokenizer
-    rows = ["[CLS] navy blue ; white ; navy blue [SEP] [PAD]", "[CLS] red [SEP]" + " [PAD]" * 7,
-            "[CLS] [SEP]" + " [PAD]" * 8]
+    rows = [
+        "[CLS] navy blue ; white ; navy blue [SEP] [PAD]",
+        "[CLS] red [SEP]" + " [PAD]" * 7,
+        "[CLS] [SEP]" + " [PAD]" * 8,
+    ]
     ids = torch.tensor([tok.convert_tokens_to_ids(r.split()) for r in rows])
     assert pre.decode_answers(ids) == [["navy blue", "white"], ["red"], []]
     with_name = torch.tensor([tok.convert_tokens_to_ids("[CLS] color ; red [SEP]".split())])

@@ -10,9 +10,8 @@ from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config
 from pv2tea.data.dataset import value_vocabulary
 from pv2tea.data.schema import Record
-from pv2tea.inference.predictor import build_for_training, generate_values
-
 from pv2tea.experiment import TEA, VARIANTS
+from pv2tea.inference.predictor import build_for_training, generate_values
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,11 @@ def _build(tiny_text_ckpt, recs, *extra):
 
 
 def _all_grads(model) -> list[str]:
-    return [n for n, p in model.named_parameters()
-            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))
+    ]
 
 
 def test_text_only_config_must_switch_off_image_schemes():
@@ -111,12 +113,14 @@ def test_candidates_rank_by_sequence_likelihood(tiny_text_ckpt, recs):
     # the score is the sum of next-token log-probabilities of the candidate under the decoder
     one = pre.tokenizer(["light blue"], return_tensors="pt")
     q = model.encode(pre.collate(recs[:1], [0], [0], with_answers=False))
-    logits = model.decoder(input_ids=one["input_ids"], encoder_hidden_states=q.question,
-                           encoder_attention_mask=q.question_mask).logits[0]
+    logits = model.decoder(
+        input_ids=one["input_ids"], encoder_hidden_states=q.question, encoder_attention_mask=q.question_mask
+    ).logits[0]
     lp = torch.log_softmax(logits[:-1], -1).gather(-1, one["input_ids"][0, 1:, None]).sum()
     assert scores[2].item() == pytest.approx(lp.item(), rel=1e-4)
-    preds = generate_values(model, pre, recs, batch_size=4,
-                            candidates={"mug": {"color": cands}, "pattern": ["solid", "striped"]})
+    preds = generate_values(
+        model, pre, recs, batch_size=4, candidates={"mug": {"color": cands}, "pattern": ["solid", "striped"]}
+    )
     best0 = cands[int(scores[:3].argmax())]
     assert preds[0] == [best0]
     assert preds[2][0] in ("solid", "striped") and preds[3][0] in ("solid", "striped")
@@ -148,8 +152,9 @@ def test_binary_matching_variant_trains_and_retrieves(tiny_text_ckpt, recs):
 
     model, pre = _build(tiny_text_ckpt, recs, "schemes.alignment=matching")
     assert model.itm_head is not None and not model.uses_contrast
-    assert not any(n.startswith(("vision_proj", "text_proj", "visual_m", "text_encoder_m", "queue"))
-                   for n in model.state_dict())
+    assert not any(
+        n.startswith(("vision_proj", "text_proj", "visual_m", "text_encoder_m", "queue")) for n in model.state_dict()
+    )
     batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
     model.train()
     out = model(batch)
@@ -220,8 +225,10 @@ def test_variant_names_switch_what_they_say():
 
     # the paper preset runs every scheme; the cpu preset has S3's prediction level off (wo_pred_nr is pv2tea there)
     base = load_config("paper").to_dict()
-    changed = {name: {k for k, _, _ in config_differences(base, load_config("paper", VARIANTS[name]).to_dict())}
-               for name in VARIANTS}
+    changed = {
+        name: {k for k, _, _ in config_differences(base, load_config("paper", VARIANTS[name]).to_dict())}
+        for name in VARIANTS
+    }
     cpu = load_config("cpu").to_dict()
     assert not config_differences(cpu, load_config("cpu", VARIANTS["wo_pred_nr"]).to_dict())
     assert changed["pv2tea"] == set()
@@ -242,8 +249,11 @@ def test_variant_names_switch_what_they_say():
     assert load_config("cpu", VARIANTS["visual_gate"]).fusion.visual_gate == 0
 
 
-@pytest.mark.parametrize("extra", [["vision.max_images=3"], ["decoder.head=classify"],
-                                   ["schemes.alignment=matching"]], ids=["3_images", "classify", "matching"])
+@pytest.mark.parametrize(
+    "extra",
+    [["vision.max_images=3"], ["decoder.head=classify"], ["schemes.alignment=matching"]],
+    ids=["3_images", "classify", "matching"],
+)
 def test_an_open_visual_gate_works_with_several_images_the_classifier_and_matching(tiny_text_ckpt, recs, extra):
     model, pre = _build(tiny_text_ckpt, recs, "fusion.visual_gate=0.5", *extra)
     batch = pre.collate(recs, [0, 1, 2, 3], [0, 1, 2, 3], with_answers=True)
@@ -257,8 +267,9 @@ def test_an_open_visual_gate_works_with_several_images_the_classifier_and_matchi
         for layer in model.fusion.layers:
             layer.visual_gate.zero_()
         closed = model.encode(batch).question
-        text_only = model.fusion(batch.question_ids, batch.question_mask, model.encode(batch).text_hidden,
-                                 batch.text_mask, n_visual=0)
+        text_only = model.fusion(
+            batch.question_ids, batch.question_mask, model.encode(batch).text_hidden, batch.text_mask, n_visual=0
+        )
     torch.testing.assert_close(closed, text_only)  # every image's tokens (here up to 3) sit behind the gate
 
 

@@ -13,8 +13,9 @@ from pv2tea.models.vision import VisualEncoder
 
 def encoder(name: str, levels: list[int], token_grid: int | None = None) -> VisualEncoder:
     torch.manual_seed(0)
-    return VisualEncoder(VisionConfig(name=name, weights="none", extra_levels=levels, token_grid=token_grid),
-                         32, True).eval()
+    return VisualEncoder(
+        VisionConfig(name=name, weights="none", extra_levels=levels, token_grid=token_grid), 32, True
+    ).eval()
 
 
 def test_cnn_tokens_carry_pooled_earlier_levels():

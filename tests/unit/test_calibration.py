@@ -8,17 +8,29 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.inference.calibration import (Calibration, CalibrationConfig, CalibrationError, Choice, ScoredRow,
-                                          apply_calibration, choose, fit_calibration, fused_pick, load_calibration,
-                                          passes_guard, scored_rows)
+from pv2tea.inference.calibration import (
+    Calibration,
+    CalibrationConfig,
+    CalibrationError,
+    Choice,
+    ScoredRow,
+    apply_calibration,
+    choose,
+    fit_calibration,
+    fused_pick,
+    load_calibration,
+    passes_guard,
+    scored_rows,
+)
 
 CANDS = ("red", "blue")
 
 
 def row(attribute: str, model_p: float, extractor_p: float, gold: str) -> ScoredRow:
     """Two candidates; the model gives 'red' model_p, the extractor gives it extractor_p."""
-    return ScoredRow(attribute, CANDS, np.log([model_p, 1 - model_p]), np.log([extractor_p, 1 - extractor_p]),
-                     frozenset({gold}))
+    return ScoredRow(
+        attribute, CANDS, np.log([model_p, 1 - model_p]), np.log([extractor_p, 1 - extractor_p]), frozenset({gold})
+    )
 
 
 def test_fused_pick_interpolates_between_extractor_and_model():
@@ -38,7 +50,7 @@ def test_guard_is_a_sign_test_on_discordant_rows():
 
 def test_choose_keeps_the_model_only_beyond_noise():
     # 12 rows where the model is right and the extractor wrong, 2 the reverse, 6 both right
-    rows = ([row("a", 0.9, 0.2, "red")] * 12 + [row("a", 0.1, 0.8, "red")] * 2 + [row("a", 0.8, 0.8, "red")] * 6)
+    rows = [row("a", 0.9, 0.2, "red")] * 12 + [row("a", 0.1, 0.8, "red")] * 2 + [row("a", 0.8, 0.8, "red")] * 6
     c = choose(rows, CalibrationConfig())
     # the 12 flip to the model once λ·log 9 > (1-λ)·log 4, i.e. λ > 0.387, and the 2 flip away at the same λ
     # (symmetric): from λ = 0.4 on, 12 fixed and 2 broke; ties go to the smallest λ
@@ -115,8 +127,10 @@ def test_config_and_rows_are_validated():
 def test_scored_rows_renormalize_the_extractor_and_skip_rows_without_candidates():
     from pv2tea.data.schema import Record
 
-    records = [Record("1", "t", (), "c", "Color", ("Red",), gold=("Red",)),
-               Record("2", "t", (), "c", "Size", ("big",), gold=("big",))]
+    records = [
+        Record("1", "t", (), "c", "Color", ("Red",), gold=("Red",)),
+        Record("2", "t", (), "c", "Size", ("big",), gold=("big",)),
+    ]
     scores = [(["Red", "Blue"], np.log([0.7, 0.3])), None]
     priors = [{"red": 0.2, "blue": 0.6, "green": 0.2}, {"big": 1.0}]
     rows, skipped = scored_rows(records, scores, priors)

@@ -30,7 +30,12 @@ def test_paper_preset_matches_appendix_a():
 
 def test_cpu_preset_loads():
     cfg = load_config("cpu")
-    assert cfg.train.batch_size == 16 and cfg.optim.head_lr == 1e-3 and cfg.optim.lr == 1e-4 and cfg.vision.image_size == 128
+    assert (
+        cfg.train.batch_size == 16
+        and cfg.optim.head_lr == 1e-3
+        and cfg.optim.lr == 1e-4
+        and cfg.vision.image_size == 128
+    )
     assert cfg.vision.freeze and not cfg.text.freeze and cfg.text.train_layers == 2 and cfg.vision.extra_levels == [2]
     s = cfg.schemes
     assert s.nr_visual == "probe" and s.nr_features == "levels" and s.visual_nr and not s.prediction_nr
@@ -49,7 +54,8 @@ def test_parse_override_nests_dotted_keys():
     assert parse_override("schemes.contrastive=false") == {"schemes": {"contrastive": False}}
     # the value may itself contain '='
     assert parse_override("fusion.question_template=a=b {attribute}") == {
-        "fusion": {"question_template": "a=b {attribute}"}}
+        "fusion": {"question_template": "a=b {attribute}"}
+    }
 
 
 def test_parse_override_needs_equals():
@@ -79,8 +85,16 @@ def test_overrides_apply_on_top_of_preset_in_order():
 
 
 def test_bool_and_none_overrides():
-    cfg = load_config(None, ["schemes.contrastive=false", "schemes.attention_pruning=true",
-                             "fusion.num_layers=null", "decoder.num_layers=3", "optim.grad_clip=null"])
+    cfg = load_config(
+        None,
+        [
+            "schemes.contrastive=false",
+            "schemes.attention_pruning=true",
+            "fusion.num_layers=null",
+            "decoder.num_layers=3",
+            "optim.grad_clip=null",
+        ],
+    )
     assert cfg.schemes.contrastive is False and cfg.schemes.attention_pruning is True
     assert cfg.fusion.num_layers is None and cfg.decoder.num_layers == 3 and cfg.optim.grad_clip is None
     cfg = load_config(None, ["fusion.num_layers=2", "fusion.num_layers=null"])
@@ -99,19 +113,22 @@ def test_unknown_key_names_the_key():
         load_config(None, ["nosuchsection.x=1"])
 
 
-@pytest.mark.parametrize("override", [
-    "train.batch_size=2.5",        # float for int
-    "train.batch_size=true",       # bool is not an int
-    "train.epochs=ten",            # string for int
-    "schemes.contrastive=1",       # int for bool
-    "schemes.contrastive=maybe",   # string for bool
-    "optim.lr=fast",               # not a number
-    "vision.name=123",             # int for str
-    "optim=1",                     # scalar for a section
-    "fusion.num_layers=two",       # int | None
-    "vision.extra_levels=2",       # scalar for a list
-    "vision.extra_levels=[two]",   # list of strings for a list of ints
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.batch_size=2.5",  # float for int
+        "train.batch_size=true",  # bool is not an int
+        "train.epochs=ten",  # string for int
+        "schemes.contrastive=1",  # int for bool
+        "schemes.contrastive=maybe",  # string for bool
+        "optim.lr=fast",  # not a number
+        "vision.name=123",  # int for str
+        "optim=1",  # scalar for a section
+        "fusion.num_layers=two",  # int | None
+        "vision.extra_levels=2",  # scalar for a list
+        "vision.extra_levels=[two]",  # list of strings for a list of ints
+    ],
+)
 def test_wrong_type_raises(override):
     with pytest.raises(ConfigError):
         load_config(None, [override])
@@ -134,17 +151,38 @@ def test_alpha_bounds_allowed(alpha):
     assert load_config(None, [f"schemes.alpha={alpha}"]).schemes.alpha == float(alpha)
 
 
-@pytest.mark.parametrize("override", [
-    "schemes.temperature=0", "schemes.queue_size=0", "schemes.knn_k=0", "schemes.momentum=1.0",
-    "train.epochs=0", "train.batch_size=0", "optim.lr=0", "optim.lr=-1e-3", "vision.max_images=0",
-    "fusion.question_template=What is it?", "schemes.text_dropout=1.0", "schemes.text_dropout=-0.1",
-    "vision.extra_levels=[-1]", "vision.extra_levels=[2, 2]", "schemes.ungrounded_weight=1.5",
-    "schemes.ungrounded_weight=-0.1", "schemes.mention_dropout=1.5", "schemes.mention_dropout=-0.1",
-    "schemes.mention_removal=tokens", "decoder.value_order=random",
-    "train.average_epochs=-1", "train.average_epochs=11", "schemes.prediction_nr_text=half",
-    "schemes.normalize_within=category", "schemes.nr_sharpness=0",
-    "schemes.nr_visual=svm", "schemes.nr_features=levels",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "schemes.temperature=0",
+        "schemes.queue_size=0",
+        "schemes.knn_k=0",
+        "schemes.momentum=1.0",
+        "train.epochs=0",
+        "train.batch_size=0",
+        "optim.lr=0",
+        "optim.lr=-1e-3",
+        "vision.max_images=0",
+        "fusion.question_template=What is it?",
+        "schemes.text_dropout=1.0",
+        "schemes.text_dropout=-0.1",
+        "vision.extra_levels=[-1]",
+        "vision.extra_levels=[2, 2]",
+        "schemes.ungrounded_weight=1.5",
+        "schemes.ungrounded_weight=-0.1",
+        "schemes.mention_dropout=1.5",
+        "schemes.mention_dropout=-0.1",
+        "schemes.mention_removal=tokens",
+        "decoder.value_order=random",
+        "train.average_epochs=-1",
+        "train.average_epochs=11",
+        "schemes.prediction_nr_text=half",
+        "schemes.normalize_within=category",
+        "schemes.nr_sharpness=0",
+        "schemes.nr_visual=svm",
+        "schemes.nr_features=levels",
+    ],
+)
 def test_invalid_values_raise(override):
     with pytest.raises(ConfigError):
         load_config(None, [override])
@@ -191,8 +229,7 @@ def test_config_differences_literal():
 
     saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": True}
     requested = {"a": 1, "b": {"c": [1, 3], "d": "x", "new": 0.5}}
-    assert config_differences(saved, requested) == [("b.c", [1, 2], [1, 3]), ("b.new", None, 0.5),
-                                                    ("gone", True, None)]
+    assert config_differences(saved, requested) == [("b.c", [1, 2], [1, 3]), ("b.new", None, 0.5), ("gone", True, None)]
     assert config_differences(requested, requested) == []
 
 

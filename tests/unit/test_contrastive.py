@@ -18,21 +18,13 @@ TEXT_M = [(0.6, 0.8), (0.0, 1.0), (1.0, 0.0)]
 
 # Dot products worked out by hand from the vectors above.
 # i2t logits: online image · momentum text
-S_I2T = [[0.6, 0.0, 1.0],
-         [0.8, 1.0, 0.0],
-         [1.0, 0.8, 0.6]]
+S_I2T = [[0.6, 0.0, 1.0], [0.8, 1.0, 0.0], [1.0, 0.8, 0.6]]
 # i2t pseudo-targets: momentum image · momentum text
-Q_I2T = [[0.6, 0.0, 1.0],
-         [0.8, 1.0, 0.0],
-         [0.96, 0.6, 0.8]]
+Q_I2T = [[0.6, 0.0, 1.0], [0.8, 1.0, 0.0], [0.96, 0.6, 0.8]]
 # t2i logits: online text · momentum image
-S_T2I = [[0.8, 0.6, 1.0],
-         [0.6, 0.8, 0.96],
-         [1.0, 0.0, 0.8]]
+S_T2I = [[0.8, 0.6, 1.0], [0.6, 0.8, 0.96], [1.0, 0.0, 0.8]]
 # t2i pseudo-targets: momentum text · momentum image
-Q_T2I = [[0.6, 0.8, 0.96],
-         [0.0, 1.0, 0.6],
-         [1.0, 0.0, 0.8]]
+Q_T2I = [[0.6, 0.8, 0.96], [0.0, 1.0, 0.6], [1.0, 0.0, 0.8]]
 
 
 def t(rows) -> torch.Tensor:
@@ -83,9 +75,17 @@ def test_hand_computed_single_row_literal():
     row0 = -((0.6 + 0.4 * q[0]) * math.log(d[0]) + 0.4 * q[1] * math.log(d[1]) + 0.4 * q[2] * math.log(d[2]))
     # single-sample batch made of row 0 against the full 3-entry bank via a queue of the other two
     out = label_smoothed_contrastive(
-        t(IMAGE[:1]), t(TEXT[:1]), t(IMAGE_M[:1]), t(TEXT_M[:1]), torch.tensor([10]),
-        image_queue=t(IMAGE_M[1:]), text_queue=t(TEXT_M[1:]), queue_ids=torch.tensor([11, 12]),
-        alpha=0.4, temperature=1.0)
+        t(IMAGE[:1]),
+        t(TEXT[:1]),
+        t(IMAGE_M[:1]),
+        t(TEXT_M[:1]),
+        torch.tensor([10]),
+        image_queue=t(IMAGE_M[1:]),
+        text_queue=t(TEXT_M[1:]),
+        queue_ids=torch.tensor([11, 12]),
+        alpha=0.4,
+        temperature=1.0,
+    )
     assert out["loss_i2t"].item() == pytest.approx(row0, rel=1e-6)
     # and the number itself, worked out on paper: d = (0.32888, 0.18049, 0.49063)
     assert out["loss_i2t"].item() == pytest.approx(1.07688, abs=1e-5)
@@ -106,16 +106,24 @@ def test_alpha_zero_is_plain_infonce():
 
 def test_alpha_zero_hand_computed():
     # α = 0: targets are one-hot, loss is -mean log d_nn
-    out = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), torch.arange(3), alpha=0.0,
-                                     temperature=1.0)
-    i2t = -(math.log(softmax(S_I2T[0], 1)[0]) + math.log(softmax(S_I2T[1], 1)[1])
-            + math.log(softmax(S_I2T[2], 1)[2])) / 3
+    out = label_smoothed_contrastive(
+        t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), torch.arange(3), alpha=0.0, temperature=1.0
+    )
+    i2t = (
+        -(math.log(softmax(S_I2T[0], 1)[0]) + math.log(softmax(S_I2T[1], 1)[1]) + math.log(softmax(S_I2T[2], 1)[2])) / 3
+    )
     assert out["loss_i2t"].item() == pytest.approx(i2t, rel=1e-6)
 
 
 def test_alpha_changes_loss():
-    base = dict(image_feat=t(IMAGE), text_feat=t(TEXT), image_feat_m=t(IMAGE_M), text_feat_m=t(TEXT_M),
-                ids=torch.arange(3), temperature=1.0)
+    base = dict(
+        image_feat=t(IMAGE),
+        text_feat=t(TEXT),
+        image_feat_m=t(IMAGE_M),
+        text_feat_m=t(TEXT_M),
+        ids=torch.arange(3),
+        temperature=1.0,
+    )
     a0 = label_smoothed_contrastive(**base, alpha=0.0)["loss_sc"].item()
     a4 = label_smoothed_contrastive(**base, alpha=0.4)["loss_sc"].item()
     a1 = label_smoothed_contrastive(**base, alpha=1.0)["loss_sc"].item()
@@ -132,31 +140,47 @@ def test_queue_extends_bank_hand_computed():
     tau = 1.0
     ids = torch.tensor([10, 11, 12])
     qids = torch.tensor([20, 21, 22, 23])
-    out = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), ids,
-                                     image_queue=t(QUEUE_IMG), text_queue=t(QUEUE_TXT), queue_ids=qids,
-                                     alpha=0.4, temperature=tau)
+    out = label_smoothed_contrastive(
+        t(IMAGE),
+        t(TEXT),
+        t(IMAGE_M),
+        t(TEXT_M),
+        ids,
+        image_queue=t(QUEUE_IMG),
+        text_queue=t(QUEUE_TXT),
+        queue_ids=qids,
+        alpha=0.4,
+        temperature=tau,
+    )
     # extra columns: image rows · queue text, worked out by hand
     # queue text: (-0.6,0.8) (0.8,-0.6) (0,-1) (-1,0)
-    s_i2t = [S_I2T[0] + [-0.6, 0.8, 0.0, -1.0],            # image (1,0)
-             S_I2T[1] + [0.8, -0.6, -1.0, 0.0],            # image (0,1)
-             S_I2T[2] + [0.28, 0.0, -0.8, -0.6]]           # image (0.6,0.8)
-    q_i2t = [Q_I2T[0] + [-0.6, 0.8, 0.0, -1.0],            # image_m (1,0)
-             Q_I2T[1] + [0.8, -0.6, -1.0, 0.0],            # image_m (0,1)
-             Q_I2T[2] + [0.0, 0.28, -0.6, -0.8]]           # image_m (0.8,0.6)
+    s_i2t = [
+        S_I2T[0] + [-0.6, 0.8, 0.0, -1.0],  # image (1,0)
+        S_I2T[1] + [0.8, -0.6, -1.0, 0.0],  # image (0,1)
+        S_I2T[2] + [0.28, 0.0, -0.8, -0.6],
+    ]  # image (0.6,0.8)
+    q_i2t = [
+        Q_I2T[0] + [-0.6, 0.8, 0.0, -1.0],  # image_m (1,0)
+        Q_I2T[1] + [0.8, -0.6, -1.0, 0.0],  # image_m (0,1)
+        Q_I2T[2] + [0.0, 0.28, -0.6, -0.8],
+    ]  # image_m (0.8,0.6)
     # queue images: (0,-1) (-1,0) (0.6,-0.8) (-0.8,0.6)
-    s_t2i = [S_T2I[0] + [-0.6, -0.8, 0.0, -0.28],          # text (0.8,0.6)
-             S_T2I[1] + [-0.8, -0.6, -0.28, 0.0],          # text (0.6,0.8)
-             S_T2I[2] + [0.0, -1.0, 0.6, -0.8]]            # text (1,0)
-    q_t2i = [Q_T2I[0] + [-0.8, -0.6, -0.28, 0.0],          # text_m (0.6,0.8)
-             Q_T2I[1] + [-1.0, 0.0, -0.8, 0.6],            # text_m (0,1)
-             Q_T2I[2] + [0.0, -1.0, 0.6, -0.8]]            # text_m (1,0)
+    s_t2i = [
+        S_T2I[0] + [-0.6, -0.8, 0.0, -0.28],  # text (0.8,0.6)
+        S_T2I[1] + [-0.8, -0.6, -0.28, 0.0],  # text (0.6,0.8)
+        S_T2I[2] + [0.0, -1.0, 0.6, -0.8],
+    ]  # text (1,0)
+    q_t2i = [
+        Q_T2I[0] + [-0.8, -0.6, -0.28, 0.0],  # text_m (0.6,0.8)
+        Q_T2I[1] + [-1.0, 0.0, -0.8, 0.6],  # text_m (0,1)
+        Q_T2I[2] + [0.0, -1.0, 0.6, -0.8],
+    ]  # text_m (1,0)
     hard = [row + [0, 0, 0, 0] for row in EYE3]
     exp_i2t = soft_ce(s_i2t, q_i2t, hard, 0.4, tau)
     exp_t2i = soft_ce(s_t2i, q_t2i, hard, 0.4, tau)
     assert out["loss_i2t"].item() == pytest.approx(exp_i2t, rel=1e-6)
     assert out["loss_t2i"].item() == pytest.approx(exp_t2i, rel=1e-6)
-    no_queue = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), ids, alpha=0.4,
-                                          temperature=tau)
+    no_queue = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), ids, alpha=0.4, temperature=tau)
     assert out["loss_sc"].item() != pytest.approx(no_queue["loss_sc"].item(), rel=1e-6)
 
 
@@ -164,11 +188,19 @@ def test_queue_entry_with_batch_pair_id_is_positive():
     # a queue entry of the same product (pair id 10) is a positive for row 0 at α = 0
     ids = torch.tensor([10, 11, 12])
     qids = torch.tensor([10, 21, 22, 23])
-    out = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), ids,
-                                     image_queue=t(QUEUE_IMG), text_queue=t(QUEUE_TXT), queue_ids=qids,
-                                     alpha=0.0, temperature=1.0)
-    s_i2t = [S_I2T[0] + [-0.6, 0.8, 0.0, -1.0], S_I2T[1] + [0.8, -0.6, -1.0, 0.0],
-             S_I2T[2] + [0.28, 0.0, -0.8, -0.6]]
+    out = label_smoothed_contrastive(
+        t(IMAGE),
+        t(TEXT),
+        t(IMAGE_M),
+        t(TEXT_M),
+        ids,
+        image_queue=t(QUEUE_IMG),
+        text_queue=t(QUEUE_TXT),
+        queue_ids=qids,
+        alpha=0.0,
+        temperature=1.0,
+    )
+    s_i2t = [S_I2T[0] + [-0.6, 0.8, 0.0, -1.0], S_I2T[1] + [0.8, -0.6, -1.0, 0.0], S_I2T[2] + [0.28, 0.0, -0.8, -0.6]]
     d = [softmax(r, 1.0) for r in s_i2t]
     expected = -(0.5 * math.log(d[0][0]) + 0.5 * math.log(d[0][3]) + math.log(d[1][1]) + math.log(d[2][2])) / 3
     assert out["loss_i2t"].item() == pytest.approx(expected, rel=1e-6)
@@ -187,11 +219,20 @@ def test_duplicate_ids_in_batch_both_positive():
     ids = torch.tensor([5, 5, 9])
     out = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), ids, alpha=0.0, temperature=1.0)
     d = [softmax(r, 1.0) for r in S_I2T]
-    expected = -(0.5 * math.log(d[0][0]) + 0.5 * math.log(d[0][1])
-                 + 0.5 * math.log(d[1][0]) + 0.5 * math.log(d[1][1]) + math.log(d[2][2])) / 3
+    expected = (
+        -(
+            0.5 * math.log(d[0][0])
+            + 0.5 * math.log(d[0][1])
+            + 0.5 * math.log(d[1][0])
+            + 0.5 * math.log(d[1][1])
+            + math.log(d[2][2])
+        )
+        / 3
+    )
     assert out["loss_i2t"].item() == pytest.approx(expected, rel=1e-6)
-    distinct = label_smoothed_contrastive(t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), torch.arange(3), alpha=0.0,
-                                          temperature=1.0)
+    distinct = label_smoothed_contrastive(
+        t(IMAGE), t(TEXT), t(IMAGE_M), t(TEXT_M), torch.arange(3), alpha=0.0, temperature=1.0
+    )
     assert distinct["loss_i2t"].item() != pytest.approx(expected, rel=1e-6)
 
 
@@ -199,8 +240,7 @@ def test_gradient_matches_hand_formula_and_reaches_online_features():
     # dL_i2t/dS_nm = (d_nm - p~_nm)/N; dS_nm/dimage_n = text_m[m]/τ; L_sc halves it
     image = t(IMAGE).requires_grad_(True)
     text = t(TEXT).requires_grad_(True)
-    out = label_smoothed_contrastive(image, text, t(IMAGE_M), t(TEXT_M), torch.arange(3), alpha=0.4,
-                                     temperature=1.0)
+    out = label_smoothed_contrastive(image, text, t(IMAGE_M), t(TEXT_M), torch.arange(3), alpha=0.4, temperature=1.0)
     out["loss_sc"].backward()
     for n in range(3):
         d = softmax(S_I2T[n], 1.0)
@@ -241,9 +281,18 @@ def test_batch_of_one_without_queue_is_zero():
 
 def test_batch_of_one_with_queue():
     ids = torch.tensor([10])
-    out = label_smoothed_contrastive(t(IMAGE[:1]), t(TEXT[:1]), t(IMAGE_M[:1]), t(TEXT_M[:1]), ids,
-                                     image_queue=t(QUEUE_IMG), text_queue=t(QUEUE_TXT),
-                                     queue_ids=torch.tensor([20, 21, 22, 23]), alpha=0.0, temperature=1.0)
+    out = label_smoothed_contrastive(
+        t(IMAGE[:1]),
+        t(TEXT[:1]),
+        t(IMAGE_M[:1]),
+        t(TEXT_M[:1]),
+        ids,
+        image_queue=t(QUEUE_IMG),
+        text_queue=t(QUEUE_TXT),
+        queue_ids=torch.tensor([20, 21, 22, 23]),
+        alpha=0.0,
+        temperature=1.0,
+    )
     # image (1,0) against momentum texts (0.6,0.8) + queue: logits [0.6, -0.6, 0.8, 0, -1]
     d = softmax([0.6, -0.6, 0.8, 0.0, -1.0], 1.0)
     assert out["loss_i2t"].item() == pytest.approx(-math.log(d[0]), rel=1e-6)
@@ -255,6 +304,11 @@ def test_batch_of_five():
     out = label_smoothed_contrastive(*feats, torch.arange(5), alpha=0.4, temperature=0.07)
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.values())
     assert out["loss_sc"].item() > 0
-    with_queue = label_smoothed_contrastive(*feats, torch.arange(5), image_queue=feats[2][:3],
-                                            text_queue=feats[3][:3], queue_ids=torch.tensor([100, 101, 102]))
+    with_queue = label_smoothed_contrastive(
+        *feats,
+        torch.arange(5),
+        image_queue=feats[2][:3],
+        text_queue=feats[3][:3],
+        queue_ids=torch.tensor([100, 101, 102]),
+    )
     assert torch.isfinite(with_queue["loss_sc"])

@@ -179,8 +179,16 @@ def test_numpy_list_values_are_accepted(dataset_dir: Path) -> None:
     records, problems = validate_rows(rows, dataset_dir / "d.parquet")
     assert problems == []
     assert records == [
-        Record("p1-color", "Product 1 ceramic mug", (str(dataset_dir / "img" / "ok.png"),),
-               "mug", "color", ("red", "blue"), None, None)
+        Record(
+            "p1-color",
+            "Product 1 ceramic mug",
+            (str(dataset_dir / "img" / "ok.png"),),
+            "mug",
+            "color",
+            ("red", "blue"),
+            None,
+            None,
+        )
     ]
 
 
@@ -210,8 +218,9 @@ def test_load_rgb_converts_and_names_the_path_on_failure(tmp_path: Path) -> None
 
 def test_fields_outside_the_schema_are_reported_not_dropped_silently(dataset_dir: Path) -> None:
     _png(dataset_dir / "img" / "ok.png")
-    path = _write_jsonl(dataset_dir / "extra.jsonl",
-                        [_row(1), _row(2, colour="red"), _row(3, colour="blue", note="x"), _row(4)])
+    path = _write_jsonl(
+        dataset_dir / "extra.jsonl", [_row(1), _row(2, colour="red"), _row(3, colour="blue", note="x"), _row(4)]
+    )
     result = load_dataset(path)
     assert len(result.records) == 4  # still valid rows
     colour, note = result.warnings
@@ -223,12 +232,23 @@ def test_fields_outside_the_schema_are_reported_not_dropped_silently(dataset_dir
 
 
 def test_label_weight_is_optional_and_read_as_a_number(dataset_dir: Path) -> None:
-    path = _write_jsonl(dataset_dir / "train.jsonl", [_row(1, label_weight=0.25), _row(2), _row(3, label_weight=1),
-                                                     _row(4, label_weight=0), _row(5, label_weight=None)])
+    path = _write_jsonl(
+        dataset_dir / "train.jsonl",
+        [
+            _row(1, label_weight=0.25),
+            _row(2),
+            _row(3, label_weight=1),
+            _row(4, label_weight=0),
+            _row(5, label_weight=None),
+        ],
+    )
     weights = [r.label_weight for r in load_dataset(path).records]
     assert weights == [0.25, None, 1.0, 0.0, None] and isinstance(weights[2], float)
     # a CSV cell is text: "0.5" is the number, an empty cell is no weight
     csv_path = dataset_dir / "train.csv"
-    csv_path.write_text("id,text,images,category,attribute,label,label_weight\n"
-                        "a,Red mug,,mug,color,red,0.5\nb,Blue mug,,mug,color,blue,\n", encoding="utf-8")
+    csv_path.write_text(
+        "id,text,images,category,attribute,label,label_weight\n"
+        "a,Red mug,,mug,color,red,0.5\nb,Blue mug,,mug,color,blue,\n",
+        encoding="utf-8",
+    )
     assert [r.label_weight for r in load_dataset(csv_path).records] == [0.5, None]

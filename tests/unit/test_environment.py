@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from pv2tea.train import environment
-from pv2tea.train.environment import (environment_differences, environment_info, record_environment,
-                                      source_revision)
+from pv2tea.train.environment import environment_differences, environment_info, record_environment, source_revision
 
 
 def test_environment_info_names_this_process():
@@ -27,8 +26,11 @@ def test_differences_on_literal_records():
     a = {"python": "3.11.7", "cpu": "AMD EPYC", "packages": {"torch": "2.14.1", "pillow": "12.0.0"}}
     b = {"python": "3.11.7", "cpu": "Intel Xeon", "packages": {"torch": "2.14.1", "pillow": "13.0.0", "timm": "1.0"}}
     assert environment_differences(a, a) == []
-    assert environment_differences(a, b) == ["cpu: AMD EPYC -> Intel Xeon", "pillow 12.0.0 -> 13.0.0",
-                                              "timm None -> 1.0"]
+    assert environment_differences(a, b) == [
+        "cpu: AMD EPYC -> Intel Xeon",
+        "pillow 12.0.0 -> 13.0.0",
+        "timm None -> 1.0",
+    ]
 
 
 def test_resume_keeps_the_first_record_and_warns_on_a_change(tmp_path, monkeypatch, caplog):
@@ -50,10 +52,16 @@ def test_resume_keeps_the_first_record_and_warns_on_a_change(tmp_path, monkeypat
     assert saved["resumed"][-1]["packages"]["pillow"] == "0.0.1"
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "unreadable"), ("[]", "does not hold"),
-                                              ('{"first": 3, "resumed": []}', "does not hold"),
-                                              ('{"first": null, "resumed": "abc"}', "does not hold"),
-                                              (None, "unknown")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "unreadable"),
+        ("[]", "does not hold"),
+        ('{"first": 3, "resumed": []}', "does not hold"),
+        ('{"first": null, "resumed": "abc"}', "does not hold"),
+        (None, "unknown"),
+    ],
+)
 def test_a_resume_without_a_usable_record_says_so(tmp_path, caplog, content, message):
     if content is not None:
         (tmp_path / "environment.json").write_text(content)

@@ -32,12 +32,14 @@ GRAY = (128, 128, 128)
 
 def _full_report() -> dict[str, Any]:
     """Both sources present: color (text and image) and pattern (text only)."""
-    return source_aware_report([
-        Example(("red",), ("red",), "text", **COLOR),
-        Example(("blue",), ("blue",), "image", **COLOR),
-        Example(("blue", "white"), ("blue",), "image", **COLOR),
-        Example(("solid",), ("solid",), "text", **PATTERN),
-    ])
+    return source_aware_report(
+        [
+            Example(("red",), ("red",), "text", **COLOR),
+            Example(("blue",), ("blue",), "image", **COLOR),
+            Example(("blue", "white"), ("blue",), "image", **COLOR),
+            Example(("solid",), ("solid",), "text", **PATTERN),
+        ]
+    )
 
 
 def _text_only_report() -> dict[str, Any]:
@@ -170,7 +172,9 @@ def test_mask_overlays_draws_heat_map(tmp_path: Path) -> None:
 
 def test_mask_overlays_none_masks_grid_and_errors(tmp_path: Path) -> None:
     images = [
-        Image.new("RGB", (120, 80), (200, 30, 30)), Image.new("L", (64, 64), 90), Image.new("RGBA", (50, 90)),
+        Image.new("RGB", (120, 80), (200, 30, 30)),
+        Image.new("L", (64, 64), 90),
+        Image.new("RGBA", (50, 90)),
     ]
     masks = [None, np.random.default_rng(0).uniform(size=(4, 4)), None]
     out = mask_overlays(images, masks, ["red rug", "gray mug", "transparent"], tmp_path / "m.png", ncols=2)
@@ -233,8 +237,9 @@ def test_write_html_report(tmp_path: Path) -> None:
     figure = source_aware_bars({"PV2TEA": _full_report()}, out_dir / "figs" / "source aware.png")
     outside = ablation_bars({"PV2TEA": {"f1": (78.77, 0.1)}}, tmp_path / "elsewhere" / "ablation.png")
     sections = [
-        Section("Source-aware evaluation", [figure], ["all  P  R\ntext 1 <2>"],
-                notes="x < y & <script>alert(1)</script>"),
+        Section(
+            "Source-aware evaluation", [figure], ["all  P  R\ntext 1 <2>"], notes="x < y & <script>alert(1)</script>"
+        ),
         Section("Ablations & more", [outside], []),
     ]
     index = write_html_report(out_dir, "PV2TEA <run 7>", sections)

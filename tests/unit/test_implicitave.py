@@ -52,8 +52,14 @@ def _tsv(path: Path, rows: list[tuple[str, ...]], header: list[str] = HEADER, im
 
     lines = ["\t".join(header)]
     for asin, category, text, attribute, value in rows:
-        cells = {"id": asin, "images": f"{asin}.jpg" if images else "", "category": category, "texts": text,
-                 "attribute_names": attribute, "attribute_values": value}
+        cells = {
+            "id": asin,
+            "images": f"{asin}.jpg" if images else "",
+            "category": category,
+            "texts": text,
+            "attribute_names": attribute,
+            "attribute_values": value,
+        }
         lines.append("\t".join(cell(cells[name]) for name in header))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -68,11 +74,19 @@ def root(tmp_path: Path) -> Path:
     (evaluation / "images").mkdir(parents=True)
     for asin, *_ in FOOD_EVAL + TOYS_EVAL:
         Image.new("RGB", (8, 8), (200, 30, 30)).save(evaluation / "images" / f"{asin}.jpg")
-    (evaluation / "options_Food.json").write_text(json.dumps(
-        {"Form": ["Sliced", "Powder"], "Candy Variety": ["Mints", "Taffy"], "Container": ["Box", "Tin"],
-         "Flavor": ["Mint"]}))
-    (evaluation / "options_Toys_and_Games.json").write_text(json.dumps(
-        {"Theme": ["Animals", "Space"], "Age Range": ["3-5 Years", "6-8 Years"]}))
+    (evaluation / "options_Food.json").write_text(
+        json.dumps(
+            {
+                "Form": ["Sliced", "Powder"],
+                "Candy Variety": ["Mints", "Taffy"],
+                "Container": ["Box", "Tin"],
+                "Flavor": ["Mint"],
+            }
+        )
+    )
+    (evaluation / "options_Toys_and_Games.json").write_text(
+        json.dumps({"Theme": ["Animals", "Space"], "Age Range": ["3-5 Years", "6-8 Years"]})
+    )
     _tsv(training / "Food" / "train.tsv", FOOD_TRAIN, images=False)
     _tsv(training / "Food" / "val.tsv", FOOD_VAL, images=False)
     _tsv(training / "Food" / "test.tsv", FOOD_EVAL)  # the evaluation file again: ignored
@@ -114,8 +128,11 @@ def test_discovers_domains_and_writes_loadable_files(root: Path, tmp_path: Path)
     assert not domain_paths(out, "Toys").val_text.exists()
 
     candidates = json.loads(paths.candidates.read_text())
-    assert candidates == {"Candy Variety": ["Mints", "Taffy"], "Container": ["Box", "Tin"],
-                          "Form": ["Sliced", "Powder"]}
+    assert candidates == {
+        "Candy Variety": ["Mints", "Taffy"],
+        "Container": ["Box", "Tin"],
+        "Form": ["Sliced", "Powder"],
+    }
     assert candidate_lookup(candidates, evaluation[1]) == ["Sliced", "Powder"]
 
 
@@ -123,11 +140,15 @@ def test_helpers() -> None:
     assert clean_text("[Title]  Red  Mug [ Description ] ceramic\n[Set of 4]") == "Red Mug ceramic [Set of 4]"
     assert value_source("Bags/Packets", "Tea, 48 bags packets") == "text"
     assert value_source("Mint", "Buttermints, 300 mints") == "image"  # whole words only
-    options = {"options_Clothing_Shoes_and_Jewelry.json": {"Neckline": [], "Pattern": [], "Material": []},
-               "options_Home.json": {"Material": [], "Season": []}}
+    options = {
+        "options_Clothing_Shoes_and_Jewelry.json": {"Neckline": [], "Pattern": [], "Material": []},
+        "options_Home.json": {"Material": [], "Season": []},
+    }
     assert match_options("Clothing", ["Neckline"], options)[0] == "options_Clothing_Shoes_and_Jewelry.json"
     assert match_options("Jewelry&GA", ["Pattern", "Material"], options) == (
-        "options_Clothing_Shoes_and_Jewelry.json", "attribute coverage 2/2")
+        "options_Clothing_Shoes_and_Jewelry.json",
+        "attribute coverage 2/2",
+    )
     assert match_options("Garden", ["Height"], options) == (None, "none")
 
 
@@ -168,8 +189,12 @@ def test_empty_value_names_file_row_field(root: Path, tmp_path: Path) -> None:
 
 
 def test_missing_column_is_a_clear_error(root: Path, tmp_path: Path) -> None:
-    _tsv(root / "data" / "training_data" / "texts" / "Toys" / "train.tsv", TOYS_TRAIN,
-         header=[name for name in HEADER if name != "attribute_values"], images=False)
+    _tsv(
+        root / "data" / "training_data" / "texts" / "Toys" / "train.tsv",
+        TOYS_TRAIN,
+        header=[name for name in HEADER if name != "attribute_values"],
+        images=False,
+    )
     for skip_invalid in (False, True):
         with pytest.raises(ValueError, match=r"Toys/train\.tsv: missing required column\(s\) 'attribute_values'"):
             import_implicitave(root, tmp_path / "out", skip_invalid=skip_invalid)
@@ -200,7 +225,8 @@ def test_real_implicitave_counts(tmp_path: Path) -> None:
         assert (entry["rows"]["eval"], entry["rows"]["train_text"]) == (n_eval, n_train)
         assert entry["n_skipped"] == 0 and entry["options"]["file"] is not None
         assert sum(entry["sources"].values()) == n_eval
-        records = load_dataset(domain_paths(tmp_path / "out", name).eval, require_label=False,
-                               check_images=False).records
+        records = load_dataset(
+            domain_paths(tmp_path / "out", name).eval, require_label=False, check_images=False
+        ).records
         assert len(records) == n_eval and all(Path(r.images[0]).is_file() for r in records)
     assert domains["Clothing"]["options"]["file"] == "options_Clothing_Shoes_and_Jewelry.json"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pv2tea.data.dataset import answer_text
 from pv2tea.eval.metrics import (
     Example,
     Scores,
@@ -27,7 +28,6 @@ from pv2tea.eval.normalize import (
     normalize_values,
     split_answer,
 )
-from pv2tea.data.dataset import answer_text
 
 APPROX = {"abs": 1e-9}
 
@@ -81,9 +81,7 @@ def test_conflicting_synonyms_after_normalization_are_rejected() -> None:
 
 
 def test_normalize_values_dedupes_and_drops_empty() -> None:
-    assert normalize_values(["Red", "red!", "  ", "?", "Grey"], {"grey": "gray"}) == frozenset(
-        {"red", "gray"}
-    )
+    assert normalize_values(["Red", "red!", "  ", "?", "Grey"], {"grey": "gray"}) == frozenset({"red", "gray"})
 
 
 def test_split_answer() -> None:
@@ -126,9 +124,7 @@ def test_load_synonyms_yaml_canonical_list_form(tmp_path: Path) -> None:
         ("normconflict.yaml", "Grey: gray\ngrey!: silver\n", "already mapped"),
     ],
 )
-def test_load_synonyms_malformed_names_file(
-    tmp_path: Path, name: str, content: str, message: str
-) -> None:
+def test_load_synonyms_malformed_names_file(tmp_path: Path, name: str, content: str, message: str) -> None:
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(SynonymFileError, match=message) as info:
@@ -407,7 +403,13 @@ def test_departures_count_fixed_broke_neither_and_both():
     labels = [("red ",), ("blue",), ("red",), ("blue",), ("red", "blue"), ("red",)]
     d = departures(examples, labels)
     assert {k: d[k] for k in ("n", "changed", "fixed", "broke", "neither", "both")} == {
-        "n": 6, "changed": 5, "fixed": 1, "broke": 2, "neither": 1, "both": 1}
+        "n": 6,
+        "changed": 5,
+        "fixed": 1,
+        "broke": 2,
+        "neither": 1,
+        "both": 1,
+    }
     assert d["net"] == -1  # one more row right for the labels than for the model
     assert d["fix_rate"] == pytest.approx(20.0, **APPROX)
     assert d["either"] == pytest.approx(100.0 * 5 / 6, **APPROX)  # only the "neither" row is wrong for both
@@ -438,7 +440,12 @@ def test_confidence_reliability_literal():
     result = confidence_reliability([0.9, 0.8, 0.6, 0.7, 0.3, 1.0], [True, True, True, False, False, True])
     assert result["auc"] == pytest.approx(7 / 8)
     assert [(b["low"], b["high"], b["n"]) for b in result["bins"]] == [
-        (0.0, 0.5, 1), (0.5, 0.7, 1), (0.7, 0.9, 2), (0.9, 0.95, 1), (0.95, 1.0, 1)]
+        (0.0, 0.5, 1),
+        (0.5, 0.7, 1),
+        (0.7, 0.9, 2),
+        (0.9, 0.95, 1),
+        (0.95, 1.0, 1),
+    ]
     assert [b["accuracy"] for b in result["bins"]] == [0.0, 100.0, 50.0, 100.0, 100.0]
     assert confidence_reliability([0.2, 0.9], [True, True])["auc"] is None  # nothing to tell apart
     assert confidence_reliability([], [], edges=(0.5,))["bins"][0]["accuracy"] is None

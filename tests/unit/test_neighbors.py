@@ -7,8 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
-                                        knn_indices, prediction_reliability, rescale_to_mean_one, visual_reliability)
+from pv2tea.regularize.neighbors import (
+    chance_corrected,
+    combine,
+    expected_agreement,
+    expected_prediction_agreement,
+    knn_indices,
+    prediction_reliability,
+    rescale_to_mean_one,
+    visual_reliability,
+)
 
 
 def polar(deg: float, r: float) -> list[float]:
@@ -65,8 +73,14 @@ def test_visual_reliability_k3_by_hand():
 
 
 def test_visual_reliability_with_multi_value_labels():
-    labels = [frozenset({"red"}), frozenset({"red"}), frozenset({"red", "blue"}),
-              frozenset({"blue", "red"}), frozenset({"blue"}), frozenset({"blue"})]
+    labels = [
+        frozenset({"red"}),
+        frozenset({"red"}),
+        frozenset({"red", "blue"}),
+        frozenset({"blue", "red"}),
+        frozenset({"blue"}),
+        frozenset({"blue"}),
+    ]
     # A2 and B0 share the label {red, blue} (set equality, order-free)
     # A0: {A1 ✓, A2 ✗} 1/2; A1: {A0 ✓, A2 ✗} 1/2; A2: {A1 ✗, A0 ✗} 0
     # B0: {B1 ✗, B2 ✗} 0;   B1: {B0 ✗, B2 ✓} 1/2; B2: {B1 ✓, B0 ✗} 1/2
@@ -161,18 +175,26 @@ def test_end_to_end_worked_example():
 
 # --- "overlap" label matching (Jaccard of value sets), the default in training ---------------
 
+
 def test_overlap_equals_exact_for_single_values():
     singles = [frozenset({v}) for v in LABELS]
     for k in (1, 2, 3, 5):
         assert visual_reliability(FEATURES, singles, k, "overlap").tolist() == pytest.approx(
-            visual_reliability(FEATURES, LABELS, k).tolist())
+            visual_reliability(FEATURES, LABELS, k).tolist()
+        )
     labels, preds = [frozenset({v}) for v in P_LABELS], [frozenset({v}) for v in P_PREDS]
     assert prediction_reliability(labels, preds, "overlap").tolist() == pytest.approx(S_P)
 
 
 def test_visual_reliability_overlap_by_hand():
-    labels = [frozenset({"red"}), frozenset({"red"}), frozenset({"red", "blue"}),
-              frozenset({"blue", "red"}), frozenset({"blue"}), frozenset({"blue"})]
+    labels = [
+        frozenset({"red"}),
+        frozenset({"red"}),
+        frozenset({"red", "blue"}),
+        frozenset({"blue", "red"}),
+        frozenset({"blue"}),
+        frozenset({"blue"}),
+    ]
     # k=2 neighbours: A0 {A1, A2}, A1 {A0, A2}, A2 {A1, A0}, B0 {B1, B2}, B1 {B0, B2}, B2 {B1, B0}
     # J({red},{red}) = 1, J({red},{red,blue}) = J({blue},{red,blue}) = 1/2
     # A0: (1 + 1/2)/2; A2: (1/2 + 1/2)/2; B0: (1/2 + 1/2)/2; B1: (1/2 + 1)/2
@@ -187,6 +209,7 @@ def test_prediction_reliability_overlap_by_hand():
     # Y_1: [1/2, 1, 0], Ŷ_1: [1, 1, 0] → 1.5 / 2;  n=2 agrees only with itself → 1
     assert prediction_reliability(labels, preds, "overlap").tolist() == pytest.approx([0.75, 0.75, 1.0])
     from pv2tea.regularize.neighbors import _fuzzy_prediction_reliability  # chunked rows: same result
+
     assert _fuzzy_prediction_reliability(labels, preds, chunk=1).tolist() == pytest.approx([0.75, 0.75, 1.0])
 
 
@@ -255,8 +278,9 @@ def test_expected_prediction_agreement_exact_by_hand():
 def test_expected_prediction_agreement_overlap_equals_exact_for_single_values():
     labels = [frozenset({v}) for v in "aabbc"]
     preds = [frozenset({v}) for v in "abbcc"]
-    np.testing.assert_allclose(expected_prediction_agreement(labels, preds, "overlap"),
-                               expected_prediction_agreement(labels, preds, "exact"))
+    np.testing.assert_allclose(
+        expected_prediction_agreement(labels, preds, "overlap"), expected_prediction_agreement(labels, preds, "exact")
+    )
 
 
 def test_perfect_predictions_are_above_chance():

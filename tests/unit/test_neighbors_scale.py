@@ -10,9 +10,15 @@ import pytest
 
 import pv2tea.regularize.neighbors as nb
 from pv2tea.bench.neighbors import clustered_features, growth_exponent, synthetic_labels
-from pv2tea.regularize.neighbors import (approximate_knn, exact_knn_rows, expected_agreement,
-                                        expected_prediction_agreement, knn_indices, prediction_reliability,
-                                        visual_reliability)
+from pv2tea.regularize.neighbors import (
+    approximate_knn,
+    exact_knn_rows,
+    expected_agreement,
+    expected_prediction_agreement,
+    knn_indices,
+    prediction_reliability,
+    visual_reliability,
+)
 from pv2tea.regularize.probe import cross_fitted_probe
 
 
@@ -34,8 +40,8 @@ def _dense_hot(sets) -> np.ndarray:
 def _dense_fuzzy_prediction(labels, predictions) -> np.ndarray:
     """The N × N computation of Eq. 13–14 with fuzzy sets that the value index replaced."""
     hot = _dense_hot([*labels, *predictions])
-    a = _dense_jaccard(hot[:len(labels)], hot[:len(labels)])  # (N, N) membership of j in Y_n
-    b = _dense_jaccard(hot[len(labels):], hot[len(labels):])  # (N, N) membership of j in Ŷ_n
+    a = _dense_jaccard(hot[: len(labels)], hot[: len(labels)])  # (N, N) membership of j in Y_n
+    b = _dense_jaccard(hot[len(labels) :], hot[len(labels) :])  # (N, N) membership of j in Ŷ_n
     return np.minimum(a, b).sum(1) / np.maximum(a, b).sum(1)
 
 
@@ -60,8 +66,12 @@ def test_value_index_chance_levels_equal_dense():
     hot_y, hot_p = _dense_hot([*LABELS, *PREDICTIONS])[:7], _dense_hot([*LABELS, *PREDICTIONS])[7:]
     size_y, size_p = _dense_jaccard(hot_y, hot_y).sum(1), _dense_jaccard(hot_p, hot_p).sum(1)
     inter = size_y * size_p / 7
-    np.testing.assert_allclose(expected_prediction_agreement(LABELS, PREDICTIONS, "overlap"),
-                               inter / (size_y + size_p - inter), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        expected_prediction_agreement(LABELS, PREDICTIONS, "overlap"),
+        inter / (size_y + size_p - inter),
+        rtol=0,
+        atol=1e-12,
+    )
     groups = ["a", "a", "a", "b", "b", "a", "b"]
     want = np.zeros(7)
     for g in ("a", "b"):
@@ -75,8 +85,9 @@ def test_value_index_equals_dense_on_random_attribute():
     pool = [F({"a"}), F({"b"}), F({"a", "b"}), F({"c"}), F({"a", "c", "d"}), F()]
     labels = [pool[i] for i in rng.integers(0, len(pool), 300)]
     preds = [pool[i] for i in rng.integers(0, len(pool), 300)]
-    np.testing.assert_allclose(prediction_reliability(labels, preds, "overlap"), _dense_fuzzy_prediction(labels, preds),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        prediction_reliability(labels, preds, "overlap"), _dense_fuzzy_prediction(labels, preds), rtol=0, atol=1e-12
+    )
     assert prediction_reliability(labels, preds, "overlap").std() > 0.01  # not a constant that trivially agrees
 
 
@@ -172,13 +183,17 @@ def test_growth_exponent():
     assert growth_exponent([1e6], [47.0]) is None  # one size: no exponent (the JSON line says null, never NaN)
     from pv2tea.bench.neighbors import format_table
 
-    one = {"neighbors": {"1000000": {"seconds": 47.0, "cpu_seconds": 86.1, "peak_gib": 1.38, "recall": 0.989}},
-           "exponent": None, "cpu_exponent": None}
+    one = {
+        "neighbors": {"1000000": {"seconds": 47.0, "cpu_seconds": 86.1, "peak_gib": 1.38, "recall": 0.989}},
+        "exponent": None,
+        "cpu_exponent": None,
+    }
     assert "no growth exponent" in format_table(one)
 
 
 def test_bench_neighbors_prints_json_last(capsys):
     from pv2tea.cli import main
+
     assert main(["bench", "neighbors", "--quick", "--sizes", "300,600", "--dim", "16"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
@@ -191,6 +206,7 @@ def test_bench_neighbors_prints_json_last(capsys):
 def test_config_fields_match_the_search_and_are_checked():
     from pv2tea.config import KNN_INDEXES, ConfigError, SchemesConfig, load_config
     from pv2tea.regularize.probe import PROBE_FIT_ROWS
+
     s = SchemesConfig()
     assert KNN_INDEXES == nb.KNN_INDEXES and s.knn_index == "ivfpq"
     assert (s.knn_exact_below, s.knn_recall, s.probe_fit_rows) == (nb.KNN_EXACT_BELOW, nb.KNN_RECALL, PROBE_FIT_ROWS)

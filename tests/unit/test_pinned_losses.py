@@ -39,9 +39,13 @@ def _reference_token_ce(logits: torch.Tensor, labels: torch.Tensor, smoothing: f
 def _ce_case() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 5, 6, generator=g) * 2  # (B, T, V)
-    labels = torch.tensor([[1, 4, 2, 5, 3],  # full length: 4 targets
-                           [1, 3, 0, -100, -100],  # 2 targets then padding
-                           [1, 2, -100, -100, -100]])  # 1 target
+    labels = torch.tensor(
+        [
+            [1, 4, 2, 5, 3],  # full length: 4 targets
+            [1, 3, 0, -100, -100],  # 2 targets then padding
+            [1, 2, -100, -100, -100],
+        ]
+    )  # 1 target
     return logits, labels
 
 
@@ -99,15 +103,15 @@ class _Channel0(torch.nn.Module):
 
 def test_s2_gating_and_masked_pooling_by_value():
     """v_pt = v ⊙ σ(M) and the image [CLS] = Σ v_p σ(M_p) / Σ σ(M_p) on a 2x2 grid with σ(M) = .5, .75, .25, .9."""
-    encoder = VisualEncoder(VisionConfig(name="test_efficientnet", weights="none"), hidden_size=8,
-                            attention_pruning=True)
+    encoder = VisualEncoder(
+        VisionConfig(name="test_efficientnet", weights="none"), hidden_size=8, attention_pruning=True
+    )
     encoder.proj = torch.nn.Identity()  # tokens enter S2 as written below
     encoder.mask_head = _Channel0()
     logits = [0.0, math.log(3), -math.log(3), math.log(9)]  # σ: 1/2, 3/4, 1/4, 9/10
-    tokens = torch.tensor([[[logits[0], 2.0, 1.0],
-                            [logits[1], 4.0, 0.0],
-                            [logits[2], 8.0, 0.0],
-                            [logits[3], 10.0, -1.0]]])  # (1, 4 patches, 3 channels)
+    tokens = torch.tensor(
+        [[[logits[0], 2.0, 1.0], [logits[1], 4.0, 0.0], [logits[2], 8.0, 0.0], [logits[3], 10.0, -1.0]]]
+    )  # (1, 4 patches, 3 channels)
     out = encoder.head(tokens)
     gates = [0.5, 0.75, 0.25, 0.9]
     assert out.grid == (2, 2)
@@ -125,8 +129,9 @@ def test_s2_gating_and_masked_pooling_by_value():
 def test_s2_pruning_applies_to_the_projected_tokens():
     """With the real projection and mask head: gate and pooling computed independently from proj and mask_head."""
     torch.manual_seed(0)
-    encoder = VisualEncoder(VisionConfig(name="test_efficientnet", weights="none"), hidden_size=8,
-                            attention_pruning=True)
+    encoder = VisualEncoder(
+        VisionConfig(name="test_efficientnet", weights="none"), hidden_size=8, attention_pruning=True
+    )
     raw = torch.randn(2, 9, encoder.num_features)  # (B, 3x3 grid, C)
     with torch.no_grad():
         out = encoder.head(raw)

@@ -12,8 +12,12 @@ from pv2tea.data.schema import Record
 
 
 def test_value_counts_count_rows_per_normalized_value():
-    rows = [Record("1", "t", (), "c", "Color", ("Red",)), Record("2", "t", (), "c", "Color", ("red ", "Blue")),
-            Record("3", "t", (), "c", "Size", ("XL",)), Record("4", "t", (), "c", "Color", ("red", "RED"))]
+    rows = [
+        Record("1", "t", (), "c", "Color", ("Red",)),
+        Record("2", "t", (), "c", "Color", ("red ", "Blue")),
+        Record("3", "t", (), "c", "Size", ("XL",)),
+        Record("4", "t", (), "c", "Color", ("red", "RED")),
+    ]
     assert value_counts(rows) == {"Color": {"blue": 1, "red": 3}, "Size": {"xl": 1}}
 
 
@@ -47,7 +51,7 @@ def test_models_save_their_label_counts_and_rank_with_the_correction(tiny_traine
         assert lp1 == pytest.approx(expected, abs=1e-9)
     # the ranked answers follow the corrected scores: a prior that makes the plain favourite very common moves them
     favourite = plain[0][0][int(np.argmax(plain[0][1]))]
-    corrected_predictor.pre.value_counts = {"pattern": {favourite: 10 ** 6}}
+    corrected_predictor.pre.value_counts = {"pattern": {favourite: 10**6}}
     corrected = corrected_predictor.candidate_log_probs(test, options)
     ranked = corrected_predictor.predict(test, candidates=options)
     assert ranked == [[c[int(np.argmax(lp))]] for c, lp in corrected]
@@ -62,6 +66,9 @@ def test_models_save_their_label_counts_and_rank_with_the_correction(tiny_traine
 def test_prior_correction_is_validated():
     from pv2tea.config import ConfigError, load_config
 
-    assert load_config("cpu", []).decoder.prior_correction == 1.0 and load_config("paper", []).decoder.prior_correction == 0.0
+    assert (
+        load_config("cpu", []).decoder.prior_correction == 1.0
+        and load_config("paper", []).decoder.prior_correction == 0.0
+    )
     with pytest.raises(ConfigError, match="prior_correction"):
         load_config("cpu", ["decoder.prior_correction=-1"])

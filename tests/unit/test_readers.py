@@ -28,12 +28,28 @@ def records(tmp_path: Path) -> list[Record]:
     Image.new("RGB", (8, 8)).save(outside)
     img = str(catalog / "img")
     return [
-        Record("p1-color", 'Red, "Blue" | Green\nMug, 12 oz', (f"{img}/a.png", f"{img}/b.png"),
-               "mug", "color", ("red", "blue", "green"), ("red", "blue"), "text"),
-        Record("p1-pattern", "Plain mug", (f"{img}/c.png", str(outside)), "mug", "pattern",
-               ("solid",), None, None),
-        Record("p2-color", "Text-only tee – ünïcode", (), "t-shirt", "color",
-               ("black|white",), ("[odd]",), "image", label_weight=0.8125),
+        Record(
+            "p1-color",
+            'Red, "Blue" | Green\nMug, 12 oz',
+            (f"{img}/a.png", f"{img}/b.png"),
+            "mug",
+            "color",
+            ("red", "blue", "green"),
+            ("red", "blue"),
+            "text",
+        ),
+        Record("p1-pattern", "Plain mug", (f"{img}/c.png", str(outside)), "mug", "pattern", ("solid",), None, None),
+        Record(
+            "p2-color",
+            "Text-only tee – ünïcode",
+            (),
+            "t-shirt",
+            "color",
+            ("black|white",),
+            ("[odd]",),
+            "image",
+            label_weight=0.8125,
+        ),
         Record("p3-color", "Gold label", (), "t-shirt", "color", ("red",), None, None, label_weight=0.0),
     ]
 
@@ -49,9 +65,7 @@ def test_round_trip_is_lossless(tmp_path: Path, records: list[Record], fmt: str)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_images_inside_the_output_dir_are_written_relative(
-    tmp_path: Path, records: list[Record], fmt: str
-) -> None:
+def test_images_inside_the_output_dir_are_written_relative(tmp_path: Path, records: list[Record], fmt: str) -> None:
     write_records(records, tmp_path / "catalog" / f"data.{fmt}")
     rows = read_table(tmp_path / "catalog" / f"data.{fmt}")
     assert list(rows[0]["images"]) == ["img/a.png", "img/b.png"]
@@ -73,8 +87,16 @@ def test_csv_cells_accept_pipes_json_lists_and_blanks(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     rows = read_table(path)
-    assert rows[0] == {"id": "a", "text": "Mug, white", "images": [], "category": "mug",
-                       "attribute": "color", "label": ["red", "blue"], "gold": None, "source": None}
+    assert rows[0] == {
+        "id": "a",
+        "text": "Mug, white",
+        "images": [],
+        "category": "mug",
+        "attribute": "color",
+        "label": ["red", "blue"],
+        "gold": None,
+        "source": None,
+    }
     assert rows[1]["label"] == ["x|y"] and rows[1]["gold"] == ["x|y"]
     errors = validate_file(path)
     assert [(e.row, e.field) for e in errors] == [(3, "label"), (4, "label")]
@@ -84,15 +106,17 @@ def test_csv_cells_accept_pipes_json_lists_and_blanks(tmp_path: Path) -> None:
 
 def test_parquet_string_columns_and_row_numbers(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
-    table = pa.table({
-        "id": ["a", "b"],
-        "text": ["Red mug", None],
-        "images": ["", ""],
-        "category": ["mug", "mug"],
-        "attribute": ["color", "color"],
-        "label": ["red|blue", '["green"]'],
-        "gold": [None, ""],
-    })
+    table = pa.table(
+        {
+            "id": ["a", "b"],
+            "text": ["Red mug", None],
+            "images": ["", ""],
+            "category": ["mug", "mug"],
+            "attribute": ["color", "color"],
+            "label": ["red|blue", '["green"]'],
+            "gold": [None, ""],
+        }
+    )
     pq.write_table(table, path)
     rows = read_table(path)
     assert rows[0]["label"] == ["red", "blue"] and rows[0]["images"] == []
@@ -120,14 +144,14 @@ def test_write_dicts_and_reject_unknown_fields(tmp_path: Path) -> None:
         write_records([{"id": "a", "lable": ["red"]}], tmp_path / "e.jsonl")
 
 
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_label_weight_written_as_a_number_and_checked(tmp_path: Path, fmt: str) -> None:
     import numpy as np
 
     row = {"id": "a", "text": "t", "category": "mug", "attribute": "color", "label": "red"}
-    path = write_records([{**row, "label_weight": np.float32(0.5)}, {**row, "id": "b", "label_weight": "0.25"}],
-                         tmp_path / f"d.{fmt}")
+    path = write_records(
+        [{**row, "label_weight": np.float32(0.5)}, {**row, "id": "b", "label_weight": "0.25"}], tmp_path / f"d.{fmt}"
+    )
     assert [r.label_weight for r in load_dataset(path).records] == [0.5, 0.25]
     for bad in (1.5, "high"):
         with pytest.raises(ValueError, match=r"label_weight .* of row 'a': expected a number in \[0, 1\]"):

@@ -11,9 +11,7 @@ APPROX = {"abs": 1e-9}
 KEYS = {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean"}
 
 
-def assert_metrics(
-    got: dict[str, float], txt: tuple[float, float, float], img: tuple[float, float, float]
-) -> None:
+def assert_metrics(got: dict[str, float], txt: tuple[float, float, float], img: tuple[float, float, float]) -> None:
     assert set(got) == KEYS
     assert (got["txt_r1"], got["txt_r5"], got["txt_r10"]) == pytest.approx(txt, **APPROX)
     assert (got["img_r1"], got["img_r5"], got["img_r10"]) == pytest.approx(img, **APPROX)
@@ -23,11 +21,13 @@ def assert_metrics(
 
 
 def test_3x3_image_to_text_uses_rows_and_text_to_image_uses_columns() -> None:
-    sim = np.array([
-        [0.9, 0.1, 0.5],  # image 0: text 0 first -> rank 0
-        [0.8, 0.3, 0.2],  # image 1: text 1 below text 0 -> rank 1
-        [0.1, 0.2, 0.7],  # image 2: rank 0
-    ])
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.5],  # image 0: text 0 first -> rank 0
+            [0.8, 0.3, 0.2],  # image 1: text 1 below text 0 -> rank 1
+            [0.1, 0.2, 0.7],  # image 2: rank 0
+        ]
+    )
     # columns: text 0 [.9 .8 .1], text 1 [.1 .3 .2], text 2 [.5 .2 .7]: every correct image first.
     got = retrieval_metrics(sim)
     assert_metrics(got, txt=(200 / 3, 100.0, 100.0), img=(100.0, 100.0, 100.0))
@@ -36,12 +36,14 @@ def test_3x3_image_to_text_uses_rows_and_text_to_image_uses_columns() -> None:
 
 
 def test_4x4_ties_count_only_strictly_higher_scores() -> None:
-    sim = np.array([
-        [0.2, 0.9, 0.2, 0.1],  # image 0: 0.9 above, the tie at text 2 is not -> rank 1
-        [0.5, 0.5, 0.5, 0.5],  # image 1: all tied -> rank 0
-        [0.3, 0.6, 0.1, 0.4],  # image 2: rank 3
-        [0.0, 0.7, 0.8, 0.6],  # image 3: rank 2
-    ])
+    sim = np.array(
+        [
+            [0.2, 0.9, 0.2, 0.1],  # image 0: 0.9 above, the tie at text 2 is not -> rank 1
+            [0.5, 0.5, 0.5, 0.5],  # image 1: all tied -> rank 0
+            [0.3, 0.6, 0.1, 0.4],  # image 2: rank 3
+            [0.0, 0.7, 0.8, 0.6],  # image 3: rank 2
+        ]
+    )
     # columns: text 0 rank 2, text 1 rank 3, text 2 rank 3, text 3 rank 0.
     got = retrieval_metrics(sim)
     assert_metrics(got, txt=(25.0, 100.0, 100.0), img=(25.0, 100.0, 100.0))
@@ -49,12 +51,14 @@ def test_4x4_ties_count_only_strictly_higher_scores() -> None:
 
 
 def test_multi_positive_best_correct_text_counts_and_unpaired_text_is_only_a_distractor() -> None:
-    sim = np.array([
-        # t0   t1   t2   t3   t4   t5    t6 (no image)
-        [0.1, 0.8, 0.9, 0.2, 0.3, 0.4, 0.5],   # image 0, texts {0, 1}: best 0.8 -> rank 1
-        [0.9, 0.8, 0.1, 0.6, 0.5, 0.4, 0.3],   # image 1, text {2}: 6 above -> rank 6
-        [0.6, 0.5, 0.4, 0.1, 0.2, 0.15, 0.9],  # image 2, texts {3, 4, 5}: best 0.2 -> rank 4
-    ])
+    sim = np.array(
+        [
+            # t0   t1   t2   t3   t4   t5    t6 (no image)
+            [0.1, 0.8, 0.9, 0.2, 0.3, 0.4, 0.5],  # image 0, texts {0, 1}: best 0.8 -> rank 1
+            [0.9, 0.8, 0.1, 0.6, 0.5, 0.4, 0.3],  # image 1, text {2}: 6 above -> rank 6
+            [0.6, 0.5, 0.4, 0.1, 0.2, 0.15, 0.9],  # image 2, texts {3, 4, 5}: best 0.2 -> rank 4
+        ]
+    )
     # texts as queries (text 6 skipped): ranks t0 2, t1 0 (tie 0.8), t2 2, t3 2, t4 2, t5 2.
     got = retrieval_metrics(sim, [{0, 1}, {2}, {3, 4, 5}])
     assert_metrics(got, txt=(0.0, 200 / 3, 100.0), img=(100 / 6, 100.0, 100.0))

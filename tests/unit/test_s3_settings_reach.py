@@ -17,9 +17,19 @@ def test_visual_level_passes_the_scale_settings(tiny_text_ckpt, tmp_path, monkey
     from pv2tea.regularize.probe import ProbeFit
     from pv2tea.train import loop
 
-    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), f"schemes.nr_visual={nr_visual}",
-                             "schemes.knn_exact_below=7", "schemes.knn_index=hnsw", "schemes.knn_recall=0.9",
-                             "schemes.probe_fit_rows=123", "schemes.nr_chance=none", "train.seed=5"])
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tiny_text_ckpt),
+            f"schemes.nr_visual={nr_visual}",
+            "schemes.knn_exact_below=7",
+            "schemes.knn_index=hnsw",
+            "schemes.knn_recall=0.9",
+            "schemes.probe_fit_rows=123",
+            "schemes.nr_chance=none",
+            "train.seed=5",
+        ],
+    )
     catalog = make_catalog(tmp_path / "c", n_products=6, seed=1, image_size=32)
     records = [r for r in load_dataset(catalog["train"]).records if r.images]
     model, pre = build_for_training(cfg, sorted({r.category for r in records}))

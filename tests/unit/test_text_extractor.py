@@ -46,12 +46,13 @@ def toy_records() -> list[Record]:
     for index in range(20):
         colors = tuple(rng.sample(COLORS, 1 + index % 2))
         material = MATERIALS[index % len(MATERIALS)]
-        text = (f"Acme {rng.choice(NOUNS)} in {' and '.join(c.lower() for c in colors)}, "
-                f"made of {material.lower()}. Great gift.")
+        text = (
+            f"Acme {rng.choice(NOUNS)} in {' and '.join(c.lower() for c in colors)}, "
+            f"made of {material.lower()}. Great gift."
+        )
         source = "text" if index % 3 else "image"
         records.append(_record(f"p{index}-color", text, "color", colors, gold=colors, source=source))
-        records.append(_record(f"p{index}-material", text, "material", (material,), gold=(material,),
-                               source=source))
+        records.append(_record(f"p{index}-material", text, "material", (material,), gold=(material,), source=source))
     return records
 
 
@@ -61,8 +62,16 @@ def accuracy(records: list[Record], predictions: list[list[str]]) -> float:
 
 
 def tiny_transformer_config(text_path: Path, **overrides: object) -> TextExtractorConfig:
-    settings: dict[str, object] = dict(text_path=str(text_path), max_tokens=32, epochs=40, batch_size=8,
-                                       lr=5e-3, head_lr=2e-2, warmup_ratio=0.0, seed=0)
+    settings: dict[str, object] = dict(
+        text_path=str(text_path),
+        max_tokens=32,
+        epochs=40,
+        batch_size=8,
+        lr=5e-3,
+        head_lr=2e-2,
+        warmup_ratio=0.0,
+        seed=0,
+    )
     settings.update(overrides)
     return TextExtractorConfig(**settings)
 
@@ -108,8 +117,7 @@ def test_learns_toy_dataset(flavour: str, fitted: dict[str, TextExtractor], toy:
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_multi_value_predicts_several_values(flavour: str, fitted: dict[str, TextExtractor],
-                                             toy: list[Record]) -> None:
+def test_multi_value_predicts_several_values(flavour: str, fitted: dict[str, TextExtractor], toy: list[Record]) -> None:
     two_colors = [r for r in toy if r.attribute == "color" and len(r.label) == 2]
     predictions = fitted[flavour].predict(two_colors)
     assert sum(len(p) == 2 for p in predictions) >= 0.9 * len(two_colors)
@@ -125,8 +133,9 @@ def test_unknown_attribute_is_named(flavour: str, fitted: dict[str, TextExtracto
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_save_load_round_trip_without_pickle(flavour: str, fitted: dict[str, TextExtractor], toy: list[Record],
-                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_load_round_trip_without_pickle(
+    flavour: str, fitted: dict[str, TextExtractor], toy: list[Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     extractor = fitted[flavour]
     folder = extractor.save(tmp_path / flavour)
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -160,8 +169,9 @@ def test_weak_label_replaces_labels_only(fitted: dict[str, TextExtractor], toy: 
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_predict_with_confidence_is_predict_plus_its_probability(flavour: str, fitted: dict[str, TextExtractor],
-                                                                 toy: list[Record]) -> None:
+def test_predict_with_confidence_is_predict_plus_its_probability(
+    flavour: str, fitted: dict[str, TextExtractor], toy: list[Record]
+) -> None:
     extractor = fitted[flavour]
     pairs = extractor.predict_with_confidence(toy)
     assert [values for values, _ in pairs] == extractor.predict(toy)
@@ -203,8 +213,9 @@ def test_tfidf_on_gold_labels_is_better_on_text_sourced_values(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_value_probabilities_agree_with_predict(flavour: str, fitted: dict[str, TextExtractor],
-                                                toy: list[Record]) -> None:
+def test_value_probabilities_agree_with_predict(
+    flavour: str, fitted: dict[str, TextExtractor], toy: list[Record]
+) -> None:
     extractor = fitted[flavour]
     materials = [r for r in toy if r.attribute == "material"]
     probabilities = extractor.value_probabilities(materials)

@@ -54,12 +54,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import BertModel, PreTrainedTokenizerBase
 
+from pv2tea.data.dataset import crop_words
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_value
 from pv2tea.models.text import create_text_encoder, load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.weights import PACKAGE_PREFIX
-from pv2tea.data.dataset import crop_words
 
 __all__ = [
     "DEFAULT_TEXT_PATH",
@@ -235,8 +235,12 @@ class AttributeVocab:
         return list(found) if self.multi_value else list(found)[:1]
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "keys": list(self.keys), "surfaces": list(self.surfaces),
-                "multi_value": self.multi_value}
+        return {
+            "name": self.name,
+            "keys": list(self.keys),
+            "surfaces": list(self.surfaces),
+            "multi_value": self.multi_value,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AttributeVocab:
@@ -251,9 +255,7 @@ def _label_pairs(record: Record) -> list[tuple[str, str]]:
         if key:
             pairs.setdefault(key, value.strip())
     if not pairs:
-        raise ValueError(
-            f"record {record.id!r} (attribute {record.attribute!r}) has no usable label: {record.label!r}"
-        )
+        raise ValueError(f"record {record.id!r} (attribute {record.attribute!r}) has no usable label: {record.label!r}")
     return list(pairs.items())
 
 
@@ -293,9 +295,7 @@ def _check_attributes(space: Mapping[str, AttributeVocab], records: Iterable[Rec
     unknown = sorted({record.attribute for record in records} - set(space))
     if unknown:
         names = ", ".join(repr(name) for name in unknown)
-        raise ValueError(
-            f"attribute {names} was not seen in training; this extractor knows {sorted(space)}"
-        )
+        raise ValueError(f"attribute {names} was not seen in training; this extractor knows {sorted(space)}")
 
 
 def _select(probabilities: np.ndarray, multi_value: bool, threshold: float) -> list[int]:
@@ -324,8 +324,9 @@ def read_metadata(directory: str | PathLike[str], kind: str | None = None) -> di
         raise FileNotFoundError(f"{directory} is not a saved text extractor: {METADATA_FILE} is missing")
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
-                         f"(expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: unsupported format_version {meta.get('format_version')!r} (expected {FORMAT_VERSION})"
+        )
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{path}: holds a {meta.get('kind')!r} extractor, not {kind!r}")
     return meta
@@ -546,8 +547,9 @@ def _encode(
     tokenizer: PreTrainedTokenizerBase, attributes: list[str], texts: list[str], max_tokens: int, device: str
 ) -> dict[str, torch.Tensor]:
     """``[CLS] attribute [SEP] text [SEP]`` token batch (only the text is truncated)."""
-    batch = tokenizer(attributes, texts, truncation="only_second", max_length=max_tokens, padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        attributes, texts, truncation="only_second", max_length=max_tokens, padding=True, return_tensors="pt"
+    )
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -574,8 +576,9 @@ class TransformerTextExtractor(TextExtractor):
             self._train(net, tokenizer, records, targets)
         self._net, self._tokenizer = net.eval(), tokenizer
 
-    def _train(self, net: _ClassifierNet, tokenizer: PreTrainedTokenizerBase, records: list[Record],
-               targets: _Targets) -> None:
+    def _train(
+        self, net: _ClassifierNet, tokenizer: PreTrainedTokenizerBase, records: list[Record], targets: _Targets
+    ) -> None:
         config = self.config
         texts, attributes = self._texts(records), [record.attribute for record in records]
         total = config.epochs * math.ceil(len(records) / config.batch_size)
@@ -588,8 +591,13 @@ class TransformerTextExtractor(TextExtractor):
             for _ in range(config.epochs):
                 order = torch.randperm(len(records), generator=generator)
                 for rows in order.split(config.batch_size):
-                    batch = _encode(tokenizer, [attributes[i] for i in rows], [texts[i] for i in rows],
-                                    config.max_tokens, config.device)
+                    batch = _encode(
+                        tokenizer,
+                        [attributes[i] for i in rows],
+                        [texts[i] for i in rows],
+                        config.max_tokens,
+                        config.device,
+                    )
                     loss = _masked_loss(net(batch), targets, rows.to(config.device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -612,7 +620,7 @@ class TransformerTextExtractor(TextExtractor):
         chunks: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, len(records), config.eval_batch_size):
-                part = texts[start:start + config.eval_batch_size]
+                part = texts[start : start + config.eval_batch_size]
                 batch = _encode(tokenizer, [vocab.name] * len(part), part, config.max_tokens, config.device)
                 logits = net(batch)[:, owned].float()
                 probabilities = torch.sigmoid(logits) if vocab.multi_value else torch.softmax(logits, dim=-1)
@@ -625,8 +633,9 @@ class TransformerTextExtractor(TextExtractor):
         root.mkdir(parents=True, exist_ok=True)
         net.encoder.config.save_pretrained(root / _ENCODER_DIR)
         tokenizer.save_pretrained(root / _TOKENIZER_DIR)
-        save_file({key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()},
-                  root / _WEIGHTS_FILE)
+        save_file(
+            {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}, root / _WEIGHTS_FILE
+        )
         self._write_metadata(root)
         return root
 
@@ -638,8 +647,9 @@ class TransformerTextExtractor(TextExtractor):
         space = _space_from_meta(meta)
         n_classes = sum(len(vocab.keys) for vocab in space.values())
         with torch.random.fork_rng(devices=[]):  # random init is overwritten; keep the global RNG intact
-            net = _ClassifierNet(create_text_encoder(load_bert_config(root / _ENCODER_DIR)), n_classes,
-                                 extractor.config.pooling)
+            net = _ClassifierNet(
+                create_text_encoder(load_bert_config(root / _ENCODER_DIR)), n_classes, extractor.config.pooling
+            )
         net.load_state_dict(load_file(root / _WEIGHTS_FILE), strict=True)
         extractor._net = net.to(extractor.config.device).eval()
         extractor._tokenizer = load_tokenizer(root / _TOKENIZER_DIR)
@@ -658,8 +668,10 @@ _AttributeModels = list[LogisticRegression | None]
 def _vectorizers(config: TfidfExtractorConfig) -> tuple[TfidfVectorizer, TfidfVectorizer]:
     """Unfitted word and char_wb TF-IDF vectorizers (sublinear tf)."""
     common: dict[str, Any] = {"sublinear_tf": True, "min_df": config.min_df, "dtype": np.float64}
-    return (TfidfVectorizer(analyzer="word", ngram_range=config.word_ngrams, **common),
-            TfidfVectorizer(analyzer="char_wb", ngram_range=config.char_ngrams, **common))
+    return (
+        TfidfVectorizer(analyzer="word", ngram_range=config.word_ngrams, **common),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=config.char_ngrams, **common),
+    )
 
 
 def _features(vectorizers: Sequence[TfidfVectorizer], texts: list[str]) -> sp.csr_matrix:
@@ -670,8 +682,9 @@ def _logistic(config: TfidfExtractorConfig) -> LogisticRegression:
     return LogisticRegression(C=config.C, max_iter=config.max_iter)
 
 
-def _fit_attribute(features: sp.csr_matrix, targets: list[list[int]], vocab: AttributeVocab,
-                   config: TfidfExtractorConfig) -> _AttributeModels:
+def _fit_attribute(
+    features: sp.csr_matrix, targets: list[list[int]], vocab: AttributeVocab, config: TfidfExtractorConfig
+) -> _AttributeModels:
     if not vocab.multi_value:
         if len(vocab.keys) == 1:
             return [None]
@@ -683,8 +696,9 @@ def _fit_attribute(features: sp.csr_matrix, targets: list[list[int]], vocab: Att
     return models
 
 
-def _rebuild_logistic(config: TfidfExtractorConfig, coef: np.ndarray, intercept: np.ndarray,
-                      classes: np.ndarray) -> LogisticRegression:
+def _rebuild_logistic(
+    config: TfidfExtractorConfig, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray
+) -> LogisticRegression:
     """A fitted LogisticRegression from stored parameters."""
     model = _logistic(config)
     model.coef_, model.intercept_, model.classes_ = coef, intercept, classes
@@ -712,8 +726,9 @@ class TfidfTextExtractor(TextExtractor):
         features = _features(vectorizers, texts)
         groups = _group_by_attribute(records)
         self._models = {
-            name: _fit_attribute(features[groups[name]], [vocab.targets(records[i].label) for i in groups[name]],
-                                 vocab, self.config)
+            name: _fit_attribute(
+                features[groups[name]], [vocab.targets(records[i].label) for i in groups[name]], vocab, self.config
+            )
             for name, vocab in space.items()
         }
         self._vectorizers = vectorizers
@@ -744,8 +759,10 @@ class TfidfTextExtractor(TextExtractor):
                     arrays[f"intercept_{a}_{k}"] = model.intercept_
                     arrays[f"classes_{a}_{k}"] = model.classes_
         np.savez(root / _TFIDF_ARRAYS, **arrays)
-        terms = {"word": sorted(word.vocabulary_, key=word.vocabulary_.__getitem__),
-                 "char": sorted(char.vocabulary_, key=char.vocabulary_.__getitem__)}
+        terms = {
+            "word": sorted(word.vocabulary_, key=word.vocabulary_.__getitem__),
+            "char": sorted(char.vocabulary_, key=char.vocabulary_.__getitem__),
+        }
         (root / _TFIDF_VOCABULARY).write_text(json.dumps(terms, ensure_ascii=False), encoding="utf-8")
         self._write_metadata(root, constant=constant)
         return root
@@ -764,9 +781,14 @@ class TfidfTextExtractor(TextExtractor):
             vectorizer.vocabulary_ = {term: i for i, term in enumerate(terms[part])}
             vectorizer.idf_ = arrays[f"idf_{part}"]
         extractor._models = {
-            name: [None if is_constant else _rebuild_logistic(extractor.config, arrays[f"coef_{a}_{k}"],
-                                                              arrays[f"intercept_{a}_{k}"], arrays[f"classes_{a}_{k}"])
-                   for k, is_constant in enumerate(meta["constant"][name])]
+            name: [
+                None
+                if is_constant
+                else _rebuild_logistic(
+                    extractor.config, arrays[f"coef_{a}_{k}"], arrays[f"intercept_{a}_{k}"], arrays[f"classes_{a}_{k}"]
+                )
+                for k, is_constant in enumerate(meta["constant"][name])
+            ]
             for a, name in enumerate(space)
         }
         extractor._vectorizers = vectorizers
@@ -794,8 +816,10 @@ def weak_label(extractor: TextExtractor, records: Sequence[Record]) -> list[Reco
     """Copies of ``records`` whose ``label`` is the extractor's prediction and ``label_weight`` its confidence
     in it (:meth:`TextExtractor.predict_with_confidence`, rounded to 4 decimals); all else kept."""
     records = list(records)
-    return [replace(record, label=tuple(values), label_weight=round(confidence, 4))
-            for record, (values, confidence) in zip(records, extractor.predict_with_confidence(records))]
+    return [
+        replace(record, label=tuple(values), label_weight=round(confidence, 4))
+        for record, (values, confidence) in zip(records, extractor.predict_with_confidence(records))
+    ]
 
 
 def evaluate_extractor(
@@ -817,8 +841,13 @@ def evaluate_extractor(
     if missing:
         raise ValueError(f"multi_value has no entry for attribute(s) {missing}")
     examples = [
-        Example(gold=record.gold, pred=tuple(values), source=record.source, attribute=record.attribute,
-                multi_value=multi_value[record.attribute])
+        Example(
+            gold=record.gold,
+            pred=tuple(values),
+            source=record.source,
+            attribute=record.attribute,
+            multi_value=multi_value[record.attribute],
+        )
         for record, values in zip(scored, extractor.predict(scored))
     ]
     return source_aware_report(examples, synonyms)

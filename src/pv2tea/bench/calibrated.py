@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import departures, source_aware_report
 from pv2tea.experiment import constrain_to_candidates, gold_examples, load_predictor
-from pv2tea.inference.calibration import (Calibration, CalibrationConfig, ScoredRow, fit_calibration, fused_pick,
-                                          scored_rows)
+from pv2tea.inference.calibration import (
+    Calibration,
+    CalibrationConfig,
+    ScoredRow,
+    fit_calibration,
+    fused_pick,
+    scored_rows,
+)
 from pv2tea.train.checkpoint import warm_start_fingerprint
 
 SCORES_FILE = "candidate_scores.json"
@@ -34,15 +41,25 @@ def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping,
-                     priors: Sequence[Mapping[str, float]], cache: Path, prior_correction: float | None = None,
-                     trained_on: Sequence[Record] | None = None) -> FoldRows:
+def fold_scored_rows(
+    final: Path,
+    records: Sequence[Record],
+    candidates: Mapping,
+    priors: Sequence[Mapping[str, float]],
+    cache: Path,
+    prior_correction: float | None = None,
+    trained_on: Sequence[Record] | None = None,
+) -> FoldRows:
     """The held-out records as scored rows of the model in ``final`` and the extractor (cached in ``cache``, keyed
     by the model's weights, the records, the extractor's probabilities and the ranking's ``prior_correction``;
     :func:`pv2tea.experiment.load_predictor` says what ``prior_correction`` and ``trained_on`` do)."""
-    key = {"model_sha256": warm_start_fingerprint(final), "products_sha256": _sha([r.id for r in records]),
-           "priors_sha256": _sha([dict(p) for p in priors]), "candidates_sha256": _sha(candidates),
-           "prior_correction": prior_correction}
+    key = {
+        "model_sha256": warm_start_fingerprint(final),
+        "products_sha256": _sha([r.id for r in records]),
+        "priors_sha256": _sha([dict(p) for p in priors]),
+        "candidates_sha256": _sha(candidates),
+        "prior_correction": prior_correction,
+    }
     stored = None
     if cache.is_file():
         try:
@@ -52,8 +69,10 @@ def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping
     if not (isinstance(stored, dict) and all(stored.get(k) == v for k, v in key.items())):
         predictor = load_predictor(final, prior_correction, trained_on)
         scores = predictor.candidate_log_probs(records, candidates, predictor.model.cfg.train.eval_batch_size)
-        stored = {**key, "rows": [None if s is None else {"candidates": list(s[0]), "model": s[1].tolist()}
-                                  for s in scores]}
+        stored = {
+            **key,
+            "rows": [None if s is None else {"candidates": list(s[0]), "model": s[1].tolist()} for s in scores],
+        }
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(stored, allow_nan=False))
     scores = [None if row is None else (row["candidates"], np.array(row["model"])) for row in stored["rows"]]
@@ -65,17 +84,21 @@ def fold_scored_rows(final: Path, records: Sequence[Record], candidates: Mapping
 
 def _answers(rows: FoldRows, records: Sequence[Record], calibration: Calibration) -> list[list[str]]:
     """Calibrated answers; a row without candidates keeps its weak label (the extractor's answer)."""
-    return [list(r.label) if row is None else [row.candidates[fused_pick(row, calibration.model_weight(row.attribute))]]
-            for row, r in zip(rows, records)]
+    return [
+        list(r.label) if row is None else [row.candidates[fused_pick(row, calibration.model_weight(row.attribute))]]
+        for row, r in zip(rows, records)
+    ]
 
 
-def _report(records: Sequence[Record], answers: list[list[str]], multi: dict[str, bool],
-            candidates: Mapping) -> dict[str, Any]:
+def _report(
+    records: Sequence[Record], answers: list[list[str]], multi: dict[str, bool], candidates: Mapping
+) -> dict[str, Any]:
     examples = gold_examples(records, answers, multi)
     report = source_aware_report(examples)
     if any(r.label for r in records):
-        report["departures"] = departures(examples, constrain_to_candidates([r.label for r in records], records,
-                                                                            candidates))
+        report["departures"] = departures(
+            examples, constrain_to_candidates([r.label for r in records], records, candidates)
+        )
     return report
 
 
@@ -83,9 +106,13 @@ def _pool(folds: Sequence[FoldRows], k: int) -> list[ScoredRow]:
     return [row for j, rows in enumerate(folds) if j != k for row in rows if row is not None]
 
 
-def calibrated_reports(folds: Sequence[FoldRows], tests: Sequence[Sequence[Record]], multi: dict[str, bool],
-                       candidates: Mapping, config: CalibrationConfig | None = None
-                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def calibrated_reports(
+    folds: Sequence[FoldRows],
+    tests: Sequence[Sequence[Record]],
+    multi: dict[str, bool],
+    candidates: Mapping,
+    config: CalibrationConfig | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per fold, the report of the calibrated answers (calibration fitted on the other folds' rows), and what the
     calibrations chose and how the result moves with the sample size and the guard (``details``)."""
     config = config or CalibrationConfig()
@@ -99,8 +126,9 @@ def calibrated_reports(folds: Sequence[FoldRows], tests: Sequence[Sequence[Recor
 
     def f1_with(k: int, sample: list[ScoredRow], cfg: CalibrationConfig) -> float:
         calibration = fit_calibration(sample, cfg)
-        return source_aware_report(gold_examples(tests[k], _answers(folds[k], tests[k], calibration),
-                                                 multi))["overall"]["f1"]
+        return source_aware_report(gold_examples(tests[k], _answers(folds[k], tests[k], calibration), multi))[
+            "overall"
+        ]["f1"]
 
     curve: dict[str, float] = {}
     for n in SAMPLE_SIZES:
@@ -115,11 +143,26 @@ def calibrated_reports(folds: Sequence[FoldRows], tests: Sequence[Sequence[Recor
         if scores:
             curve[str(n)] = float(np.mean(scores))
     curve["all"] = float(np.mean([r["overall"]["f1"] for r in reports]))
-    guard = {f"{z:g}": float(np.mean([f1_with(k, _pool(folds, k), CalibrationConfig(config.grid, z, config.min_rows))
-                                      for k in range(len(folds))])) for z in GUARD_Z}
+    guard = {
+        f"{z:g}": float(
+            np.mean(
+                [
+                    f1_with(k, _pool(folds, k), CalibrationConfig(config.grid, z, config.min_rows))
+                    for k in range(len(folds))
+                ]
+            )
+        )
+        for z in GUARD_Z
+    }
     attributes = sorted({a for c in chosen for a in c.attributes})
     lambdas = {a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes}
     pool_sizes = [len(_pool(folds, k)) for k in range(len(folds))]
-    return reports, {"sample_size_f1": curve, "guard_z_f1": guard, "model_weight": lambdas,
-                     "pool_rows": pool_sizes, "z": config.z, "min_rows": config.min_rows,
-                     "draws": SAMPLE_DRAWS}
+    return reports, {
+        "sample_size_f1": curve,
+        "guard_z_f1": guard,
+        "model_weight": lambdas,
+        "pool_rows": pool_sizes,
+        "z": config.z,
+        "min_rows": config.min_rows,
+        "draws": SAMPLE_DRAWS,
+    }

@@ -18,21 +18,35 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
 from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
+from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
+from pv2tea.config import load_config, with_settings_of
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.eval.metrics import merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
-from pv2tea.config import load_config, with_settings_of
-from pv2tea.experiment import (FUSED_SUFFIX, KEEP_SUFFIX, NO_IMAGES_KEY, NO_IMAGES_SUFFIX, VARIANTS, Split,
-                                check_same_config, constrain_to_candidates, gold_examples, load_predictor, mean_std,
-                                paired_ttest, run_variant, score_predictor)
+from pv2tea.experiment import (
+    FUSED_SUFFIX,
+    KEEP_SUFFIX,
+    NO_IMAGES_KEY,
+    NO_IMAGES_SUFFIX,
+    VARIANTS,
+    Split,
+    check_same_config,
+    constrain_to_candidates,
+    gold_examples,
+    load_predictor,
+    mean_std,
+    paired_ttest,
+    run_variant,
+    score_predictor,
+)
 from pv2tea.train.checkpoint import checkpoint_exists, warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
 
@@ -44,8 +58,14 @@ METRICS = ("precision", "recall", "f1", "accuracy")
 # visual encoder (TEA has none), the schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct
 # weights, the lr of warm-started parts and the gate of a visual path; benchmarks that differ only there share one
 # pretraining
-FOLD_RUN_SETTINGS = ("vision", "schemes", "loss.weight_sc", "loss.weight_ct", "optim.warm_start_lr",
-                     "fusion.visual_gate")
+FOLD_RUN_SETTINGS = (
+    "vision",
+    "schemes",
+    "loss.weight_sc",
+    "loss.weight_ct",
+    "optim.warm_start_lr",
+    "fusion.visual_gate",
+)
 
 
 @dataclass
@@ -110,27 +130,47 @@ def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtra
     return extractor
 
 
-def _text_pretrain(text_rows: list[Record], directory: Path, cfg: BenchConfig, overrides: Sequence[str],
-                   log: Callable[[str], None]) -> Path:
+def _text_pretrain(
+    text_rows: list[Record], directory: Path, cfg: BenchConfig, overrides: Sequence[str], log: Callable[[str], None]
+) -> Path:
     """A TEA trained on all the domain's text-only rows (once; reused when finished); returns its final/ folder."""
     final = directory / "final"
     run_cfg = with_settings_of(
-        load_config(cfg.config, [*overrides, *VARIANTS["tea"], f"train.epochs={cfg.text_pretrain}",
-                                 "train.image_less_per_epoch=null", "train.init_from=null", "train.seed=0"]),
-        load_config(cfg.config, VARIANTS["tea"]), FOLD_RUN_SETTINGS)
+        load_config(
+            cfg.config,
+            [
+                *overrides,
+                *VARIANTS["tea"],
+                f"train.epochs={cfg.text_pretrain}",
+                "train.image_less_per_epoch=null",
+                "train.init_from=null",
+                "train.seed=0",
+            ],
+        ),
+        load_config(cfg.config, VARIANTS["tea"]),
+        FOLD_RUN_SETTINGS,
+    )
     check_same_config(directory, run_cfg)
     if not (final / "model.safetensors").is_file():
         directory.mkdir(parents=True, exist_ok=True)
         resume = checkpoint_exists(directory / "checkpoint")
-        log(f"text pretraining: TEA on {len(text_rows)} text-only rows, {cfg.text_pretrain} epoch(s)"
-            + (" (resumed)" if resume else ""))
+        log(
+            f"text pretraining: TEA on {len(text_rows)} text-only rows, {cfg.text_pretrain} epoch(s)"
+            + (" (resumed)" if resume else "")
+        )
         train(run_cfg, text_rows, directory, resume=resume, progress=False)
     return final
 
 
-def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, list[str]] | None,
-                      multi: dict[str, bool], report_path: Path, prior_correction: float = 0.0,
-                      trained_on: Sequence[Record] | None = None) -> dict[str, Any]:
+def _score_warm_start(
+    final: Path,
+    test: list[Record],
+    candidates: dict[str, list[str]] | None,
+    multi: dict[str, bool],
+    report_path: Path,
+    prior_correction: float = 0.0,
+    trained_on: Sequence[Record] | None = None,
+) -> dict[str, Any]:
     """The text-pretrained TEA scored on a fold's held-out products as it is (cached, keyed by its weights, the
     products and how it ranks candidates)."""
     fingerprint = warm_start_fingerprint(final)
@@ -142,10 +182,14 @@ def _score_warm_start(final: Path, test: list[Record], candidates: dict[str, lis
             report = json.loads(report_path.read_text())
         except (OSError, ValueError):
             report = None  # damaged: scored again below
-        if (isinstance(report, dict) and report.get("warm_start_sha256") == fingerprint
-                and report.get("products_sha256") == products and (not candidates or "constrained" in report)
-                and report.get("labels_sha256") == labels
-                and report.get("prior_correction", 0.0) == prior_correction):
+        if (
+            isinstance(report, dict)
+            and report.get("warm_start_sha256") == fingerprint
+            and report.get("products_sha256") == products
+            and (not candidates or "constrained" in report)
+            and report.get("labels_sha256") == labels
+            and report.get("prior_correction", 0.0) == prior_correction
+        ):
             return report
     report, _, _ = score_predictor(load_predictor(final, prior_correction, trained_on), test, multi, candidates)
     report["warm_start_sha256"], report["products_sha256"], report["labels_sha256"] = fingerprint, products, labels
@@ -165,8 +209,12 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
         if moved and len(moved) == len(blocks):  # pooled over the runs: where the answers left the weak labels
             out[mode]["departures"] = merge_departures(moved)
         out[mode]["by_attribute"] = {
-            a: {m: mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
-                for m in ("f1", "accuracy")} for a in attrs}
+            a: {
+                m: mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
+                for m in ("f1", "accuracy")
+            }
+            for a in attrs
+        }
     return out
 
 
@@ -190,8 +238,9 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     size = cfg.text_rows if cfg.text_pool is None else cfg.text_pool
     pool = list(text_rows) if size < 0 else rng.sample(text_rows, min(size, len(text_rows)))
     extra = [] if cfg.text_rows == 0 else pool
-    per_epoch = [] if cfg.text_rows < 0 or cfg.text_rows >= len(extra) else [
-        f"train.image_less_per_epoch={cfg.text_rows}"]  # a fresh sample of the pool each epoch
+    per_epoch = (
+        [] if cfg.text_rows < 0 or cfg.text_rows >= len(extra) else [f"train.image_less_per_epoch={cfg.text_rows}"]
+    )  # a fresh sample of the pool each epoch
     folds = product_folds(weak, cfg.folds)
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
     overrides = [*BENCH_OVERRIDES, f"train.epochs={cfg.epochs}", *per_epoch, *cfg.overrides]
@@ -213,42 +262,60 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         priors = extractor.value_probabilities(test) if candidates else None
         preds = [extracted[r.id] for r in test]
         report = source_aware_report(gold_examples(test, preds, multi))
-        report["constrained"] = source_aware_report(gold_examples(test, constrain_to_candidates(preds, test, candidates), multi))
+        report["constrained"] = source_aware_report(
+            gold_examples(test, constrain_to_candidates(preds, test, candidates), multi)
+        )
         reports.setdefault("text_extractor", []).append(report)
         if cfg.text_pretrain:  # the warm start alone: what the fold's training on weak labels adds to it
             reports.setdefault("text_pretrain", []).append(
-                _score_warm_start(start, test, candidates, multi, fold_dir / "text_pretrain" / "test_report.json",
-                                  tau, text_rows))
+                _score_warm_start(
+                    start, test, candidates, multi, fold_dir / "text_pretrain" / "test_report.json", tau, text_rows
+                )
+            )
             if candidates and priors is not None:
                 scored.setdefault(("text_pretrain", 0), []).append(
-                    fold_scored_rows(start, test, candidates, priors, fold_dir / "text_pretrain" / SCORES_FILE,
-                                     tau, text_rows))
+                    fold_scored_rows(
+                        start, test, candidates, priors, fold_dir / "text_pretrain" / SCORES_FILE, tau, text_rows
+                    )
+                )
         split = Split(train=train_weak + extra, val=[], test=test)
         for name in cfg.variants:
             for seed in cfg.seeds:
-                result = run_variant(name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates,
-                                     priors=priors)
+                result = run_variant(
+                    name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates, priors=priors
+                )
                 reports.setdefault(name, []).append(result)
                 if "keep_grounded" in result:  # deployed next to the extractor: its labels the text states kept
                     reports.setdefault(f"{name}{KEEP_SUFFIX}", []).append(result["keep_grounded"])
                 if "fused" in result:  # deployed next to the extractor: candidates ranked by both
                     # fusion only ranks candidates, so the row's open and constrained blocks are the same
-                    reports.setdefault(f"{name}{FUSED_SUFFIX}", []).append({**result["fused"],
-                                                                             "constrained": result["fused"]})
+                    reports.setdefault(f"{name}{FUSED_SUFFIX}", []).append(
+                        {**result["fused"], "constrained": result["fused"]}
+                    )
                 if result.get(NO_IMAGES_KEY):  # the same model, the test images withheld: what the image adds
                     reports.setdefault(f"{name}{NO_IMAGES_SUFFIX}", []).append(result[NO_IMAGES_KEY])
                 run_final = fold_dir / name / f"seed_{seed}" / "final"
                 if candidates and priors is not None and (run_final / "model.safetensors").is_file():
                     scored.setdefault((name, seed), []).append(
-                        fold_scored_rows(run_final, test, candidates, priors, run_final.parent / SCORES_FILE, tau,
-                                         split.train))
+                        fold_scored_rows(
+                            run_final, test, candidates, priors, run_final.parent / SCORES_FILE, tau, split.train
+                        )
+                    )
                 log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
         if cfg.gold_ceiling:
             gold_train = gold_labelled(train_weak)
             gold_split = Split(train=gold_train + extra, val=[], test=test)
             for seed in cfg.seeds:
-                result = run_variant("pv2tea", seed, gold_split, fold_dir, cfg.config, overrides,
-                                     candidates=candidates, run_name="pv2tea_gold")
+                result = run_variant(
+                    "pv2tea",
+                    seed,
+                    gold_split,
+                    fold_dir,
+                    cfg.config,
+                    overrides,
+                    candidates=candidates,
+                    run_name="pv2tea_gold",
+                )
                 reports.setdefault("pv2tea_gold", []).append(result)
                 log(f"{domain} fold {fold} pv2tea_gold seed {seed}: F1 {_fmt(result)}")
     details = _add_calibrated(reports, scored, tests, multi, candidates, cfg)
@@ -259,9 +326,14 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     return summaries
 
 
-def _add_calibrated(reports: dict[str, list[dict[str, Any]]], scored: dict[tuple[str, int], list[FoldRows]],
-                    tests: list[list[Record]], multi: dict[str, bool], candidates: dict | None,
-                    cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+def _add_calibrated(
+    reports: dict[str, list[dict[str, Any]]],
+    scored: dict[tuple[str, int], list[FoldRows]],
+    tests: list[list[Record]],
+    multi: dict[str, bool],
+    candidates: dict | None,
+    cfg: BenchConfig,
+) -> dict[str, dict[str, Any]]:
     """``<model>+calibrated`` rows in ``reports`` (fold-major, seeds inner, as the other rows), in place: each
     fold's model next to the extractor with per-attribute shares calibrated on the other folds' held-out gold
     (:mod:`pv2tea.bench.calibrated`); needs candidate lists and at least two folds. Returns each row's details
@@ -290,7 +362,7 @@ def per_fold_f1(runs: list[dict[str, Any]], n_folds: int) -> list[float | None]:
     f1s = [r.get("constrained", r)["overall"].get("f1") for r in runs]
     out = []
     for fold in range(n_folds):
-        values = [x for x in f1s[fold * per:(fold + 1) * per] if x is not None]
+        values = [x for x in f1s[fold * per : (fold + 1) * per] if x is not None]
         out.append(sum(values) / len(values) if values else None)
     return out
 
@@ -334,11 +406,19 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str,
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The one-line summary: candidate-constrained macro-F1 and accuracy (ImplicitAVE-style) per variant."""
-    return {"domains": {d: {v: {"f1": _round(s["constrained"]["f1"]["mean"]),
-                                "accuracy": _round(s["constrained"]["accuracy"]["mean"]),
-                                "f1_open": _round(s["open"]["f1"]["mean"])}
-                            for v, s in variants.items()}
-                        for d, variants in results["domains"].items()}}
+    return {
+        "domains": {
+            d: {
+                v: {
+                    "f1": _round(s["constrained"]["f1"]["mean"]),
+                    "accuracy": _round(s["constrained"]["accuracy"]["mean"]),
+                    "f1_open": _round(s["open"]["f1"]["mean"]),
+                }
+                for v, s in variants.items()
+            }
+            for d, variants in results["domains"].items()
+        }
+    }
 
 
 def _round(x: float | None) -> float | None:
@@ -356,60 +436,94 @@ def _cell(stat: dict[str, float | None]) -> str:
 def format_tables(results: dict[str, Any]) -> str:
     lines = []
     for domain, variants in results["domains"].items():
-        lines += [f"### {domain}", "",
-                  "| variant | runs | F1 ranked | Acc ranked | P ranked | R ranked | F1 open | Acc open "
-                  "| p vs extractor | p vs pv2tea |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"### {domain}",
+            "",
+            "| variant | runs | F1 ranked | Acc ranked | P ranked | R ranked | F1 open | Acc open "
+            "| p vs extractor | p vs pv2tea |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name, s in variants.items():
             c, o = s["constrained"], s["open"]
             p = [_p(s.get(f"ttest_vs_{ref}")) for ref in SIGNIFICANCE_REFERENCES]
-            lines.append(f"| {name} | {s['runs']} | {_cell(c['f1'])} | {_cell(c['accuracy'])} | "
-                         f"{_cell(c['precision'])} | {_cell(c['recall'])} | {_cell(o['f1'])} | {_cell(o['accuracy'])} "
-                         f"| {p[0]} | {p[1]} |")
-        lines += ["", "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference "
-                  "itself)."]
-        moved = {name: s["constrained"]["departures"] for name, s in variants.items()
-                 if "departures" in s["constrained"]}
+            lines.append(
+                f"| {name} | {s['runs']} | {_cell(c['f1'])} | {_cell(c['accuracy'])} | "
+                f"{_cell(c['precision'])} | {_cell(c['recall'])} | {_cell(o['f1'])} | {_cell(o['accuracy'])} "
+                f"| {p[0]} | {p[1]} |"
+            )
+        lines += [
+            "",
+            "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference itself).",
+        ]
+        moved = {
+            name: s["constrained"]["departures"] for name, s in variants.items() if "departures" in s["constrained"]
+        }
         if moved:
-            lines += ["", "Where the ranked answers depart from the extractor's (its weak labels kept to the options), "
-                      "counted over all runs (rows × runs): fixed = the model is right where the extractor is wrong, "
-                      "broke = the reverse; net % = 100 · (fixed − broke) / rows, the accuracy difference; either = "
-                      "accuracy of an oracle choosing the right one of the two per row.", "",
-                      "| variant | rows × runs | changed | fixed | broke | neither | net % | fix rate | either |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [
+                "",
+                "Where the ranked answers depart from the extractor's (its weak labels kept to the options), "
+                "counted over all runs (rows × runs): fixed = the model is right where the extractor is wrong, "
+                "broke = the reverse; net % = 100 · (fixed − broke) / rows, the accuracy difference; either = "
+                "accuracy of an oracle choosing the right one of the two per row.",
+                "",
+                "| variant | rows × runs | changed | fixed | broke | neither | net % | fix rate | either |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
             for name, d in moved.items():
                 rate = "–" if d["fix_rate"] is None else f"{d['fix_rate']:.1f}"
                 either = "–" if d["either"] is None else f"{d['either']:.1f}"
                 net = "–" if not d["n"] else f"{100.0 * d['net'] / d['n']:+.1f}"
-                lines.append(f"| {name} | {d['n']} | {d['changed']} | {d['fixed']} | {d['broke']} | {d['neither']} "
-                             f"| {net} | {rate} | {either} |")
+                lines.append(
+                    f"| {name} | {d['n']} | {d['changed']} | {d['fixed']} | {d['broke']} | {d['neither']} "
+                    f"| {net} | {rate} | {either} |"
+                )
         calibrated = {name: s["calibration"] for name, s in variants.items() if "calibration" in s}
         if calibrated:
             sizes = list(next(iter(calibrated.values()))["sample_size_f1"])
             zs = list(next(iter(calibrated.values()))["guard_z_f1"])
-            lines += ["", "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
-                      "λ per attribute fitted on the other folds' held-out gold rows (`pv2tea calibrate`; λ = 0 keeps "
-                      "the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
-                      "from that pool, mean over folds × draws) and by the guard's z (the whole pool):", "",
-                      "| row | " + " | ".join(f"n = {n}" for n in sizes) + " | "
-                      + " | ".join(f"z = {z}" for z in zs) + " |",
-                      "| --- |" + " --- |" * (len(sizes) + len(zs))]
+            lines += [
+                "",
+                "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
+                "λ per attribute fitted on the other folds' held-out gold rows (`pv2tea calibrate`; λ = 0 keeps "
+                "the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
+                "from that pool, mean over folds × draws) and by the guard's z (the whole pool):",
+                "",
+                "| row | " + " | ".join(f"n = {n}" for n in sizes) + " | " + " | ".join(f"z = {z}" for z in zs) + " |",
+                "| --- |" + " --- |" * (len(sizes) + len(zs)),
+            ]
             for name, c in calibrated.items():
-                lines.append(f"| {name} | " + " | ".join(f"{c['sample_size_f1'][n]:.1f}" for n in sizes) + " | "
-                             + " | ".join(f"{c['guard_z_f1'][z]:.1f}" for z in zs) + " |")
-            lines += ["", "λ deployed per attribute and fold (0: the extractor's answer):", "",
-                      "| row | attribute | λ per fold |", "| --- | --- | --- |"]
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{c['sample_size_f1'][n]:.1f}" for n in sizes)
+                    + " | "
+                    + " | ".join(f"{c['guard_z_f1'][z]:.1f}" for z in zs)
+                    + " |"
+                )
+            lines += [
+                "",
+                "λ deployed per attribute and fold (0: the extractor's answer):",
+                "",
+                "| row | attribute | λ per fold |",
+                "| --- | --- | --- |",
+            ]
             for name, c in calibrated.items():
                 for attribute, weights in c["model_weight"].items():
-                    lines.append(f"| {name} | {attribute} | "
-                                 + ", ".join("–" if w is None else f"{w:g}" for w in weights) + " |")
+                    lines.append(
+                        f"| {name} | {attribute} | " + ", ".join("–" if w is None else f"{w:g}" for w in weights) + " |"
+                    )
         attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
         names = list(variants)
-        lines += ["", "Per attribute, F1 ranked among options:", "",
-                  "| attribute | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        lines += [
+            "",
+            "Per attribute, F1 ranked among options:",
+            "",
+            "| attribute | " + " | ".join(names) + " |",
+            "| --- |" + " --- |" * len(names),
+        ]
         for a in attrs:
-            cells = [_cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None}))
-                     for n in names]
+            cells = [
+                _cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None})) for n in names
+            ]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

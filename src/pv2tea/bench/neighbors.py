@@ -36,8 +36,9 @@ class NeighborBenchConfig:
     seed: int = 0
 
 
-def clustered_features(n: int, dim: int = 256, clusters: int = 256, rank: int = 32, spread: float = 2.0,
-                       noise: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def clustered_features(
+    n: int, dim: int = 256, clusters: int = 256, rank: int = 32, spread: float = 2.0, noise: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, dim) float32 features drawn from a Gaussian mixture, and (N,) each row's component.
 
     Component c: a centre of norm about 1, plus ``spread`` times a random ``rank``-dimensional subspace of
@@ -51,7 +52,7 @@ def clustered_features(n: int, dim: int = 256, clusters: int = 256, rank: int = 
     bounds = np.searchsorted(component[order], np.arange(clusters + 1))
     out = np.empty((n, dim), dtype=np.float32)
     for c in range(clusters):
-        rows = order[bounds[c]:bounds[c + 1]]
+        rows = order[bounds[c] : bounds[c + 1]]
         basis = rng.standard_normal((rank, dim), dtype=np.float32) * np.float32(spread / math.sqrt(rank * dim))
         x = rng.standard_normal((len(rows), rank), dtype=np.float32) @ basis  # (m, dim)
         x += centres[c]
@@ -60,8 +61,9 @@ def clustered_features(n: int, dim: int = 256, clusters: int = 256, rank: int = 
     return out, component
 
 
-def synthetic_labels(component: np.ndarray, values: int = 40, noise: float = 0.2, seed: int = 0
-                     ) -> tuple[list[frozenset[str]], list[frozenset[str]], list[str]]:
+def synthetic_labels(
+    component: np.ndarray, values: int = 40, noise: float = 0.2, seed: int = 0
+) -> tuple[list[frozenset[str]], list[frozenset[str]], list[str]]:
     """Weak labels, previous predictions and categories for rows of the given components.
 
     Each component has a true value (and a quarter of them a second one: multi-value labels); a row's label is its
@@ -79,25 +81,42 @@ def synthetic_labels(component: np.ndarray, values: int = 40, noise: float = 0.2
     def noisy(rate: float) -> list[frozenset[str]]:
         wrong = rng.random(n) < rate
         pick = rng.integers(0, values, n)
-        return [singles[p] if w else true_sets[c] for c, w, p in zip(component.tolist(), wrong.tolist(),
-                                                                      pick.tolist())]
+        return [singles[p] if w else true_sets[c] for c, w, p in zip(component.tolist(), wrong.tolist(), pick.tolist())]
 
     categories = [f"category{c % 16}" for c in range(16)]
     return noisy(noise), noisy(noise / 2), [categories[c % 16] for c in component.tolist()]
 
 
-def s3_weights(features: np.ndarray, labels: Sequence[frozenset[str]], predictions: Sequence[frozenset[str]],
-               categories: Sequence[str], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def s3_weights(
+    features: np.ndarray,
+    labels: Sequence[frozenset[str]],
+    predictions: Sequence[frozenset[str]],
+    categories: Sequence[str],
+    k: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """S3's weights (N,) for one attribute as training computes them with the default schemes (overlap matching,
     soft chance correction, both levels, rescaled to mean 1), and the (N, k) visual neighbours."""
-    from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement,
-                                            expected_prediction_agreement, knn_indices, neighbour_agreement,
-                                            prediction_reliability, rescale_to_mean_one)
+    from pv2tea.regularize.neighbors import (
+        chance_corrected,
+        combine,
+        expected_agreement,
+        expected_prediction_agreement,
+        knn_indices,
+        neighbour_agreement,
+        prediction_reliability,
+        rescale_to_mean_one,
+    )
+
     neighbours = knn_indices(features, k, seed=seed)
-    s_v = chance_corrected(neighbour_agreement(labels, neighbours, "overlap"),
-                           expected_agreement(labels, categories, "overlap"), "soft")
-    s_p = chance_corrected(prediction_reliability(labels, predictions, "overlap"),
-                           expected_prediction_agreement(labels, predictions, "overlap"), "soft")
+    s_v = chance_corrected(
+        neighbour_agreement(labels, neighbours, "overlap"), expected_agreement(labels, categories, "overlap"), "soft"
+    )
+    s_p = chance_corrected(
+        prediction_reliability(labels, predictions, "overlap"),
+        expected_prediction_agreement(labels, predictions, "overlap"),
+        "soft",
+    )
     return rescale_to_mean_one(combine(s_v, s_p)), neighbours
 
 
@@ -105,12 +124,13 @@ def measure(n: int, k: int = 10, dim: int = 256, recall_sample: int = 1000, seed
     """One N in this process: wall and CPU seconds of S3's weights, peak RSS (GiB, data included) and recall@k
     against exact search on ``recall_sample`` rows."""
     from pv2tea.regularize.neighbors import exact_knn_rows
+
     features, component = clustered_features(n, dim, seed=seed)
     labels, predictions, categories = synthetic_labels(component, seed=seed)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     weights, neighbours = s3_weights(features, labels, predictions, categories, k, seed)
     seconds, cpu_seconds = time.perf_counter() - wall0, time.process_time() - cpu0
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     if not np.all(np.isfinite(weights)):
         raise RuntimeError("non-finite S3 weights")
     rows = np.sort(np.random.default_rng(seed + 7).choice(n, size=min(n, recall_sample), replace=False))
@@ -122,8 +142,16 @@ def measure(n: int, k: int = 10, dim: int = 256, recall_sample: int = 1000, seed
 
 def measure_in_subprocess(n: int, cfg: NeighborBenchConfig) -> dict[str, float]:
     """:func:`measure` in a fresh Python process, so its peak memory is not the parent's or an earlier N's."""
-    cmd = [sys.executable, "-m", "pv2tea.bench.neighbors", str(n), str(cfg.k), str(cfg.dim),
-           str(cfg.recall_sample), str(cfg.seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pv2tea.bench.neighbors",
+        str(n),
+        str(cfg.k),
+        str(cfg.dim),
+        str(cfg.recall_sample),
+        str(cfg.seed),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench neighbors at N={n} failed:\n{done.stderr[-2000:]}")
@@ -145,25 +173,35 @@ def run_neighbor_bench(cfg: NeighborBenchConfig, log: Callable[[str], None] = pr
     for n in cfg.sizes:
         runs = [measure_in_subprocess(n, cfg) for _ in range(cfg.repeats)]
         best = min(runs, key=lambda r: r["seconds"])
-        results[str(n)] = {"seconds": round(best["seconds"], 3), "cpu_seconds": round(best["cpu_seconds"], 3),
-                           "peak_gib": round(max(r["peak_gib"] for r in runs), 3), "recall": round(best["recall"], 4)}
+        results[str(n)] = {
+            "seconds": round(best["seconds"], 3),
+            "cpu_seconds": round(best["cpu_seconds"], 3),
+            "peak_gib": round(max(r["peak_gib"] for r in runs), 3),
+            "recall": round(best["recall"], 4),
+        }
         log(f"N={n}: {results[str(n)]}")
     sizes = [int(n) for n in results]
     exponent = growth_exponent(sizes, [results[str(n)]["seconds"] for n in sizes])
     cpu_exponent = growth_exponent(sizes, [results[str(n)]["cpu_seconds"] for n in sizes])
-    return {"neighbors": results, "exponent": None if exponent is None else round(exponent, 3),
-            "cpu_exponent": None if cpu_exponent is None else round(cpu_exponent, 3)}
+    return {
+        "neighbors": results,
+        "exponent": None if exponent is None else round(exponent, 3),
+        "cpu_exponent": None if cpu_exponent is None else round(cpu_exponent, 3),
+    }
 
 
 def format_table(result: dict) -> str:
     """The figures as a Markdown table."""
     lines = ["| N | seconds | CPU seconds | peak RSS (GiB) | recall@K |", "|---:|---:|---:|---:|---:|"]
     for n, r in result["neighbors"].items():
-        lines.append(f"| {int(n):,} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} "
-                     f"| {r['recall']:.3f} |")
+        lines.append(
+            f"| {int(n):,} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} | {r['recall']:.3f} |"
+        )
     if result["exponent"] is not None:
-        lines.append(f"\nfitted growth exponent (log seconds on log N): {result['exponent']:.2f} wall, "
-                     f"{result['cpu_exponent']:.2f} CPU")
+        lines.append(
+            f"\nfitted growth exponent (log seconds on log N): {result['exponent']:.2f} wall, "
+            f"{result['cpu_exponent']:.2f} CPU"
+        )
     else:
         lines.append("\n(one size: no growth exponent)")
     return "\n".join(lines)

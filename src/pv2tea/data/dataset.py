@@ -6,8 +6,9 @@ training, batch prediction and serving, and is saved with every checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import timm.data
 import torch
@@ -79,21 +80,28 @@ class Preprocessor:
 
     def tokenize_texts(self, texts: Sequence[str]):
         """Product texts (already cropped) → padded input_ids/attention_mask."""
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.text.max_tokens,
-                              return_tensors="pt")
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.cfg.text.max_tokens, return_tensors="pt"
+        )
 
     def image_tensor(self, record: Record, position: int = 0) -> torch.Tensor | None:
         if not self.cfg.vision.enabled or len(record.images) <= position:
             return None
         return self.transform(load_rgb(record.images[position]))
 
-    def collate(self, records: Sequence[Record], pair_ids: Sequence[int], indices: Sequence[int],
-                with_answers: bool) -> Batch:
+    def collate(
+        self, records: Sequence[Record], pair_ids: Sequence[int], indices: Sequence[int], with_answers: bool
+    ) -> Batch:
         tok = self.tokenizer
         cropped = [self.crop(r.text) for r in records]
         texts = self.tokenize_texts(cropped)
-        questions = tok([self.question(r.attribute, r.category) for r in records], padding=True, truncation=True,
-                        max_length=self.cfg.fusion.max_question_tokens, return_tensors="pt")
+        questions = tok(
+            [self.question(r.attribute, r.category) for r in records],
+            padding=True,
+            truncation=True,
+            max_length=self.cfg.fusion.max_question_tokens,
+            return_tensors="pt",
+        )
         extra = self.cfg.vision.max_images - 1
         vision = self.cfg.vision.enabled
         cached_images = vision and self.cache is not None and self.cache.has_images(records, extra + 1)
@@ -105,26 +113,37 @@ class Preprocessor:
             images = torch.stack([t if t is not None else torch.zeros(3, h, w) for t in tensors])  # (B, 3, H, W)
             has_image = torch.tensor([t is not None for t in tensors])
         batch = Batch(
-            images=images, has_image=has_image,
-            text_ids=texts["input_ids"], text_mask=texts["attention_mask"],
-            question_ids=questions["input_ids"], question_mask=questions["attention_mask"],
+            images=images,
+            has_image=has_image,
+            text_ids=texts["input_ids"],
+            text_mask=texts["attention_mask"],
+            question_ids=questions["input_ids"],
+            question_mask=questions["attention_mask"],
             category=torch.tensor([self.category_index.get(r.category, -1) for r in records]),
-            pair_id=torch.tensor(list(pair_ids)), index=torch.tensor(list(indices)),
-            multi_value=torch.tensor([self.multi_value.get(r.attribute, False) for r in records]))
+            pair_id=torch.tensor(list(pair_ids)),
+            index=torch.tensor(list(indices)),
+            multi_value=torch.tensor([self.multi_value.get(r.attribute, False) for r in records]),
+        )
         if self.cache is not None and self.cache.has_texts(cropped):
             batch.text_hidden = self.cache.text_states(cropped, batch.text_mask)
         if cached_images:
             batch.image_feats = self.cache.image_tokens([r.images[0] if r.images else None for r in records])
             if extra > 0 and any(len(r.images) > 1 for r in records):
                 batch.extra_mask = torch.tensor([[len(r.images) > k for k in range(1, extra + 1)] for r in records])
-                batch.extra_feats = torch.stack([self.cache.image_tokens(
-                    [r.images[k] if len(r.images) > k else None for k in range(1, extra + 1)])
-                    for r in records])  # (B, K-1, N, C)
+                batch.extra_feats = torch.stack(
+                    [
+                        self.cache.image_tokens(
+                            [r.images[k] if len(r.images) > k else None for k in range(1, extra + 1)]
+                        )
+                        for r in records
+                    ]
+                )  # (B, K-1, N, C)
         elif extra > 0 and vision and any(len(r.images) > 1 for r in records):
             slots = [[self.image_tensor(r, k) for k in range(1, extra + 1)] for r in records]
             batch.extra_mask = torch.tensor([[t is not None for t in row] for row in slots])  # (B, K-1)
-            batch.extra_images = torch.stack([torch.stack([t if t is not None else torch.zeros(3, h, w)
-                                                           for t in row]) for row in slots])  # (B, K-1, 3, H, W)
+            batch.extra_images = torch.stack(
+                [torch.stack([t if t is not None else torch.zeros(3, h, w) for t in row]) for row in slots]
+            )  # (B, K-1, 3, H, W)
         if self.values:
             batch.attribute_id = torch.tensor([self.attribute_index.get(r.attribute, -1) for r in records])
         if with_answers and self.values:
@@ -137,9 +156,13 @@ class Preprocessor:
             batch.value_targets = targets
         if with_answers:
             order = self.cfg.decoder.value_order == "text"
-            answers = tok([answer_text(r.label, self.cfg.decoder.value_delimiter, r.text if order else None)
-                           for r in records], padding=True,
-                          truncation=True, max_length=self.cfg.decoder.max_answer_tokens, return_tensors="pt")
+            answers = tok(
+                [answer_text(r.label, self.cfg.decoder.value_delimiter, r.text if order else None) for r in records],
+                padding=True,
+                truncation=True,
+                max_length=self.cfg.decoder.max_answer_tokens,
+                return_tensors="pt",
+            )
             batch.answer_ids, batch.answer_mask = answers["input_ids"], answers["attention_mask"]
         return batch
 
@@ -193,9 +216,10 @@ class RecordDataset(Dataset):
 
 def make_collate(pre: Preprocessor, dataset: RecordDataset, with_answers: bool):
     """Batch of dataset rows by index; ``texts`` replaces the text of some rows (index → text)."""
+
     def collate(indices: list[int], texts: Mapping[int, str] | None = None) -> Batch:
         texts = texts or {}
-        records = [replace(dataset.records[i], text=texts[i]) if i in texts else dataset.records[i]
-                   for i in indices]
+        records = [replace(dataset.records[i], text=texts[i]) if i in texts else dataset.records[i] for i in indices]
         return pre.collate(records, [dataset.pair_ids[i] for i in indices], indices, with_answers)
+
     return collate

@@ -66,9 +66,7 @@ def check_image(path: str | PathLike[str]) -> str | None:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert to RGB, compositing any transparency onto white."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if not has_alpha:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
@@ -89,6 +87,4 @@ def load_rgb(path: str | PathLike[str]) -> Image.Image:
         except FileNotFoundError as exc:
             raise ImageLoadError(f"image '{path}' does not exist") from exc
         except Exception as exc:  # PIL signals bad data with many exception types
-            raise ImageLoadError(
-                f"cannot load image '{path}': {type(exc).__name__}: {exc}"
-            ) from exc
+            raise ImageLoadError(f"cannot load image '{path}': {type(exc).__name__}: {exc}") from exc

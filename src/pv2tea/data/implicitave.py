@@ -57,9 +57,24 @@ TRAINING_SPLITS: dict[str, str] = {"train.tsv": "train_text", "val.tsv": "val_te
 # Section names that open a part of a product text, e.g. "[Title] ..."; stripped from texts.
 # Bracketed words that are not section names ("[Set of 4]", "[Apparel]") belong to the text.
 _SECTION_NAMES = (
-    "title", "description", "product description", "bullet", "bullets", "bullet point",
-    "bullet points", "feature", "features", "feature bullets", "about this item", "brand",
-    "category", "details", "product details", "specification", "specifications", "overview",
+    "title",
+    "description",
+    "product description",
+    "bullet",
+    "bullets",
+    "bullet point",
+    "bullet points",
+    "feature",
+    "features",
+    "feature bullets",
+    "about this item",
+    "brand",
+    "category",
+    "details",
+    "product details",
+    "specification",
+    "specifications",
+    "overview",
 )
 _SECTION_MARKER = re.compile(
     r"\[\s*(?:" + "|".join(re.escape(name).replace(r"\ ", r"\s+") for name in _SECTION_NAMES) + r")\s*\]",
@@ -208,9 +223,7 @@ class _Split:
     spanning: int = 0  # rows with a tab or newline inside a cell: a sign of unbalanced quotes
 
 
-def _convert(
-    path: Path, ids: _Ids, image_dir: Path | None, image_exists: dict[Path, bool]
-) -> _Split:
+def _convert(path: Path, ids: _Ids, image_dir: Path | None, image_exists: dict[Path, bool]) -> _Split:
     """Convert one TSV; with ``image_dir`` rows are evaluation rows (image, gold, source)."""
     frame = read_tsv(path)
     split = _Split(source=path, n_input=len(frame))
@@ -227,8 +240,12 @@ def _convert(
             split.errors.append(RowError(str(path), row, empty, f"'{empty}' is empty"))
             continue
         value = values["attribute_values"]
-        record: dict[str, Any] = {"text": values["texts"], "images": [], "category": values["category"],
-                                  "attribute": values["attribute_names"]}
+        record: dict[str, Any] = {
+            "text": values["texts"],
+            "images": [],
+            "category": values["category"],
+            "attribute": values["attribute_names"],
+        }
         if image_dir is None:
             record["label"] = [value]
         else:
@@ -394,7 +411,8 @@ def _write_domain(
     entry["duplicate_ids"] = {split: c.duplicates for split, c in splits.items() if c.duplicates}
     notes += [
         f"{c.spanning} row(s) of {c.source} hold a tab or newline inside a cell (unbalanced quotes?)"
-        for c in splits.values() if c.spanning
+        for c in splits.values()
+        if c.spanning
     ]
     skipped = [_skip_entry(e) for c in splits.values() for e in c.errors]
     entry["n_skipped"] = len(skipped)

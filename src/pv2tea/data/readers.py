@@ -55,9 +55,7 @@ def _suffix(path: Path) -> str:
     """Return the lower-cased suffix of ``path``, or raise if no format handles it."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise ValueError(
-            f"unsupported dataset file '{path}': expected one of {', '.join(SUPPORTED_SUFFIXES)}"
-        )
+        raise ValueError(f"unsupported dataset file '{path}': expected one of {', '.join(SUPPORTED_SUFFIXES)}")
     return suffix
 
 
@@ -120,10 +118,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         # Cells beyond the header land under the key None; short rows give None values.
-        return [
-            _parse_cells({key: value for key, value in row.items() if key is not None})
-            for row in reader
-        ]
+        return [_parse_cells({key: value for key, value in row.items() if key is not None}) for row in reader]
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -203,9 +198,7 @@ def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(FIELDS))
         writer.writeheader()
         for row in rows:
-            cells = {
-                name: "" if value is None else value for name, value in row.items()
-            }
+            cells = {name: "" if value is None else value for name, value in row.items()}
             for name in LIST_FIELDS:
                 if row[name] is not None:
                     cells[name] = json.dumps(row[name], ensure_ascii=False)
@@ -216,9 +209,7 @@ def _write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(list(rows), schema=_PARQUET_SCHEMA), path)
 
 
-def write_records(
-    records: Sequence[Record] | Sequence[Mapping[str, Any]], path: str | PathLike[str]
-) -> Path:
+def write_records(records: Sequence[Record] | Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> Path:
     """Write records (or record-like dicts) to ``path``; the format follows the extension.
 
     Parent directories are created. Returns the written path.

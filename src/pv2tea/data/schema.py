@@ -27,9 +27,7 @@ __all__ = [
 ]
 
 # Every column of a dataset file, in the order writers emit them.
-FIELDS: tuple[str, ...] = (
-    "id", "text", "images", "category", "attribute", "label", "gold", "source", "label_weight"
-)
+FIELDS: tuple[str, ...] = ("id", "text", "images", "category", "attribute", "label", "gold", "source", "label_weight")
 # Columns that must be present in every row.
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "text", "category", "attribute", "label")
 # Columns holding a list of strings.

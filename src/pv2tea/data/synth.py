@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -107,47 +107,55 @@ _STYLES: dict[str, _CategoryStyle] = {
         ("white", "black", "blue"),
         ("solid", "polka dot"),
         ("Coffee Mug", "Ceramic Mug", "Tea Mug"),
-        ("Dishwasher and microwave safe", "Holds 12 oz of coffee or tea",
-         "Comfortable C-shaped handle", "Lead-free ceramic"),
+        (
+            "Dishwasher and microwave safe",
+            "Holds 12 oz of coffee or tea",
+            "Comfortable C-shaped handle",
+            "Lead-free ceramic",
+        ),
         "kitchen",
     ),
     "t-shirt": _CategoryStyle(
         ("black", "white", "red"),
         ("solid", "striped"),
         ("T-Shirt", "Crew Neck Tee", "Cotton Tee Shirt"),
-        ("100% combed cotton", "Machine wash cold, tumble dry low",
-         "Classic crew neck fit", "Tagless for all-day comfort"),
+        (
+            "100% combed cotton",
+            "Machine wash cold, tumble dry low",
+            "Classic crew neck fit",
+            "Tagless for all-day comfort",
+        ),
         "wardrobe",
     ),
     "pillow": _CategoryStyle(
         ("yellow", "pink", "purple"),
         ("checkered", "polka dot"),
         ("Throw Pillow", "Cushion Cover", "Decorative Pillow"),
-        ("Hidden zipper closure", "18 x 18 inch insert included",
-         "Soft polyester fill", "Spot clean only"),
+        ("Hidden zipper closure", "18 x 18 inch insert included", "Soft polyester fill", "Spot clean only"),
         "living room",
     ),
     "vase": _CategoryStyle(
         ("blue", "green", "white"),
         ("solid", "striped"),
         ("Flower Vase", "Ceramic Vase", "Bud Vase"),
-        ("Watertight glazed interior", "Stands 10 inches tall",
-         "Perfect for fresh or dried flowers", "Handmade by artisans"),
+        (
+            "Watertight glazed interior",
+            "Stands 10 inches tall",
+            "Perfect for fresh or dried flowers",
+            "Handmade by artisans",
+        ),
         "shelf",
     ),
     "rug": _CategoryStyle(
         ("brown", "red", "orange"),
         ("striped", "checkered"),
         ("Area Rug", "Runner Rug", "Entry Rug"),
-        ("Non-slip backing", "Low pile, easy to vacuum",
-         "Measures 5 x 7 feet", "Fade-resistant fibers"),
+        ("Non-slip backing", "Low pile, easy to vacuum", "Measures 5 x 7 feet", "Fade-resistant fibers"),
         "hallway",
     ),
 }
 
-_BRANDS = (
-    "Homely", "Urbano", "Cozy Nest", "Nordic Lane", "Sunhaus", "Pinecrest", "Everyday Basics"
-)
+_BRANDS = ("Homely", "Urbano", "Cozy Nest", "Nordic Lane", "Sunhaus", "Pinecrest", "Everyday Basics")
 _OCCASIONS = ("birthdays", "housewarmings", "the holidays", "a new home")
 _DESCRIPTIONS = (
     "A thoughtful gift for {occasion}.",
@@ -201,7 +209,7 @@ def default_priors() -> dict[str, dict[str, str]]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _value_pattern(value: str) -> re.Pattern[str]:
     """Case-insensitive whole-word matcher of ``value`` (spaces also match hyphens)."""
     words = r"[\s\-]+".join(re.escape(word) for word in value.split())
@@ -277,9 +285,7 @@ def _weighted_sample(rng: random.Random, weights: Mapping[str, float], k: int) -
     return chosen
 
 
-def _value_weights(
-    values: Sequence[str], favored: Sequence[str], boosts: Sequence[float]
-) -> dict[str, float]:
+def _value_weights(values: Sequence[str], favored: Sequence[str], boosts: Sequence[float]) -> dict[str, float]:
     """Sampling weight 1 for every value, ``boosts`` for the ``favored`` ones."""
     weights = dict.fromkeys(values, 1.0)
     weights.update(zip(favored, boosts))
@@ -349,9 +355,7 @@ def _compose_text(category: str, colors: Sequence[str], pattern: str, rng: rando
     title = " ".join([rng.choice(_BRANDS), *parts.title_terms, noun])
     if parts.title_tail:
         title += " - " + ", ".join(parts.title_tail)
-    description = rng.choice(_DESCRIPTIONS).format(
-        occasion=rng.choice(_OCCASIONS), room=style.room, noun=noun.lower()
-    )
+    description = rng.choice(_DESCRIPTIONS).format(occasion=rng.choice(_OCCASIONS), room=style.room, noun=noun.lower())
     bullets = [f"- {bullet}" for bullet in parts.bullets]
     return "\n".join([title, *bullets, " ".join([description, *parts.sentences])])
 
@@ -378,12 +382,29 @@ def _polygon(box: Box, points: Sequence[Point]) -> list[Point]:
 
 # Silhouette outlines in unit-square coordinates.
 _TSHIRT = (
-    (0.30, 0.05), (0.40, 0.05), (0.50, 0.14), (0.60, 0.05), (0.70, 0.05), (1.0, 0.27), (0.88, 0.44),
-    (0.78, 0.37), (0.78, 1.0), (0.22, 1.0), (0.22, 0.37), (0.12, 0.44), (0.0, 0.27),
+    (0.30, 0.05),
+    (0.40, 0.05),
+    (0.50, 0.14),
+    (0.60, 0.05),
+    (0.70, 0.05),
+    (1.0, 0.27),
+    (0.88, 0.44),
+    (0.78, 0.37),
+    (0.78, 1.0),
+    (0.22, 1.0),
+    (0.22, 0.37),
+    (0.12, 0.44),
+    (0.0, 0.27),
 )
 _PILLOW = (
-    (0.0, 0.08), (0.5, 0.18), (1.0, 0.08), (0.9, 0.5),
-    (1.0, 0.92), (0.5, 0.82), (0.0, 0.92), (0.1, 0.5),
+    (0.0, 0.08),
+    (0.5, 0.18),
+    (1.0, 0.08),
+    (0.9, 0.5),
+    (1.0, 0.92),
+    (0.5, 0.82),
+    (0.0, 0.92),
+    (0.1, 0.5),
 )
 _VASE_RIGHT = ((0.62, 0.0), (0.57, 0.07), (0.57, 0.25), (0.86, 0.5), (0.84, 0.72), (0.70, 1.0))
 _VASE = _VASE_RIGHT + tuple((1.0 - u, v) for u, v in reversed(_VASE_RIGHT))
@@ -419,8 +440,7 @@ def _shade(color: RGB) -> RGB:
     luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
     red, green, blue = color
     if luminance < 70:
-        return (round(red + 0.4 * (255 - red)), round(green + 0.4 * (255 - green)),
-                round(blue + 0.4 * (255 - blue)))
+        return (round(red + 0.4 * (255 - red)), round(green + 0.4 * (255 - green)), round(blue + 0.4 * (255 - blue)))
     factor = 0.8 if luminance > 200 else 0.65  # keep marks on white / yellow light
     return (round(factor * red), round(factor * green), round(factor * blue))
 
@@ -544,8 +564,7 @@ def _split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
     valid = len(fractions) == len(SPLIT_NAMES) and all(f >= 0 for f in fractions)
     if not valid or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(
-            f"splits must be {len(SPLIT_NAMES)} non-negative fractions summing to 1, "
-            f"got {tuple(fractions)}"
+            f"splits must be {len(SPLIT_NAMES)} non-negative fractions summing to 1, got {tuple(fractions)}"
         )
     sizes = [round(n * f) for f in fractions[:-1]]
     sizes[-1] = min(sizes[-1], n - sum(sizes[:-1]))
@@ -591,7 +610,7 @@ def make_catalog(
     split_counts: dict[str, dict[str, int]] = {}
     start = 0
     for name, size in zip(SPLIT_NAMES, sizes):
-        chosen = sorted(order[start:start + size])
+        chosen = sorted(order[start : start + size])
         start += size
         rows = [record for index in chosen for record in per_product[index]]
         paths[name] = write_records(rows, root / f"{name}.jsonl")

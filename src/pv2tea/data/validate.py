@@ -230,13 +230,18 @@ def unknown_field_warnings(rows: Sequence[Mapping[str, Any]], path: str | PathLi
                 continue
             first.setdefault(name, row)
             count[name] = count.get(name, 0) + 1
-    return [f"{path}: field '{name}' is not part of the schema and is ignored (row {first[name]}"
-            f"{f' and {count[name] - 1} more' if count[name] > 1 else ''}); known fields: {', '.join(FIELDS)}"
-            for name in sorted(first, key=first.__getitem__)]
+    return [
+        f"{path}: field '{name}' is not part of the schema and is ignored (row {first[name]}"
+        f"{f' and {count[name] - 1} more' if count[name] > 1 else ''}); known fields: {', '.join(FIELDS)}"
+        for name in sorted(first, key=first.__getitem__)
+    ]
 
 
 def validate_file(
-    path: str | PathLike[str], *, check_images: bool = True, require_label: bool = True,
+    path: str | PathLike[str],
+    *,
+    check_images: bool = True,
+    require_label: bool = True,
     warnings: list[str] | None = None,
 ) -> list[RowError]:
     """Every problem in the dataset file at ``path``, in row order (empty if valid).

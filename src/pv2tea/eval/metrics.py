@@ -142,8 +142,7 @@ def _judge(example: Example, canon: Mapping[str, str]) -> _Judged:
     gold, pred = _value_set(example.gold, canon), _value_set(example.pred, canon)
     if not gold:
         raise ValueError(
-            f"gold values {example.gold!r} of attribute {example.attribute!r} are all empty "
-            "after normalization"
+            f"gold values {example.gold!r} of attribute {example.attribute!r} are all empty after normalization"
         )
     return _Judged(
         groups=frozenset((example.attribute, g) for g in gold),
@@ -194,8 +193,9 @@ def score(examples: Iterable[Example], synonyms: Mapping[str, str] | None = None
 DEPARTURE_COUNTS: tuple[str, ...] = ("n", "changed", "fixed", "broke", "neither", "both", "either_correct")
 
 
-def departures(examples: Sequence[Example], reference: Sequence[Sequence[str]],
-               synonyms: Mapping[str, str] | None = None) -> dict[str, int | float | None]:
+def departures(
+    examples: Sequence[Example], reference: Sequence[Sequence[str]], synonyms: Mapping[str, str] | None = None
+) -> dict[str, int | float | None]:
     """Where a model's answers depart from a reference's, one reference answer per example (e.g. the weak
     labels the model was trained on, which are the text extractor's answers).
 
@@ -223,8 +223,9 @@ def departures(examples: Sequence[Example], reference: Sequence[Sequence[str]],
     return _departure_rates(counts)
 
 
-def confidence_reliability(confidences: Sequence[float], correct: Sequence[bool],
-                           edges: Sequence[float] = (0.5, 0.7, 0.9, 0.95)) -> dict[str, Any]:
+def confidence_reliability(
+    confidences: Sequence[float], correct: Sequence[bool], edges: Sequence[float] = (0.5, 0.7, 0.9, 0.95)
+) -> dict[str, Any]:
     """How well a labeller's confidence tells its right answers from its wrong ones.
 
     ``auc``: ROC AUC of the confidence for "the answer is right" (0.5: no better than chance; None when every
@@ -239,8 +240,14 @@ def confidence_reliability(confidences: Sequence[float], correct: Sequence[bool]
     bins = []
     for low, high in zip(bounds, bounds[1:]):
         inside = [ok for c, ok in zip(confidences, correct) if low <= c < high or (high == 1.0 and c == 1.0)]
-        bins.append({"low": low, "high": high, "n": len(inside),
-                     "accuracy": 100.0 * sum(inside) / len(inside) if inside else None})
+        bins.append(
+            {
+                "low": low,
+                "high": high,
+                "n": len(inside),
+                "accuracy": 100.0 * sum(inside) / len(inside) if inside else None,
+            }
+        )
     auc = float(roc_auc_score(list(correct), list(confidences))) if 0 < sum(correct) < len(correct) else None
     return {"auc": auc, "bins": bins}
 
@@ -256,9 +263,12 @@ def merge_departures(blocks: Iterable[Mapping[str, Any]]) -> dict[str, int | flo
 
 def _departure_rates(counts: dict[str, int]) -> dict[str, int | float | None]:
     changed, n = counts["changed"], counts["n"]
-    return {**counts, "net": counts["fixed"] - counts["broke"],
-            "fix_rate": 100.0 * counts["fixed"] / changed if changed else None,
-            "either": 100.0 * counts["either_correct"] / n if n else None}
+    return {
+        **counts,
+        "net": counts["fixed"] - counts["broke"],
+        "fix_rate": 100.0 * counts["fixed"] / changed if changed else None,
+        "either": 100.0 * counts["either_correct"] / n if n else None,
+    }
 
 
 def _gap(text: Scores, image: Scores) -> dict[str, float | None]:
@@ -280,9 +290,7 @@ def _section(judged: Sequence[_Judged]) -> dict[str, Any]:
     }
 
 
-def source_aware_report(
-    examples: Iterable[Example], synonyms: Mapping[str, str] | None = None
-) -> dict[str, Any]:
+def source_aware_report(examples: Iterable[Example], synonyms: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Fine-grained source-aware evaluation (paper Tables 3 and 8), as a JSON-ready dict.
 
     Layout (keys always present; attributes sorted by name)::
@@ -300,7 +308,5 @@ def source_aware_report(
     attributes = sorted({j.attribute for j in judged})
     return {
         **_section(judged),
-        "by_attribute": {
-            a: _section([j for j in judged if j.attribute == a]) for a in attributes
-        },
+        "by_attribute": {a: _section([j for j in judged if j.attribute == a]) for a in attributes},
     }

@@ -99,9 +99,7 @@ def mention_position(value: str, text: str) -> int | None:
     return None if at < 0 else at
 
 
-def normalize_values(
-    values: Iterable[str], synonyms: Mapping[str, str] | None = None
-) -> frozenset[str]:
+def normalize_values(values: Iterable[str], synonyms: Mapping[str, str] | None = None) -> frozenset[str]:
     """Normalize several values into a set, dropping those that normalize to ``""``."""
     canon = canonical_synonyms(synonyms)
     return frozenset(v for v in (normalize_with(value, canon) for value in values) if v)
@@ -161,8 +159,7 @@ def load_synonyms(path: str | PathLike[str]) -> dict[str, str]:
         return {}
     if not isinstance(data, dict):
         raise SynonymFileError(
-            f"{file}: expected a mapping of variant -> canonical or canonical -> [variants], "
-            f"got {type(data).__name__}"
+            f"{file}: expected a mapping of variant -> canonical or canonical -> [variants], got {type(data).__name__}"
         )
     pairs: list[tuple[str, str]] = []
     for key, entry in data.items():
@@ -173,16 +170,12 @@ def load_synonyms(path: str | PathLike[str]) -> dict[str, str]:
         elif isinstance(entry, list) and all(isinstance(v, str) for v in entry):
             pairs.extend((variant, key) for variant in entry)
         else:
-            raise SynonymFileError(
-                f"{file}: value of {key!r} must be a string or a list of strings, "
-                f"got {entry!r}"
-            )
+            raise SynonymFileError(f"{file}: value of {key!r} must be a string or a list of strings, got {entry!r}")
     synonyms: dict[str, str] = {}
     for variant, canonical in pairs:
         if synonyms.get(variant, canonical) != canonical:
             raise SynonymFileError(
-                f"{file}: variant {variant!r} is mapped to both "
-                f"{synonyms[variant]!r} and {canonical!r}"
+                f"{file}: variant {variant!r} is mapped to both {synonyms[variant]!r} and {canonical!r}"
             )
         synonyms[variant] = canonical
     try:

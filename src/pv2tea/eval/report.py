@@ -73,9 +73,7 @@ def _cell(value: float | int | None) -> str:
 def _render(table: Table) -> str:
     """Render a rich table to plain text without colors or trailing spaces."""
     buffer = io.StringIO()
-    console = Console(
-        file=buffer, width=_RENDER_WIDTH, color_system=None, force_terminal=False, highlight=False
-    )
+    console = Console(file=buffer, width=_RENDER_WIDTH, color_system=None, force_terminal=False, highlight=False)
     console.print(table)
     lines = (line.rstrip() for line in buffer.getvalue().splitlines())
     return "\n".join(lines).strip("\n") + "\n"
@@ -83,9 +81,7 @@ def _render(table: Table) -> str:
 
 def _new_table(title: str) -> Table:
     """An empty table with the two row-label columns."""
-    table = Table(
-        title=title or None, box=box.SIMPLE_HEAD, show_edge=False, title_justify="left"
-    )
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, show_edge=False, title_justify="left")
     table.add_column("scope")
     table.add_column("subset")
     return table
@@ -109,15 +105,15 @@ def format_report_table(report: Mapping[str, Any], title: str = "") -> str:
     table.add_column("n", justify="right")
     rows = _report_rows(report)
     cells = [
-        [_cell(metrics.get(key)) for _, key in _METRIC_COLUMNS] + [_cell(metrics.get("n"))]
-        for metrics in rows.values()
+        [_cell(metrics.get(key)) for _, key in _METRIC_COLUMNS] + [_cell(metrics.get("n"))] for metrics in rows.values()
     ]
     _add_rows(table, list(rows), cells)
     return _render(table)
 
 
-def compare_table(reports: Mapping[str, Mapping[str, Any]], title: str = "",
-                  metrics: Sequence[str] = ("precision", "recall", "f1")) -> str:
+def compare_table(
+    reports: Mapping[str, Mapping[str, Any]], title: str = "", metrics: Sequence[str] = ("precision", "recall", "f1")
+) -> str:
     """Render several methods' reports side by side (``metrics`` per method: P, R, F1 by default).
 
     ``reports`` maps a method name (e.g. ``"weak text labels"``, ``"PV2TEA"``) to its
@@ -132,17 +128,10 @@ def compare_table(reports: Mapping[str, Mapping[str, Any]], title: str = "",
     method_rows = {method: _report_rows(report) for method, report in reports.items()}
     for method in method_rows:
         for metric in metrics:
-            table.add_column(
-                f"{method} {headers[metric]}", justify="right", max_width=_COMPARE_COLUMN_WIDTH
-            )
+            table.add_column(f"{method} {headers[metric]}", justify="right", max_width=_COMPARE_COLUMN_WIDTH)
     keys = list(dict.fromkeys(key for rows in method_rows.values() for key in rows))
     cells = [
-        [
-            _cell(rows.get(key, {}).get(metric))
-            for rows in method_rows.values()
-            for metric in metrics
-        ]
-        for key in keys
+        [_cell(rows.get(key, {}).get(metric)) for rows in method_rows.values() for metric in metrics] for key in keys
     ]
     _add_rows(table, keys, cells)
     return _render(table)

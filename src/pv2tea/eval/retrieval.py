@@ -34,15 +34,11 @@ __all__ = ["RECALL_KS", "retrieval_metrics"]
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 
 
-def _positive_mask(
-    n_img: int, n_txt: int, img_to_txt: Sequence[Collection[int]] | None
-) -> np.ndarray:
+def _positive_mask(n_img: int, n_txt: int, img_to_txt: Sequence[Collection[int]] | None) -> np.ndarray:
     """Boolean ``(n_img, n_txt)`` matrix of correct image-text pairs."""
     if img_to_txt is None:
         if n_img != n_txt:
-            raise ValueError(
-                f"sim_i2t has shape ({n_img}, {n_txt}); a non-square matrix needs img_to_txt"
-            )
+            raise ValueError(f"sim_i2t has shape ({n_img}, {n_txt}); a non-square matrix needs img_to_txt")
         return np.eye(n_img, dtype=bool)
     if len(img_to_txt) != n_img:
         raise ValueError(f"img_to_txt has {len(img_to_txt)} entries for {n_img} images")
@@ -67,9 +63,7 @@ def _recalls(sim: np.ndarray, positive: np.ndarray) -> list[float]:
     return [100.0 * float(np.mean(ranks < min(k, n_candidates))) for k in RECALL_KS]
 
 
-def retrieval_metrics(
-    sim_i2t: np.ndarray, img_to_txt: Sequence[Collection[int]] | None = None
-) -> dict[str, float]:
+def retrieval_metrics(sim_i2t: np.ndarray, img_to_txt: Sequence[Collection[int]] | None = None) -> dict[str, float]:
     """Image->text and text->image recall@1/5/10 and their rank averages, in percent.
 
     Args:

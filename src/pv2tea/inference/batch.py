@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -56,11 +57,22 @@ def _read_partial(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def predict_to_file(predictor: Predictor, records: Sequence[Record], out: str | Path, *, batch_size: int = 32,
-                    num_beams: int | None = None, candidates: Mapping | None = None, keep_grounded: bool = False,
-                    chunk_size: int = 4096, resume: bool = False, progress: bool = True,
-                    extractor: TextExtractor | None = None, extractor_weight: float = 1.0,
-                    calibration: Calibration | None = None) -> BatchResult:
+def predict_to_file(
+    predictor: Predictor,
+    records: Sequence[Record],
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    num_beams: int | None = None,
+    candidates: Mapping | None = None,
+    keep_grounded: bool = False,
+    chunk_size: int = 4096,
+    resume: bool = False,
+    progress: bool = True,
+    extractor: TextExtractor | None = None,
+    extractor_weight: float = 1.0,
+    calibration: Calibration | None = None,
+) -> BatchResult:
     """Predict every record into ``out`` (JSON Lines, rows of :func:`prediction_rows`), chunk by chunk.
 
     With ``extractor`` (and ``candidates``) each chunk's candidate ranking is fused with the extractor's class
@@ -77,25 +89,40 @@ def predict_to_file(predictor: Predictor, records: Sequence[Record], out: str | 
     done: dict[str, dict[str, Any]] = {}
     if partial.exists():
         if not resume:
-            raise ValueError(f"{partial} holds the predictions of an interrupted run; pass --resume to continue "
-                             f"it, or delete it to start over")
+            raise ValueError(
+                f"{partial} holds the predictions of an interrupted run; pass --resume to continue "
+                f"it, or delete it to start over"
+            )
         done = _read_partial(partial)
         ids = {r.id for r in records}
         stale = [i for i in done if i not in ids]
         if stale:
-            raise ValueError(f"{partial} was written for other input: it holds id '{stale[0]}'"
-                             f"{f' and {len(stale) - 1} more' if len(stale) > 1 else ''} that the data does not; "
-                             f"delete it to start over")
+            raise ValueError(
+                f"{partial} was written for other input: it holds id '{stale[0]}'"
+                f"{f' and {len(stale) - 1} more' if len(stale) > 1 else ''} that the data does not; "
+                f"delete it to start over"
+            )
     todo = [r for r in records if r.id not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = sum(bool(row.get("kept_label")) for row in done.values())
-    with open(partial, "a") as f, tqdm(total=len(records), initial=len(records) - len(todo), desc="predict",
-                                       unit="row", disable=not progress) as bar:
+    with (
+        open(partial, "a") as f,
+        tqdm(
+            total=len(records), initial=len(records) - len(todo), desc="predict", unit="row", disable=not progress
+        ) as bar,
+    ):
         for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
+            chunk = todo[start : start + chunk_size]
             priors = extractor.value_probabilities(chunk) if extractor is not None else None
-            preds = predictor.predict(chunk, batch_size, num_beams, candidates=candidates, priors=priors,
-                                      prior_weight=extractor_weight, calibration=calibration)
+            preds = predictor.predict(
+                chunk,
+                batch_size,
+                num_beams,
+                candidates=candidates,
+                priors=priors,
+                prior_weight=extractor_weight,
+                calibration=calibration,
+            )
             rows = prediction_rows(chunk, preds, keep_grounded)
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()

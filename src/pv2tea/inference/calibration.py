@@ -28,9 +28,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,10 @@ class ScoredRow:
     def __post_init__(self) -> None:
         n = len(self.candidates)
         if n == 0 or len(self.model) != n or len(self.extractor) != n:
-            raise ValueError(f"a scored row needs one model and one extractor score per candidate: {n} candidates, "
-                             f"{len(self.model)} model and {len(self.extractor)} extractor scores")
+            raise ValueError(
+                f"a scored row needs one model and one extractor score per candidate: {n} candidates, "
+                f"{len(self.model)} model and {len(self.extractor)} extractor scores"
+            )
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,14 @@ class Calibration:
         return (choice if choice is not None else self.pooled).model_weight
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": FORMAT_VERSION, **dict(self.meta),
-                "config": {"grid": list(self.config.grid), "z": self.config.z, "min_rows": self.config.min_rows},
-                "pooled": self.pooled.to_json(),
-                "attributes": {a: c.to_json() for a, c in sorted(self.attributes.items())}}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            **dict(self.meta),
+            "config": {"grid": list(self.config.grid), "z": self.config.z, "min_rows": self.config.min_rows},
+            "pooled": self.pooled.to_json(),
+            "attributes": {a: c.to_json() for a, c in sorted(self.attributes.items())},
+        }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -160,12 +167,14 @@ def choose(rows: Sequence[ScoredRow], config: CalibrationConfig, source: str = "
     fixed = int((best & ~base).sum())
     broke = int((base & ~best).sum())
     accepted = best_w > 0 and passes_guard(fixed, broke, config.z)
-    return Choice(best_w if accepted else 0.0, best_w, len(rows), int(base.sum()), int(best.sum()), fixed, broke,
-                  accepted, source)
+    return Choice(
+        best_w if accepted else 0.0, best_w, len(rows), int(base.sum()), int(best.sum()), fixed, broke, accepted, source
+    )
 
 
-def fit_calibration(rows: Sequence[ScoredRow], config: CalibrationConfig | None = None,
-                    meta: Mapping[str, Any] | None = None) -> Calibration:
+def fit_calibration(
+    rows: Sequence[ScoredRow], config: CalibrationConfig | None = None, meta: Mapping[str, Any] | None = None
+) -> Calibration:
     """Per-attribute guarded λ from a gold sample; small attributes take the pooled choice."""
     config = config or CalibrationConfig()
     if not rows:
@@ -180,9 +189,17 @@ def fit_calibration(rows: Sequence[ScoredRow], config: CalibrationConfig | None 
             attributes[attribute] = choose(group, config)
         else:  # too few rows to judge alone: the pooled λ, with this attribute's own counts under it
             base, fused = _correct(group, 0.0), _correct(group, pooled.model_weight)
-            attributes[attribute] = Choice(pooled.model_weight, pooled.model_weight, len(group), int(base.sum()),
-                                           int(fused.sum()), int((fused & ~base).sum()), int((base & ~fused).sum()),
-                                           pooled.accepted, "pooled")
+            attributes[attribute] = Choice(
+                pooled.model_weight,
+                pooled.model_weight,
+                len(group),
+                int(base.sum()),
+                int(fused.sum()),
+                int((fused & ~base).sum()),
+                int((base & ~fused).sum()),
+                pooled.accepted,
+                "pooled",
+            )
     return Calibration(pooled, attributes, config, dict(meta or {}))
 
 
@@ -191,8 +208,11 @@ def apply_calibration(rows: Sequence[ScoredRow], calibration: Calibration) -> li
     return [r.candidates[fused_pick(r, calibration.model_weight(r.attribute))] for r in rows]
 
 
-def scored_rows(records: Sequence[Any], model_scores: Sequence[tuple[Sequence[str], np.ndarray] | None],
-                priors: Sequence[Mapping[str, float]]) -> tuple[list[ScoredRow], list[int]]:
+def scored_rows(
+    records: Sequence[Any],
+    model_scores: Sequence[tuple[Sequence[str], np.ndarray] | None],
+    priors: Sequence[Mapping[str, float]],
+) -> tuple[list[ScoredRow], list[int]]:
     """The records as :class:`ScoredRow` (their ``gold`` normalized; the extractor's ``priors`` renormalized over each
     row's candidates, :func:`pv2tea.inference.fusion.prior_log_probs`), from the model's candidate log-probabilities
     (:meth:`pv2tea.inference.predictor.Predictor.candidate_log_probs`). Returns (rows, indices of the records left
@@ -207,9 +227,15 @@ def scored_rows(records: Sequence[Any], model_scores: Sequence[tuple[Sequence[st
             skipped.append(i)
             continue
         cands, model_lp = scored
-        rows.append(ScoredRow(record.attribute, tuple(cands), np.asarray(model_lp, dtype=np.float64),
-                              prior_log_probs(cands, prior),
-                              frozenset(normalize_value(g) for g in (record.gold or ()))))
+        rows.append(
+            ScoredRow(
+                record.attribute,
+                tuple(cands),
+                np.asarray(model_lp, dtype=np.float64),
+                prior_log_probs(cands, prior),
+                frozenset(normalize_value(g) for g in (record.gold or ())),
+            )
+        )
     return rows, skipped
 
 
@@ -236,24 +262,32 @@ def load_calibration(path: str | Path) -> Calibration:
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"calibration file {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CalibrationError(f"calibration file {path}: not a pv2tea calibration (no \"format\": \"{FORMAT}\"); "
-                               f"make one with `pv2tea calibrate`")
+        raise CalibrationError(
+            f'calibration file {path}: not a pv2tea calibration (no "format": "{FORMAT}"); '
+            f"make one with `pv2tea calibrate`"
+        )
     if data.get("version") != FORMAT_VERSION:
-        raise CalibrationError(f"calibration file {path}: version {data.get('version')!r}, this pv2tea reads "
-                               f"version {FORMAT_VERSION}; run `pv2tea calibrate` again")
+        raise CalibrationError(
+            f"calibration file {path}: version {data.get('version')!r}, this pv2tea reads "
+            f"version {FORMAT_VERSION}; run `pv2tea calibrate` again"
+        )
     cfg = data.get("config") or {}
     try:
-        config = CalibrationConfig(grid=tuple(cfg.get("grid", DEFAULT_GRID)), z=float(cfg.get("z", 1.0)),
-                                   min_rows=int(cfg.get("min_rows", 20)))
+        config = CalibrationConfig(
+            grid=tuple(cfg.get("grid", DEFAULT_GRID)), z=float(cfg.get("z", 1.0)), min_rows=int(cfg.get("min_rows", 20))
+        )
     except (TypeError, ValueError) as exc:
         raise CalibrationError(f"calibration file {path}: config: {exc}") from exc
     attributes = data.get("attributes")
     if not isinstance(attributes, Mapping):
         raise CalibrationError(f"calibration file {path}: 'attributes' must be an object")
     meta = {k: v for k, v in data.items() if k not in ("format", "version", "config", "pooled", "attributes")}
-    return Calibration(_choice_from_json(data.get("pooled"), f"{path}: pooled"),
-                       {a: _choice_from_json(c, f"{path}: attributes.{a}") for a, c in attributes.items()},
-                       config, meta)
+    return Calibration(
+        _choice_from_json(data.get("pooled"), f"{path}: pooled"),
+        {a: _choice_from_json(c, f"{path}: attributes.{a}") for a, c in attributes.items()},
+        config,
+        meta,
+    )
 
 
 def today() -> str:

@@ -13,7 +13,7 @@ to values the text implies but does not state (ImplicitAVE), where there is no s
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
@@ -28,8 +28,9 @@ def log_normalize(scores: np.ndarray) -> np.ndarray:
     return scores - logsumexp(scores)
 
 
-def prior_log_probs(candidates: Sequence[str], probabilities: Mapping[str, float],
-                    floor: float = PRIOR_FLOOR) -> np.ndarray:
+def prior_log_probs(
+    candidates: Sequence[str], probabilities: Mapping[str, float], floor: float = PRIOR_FLOOR
+) -> np.ndarray:
     """The extractor's log q(c | C) for each candidate; ``probabilities`` is keyed by normalized value."""
     q = np.array([max(float(probabilities.get(normalize_value(c), 0.0)), floor) for c in candidates])
     return np.log(q / q.sum())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,17 +21,27 @@ from pv2tea.inference.calibration import Calibration, ScoredRow, fused_pick
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.models.text import load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.vision import data_config
-from pv2tea.regularize.grounding import keep_grounded as keep, label_in_text
+from pv2tea.regularize.grounding import keep_grounded as keep
+from pv2tea.regularize.grounding import label_in_text
 from pv2tea.train import checkpoint as ckpt
 
+TEXT_ONLY_DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "interpolation": "bilinear",
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
 
-TEXT_ONLY_DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-                         "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 
-
-def build_for_training(cfg: Config, categories: Sequence[str], values: dict[str, list[str]] | None = None,
-                       multi_value: dict[str, bool] | None = None,
-                       value_counts: dict[str, dict[str, int]] | None = None) -> tuple[PV2TEA, Preprocessor]:
+def build_for_training(
+    cfg: Config,
+    categories: Sequence[str],
+    values: dict[str, list[str]] | None = None,
+    multi_value: dict[str, bool] | None = None,
+    value_counts: dict[str, dict[str, int]] | None = None,
+) -> tuple[PV2TEA, Preprocessor]:
     """A PV2TEA initialized from the configured offline pretrained checkpoints.
 
     ``values`` (attribute → value vocabulary) is needed by the classification head and optional otherwise;
@@ -41,19 +52,25 @@ def build_for_training(cfg: Config, categories: Sequence[str], values: dict[str,
     tokenizer = load_tokenizer(text_path)
     pre_values = values or {}
     value_attributes = Preprocessor(cfg, tokenizer, TEXT_ONLY_DATA_CONFIG, [], pre_values).value_attributes
-    model = PV2TEA(cfg, load_bert_config(text_path), num_categories=max(len(categories), 1),
-                   value_attributes=value_attributes)
+    model = PV2TEA(
+        cfg, load_bert_config(text_path), num_categories=max(len(categories), 1), value_attributes=value_attributes
+    )
     model.load_pretrained()
     data_cfg = data_config(model.visual.backbone, cfg.vision) if model.visual is not None else TEXT_ONLY_DATA_CONFIG
-    pre = Preprocessor(cfg, tokenizer, data_cfg, list(categories), pre_values, dict(multi_value or {}),
-                       dict(value_counts or {}))
+    pre = Preprocessor(
+        cfg, tokenizer, data_cfg, list(categories), pre_values, dict(multi_value or {}), dict(value_counts or {})
+    )
     return model, pre
 
 
 def preprocess_state(pre: Preprocessor) -> dict:
-    return {"categories": pre.categories, "values": pre.values, "multi_value": pre.multi_value,
-            "value_counts": pre.value_counts,
-            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.data_config.items()}}
+    return {
+        "categories": pre.categories,
+        "values": pre.values,
+        "multi_value": pre.multi_value,
+        "value_counts": pre.value_counts,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.data_config.items()},
+    }
 
 
 def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
@@ -62,10 +79,18 @@ def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
     bert_config = BertConfig(**ckpt.read_json(directory, ckpt.TEXT_CONFIG_FILE))
     prep = ckpt.read_json(directory, ckpt.PREPROCESS_FILE)
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in prep["data_config"].items()}
-    pre = Preprocessor(cfg, load_tokenizer(directory), data_cfg, prep["categories"], prep.get("values", {}),
-                       prep.get("multi_value", {}), prep.get("value_counts", {}))
-    model = PV2TEA(cfg, bert_config, num_categories=max(len(prep["categories"]), 1),
-                   value_attributes=pre.value_attributes)
+    pre = Preprocessor(
+        cfg,
+        load_tokenizer(directory),
+        data_cfg,
+        prep["categories"],
+        prep.get("values", {}),
+        prep.get("multi_value", {}),
+        prep.get("value_counts", {}),
+    )
+    model = PV2TEA(
+        cfg, bert_config, num_categories=max(len(prep["categories"]), 1), value_attributes=pre.value_attributes
+    )
     ckpt.load_weights(model, directory)
     return model, pre
 
@@ -87,16 +112,25 @@ def prior_correction(model: PV2TEA, pre: Preprocessor) -> float:
     tau = float(getattr(model.cfg.decoder, "prior_correction", 0.0))
     if tau and not pre.value_counts:
         if not getattr(pre, "_warned_no_counts", False):
-            _log.warning("decoder.prior_correction=%g, but this model was saved without its training label counts "
-                         "(trained by an older pv2tea): candidates are ranked by likelihood alone", tau)
+            _log.warning(
+                "decoder.prior_correction=%g, but this model was saved without its training label counts "
+                "(trained by an older pv2tea): candidates are ranked by likelihood alone",
+                tau,
+            )
             pre._warned_no_counts = True  # type: ignore[attr-defined]
         return 0.0
     return tau
 
 
-def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record],
-                     candidates: Mapping, priors: Sequence[Prior | None] | None = None,
-                     prior_weight: float = 1.0) -> list[list[str] | None]:
+def _rank_candidates(
+    model: PV2TEA,
+    pre: Preprocessor,
+    batch,
+    records: Sequence[Record],
+    candidates: Mapping,
+    priors: Sequence[Prior | None] | None = None,
+    prior_weight: float = 1.0,
+) -> list[list[str] | None]:
     """Per row: the candidate with the highest sequence likelihood (None: no candidate list).
 
     With ``priors`` (one per record) each candidate's score is fused with the extractor's probability
@@ -111,7 +145,7 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
         for i, (r, cands) in enumerate(zip(records, lists)):
             known = [(c, pre.value_index.get((r.attribute, normalize_value(c)))) for c in cands or []]
             known = [(c, j) for c, j in known if j is not None]
-            for c, j in known:
+            for _, j in known:
                 allowed[i, j] = True
             if known and (priors[i] is not None or tau):
                 names = [c for c, _ in known]
@@ -124,8 +158,7 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
         has_any = allowed.any(1)
         allowed[~has_any] = True
         picks = model.classify(batch, allowed, bias if any(p is not None for p in priors) or tau else None)
-        return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None
-                for i, p in enumerate(picks)]
+        return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None for i, p in enumerate(picks)]
     tau = prior_correction(model, pre)
     out: list[list[str] | None] = []
     for r, cands, scores, prior in zip(records, lists, _decoder_candidate_scores(model, pre, batch, lists), priors):
@@ -140,15 +173,17 @@ def _rank_candidates(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
     return out
 
 
-def _decoder_candidate_scores(model: PV2TEA, pre: Preprocessor, batch,
-                              lists: Sequence[list[str] | None]) -> list[np.ndarray | None]:
+def _decoder_candidate_scores(
+    model: PV2TEA, pre: Preprocessor, batch, lists: Sequence[list[str] | None]
+) -> list[np.ndarray | None]:
     """Per row: the decoder's sequence log-likelihood of each of its candidates (None: no candidate list)."""
     rows = [i for i, c in enumerate(lists) for _ in (c or [])]
     texts = [c for cands in lists for c in (cands or [])]
     if not texts:
         return [None] * len(lists)
-    enc = pre.tokenizer(texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens,
-                        return_tensors="pt")
+    enc = pre.tokenizer(
+        texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens, return_tensors="pt"
+    )
     scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"]).numpy()
     out: list[np.ndarray | None] = []
     start = 0
@@ -156,7 +191,7 @@ def _decoder_candidate_scores(model: PV2TEA, pre: Preprocessor, batch,
         if not cands:
             out.append(None)
             continue
-        out.append(scores[start:start + len(cands)].astype(np.float64))  # (C,)
+        out.append(scores[start : start + len(cands)].astype(np.float64))  # (C,)
         start += len(cands)
     return out
 
@@ -165,8 +200,9 @@ UNKNOWN_CLASS_LOGIT = -1e4  # a candidate the classification head has no class f
 
 
 @torch.no_grad()
-def candidate_log_probs(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record],
-                        candidates: Mapping) -> list[tuple[list[str], np.ndarray] | None]:
+def candidate_log_probs(
+    model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record], candidates: Mapping
+) -> list[tuple[list[str], np.ndarray] | None]:
     """Per row: its candidate list and the model's log-probabilities over it, renormalized over the list (None: the
     row has no candidate list). The generative decoder scores each candidate's sequence likelihood; the
     classification head its class probability (a candidate it has no class for gets a negligible one)."""
@@ -184,13 +220,22 @@ def candidate_log_probs(model: PV2TEA, pre: Preprocessor, batch, records: Sequen
             raw.append(np.array([float(log_probs[i, j]) if j is not None else UNKNOWN_CLASS_LOGIT for j in index]))
     tau = prior_correction(model, pre)
     if tau:
-        raw = [None if s is None else s - tau * label_log_prior(pre, r.attribute, c)
-               for r, c, s in zip(records, lists, raw)]
+        raw = [
+            None if s is None else s - tau * label_log_prior(pre, r.attribute, c)
+            for r, c, s in zip(records, lists, raw)
+        ]
     return [None if s is None else (list(c), fusion.log_normalize(s)) for c, s in zip(lists, raw)]
 
 
-def _rank_calibrated(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record], candidates: Mapping,
-                     priors: Sequence[Prior | None], calibration: Calibration) -> list[list[str] | None]:
+def _rank_calibrated(
+    model: PV2TEA,
+    pre: Preprocessor,
+    batch,
+    records: Sequence[Record],
+    candidates: Mapping,
+    priors: Sequence[Prior | None],
+    calibration: Calibration,
+) -> list[list[str] | None]:
     """Per row: the candidate with the highest λ · log p_model + (1 − λ) · log q_extractor, λ the calibrated model
     share of the row's attribute (:mod:`pv2tea.inference.calibration`); None: no candidate list."""
     out: list[list[str] | None] = []
@@ -201,16 +246,26 @@ def _rank_calibrated(model: PV2TEA, pre: Preprocessor, batch, records: Sequence[
         cands, model_lp = scored
         weight = calibration.model_weight(r.attribute)
         extractor_lp = fusion.prior_log_probs(cands, prior) if prior is not None else np.zeros(len(cands))
-        out.append([cands[fused_pick(ScoredRow(r.attribute, tuple(cands), model_lp, extractor_lp, frozenset()),
-                                     weight)]])
+        out.append(
+            [cands[fused_pick(ScoredRow(r.attribute, tuple(cands), model_lp, extractor_lp, frozenset()), weight)]]
+        )
     return out
 
 
 @torch.no_grad()
-def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], batch_size: int,
-                    num_beams: int | None = None, progress: bool = False, desc: str = "predict",
-                    candidates: Mapping | None = None, priors: Sequence[Prior | None] | None = None,
-                    prior_weight: float = 1.0, calibration: Calibration | None = None) -> list[list[str]]:
+def generate_values(
+    model: PV2TEA,
+    pre: Preprocessor,
+    records: Sequence[Record],
+    batch_size: int,
+    num_beams: int | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+    candidates: Mapping | None = None,
+    priors: Sequence[Prior | None] | None = None,
+    prior_weight: float = 1.0,
+    calibration: Calibration | None = None,
+) -> list[list[str]]:
     """Extracted values for each record, in order (model left in its previous train/eval mode).
 
     Open generation by default; with ``candidates`` ({category: {attribute: [values]}} or
@@ -221,8 +276,10 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
     ranked by λ · log p_model + (1 − λ) · log q_extractor with its calibrated λ instead (``prior_weight`` unused).
     """
     if calibration is not None and (priors is None or not candidates):
-        raise ValueError("a calibration weighs the model against a text extractor over candidate lists: it needs "
-                         "--extractor and --candidates")
+        raise ValueError(
+            "a calibration weighs the model against a text extractor over candidate lists: it needs "
+            "--extractor and --candidates"
+        )
     if priors is not None:
         if len(priors) != len(records):
             raise ValueError(f"{len(priors)} priors for {len(records)} records")
@@ -238,38 +295,47 @@ def generate_values(model: PV2TEA, pre: Preprocessor, records: Sequence[Record],
         indices = list(range(start, min(start + batch_size, len(dataset))))
         batch = collate(indices)
         if model.decoder is not None:
-            ids = model.generate(batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id,
-                                 num_beams=num_beams)
-            values = [drop_attribute_name(v, dataset.records[i].attribute)
-                      for v, i in zip(pre.decode_answers(ids), indices)]
+            ids = model.generate(
+                batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id, num_beams=num_beams
+            )
+            values = [
+                drop_attribute_name(v, dataset.records[i].attribute) for v, i in zip(pre.decode_answers(ids), indices)
+            ]
         else:
             values = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
         if candidates:
             chunk = [dataset.records[i] for i in indices]
             chunk_priors = None if priors is None else [priors[i] for i in indices]
-            ranked = (_rank_calibrated(model, pre, batch, chunk, candidates, chunk_priors, calibration)
-                      if calibration is not None and chunk_priors is not None
-                      else _rank_candidates(model, pre, batch, chunk, candidates, chunk_priors, prior_weight))
+            ranked = (
+                _rank_calibrated(model, pre, batch, chunk, candidates, chunk_priors, calibration)
+                if calibration is not None and chunk_priors is not None
+                else _rank_candidates(model, pre, batch, chunk, candidates, chunk_priors, prior_weight)
+            )
             values = [r if r is not None else v for r, v in zip(ranked, values)]
         out.extend(values)
     model.train(was_training)
     return out
 
 
-def prediction_rows(records: Sequence[Record], predictions: Sequence[Sequence[str]],
-                    keep_grounded: bool = False) -> list[dict[str, Any]]:
+def prediction_rows(
+    records: Sequence[Record], predictions: Sequence[Sequence[str]], keep_grounded: bool = False
+) -> list[dict[str, Any]]:
     """The output rows of ``pv2tea predict`` and of the HTTP endpoint, one per record.
 
     ``{"id", "attribute", "category", "values"}``; with ``keep_grounded`` also ``"kept_label"``: true where the
     row's existing label occurs in its text and is returned instead of the model's answer.
     """
     if not keep_grounded:
-        return [{"id": r.id, "attribute": r.attribute, "category": r.category, "values": list(p)}
-                for r, p in zip(records, predictions)]
+        return [
+            {"id": r.id, "attribute": r.attribute, "category": r.category, "values": list(p)}
+            for r, p in zip(records, predictions)
+        ]
     kept = [label_in_text(r.label, r.text) for r in records]
     values = keep(records, predictions, kept)
-    return [{"id": r.id, "attribute": r.attribute, "category": r.category, "values": v, "kept_label": k}
-            for r, v, k in zip(records, values, kept)]
+    return [
+        {"id": r.id, "attribute": r.attribute, "category": r.category, "values": v, "kept_label": k}
+        for r, v, k in zip(records, values, kept)
+    ]
 
 
 class Predictor:
@@ -280,20 +346,37 @@ class Predictor:
         self.pre = pre
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> "Predictor":
+    def from_checkpoint(cls, directory: str | Path) -> Predictor:
         return cls(*load_from_checkpoint(directory))
 
-    def predict(self, records: Sequence[Record], batch_size: int = 16, num_beams: int | None = None,
-                progress: bool = False, candidates: Mapping | None = None,
-                priors: Sequence[Prior | None] | None = None, prior_weight: float = 1.0,
-                calibration: Calibration | None = None) -> list[list[str]]:
-        return generate_values(self.model, self.pre, records, batch_size, num_beams, progress,
-                               candidates=candidates, priors=priors, prior_weight=prior_weight,
-                               calibration=calibration)
+    def predict(
+        self,
+        records: Sequence[Record],
+        batch_size: int = 16,
+        num_beams: int | None = None,
+        progress: bool = False,
+        candidates: Mapping | None = None,
+        priors: Sequence[Prior | None] | None = None,
+        prior_weight: float = 1.0,
+        calibration: Calibration | None = None,
+    ) -> list[list[str]]:
+        return generate_values(
+            self.model,
+            self.pre,
+            records,
+            batch_size,
+            num_beams,
+            progress,
+            candidates=candidates,
+            priors=priors,
+            prior_weight=prior_weight,
+            calibration=calibration,
+        )
 
     @torch.no_grad()
-    def candidate_log_probs(self, records: Sequence[Record], candidates: Mapping,
-                            batch_size: int = 32) -> list[tuple[list[str], np.ndarray] | None]:
+    def candidate_log_probs(
+        self, records: Sequence[Record], candidates: Mapping, batch_size: int = 32
+    ) -> list[tuple[list[str], np.ndarray] | None]:
         """Each record's candidate list and the model's log-probabilities over it (None: no list for the row);
         what :mod:`pv2tea.inference.calibration` weighs against the extractor."""
         dataset = RecordDataset(records)
@@ -301,8 +384,11 @@ class Predictor:
         out: list[tuple[list[str], np.ndarray] | None] = []
         for start in range(0, len(dataset), batch_size):
             indices = list(range(start, min(start + batch_size, len(dataset))))
-            out.extend(candidate_log_probs(self.model, self.pre, collate(indices),
-                                           [dataset.records[i] for i in indices], candidates))
+            out.extend(
+                candidate_log_probs(
+                    self.model, self.pre, collate(indices), [dataset.records[i] for i in indices], candidates
+                )
+            )
         return out
 
     @torch.no_grad()

@@ -21,10 +21,11 @@ import dataclasses
 import hmac
 import itertools
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
@@ -94,7 +95,7 @@ class MemoryImagePreprocessor(Preprocessor):
     tensors: Mapping[str, torch.Tensor] = {}
 
     @classmethod
-    def wrap(cls, pre: Preprocessor) -> "MemoryImagePreprocessor":
+    def wrap(cls, pre: Preprocessor) -> MemoryImagePreprocessor:
         return cls(**{f.name: getattr(pre, f.name) for f in dataclasses.fields(pre)})
 
     def image_tensor(self, record: Record, position: int = 0) -> torch.Tensor | None:
@@ -131,9 +132,15 @@ class _Guard:
 
         try:
             if self.api_key is not None and scope["path"] not in OPEN_ROUTES and not self._authorized(headers):
-                return await _json(send_counted, 401, {"detail": "missing or wrong API key: send the header "
-                                                                 "'Authorization: Bearer KEY' or 'X-API-Key: KEY'"},
-                                   [(b"www-authenticate", b"Bearer")])
+                return await _json(
+                    send_counted,
+                    401,
+                    {
+                        "detail": "missing or wrong API key: send the header "
+                        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+                    },
+                    [(b"www-authenticate", b"Bearer")],
+                )
             length = headers.get("content-length", b"")
             if length.isdigit() and int(length) > self.max_body_bytes:
                 return await _json(send_counted, 413, {"detail": self._too_large()})
@@ -168,12 +175,25 @@ async def _json(send, status: int, body: dict, headers: Sequence[tuple[bytes, by
     await response({"type": "http"}, None, send)
 
 
-def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mapping | None = None,
-               image_root: str | Path | None = None, batch_size: int = 32, max_products: int | None = None,
-               extractor: TextExtractor | None = None, extractor_weight: float = 1.0,
-               calibration: Calibration | None = None, limits: Limits | None = None, max_wait_ms: float = 5.0, max_queue: int = 256,
-               request_timeout: float = 30.0, batching: bool = True, api_key: str | None = None,
-               workers: int | None = None) -> FastAPI:
+def create_app(
+    predictor: Predictor,
+    *,
+    model_name: str = "",
+    candidates: Mapping | None = None,
+    image_root: str | Path | None = None,
+    batch_size: int = 32,
+    max_products: int | None = None,
+    extractor: TextExtractor | None = None,
+    extractor_weight: float = 1.0,
+    calibration: Calibration | None = None,
+    limits: Limits | None = None,
+    max_wait_ms: float = 5.0,
+    max_queue: int = 256,
+    request_timeout: float = 30.0,
+    batching: bool = True,
+    api_key: str | None = None,
+    workers: int | None = None,
+) -> FastAPI:
     """The FastAPI application serving ``predictor``.
 
     Concurrent requests are coalesced into model batches of at most ``batch_size`` rows, waiting at most
@@ -203,21 +223,40 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
         pre.tensors = tensors
         try:
             priors = extractor.value_probabilities(records) if extractor is not None else None
-            return serving.predict(records, batch_size, num_beams, candidates=candidates, priors=priors,
-                                   prior_weight=extractor_weight, calibration=calibration)
+            return serving.predict(
+                records,
+                batch_size,
+                num_beams,
+                candidates=candidates,
+                priors=priors,
+                prior_weight=extractor_weight,
+                calibration=calibration,
+            )
         finally:
             pre.tensors = {}
 
     def warmup() -> None:
         key = f"{MEMORY_PREFIX}warmup"
-        record = Record(id="warmup", text="warm up", images=(key,) if vision else (),
-                        category=pre.categories[0] if pre.categories else "product",
-                        attribute=pre.attributes[0] if pre.attributes else "color", label=())
+        record = Record(
+            id="warmup",
+            text="warm up",
+            images=(key,) if vision else (),
+            category=pre.categories[0] if pre.categories else "product",
+            attribute=pre.attributes[0] if pre.attributes else "color",
+            label=(),
+        )
         tensors = {key: pre.transform(Image.new("RGB", (64, 64), (128, 128, 128)))} if vision else {}
         predict_rows([record], None, tensors)
 
-    batcher = MicroBatcher(predict_rows, max_batch=batch_size, max_wait=max_wait_ms / 1000, max_queue=max_queue,
-                           coalesce=batching, on_batch=metrics.observe_batch, warmup=warmup)
+    batcher = MicroBatcher(
+        predict_rows,
+        max_batch=batch_size,
+        max_wait=max_wait_ms / 1000,
+        max_queue=max_queue,
+        coalesce=batching,
+        on_batch=metrics.observe_batch,
+        warmup=warmup,
+    )
 
     def image_tensor(raw: bytes) -> torch.Tensor | None:
         image = open_image(raw, limits)
@@ -232,21 +271,34 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
             names: list[str] = []
             keys.append(names)
             if len(product.text) > limits.max_text_chars:
-                problems.append(_problem(n, "text", f"{len(product.text):,} characters; at most "
-                                                    f"{limits.max_text_chars:,} (--max-text-chars)"))
+                problems.append(
+                    _problem(
+                        n,
+                        "text",
+                        f"{len(product.text):,} characters; at most {limits.max_text_chars:,} (--max-text-chars)",
+                    )
+                )
             count = len(product.images) + len(product.image_paths)
             if count > limits.max_images_per_product:
                 metrics.images_rejected.labels("count").inc()
-                problems.append(_problem(n, "images", f"{count} images; at most {limits.max_images_per_product} per "
-                                                      f"product (--max-images)"))
+                problems.append(
+                    _problem(
+                        n,
+                        "images",
+                        f"{count} images; at most {limits.max_images_per_product} per product (--max-images)",
+                    )
+                )
                 continue
             sources = [(f"images[{k}]", data, None) for k, data in enumerate(product.images)]
             sources += [(f"image_paths[{k}]", None, name) for k, name in enumerate(product.image_paths)]
             for field, data, name in sources:
                 try:
                     if name is not None and root is None:
-                        problems.append(_problem(n, field, "this server has no --image-root; send the image "
-                                                           "inline in 'images' (base64)"))
+                        problems.append(
+                            _problem(
+                                n, field, "this server has no --image-root; send the image inline in 'images' (base64)"
+                            )
+                        )
                         continue
                     raw = decode_base64(data, limits) if name is None else read_image_file(root, name, limits)
                     tensor = image_tensor(raw)
@@ -258,16 +310,24 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
                 names.append(key)
                 if tensor is not None:
                     tensors[key] = tensor
-        records, invalid = validate_rows([{**r, "images": []} for r in rows], "request", check_images=False,
-                                         require_label=False)
+        records, invalid = validate_rows(
+            [{**r, "images": []} for r in rows], "request", check_images=False, require_label=False
+        )
         problems += [_problem(e.row, e.field, e.message) for _, errors in invalid for e in errors]
         if problems:
             return [], {}, problems
         records = [dataclasses.replace(r, images=tuple(k)) for r, k in zip(records, keys)]
         if extractor is not None:
-            problems += [_problem(n, "attribute", f"'{r.attribute}' is unknown to the text extractor (it knows "
-                                                  f"{', '.join(sorted(extractor.vocabularies))})")
-                         for n, r in enumerate(records, 1) if r.attribute not in extractor.vocabularies]
+            problems += [
+                _problem(
+                    n,
+                    "attribute",
+                    f"'{r.attribute}' is unknown to the text extractor (it knows "
+                    f"{', '.join(sorted(extractor.vocabularies))})",
+                )
+                for n, r in enumerate(records, 1)
+                if r.attribute not in extractor.vocabularies
+            ]
         return records, tensors, problems
 
     async def answer(request: PredictRequest, t0: float) -> dict[str, Any]:
@@ -276,18 +336,23 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
         if problems:
             raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
         if request.keep_grounded and not any(r.label for r in records):
-            raise HTTPException(422, [_problem(0, "label", "keep_grounded needs the products' existing "
-                                                           "values in 'label'; none has one")])
+            raise HTTPException(
+                422,
+                [_problem(0, "label", "keep_grounded needs the products' existing values in 'label'; none has one")],
+            )
         try:
             future = batcher.submit(Job(records, key=request.num_beams, payload=tensors))
         except QueueFull as exc:
-            raise HTTPException(503, f"the server is busy ({exc}); retry after a second",
-                                headers={"Retry-After": "1"}) from None
+            raise HTTPException(
+                503, f"the server is busy ({exc}); retry after a second", headers={"Retry-After": "1"}
+            ) from None
         finally:
             metrics.queue_depth.set(batcher.depth)
         preds = await asyncio.wrap_future(future)
-        return {"predictions": prediction_rows(records, preds, request.keep_grounded),
-                "seconds": time.perf_counter() - t0}
+        return {
+            "predictions": prediction_rows(records, preds, request.keep_grounded),
+            "seconds": time.perf_counter() - t0,
+        }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -310,15 +375,26 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "images": predictor.model.visual is not None,
-                "candidates": candidates is not None, "extractor": extractor is not None,
-                "max_products": limits.max_products}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "images": predictor.model.visual is not None,
+            "candidates": candidates is not None,
+            "extractor": extractor is not None,
+            "max_products": limits.max_products,
+        }
 
     @app.get("/ready")
     def ready() -> JSONResponse:
         if batcher.warmup_error is not None:
-            return JSONResponse({"status": "failed", "detail": f"the warm-up prediction failed: "
-                                 f"{type(batcher.warmup_error).__name__}: {batcher.warmup_error}"}, status_code=503)
+            return JSONResponse(
+                {
+                    "status": "failed",
+                    "detail": f"the warm-up prediction failed: "
+                    f"{type(batcher.warmup_error).__name__}: {batcher.warmup_error}",
+                },
+                status_code=503,
+            )
         if not batcher.ready.is_set():
             return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready", "model": model_name})
@@ -331,15 +407,18 @@ def create_app(predictor: Predictor, *, model_name: str = "", candidates: Mappin
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
     async def predict(request: PredictRequest) -> dict[str, Any]:
         if len(request.products) > limits.max_products:
-            raise HTTPException(413, f"{len(request.products)} products in one request; at most "
-                                     f"{limits.max_products} (--max-products)")
+            raise HTTPException(
+                413, f"{len(request.products)} products in one request; at most {limits.max_products} (--max-products)"
+            )
         t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(answer(request, t0), request_timeout)
         except asyncio.TimeoutError:
-            raise HTTPException(504, f"no answer within {request_timeout:g} s (--request-timeout); the server is "
-                                     f"overloaded or the request too large: retry later or send fewer products") \
-                from None
+            raise HTTPException(
+                504,
+                f"no answer within {request_timeout:g} s (--request-timeout); the server is "
+                f"overloaded or the request too large: retry later or send fewer products",
+            ) from None
 
     app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     return app

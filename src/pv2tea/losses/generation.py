@@ -13,8 +13,13 @@ def per_sample_token_ce(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     """
     shifted_logits = logits[:, :-1].contiguous()  # (B, T-1, V)
     shifted_labels = labels[:, 1:].contiguous()  # (B, T-1)
-    ce = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100,
-                         reduction="none", label_smoothing=label_smoothing)  # (B, T-1)
+    ce = F.cross_entropy(
+        shifted_logits.transpose(1, 2),
+        shifted_labels,
+        ignore_index=-100,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )  # (B, T-1)
     counts = (shifted_labels != -100).sum(1).clamp_min(1)
     return ce.sum(1) / counts
 

@@ -47,8 +47,14 @@ class CopyDecoder(BertLMHeadModel):
             raise ValueError("CopyDecoder needs copy_states, copy_ids and copy_mask")
         # ``kwargs``: what ``generate`` passes along (cache flags, return_dict...); no KV cache is kept (answers are
         # a few tokens long), so none of it applies
-        out = self.bert(input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
-                        encoder_attention_mask=encoder_attention_mask, use_cache=False, return_dict=True)
+        out = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            use_cache=False,
+            return_dict=True,
+        )
         hidden = out.last_hidden_state  # (B, A, H)
         vocab_logits = self.cls(hidden)  # (B, A, V)
         scores = self.copy_query(hidden) @ self.copy_key(copy_states).transpose(1, 2)  # (B, A, T)
@@ -62,8 +68,9 @@ class CopyDecoder(BertLMHeadModel):
         return CausalLMOutputWithCrossAttentions(logits=mixture_log_probs(vocab_logits, attn, generate, copy_ids))
 
 
-def mixture_log_probs(vocab_logits: torch.Tensor, attn: torch.Tensor, generate: torch.Tensor,
-                      copy_ids: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
+def mixture_log_probs(
+    vocab_logits: torch.Tensor, attn: torch.Tensor, generate: torch.Tensor, copy_ids: torch.Tensor, floor: float = 1e-12
+) -> torch.Tensor:
     """log(g · softmax(vocab_logits) + (1 − g) · copy); g and the copied ids' probabilities floored at ``floor``.
 
     vocab_logits (B, A, V); attn (B, A, T) copy attention over text positions (zero where masked); generate

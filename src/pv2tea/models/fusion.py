@@ -34,6 +34,7 @@ def is_visual_gate_key(key: str) -> bool:
 @dataclass
 class GatedContext:
     """The visual tokens of a gated layer, apart from the text context."""
+
     tokens: torch.Tensor  # (B, V, H)
     mask: torch.Tensor  # (B, 1, 1, V) additive
     rows: torch.Tensor  # (B, 1, 1): 1 where the row has at least one visual token
@@ -52,18 +53,26 @@ class FusionLayer(nn.Module):
             self.visual_attention = BertAttention(config, is_causal=False, is_cross_attention=True)
             self.visual_gate = nn.Parameter(torch.full((1,), float(visual_gate)))
 
-    def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor, has_context: torch.Tensor | None = None,
-                visual: GatedContext | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        self_mask: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        has_context: torch.Tensor | None = None,
+        visual: GatedContext | None = None,
+    ) -> torch.Tensor:
         """``has_context`` (B, 1, 1): rows with no unmasked context key keep their state through the
         cross-attention (a softmax over only masked keys would average them in)."""
         hidden, _ = self.attention(hidden, attention_mask=self_mask)  # (B, Q, H)
-        crossed, _ = self.crossattention(hidden, encoder_hidden_states=context,
-                                         encoder_attention_mask=context_mask)  # (B, Q, H)
+        crossed, _ = self.crossattention(
+            hidden, encoder_hidden_states=context, encoder_attention_mask=context_mask
+        )  # (B, Q, H)
         hidden = crossed if has_context is None else torch.where(has_context, crossed, hidden)
         if visual is not None:
-            seen, _ = self.visual_attention(hidden, encoder_hidden_states=visual.tokens,
-                                            encoder_attention_mask=visual.mask)  # (B, Q, H)
+            seen, _ = self.visual_attention(
+                hidden, encoder_hidden_states=visual.tokens, encoder_attention_mask=visual.mask
+            )  # (B, Q, H)
             gate = torch.tanh(self.visual_gate) * visual.rows  # (B, 1, 1)
             hidden = hidden + gate * (seen - hidden)
         return self.output(self.intermediate(hidden), hidden)
@@ -81,8 +90,14 @@ class FusionEncoder(nn.Module):
         """tanh(g) of each layer's visual gate, the share of the image-read state it mixes in (empty: no gate)."""
         return [round(float(torch.tanh(layer.visual_gate.detach())), 4) for layer in self.layers if self.gated]
 
-    def forward(self, question_ids: torch.Tensor, question_mask: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor, n_visual: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        n_visual: int | None = None,
+    ) -> torch.Tensor:
         """Grounded question representation q = [q_cls, q_1, ..., q_R], shape (B, R + 1, H).
 
         ``context`` is [visual; text] (B, V + T, H) whose first ``n_visual`` tokens are visual; a gated encoder
@@ -97,8 +112,11 @@ class FusionEncoder(nn.Module):
         if self.gated:
             vis_mask = context_mask[:, :n_visual]  # (B, V)
             if n_visual and bool(vis_mask.any()):
-                visual = GatedContext(context[:, :n_visual], additive_mask(vis_mask, hidden.dtype),
-                                      vis_mask.any(1)[:, None, None].to(hidden.dtype))
+                visual = GatedContext(
+                    context[:, :n_visual],
+                    additive_mask(vis_mask, hidden.dtype),
+                    vis_mask.any(1)[:, None, None].to(hidden.dtype),
+                )
             context, context_mask = context[:, n_visual:], context_mask[:, n_visual:]  # (B, T, H), (B, T)
             has_text = context_mask.any(1)[:, None, None]  # (B, 1, 1)
         ctx_mask = additive_mask(context_mask, hidden.dtype)  # (B, 1, 1, K)
@@ -117,12 +135,12 @@ class FusionEncoder(nn.Module):
             for k in self.state_dict():
                 if not k.startswith(prefix):
                     continue
-                rest = k[len(prefix):]
+                rest = k[len(prefix) :]
                 if is_visual_gate_key(rest):
                     continue  # new, like the cross-attention without cross_from_self
                 if rest.startswith("crossattention."):
                     if cross_from_self:
-                        mapping[k] = f"encoder.layer.{j}.attention." + rest[len("crossattention."):]
+                        mapping[k] = f"encoder.layer.{j}.attention." + rest[len("crossattention.") :]
                 else:
                     mapping[k] = f"encoder.layer.{j}." + rest
         return mapping

@@ -18,8 +18,11 @@ def ema_update(online: nn.Module, momentum_model: nn.Module, momentum: float) ->
 
     Frozen online parameters are skipped: their momentum copy already equals them (after a sync).
     """
-    pairs = [(p.detach(), p_m) for p, p_m in zip(online.parameters(), momentum_model.parameters(), strict=True)
-             if p.requires_grad]
+    pairs = [
+        (p.detach(), p_m)
+        for p, p_m in zip(online.parameters(), momentum_model.parameters(), strict=True)
+        if p.requires_grad
+    ]
     if pairs:
         online_p, momentum_p = zip(*pairs)
         torch._foreach_lerp_(list(momentum_p), list(online_p), 1.0 - momentum)
@@ -92,7 +95,7 @@ class FeatureQueue(nn.Module):
         if n == 0:
             return
         if n > self.size:  # keep only the most recent M
-            image, text, ids, n = image[-self.size:], text[-self.size:], ids[-self.size:], self.size
+            image, text, ids, n = image[-self.size :], text[-self.size :], ids[-self.size :], self.size
         slots = (self.ptr + torch.arange(n, device=self.ids.device)) % self.size  # wraps around
         self.image[slots] = image
         self.text[slots] = text

@@ -50,7 +50,7 @@ class Batch:
     extra_feats: torch.Tensor | None = None  # (B, K-1, N, C) backbone tokens of further images
     text_hidden: torch.Tensor | None = None  # (B, T, H) text-encoder states (zeros at padding)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
     def __len__(self) -> int:
@@ -82,43 +82,56 @@ class PV2TEAOutput:
 _PRETRAINED = re.compile(
     r"^(text_encoder\.|visual\.backbone\.|fusion\.embeddings\.|"
     r"fusion\.layers\.\d+\.(attention|intermediate|output)\.|decoder\.bert\.embeddings\.|"
-    r"decoder\.bert\.encoder\.layer\.\d+\.(attention|intermediate|output)\.)")
+    r"decoder\.bert\.encoder\.layer\.\d+\.(attention|intermediate|output)\.)"
+)
 
 
 class PV2TEA(nn.Module):
     # the parts a text-only (TEA) run trains that every variant shares: what ``train.init_from`` warm-starts
     warm_start_prefixes: tuple[str, ...] = ("text_encoder.", "fusion.", "decoder.")
 
-    def __init__(self, cfg: Config, bert_config: BertConfig, num_categories: int,
-                 value_attributes: list[int] | None = None):
+    def __init__(
+        self, cfg: Config, bert_config: BertConfig, num_categories: int, value_attributes: list[int] | None = None
+    ):
         """``value_attributes[v]`` is the attribute index of value class v (classification head only)."""
         super().__init__()
         self.cfg = cfg
         s = cfg.schemes
         hidden = bert_config.hidden_size
         self.bert_config = bert_config
-        self.visual = (VisualEncoder(cfg.vision, hidden, attention_pruning=s.attention_pruning)
-                       if cfg.vision.enabled else None)
+        self.visual = (
+            VisualEncoder(cfg.vision, hidden, attention_pruning=s.attention_pruning) if cfg.vision.enabled else None
+        )
         text_layers = cfg.text.num_layers or bert_config.num_hidden_layers
         if not 1 <= text_layers <= bert_config.num_hidden_layers:
-            raise ValueError(f"text.num_layers={cfg.text.num_layers}: the text checkpoint has "
-                             f"{bert_config.num_hidden_layers} layers")
-        self.text_encoder = create_text_encoder(BertConfig(**{**bert_config.to_dict(),
-                                                              "num_hidden_layers": text_layers}))
+            raise ValueError(
+                f"text.num_layers={cfg.text.num_layers}: the text checkpoint has {bert_config.num_hidden_layers} layers"
+            )
+        self.text_encoder = create_text_encoder(
+            BertConfig(**{**bert_config.to_dict(), "num_hidden_layers": text_layers})
+        )
         if cfg.text.train_layers is not None and cfg.text.train_layers > text_layers:
             raise ValueError(f"text.train_layers={cfg.text.train_layers}: the text encoder has {text_layers} layers")
         # the bottom layers that never train (all with text.freeze); with a feature cache their output is cached
-        self.text_frozen_layers = (text_layers if cfg.text.freeze else
-                                   text_layers - cfg.text.train_layers if cfg.text.train_layers else 0)
+        self.text_frozen_layers = (
+            text_layers if cfg.text.freeze else text_layers - cfg.text.train_layers if cfg.text.train_layers else 0
+        )
         self.text_cached = cfg.text.freeze or cfg.text.train_layers is not None  # the embeddings are frozen
         fusion_layers = cfg.fusion.num_layers or bert_config.num_hidden_layers
         # the gated visual path exists only where there are images (a TEA's fusion is the text-only one)
-        self.fusion = FusionEncoder(bert_config, fusion_layers,
-                                    cfg.fusion.visual_gate if self.visual is not None else None)
+        self.fusion = FusionEncoder(
+            bert_config, fusion_layers, cfg.fusion.visual_gate if self.visual is not None else None
+        )
         if cfg.decoder.head == "generate":
-            dec_config = BertConfig(**{**bert_config.to_dict(), "is_decoder": True, "add_cross_attention": True,
-                                       "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
-                                       "tie_word_embeddings": True})
+            dec_config = BertConfig(
+                **{
+                    **bert_config.to_dict(),
+                    "is_decoder": True,
+                    "add_cross_attention": True,
+                    "num_hidden_layers": cfg.decoder.num_layers or bert_config.num_hidden_layers,
+                    "tie_word_embeddings": True,
+                }
+            )
             self.decoder = (CopyDecoder if cfg.decoder.copy else BertLMHeadModel)(dec_config)
             self.value_head = None
         else:
@@ -157,13 +170,17 @@ class PV2TEA(nn.Module):
         """The embeddings and bottom layers of a text encoder that stay frozen (none when it all trains)."""
         if not self.text_cached:
             return []
-        return [encoder.embeddings, *encoder.encoder.layer[:self.text_frozen_layers]]
+        return [encoder.embeddings, *encoder.encoder.layer[: self.text_frozen_layers]]
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         if not self.uses_contrast:
             return []
-        return [(self.visual, self.visual_m), (self.text_encoder, self.text_encoder_m),
-                (self.vision_proj, self.vision_proj_m), (self.text_proj, self.text_proj_m)]
+        return [
+            (self.visual, self.visual_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_proj, self.text_proj_m),
+        ]
 
     def load_pretrained(self) -> None:
         """Initialize backbones, fusion and decoder from the configured offline checkpoints."""
@@ -178,7 +195,13 @@ class PV2TEA(nn.Module):
         fusion_src = list(range(len(self.fusion.layers)))
         if max(fusion_src) >= n_src:
             raise ValueError(f"fusion.num_layers={len(self.fusion.layers)} exceeds the {n_src} layers of {text_path}")
-        transfer(self.fusion, source, self.fusion.pretrained_mapping(fusion_src, self.cfg.fusion.cross_from_self), ("layers.",), "fusion")
+        transfer(
+            self.fusion,
+            source,
+            self.fusion.pretrained_mapping(fusion_src, self.cfg.fusion.cross_from_self),
+            ("layers.",),
+            "fusion",
+        )
         if self.decoder is not None:
             self._load_decoder(source, n_src, str(text_path))
         self.sync_momentum()
@@ -190,11 +213,11 @@ class PV2TEA(nn.Module):
         mapping = {}
         for k in self.decoder.state_dict():
             if k.startswith("bert.embeddings."):
-                mapping[k] = k[len("bert."):]
+                mapping[k] = k[len("bert.") :]
             elif k.startswith("bert.encoder.layer.") and ".crossattention." not in k:
-                mapping[k] = k[len("bert."):]
+                mapping[k] = k[len("bert.") :]
             elif k.startswith("bert.encoder.layer.") and self.cfg.fusion.cross_from_self:
-                mapping[k] = k[len("bert."):].replace(".crossattention.", ".attention.")
+                mapping[k] = k[len("bert.") :].replace(".crossattention.", ".attention.")
         mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"  # tied
         transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer.", "copy_"), "decoder")
 
@@ -219,10 +242,9 @@ class PV2TEA(nn.Module):
     def warm_start_keys(self) -> set[str]:
         """State-dict keys a warm start fills: the text encoder, fusion and decoder, minus the gated visual
         path of the fusion (``fusion.visual_gate``), which a text-only run does not have."""
-        return {k for k in self.state_dict()
-                if k.startswith(self.warm_start_prefixes) and not is_visual_gate_key(k)}
+        return {k for k in self.state_dict() if k.startswith(self.warm_start_prefixes) and not is_visual_gate_key(k)}
 
-    def train(self, mode: bool = True) -> "PV2TEA":
+    def train(self, mode: bool = True) -> PV2TEA:
         super().train(mode)
         if not mode:
             return self
@@ -253,8 +275,9 @@ class PV2TEA(nn.Module):
             parts.append(vis_tokens)
             masks.append(vis_mask)
             if batch.extra_mask is not None and bool(batch.extra_mask.any()):
-                extra = self._visual_out(self.visual, batch.extra_images, batch.extra_feats,
-                                         batch.extra_mask)  # (N_extra, 1 + P, H)
+                extra = self._visual_out(
+                    self.visual, batch.extra_images, batch.extra_feats, batch.extra_mask
+                )  # (N_extra, 1 + P, H)
                 ext_tokens, ext_mask = self._scatter_tokens(extra.tokens, batch.extra_mask, text_hidden)
                 parts.append(ext_tokens)
                 masks.append(ext_mask)
@@ -264,25 +287,39 @@ class PV2TEA(nn.Module):
             text_mask = text_mask * (~drop)[:, None].to(text_mask.dtype)
         context = torch.cat([*parts, text_hidden], 1)  # (B, K(1 + P) + T, H)
         context_mask = torch.cat([*[m.to(text_mask.dtype) for m in masks], text_mask], 1)
-        question = self.fusion(batch.question_ids, batch.question_mask, context, context_mask,
-                               n_visual=context.shape[1] - text_hidden.shape[1])
+        question = self.fusion(
+            batch.question_ids,
+            batch.question_mask,
+            context,
+            context_mask,
+            n_visual=context.shape[1] - text_hidden.shape[1],
+        )
         if self.cfg.decoder.attend_context:
             memory = torch.cat([question, context], 1)  # (B, Q + K(1 + P) + T, H)
             memory_mask = torch.cat([batch.question_mask, context_mask], 1)
         else:
             memory, memory_mask = question, batch.question_mask
-        return Encoded(question, batch.question_mask, text_hidden, text_mask, visual, rows, context, context_mask,
-                       memory, memory_mask)
+        return Encoded(
+            question,
+            batch.question_mask,
+            text_hidden,
+            text_mask,
+            visual,
+            rows,
+            context,
+            context_mask,
+            memory,
+            memory_mask,
+        )
 
     def _text_states(self, encoder: nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Text-encoder states (B, T, H) of all rows or the selected ``rows``. With the batch's cached output of
         the frozen bottom layers only the trainable top layers (``text.train_layers``; none when frozen) run."""
         select = slice(None) if rows is None else rows
         if batch.text_hidden is None:
-            return encoder(input_ids=batch.text_ids[select],
-                           attention_mask=batch.text_mask[select]).last_hidden_state
+            return encoder(input_ids=batch.text_ids[select], attention_mask=batch.text_mask[select]).last_hidden_state
         hidden = batch.text_hidden[select]  # (B, T, H) after the frozen layers
-        top = encoder.encoder.layer[self.text_frozen_layers:]
+        top = encoder.encoder.layer[self.text_frozen_layers :]
         if len(top):
             mask = additive_mask(batch.text_mask[select], hidden.dtype)  # (B, 1, 1, T)
             for layer in top:
@@ -296,16 +333,18 @@ class PV2TEA(nn.Module):
         return out.hidden_states[self.text_frozen_layers]
 
     @staticmethod
-    def _visual_out(encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None,
-                    select: torch.Tensor) -> VisualOutput:
+    def _visual_out(
+        encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None, select: torch.Tensor
+    ) -> VisualOutput:
         """The visual encoder on the selected images: cached backbone tokens when given, else pixels."""
         if feats is not None:
             return encoder.head(feats[select])
         return encoder(pixels[select])
 
     @staticmethod
-    def _scatter_tokens(tokens: torch.Tensor, present: torch.Tensor,
-                        like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scatter_tokens(
+        tokens: torch.Tensor, present: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of the present images (N, 1 + P, H) → per-row slots (B, K(1 + P), H) plus their mask."""
         b, k = present.shape
         n_tokens = tokens.shape[1]
@@ -325,9 +364,13 @@ class PV2TEA(nn.Module):
         cfg, s = self.cfg, self.cfg.schemes
         enc = self.encode(batch)
         if self.decoder is not None:
-            logits = self.decoder(input_ids=batch.answer_ids, attention_mask=batch.answer_mask,
-                                  encoder_hidden_states=enc.memory, encoder_attention_mask=enc.memory_mask,
-                                  **self._copy_inputs(enc, batch)).logits  # (B, A, V)
+            logits = self.decoder(
+                input_ids=batch.answer_ids,
+                attention_mask=batch.answer_mask,
+                encoder_hidden_states=enc.memory,
+                encoder_attention_mask=enc.memory_mask,
+                **self._copy_inputs(enc, batch),
+            ).logits  # (B, A, V)
             labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
             per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
         else:
@@ -361,11 +404,20 @@ class PV2TEA(nn.Module):
             bank = [self.queue.image[valid], self.queue.text[valid], self.queue.ids[valid]]
             momentum = {"image": image_feat_m, "text": text_feat_m, "ids": batch.pair_id[rows]}
             if world_size() > 1:  # the other ranks' rows of this step are in-batch rows too (momentum.py)
-                bank = [torch.cat([gather_others(momentum[k].to(q.dtype)), q])
-                        for k, q in zip(("image", "text", "ids"), bank)]
+                bank = [
+                    torch.cat([gather_others(momentum[k].to(q.dtype)), q])
+                    for k, q in zip(("image", "text", "ids"), bank)
+                ]
             sc = label_smoothed_contrastive(
-                image_feat, text_feat, image_feat_m, text_feat_m, batch.pair_id[rows], *bank,
-                alpha=s.alpha, temperature=s.temperature)
+                image_feat,
+                text_feat,
+                image_feat_m,
+                text_feat_m,
+                batch.pair_id[rows],
+                *bank,
+                alpha=s.alpha,
+                temperature=s.temperature,
+            )
             terms["loss_sc"] = sc["loss_sc"]
             total = total + cfg.loss.weight_sc * terms["loss_sc"]
         elif self.uses_contrast and world_size() > 1:  # no image row here: still take part in the other ranks' gather
@@ -385,8 +437,9 @@ class PV2TEA(nn.Module):
         neg = sel[partner]
         context = torch.cat([enc.context[neg, :n_vis], enc.text_hidden[sel]], 1)  # (B_img, K(1 + P) + T, H)
         mask = torch.cat([enc.context_mask[neg, :n_vis], batch.text_mask[sel]], 1)
-        q_neg = self.fusion(batch.question_ids[sel], batch.question_mask[sel], context, mask,
-                            n_visual=n_vis)[:, 0]  # (B_img, H)
+        q_neg = self.fusion(batch.question_ids[sel], batch.question_mask[sel], context, mask, n_visual=n_vis)[
+            :, 0
+        ]  # (B_img, H)
         return image_text_matching_loss(self.itm_head(enc.question[sel, 0]), self.itm_head(q_neg))
 
     @torch.no_grad()
@@ -402,8 +455,9 @@ class PV2TEA(nn.Module):
         for j in range(n):  # one text against every image
             context = torch.cat([enc.context[:, :n_vis], enc.text_hidden[j].expand(n, -1, -1)], 1)
             mask = torch.cat([enc.context_mask[:, :n_vis], batch.text_mask[j].expand(n, -1)], 1)
-            q = self.fusion(batch.question_ids[j].expand(n, -1), batch.question_mask[j].expand(n, -1), context, mask,
-                            n_visual=n_vis)
+            q = self.fusion(
+                batch.question_ids[j].expand(n, -1), batch.question_mask[j].expand(n, -1), context, mask, n_visual=n_vis
+            )
             scores[:, j] = self.itm_head(q[:, 0]).softmax(-1)[:, 1]
         return scores
 
@@ -414,29 +468,47 @@ class PV2TEA(nn.Module):
 
     # ------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def generate(self, batch: Batch, bos_id: int, eos_id: int, pad_id: int,
-                 num_beams: int | None = None, max_new_tokens: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        batch: Batch,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> torch.Tensor:
         """Answer token ids (B, L) starting with ``bos_id``; greedy or beam search."""
         enc = self.encode(batch)
         start = torch.full((len(batch), 1), bos_id, dtype=torch.long, device=batch.text_ids.device)
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens or self.cfg.decoder.max_answer_tokens,
-            num_beams=num_beams or self.cfg.decoder.num_beams, do_sample=False,
-            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            num_beams=num_beams or self.cfg.decoder.num_beams,
+            do_sample=False,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
             # transformers 5's BERT cross-attention cache is not usable by generate; answers are short
-            use_cache=False)
-        return self.decoder.generate(input_ids=start, attention_mask=torch.ones_like(start),
-                                     encoder_hidden_states=enc.memory,
-                                     encoder_attention_mask=enc.memory_mask, generation_config=gen_cfg,
-                                     **self._copy_inputs(enc, batch))
+            use_cache=False,
+        )
+        return self.decoder.generate(
+            input_ids=start,
+            attention_mask=torch.ones_like(start),
+            encoder_hidden_states=enc.memory,
+            encoder_attention_mask=enc.memory_mask,
+            generation_config=gen_cfg,
+            **self._copy_inputs(enc, batch),
+        )
 
     def _copy_inputs(self, enc: Encoded, batch: Batch, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The text tokens the copy decoder may copy (of all rows or the selected ``rows``); {} without copy."""
         if not self.cfg.decoder.copy:
             return {}
         select = slice(None) if rows is None else rows
-        return {"copy_states": enc.text_hidden[select], "copy_ids": batch.text_ids[select],
-                "copy_mask": copy_mask(enc.text_mask[select])}
+        return {
+            "copy_states": enc.text_hidden[select],
+            "copy_ids": batch.text_ids[select],
+            "copy_mask": copy_mask(enc.text_mask[select]),
+        }
 
     def _value_logits(self, enc: Encoded, batch: Batch) -> torch.Tensor:
         """Classification head on q_cls; classes of other attributes are masked out. (B, V)"""
@@ -445,8 +517,9 @@ class PV2TEA(nn.Module):
         return logits.masked_fill(~own, torch.finfo(logits.dtype).min)
 
     @torch.no_grad()
-    def classify(self, batch: Batch, allowed: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> list[list[int]]:
+    def classify(
+        self, batch: Batch, allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> list[list[int]]:
         """Value-class indices per row: argmax, or for multi-value rows every class with at least half
         the top probability. ``allowed`` (B, V) bool restricts the classes (candidate lists); ``bias`` (B, V)
         is added to the log-probabilities (an extractor's weighted log-prior, late fusion)."""
@@ -467,24 +540,30 @@ class PV2TEA(nn.Module):
         return out
 
     @torch.no_grad()
-    def score_candidates(self, batch: Batch, rows: torch.Tensor, cand_ids: torch.Tensor,
-                         cand_mask: torch.Tensor) -> torch.Tensor:
+    def score_candidates(
+        self, batch: Batch, rows: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Sequence log-likelihood log p(candidate | product, question) for each candidate (N,).
 
         rows (N,): the batch row each candidate belongs to; cand_ids/cand_mask (N, L) with [CLS] first.
         """
         enc = self.encode(batch)
-        logits = self.decoder(input_ids=cand_ids, attention_mask=cand_mask, encoder_hidden_states=enc.memory[rows],
-                              encoder_attention_mask=enc.memory_mask[rows],
-                              **self._copy_inputs(enc, batch, rows)).logits  # (N, L, V)
+        logits = self.decoder(
+            input_ids=cand_ids,
+            attention_mask=cand_mask,
+            encoder_hidden_states=enc.memory[rows],
+            encoder_attention_mask=enc.memory_mask[rows],
+            **self._copy_inputs(enc, batch, rows),
+        ).logits  # (N, L, V)
         log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # (N, L-1, V)
         targets = cand_ids[:, 1:]  # (N, L-1)
         token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, L-1)
         return (token_lp * cand_mask[:, 1:]).sum(1)
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    def image_features(
+        self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Pooled visual features (for S3's KNN) and the S2 patch mask σ(M) (B, P) with its grid.
 
         From pixels (B, 3, H, W) or from cached backbone tokens (B, N, C).
@@ -494,8 +573,7 @@ class PV2TEA(nn.Module):
         return out.pooled, mask, out.grid
 
     @torch.no_grad()
-    def backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
-                          ) -> torch.Tensor:
+    def backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) mean of the visual backbone's output tokens, from pixels or cached tokens (B, N, C)."""
         tokens = feats if feats is not None else self.visual.backbone_tokens(images)
         return tokens.mean(1)
@@ -505,11 +583,12 @@ class PV2TEA(nn.Module):
         """(B, ΣC_i) mean over the backbone tokens of the earlier levels' channels only (``vision.extra_levels``),
         from pixels or cached tokens (B, N, C)."""
         tokens = feats if feats is not None else self.visual.backbone_tokens(images)
-        return tokens[..., self.visual.backbone.num_features:].mean(1)
+        return tokens[..., self.visual.backbone.num_features :].mean(1)
 
     @torch.no_grad()
-    def masked_backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
-                                 ) -> torch.Tensor:
+    def masked_backbone_features(
+        self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, C) mean of the backbone's patch tokens weighted by the S2 mask σ(M): the product, not its background.
 
         Without attention pruning it is :meth:`backbone_features`. From pixels or cached tokens (B, N, C).
@@ -518,5 +597,5 @@ class PV2TEA(nn.Module):
         _, gate, _ = self.image_features(feats=tokens)  # (B, P) or None
         if gate is None:
             return tokens.mean(1)
-        patches = tokens[:, self.visual.num_prefix_tokens:]  # (B, P, C)
+        patches = tokens[:, self.visual.num_prefix_tokens :]  # (B, P, C)
         return (patches * gate.unsqueeze(-1)).sum(1) / gate.sum(1, keepdim=True).clamp_min(1e-6)

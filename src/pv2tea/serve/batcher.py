@@ -49,9 +49,17 @@ class MicroBatcher:
     called after each batch predicted (for metrics).
     """
 
-    def __init__(self, predict: PredictFn, *, max_batch: int = 32, max_wait: float = 0.005, max_queue: int = 256,
-                 coalesce: bool = True, on_batch: Callable[[int], None] | None = None,
-                 warmup: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        predict: PredictFn,
+        *,
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        max_queue: int = 256,
+        coalesce: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+        warmup: Callable[[], None] | None = None,
+    ):
         if max_batch < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("max_batch and max_queue must be ≥ 1 and max_wait ≥ 0")
         self.predict, self.max_batch, self.max_wait, self.max_queue = predict, max_batch, max_wait, max_queue
@@ -140,7 +148,7 @@ class MicroBatcher:
             return
         start = 0
         for job in batch:
-            job.future.set_result(answers[start:start + len(job.items)])
+            job.future.set_result(answers[start : start + len(job.items)])
             start += len(job.items)
         if self.on_batch is not None:
             self.on_batch(len(items))

@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import httpx
 
@@ -72,10 +73,22 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="pv2tea-serve-", suffix=".log", delete=False)
-        command = [sys.executable, "-m", "pv2tea.cli", "serve", "--model", str(model), "--port", str(self.port),
-                   "--log-level", "warning", *args]
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        command = [
+            sys.executable,
+            "-m",
+            "pv2tea.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        )
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -118,8 +131,10 @@ class ServerProcess:
 
         Returns the request's status line, whether new connections were refused meanwhile, and the exit code.
         """
-        head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
             sock.sendall(head)
             interim = sock.recv(1024)  # "100 Continue": the application is reading this request's body
@@ -144,9 +159,12 @@ class ServerProcess:
             self.process.kill()
             code = self.process.wait()
         self.log.close()
-        return {"interim": interim.split(b"\r\n", 1)[0].decode(errors="replace"),
-                "in_flight": response.split(b"\r\n", 1)[0].decode(errors="replace"),
-                "new_connections_refused": refused, "exit_code": code}
+        return {
+            "interim": interim.split(b"\r\n", 1)[0].decode(errors="replace"),
+            "in_flight": response.split(b"\r\n", 1)[0].decode(errors="replace"),
+            "new_connections_refused": refused,
+            "exit_code": code,
+        }
 
     def log_tail(self, chars: int = 2000) -> str:
         if not self.log.closed:
@@ -167,9 +185,16 @@ def _products(cfg: ServeBenchConfig, folder: Path) -> list[dict[str, Any]]:
     records = load_dataset(data, skip_invalid=True, require_label=False).records
     if not records:
         raise ValueError(f"{data}: no valid rows to send")
-    return [{"id": r.id, "text": r.text, "category": r.category, "attribute": r.attribute,
-             "images": [base64.b64encode(Path(p).read_bytes()).decode() for p in r.images[:1]]}
-            for r in records[:200]]
+    return [
+        {
+            "id": r.id,
+            "text": r.text,
+            "category": r.category,
+            "attribute": r.attribute,
+            "images": [base64.b64encode(Path(p).read_bytes()).decode() for p in r.images[:1]],
+        }
+        for r in records[:200]
+    ]
 
 
 def _bad_png() -> str:
@@ -180,8 +205,12 @@ def _bad_png() -> str:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
     return base64.b64encode(png).decode()
 
 
@@ -202,7 +231,7 @@ def _bodies(products: list[dict], rng: random.Random, n: int, invalid_share: flo
         "oversized": lambda p: json.dumps({"products": [{**p, "text": "x" * (BODY_LIMIT + 1)}]}).encode(),
     }
     out = []
-    for i in range(n):
+    for _ in range(n):
         if rng.random() < invalid_share:
             kind = rng.choice(sorted(bad))
             out.append(_Body(kind, bad[kind](rng.choice(products)), 0))
@@ -229,8 +258,9 @@ class _Phase:
 
     @property
     def server_errors(self) -> int:
-        return sum(n for s, n in self.status_counts.items()
-                   if not s.isdigit() or (int(s) >= 500 and int(s) not in (503, 504)))
+        return sum(
+            n for s, n in self.status_counts.items() if not s.isdigit() or (int(s) >= 500 and int(s) not in (503, 504))
+        )
 
 
 async def _drive(url: str, bodies: list[_Body], clients: int, seconds: float, budget: int) -> _Phase:
@@ -306,25 +336,33 @@ def run_serve_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -
         "speedup": round(rows_per_s / alone_rows_per_s, 2) if alone_rows_per_s else None,
         "rss_growth": round(rss_end / rss_start - 1, 4) if rss_start else None,
     }
-    details = {"seconds": round(loaded.seconds, 1), "baseline_seconds": round(baseline.seconds, 1),
-               "baseline_requests": baseline.requests, "baseline_p50_ms": round(baseline.percentile(0.5), 1),
-               "rss_start_mb": round(rss_start / 2**20, 1), "rss_end_mb": round(rss_end / 2**20, 1),
-               "exit_codes": exit_codes, "sigterm": sigterm}
+    details = {
+        "seconds": round(loaded.seconds, 1),
+        "baseline_seconds": round(baseline.seconds, 1),
+        "baseline_requests": baseline.requests,
+        "baseline_p50_ms": round(baseline.percentile(0.5), 1),
+        "rss_start_mb": round(rss_start / 2**20, 1),
+        "rss_end_mb": round(rss_end / 2**20, 1),
+        "exit_codes": exit_codes,
+        "sigterm": sigterm,
+    }
     return {"serve": serve, "details": details}
 
 
 def format_table(result: dict[str, Any]) -> str:
     s, d = result["serve"], result["details"]
-    lines = ["| measure | micro-batching, {} clients | one at a time, 1 client |".format(s["clients"]),
-             "| --- | --- | --- |",
-             f"| requests | {s['requests']} in {d['seconds']} s | {d['baseline_requests']} in {d['baseline_seconds']} s |",
-             f"| rows/s | {s['rows_per_s']} | {s['rows_per_s_one_at_a_time']} |",
-             f"| p50 / p99 latency (ms) | {s['p50_ms']} / {s['p99_ms']} | {d['baseline_p50_ms']} / – |",
-             f"| status counts | {s['status_counts']} | |",
-             f"| server errors (5xx but 503/504, dropped) | {s['server_errors']} | |",
-             f"| speedup | {s['speedup']} | 1 |",
-             f"| RSS after warm-up → end (MB) | {d['rss_start_mb']} → {d['rss_end_mb']} (growth {s['rss_growth']}) | |",
-             f"| exit code after SIGTERM | {d['exit_codes']['batched']} | {d['exit_codes']['one_at_a_time']} |",
-             f"| SIGTERM mid-request: the request in flight, new connections | {d['sigterm']['in_flight']}, "
-             f"{'refused' if d['sigterm']['new_connections_refused'] else 'ACCEPTED'} | |"]
+    lines = [
+        "| measure | micro-batching, {} clients | one at a time, 1 client |".format(s["clients"]),
+        "| --- | --- | --- |",
+        f"| requests | {s['requests']} in {d['seconds']} s | {d['baseline_requests']} in {d['baseline_seconds']} s |",
+        f"| rows/s | {s['rows_per_s']} | {s['rows_per_s_one_at_a_time']} |",
+        f"| p50 / p99 latency (ms) | {s['p50_ms']} / {s['p99_ms']} | {d['baseline_p50_ms']} / – |",
+        f"| status counts | {s['status_counts']} | |",
+        f"| server errors (5xx but 503/504, dropped) | {s['server_errors']} | |",
+        f"| speedup | {s['speedup']} | 1 |",
+        f"| RSS after warm-up → end (MB) | {d['rss_start_mb']} → {d['rss_end_mb']} (growth {s['rss_growth']}) | |",
+        f"| exit code after SIGTERM | {d['exit_codes']['batched']} | {d['exit_codes']['one_at_a_time']} |",
+        f"| SIGTERM mid-request: the request in flight, new connections | {d['sigterm']['in_flight']}, "
+        f"{'refused' if d['sigterm']['new_connections_refused'] else 'ACCEPTED'} | |",
+    ]
     return "\n".join(lines)

@@ -36,8 +36,14 @@ class Limits:
     formats: tuple[str, ...] = field(default=DEFAULT_FORMATS)  # Pillow format names allowed (422)
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_products", "max_text_chars", "max_images_per_product",
-                     "max_image_bytes", "max_image_pixels"):
+        for name in (
+            "max_body_bytes",
+            "max_products",
+            "max_text_chars",
+            "max_images_per_product",
+            "max_image_bytes",
+            "max_image_pixels",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"limit {name} must be at least 1, got {getattr(self, name)}")
         object.__setattr__(self, "formats", tuple(f.strip().upper() for f in self.formats if f.strip()))
@@ -65,15 +71,17 @@ def decode_base64(data: str, limits: Limits) -> bytes:
     if data.startswith("data:"):
         data = data.partition(",")[2]
     if len(data) // 4 * 3 > limits.max_image_bytes + 3:
-        raise ImageRejected("bytes", f"image is larger than {_mib(limits.max_image_bytes)} (the limit of one "
-                                     f"image file)")
+        raise ImageRejected(
+            "bytes", f"image is larger than {_mib(limits.max_image_bytes)} (the limit of one image file)"
+        )
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageRejected("base64", f"not a base64 image: {exc}") from None
     if len(raw) > limits.max_image_bytes:
-        raise ImageRejected("bytes", f"image is larger than {_mib(limits.max_image_bytes)} (the limit of one "
-                                     f"image file)")
+        raise ImageRejected(
+            "bytes", f"image is larger than {_mib(limits.max_image_bytes)} (the limit of one image file)"
+        )
     return raw
 
 
@@ -88,8 +96,9 @@ def read_image_file(root: Path, name: str, limits: Limits) -> bytes:
         raise ImageRejected("path", f"'{name}' is not a file under the image root")
     size = path.stat().st_size
     if size > limits.max_image_bytes:
-        raise ImageRejected("bytes", f"'{name}' is larger than {_mib(limits.max_image_bytes)} (the limit of one "
-                                     f"image file)")
+        raise ImageRejected(
+            "bytes", f"'{name}' is larger than {_mib(limits.max_image_bytes)} (the limit of one image file)"
+        )
     with open(path, "rb") as f:
         return f.read(limits.max_image_bytes + 1)
 
@@ -110,27 +119,30 @@ def open_image(raw: bytes, limits: Limits) -> Image.Image:
             try:
                 image = Image.open(io.BytesIO(raw))  # lazy: reads the header only
             except Image.DecompressionBombError as exc:
-                raise ImageRejected("pixels", f"image has too many pixels ({exc}); at most "
-                                              f"{limits.max_image_pixels:,}") from None
+                raise ImageRejected(
+                    "pixels", f"image has too many pixels ({exc}); at most {limits.max_image_pixels:,}"
+                ) from None
             except UnidentifiedImageError:
                 raise ImageRejected("corrupt", "not an image file (unrecognized format)") from None
             except Exception as exc:  # Pillow signals bad headers with many exception types
                 raise ImageRejected("corrupt", f"corrupt image header ({type(exc).__name__}: {exc})") from None
         with image:
             if image.format not in limits.formats:
-                raise ImageRejected("format", f"image format {image.format} is not allowed; allowed: "
-                                              f"{', '.join(limits.formats)}")
+                raise ImageRejected(
+                    "format", f"image format {image.format} is not allowed; allowed: {', '.join(limits.formats)}"
+                )
             width, height = image.size
             if width * height > limits.max_image_pixels:
-                raise ImageRejected("pixels", f"image is {width} × {height} = {width * height:,} pixels; at most "
-                                              f"{limits.max_image_pixels:,}")
+                raise ImageRejected(
+                    "pixels",
+                    f"image is {width} × {height} = {width * height:,} pixels; at most {limits.max_image_pixels:,}",
+                )
             try:
                 image.load()
                 upright = ImageOps.exif_transpose(image)
                 return _to_rgb(upright)
             except Exception as exc:  # truncated data, bad chunks, unsupported modes
-                raise ImageRejected("corrupt", f"image is truncated or corrupt ({type(exc).__name__}: {exc})") \
-                    from None
+                raise ImageRejected("corrupt", f"image is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 

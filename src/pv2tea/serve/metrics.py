@@ -23,22 +23,37 @@ class ServiceMetrics:
     images_rejected: Counter
 
     @classmethod
-    def create(cls) -> "ServiceMetrics":
+    def create(cls) -> ServiceMetrics:
         registry = CollectorRegistry()
         return cls(
             registry=registry,
-            requests=Counter("pv2tea_requests", "HTTP requests answered, by route and status code.",
-                             ["route", "status"], registry=registry),
-            latency=Histogram("pv2tea_request_seconds", "Time from request to response, by route.", ["route"],
-                              buckets=LATENCY_BUCKETS, registry=registry),
-            batch_rows=Histogram("pv2tea_batch_rows", "Rows in each model batch (micro-batching coalesces requests).",
-                                 buckets=BATCH_BUCKETS, registry=registry),
-            rows_predicted=Counter("pv2tea_rows_predicted", "Rows (product, attribute) predicted.",
-                                   registry=registry),
+            requests=Counter(
+                "pv2tea_requests",
+                "HTTP requests answered, by route and status code.",
+                ["route", "status"],
+                registry=registry,
+            ),
+            latency=Histogram(
+                "pv2tea_request_seconds",
+                "Time from request to response, by route.",
+                ["route"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            batch_rows=Histogram(
+                "pv2tea_batch_rows",
+                "Rows in each model batch (micro-batching coalesces requests).",
+                buckets=BATCH_BUCKETS,
+                registry=registry,
+            ),
+            rows_predicted=Counter("pv2tea_rows_predicted", "Rows (product, attribute) predicted.", registry=registry),
             queue_depth=Gauge("pv2tea_queue_depth", "Requests waiting for the model.", registry=registry),
-            images_rejected=Counter("pv2tea_images_rejected", "Images refused, by reason "
-                                    "(base64, bytes, path, format, pixels, corrupt, count).", ["reason"],
-                                    registry=registry),
+            images_rejected=Counter(
+                "pv2tea_images_rejected",
+                "Images refused, by reason (base64, bytes, path, format, pixels, corrupt, count).",
+                ["reason"],
+                registry=registry,
+            ),
         )
 
     def observe_batch(self, rows: int) -> None:

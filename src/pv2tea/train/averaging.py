@@ -59,7 +59,9 @@ class WeightAverage:
         """Restore what :meth:`state` returned (tensors may hold other keys too)."""
         missing = [name for name in self.names if PREFIX + name not in tensors] if count else []
         if missing:
-            raise ValueError(f"the checkpoint's weight average lacks {len(missing)} trainable parameter(s) of the "
-                             f"model, e.g. {missing[0]}")
+            raise ValueError(
+                f"the checkpoint's weight average lacks {len(missing)} trainable parameter(s) of the "
+                f"model, e.g. {missing[0]}"
+            )
         self.count = count
         self.tensors = {name: tensors[PREFIX + name].clone() for name in self.names} if count else {}

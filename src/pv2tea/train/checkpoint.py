@@ -48,8 +48,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     np_state = np.random.get_state()
     py_state = random.getstate()
     tensors = {"rng.torch": torch.get_rng_state()}
-    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, meta
 
 
@@ -85,9 +87,16 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, cfg: Config, bert_config: dict, preprocess: dict,
-                    tokenizer, training: dict[str, Any] | None = None,
-                    training_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    cfg: Config,
+    bert_config: dict,
+    preprocess: dict,
+    tokenizer,
+    training: dict[str, Any] | None = None,
+    training_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a checkpoint folder atomically (a crash leaves the previous one intact: under its own name, or as
     ``<name>.old`` when the crash fell between the two renames, which every reader here moves back)."""
     directory = recover_interrupted_save(Path(directory))
@@ -163,29 +172,37 @@ def verify_manifest(directory: Path) -> bool:
         if str(directory.resolve()) in _UNCHECKED_WARNED:
             return False
         _UNCHECKED_WARNED.add(str(directory.resolve()))
-        warnings.warn(f"{directory} has no {MANIFEST_FILE} (written by an older pv2tea): its files load unchecked; "
-                      f"saving the model again (train --resume, or a new run) writes one", CheckpointWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{directory} has no {MANIFEST_FILE} (written by an older pv2tea): its files load unchecked; "
+            f"saving the model again (train --resume, or a new run) writes one",
+            CheckpointWarning,
+            stacklevel=3,
+        )
         return False
     try:
         files = json.loads(path.read_text())["files"]
         listed = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc}); copy the folder again from "
-                              f"where it was trained") from None
-    fix = ("copy the folder again from where it was trained (or retrain); if you changed the file on purpose, "
-           f"delete {MANIFEST_FILE} to load the folder unchecked")
+        raise CheckpointError(
+            f"{path} is unreadable ({type(exc).__name__}: {exc}); copy the folder again from where it was trained"
+        ) from None
+    fix = (
+        "copy the folder again from where it was trained (or retrain); if you changed the file on purpose, "
+        f"delete {MANIFEST_FILE} to load the folder unchecked"
+    )
     for name, (size, sha256) in listed.items():
         file = directory / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing but listed in {path}: {fix}")
         actual = _manifest_entry(file)
         if actual["size"] != size:
-            raise CheckpointError(f"{file} is {actual['size']:,} bytes but was written with {size:,} (truncated or "
-                                  f"altered): {fix}")
+            raise CheckpointError(
+                f"{file} is {actual['size']:,} bytes but was written with {size:,} (truncated or altered): {fix}"
+            )
         if actual["sha256"] != sha256:
-            raise CheckpointError(f"{file} does not match the SHA-256 recorded when it was written (altered or "
-                                  f"corrupt): {fix}")
+            raise CheckpointError(
+                f"{file} does not match the SHA-256 recorded when it was written (altered or corrupt): {fix}"
+            )
     return True
 
 
@@ -211,8 +228,9 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     verify_manifest(directory)  # hashed once per file version (cached): read_config checked the same files
     missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit the model: missing {sorted(missing)[:8]}, "
-                              f"unexpected {sorted(unexpected)[:8]}")
+        raise CheckpointError(
+            f"{path} does not fit the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
 
 
 WARM_START_FILE = "warm_start.json"  # in a run folder: which checkpoint the run started from, by path and content
@@ -254,13 +272,22 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
     # the storage the other names share
     filled = {v.data_ptr() for k, v in target.items() if k in source}
     missing = sorted(k for k, v in target.items() if k not in source and v.data_ptr() not in filled)
-    wrong = [(k, tuple(source[k].shape), tuple(v.shape)) for k, v in target.items()
-             if k in source and source[k].shape != v.shape]
+    wrong = [
+        (k, tuple(source[k].shape), tuple(v.shape))
+        for k, v in target.items()
+        if k in source and source[k].shape != v.shape
+    ]
     if missing or wrong:
-        detail = "; ".join([*([f"missing {missing[:4]}"] if missing else []),
-                            *([f"shape (saved, here) differs for {wrong[:3]}"] if wrong else [])])
-        raise CheckpointError(f"train.init_from: {path} does not fit this model's text encoder, fusion and decoder "
-                              f"(is it a run with the same text model, layer counts and decoder?): {detail}")
+        detail = "; ".join(
+            [
+                *([f"missing {missing[:4]}"] if missing else []),
+                *([f"shape (saved, here) differs for {wrong[:3]}"] if wrong else []),
+            ]
+        )
+        raise CheckpointError(
+            f"train.init_from: {path} does not fit this model's text encoder, fusion and decoder "
+            f"(is it a run with the same text model, layer counts and decoder?): {detail}"
+        )
     with torch.no_grad():
         for k, tensor in target.items():
             if k in source:

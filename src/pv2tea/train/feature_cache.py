@@ -10,8 +10,8 @@ path, texts by their cropped string.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -43,15 +43,18 @@ class FeatureCache:
         for i, text in enumerate(texts):
             states = self.texts[text]
             if states.shape[0] != int(mask[i].sum()):
-                raise RuntimeError(f"cached text states ({states.shape[0]} tokens) do not match the batch "
-                                   f"({int(mask[i].sum())} tokens); was the tokenizer or text config changed?")
-            out[i, :states.shape[0]] = states
+                raise RuntimeError(
+                    f"cached text states ({states.shape[0]} tokens) do not match the batch "
+                    f"({int(mask[i].sum())} tokens); was the tokenizer or text config changed?"
+                )
+            out[i, : states.shape[0]] = states
         return out
 
 
 @torch.no_grad()
-def build_feature_cache(model, pre, records: Sequence[Record], batch_size: int = 32,
-                        progress: bool = False) -> FeatureCache:
+def build_feature_cache(
+    model, pre, records: Sequence[Record], batch_size: int = 32, progress: bool = False
+) -> FeatureCache:
     """Encode the distinct images (when ``vision.freeze``) and texts (through the frozen text layers: all with
     ``text.freeze``, the bottom ones with ``text.train_layers``) of records."""
     cfg = model.cfg
@@ -59,18 +62,20 @@ def build_feature_cache(model, pre, records: Sequence[Record], batch_size: int =
     was_training = model.training
     model.eval()
     if model.visual is not None and cfg.vision.freeze:
-        paths = list(dict.fromkeys(p for r in records for p in r.images[:cfg.vision.max_images]))
-        for start in tqdm(range(0, len(paths), batch_size), desc="cache image features", disable=not progress,
-                          leave=False):
-            chunk = paths[start:start + batch_size]
+        paths = list(dict.fromkeys(p for r in records for p in r.images[: cfg.vision.max_images]))
+        for start in tqdm(
+            range(0, len(paths), batch_size), desc="cache image features", disable=not progress, leave=False
+        ):
+            chunk = paths[start : start + batch_size]
             pixels = torch.stack([pre.transform(load_rgb(p)) for p in chunk])  # (b, 3, H, W)
             tokens = model.visual.backbone_tokens(pixels)  # (b, N, C)
             cache.images.update(zip(chunk, tokens.clone().unbind(0)))
     if model.text_cached:
         texts = list(dict.fromkeys(pre.crop(r.text) for r in records))
-        for start in tqdm(range(0, len(texts), batch_size), desc="cache text features", disable=not progress,
-                          leave=False):
-            chunk = texts[start:start + batch_size]
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="cache text features", disable=not progress, leave=False
+        ):
+            chunk = texts[start : start + batch_size]
             enc = pre.tokenize_texts(chunk)
             states = model.frozen_text_states(enc["input_ids"], enc["attention_mask"])  # (b, T, H)
             lengths = enc["attention_mask"].sum(1).tolist()

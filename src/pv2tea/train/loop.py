@@ -15,9 +15,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,15 @@ from pv2tea.eval.normalize import normalize_values
 from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import grounding_weights, label_weights, mention_free_texts
-from pv2tea.regularize.neighbors import (chance_corrected, combine, expected_agreement, expected_prediction_agreement,
-                                        prediction_reliability, rescale_to_mean_one, visual_reliability)
+from pv2tea.regularize.neighbors import (
+    chance_corrected,
+    combine,
+    expected_agreement,
+    expected_prediction_agreement,
+    prediction_reliability,
+    rescale_to_mean_one,
+    visual_reliability,
+)
 from pv2tea.regularize.probe import cross_fitted_probe
 from pv2tea.train import checkpoint as ckpt
 from pv2tea.train import distributed as ddp
@@ -59,7 +67,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     """The shuffled batches of one epoch, a pure function of (seed, epoch) so resume replays them."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def epoch_rows(records: Sequence[Record], per_epoch: int | None, seed: int, epoch: int) -> list[int]:
@@ -93,12 +101,14 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     for params, lr in ((pretrained, o.lr), (new, o.head_lr or o.lr)):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "lr": lr, "weight_decay": o.weight_decay},
-                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        groups += [
+            {"params": decay, "lr": lr, "weight_decay": o.weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], foreach=True)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(total_steps, 1),
-        min_lr_rate=o.min_lr_ratio)
+        optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(total_steps, 1), min_lr_rate=o.min_lr_ratio
+    )
     return optimizer, scheduler
 
 
@@ -107,8 +117,9 @@ def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str
 
 
 @torch.no_grad()
-def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], labels: Sequence[frozenset[str]],
-                  cfg: Config) -> tuple[np.ndarray, dict[str, float]]:
+def _visual_level(
+    model: PV2TEA, pre: Preprocessor, records: Sequence[Record], labels: Sequence[frozenset[str]], cfg: Config
+) -> tuple[np.ndarray, dict[str, float]]:
     """S3's visual level s_v (N,) per attribute, chance-corrected as ``schemes.nr_chance`` says, and log stats.
 
     NaN where there is no visual evidence: a row without an image, or (``schemes.nr_visual=probe``) every row of
@@ -121,12 +132,14 @@ def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], l
     s_v = np.full(n, np.nan)
     stats: dict[str, float] = {}
     with_image = [i for i, r in enumerate(records) if r.images]
-    features_of = {"backbone": model.backbone_features, "masked": model.masked_backbone_features,
-                   "levels": model.level_features}.get(
-        s.nr_features, lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
+    features_of = {
+        "backbone": model.backbone_features,
+        "masked": model.masked_backbone_features,
+        "levels": model.level_features,
+    }.get(s.nr_features, lambda images=None, feats=None: model.image_features(images, feats)[0])  # (B, C) or (B, H)
     feats = []
     for start in range(0, len(with_image), cfg.train.eval_batch_size):
-        rows = with_image[start:start + cfg.train.eval_batch_size]
+        rows = with_image[start : start + cfg.train.eval_batch_size]
         chunk = [records[i] for i in rows]
         if pre.cache is not None and pre.cache.has_images(chunk, 1):
             feats.append(features_of(feats=pre.cache.image_tokens([r.images[0] for r in chunk])))
@@ -149,31 +162,47 @@ def _visual_level(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], l
                     continue
                 s_v[rows] = fit.reliability
             else:
-                s_v[rows] = visual_reliability(features[idx], row_labels, s.knn_k, s.nr_label_match,
-                                               exact_below=s.knn_exact_below, index=s.knn_index,
-                                               recall=s.knn_recall, seed=cfg.train.seed)
+                s_v[rows] = visual_reliability(
+                    features[idx],
+                    row_labels,
+                    s.knn_k,
+                    s.nr_label_match,
+                    exact_below=s.knn_exact_below,
+                    index=s.knn_index,
+                    recall=s.knn_recall,
+                    seed=cfg.train.seed,
+                )
             if s.nr_chance != "none":  # chance level: agreement with a random sample of the same category
                 expected = expected_agreement(row_labels, [records[i].category for i in rows], s.nr_label_match)
                 s_v[rows] = chance_corrected(s_v[rows], expected, s.nr_chance)
     return s_v, stats
 
 
-def weight_groups(records: Sequence[Record], within: str, judged: np.ndarray | None, use_pred: bool
-                  ) -> list[tuple[bool, str | None]]:
+def weight_groups(
+    records: Sequence[Record], within: str, judged: np.ndarray | None, use_pred: bool
+) -> list[tuple[bool, str | None]]:
     """The groups S3 weights are rescaled to mean 1 in: ``within`` ("all" or "attribute"), and apart from each
     other the rows S3 judged and the rows it could not (``judged``: the visual level's verdicts, None when it is
     off; with the prediction level in use every row is judged). An unjudged row has s = 1 for lack of evidence,
     not for agreeing; rescaled together with judged rows (mean s about 0.5) it would count twice as much as they
     do, and image-less text rows would outweigh the products."""
-    return [(use_pred or judged is None or bool(judged[i]), r.attribute if within == "attribute" else None)
-            for i, r in enumerate(records)]
+    return [
+        (use_pred or judged is None or bool(judged[i]), r.attribute if within == "attribute" else None)
+        for i, r in enumerate(records)
+    ]
 
 
 @torch.no_grad()
-def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], epoch: int, cfg: Config,
-                   progress: bool = False, prediction_texts: Sequence[str | None] | None = None,
-                   visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] | None = None
-                   ) -> tuple[np.ndarray | None, dict[str, float]]:
+def sample_weights(
+    model: PV2TEA,
+    pre: Preprocessor,
+    records: Sequence[Record],
+    epoch: int,
+    cfg: Config,
+    progress: bool = False,
+    prediction_texts: Sequence[str | None] | None = None,
+    visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] | None = None,
+) -> tuple[np.ndarray | None, dict[str, float]]:
     """S3 weights s(X_n) for this epoch (Eq. 10–15), computed per attribute, times the rows' own trust in their
     labels (``schemes.ungrounded_weight``, ``schemes.label_weights``); None when none of these re-weights the rows.
 
@@ -203,10 +232,12 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
         s_v, stats = np.where(judged, s_v, 1.0), dict(stats)  # no evidence: 1, as Eq. 12 has nothing against it
     s_p = None
     if use_pred:
-        shown = records if prediction_texts is None else [
-            r if t is None else replace(r, text=t) for r, t in zip(records, prediction_texts)]
-        preds = generate_values(model, pre, shown, cfg.train.eval_batch_size, progress=progress,
-                                desc="S3 predictions")
+        shown = (
+            records
+            if prediction_texts is None
+            else [r if t is None else replace(r, text=t) for r, t in zip(records, prediction_texts)]
+        )
+        preds = generate_values(model, pre, shown, cfg.train.eval_batch_size, progress=progress, desc="S3 predictions")
         pred_keys = [label_key(r, p) for r, p in zip(records, preds)]
         s_p = np.ones(n)
         for attribute in {r.attribute for r in records}:
@@ -215,11 +246,13 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
             s_p[rows] = prediction_reliability(row_labels, row_preds, s.nr_label_match)
             if s.nr_chance != "none":
                 s_p[rows] = chance_corrected(
-                    s_p[rows], expected_prediction_agreement(row_labels, row_preds, s.nr_label_match), s.nr_chance)
-    weights = np.array(combine(s_v, s_p) if s_v is not None or s_p is not None else np.ones(n),
-                       dtype=float)  # a copy (combine may return s_v itself)
+                    s_p[rows], expected_prediction_agreement(row_labels, row_preds, s.nr_label_match), s.nr_chance
+                )
+    weights = np.array(
+        combine(s_v, s_p) if s_v is not None or s_p is not None else np.ones(n), dtype=float
+    )  # a copy (combine may return s_v itself)
     if s.nr_sharpness != 1.0:
-        weights = weights ** s.nr_sharpness
+        weights = weights**s.nr_sharpness
     if s.ungrounded_weight != 1.0:
         weights *= grounding_weights(records, s.ungrounded_weight)
     if given is not None:
@@ -247,14 +280,27 @@ def sample_weights(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], 
     return weights, stats
 
 
-def evaluate_records(model: PV2TEA, pre: Preprocessor, records: Sequence[Record], batch_size: int,
-                     multi_value: dict[str, bool], synonyms: dict[str, str] | None = None,
-                     progress: bool = False) -> tuple[dict[str, Any], list[list[str]]]:
+def evaluate_records(
+    model: PV2TEA,
+    pre: Preprocessor,
+    records: Sequence[Record],
+    batch_size: int,
+    multi_value: dict[str, bool],
+    synonyms: dict[str, str] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], list[list[str]]]:
     """Generate on records and score against gold (or against the label when no gold is given)."""
     preds = generate_values(model, pre, records, batch_size, progress=progress, desc="evaluate")
-    examples = [Example(gold=tuple(r.gold if r.gold else r.label), pred=tuple(p), source=r.source,
-                        attribute=r.attribute, multi_value=multi_value.get(r.attribute, False))
-                for r, p in zip(records, preds)]
+    examples = [
+        Example(
+            gold=tuple(r.gold if r.gold else r.label),
+            pred=tuple(p),
+            source=r.source,
+            attribute=r.attribute,
+            multi_value=multi_value.get(r.attribute, False),
+        )
+        for r, p in zip(records, preds)
+    ]
     return source_aware_report(examples, synonyms), preds
 
 
@@ -304,8 +350,15 @@ def _setup_logging(run_dir: Path, main: bool = True) -> logging.Handler:
     return handler
 
 
-def train(cfg: Config, train_records: Sequence[Record], run_dir: Path, val_records: Sequence[Record] = (),
-          resume: bool = False, progress: bool = True, data_report: dict | None = None) -> TrainResult:
+def train(
+    cfg: Config,
+    train_records: Sequence[Record],
+    run_dir: Path,
+    val_records: Sequence[Record] = (),
+    resume: bool = False,
+    progress: bool = True,
+    data_report: dict | None = None,
+) -> TrainResult:
     """Train PV2TEA on validated records; resumable from ``run_dir/checkpoint``.
 
     Under a launcher (``torchrun``, ``accelerate launch``) every process calls this with the same arguments and
@@ -321,15 +374,25 @@ def train(cfg: Config, train_records: Sequence[Record], run_dir: Path, val_recor
         run_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(run_dir, accelerator.is_main_process)
     try:
-        return _train(cfg, list(train_records), run_dir, list(val_records), resume, progress, data_report, t0,
-                      accelerator)
+        return _train(
+            cfg, list(train_records), run_dir, list(val_records), resume, progress, data_report, t0, accelerator
+        )
     finally:
         logging.getLogger("pv2tea").removeHandler(handler)
         handler.close()
 
 
-def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[Record], resume: bool,
-           progress: bool, data_report: dict | None, t0: float, accelerator) -> TrainResult:
+def _train(
+    cfg: Config,
+    records: list[Record],
+    run_dir: Path,
+    val_records: list[Record],
+    resume: bool,
+    progress: bool,
+    data_report: dict | None,
+    t0: float,
+    accelerator,
+) -> TrainResult:
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     progress = progress and main
     if not records:
@@ -353,38 +416,57 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
         # by content too, so the run is still recognized as the same after the warm start's folder has moved
         if main:
-            (run_dir / ckpt.WARM_START_FILE).write_text(json.dumps(
-                {"init_from": cfg.train.init_from,
-                 "sha256": ckpt.warm_start_fingerprint(Path(cfg.train.init_from))}))
+            (run_dir / ckpt.WARM_START_FILE).write_text(
+                json.dumps(
+                    {"init_from": cfg.train.init_from, "sha256": ckpt.warm_start_fingerprint(Path(cfg.train.init_from))}
+                )
+            )
         log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
     free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
     if (cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None:
         free_texts = mention_free_texts(records, cfg.schemes.mention_removal)
-        log.info("mention-free texts: %d of %d rows have an image and their label in their text",
-                 sum(t is not None for t in free_texts), len(records))
+        log.info(
+            "mention-free texts: %d of %d rows have an image and their label in their text",
+            sum(t is not None for t in free_texts),
+            len(records),
+        )
     frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
     if cfg.train.cache_features and frozen:
         cache_t0 = time.time()
         mention_free = [replace(r, text=t) for r, t in zip(records, free_texts) if t is not None]
-        pre.cache = build_feature_cache(model, pre, records + val_records + mention_free, cfg.train.eval_batch_size,
-                                        progress)
-        log.info("cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
-                 len(pre.cache.images), len(pre.cache.texts), time.time() - cache_t0)
+        pre.cache = build_feature_cache(
+            model, pre, records + val_records + mention_free, cfg.train.eval_batch_size, progress
+        )
+        log.info(
+            "cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
+            len(pre.cache.images),
+            len(pre.cache.texts),
+            time.time() - cache_t0,
+        )
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=True)
     per_epoch = len(epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, 0))  # same every epoch
     if per_epoch < len(records):
         n_image = sum(bool(r.images) for r in records)
-        log.info("each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
-                 n_image, per_epoch - n_image, len(records) - n_image)
+        log.info(
+            "each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
+            n_image,
+            per_epoch - n_image,
+            len(records) - n_image,
+        )
     rows_per_rank = ddp.rows_per_rank_step(cfg)  # a rank's rows of one optimizer step
     global_batch = rows_per_rank * world
     steps_per_epoch = ddp.steps_per_epoch(per_epoch, cfg, world)
     total_steps = steps_per_epoch * cfg.train.epochs
     if world > 1:
-        log.info("%d processes: a step takes %d rows (%d per process), %d steps an epoch", world, global_batch,
-                 rows_per_rank, steps_per_epoch)
+        log.info(
+            "%d processes: a step takes %d rows (%d per process), %d steps an epoch",
+            world,
+            global_batch,
+            rows_per_rank,
+            steps_per_epoch,
+        )
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     bert_config = model.bert_config.to_dict()
     ckpt_dir, final_dir = run_dir / "checkpoint", run_dir / "final"
@@ -404,12 +486,15 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         saved_batch = state.get("global_batch", cfg.train.batch_size)
         rows_done = state.get("rows_done", step_in_epoch * saved_batch)
         own = rank == 0 or (saved_world == world and f"rng.torch.rank{rank}" in tensors)
-        ckpt.set_rng_state({"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
-                           state["rng"] if rank == 0 or not own else state["rng_ranks"][rank - 1])
+        ckpt.set_rng_state(
+            {"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
+            state["rng"] if rank == 0 or not own else state["rng_ranks"][rank - 1],
+        )
         if saved_batch != global_batch:
             saved_steps = math.ceil(per_epoch / saved_batch)
-            step, message = ddp.world_size_change(saved_world, world, step, rows_done, saved_steps, steps_per_epoch,
-                                                  epoch, saved_batch, global_batch)
+            step, message = ddp.world_size_change(
+                saved_world, world, step, rows_done, saved_steps, steps_per_epoch, epoch, saved_batch, global_batch
+            )
             step_in_epoch = rows_done // global_batch
             _set_schedule_position(scheduler, step)
             log.warning(message)
@@ -432,8 +517,15 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
             tensors_out = {**optim_tensors, **rng_tensors}
             if weights is not None:
                 tensors_out["sample_weights"] = torch.as_tensor(weights)
-            training = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "optimizer": optim_meta,
-                        "scheduler": scheduler.state_dict(), "rng": rng_meta, "total_steps": total_steps}
+            training = {
+                "step": step,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "optimizer": optim_meta,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_meta,
+                "total_steps": total_steps,
+            }
             if world > 1:
                 for r, (rank_tensors, _) in enumerate(rngs[1:], start=1):
                     tensors_out[f"rng.torch.rank{r}"] = rank_tensors["rng.torch"]
@@ -443,8 +535,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                 average_tensors, training["averaged_epochs"] = average.state()
                 tensors_out.update(average_tensors)
         if main:
-            ckpt.save_checkpoint(target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer,
-                                 training, tensors_out)
+            ckpt.save_checkpoint(
+                target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer, training, tensors_out
+            )
 
     net = ddp.prepare_model(accelerator, model)  # DDP over the ranks (the model itself in one process)
 
@@ -458,8 +551,15 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         if step_in_epoch == 0:
             if main:  # S3 over the whole training set, once, the same weights on every rank
                 weights, weight_stats = sample_weights(
-                    model, pre, [records[i] for i in rows], epoch, cfg, progress,
-                    [free_texts[i] for i in rows] if mention_free_predictions else None, visual_cache)
+                    model,
+                    pre,
+                    [records[i] for i in rows],
+                    epoch,
+                    cfg,
+                    progress,
+                    [free_texts[i] for i in rows] if mention_free_predictions else None,
+                    visual_cache,
+                )
                 if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
                     weights = _scatter(weights, rows, len(records))
             weights, weight_stats = ddp.broadcast((weights, weight_stats) if main else None, accelerator)
@@ -467,8 +567,13 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         steps = ddp.step_rows(order, rows_done, rows_per_rank, world)  # the epoch's remaining global batches
         swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
         sums: dict[str, float] = {}
-        bar = tqdm(total=step_in_epoch + len(steps), initial=step_in_epoch,
-                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            total=step_in_epoch + len(steps),
+            initial=step_in_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for global_rows in steps:
             mine = ddp.rank_part(global_rows, world, rank)
             micro = ddp.micro_batches(mine, cfg.train.batch_size)
@@ -484,8 +589,10 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                 with contextlib.nullcontext() if last else accelerator.no_sync(net):  # DDP syncs the last one
                     out = net(batch, w)
                     if not torch.isfinite(out.loss):
-                        raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {step}: "
-                                            f"{ {k: float(v) for k, v in out.terms.items()} }")
+                        raise TrainingError(
+                            f"non-finite loss at epoch {epoch + 1} step {step}: "
+                            f"{ {k: float(v) for k, v in out.terms.items()} }"
+                        )
                     share = 1.0 if len(micro) == 1 else len(indices) / len(mine)  # the step's loss: a row mean
                     accelerator.backward(out.loss if share == 1.0 else out.loss * share)
                 model.enqueue(out)
@@ -511,8 +618,13 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
             if step % cfg.train.log_every_steps == 0:
-                log.info("epoch %d step %d %s lr %.2e", epoch + 1, step,
-                         " ".join(f"{k}={v:.4f}" for k, v in values.items()), scheduler.get_last_lr()[0])
+                log.info(
+                    "epoch %d step %d %s lr %.2e",
+                    epoch + 1,
+                    step,
+                    " ".join(f"{k}={v:.4f}" for k, v in values.items()),
+                    scheduler.get_last_lr()[0],
+                )
             if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
                 save(ckpt_dir, True)
             if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
@@ -521,9 +633,14 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
         bar.close()
         done_steps = max(step_in_epoch, 1)
         finished_epoch = rows_done == len(order)
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "finished": finished_epoch,
-                                  "seconds": round(time.time() - epoch_t0, 2),
-                                  **{k: v / done_steps for k, v in sums.items()}, **weight_stats}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "finished": finished_epoch,
+            "seconds": round(time.time() - epoch_t0, 2),
+            **{k: v / done_steps for k, v in sums.items()},
+            **weight_stats,
+        }
         if model.fusion.gated:
             record["visual_gate"] = model.fusion.gate_openings()  # per fusion layer: how far the image is let in
         if finished_epoch:
@@ -532,8 +649,9 @@ def _train(cfg: Config, records: list[Record], run_dir: Path, val_records: list[
                 average.update(model)
                 record["averaged_epochs"] = average.count
             if val_records and main:
-                report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi,
-                                             progress=progress)
+                report, _ = evaluate_records(
+                    model, pre, val_records, cfg.train.eval_batch_size, multi, progress=progress
+                )
                 record["val"] = {"overall": report["overall"], "gap": report["gap"]}
                 val_report = report
                 log.info("epoch %d validation F1 %s", epoch, report["overall"]["f1"])

@@ -64,8 +64,16 @@ MASK_CMAP = "jet"
 _NA = "n/a"
 _VALUE_FONT = 7.5
 _PALETTE: tuple[str, ...] = (
-    "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3",
-    "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD",
+    "#4C72B0",
+    "#DD8452",
+    "#55A868",
+    "#C44E52",
+    "#8172B3",
+    "#937860",
+    "#DA8BC3",
+    "#8C8C8C",
+    "#CCB974",
+    "#64B5CD",
 )
 _SOURCE_COLORS = dict(zip(SOURCES, _PALETTE))
 _METRIC_LABELS = {"precision": "P", "recall": "R", "f1": "F1", "accuracy": "Acc"}
@@ -119,11 +127,27 @@ def _metric_label(metric: str) -> str:
 def _annotate(ax: Axes, pos: float, end: float, text: str, horizontal: bool, color: str = "black") -> None:
     """A small label just past the end of a bar (or at the axis for a missing one)."""
     if horizontal:
-        ax.annotate(text, (end, pos), xytext=(3, 0), textcoords="offset points",
-                    ha="left", va="center", fontsize=_VALUE_FONT, color=color)
+        ax.annotate(
+            text,
+            (end, pos),
+            xytext=(3, 0),
+            textcoords="offset points",
+            ha="left",
+            va="center",
+            fontsize=_VALUE_FONT,
+            color=color,
+        )
     else:
-        ax.annotate(text, (pos, end), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=_VALUE_FONT, color=color)
+        ax.annotate(
+            text,
+            (pos, end),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=_VALUE_FONT,
+            color=color,
+        )
 
 
 def _bars(
@@ -204,7 +228,7 @@ def source_aware_bars(
         ax.set_axisbelow(True)
     for ax in axes[::ncols]:
         ax.set_ylabel("score (%)")
-    for ax in axes[len(reports):]:
+    for ax in axes[len(reports) :]:
         ax.set_visible(False)
     handles = [
         Patch(color=_SOURCE_COLORS["text"], label="source: text (gold value in the text)"),
@@ -297,9 +321,16 @@ def retrieval_vs_alpha(
     r_mean = np.array([_retrieval_value(results[a], "r_mean", f"results[{a}]") for a in alphas])
     if not np.isnan(r_mean).all():
         best = int(np.nanargmax(r_mean))
-        ax.annotate(f"best α = {alphas[best]:g}\nR@Mean {r_mean[best]:.1f}", (alphas[best], r_mean[best]),
-                    xytext=(0, 14), textcoords="offset points", ha="center", va="bottom", fontsize=8,
-                    arrowprops={"arrowstyle": "-", "color": "gray"})
+        ax.annotate(
+            f"best α = {alphas[best]:g}\nR@Mean {r_mean[best]:.1f}",
+            (alphas[best], r_mean[best]),
+            xytext=(0, 14),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            arrowprops={"arrowstyle": "-", "color": "gray"},
+        )
     if baseline is not None:
         handles.append(Line2D([], [], color="gray", ls="--", label=f"{baseline_label} (dashed)"))
     ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
@@ -330,9 +361,7 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(up, 0.0, 1.0)
 
 
-def overlay_heatmap(
-    image: Image.Image, mask: np.ndarray, alpha: float = 0.5, cmap: str = MASK_CMAP
-) -> Image.Image:
+def overlay_heatmap(image: Image.Image, mask: np.ndarray, alpha: float = 0.5, cmap: str = MASK_CMAP) -> Image.Image:
     """The RGB image blended with the upsampled mask rendered as a heat map.
 
     Each pixel is ``(1 - alpha) * image + alpha * cmap(mask)``.
@@ -389,8 +418,9 @@ def mask_overlays(
         ax_image.set_title(textwrap.shorten(title, 32, placeholder="…"), fontsize=9)
         ax_mask = fig.add_subplot(grid[r, 2 * c + 1])
         if mask is None:
-            ax_mask.text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=9, color="dimgray",
-                         transform=ax_mask.transAxes)
+            ax_mask.text(
+                0.5, 0.5, "no mask", ha="center", va="center", fontsize=9, color="dimgray", transform=ax_mask.transAxes
+            )
         else:
             ax_mask.imshow(overlay_heatmap(shown, mask))
             h, w = np.shape(mask)
@@ -407,9 +437,7 @@ def mask_overlays(
 # --- training runs and ablations ------------------------------------------------------------
 
 
-def _series(
-    records: Sequence[Mapping[str, Any]], get: Callable[[Mapping[str, Any]], Any], what: str
-) -> list[float]:
+def _series(records: Sequence[Mapping[str, Any]], get: Callable[[Mapping[str, Any]], Any], what: str) -> list[float]:
     """One value per record (NaN where missing or None)."""
     values = [_number(get(rec), what) for rec in records]
     return [math.nan if v is None else v for v in values]
@@ -456,8 +484,14 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]], path: PathArg) -> Path:
 
     ax_loss = axes[0]
     for i, key in enumerate(loss_keys):
-        ax_loss.plot(xs, _series(records, lambda r, k=key: r.get(k), key), marker="o", label=key,
-                     color=_PALETTE[i % len(_PALETTE)], lw=2.4 if key == "loss" else 1.4)
+        ax_loss.plot(
+            xs,
+            _series(records, lambda r, k=key: r.get(k), key),
+            marker="o",
+            label=key,
+            color=_PALETTE[i % len(_PALETTE)],
+            lw=2.4 if key == "loss" else 1.4,
+        )
     if loss_keys:
         ax_loss.legend(fontsize=8)
     else:
@@ -472,16 +506,23 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]], path: PathArg) -> Path:
     else:
         ax_f1.plot(xs, f1, marker="o", color=_PALETTE[2], lw=2)
         best = int(np.nanargmax(f1))
-        ax_f1.annotate(f"best {f1[best]:.2f} (epoch {xs[best]})", (xs[best], f1[best]), xytext=(0, 8),
-                       textcoords="offset points", ha="center", fontsize=8)
+        ax_f1.annotate(
+            f"best {f1[best]:.2f} (epoch {xs[best]})",
+            (xs[best], f1[best]),
+            xytext=(0, 8),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
         ax_f1.margins(y=0.2)
     ax_f1.set_title("Validation F1 (overall)", fontsize=11)
     ax_f1.set_ylabel("F1 (%)")
 
     if has_weight:
         ax_weight = axes[2]
-        ax_weight.plot(xs, _series(records, lambda r: r.get("weight_mean"), "weight_mean"),
-                       marker="o", color=_PALETTE[4])
+        ax_weight.plot(
+            xs, _series(records, lambda r: r.get("weight_mean"), "weight_mean"), marker="o", color=_PALETTE[4]
+        )
         ax_weight.set_title("Mean sample weight (S3)", fontsize=11)
         ax_weight.set_ylabel("weight")
     for ax in axes:

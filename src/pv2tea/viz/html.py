@@ -67,8 +67,7 @@ def _section_html(anchor: str, section: Section, out_dir: Path) -> str:
         src = html.escape(_figure_src(figure, out_dir))
         name = html.escape(figure.name)
         parts.append(
-            f'<figure><a href="{src}"><img src="{src}" alt="{name}"></a>'
-            f"<figcaption>{name}</figcaption></figure>"
+            f'<figure><a href="{src}"><img src="{src}" alt="{name}"></a><figcaption>{name}</figcaption></figure>'
         )
     parts.extend(f"<pre>{html.escape(table)}</pre>" for table in section.tables)
     parts.append("</section>")
@@ -85,8 +84,7 @@ def write_html_report(out_dir: str | PathLike[str], title: str, sections: Sequen
     out.mkdir(parents=True, exist_ok=True)
     anchors = [f"section-{i}" for i in range(1, len(sections) + 1)]
     toc = "\n".join(
-        f'<li><a href="#{anchor}">{html.escape(section.heading)}</a></li>'
-        for anchor, section in zip(anchors, sections)
+        f'<li><a href="#{anchor}">{html.escape(section.heading)}</a></li>' for anchor, section in zip(anchors, sections)
     )
     body = "\n".join(_section_html(anchor, section, out) for anchor, section in zip(anchors, sections))
     page = f"""<!DOCTYPE html>

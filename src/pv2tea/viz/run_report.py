@@ -20,13 +20,17 @@ from pv2tea.viz.html import Section, write_html_report
 
 
 def _reports(run_dir: Path) -> dict[str, dict]:
-    named = {"test": "test_report.json", "validation": "val_report.json",
-             "weak text labels (test)": "weak_labels_test_report.json"}
+    named = {
+        "test": "test_report.json",
+        "validation": "val_report.json",
+        "weak text labels (test)": "weak_labels_test_report.json",
+    }
     return {name: json.loads((run_dir / f).read_text()) for name, f in named.items() if (run_dir / f).is_file()}
 
 
-def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int,
-                  notes: list[str] | None = None) -> Section | None:
+def _mask_section(
+    run_dir: Path, data: Path | None, out: Path, n_masks: int, notes: list[str] | None = None
+) -> Section | None:
     from pv2tea.data.validate import load_dataset
     from pv2tea.inference.predictor import Predictor
 
@@ -51,8 +55,10 @@ def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int,
             break
     if not records:
         if asked:
-            raise ValueError(f"{data}: no valid row with an image to draw the attention masks on"
-                             + (f" ({loaded.n_skipped} invalid row(s) skipped)" if loaded.n_skipped else ""))
+            raise ValueError(
+                f"{data}: no valid row with an image to draw the attention masks on"
+                + (f" ({loaded.n_skipped} invalid row(s) skipped)" if loaded.n_skipped else "")
+            )
         return None
     masks = [m.numpy() if m is not None else None for m in predictor.attention_masks(records)]
     images = [Image.open(r.images[0]).convert("RGB") for r in records]
@@ -60,16 +66,21 @@ def _mask_section(run_dir: Path, data: Path | None, out: Path, n_masks: int,
     path = figures.mask_overlays(images, masks, titles, out / "attention_masks.png")
     caption = "σ(M) per patch, upsampled over the product image: bright = kept, dark = pruned background."
     if loaded.skipped:  # a counted skip, never a silent one
-        caption += (f" {len(loaded.skipped)} invalid row(s) of {data} were skipped; the first: {loaded.skipped[0]}"
-                    f" (`pv2tea data validate {data}` lists them all).")
+        caption += (
+            f" {len(loaded.skipped)} invalid row(s) of {data} were skipped; the first: {loaded.skipped[0]}"
+            f" (`pv2tea data validate {data}` lists them all)."
+        )
         if notes is not None:
-            notes.append(f"{data}: {len(loaded.skipped)} invalid row(s) skipped for the attention masks; "
-                         f"the first: {loaded.skipped[0]}")
+            notes.append(
+                f"{data}: {len(loaded.skipped)} invalid row(s) skipped for the attention masks; "
+                f"the first: {loaded.skipped[0]}"
+            )
     return Section("Learned attention masks (S2)", [path], [], caption)
 
 
-def build_run_report(run_dir: Path, out: Path, data: Path | None = None, n_masks: int = 8,
-                     notes: list[str] | None = None) -> Path:
+def build_run_report(
+    run_dir: Path, out: Path, data: Path | None = None, n_masks: int = 8, notes: list[str] | None = None
+) -> Path:
     """The run's figures and index.html; ``notes``, when given, is extended with what the reader should know
     (invalid rows of ``data`` that were skipped)."""
     sections: list[Section] = []
@@ -77,14 +88,27 @@ def build_run_report(run_dir: Path, out: Path, data: Path | None = None, n_masks
     if metrics_file.is_file():
         epochs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
         if epochs:
-            sections.append(Section("Learning curves", [figures.learning_curves(epochs, out / "learning_curves.png")],
-                                    [], "Loss terms per epoch, mean S3 weight and validation F1."))
+            sections.append(
+                Section(
+                    "Learning curves",
+                    [figures.learning_curves(epochs, out / "learning_curves.png")],
+                    [],
+                    "Loss terms per epoch, mean S3 weight and validation F1.",
+                )
+            )
     reports = _reports(run_dir)
     if reports:
         tables = [format_report_table(r, title=name) for name, r in reports.items()]
-        sections.append(Section("Source-aware evaluation", [
-            figures.source_aware_bars(reports, out / "source_aware.png"),
-            figures.attribute_f1(reports, out / "attribute_f1.png")], tables))
+        sections.append(
+            Section(
+                "Source-aware evaluation",
+                [
+                    figures.source_aware_bars(reports, out / "source_aware.png"),
+                    figures.attribute_f1(reports, out / "attribute_f1.png"),
+                ],
+                tables,
+            )
+        )
     masks = _mask_section(run_dir, data, out, n_masks, notes)
     if masks:
         sections.append(masks)
@@ -94,8 +118,13 @@ def build_run_report(run_dir: Path, out: Path, data: Path | None = None, n_masks
 def build_experiment_report(exp_dir: Path, out: Path) -> Path:
     meta = json.loads((exp_dir / "experiment.json").read_text())
     summary: dict[str, Any] = meta["summary"]
-    table = {name: {m: (e["overall"][m]["mean"], e["overall"][m]["std"]) if e["overall"][m]["mean"] is not None
-                    else None for m in ("precision", "recall", "f1")} for name, e in summary.items()}
+    table = {
+        name: {
+            m: (e["overall"][m]["mean"], e["overall"][m]["std"]) if e["overall"][m]["mean"] is not None else None
+            for m in ("precision", "recall", "f1")
+        }
+        for name, e in summary.items()
+    }
     figs = [figures.ablation_bars(table, out / "variants_f1.png", metric="f1")]
     seed_reports = {}
     for name in summary:
@@ -105,15 +134,24 @@ def build_experiment_report(exp_dir: Path, out: Path) -> Path:
     if seed_reports:
         figs.append(figures.source_aware_bars(seed_reports, out / "source_aware_variants.png"))
     alphas = {0.4: "pv2tea", 0.0: "wo_smooth", 0.2: "alpha_0.2", 0.6: "alpha_0.6", 0.8: "alpha_0.8"}
-    sweep = {a: {k: v["mean"] for k, v in summary[n]["retrieval"].items()}
-             for a, n in sorted(alphas.items()) if n in summary and "retrieval" in summary[n]}
+    sweep = {
+        a: {k: v["mean"] for k, v in summary[n]["retrieval"].items()}
+        for a, n in sorted(alphas.items())
+        if n in summary and "retrieval" in summary[n]
+    }
     matching = summary.get("matching", {}).get("retrieval")
     baseline = {k: v["mean"] for k, v in matching.items()} if matching else None
     if len(sweep) >= 2:
         figs.append(figures.retrieval_vs_alpha(sweep, out / "retrieval_vs_alpha.png", baseline=baseline))
     tables_md = (exp_dir / "tables.md").read_text() if (exp_dir / "tables.md").is_file() else ""
-    sections = [Section("Variants", figs, [tables_md],
-                        f"seeds: {meta['seeds']}; config: {meta['config']} {' '.join(meta['overrides'])}")]
+    sections = [
+        Section(
+            "Variants",
+            figs,
+            [tables_md],
+            f"seeds: {meta['seeds']}; config: {meta['config']} {' '.join(meta['overrides'])}",
+        )
+    ]
     pv2tea_run = exp_dir / "pv2tea" / f"seed_{meta['seeds'][0]}"
     if pv2tea_run.is_dir():
         masks = _mask_section(pv2tea_run, None, out, 8)
@@ -122,13 +160,13 @@ def build_experiment_report(exp_dir: Path, out: Path) -> Path:
     return write_html_report(out, f"pv2tea experiment {exp_dir}", sections)
 
 
-def build_report(path: Path, out: Path | None = None, data: Path | None = None,
-                 notes: list[str] | None = None) -> Path:
+def build_report(path: Path, out: Path | None = None, data: Path | None = None, notes: list[str] | None = None) -> Path:
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
     if (path / "experiment.json").is_file():
         return build_experiment_report(path, out)
     if not (path / "metrics.jsonl").is_file() and not (path / "final").is_dir():
-        raise FileNotFoundError(f"{path} is neither a pv2tea run (metrics.jsonl, final/) nor an experiment "
-                                "(experiment.json)")
+        raise FileNotFoundError(
+            f"{path} is neither a pv2tea run (metrics.jsonl, final/) nor an experiment (experiment.json)"
+        )
     return build_run_report(path, out, data, notes=notes)
