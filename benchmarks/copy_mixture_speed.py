@@ -5,7 +5,7 @@
 Times forward + backward of the pointer-generator mixture log(g · p_vocab + (1 − g) · p_copy) at the `cpu`
 preset's training shapes (batch 16, 10 answer tokens, 64 text tokens, MiniLM's 30,522-token vocabulary), once as
 ``pv2tea.models.copy_decoder.mixture_log_probs`` computes it and once with the dense (B, A, V) copy distribution
-that stop 9 built. Prints the median of each and their ratio, measured in the same process.
+that the first copy decoder built (2026-11-25). Prints the median of each and their ratio, measured in the same process.
 """
 
 from __future__ import annotations

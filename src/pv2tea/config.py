@@ -185,7 +185,7 @@ class SchemesConfig:
     normalize_weights: bool = True
     # where normalize_weights rescales to mean 1: "all" rows together, or each "attribute" on its own (S3 then
     # changes which rows an attribute learns from but not how much that attribute counts; with nr_chance=clip and
-    # no sharpening this was measured on the demo at stop 8: F1 25.1 vs 31.4, BENCHMARKS.md)
+    # no sharpening this was measured on the demo on 2026-11-25: F1 25.1 vs 31.4, docs/history.md)
     normalize_within: str = "all"
     # not in the paper: s(X_n) ** nr_sharpness. Above 1 it widens the gap between labels S3 trusts and labels it
     # doubts (with nr_chance=soft, 0.67 vs 0.38 for pattern's right vs wrong demo labels becomes 0.20 vs 0.02 at 4)
@@ -202,7 +202,7 @@ class SchemesConfig:
     # label, such as the extractor's confidence), taken relative to the other weighted rows of its attribute
     # (rows without one count 1; regularize/grounding.py). On ImplicitAVE Home the TF-IDF extractor's confidence
     # separates its right labels from its wrong ones (AUC 0.75) where S3's visual neighbours do not
-    # (BENCHMARKS.md, stop 21). Off by default: the saved configs of runs made before it stay true to them
+    # (docs/history.md, 2026-12-02). Off by default: the saved configs of runs made before it stay true to them
     label_weights: bool = False
     # not in the paper: during training, with this probability take the words of its label's values out of the
     # text of a row that has an image and whose label occurs in its text (regularize/grounding.py). The row then
@@ -212,7 +212,7 @@ class SchemesConfig:
     # how mention dropout takes the value out: "words" deletes the value's words, which can leave a hole
     # ("Color: ", "Available in ."); "sentence" drops every sentence or bullet line that
     # states the value and deletes the words only in the title, so the text reads like one that never stated it.
-    # Over 3 seeds on the demo catalog the two were level (BENCHMARKS.md, stop 13)
+    # Over 3 seeds on the demo catalog the two were level (docs/history.md, 2026-12-01)
     mention_removal: str = "words"
 
 

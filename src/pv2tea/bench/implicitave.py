@@ -82,13 +82,14 @@ class BenchConfig:
     # text-only rows of the domain's train.tsv they come from (-1: all; None: text_rows, i.e. one fixed sample seen
     # every epoch); a pool larger than text_rows gives a fresh draw each epoch (train.image_less_per_epoch)
     text_pool: int | None = None
-    # epochs of each fold's run. BENCHMARKS.md stop 18 (Food, 5 folds): 5 epochs gave PV2TEA 56.2 F1 against 53.8 at
-    # 10 (TEA 56.9 vs 57.2) in half the time (Food and Home with tea,pv2tea: 45 and about 61 min with pretraining)
+    # epochs of each fold's run. On Food's 5 folds (docs/history.md, 2026-12-02) 5 epochs gave PV2TEA 56.2 F1
+    # against 53.8 at 10 (TEA 56.9 vs 57.2) in half the time (Food and Home with tea,pv2tea: 45 and about 61 min
+    # with pretraining)
     epochs: int = 5
     # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
     # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model.
-    # BENCHMARKS.md: 2 epochs (stop 16) gave TEA +1.8 to +8.8 F1 and PV2TEA 0 to +4.9 on the quick protocol; 6 epochs
-    # (stop 17) bring the warm start alone within 0.2-5.4 F1 of the TF-IDF extractor and PV2TEA another 9.4-11.0 up
+    # docs/history.md (2026-12-02): 2 epochs gave TEA +1.8 to +8.8 F1 and PV2TEA 0 to +4.9 on the quick protocol;
+    # 6 epochs bring the warm start alone within 0.2-5.4 F1 of the TF-IDF extractor and PV2TEA another 9.4-11.0 up
     text_pretrain: int = 6
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
