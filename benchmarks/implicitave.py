@@ -3,7 +3,7 @@
     python benchmarks/implicitave.py [--quick] [extra `pv2tea bench implicitave` options...]
 
 The dataset is research-only and never copied into the repository; results go to
-benchmarks/out/implicitave (git-ignored) and are summarized by hand in BENCHMARKS.md.
+benchmarks/out/implicitave (git-ignored) and are summarized by hand in docs/results.md.
 """
 
 from __future__ import annotations

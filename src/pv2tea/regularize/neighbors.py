@@ -5,7 +5,7 @@ values). Neighbourhoods are computed within one attribute by the caller.
 
 Scale: an attribute with fewer than ``exact_below`` rows searches its neighbours exactly (faiss ``IndexFlatIP``);
 a larger one through an approximate faiss index (``knn_index``), in chunks of rows, each candidate list re-ranked
-by exact cosine against the caller's features (BENCHMARKS.md, S3 at a million products). Agreements between labels
+by exact cosine against the caller's features (docs/results.md, S3 at a million products). Agreements between labels
 and predictions are counted through value indexes (each distinct label or prediction once, with its count), never
 as an N × N matrix.
 """
