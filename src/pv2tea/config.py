@@ -80,10 +80,11 @@ class TextConfig:
 @dataclass
 class FusionConfig:
     num_layers: int | None = None  # None: as many layers as the text checkpoint
-    max_question_tokens: int = 24
+    max_question_tokens: int = 24  # token cap of the question prompt
     # true: start the new cross-attention (fusion and decoder) as a copy of the pretrained self-attention of
-    # the same layer instead of random (measured on the demo: no better than random, see README)
+    # the same layer instead of random (measured on the demo: no better than random, docs/method/decisions.md)
     cross_from_self: bool = False
+    # the question prompt of every row (the paper's); {attribute} and {category} are filled in per row
     question_template: str = "What is the {attribute} of the {category}?"
     # None: the paper's fusion, one cross-attention over the concatenated [visual; text] tokens. A number g0: the
     # text tokens keep that cross-attention and each fusion layer reads the visual tokens through a second one,
@@ -98,13 +99,13 @@ class FusionConfig:
 @dataclass
 class DecoderConfig:
     num_layers: int | None = None  # None: as many layers as the text checkpoint
-    max_answer_tokens: int = 16
+    max_answer_tokens: int = 16  # longest generated answer, in tokens
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
     # the order of the values in a multi-value training answer: "sorted" (alphabetical, whatever the text says) or
     # "text" (the order in which the product text first mentions them, unmentioned ones after, sorted), which a
     # copying decoder can follow left to right; on the demo catalog (seed 0) it did not help (BENCHMARKS.md)
     value_order: str = "sorted"
-    num_beams: int = 1
+    num_beams: int = 1  # beam width of generation (1: greedy); --num-beams of predict/evaluate overrides it
     head: str = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
     # true: the decoder cross-attends [q; visual; text] instead of the grounded question q alone (paper);
     # measured on the demo it then loses track of the question (answers pattern values for color)
@@ -123,23 +124,24 @@ class DecoderConfig:
 class SchemesConfig:
     """The three bias-reduction schemes of the paper; each part can be switched off."""
 
-    # S1: augmented label-smoothed contrast (L_sc)
+    # --- S1: augmented label-smoothed contrast (L_sc) ---
     contrastive: bool = True  # false: no image-text alignment objective at all (w/o L_sc)
     # "contrastive": the paper's S1; "matching": binary image-text matching on the fused pair instead (the
     # baseline of Figure 4; alpha, temperature, queue and momentum are then unused)
     alignment: str = "contrastive"
     alpha: float = 0.4  # label smoothing with momentum similarities; 0 = plain InfoNCE targets
-    temperature: float = 0.07
+    temperature: float = 0.07  # τ of the contrast's softmax (Eq. 4)
     queue_size: int = 57600  # capped at the training-set size
-    momentum: float = 0.995
-    embed_dim: int = 256
-    # S2: category-supervised attention pruning
+    momentum: float = 0.995  # EMA coefficient of the momentum encoders whose features fill the queues
+    embed_dim: int = 256  # width of S1's shared image-text projection space
+    # --- S2: category-supervised attention pruning ---
     category_loss: bool = True  # L_ct
     attention_pruning: bool = True  # v_pt = v * sigmoid(M)
-    # S3: two-level neighbourhood-regularized sample weights
-    visual_nr: bool = True
+    # --- S3: two-level neighbourhood-regularized sample weights ---
+    visual_nr: bool = True  # S3's visual level (Eq. 12); false: w/o Vis-NR
+    # S3's prediction level (Eqs. 13-14), averaged in from epoch prediction_nr_start_epoch on; false: w/o Pred-NR
     prediction_nr: bool = True
-    knn_k: int = 10
+    knn_k: int = 10  # K: visual neighbours per row (Eq. 10)
     # S3 at scale: an attribute with fewer training rows than this searches its K visual neighbours exactly (faiss
     # IndexFlatIP, N^2 work; the results of earlier versions); from this many rows on, approximately with knn_index
     knn_exact_below: int = 50000
@@ -218,35 +220,35 @@ class SchemesConfig:
 
 @dataclass
 class LossConfig:
-    weight_sc: float = 1.0
-    weight_ct: float = 1.0
-    weight_gen: float = 1.0
+    weight_sc: float = 1.0  # weight of S1's contrastive loss L_sc
+    weight_ct: float = 1.0  # weight of S2's category loss L_ct
+    weight_gen: float = 1.0  # weight of the generation loss (weighted per row by S3)
     label_smoothing: float = 0.0  # token-level smoothing of the generation loss
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
+    lr: float = 1e-5  # AdamW learning rate of the pretrained parts (the paper's 1e-5)
     head_lr: float | None = None  # lr for newly initialized parts (cross-attention, heads); None: lr
     # the lr of the parts train.init_from fills (text encoder, fusion, decoder): "lr", as trained weights, or
     # "head_lr", as if they were new
     warm_start_lr: str = "lr"
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
+    warmup_steps: int = 0  # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at this fraction of each learning rate
+    grad_clip: float | None = 1.0  # clip the gradient norm to this value (None: no clipping)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 8
-    eval_batch_size: int = 8
-    seed: int = 0
-    num_workers: int = 0
+    epochs: int = 10  # passes over the training rows
+    batch_size: int = 8  # rows per micro-batch and process (see grad_accumulation_steps)
+    eval_batch_size: int = 8  # rows per batch when scoring the validation and test rows
+    seed: int = 0  # seeds initialization, data order and every random draw of training
+    num_workers: int = 0  # not read by training: batches are built in the main process
     max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
     save_every_steps: int | None = None  # mid-epoch checkpoints; epoch ends are always saved
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # how often train.log reports the running losses
     threads: int | None = None  # torch.set_num_threads; None: leave as is
     # encode images/texts once when their backbone is frozen (vision.freeze / text.freeze) instead of every
     # step; memory: one backbone output per distinct image and text of the train + val sets
