@@ -1,8 +1,9 @@
 """Reading and writing PV2TEA dataset files: JSON Lines, CSV and Parquet.
 
-``read_table`` returns raw rows (dicts) without validating them: anything a reader
-cannot parse is kept as an ``Unparsable`` value so that validation can report it with
-its file, row and field. In CSV cells and Parquet string columns, the list columns
+``iter_table`` yields raw rows (dicts) one at a time without validating them, so a file larger than
+memory is read as a stream (Parquet one record batch at a time); ``read_table`` reads them all. Anything a
+reader cannot parse is kept as an ``Unparsable`` value so that validation can report it with its file, row
+and field. In CSV cells and Parquet string columns, the list columns
 (``images``, ``label``, ``gold``) are either a JSON list (``["red", "blue"]``) or
 ``|``-separated values (``red|blue``); an empty cell is an empty list (absent ``gold``).
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path, PurePath
 from typing import Any
@@ -25,13 +26,16 @@ import pyarrow.parquet as pq
 
 from pv2tea.data.schema import FIELDS, LIST_FIELDS, PARSE_ERROR_KEY, Record, Unparsable
 
-__all__ = ["SUPPORTED_SUFFIXES", "parse_list_cell", "read_table", "write_records"]
+__all__ = ["PARQUET_BATCH_ROWS", "SUPPORTED_SUFFIXES", "iter_table", "parse_list_cell", "read_table", "write_records"]
 
 # File suffixes each format is recognised by.
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)
 _PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES: tuple[str, ...] = _JSONL_SUFFIXES + _CSV_SUFFIXES + _PARQUET_SUFFIXES
+
+# Rows of a Parquet file decoded at a time by iter_table (a batch never spans two row groups).
+PARQUET_BATCH_ROWS = 4096
 
 # Columns whose empty CSV cell means "absent" rather than an empty string.
 _NULLABLE_SCALARS = ("source", "label_weight")
@@ -90,57 +94,125 @@ def _parse_cells(row: dict[str, Any]) -> dict[str, Any]:
     return parsed
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _jsonl_row(line: str) -> dict[str, Any]:
+    """One JSON Lines row: the object, or an Unparsable saying why the line is not one."""
+    if not line.strip():
+        return {PARSE_ERROR_KEY: Unparsable(line, "blank line")}
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {PARSE_ERROR_KEY: Unparsable(line, f"invalid JSON ({exc})")}
+    if isinstance(value, dict):
+        return value
+    return {PARSE_ERROR_KEY: Unparsable(line, f"expected a JSON object, got {type(value).__name__}")}
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     # JSON Lines are separated by "\n" (or "\r\n") only: str.splitlines would also split a row at the U+2028, U+0085,
-    # \x1c-\x1e ... that JSON strings may hold raw
-    lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    rows: list[dict[str, Any]] = []
-    for line in lines:
-        if not line.strip():
-            rows.append({PARSE_ERROR_KEY: Unparsable(line, "blank line")})
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rows.append({PARSE_ERROR_KEY: Unparsable(line, f"invalid JSON ({exc})")})
-            continue
-        if isinstance(value, dict):
-            rows.append(value)
-        else:
-            reason = f"expected a JSON object, got {type(value).__name__}"
-            rows.append({PARSE_ERROR_KEY: Unparsable(line, reason)})
-    return rows
+    # \x1c-\x1e ... that JSON strings may hold raw, so the file is read as bytes, which iterate at b"\n" alone.
+    # Blank lines are held back until a non-blank line follows: trailing blank lines end the file, other ones are rows
+    blanks: list[str] = []
+    with path.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield from (_jsonl_row(blank) for blank in blanks)
+                blanks.clear()
+                text = data.decode("utf-8", "replace").rstrip("\r\n")
+                yield {PARSE_ERROR_KEY: Unparsable(text, f"not UTF-8 text ({exc.reason} at byte {exc.start})")}
+                continue
+            line = line.removesuffix("\n").removesuffix("\r")
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+            if not line.strip():
+                blanks.append(line)
+                continue
+            yield from (_jsonl_row(blank) for blank in blanks)
+            blanks.clear()
+            yield _jsonl_row(line)
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        # Cells beyond the header land under the key None; short rows give None values.
-        return [_parse_cells({key: value for key, value in row.items() if key is not None}) for row in reader]
+def _first_undecodable_line(path: Path) -> int:
+    """The 1-based number of the first line of ``path`` that is not UTF-8 (0: none)."""
+    with path.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    return [_parse_cells(row) for row in pq.read_table(path).to_pylist()]
+def _iter_csv(path: Path) -> Iterator[dict[str, Any]]:
+    # the csv module reads one record at a time (a quoted cell may span lines); row numbers exclude the header
+    row = 0
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for cells in reader:
+                row += 1
+                # Cells beyond the header land under the key None; short rows give None values.
+                yield _parse_cells({key: value for key, value in cells.items() if key is not None})
+    except UnicodeDecodeError as exc:  # text is decoded a block ahead of the rows: find the line
+        where = _first_undecodable_line(path)
+        raise ValueError(f"{path} line {where}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path} row {row + 1}: unreadable CSV ({exc})") from None
 
 
-def read_table(path: str | PathLike[str]) -> list[dict[str, Any]]:
-    """Read the raw rows of a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` dataset file.
+def _iter_parquet(path: Path, batch_rows: int) -> Iterator[dict[str, Any]]:
+    # one record batch (within one row group) is decoded at a time
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+    row = 0
+    with parquet:
+        batches = parquet.iter_batches(batch_size=batch_rows)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise ValueError(f"{path} row {row + 1}: unreadable Parquet data ({exc})") from None
+            if batch is None:
+                return
+            for values in batch.to_pylist():
+                row += 1
+                yield _parse_cells(values)
+
+
+def iter_table(path: str | PathLike[str], *, batch_rows: int | None = None) -> Iterator[dict[str, Any]]:
+    """The raw rows of a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` dataset file, read one at a time.
+
+    Only the row being read is held in memory (for Parquet, one batch of ``batch_rows`` rows, default :data:`PARQUET_BATCH_ROWS`): a caller that
+    consumes the rows one by one reads a file of any size. The n-th row yielded is data row n of
+    :class:`~pv2tea.data.schema.RowError` (JSONL: line n; CSV: header excluded; Parquet: index + 1).
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the extension is not a supported format.
+        FileNotFoundError: if ``path`` does not exist (when called, not at the first row).
+        ValueError: if the extension is not a supported format, or the file cannot be read as one (a Parquet
+            file that is not one, a CSV file that is not UTF-8; the message names the file and row).
     """
     file = Path(path)
     suffix = _suffix(file)
     if not file.is_file():
         raise FileNotFoundError(f"dataset file not found: '{file}'")
     if suffix in _JSONL_SUFFIXES:
-        return _read_jsonl(file)
+        return _iter_jsonl(file)
     if suffix in _CSV_SUFFIXES:
-        return _read_csv(file)
-    return _read_parquet(file)
+        return _iter_csv(file)
+    return _iter_parquet(file, batch_rows or PARQUET_BATCH_ROWS)
+
+
+def read_table(path: str | PathLike[str]) -> list[dict[str, Any]]:
+    """Every raw row of a dataset file in memory (:func:`iter_table` read to the end).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the extension is not a supported format.
+    """
+    return list(iter_table(path))
 
 
 def _relative_image(image: str, out_dir: str) -> str:

@@ -5,19 +5,27 @@ and field, so a bad dataset is fixed in one pass. Image files are decoded in ful
 catch missing, non-image, corrupt and truncated files. A row without images is valid
 (a text-only product). ``load_dataset`` either raises on the first invalid file with
 all its errors, or, with ``skip_invalid=True``, drops bad rows and reports them.
+
+Rows are read and validated as a stream (:func:`iter_validated`): ``validate_file`` and ``scan_dataset`` keep the
+problems and counts but no rows, and ``iter_records`` then yields the records of a scanned file one at a time, so
+a file larger than memory is validated in full and used without being loaded (what crosses rows is one entry per
+distinct id, to find repeats, and a bounded cache of image verdicts). ``load_dataset`` keeps the records in memory
+(training).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pv2tea.data.images import check_image
-from pv2tea.data.readers import read_table
+from pv2tea.data.readers import iter_table
 from pv2tea.data.schema import (
     FIELDS,
     PARSE_ERROR_KEY,
@@ -30,10 +38,48 @@ from pv2tea.data.schema import (
     Unparsable,
 )
 
-__all__ = ["load_dataset", "unknown_field_warnings", "validate_file", "validate_rows"]
+__all__ = [
+    "DatasetScan",
+    "ValidatedRow",
+    "iter_records",
+    "iter_validated",
+    "load_dataset",
+    "scan_dataset",
+    "unknown_field_warnings",
+    "validate_file",
+    "validate_rows",
+]
 
 # Each entry: (row number, every problem found in that row).
 RowProblems = tuple[int, list[RowError]]
+# How many image verdicts validation remembers (a product's images recur on the rows of its attributes, which
+# are usually adjacent); the oldest is forgotten first, so memory does not grow with the file.
+IMAGE_VERDICTS_KEPT = 65_536
+
+
+class ValidatedRow(NamedTuple):
+    """One validated row: its 1-based number, its record (None if invalid) and every problem found in it."""
+
+    row: int
+    record: Record | None
+    errors: list[RowError]
+
+
+class _ImageVerdicts(OrderedDict):
+    """The last ``size`` image paths checked and their verdicts (None: a readable image)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key: str) -> str | None:
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: str | None) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.size:
+            self.popitem(last=False)
 
 
 class _RowChecker:
@@ -180,8 +226,63 @@ def _validate_row(
     )
 
 
+class _Validator:
+    """Validates the rows of one file in order, keeping only what spans rows: the first row of each id (to find
+    repeats; one entry per distinct id) and the verdicts of the most recently checked images (bounded)."""
+
+    def __init__(
+        self,
+        path: str | PathLike[str],
+        *,
+        check_images: bool,
+        require_label: bool,
+        check_duplicates: bool = True,
+        check_images_of: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.file = str(path)
+        self.base_dir = os.path.dirname(os.path.abspath(self.file))
+        self.check_images = check_images
+        self.check_images_of = check_images_of
+        self.require_label = require_label
+        self.check_duplicates = check_duplicates
+        self.first_row_of_id: dict[str, int] = {}
+        self.image_reasons: _ImageVerdicts = _ImageVerdicts(IMAGE_VERDICTS_KEPT)
+
+    def __call__(self, row: int, raw: Mapping[str, Any]) -> ValidatedRow:
+        checker = _RowChecker(self.file, row)
+        images = self.check_images and (self.check_images_of is None or self.check_images_of(row))
+        record = _validate_row(raw, checker, self.base_dir, self.image_reasons if images else None, self.require_label)
+        row_id = raw.get("id")
+        if self.check_duplicates and isinstance(row_id, str) and row_id.strip():
+            key = row_id.strip()
+            first = self.first_row_of_id.setdefault(key, row)
+            if first != row:
+                checker.fail("id", f"duplicate id '{key}' (first seen in row {first})")
+                record = None
+        return ValidatedRow(row, record, checker.errors)
+
+
+def iter_validated(
+    rows: Iterable[Mapping[str, Any]],
+    path: str | PathLike[str],
+    *,
+    check_images: bool = True,
+    require_label: bool = True,
+    check_images_of: Callable[[int], bool] | None = None,
+) -> Iterator[ValidatedRow]:
+    """Validate raw rows read from ``path`` one at a time, as they are consumed (image paths are relative to its
+    directory): for each row, its 1-based number and either its record or every problem found in it. A repeated
+    ``id`` makes the later row invalid. ``check_images_of(row)`` limits the image checks to the rows it accepts
+    (e.g. one process's share of the rows); the other rows' images are not opened."""
+    validator = _Validator(
+        path, check_images=check_images, require_label=require_label, check_images_of=check_images_of
+    )
+    for row, raw in enumerate(rows, start=1):
+        yield validator(row, raw)
+
+
 def validate_rows(
-    rows: Sequence[Mapping[str, Any]],
+    rows: Iterable[Mapping[str, Any]],
     path: str | PathLike[str],
     *,
     check_images: bool = True,
@@ -192,49 +293,51 @@ def validate_rows(
     Returns the valid records in order and, for each invalid row, its 1-based row number
     with all its errors. A repeated ``id`` makes the later row invalid.
     """
-    file = str(path)
-    base_dir = os.path.dirname(os.path.abspath(file))
-    image_reasons: dict[str, str | None] | None = {} if check_images else None
-    first_row_of_id: dict[str, int] = {}
     records: list[Record] = []
     problems: list[RowProblems] = []
-    for row, raw in enumerate(rows, start=1):
-        checker = _RowChecker(file, row)
-        record = _validate_row(raw, checker, base_dir, image_reasons, require_label)
-        row_id = raw.get("id")
-        if isinstance(row_id, str) and row_id.strip():
-            key = row_id.strip()
-            if key in first_row_of_id:
-                first = first_row_of_id[key]
-                checker.fail("id", f"duplicate id '{key}' (first seen in row {first})")
-                record = None
-            else:
-                first_row_of_id[key] = row
-        if record is None:
-            problems.append((row, checker.errors))
+    for result in iter_validated(rows, path, check_images=check_images, require_label=require_label):
+        if result.record is None:
+            problems.append((result.row, result.errors))
         else:
-            records.append(record)
+            records.append(result.record)
     return records, problems
 
 
-def unknown_field_warnings(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> list[str]:
+class _FieldTally:
+    """The fields outside the schema seen in rows passing through :meth:`observe`: first row and count of each."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+
+    def observe(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        """``rows`` unchanged, noting each row's unknown fields as it passes."""
+        for row, raw in enumerate(rows, start=1):
+            for name in raw:
+                if name in FIELDS or name == PARSE_ERROR_KEY:
+                    continue
+                self.first.setdefault(name, row)
+                self.count[name] = self.count.get(name, 0) + 1
+            yield raw
+
+    def warnings(self, path: str | PathLike[str]) -> list[str]:
+        count = self.count
+        return [
+            f"{path}: field '{name}' is not part of the schema and is ignored (row {self.first[name]}"
+            f"{f' and {count[name] - 1} more' if count[name] > 1 else ''}); known fields: {', '.join(FIELDS)}"
+            for name in sorted(self.first, key=self.first.__getitem__)
+        ]
+
+
+def unknown_field_warnings(rows: Iterable[Mapping[str, Any]], path: str | PathLike[str]) -> list[str]:
     """One message per field that is not part of the schema (it is ignored), with its first row and count.
 
     A misspelt field (``"colour"``, ``"labels"``) would otherwise be dropped without a word.
     """
-    first: dict[str, int] = {}
-    count: dict[str, int] = {}
-    for row, raw in enumerate(rows, start=1):
-        for name in raw:
-            if name in FIELDS or name == PARSE_ERROR_KEY:
-                continue
-            first.setdefault(name, row)
-            count[name] = count.get(name, 0) + 1
-    return [
-        f"{path}: field '{name}' is not part of the schema and is ignored (row {first[name]}"
-        f"{f' and {count[name] - 1} more' if count[name] > 1 else ''}); known fields: {', '.join(FIELDS)}"
-        for name in sorted(first, key=first.__getitem__)
-    ]
+    tally = _FieldTally()
+    for _ in tally.observe(rows):
+        pass
+    return tally.warnings(path)
 
 
 def validate_file(
@@ -244,15 +347,14 @@ def validate_file(
     require_label: bool = True,
     warnings: list[str] | None = None,
 ) -> list[RowError]:
-    """Every problem in the dataset file at ``path``, in row order (empty if valid).
+    """Every problem in the dataset file at ``path``, in row order (empty if valid); the file is read as a stream.
 
     ``warnings``, when given, is extended with the messages about fields outside the schema.
     """
-    rows = read_table(path)
-    _, problems = validate_rows(rows, path, check_images=check_images, require_label=require_label)
+    scan = scan_dataset(path, check_images=check_images, require_label=require_label)
     if warnings is not None:
-        warnings.extend(unknown_field_warnings(rows, path))
-    return [error for _, errors in problems for error in errors]
+        warnings.extend(scan.warnings)
+    return scan.errors
 
 
 def load_dataset(
@@ -262,20 +364,103 @@ def load_dataset(
     check_images: bool = True,
     require_label: bool = True,
 ) -> LoadResult:
-    """Load and validate a dataset file.
+    """Load and validate a dataset file into memory (the records; the raw rows are streamed).
 
     Raises:
         DataValidationError: if any row is invalid and ``skip_invalid`` is False; it lists
             every error found in the file.
         FileNotFoundError / ValueError: for a missing file or an unsupported extension.
     """
-    rows = read_table(path)
-    records, problems = validate_rows(rows, path, check_images=check_images, require_label=require_label)
-    if problems and not skip_invalid:
-        raise DataValidationError([error for _, errors in problems for error in errors])
-    return LoadResult(
-        path=str(path),
-        records=records,
-        skipped=[errors[0] for _, errors in problems],
-        warnings=unknown_field_warnings(rows, path),
-    )
+    tally = _FieldTally()
+    records: list[Record] = []
+    errors: list[RowError] = []
+    skipped: list[RowError] = []
+    for result in iter_validated(
+        tally.observe(iter_table(path)), path, check_images=check_images, require_label=require_label
+    ):
+        if result.record is not None:
+            records.append(result.record)
+        else:
+            errors.extend(result.errors)
+            skipped.append(result.errors[0])
+    if errors and not skip_invalid:
+        raise DataValidationError(errors)
+    return LoadResult(path=str(path), records=records, skipped=skipped, warnings=tally.warnings(path))
+
+
+@dataclass
+class DatasetScan:
+    """What one validating pass over a dataset file found, without keeping its records (:func:`scan_dataset`)."""
+
+    path: str  # the dataset file as given by the caller
+    n_rows: int  # data rows read
+    n_valid: int  # rows that are records
+    n_labelled: int  # valid rows with a non-empty label
+    errors: list[RowError] = field(default_factory=list)  # every problem, in row order
+    bad_rows: set[int] = field(default_factory=set)  # 1-based numbers of the invalid rows
+    warnings: list[str] = field(default_factory=list)  # fields outside the schema, which are ignored
+    ids: set[str] | None = None  # the valid rows' ids (keep_ids=True)
+
+    @property
+    def skipped(self) -> list[RowError]:
+        """The first problem of each invalid row (what ``skip_invalid`` drops)."""
+        seen: set[int] = set()
+        return [e for e in self.errors if not (e.row in seen or seen.add(e.row))]
+
+
+def scan_dataset(
+    path: str | PathLike[str],
+    *,
+    check_images: bool = True,
+    require_label: bool = True,
+    check_images_of: Callable[[int], bool] | None = None,
+    keep_ids: bool = False,
+) -> DatasetScan:
+    """Validate a dataset file in one streaming pass, keeping the problems and counts but not the records; with
+    :func:`iter_records` after it, a file of any size is validated in full before its records are used one at a
+    time. ``check_images_of`` as in :func:`iter_validated`."""
+    tally = _FieldTally()
+    scan = DatasetScan(path=str(path), n_rows=0, n_valid=0, n_labelled=0, ids=set() if keep_ids else None)
+    for result in iter_validated(
+        tally.observe(iter_table(path)),
+        path,
+        check_images=check_images,
+        require_label=require_label,
+        check_images_of=check_images_of,
+    ):
+        scan.n_rows = result.row
+        if result.record is None:
+            scan.errors.extend(result.errors)
+            scan.bad_rows.add(result.row)
+            continue
+        scan.n_valid += 1
+        scan.n_labelled += bool(result.record.label)
+        if scan.ids is not None:
+            scan.ids.add(result.record.id)
+    scan.warnings = tally.warnings(path)
+    return scan
+
+
+def iter_records(
+    path: str | PathLike[str],
+    *,
+    skip_rows: Container[int] = (),
+    require_label: bool = True,
+    rows: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, Record]]:
+    """The records of a dataset file as a stream of (row number, record), read as they are consumed, after a
+    :func:`scan_dataset` of the same file found its problems: the rows in ``skip_rows`` (the scan's
+    ``bad_rows``) are passed over, and with ``rows`` only the rows it accepts are validated and yielded (e.g. one
+    process's share). Images and repeated ids were checked by the scan and are not checked again.
+
+    Raises:
+        DataValidationError: a row outside ``skip_rows`` is invalid (the file changed since the scan).
+    """
+    validator = _Validator(path, check_images=False, require_label=require_label, check_duplicates=False)
+    for row, raw in enumerate(iter_table(path), start=1):
+        if row in skip_rows or (rows is not None and not rows(row)):
+            continue
+        result = validator(row, raw)
+        if result.record is None:
+            raise DataValidationError(result.errors)
+        yield row, result.record
