@@ -38,9 +38,9 @@ from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtra
 from pv2tea.config import VisionConfig  # noqa: E402
 from pv2tea.data.schema import Record  # noqa: E402
 from pv2tea.data.validate import load_dataset  # noqa: E402
+from pv2tea.decoding.fusion import PRIOR_FLOOR, log_normalize, prior_log_probs  # noqa: E402
 from pv2tea.eval.metrics import Example, score  # noqa: E402
 from pv2tea.eval.normalize import normalize_value  # noqa: E402
-from pv2tea.inference.fusion import PRIOR_FLOOR, log_normalize, prior_log_probs  # noqa: E402
 from pv2tea.models.vision import create_backbone, data_config, load_backbone_weights  # noqa: E402
 from pv2tea.train.loop import multi_value_attributes  # noqa: E402
 
@@ -97,8 +97,9 @@ def text_extractor(domain_dir: Path, cache: Path) -> TfidfTextExtractor:
     return extractor
 
 
-def fused_scores(x: np.ndarray, records: list[Record], options: dict[str, list[str]], text_probs: list[dict],
-                 folds: int) -> dict[float, tuple[float, float]]:
+def fused_scores(
+    x: np.ndarray, records: list[Record], options: dict[str, list[str]], text_probs: list[dict], folds: int
+) -> dict[float, tuple[float, float]]:
     """Candidates ranked by the extractor's log-probabilities + w · the gold image probe's (held-out folds, per
     attribute); {w: (macro F1, accuracy)} pooled over the held-out rows. w = 0 is the extractor alone."""
     multi = multi_value_attributes(records)
@@ -112,15 +113,17 @@ def fused_scores(x: np.ndarray, records: list[Record], options: dict[str, list[s
             classes, prob = probe_probabilities(x[idx[train]], [gold[j] for j in train], x[idx[test]])  # (n, V)
             column = {c: k for k, c in enumerate(classes)}
             for row, j in zip(prob, test):
-                image = log_normalize(np.log(np.array([max(row[column[k]], PRIOR_FLOOR) if k in column
-                                                       else PRIOR_FLOOR for k in keys])))  # log p_image(c | C)
+                image = log_normalize(
+                    np.log(np.array([max(row[column[k]], PRIOR_FLOOR) if k in column else PRIOR_FLOOR for k in keys]))
+                )  # log p_image(c | C)
                 text = prior_log_probs(values, text_probs[idx[j]])
                 for w in IMAGE_WEIGHTS:
                     answers[w][idx[j]] = values[int(np.argmax(text + w * image))]
     out = {}
     for w, preds in answers.items():
-        s = score(Example(r.gold, (p,), r.source, r.attribute, multi.get(r.attribute, False))
-                  for r, p in zip(records, preds))
+        s = score(
+            Example(r.gold, (p,), r.source, r.attribute, multi.get(r.attribute, False)) for r, p in zip(records, preds)
+        )
         out[w] = (s.f1, s.accuracy)
     return out
 
@@ -132,10 +135,15 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--backbone", action="append", help=f"repeatable; default {DEFAULT_BACKBONES}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fuse", type=Path, metavar="CACHE",
-                        help="also rank the options by the TF-IDF extractor fused with the gold image probe (final "
-                             "features) at image weights " + ", ".join(map(str, IMAGE_WEIGHTS))
-                             + "; the extractors are trained once and saved under CACHE/<domain>")
+    parser.add_argument(
+        "--fuse",
+        type=Path,
+        metavar="CACHE",
+        help="also rank the options by the TF-IDF extractor fused with the gold image probe (final "
+        "features) at image weights "
+        + ", ".join(map(str, IMAGE_WEIGHTS))
+        + "; the extractors are trained once and saved under CACHE/<domain>",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = [parse_backbone(s) for s in (args.backbone or DEFAULT_BACKBONES)]
@@ -143,8 +151,10 @@ def main() -> None:
     if not domains:
         raise SystemExit(f"no */eval.jsonl under {args.data}: run `pv2tea data import implicitave` first")
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.folds}-fold probe on gold values")
-    print("| domain | backbone | px | encode s | accuracy (final) | macro F1 (final) | accuracy (stage 2 + final) "
-          "| macro F1 (stage 2 + final) | majority accuracy |")
+    print(
+        "| domain | backbone | px | encode s | accuracy (final) | macro F1 (final) | accuracy (stage 2 + final) "
+        "| macro F1 (stage 2 + final) | majority accuracy |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for domain in domains:
         path = args.data / domain / "eval.jsonl"
@@ -185,13 +195,21 @@ def main() -> None:
             for key in ("final", "both"):
                 cells += [f"{100 * np.concatenate(result[key][0]).mean():.1f}", f"{100 * np.mean(result[key][1]):.1f}"]
             size = cfg.image_size or data_config(backbone, cfg)["input_size"][-1]
-            print(f"| {domain} ({len(records)} rows) | {cfg.name} | {size} | {seconds:.0f} | " + " | ".join(cells)
-                  + f" | {100 * np.concatenate(floor).mean():.1f} |", flush=True)
+            print(
+                f"| {domain} ({len(records)} rows) | {cfg.name} | {size} | {seconds:.0f} | "
+                + " | ".join(cells)
+                + f" | {100 * np.concatenate(floor).mean():.1f} |",
+                flush=True,
+            )
             if args.fuse:
                 rows = [row_of[r.images[0]] for r in records]
                 fused = fused_scores(feats["final"][rows], records, options, text_probs, args.folds)
-                print(f"|   fused with the extractor, F1 / accuracy by image weight: " + ", ".join(
-                    f"{w:g}: {f1:.1f} / {acc:.1f}" for w, (f1, acc) in fused.items()) + " |", flush=True)
+                print(
+                    "|   fused with the extractor, F1 / accuracy by image weight: "
+                    + ", ".join(f"{w:g}: {f1:.1f} / {acc:.1f}" for w, (f1, acc) in fused.items())
+                    + " |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

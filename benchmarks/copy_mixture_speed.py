@@ -21,7 +21,8 @@ from pv2tea.models.copy_decoder import mixture_log_probs
 
 def dense_mixture(vocab_logits, attn, generate, copy_ids):
     copy = torch.zeros_like(vocab_logits).scatter_add(
-        2, copy_ids[:, None, :].expand(-1, attn.shape[1], -1), attn)  # (B, A, V)
+        2, copy_ids[:, None, :].expand(-1, attn.shape[1], -1), attn
+    )  # (B, A, V)
     return torch.log((generate * vocab_logits.softmax(-1) + (1 - generate) * copy).clamp_min(1e-12))
 
 
@@ -46,8 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     B, A, T, V = args.batch, args.answer_tokens, args.text_tokens, args.vocab
-    inputs = [torch.randn(B, A, V), torch.randn(B, A, T).softmax(-1), torch.rand(B, A, 1),
-              torch.randint(1000, V, (B, T))]
+    inputs = [
+        torch.randn(B, A, V),
+        torch.randn(B, A, T).softmax(-1),
+        torch.rand(B, A, 1),
+        torch.randint(1000, V, (B, T)),
+    ]
     with torch.no_grad():
         torch.testing.assert_close(mixture_log_probs(*inputs).exp(), dense_mixture(*inputs).exp())
     sparse = statistics.median(time_it(mixture_log_probs, inputs, args.repeats))

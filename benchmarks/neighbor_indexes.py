@@ -20,16 +20,21 @@ import numpy as np
 def one(kind: str, n: int, k: int, dim: int) -> dict[str, float]:
     from pv2tea.bench.neighbors import clustered_features
     from pv2tea.regularize.neighbors import approximate_knn, exact_knn_rows
+
     features, _ = clustered_features(n, dim)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     found = approximate_knn(features, k, index=kind)
     seconds, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows = np.sort(np.random.default_rng(7).choice(n, size=min(n, 500), replace=False))
     truth = exact_knn_rows(features, rows, k)
     recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found[rows].tolist(), truth.tolist())]))
-    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_gib": round(peak, 3),
-            "recall": round(recall, 4)}
+    return {
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
+        "peak_gib": round(peak, 3),
+        "recall": round(recall, 4),
+    }
 
 
 def main() -> None:
@@ -45,8 +50,23 @@ def main() -> None:
         return
     results = {}
     for kind in args.kinds.split(","):
-        done = subprocess.run([sys.executable, __file__, "--one", kind, "--rows", str(args.rows), "--k", str(args.k),
-                               "--dim", str(args.dim)], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                kind,
+                "--rows",
+                str(args.rows),
+                "--k",
+                str(args.k),
+                "--dim",
+                str(args.dim),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{kind}: {results[kind]}", flush=True)
     print(json.dumps({"rows": args.rows, "indexes": results}))

@@ -33,8 +33,13 @@ from pv2tea.inference.server import create_app  # noqa: E402
 
 
 def _product(row: dict, folder: Path) -> dict:
-    return {"id": row["id"], "text": row["text"], "category": row["category"], "attribute": row["attribute"],
-            "images": [base64.b64encode((folder / p).read_bytes()).decode() for p in row.get("images", [])]}
+    return {
+        "id": row["id"],
+        "text": row["text"],
+        "category": row["category"],
+        "attribute": row["attribute"],
+        "images": [base64.b64encode((folder / p).read_bytes()).decode() for p in row.get("images", [])],
+    }
 
 
 def main() -> None:
@@ -55,8 +60,10 @@ def main() -> None:
             predict_to_file(predictor, records, Path(tmp) / f"p{i}.jsonl", progress=False)
             batch_times.append(time.perf_counter() - t0)
     median = statistics.median(batch_times)
-    print(f"batch predict: median {median:.2f} s for {len(records)} rows = {len(records) / median:.1f} rows/s "
-          f"(runs: {', '.join(f'{t:.2f}' for t in batch_times)})")
+    print(
+        f"batch predict: median {median:.2f} s for {len(records)} rows = {len(records) / median:.1f} rows/s "
+        f"(runs: {', '.join(f'{t:.2f}' for t in batch_times)})"
+    )
 
     raw = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     products = [_product(row, args.data.parent) for row in raw]
@@ -65,13 +72,15 @@ def main() -> None:
         latencies = []
         for i in range(args.requests):
             start = (i * size) % max(len(products) - size, 1)
-            body = {"products": products[start:start + size]}
+            body = {"products": products[start : start + size]}
             t0 = time.perf_counter()
             response = client.post("/predict", json=body)
             latencies.append(time.perf_counter() - t0)
             response.raise_for_status()
-        print(f"HTTP /predict, {size} product(s) per request: median {statistics.median(latencies) * 1000:.0f} ms "
-              f"over {args.requests} requests")
+        print(
+            f"HTTP /predict, {size} product(s) per request: median {statistics.median(latencies) * 1000:.0f} ms "
+            f"over {args.requests} requests"
+        )
 
 
 if __name__ == "__main__":

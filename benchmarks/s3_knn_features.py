@@ -26,20 +26,27 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from pv2tea.data.validate import load_dataset  # noqa: E402
-from pv2tea.inference.predictor import load_from_checkpoint  # noqa: E402
+from pv2tea.models.build import load_from_checkpoint  # noqa: E402
 from pv2tea.regularize.neighbors import chance_corrected, expected_agreement, visual_reliability  # noqa: E402
 
 
 @torch.no_grad()
 def feature_spaces(model, pre, records) -> dict[str, torch.Tensor]:
     """(N, ·) features of each record's first image in every space S3 can use, plus level-2-only variants."""
-    tokens = torch.cat([model.visual.backbone_tokens(torch.stack([pre.image_tensor(r) for r in records[i:i + 64]]))
-                        for i in range(0, len(records), 64)])  # (N, P, C)
+    tokens = torch.cat(
+        [
+            model.visual.backbone_tokens(torch.stack([pre.image_tensor(r) for r in records[i : i + 64]]))
+            for i in range(0, len(records), 64)
+        ]
+    )  # (N, P, C)
     final = model.visual.backbone.num_features  # channels of the final map; any further ones are earlier levels
     gate = torch.sigmoid(model.visual.head(tokens).mask_logits)[..., None]  # (N, P, 1)
     masked_mean = lambda t: (t * gate).sum(1) / gate.sum(1).clamp_min(1e-6)  # noqa: E731
-    spaces = {"backbone": model.backbone_features(feats=tokens), "masked": model.masked_backbone_features(feats=tokens),
-              "pooled": model.image_features(feats=tokens)[0]}
+    spaces = {
+        "backbone": model.backbone_features(feats=tokens),
+        "masked": model.masked_backbone_features(feats=tokens),
+        "pooled": model.image_features(feats=tokens)[0],
+    }
     if tokens.shape[-1] > final:
         spaces["backbone, level-2 channels"] = tokens[..., final:].mean(1)
         spaces["masked, level-2 channels"] = masked_mean(tokens[..., final:])
@@ -74,8 +81,10 @@ def main() -> None:
             weight = chance_corrected(visual_reliability(x, labels, args.k, "overlap"), chance, "soft")
             purity = visual_reliability(x, golds, args.k, "overlap").mean()
             auc = roc_auc_score(right, weight) if 0 < right.sum() < len(right) else float("nan")
-            print(f"  {name:28s} AUC {auc:.3f}  weight right {weight[right].mean():.3f} "
-                  f"wrong {weight[~right].mean():.3f}  neighbours' gold agreement {purity:.3f}")
+            print(
+                f"  {name:28s} AUC {auc:.3f}  weight right {weight[right].mean():.3f} "
+                f"wrong {weight[~right].mean():.3f}  neighbours' gold agreement {purity:.3f}"
+            )
 
 
 if __name__ == "__main__":

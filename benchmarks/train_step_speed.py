@@ -26,7 +26,7 @@ from pv2tea.config import load_config  # noqa: E402
 from pv2tea.data.dataset import RecordDataset, make_collate  # noqa: E402
 from pv2tea.data.synth import make_catalog  # noqa: E402
 from pv2tea.data.validate import load_dataset  # noqa: E402
-from pv2tea.inference.predictor import build_for_training  # noqa: E402
+from pv2tea.models.build import build_for_training  # noqa: E402
 from pv2tea.train.feature_cache import build_feature_cache  # noqa: E402
 from pv2tea.train.loop import build_optimizer, epoch_batches  # noqa: E402
 
@@ -44,7 +44,7 @@ def step_times(records, cached: bool, steps: int) -> tuple[list[float], float]:
     model.train()
     batches = epoch_batches(len(records), cfg.train.batch_size, 0, 0) * 4
     times = []
-    for indices in batches[:steps + 2]:
+    for indices in batches[: steps + 2]:
         t = time.perf_counter()
         batch = collate(indices)
         model.momentum_update()

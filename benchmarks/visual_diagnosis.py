@@ -53,7 +53,7 @@ def pooled_features(backbone, transform, paths: list[str], batch_size: int = 64)
     EfficientNet-Lite0 stride 16 and 32 before the last 1×1 conv) and the final map the model uses."""
     out: dict[str, list[np.ndarray]] = {"stage 2": [], "stage 3": [], "final": []}
     for start in range(0, len(paths), batch_size):
-        x = torch.stack([transform(load_rgb(p)) for p in paths[start:start + batch_size]])  # (B, 3, S, S)
+        x = torch.stack([transform(load_rgb(p)) for p in paths[start : start + batch_size]])  # (B, 3, S, S)
         final, stages = backbone.forward_intermediates(x, indices=[2, 3])  # (B, C, h, w), [(B, C_i, h_i, w_i)]
         out["stage 2"].append(stages[0].mean((2, 3)).numpy())
         out["stage 3"].append(stages[1].mean((2, 3)).numpy())
@@ -61,8 +61,9 @@ def pooled_features(backbone, transform, paths: list[str], batch_size: int = 64)
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def probe_probabilities(train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray
-                        ) -> tuple[list[str], np.ndarray]:
+def probe_probabilities(
+    train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray
+) -> tuple[list[str], np.ndarray]:
     """A one-vs-rest logistic probe on standardized features: its values and each test row's probabilities (N, V)."""
     binarizer = MultiLabelBinarizer().fit(train_y)
     scaler = StandardScaler().fit(train_x)
@@ -70,12 +71,14 @@ def probe_probabilities(train_x: np.ndarray, train_y: list[list[str]], test_x: n
     if len(classes) == 1:  # one value in training: the probe is that value (sklearn's binary case has 2 columns)
         return classes, np.ones((len(test_x), 1))
     clf = OneVsRestClassifier(LogisticRegression(C=0.5, max_iter=2000)).fit(
-        scaler.transform(train_x), binarizer.transform(train_y))
+        scaler.transform(train_x), binarizer.transform(train_y)
+    )
     return classes, clf.predict_proba(scaler.transform(test_x))  # (N, V)
 
 
-def probe(train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray, test_y: list[list[str]],
-          return_top: bool = False) -> tuple:
+def probe(
+    train_x: np.ndarray, train_y: list[list[str]], test_x: np.ndarray, test_y: list[list[str]], return_top: bool = False
+) -> tuple:
     """(exact-set accuracy, macro F1 over values) of a one-vs-rest logistic probe; at least the top value.
     With ``return_top`` also each test row's most probable value."""
     classes, prob = probe_probabilities(train_x, train_y, test_x)  # (N, V) over the training values
@@ -112,42 +115,62 @@ def main() -> None:
     paths = sorted({r.images[0] for r in train + test})
     feats = pooled_features(backbone, transform, paths)
     row_of = {p: i for i, p in enumerate(paths)}
-    print(f"{cfg.vision.name} at {cfg.vision.image_size or 'native'} px, {len(paths)} images "
-          f"({time.perf_counter() - t0:.0f} s to encode)")
+    print(
+        f"{cfg.vision.name} at {cfg.vision.image_size or 'native'} px, {len(paths)} images "
+        f"({time.perf_counter() - t0:.0f} s to encode)"
+    )
     for attribute in sorted({r.attribute for r in train}):
         tr = [r for r in train if r.attribute == attribute]
         te = [r for r in test if r.attribute == attribute]
         print(f"\n{attribute}: {len(tr)} train / {len(te)} test rows")
         for depth, x in feats.items():
-            exact, f1 = probe(x[[row_of[r.images[0]] for r in tr]], [list(r.gold) for r in tr],
-                              x[[row_of[r.images[0]] for r in te]], [list(r.gold) for r in te])
-            print(f"  linear probe on gold, {depth:>7} features ({x.shape[1]:>4}-d): "
-                  f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}")
+            exact, f1 = probe(
+                x[[row_of[r.images[0]] for r in tr]],
+                [list(r.gold) for r in tr],
+                x[[row_of[r.images[0]] for r in te]],
+                [list(r.gold) for r in te],
+            )
+            print(
+                f"  linear probe on gold, {depth:>7} features ({x.shape[1]:>4}-d): "
+                f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}"
+            )
         labels = [normalize_values(r.label) for r in tr]
         right = np.array([labels[i] == normalize_values(r.gold) for i, r in enumerate(tr)])
         grounded = np.array([label_in_text(r.label, r.text) for r in tr])
         for depth in ("stage 2", "final"):  # what the image side can learn from the weak labels themselves
             x = feats[depth]
             for name, rows in (("all rows", np.ones(len(tr), bool)), ("grounded rows", grounded)):
-                exact, f1 = probe(x[[row_of[r.images[0]] for r, keep in zip(tr, rows) if keep]],
-                                  [list(r.label) for r, keep in zip(tr, rows) if keep],
-                                  x[[row_of[r.images[0]] for r in te]], [list(r.gold) for r in te])
-                print(f"  linear probe on weak labels, {name:>13}, {depth:>7} features: "
-                      f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}")
+                exact, f1 = probe(
+                    x[[row_of[r.images[0]] for r, keep in zip(tr, rows) if keep]],
+                    [list(r.label) for r, keep in zip(tr, rows) if keep],
+                    x[[row_of[r.images[0]] for r in te]],
+                    [list(r.gold) for r in te],
+                )
+                print(
+                    f"  linear probe on weak labels, {name:>13}, {depth:>7} features: "
+                    f"exact-set accuracy {100 * exact:5.1f}, macro F1 {100 * f1:5.1f}"
+                )
         s_v = visual_reliability(feats["final"][[row_of[r.images[0]] for r in tr]], labels, args.k, "overlap")
         expected = expected_agreement(labels, [r.category for r in tr], "overlap")
-        scores = [("raw s_v", s_v), ("soft (1 + κ)/2", chance_corrected(s_v, expected, "soft")),
-                  ("clip κ to [0, 1]", chance_corrected(s_v, expected, "clip"))]
+        scores = [
+            ("raw s_v", s_v),
+            ("soft (1 + κ)/2", chance_corrected(s_v, expected, "soft")),
+            ("clip κ to [0, 1]", chance_corrected(s_v, expected, "clip")),
+        ]
         for depth in ("stage 2", "final"):  # schemes.nr_visual=probe; nr_features=levels reads stage 2
             p = probe_reliability(feats[depth][[row_of[r.images[0]] for r in tr]], labels)
             scores.append((f"probe {depth}, soft", chance_corrected(p, expected, "soft")))
         for name, s in scores:
-            print(f"  S3 {name:>17}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
-                  f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; AUC {roc_auc_score(right, s):.3f}; "
-                  f"{right.sum()} right, {(~right).sum()} wrong)")
+            print(
+                f"  S3 {name:>17}: right weak labels {s[right].mean():.3f}, wrong {s[~right].mean():.3f} "
+                f"(ratio {s[right].mean() / max(s[~right].mean(), 1e-9):.2f}; AUC {roc_auc_score(right, s):.3f}; "
+                f"{right.sum()} right, {(~right).sum()} wrong)"
+            )
         for name, rows in (("grounded (label in text)", grounded), ("ungrounded", ~grounded)):
-            print(f"  weak labels {name:>24}: {right[rows].sum():>3} right, {(~right[rows]).sum():>3} wrong "
-                  f"({100 * right[rows].mean() if rows.any() else 0:.0f}% right)")
+            print(
+                f"  weak labels {name:>24}: {right[rows].sum():>3} right, {(~right[rows]).sum():>3} wrong "
+                f"({100 * right[rows].mean() if rows.any() else 0:.0f}% right)"
+            )
 
 
 if __name__ == "__main__":

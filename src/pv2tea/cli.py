@@ -53,8 +53,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pv2tea.data.images import ImageLoadError
     from pv2tea.data.schema import DataValidationError
     from pv2tea.eval.normalize import SynonymFileError
+    from pv2tea.models.checkpoint import CheckpointError
     from pv2tea.models.weights import WeightLoadError
-    from pv2tea.train.checkpoint import CheckpointError
     from pv2tea.train.loop import TrainingError
 
     return (
@@ -130,8 +130,8 @@ def _load_calibration(path: Path | None, model: Path, extractor: Path | None):
         raise ValueError(
             "--calibration weighs the model against a text extractor: it needs --extractor (and --candidates)"
         )
-    from pv2tea.inference.calibration import load_calibration
-    from pv2tea.train.checkpoint import warm_start_fingerprint
+    from pv2tea.decoding.calibration import load_calibration
+    from pv2tea.models.checkpoint import warm_start_fingerprint
 
     calibration = load_calibration(path)
     made_for = calibration.meta.get("model_sha256")
@@ -235,7 +235,7 @@ def evaluate(
     from pv2tea.eval.metrics import Example, source_aware_report
     from pv2tea.eval.normalize import load_synonyms
     from pv2tea.eval.report import format_report_table, write_report
-    from pv2tea.train import checkpoint as ckpt
+    from pv2tea.models import checkpoint as ckpt
     from pv2tea.train.loop import multi_value_attributes
 
     try:
@@ -314,8 +314,8 @@ def predict(
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
     _quiet_libraries()
+    from pv2tea.decoding.fusion import check_fusion
     from pv2tea.inference.batch import predict_to_file
-    from pv2tea.inference.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
 
     try:
@@ -468,7 +468,7 @@ def serve(
     import torch
     import uvicorn
 
-    from pv2tea.inference.fusion import check_fusion
+    from pv2tea.decoding.fusion import check_fusion
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
     from pv2tea.serve.limits import Limits
@@ -837,9 +837,9 @@ def calibrate(
     _quiet_libraries()
     from rich.table import Table
 
-    from pv2tea.inference.calibration import CalibrationConfig, fit_calibration, scored_rows, today
+    from pv2tea.decoding.calibration import CalibrationConfig, fit_calibration, scored_rows, today
     from pv2tea.inference.predictor import Predictor
-    from pv2tea.train.checkpoint import warm_start_fingerprint
+    from pv2tea.models.checkpoint import warm_start_fingerprint
 
     try:
         config = CalibrationConfig(grid=_parse_grid(grid), z=z, min_rows=min_rows)

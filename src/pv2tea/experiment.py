@@ -36,14 +36,14 @@ from pv2tea.eval.normalize import normalize_value
 from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
 from pv2tea.inference.predictor import Predictor
-from pv2tea.regularize.grounding import keep_grounded
-from pv2tea.train.checkpoint import (
+from pv2tea.models.checkpoint import (
     MODEL_FILE,
     WARM_START_FILE,
     CheckpointError,
     checkpoint_exists,
     warm_start_fingerprint,
 )
+from pv2tea.regularize.grounding import keep_grounded
 from pv2tea.train.loop import multi_value_attributes, train
 
 TEA = [
@@ -180,7 +180,7 @@ def run_variant(
 
     With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
     predictions, and with ``priors`` (the text extractor's class probabilities of each test row) ``fused``: the
-    candidates ranked by model and extractor together (:mod:`pv2tea.inference.fusion`). When the test rows carry
+    candidates ranked by model and extractor together (:mod:`pv2tea.decoding.fusion`). When the test rows carry
     weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`, with its own ``constrained``) and, in
     the report and each of its ``constrained`` and ``fused`` blocks, ``departures``: where the answers differ from
     the weak labels and who was right (:func:`pv2tea.eval.metrics.departures`).

@@ -84,7 +84,7 @@ def _fold_ids(runs, k, products):
 def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, capsys):
     from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor
     from pv2tea.data.validate import load_dataset
-    from pv2tea.inference.calibration import load_calibration
+    from pv2tea.decoding.calibration import load_calibration
 
     final, catalog = tiny_trained
     records = load_dataset(catalog["test"], require_label=False).records
@@ -108,7 +108,7 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred), "--calibration", str(out)]) == 0
     got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
     from pv2tea.baselines.text_extractor import load_extractor
-    from pv2tea.inference.calibration import fused_pick, scored_rows
+    from pv2tea.decoding.calibration import fused_pick, scored_rows
     from pv2tea.inference.predictor import Predictor
 
     pattern = [r for r in records if r.attribute == "pattern"]
@@ -221,7 +221,7 @@ def test_the_service_answers_with_the_calibration(tiny_trained):
 
     from pv2tea.baselines.text_extractor import TfidfTextExtractor
     from pv2tea.data.validate import load_dataset
-    from pv2tea.inference.calibration import Calibration, Choice
+    from pv2tea.decoding.calibration import Calibration, Choice
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
 

@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 from pv2tea.bench.implicitave import BenchConfig, gold_labelled, product_folds
 from pv2tea.cli import main
 from pv2tea.data.schema import Record
-from pv2tea.train.checkpoint import warm_start_fingerprint
+from pv2tea.models.checkpoint import warm_start_fingerprint
 
 HEADER = "id\timages\tcategory\ttexts\tattribute_names\tattribute_values"
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from pv2tea.data.schema import Record
-from pv2tea.inference.predictor import Predictor, build_for_training, generate_values, preprocess_state
-from pv2tea.train import checkpoint as ckpt
+from pv2tea.decoding.generate import generate_values
+from pv2tea.inference.predictor import Predictor
+from pv2tea.models import checkpoint as ckpt
+from pv2tea.models.build import build_for_training, preprocess_state
 
 
 def test_round_trip_identical_predictions(tiny_config, tmp_path):

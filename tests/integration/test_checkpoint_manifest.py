@@ -11,7 +11,7 @@ import pytest
 
 from pv2tea.cli import main
 from pv2tea.inference.predictor import Predictor
-from pv2tea.train import checkpoint as ckpt
+from pv2tea.models import checkpoint as ckpt
 
 
 @pytest.fixture

@@ -227,8 +227,8 @@ def test_experiment_table_p_column_is_the_paired_t_test_against_pv2tea():
 def test_interrupted_experiment_resumes_its_run(tiny_text_ckpt, tmp_path, monkeypatch):
     """An experiment killed mid-training continues the run from its checkpoint when re-run: only the remaining
     steps are trained, and the run's log says where it resumed."""
+    from pv2tea.models import checkpoint as ckpt
     from pv2tea.models.pv2tea import PV2TEA
-    from pv2tea.train import checkpoint as ckpt
 
     catalog = make_catalog(tmp_path / "catalog", n_products=10, seed=6, image_size=32)
     config = tmp_path / "defaults.yaml"

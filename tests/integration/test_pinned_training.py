@@ -21,9 +21,9 @@ from pv2tea.config import load_config
 from pv2tea.data.schema import Record
 from pv2tea.data.synth import make_catalog
 from pv2tea.data.validate import load_dataset
-from pv2tea.inference.predictor import build_for_training
+from pv2tea.models import checkpoint as ckpt
+from pv2tea.models.build import build_for_training
 from pv2tea.models.pv2tea import PV2TEA
-from pv2tea.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config, upgrade_saved
 from pv2tea.data.schema import Record
 from pv2tea.experiment import TEA, check_same_config
-from pv2tea.inference.predictor import build_for_training, load_from_checkpoint
-from pv2tea.train import checkpoint as ckpt
+from pv2tea.models import checkpoint as ckpt
+from pv2tea.models.build import build_for_training, load_from_checkpoint
 from pv2tea.train.loop import build_optimizer, train
 
 

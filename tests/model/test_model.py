@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import tiny_overrides
 from pv2tea.config import load_config
 from pv2tea.data.schema import Record
-from pv2tea.inference.predictor import build_for_training
+from pv2tea.models.build import build_for_training
 
 CATEGORIES = ["mug", "shirt"]
 

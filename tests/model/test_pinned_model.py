@@ -16,7 +16,8 @@ from conftest import tiny_overrides
 from markov_decoder import install_markov_decoder
 from pv2tea.config import load_config
 from pv2tea.data.schema import Record
-from pv2tea.inference.predictor import build_for_training, generate_values
+from pv2tea.decoding.generate import generate_values
+from pv2tea.models.build import build_for_training
 
 CATEGORIES = ["mug", "shirt"]
 

@@ -10,8 +10,9 @@ from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config
 from pv2tea.data.dataset import value_vocabulary
 from pv2tea.data.schema import Record
+from pv2tea.decoding.generate import generate_values
 from pv2tea.experiment import TEA, VARIANTS
-from pv2tea.inference.predictor import build_for_training, generate_values
+from pv2tea.models.build import build_for_training
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.inference.calibration import (
+from pv2tea.decoding.calibration import (
     Calibration,
     CalibrationConfig,
     CalibrationError,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pv2tea.inference.fusion import PRIOR_FLOOR, check_weight, fuse_scores, log_normalize, prior_log_probs
+from pv2tea.decoding.fusion import PRIOR_FLOOR, check_weight, fuse_scores, log_normalize, prior_log_probs
 
 
 def test_log_normalize_is_a_log_distribution_of_any_scale():

@@ -24,7 +24,7 @@ def test_value_counts_count_rows_per_normalized_value():
 def test_label_log_prior_is_add_one_smoothed_over_the_candidates():
     from types import SimpleNamespace
 
-    from pv2tea.inference.predictor import label_log_prior
+    from pv2tea.decoding.generate import label_log_prior
 
     pre = SimpleNamespace(value_counts={"Color": {"red": 3, "blue": 1}})
     assert np.exp(label_log_prior(pre, "Color", ["Red", "Blue", "Green"])) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
@@ -33,8 +33,8 @@ def test_label_log_prior_is_add_one_smoothed_over_the_candidates():
 
 def test_models_save_their_label_counts_and_rank_with_the_correction(tiny_trained):
     from pv2tea.data.validate import load_dataset
+    from pv2tea.decoding.generate import label_log_prior
     from pv2tea.experiment import load_predictor
-    from pv2tea.inference.predictor import label_log_prior
 
     final, catalog = tiny_trained
     train = load_dataset(catalog["train"]).records

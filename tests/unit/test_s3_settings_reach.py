@@ -13,7 +13,7 @@ def test_visual_level_passes_the_scale_settings(tiny_text_ckpt, tmp_path, monkey
     from conftest import tiny_overrides
     from pv2tea.data.synth import make_catalog
     from pv2tea.data.validate import load_dataset
-    from pv2tea.inference.predictor import build_for_training
+    from pv2tea.models.build import build_for_training
     from pv2tea.regularize.probe import ProbeFit
     from pv2tea.train import loop
 

@@ -388,7 +388,7 @@ class TextExtractor(ABC):
 
     def value_probabilities(self, records: Sequence[Record]) -> list[dict[str, float]]:
         """Each record's class probabilities, keyed by normalized value (the prior of late fusion,
-        :mod:`pv2tea.inference.fusion`). Single-value attributes sum to 1; a multi-value attribute gives
+        :mod:`pv2tea.decoding.fusion`). Single-value attributes sum to 1; a multi-value attribute gives
         each value its own probability.
 
         Raises:

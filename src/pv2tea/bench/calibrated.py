@@ -1,5 +1,5 @@
 """The benchmark's calibrated rows: each fold's model next to the extractor, weighted per attribute by a calibration
-fitted on the gold of the *other* folds' held-out products (cross-fitting; :mod:`pv2tea.inference.calibration`).
+fitted on the gold of the *other* folds' held-out products (cross-fitting; :mod:`pv2tea.decoding.calibration`).
 
 A catalog team calibrates on a gold sample of products the model did not train on. In k-fold cross-validation the
 other folds' held-out rows are such a sample for fold k: each was scored by a model that did not train on it, and
@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from pv2tea.data.schema import Record
-from pv2tea.eval.metrics import departures, source_aware_report
-from pv2tea.experiment import constrain_to_candidates, gold_examples, load_predictor
-from pv2tea.inference.calibration import (
+from pv2tea.decoding.calibration import (
     Calibration,
     CalibrationConfig,
     ScoredRow,
@@ -27,7 +25,9 @@ from pv2tea.inference.calibration import (
     fused_pick,
     scored_rows,
 )
-from pv2tea.train.checkpoint import warm_start_fingerprint
+from pv2tea.eval.metrics import departures, source_aware_report
+from pv2tea.experiment import constrain_to_candidates, gold_examples, load_predictor
+from pv2tea.models.checkpoint import warm_start_fingerprint
 
 SCORES_FILE = "candidate_scores.json"
 SAMPLE_SIZES = (25, 50, 100, 200)  # gold rows drawn for the sample-size curve (besides the whole pool)

@@ -9,7 +9,7 @@ the held-out fold, by free generation and ranked among the domain's closed optio
 from a TEA trained once per domain on all its text-only rows, ``text_pretrain`` epochs); a
 PV2TEA trained on the gold labels of the same folds is the ceiling. Each model variant also gets a
 ``<variant>+extractor`` row: its candidate ranking fused with the extractor's class probabilities (the model
-deployed next to the extractor, :mod:`pv2tea.inference.fusion`). Runs resume: every finished
+deployed next to the extractor, :mod:`pv2tea.decoding.fusion`). Runs resume: every finished
 (fold, variant, seed) keeps its ``test_report.json``.
 """
 
@@ -47,7 +47,7 @@ from pv2tea.experiment import (
     run_variant,
     score_predictor,
 )
-from pv2tea.train.checkpoint import checkpoint_exists, warm_start_fingerprint
+from pv2tea.models.checkpoint import checkpoint_exists, warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
@@ -64,6 +64,7 @@ FOLD_RUN_SETTINGS = (
     "loss.weight_sc",
     "loss.weight_ct",
     "optim.warm_start_lr",
+    "optim.anchor_decay",
     "fusion.visual_gate",
 )
 

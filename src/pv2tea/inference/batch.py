@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from pv2tea.data.schema import Record
-from pv2tea.inference import fusion
-from pv2tea.inference.calibration import Calibration
+from pv2tea.decoding import fusion
+from pv2tea.decoding.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
 
 if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
@@ -76,8 +76,8 @@ def predict_to_file(
     """Predict every record into ``out`` (JSON Lines, rows of :func:`prediction_rows`), chunk by chunk.
 
     With ``extractor`` (and ``candidates``) each chunk's candidate ranking is fused with the extractor's class
-    probabilities (:mod:`pv2tea.inference.fusion`), each attribute weighted by its ``calibration`` when given
-    (:mod:`pv2tea.inference.calibration`).
+    probabilities (:mod:`pv2tea.decoding.fusion`), each attribute weighted by its ``calibration`` when given
+    (:mod:`pv2tea.decoding.calibration`).
 
     Raises:
         ValueError: ``OUT.partial`` exists (an interrupted run) and ``resume`` is false, or it holds ids that

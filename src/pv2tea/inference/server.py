@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pv2tea.data.dataset import Preprocessor
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import validate_rows
-from pv2tea.inference import fusion
-from pv2tea.inference.calibration import Calibration
+from pv2tea.decoding import fusion
+from pv2tea.decoding.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
 from pv2tea.serve.batcher import Job, MicroBatcher, QueueFull
 from pv2tea.serve.limits import ImageRejected, Limits, decode_base64, default_workers, open_image, read_image_file

@@ -29,9 +29,11 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from pv2tea.config import Config
 from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate, value_counts, value_vocabulary
 from pv2tea.data.schema import Record
+from pv2tea.decoding.generate import generate_values
 from pv2tea.eval.metrics import Example, source_aware_report
 from pv2tea.eval.normalize import normalize_values
-from pv2tea.inference.predictor import build_for_training, generate_values, preprocess_state
+from pv2tea.models import checkpoint as ckpt
+from pv2tea.models.build import build_for_training, preprocess_state
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import grounding_weights, label_weights, mention_free_texts
 from pv2tea.regularize.neighbors import (
@@ -44,7 +46,6 @@ from pv2tea.regularize.neighbors import (
     visual_reliability,
 )
 from pv2tea.regularize.probe import cross_fitted_probe
-from pv2tea.train import checkpoint as ckpt
 from pv2tea.train import distributed as ddp
 from pv2tea.train.averaging import WeightAverage
 from pv2tea.train.environment import record_environment

@@ -1,6 +1,6 @@
 """How far to trust the model against the extractor, per attribute, from a small gold sample — with a guard.
 
-Late fusion (:mod:`pv2tea.inference.fusion`) ranks a row's candidate values C by the model and the text extractor
+Late fusion (:mod:`pv2tea.decoding.fusion`) ranks a row's candidate values C by the model and the text extractor
 together. How much the model should weigh differs by attribute: on some it reads what the extractor cannot (a value
 only the image shows), on others it is worse than the extractor it learned from. Calibration picks, per attribute,
 the model's share λ in
@@ -214,10 +214,10 @@ def scored_rows(
     priors: Sequence[Mapping[str, float]],
 ) -> tuple[list[ScoredRow], list[int]]:
     """The records as :class:`ScoredRow` (their ``gold`` normalized; the extractor's ``priors`` renormalized over each
-    row's candidates, :func:`pv2tea.inference.fusion.prior_log_probs`), from the model's candidate log-probabilities
+    row's candidates, :func:`pv2tea.decoding.fusion.prior_log_probs`), from the model's candidate log-probabilities
     (:meth:`pv2tea.inference.predictor.Predictor.candidate_log_probs`). Returns (rows, indices of the records left
     out: no candidate list for their attribute)."""
-    from pv2tea.inference.fusion import prior_log_probs
+    from pv2tea.decoding.fusion import prior_log_probs
 
     if not len(records) == len(model_scores) == len(priors):
         raise ValueError(f"{len(records)} records, {len(model_scores)} model scores and {len(priors)} priors")
