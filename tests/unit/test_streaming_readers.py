@@ -119,14 +119,14 @@ def test_scan_then_stream_the_records(tmp_path: Path) -> None:
     of them) with their file rows, and notices a file changed under it."""
     rows = [_row(i) for i in range(1, 11)]
     rows[3]["label"] = []  # row 4: empty label
-    rows[6]["id"] = "p1"  # row 7: repeats row 1's id
+    rows[6]["id"] = "p2"  # row 7: repeats row 2's id
     rows[8]["label"] = []  # row 9
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"colour": "red"}\n')
     scan = scan_dataset(path, keep_ids=True)
     assert (scan.n_rows, scan.n_valid, scan.bad_rows) == (11, 7, {4, 7, 9, 11})
     assert [(e.row, e.field) for e in scan.skipped] == [(4, "label"), (7, "id"), (9, "label"), (11, "id")]
-    assert "first seen in row 1" in next(e.message for e in scan.errors if e.row == 7)
+    assert "first seen in row 2" in next(e.message for e in scan.errors if e.row == 7)
     assert scan.ids == {f"p{i}" for i in (1, 2, 3, 5, 6, 8, 10)} and scan.n_labelled == 7
     assert scan.warnings and "'colour'" in scan.warnings[0] and "row 11" in scan.warnings[0]
     streamed = list(iter_records(path, skip_rows=scan.bad_rows))
@@ -143,6 +143,13 @@ def test_scan_then_stream_the_records(tmp_path: Path) -> None:
     ]
     odd = list(iter_records(path, skip_rows=scan.bad_rows, rows=lambda row: row % 2 == 1))
     assert [row for row, _ in odd] == [1, 3, 5]
+    share = scan_dataset(path, rows=lambda row: row % 2 == 0, keep_ids=True)
+    assert (share.bad_rows, share.n_valid, share.ids) == ({4}, 4, {"p2", "p6", "p8", "p10"})
+    assert scan_dataset(path, rows=lambda row: row % 2 == 1).bad_rows == {
+        7,
+        9,
+        11,
+    }  # 7 repeats a row of the other share
     with pytest.raises(DataValidationError, match="row 4, field 'label'"):
         list(iter_records(path, skip_rows={7, 9, 11}))  # row 4 became bad since the scan
 
@@ -158,8 +165,11 @@ def test_images_are_checked_once_each_and_only_for_the_rows_asked(tmp_path: Path
     assert [(e.row, e.field) for e in validate_file(path)] == [(5, "images")]
     assert sorted(checked) == sorted({str(image), str(tmp_path / "missing.png")})  # once per distinct image
     checked.clear()
-    scan = scan_dataset(path, check_images_of=lambda row: row % 2 == 0)  # the even rows' share
+    scan = scan_dataset(path, rows=lambda row: row % 2 == 0)  # the even rows' share
     assert scan.bad_rows == set() and checked == [str(image)]  # row 5's missing image was not opened
+    assert (scan.n_rows, scan.n_valid) == (6, 3)
+    odd = scan_dataset(path, rows=lambda row: row % 2 == 1)
+    assert (odd.n_valid, odd.bad_rows, [e.row for e in odd.errors]) == (2, {5}, [5])
     monkeypatch.setattr(validate, "IMAGE_VERDICTS_KEPT", 1)  # a verdict forgotten is checked again
     checked.clear()
     validate_file(path)
@@ -180,3 +190,26 @@ def test_unreadable_bytes_name_the_file_and_row(tmp_path: Path) -> None:
     fake.write_text("not parquet")
     with pytest.raises(ValueError, match=r"d\.parquet: not a readable Parquet file"):
         validate_file(fake)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_record_writer_writes_chunk_by_chunk_and_a_failed_write_leaves_the_old_file(
+    tmp_path: Path, fmt: str, monkeypatch
+) -> None:
+    monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 4)
+    rows = [_row(i) for i in range(1, 11)]
+    out = tmp_path / f"out.{fmt}"
+    with readers.RecordWriter(out) as writer:
+        for start in range(0, 10, 3):
+            writer.write(rows[start : start + 3])
+        assert not out.exists()  # the file appears when complete
+    assert writer.written == 10
+    assert [r.id for r in load_dataset(out).records] == [f"p{i}" for i in range(1, 11)]
+    if fmt == "parquet":
+        assert pq.ParquetFile(out).metadata.num_row_groups == 3  # 4 + 4 + 2 rows
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="label_weight"):
+        with readers.RecordWriter(out) as writer:
+            writer.write(rows[:5])
+            writer.write([{**_row(11), "label_weight": 2.0}])
+    assert out.read_bytes() == before and list(tmp_path.iterdir()) == [out]

@@ -7,7 +7,7 @@ and field. In CSV cells and Parquet string columns, the list columns
 (``images``, ``label``, ``gold``) are either a JSON list (``["red", "blue"]``) or
 ``|``-separated values (``red|blue``); an empty cell is an empty list (absent ``gold``).
 
-``write_records`` writes image paths relative to the output file's directory when the
+``write_records`` (or a :class:`RecordWriter`, a chunk at a time) writes image paths relative to the output file's directory when the
 image lies inside it, so a catalog directory can be moved as a whole.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from os import PathLike
 from pathlib import Path, PurePath
 from typing import Any
@@ -26,7 +26,15 @@ import pyarrow.parquet as pq
 
 from pv2tea.data.schema import FIELDS, LIST_FIELDS, PARSE_ERROR_KEY, Record, Unparsable
 
-__all__ = ["PARQUET_BATCH_ROWS", "SUPPORTED_SUFFIXES", "iter_table", "parse_list_cell", "read_table", "write_records"]
+__all__ = [
+    "PARQUET_BATCH_ROWS",
+    "SUPPORTED_SUFFIXES",
+    "RecordWriter",
+    "iter_table",
+    "parse_list_cell",
+    "read_table",
+    "write_records",
+]
 
 # File suffixes each format is recognised by.
 _JSONL_SUFFIXES = (".jsonl", ".json")
@@ -259,45 +267,98 @@ def _output_row(item: Record | Mapping[str, Any], out_dir: str) -> dict[str, Any
     return row
 
 
-def _write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+class RecordWriter:
+    """Writes records (or record-like dicts) to a dataset file a chunk at a time; the format follows the extension.
+
+    Rows go to ``<name>.writing`` beside ``path``, which becomes ``path`` when the writer is closed; if the writer
+    is left by an exception (a row that cannot be written), the half-written file is removed and ``path`` is left as
+    it was. Parent directories are created. Use as a context manager::
+
+        with RecordWriter(out) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+    """
+
+    def __init__(self, path: str | PathLike[str]) -> None:
+        self.path = Path(path)
+        self._suffix = _suffix(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._out_dir = os.path.abspath(self.path.parent)
+        self._temp = self.path.with_name(self.path.name + ".writing")
+        self.written = 0  # rows written so far
+        self._pending: list[dict[str, Any]] = []  # Parquet rows not yet in a row group
+        self._parquet: pq.ParquetWriter | None = None
+        self._handle = None
+        self._csv: csv.DictWriter | None = None
+        if self._suffix in _PARQUET_SUFFIXES:
+            self._parquet = pq.ParquetWriter(self._temp, _PARQUET_SCHEMA)
+        elif self._suffix in _CSV_SUFFIXES:
+            self._handle = self._temp.open("w", encoding="utf-8", newline="")
+            self._csv = csv.DictWriter(self._handle, fieldnames=list(FIELDS))
+            self._csv.writeheader()
+        else:
+            self._handle = self._temp.open("w", encoding="utf-8", newline="\n")
+
+    def write(self, records: Iterable[Record] | Iterable[Mapping[str, Any]]) -> None:
+        """Append rows (checked one by one: a dict with unknown fields or a bad ``label_weight`` raises)."""
+        for item in records:
+            row = _output_row(item, self._out_dir)
+            if self._parquet is not None:
+                self._pending.append(row)
+                if len(self._pending) >= PARQUET_BATCH_ROWS:
+                    self._flush_parquet()
+            elif self._csv is not None:
+                cells = {name: "" if value is None else value for name, value in row.items()}
+                for name in LIST_FIELDS:
+                    if row[name] is not None:
+                        cells[name] = json.dumps(row[name], ensure_ascii=False)
+                self._csv.writerow(cells)
+            else:
+                self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.written += 1
+
+    def _flush_parquet(self) -> None:
+        if self._pending:
+            self._parquet.write_table(pa.Table.from_pylist(self._pending, schema=_PARQUET_SCHEMA))
+            self._pending = []
+
+    def _close_files(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._handle is not None:
+            self._handle.close()
+
+    def close(self) -> Path:
+        """Finish the file and move it to ``path``; returns ``path``."""
+        if self._parquet is not None:
+            self._flush_parquet()
+        self._close_files()
+        os.replace(self._temp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the half-written file; ``path`` is left as it was."""
+        self._close_files()
+        self._temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
-def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(FIELDS))
-        writer.writeheader()
-        for row in rows:
-            cells = {name: "" if value is None else value for name, value in row.items()}
-            for name in LIST_FIELDS:
-                if row[name] is not None:
-                    cells[name] = json.dumps(row[name], ensure_ascii=False)
-            writer.writerow(cells)
-
-
-def _write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    pq.write_table(pa.Table.from_pylist(list(rows), schema=_PARQUET_SCHEMA), path)
-
-
-def write_records(records: Sequence[Record] | Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> Path:
-    """Write records (or record-like dicts) to ``path``; the format follows the extension.
+def write_records(records: Iterable[Record] | Iterable[Mapping[str, Any]], path: str | PathLike[str]) -> Path:
+    """Write records (or record-like dicts) to ``path``; the format follows the extension (:class:`RecordWriter`).
 
     Parent directories are created. Returns the written path.
 
     Raises:
-        ValueError: if the extension is unsupported or a dict has unknown fields.
+        ValueError: if the extension is unsupported or a dict has unknown fields (``path`` is then left as it was).
     """
-    file = Path(path)
-    suffix = _suffix(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    out_dir = os.path.abspath(file.parent)
-    rows = [_output_row(item, out_dir) for item in records]
-    if suffix in _JSONL_SUFFIXES:
-        _write_jsonl(rows, file)
-    elif suffix in _CSV_SUFFIXES:
-        _write_csv(rows, file)
-    else:
-        _write_parquet(rows, file)
-    return file
+    with RecordWriter(path) as writer:
+        writer.write(records)
+    return writer.path

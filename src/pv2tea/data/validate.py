@@ -413,12 +413,17 @@ def scan_dataset(
     *,
     check_images: bool = True,
     require_label: bool = True,
-    check_images_of: Callable[[int], bool] | None = None,
+    rows: Callable[[int], bool] | None = None,
     keep_ids: bool = False,
 ) -> DatasetScan:
     """Validate a dataset file in one streaming pass, keeping the problems and counts but not the records; with
     :func:`iter_records` after it, a file of any size is validated in full before its records are used one at a
-    time. ``check_images_of`` as in :func:`iter_validated`."""
+    time.
+
+    ``rows`` (a row number → bool) restricts the scan to one process's share of the rows: every row is read and
+    its id noted (a repeat is found across shares), but only the accepted rows' images are opened, and the
+    counts, ids and problems are theirs; the scans of all shares together are the scan of the file.
+    """
     tally = _FieldTally()
     scan = DatasetScan(path=str(path), n_rows=0, n_valid=0, n_labelled=0, ids=set() if keep_ids else None)
     for result in iter_validated(
@@ -426,9 +431,11 @@ def scan_dataset(
         path,
         check_images=check_images,
         require_label=require_label,
-        check_images_of=check_images_of,
+        check_images_of=rows,
     ):
         scan.n_rows = result.row
+        if rows is not None and not rows(result.row):
+            continue
         if result.record is None:
             scan.errors.extend(result.errors)
             scan.bad_rows.add(result.row)
