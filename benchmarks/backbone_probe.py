@@ -34,7 +34,7 @@ from sklearn.model_selection import KFold  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from visual_diagnosis import pooled_features, probe, probe_probabilities  # noqa: E402
 
-from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor, load_extractor  # noqa: E402
+from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor  # noqa: E402
 from pv2tea.config import VisionConfig  # noqa: E402
 from pv2tea.data.schema import Record  # noqa: E402
 from pv2tea.data.validate import load_dataset  # noqa: E402

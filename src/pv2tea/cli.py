@@ -116,7 +116,7 @@ def _load_extractor(path: Path | None):
     """A saved text extractor for --extractor fusion (its libraries are imported only then)."""
     if path is None:
         return None
-    from pv2tea.baselines.text_extractor import load_extractor
+    from pv2tea.baselines import load_extractor
 
     return load_extractor(path)
 
@@ -737,7 +737,7 @@ def weak_label_cmd(
     _quiet_libraries()
     import dataclasses
 
-    from pv2tea.baselines.text_extractor import (
+    from pv2tea.baselines import (
         TextExtractorConfig,
         TfidfExtractorConfig,
         TfidfTextExtractor,

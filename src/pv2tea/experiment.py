@@ -236,7 +236,7 @@ def run_variant(
     if name == "weak_labels":
         report = source_aware_report(gold_examples(data.test, [r.label for r in data.test], multi))
     elif name == "text_extractor":
-        from pv2tea.baselines.text_extractor import TextExtractorConfig, TransformerTextExtractor
+        from pv2tea.baselines import TextExtractorConfig, TransformerTextExtractor
 
         text_path = load_config(base_config, overrides).text.path  # the same text checkpoint as PV2TEA
         extractor = TransformerTextExtractor(

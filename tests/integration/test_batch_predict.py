@@ -91,7 +91,7 @@ def test_a_partial_file_from_other_input_is_refused(trained, tmp_path, capsys):
 
 
 def test_predict_fused_with_a_saved_extractor(trained, tmp_path, capsys):
-    from pv2tea.baselines.text_extractor import TfidfTextExtractor
+    from pv2tea.baselines import TfidfTextExtractor
     from pv2tea.eval.normalize import normalize_value
 
     model, data = trained

@@ -82,7 +82,7 @@ def _fold_ids(runs, k, products):
 
 
 def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, capsys):
-    from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor
+    from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor
     from pv2tea.data.validate import load_dataset
     from pv2tea.decoding.calibration import load_calibration
 
@@ -107,7 +107,7 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     pred = tmp_path / "pred.jsonl"
     assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred), "--calibration", str(out)]) == 0
     got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
-    from pv2tea.baselines.text_extractor import load_extractor
+    from pv2tea.baselines import load_extractor
     from pv2tea.decoding.calibration import fused_pick, scored_rows
     from pv2tea.inference.predictor import Predictor
 
@@ -219,7 +219,7 @@ def test_the_service_answers_with_the_calibration(tiny_trained):
     from fastapi.testclient import TestClient
     from test_server import _inline
 
-    from pv2tea.baselines.text_extractor import TfidfTextExtractor
+    from pv2tea.baselines import TfidfTextExtractor
     from pv2tea.data.validate import load_dataset
     from pv2tea.decoding.calibration import Calibration, Choice
     from pv2tea.inference.predictor import Predictor

@@ -141,7 +141,7 @@ def test_num_beams_reaches_the_search_in_predict_and_evaluate(tiny_trained, tmp_
 
 
 def test_weak_label_with_the_transformer_extractor(tiny_text_ckpt, tmp_path, capsys):
-    from pv2tea.baselines.text_extractor import TransformerTextExtractor, load_extractor
+    from pv2tea.baselines import TransformerTextExtractor, load_extractor
     from pv2tea.data.validate import load_dataset
 
     catalog = make_catalog(tmp_path / "catalog", n_products=10, seed=1, image_size=32)

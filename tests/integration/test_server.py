@@ -140,7 +140,7 @@ def test_serve_command(served, monkeypatch, tmp_path, capsys):
 
 
 def test_predict_fused_with_the_extractor_as_the_python_api(served):
-    from pv2tea.baselines.text_extractor import TfidfTextExtractor
+    from pv2tea.baselines import TfidfTextExtractor
 
     predictor, catalog, raw, records = served
     extractor = TfidfTextExtractor().fit(records)

@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pv2tea.baselines.text_extractor import (
+from pv2tea.baselines import (
     METADATA_FILE,
     TextExtractor,
     TextExtractorConfig,
     TfidfTextExtractor,
     TransformerTextExtractor,
     build_label_space,
-    crop_words,
     evaluate_extractor,
     load_extractor,
     weak_label,
 )
+from pv2tea.data.dataset import crop_words
 from pv2tea.data.schema import Record
 from pv2tea.data.synth import make_catalog
 from pv2tea.data.validate import load_dataset

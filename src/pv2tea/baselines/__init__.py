@@ -1,20 +1,20 @@
-"""Baselines of PV2TEA (ACL Findings 2023, §4.3): text-only extractors that produce weak labels."""
+"""Baselines of PV2TEA (ACL Findings 2023, §4.3): text-only extractors that produce weak labels.
 
-from pv2tea.baselines.text_extractor import (
-    AttributeVocab,
-    TextExtractor,
-    TextExtractorConfig,
-    TfidfExtractorConfig,
-    TfidfTextExtractor,
-    TransformerTextExtractor,
-    build_label_space,
-    evaluate_extractor,
-    load_extractor,
-    weak_label,
-)
+The interface and what is done with an extractor (:mod:`~pv2tea.baselines.extractor`), its value classes
+(:mod:`~pv2tea.baselines.labels`), its saved folder (:mod:`~pv2tea.baselines.storage`) and the two kinds:
+OpenTag_cls (:mod:`~pv2tea.baselines.transformer`) and TF-IDF (:mod:`~pv2tea.baselines.tfidf`).
+"""
+
+from pv2tea.baselines.extractor import ExtractorConfig, TextExtractor, evaluate_extractor, weak_label
+from pv2tea.baselines.labels import AttributeVocab, build_label_space
+from pv2tea.baselines.storage import METADATA_FILE, load_extractor, read_metadata
+from pv2tea.baselines.tfidf import TfidfExtractorConfig, TfidfTextExtractor
+from pv2tea.baselines.transformer import TextExtractorConfig, TransformerTextExtractor
 
 __all__ = [
+    "METADATA_FILE",
     "AttributeVocab",
+    "ExtractorConfig",
     "TextExtractor",
     "TextExtractorConfig",
     "TfidfExtractorConfig",
@@ -23,5 +23,6 @@ __all__ = [
     "build_label_space",
     "evaluate_extractor",
     "load_extractor",
+    "read_metadata",
     "weak_label",
 ]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pv2tea.baselines.text_extractor import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
+from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
 from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
 from pv2tea.config import load_config, with_settings_of
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave

@@ -24,7 +24,7 @@ from pv2tea.decoding.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
 
 if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
-    from pv2tea.baselines.text_extractor import TextExtractor
+    from pv2tea.baselines import TextExtractor
 
 
 @dataclass

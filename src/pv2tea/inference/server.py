@@ -46,7 +46,7 @@ from pv2tea.serve.limits import ImageRejected, Limits, decode_base64, default_wo
 from pv2tea.serve.metrics import ServiceMetrics
 
 if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
-    from pv2tea.baselines.text_extractor import TextExtractor
+    from pv2tea.baselines import TextExtractor
 
 MAX_IMAGE_BYTES = Limits.max_image_bytes  # per inline image, decoded (the default limit)
 MEMORY_PREFIX = "memory:"  # Record.images entries naming an image decoded in memory by the server
