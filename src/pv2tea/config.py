@@ -45,7 +45,7 @@ class VisionConfig:
     freeze: bool = False  # keep the backbone frozen (only projection and mask train); see train.cache_features
     # earlier backbone levels (timm ``forward_intermediates`` indices, e.g. [2]) whose feature maps are average-pooled
     # to the final patch grid and appended to each patch token's channels. An ImageNet CNN's final map keeps
-    # little of an object's color; its early levels keep much more (BENCHMARKS.md, visual diagnosis)
+    # little of an object's color; its early levels keep much more (docs/history.md, visual diagnosis)
     extra_levels: list[int] = field(default_factory=list)
     # average-pool the backbone's patch grid to at most g x g tokens (None: keep it). A larger image then gives
     # finer features without more tokens for fusion to learn over (EfficientNet-Lite0 at 224 px: 7 x 7 -> 4 x 4).
@@ -103,7 +103,8 @@ class DecoderConfig:
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
     # the order of the values in a multi-value training answer: "sorted" (alphabetical, whatever the text says) or
     # "text" (the order in which the product text first mentions them, unmentioned ones after, sorted), which a
-    # copying decoder can follow left to right; on the demo catalog (seed 0) it did not help (BENCHMARKS.md)
+    # copying decoder can follow left to right; on the demo catalog (seed 0) it did not help (docs/history.md,
+    # 2026-12-01)
     value_order: str = "sorted"
     num_beams: int = 1  # beam width of generation (1: greedy); --num-beams of predict/evaluate overrides it
     head: str = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
@@ -146,7 +147,7 @@ class SchemesConfig:
     # IndexFlatIP, N^2 work; the results of earlier versions); from this many rows on, approximately with knn_index
     knn_exact_below: int = 50000
     # the approximate neighbour index: "ivfpq" (inverted lists of 4-bit product-quantized codes, each row's
-    # candidates re-ranked by exact cosine; chosen by measurement at 1M rows, BENCHMARKS.md), "ivf" (inverted
+    # candidates re-ranked by exact cosine; chosen by measurement at 1M rows, docs/results.md), "ivf" (inverted
     # lists of float32 vectors), "hnsw" (a graph) or "flat" (exact search in chunks)
     knn_index: str = "ivfpq"
     # the approximate index probes more of itself until it finds this share of the exact K neighbours of 256
@@ -234,6 +235,9 @@ class OptimConfig:
     # "head_lr", as if they were new
     warm_start_lr: str = "lr"
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
+    # λ of a decoupled L2 pull toward the warm start (train.init_from) after every step: θ ← θ − lr·λ·(θ − θ₀);
+    # 0: none. Keeps a run trained on a few hundred products' weak labels near what the warm start learned.
+    anchor_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up steps before the cosine decay
     min_lr_ratio: float = 0.0  # the cosine schedule ends at this fraction of each learning rate
     grad_clip: float | None = 1.0  # clip the gradient norm to this value (None: no clipping)
@@ -245,7 +249,7 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch and process (see grad_accumulation_steps)
     eval_batch_size: int = 8  # rows per batch when scoring the validation and test rows
     seed: int = 0  # seeds initialization, data order and every random draw of training
-    num_workers: int = 0  # not read by training: batches are built in the main process
+    num_workers: int = 0  # image-decoding workers when a feature cache is built (batches: the main process)
     max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
     save_every_steps: int | None = None  # mid-epoch checkpoints; epoch ends are always saved
     log_every_steps: int = 10  # how often train.log reports the running losses
@@ -253,6 +257,10 @@ class TrainConfig:
     # encode images/texts once when their backbone is frozen (vision.freeze / text.freeze) instead of every
     # step; memory: one backbone output per distinct image and text of the train + val sets
     cache_features: bool = True
+    # with cache_features: a folder where the frozen backbones' outputs are kept on disk (`pv2tea cache build`) and
+    # read lazily, instead of in memory. The run completes it with the images and texts it lacks (new or changed
+    # content); a folder encoded by another backbone or image setting is refused. None: in memory
+    feature_cache_dir: str | None = None
     # rows without an image (e.g. a large text-only training set) seen per epoch: a fresh sample each epoch, a
     # function of (seed, epoch); None: all of them every epoch. Rows with an image are seen every epoch.
     image_less_per_epoch: int | None = None
@@ -503,6 +511,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.warm_start_lr must be one of {', '.join(WARM_START_LRS)}, got '{cfg.optim.warm_start_lr}'"
         )
+    if cfg.optim.anchor_decay < 0:
+        raise ConfigError(f"optim.anchor_decay must be >= 0, got {cfg.optim.anchor_decay}")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
     if s.knn_index not in KNN_INDEXES or s.knn_exact_below < 0 or not 0.0 < s.knn_recall <= 1.0:

@@ -26,6 +26,8 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from pv2tea.cache.build import training_cache
+from pv2tea.cache.store import FeatureCacheError
 from pv2tea.config import Config
 from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate, value_counts, value_vocabulary
 from pv2tea.data.schema import Record
@@ -47,6 +49,7 @@ from pv2tea.regularize.neighbors import (
 )
 from pv2tea.regularize.probe import cross_fitted_probe
 from pv2tea.train import distributed as ddp
+from pv2tea.train.anchor import WeightAnchor
 from pv2tea.train.averaging import WeightAverage
 from pv2tea.train.environment import record_environment
 from pv2tea.train.feature_cache import build_feature_cache
@@ -423,6 +426,15 @@ def _train(
                 )
             )
         log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
+    anchor = None
+    if cfg.train.init_from and cfg.optim.anchor_decay:
+        start = None
+        if resume:  # the model holds the checkpoint's weights below; the anchor is the warm start's
+            start = copy.deepcopy(model)
+            ckpt.load_warm_start(start, Path(cfg.train.init_from))
+        anchor = WeightAnchor(model, model.warm_start_keys(), cfg.optim.anchor_decay, start)
+        del start
+        log.info("anchored %d warm-started tensor(s) with lambda %g", len(anchor), cfg.optim.anchor_decay)
     free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
     if (cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None:
@@ -436,13 +448,32 @@ def _train(
     if cfg.train.cache_features and frozen:
         cache_t0 = time.time()
         mention_free = [replace(r, text=t) for r, t in zip(records, free_texts) if t is not None]
-        pre.cache = build_feature_cache(
-            model, pre, records + val_records + mention_free, cfg.train.eval_batch_size, progress
-        )
+        if cfg.train.feature_cache_dir:  # on disk, read lazily (pv2tea/cache)
+            try:
+                pre.cache = training_cache(
+                    cfg.train.feature_cache_dir,
+                    model,
+                    pre,
+                    records + val_records + mention_free,
+                    main=main,
+                    wait=accelerator.wait_for_everyone,
+                    batch_size=cfg.train.eval_batch_size,
+                    workers=cfg.train.num_workers,
+                    progress=progress,
+                    notify=lambda m: print(f"warning: {m}", file=sys.stderr) if main else None,
+                )
+            except FeatureCacheError as err:
+                raise TrainingError(str(err)) from err
+            n_images, n_texts = pre.cache.n_images, pre.cache.n_texts
+        else:
+            pre.cache = build_feature_cache(
+                model, pre, records + val_records + mention_free, cfg.train.eval_batch_size, progress
+            )
+            n_images, n_texts = len(pre.cache.images), len(pre.cache.texts)
         log.info(
             "cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
-            len(pre.cache.images),
-            len(pre.cache.texts),
+            n_images,
+            n_texts,
             time.time() - cache_t0,
         )
     dataset = RecordDataset(records)
@@ -609,6 +640,8 @@ def _train(
                 scaler.update()
             else:
                 optimizer.step()
+            if anchor is not None:
+                anchor.pull(optimizer)  # with this step's lr, before the schedule moves on
             scheduler.step()
             step += 1
             step_in_epoch += 1
