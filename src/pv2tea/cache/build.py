@@ -310,7 +310,7 @@ def _encode_missing(
                     batch_size=batch_size,
                     num_workers=workers,
                     collate_fn=_collate_images,
-                    persistent_workers=False,
+                    generator=torch.Generator(),  # its own seed draw: the run's random stream stays as without it
                 )
                 seen: set[bytes] = set()
                 bar = tqdm(total=len(missing), desc="cache images", disable=not progress, leave=False)
@@ -375,3 +375,61 @@ def run_cache_rows(model, pre, records: Sequence[Record]) -> tuple[list[str], li
     images = cached_images(cfg, records) if model.visual is not None and cfg.vision.freeze else []
     texts = cached_texts(model, pre, records) if model.text_cached else []
     return images, texts
+
+
+def training_cache(
+    directory: str | Path,
+    model,
+    pre,
+    records: Sequence[Record],
+    *,
+    main: bool,
+    wait: Callable[[], None],
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    notify: Callable[[str], None] | None = None,
+) -> FeatureStore:
+    """The feature store a training process reads: the main process completes ``directory`` with the images and
+    texts of ``records`` (rows as trained on, mention-free texts included) it lacks, the others wait for it (``wait``:
+    a barrier over the processes) and open it."""
+    cfg = model.cfg
+    images = cached_images(cfg, records) if model.visual is not None and cfg.vision.freeze else []
+    texts = list(dict.fromkeys(pre.crop(r.text) for r in records)) if model.text_cached else []
+    store = None
+    if main:
+        store, _ = ensure_cache(
+            directory,
+            model,
+            pre,
+            images,
+            texts,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            notify=notify,
+        )
+    wait()
+    if store is None:
+        store = FeatureStore(directory, wanted_identity(model, pre), file_digests(images))
+    return store
+
+
+def model_for_cache(cfg, records: Sequence[Record]):
+    """The model and preprocessor a training run on ``records`` builds, seeded as it seeds them (a randomly
+    initialized backbone then gets the run's weights) and warm-started as it is (``train.init_from``): the frozen
+    parts whose outputs it caches."""
+    import random
+
+    from pv2tea.data.dataset import value_counts, value_vocabulary
+    from pv2tea.models import checkpoint as ckpt
+    from pv2tea.models.build import build_for_training
+
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    categories = sorted({r.category for r in records})
+    model, pre = build_for_training(cfg, categories, value_vocabulary(records), None, value_counts(records))
+    if cfg.train.init_from:
+        ckpt.load_warm_start(model, Path(cfg.train.init_from))
+    return model, pre
