@@ -83,6 +83,26 @@ def _load(path: Path, skip_invalid: bool, require_label: bool = True):
     return result
 
 
+def _scan(path: Path, skip_invalid: bool, require_label: bool = True):
+    """Check a dataset file in one streaming pass (for commands that then stream its records with
+    ``iter_records(path, skip_rows=scan.bad_rows)``); says what ``_load`` says about it."""
+    from pv2tea.data.schema import DataValidationError
+    from pv2tea.data.validate import scan_dataset
+
+    scan = scan_dataset(path, require_label=require_label)
+    if scan.errors and not skip_invalid:
+        raise DataValidationError(scan.errors)
+    for warning in scan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if scan.bad_rows:
+        console.print(f"[yellow]skipped {len(scan.bad_rows)} invalid row(s) of {escape(str(path))}[/]")
+    return scan
+
+
+# Rows weak-label reads, labels and writes at a time.
+WEAK_LABEL_CHUNK = 4096
+
+
 def _require_gold(path: Path, records, why: str) -> None:
     """Stop with a message naming the file and its first row without a gold value, if any."""
     missing = [r.id for r in records if not r.gold]
@@ -290,7 +310,17 @@ def predict(
         ),
     ] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")] = 4096,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.partial.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from OUT.partial (under torchrun: from the OUT.part-R-of-N files, on as many processes).",
+        ),
+    ] = False,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."),
+    ] = "auto",
     extractor: Annotated[
         Path | None,
         typer.Option(
@@ -312,42 +342,68 @@ def predict(
         ),
     ] = None,
 ) -> None:
-    """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable)."""
-    _quiet_libraries()
-    from pv2tea.decoding.fusion import check_fusion
-    from pv2tea.inference.batch import predict_to_file
-    from pv2tea.inference.predictor import Predictor
+    """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable).
 
-    try:
-        check_fusion(candidates, extractor)
-        calib = _load_calibration(calibration, model, extractor)
-        text_extractor = _load_extractor(extractor)
-        dataset = _load(data, skip_invalid, require_label=False)
-        if keep_grounded and not any(r.label for r in dataset.records):
+    The file is read as a stream: every row is checked first, then the rows are predicted a chunk at a time. Under
+    torchrun (torchrun --nproc_per_node N --no-python pv2tea predict ...) each process predicts every N-th row into
+    its own part and the first merges the parts into OUT in input order.
+    """
+    _quiet_libraries()
+    from pv2tea.data.schema import DataValidationError
+    from pv2tea.decoding.fusion import check_fusion
+    from pv2tea.inference.device import resolve_device
+    from pv2tea.inference.predictor import Predictor
+    from pv2tea.inference.sharded import JobError, check_leftovers, launched_shard, predict_file, process_group
+
+    def check_input(scan) -> None:
+        if keep_grounded and not scan.n_labelled:
             raise ValueError(
                 f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; no row has one"
             )
-        result = predict_to_file(
-            Predictor.from_checkpoint(model),
-            dataset.records,
-            out,
-            batch_size=batch_size,
-            num_beams=num_beams,
-            candidates=_read_candidates(candidates),
-            keep_grounded=keep_grounded,
-            chunk_size=chunk_size,
-            resume=resume,
-            extractor=text_extractor,
-            extractor_weight=extractor_weight,
-            calibration=calib,
-        )
+
+    shard = None
+    try:
+        shard = launched_shard()
+        check_leftovers(out, shard, resume)  # before the model loads
+        check_fusion(candidates, extractor)
+        where = resolve_device(device)
+        calib = _load_calibration(calibration, model, extractor)
+        text_extractor = _load_extractor(extractor)
+        with process_group(shard):
+            result = predict_file(
+                Predictor.from_checkpoint(model, device=where),
+                data,
+                out,
+                shard=shard,
+                skip_invalid=skip_invalid,
+                resume=resume,
+                check_input=check_input,
+                batch_size=batch_size,
+                num_beams=num_beams,
+                candidates=_read_candidates(candidates),
+                keep_grounded=keep_grounded,
+                chunk_size=chunk_size,
+                extractor=text_extractor,
+                extractor_weight=extractor_weight,
+                calibration=calib,
+            )
     except _expected_errors() as exc:
+        if shard is not None and shard.rank > 0:
+            if isinstance(exc, (DataValidationError, JobError)):  # every rank has it: rank 0 says it
+                raise typer.Exit(2) from None
+            _fail(f"rank {shard.rank}: {exc}")
         _fail(str(exc))
+    if shard.rank > 0:
+        return
+    for warning in result.scan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    skipped = len(result.scan.bad_rows)
     console.print(
         f"{result.written + result.resumed} prediction(s) written to {out}"
+        + (f" by {shard.world_size} processes" if shard.world_size > 1 else "")
         + (f" ({result.resumed} from the interrupted run)" if result.resumed else "")
         + (f"; {result.kept} grounded label(s) kept" if keep_grounded else "")
-        + (f"; {dataset.n_skipped} invalid row(s) skipped" if dataset.n_skipped else "")
+        + (f"; {skipped} invalid row(s) of {escape(str(data))} skipped" if skipped else "")
     )
 
 
@@ -439,6 +495,10 @@ def serve(
             help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).",
         ),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."),
+    ] = "auto",
     extractor: Annotated[
         Path | None,
         typer.Option(
@@ -469,6 +529,7 @@ def serve(
     import uvicorn
 
     from pv2tea.decoding.fusion import check_fusion
+    from pv2tea.inference.device import resolve_device
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
     from pv2tea.serve.limits import Limits
@@ -495,7 +556,7 @@ def serve(
             max_image_pixels=max_image_pixels,
             formats=tuple(image_formats.split(",")),
         )
-        predictor = Predictor.from_checkpoint(model)
+        predictor = Predictor.from_checkpoint(model, device=resolve_device(device))
         cands = _read_candidates(candidates)
         app_ = create_app(
             predictor,
@@ -733,9 +794,14 @@ def weak_label_cmd(
     save: Annotated[Path | None, typer.Option("--save", help="Save the trained extractor here.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
-    """Train (or load) a text-established extractor and write its predictions as weak labels."""
+    """Train (or load) a text-established extractor and write its predictions as weak labels.
+
+    --data is read as a stream (checked first, then labelled and written a chunk at a time); its rows with gold
+    values are kept in memory for the report.
+    """
     _quiet_libraries()
     import dataclasses
+    from itertools import islice
 
     from pv2tea.baselines import (
         TextExtractorConfig,
@@ -746,12 +812,13 @@ def weak_label_cmd(
         load_extractor,
         weak_label,
     )
-    from pv2tea.data.readers import write_records
+    from pv2tea.data.readers import RecordWriter
+    from pv2tea.data.validate import iter_records
     from pv2tea.eval.report import format_report_table
     from pv2tea.train.loop import multi_value_attributes
 
     try:
-        target = _load(data, skip_invalid, require_label=False)
+        scan = _scan(data, skip_invalid, require_label=False)
         if load:
             extractor = load_extractor(load)
         else:
@@ -767,18 +834,24 @@ def weak_label_cmd(
             extractor.fit(source.records)
             if save:
                 extractor.save(save)
-        labelled = weak_label(extractor, target.records)
-        write_records(labelled, out)
+        gold: list[Record] = []
+        gold_labelled: list[Record] = []
+        rows = (record for _, record in iter_records(data, skip_rows=scan.bad_rows, require_label=False))
+        with RecordWriter(out) as writer:
+            while chunk := list(islice(rows, WEAK_LABEL_CHUNK)):
+                labelled = weak_label(extractor, chunk)
+                writer.write(labelled)
+                gold.extend(r for r in chunk if r.gold)
+                gold_labelled.extend(r for r in labelled if r.gold)
         console.print(
-            f"{len(labelled)} weakly labelled row(s) written to {out} (label_weight: the extractor's "
+            f"{writer.written} weakly labelled row(s) written to {out} (label_weight: the extractor's "
             "confidence; training weighs the rows by it with --set schemes.label_weights=true)"
         )
-        gold = [r for r in target.records if r.gold]
         if gold:
             multi = multi_value_attributes(gold)
             report = evaluate_extractor(extractor, gold, multi)
             out_console.print(format_report_table(report, title="text extractor vs gold"), highlight=False)
-            _print_confidence([r for r in labelled if r.gold], multi)
+            _print_confidence(gold_labelled, multi)
     except _expected_errors() as exc:
         _fail(str(exc))
 

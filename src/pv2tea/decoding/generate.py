@@ -20,7 +20,7 @@ from pv2tea.data.schema import Record
 from pv2tea.decoding import fusion
 from pv2tea.decoding.calibration import Calibration, ScoredRow, fused_pick
 from pv2tea.eval.normalize import drop_attribute_name, normalize_value
-from pv2tea.models.pv2tea import PV2TEA
+from pv2tea.models.pv2tea import PV2TEA, Batch
 
 Prior = Mapping[str, float]  # an extractor's class probabilities of one row, keyed by normalized value
 _log = logging.getLogger("pv2tea.predict")
@@ -84,7 +84,9 @@ def _rank_candidates(
                 bias[i, [j for _, j in known]] = torch.tensor(shift, dtype=bias.dtype)
         has_any = allowed.any(1)
         allowed[~has_any] = True
-        picks = model.classify(batch, allowed, bias if any(p is not None for p in priors) or tau else None)
+        device = batch.text_ids.device
+        use_bias = any(p is not None for p in priors) or tau
+        picks = model.classify(batch, allowed.to(device), bias.to(device) if use_bias else None)
         return [[pre.value_classes[j][1] for j in p] if lists[i] is not None else None for i, p in enumerate(picks)]
     tau = prior_correction(model, pre)
     out: list[list[str] | None] = []
@@ -111,7 +113,11 @@ def _decoder_candidate_scores(
     enc = pre.tokenizer(
         texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens, return_tensors="pt"
     )
-    scores = model.score_candidates(batch, torch.tensor(rows), enc["input_ids"], enc["attention_mask"]).numpy()
+    device = batch.text_ids.device
+    scores = model.score_candidates(
+        batch, torch.tensor(rows, device=device), enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    )
+    scores = scores.float().cpu().numpy()
     out: list[np.ndarray | None] = []
     start = 0
     for cands in lists:
@@ -121,6 +127,14 @@ def _decoder_candidate_scores(
         out.append(scores[start : start + len(cands)].astype(np.float64))  # (C,)
         start += len(cands)
     return out
+
+
+def on_model_device(batch: Batch, model: PV2TEA) -> Batch:
+    """``batch`` on the device of the model's parameters (collation builds it on the CPU)."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type == "cpu":
+        return batch
+    return batch.to(parameter.device)
 
 
 UNKNOWN_CLASS_LOGIT = -1e4  # a candidate the classification head has no class for (never preferred to a known one)
@@ -137,7 +151,7 @@ def candidate_log_probs(
     if model.decoder is not None:
         raw = _decoder_candidate_scores(model, pre, batch, lists)
     else:
-        log_probs = torch.log_softmax(model._value_logits(model.encode(batch), batch), dim=-1)  # (B, V)
+        log_probs = torch.log_softmax(model._value_logits(model.encode(batch), batch), dim=-1).cpu()  # (B, V)
         raw = []
         for i, (r, cands) in enumerate(zip(records, lists)):
             if not cands:
@@ -220,7 +234,7 @@ def generate_values(
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         indices = list(range(start, min(start + batch_size, len(dataset))))
-        batch = collate(indices)
+        batch = on_model_device(collate(indices), model)
         if model.decoder is not None:
             ids = model.generate(
                 batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id, num_beams=num_beams

@@ -4,17 +4,20 @@ Rows are predicted in chunks; each chunk's lines are appended to ``OUT.partial``
 next chunk starts, so an interrupted job loses at most the chunk in flight. Re-running with ``resume=True``
 skips the rows whose ids the partial file already holds (a line torn by the crash is dropped and redone) and
 continues; when every row is written the partial file is renamed to ``OUT``. An uninterrupted run and an
-interrupted-then-resumed run write the same file.
+interrupted-then-resumed run write the same file. The rows may come as a stream: only the chunk being predicted
+and the ids already written are held in memory. :mod:`pv2tea.inference.sharded` runs this on each process of a
+multi-process job, one part file each.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -38,28 +41,46 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _read_partial(path: Path) -> dict[str, dict[str, Any]]:
-    """The complete lines of a partial file by id; a torn last line (no newline, or not JSON) is cut off."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    rows: dict[str, dict[str, Any]] = {}
+def _read_partial(path: Path) -> tuple[set[str], int]:
+    """The ids of the complete lines of a partial file and how many of them kept their grounded label; a torn last
+    line (no newline, or not JSON) is cut off."""
+    ids: set[str] = set()
+    kept = 0
     good = 0
-    for line in data[:end].splitlines(keepends=True):
-        try:
-            row = json.loads(line)
-            rows[row["id"]] = row
-        except (json.JSONDecodeError, TypeError, KeyError):
-            break  # a corrupt line: keep what precedes it
-        good += len(line)
-    if good < len(data):
+    with open(path, "rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break  # everything after the last newline is a torn write
+            try:
+                row = json.loads(line)
+                ids.add(row["id"])
+            except (json.JSONDecodeError, TypeError, KeyError):
+                break  # a corrupt line: keep what precedes it
+            kept += bool(row.get("kept_label"))
+            good += len(line)
+    if good < path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(good)
-    return rows
+    return ids, kept
+
+
+def _stale_error(partial: Path, stale: list[str]) -> ValueError:
+    return ValueError(
+        f"{partial} was written for other input: it holds id '{stale[0]}'"
+        f"{f' and {len(stale) - 1} more' if len(stale) > 1 else ''} that the data does not; "
+        f"delete it to start over"
+    )
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    iterator = iter(records)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
 
 
 def predict_to_file(
     predictor: Predictor,
-    records: Sequence[Record],
+    records: Iterable[Record],
     out: str | Path,
     *,
     batch_size: int = 32,
@@ -72,8 +93,15 @@ def predict_to_file(
     extractor: TextExtractor | None = None,
     extractor_weight: float = 1.0,
     calibration: Calibration | None = None,
+    total: int | None = None,
+    known_ids: Container[str] | None = None,
 ) -> BatchResult:
     """Predict every record into ``out`` (JSON Lines, rows of :func:`prediction_rows`), chunk by chunk.
+
+    ``records`` may be a stream (e.g. :func:`pv2tea.data.validate.iter_records`): one chunk is held at a time.
+    ``total`` sizes the progress bar, and ``known_ids`` (every id of ``records``; a sequence's own) lets a
+    resumed run refuse a partial file of other input before predicting; without them a stream is checked when
+    it ends, before ``out`` is written.
 
     With ``extractor`` (and ``candidates``) each chunk's candidate ranking is fused with the extractor's class
     probabilities (:mod:`pv2tea.decoding.fusion`), each attribute weighted by its ``calibration`` when given
@@ -84,35 +112,40 @@ def predict_to_file(
             ``records`` does not (it was written for other input).
     """
     fusion.check_fusion(candidates, extractor)
+    if isinstance(records, Sequence):
+        total = len(records) if total is None else total
+        known_ids = {r.id for r in records} if known_ids is None else known_ids
     out = Path(out)
     partial = partial_path(out)
-    done: dict[str, dict[str, Any]] = {}
+    done: set[str] = set()
+    kept = 0
     if partial.exists():
         if not resume:
             raise ValueError(
                 f"{partial} holds the predictions of an interrupted run; pass --resume to continue "
                 f"it, or delete it to start over"
             )
-        done = _read_partial(partial)
-        ids = {r.id for r in records}
-        stale = [i for i in done if i not in ids]
-        if stale:
-            raise ValueError(
-                f"{partial} was written for other input: it holds id '{stale[0]}'"
-                f"{f' and {len(stale) - 1} more' if len(stale) > 1 else ''} that the data does not; "
-                f"delete it to start over"
-            )
-    todo = [r for r in records if r.id not in done]
+        done, kept = _read_partial(partial)
+        if known_ids is not None:
+            stale = [i for i in done if i not in known_ids]
+            if stale:
+                raise _stale_error(partial, stale)
+    matched: set[str] = set()  # the ids of done rows the records hold
+
+    def todo() -> Iterator[Record]:
+        for record in records:
+            if record.id in done:
+                matched.add(record.id)
+            else:
+                yield record
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = sum(bool(row.get("kept_label")) for row in done.values())
+    written = 0
     with (
         open(partial, "a") as f,
-        tqdm(
-            total=len(records), initial=len(records) - len(todo), desc="predict", unit="row", disable=not progress
-        ) as bar,
+        tqdm(total=total, initial=len(done), desc="predict", unit="row", disable=not progress) as bar,
     ):
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
+        for chunk in _chunks(todo(), chunk_size):
             priors = extractor.value_probabilities(chunk) if extractor is not None else None
             preds = predictor.predict(
                 chunk,
@@ -128,6 +161,9 @@ def predict_to_file(
             f.flush()
             os.fsync(f.fileno())  # on disk before the next chunk: a crash loses at most one chunk
             kept += sum(bool(row.get("kept_label")) for row in rows)
+            written += len(chunk)
             bar.update(len(chunk))
+    if len(matched) < len(done):
+        raise _stale_error(partial, [i for i in done if i not in matched])
     os.replace(partial, out)
-    return BatchResult(written=len(todo), resumed=len(records) - len(todo), kept=kept)
+    return BatchResult(written=written, resumed=len(done), kept=kept)

@@ -12,7 +12,8 @@ import torch
 from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate
 from pv2tea.data.schema import Record
 from pv2tea.decoding.calibration import Calibration
-from pv2tea.decoding.generate import Prior, candidate_log_probs, generate_values
+from pv2tea.decoding.generate import Prior, candidate_log_probs, generate_values, on_model_device
+from pv2tea.inference.device import resolve_device
 from pv2tea.models.build import load_from_checkpoint
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import keep_grounded as keep
@@ -41,15 +42,27 @@ def prediction_rows(
 
 
 class Predictor:
-    """Load a trained PV2TEA checkpoint and extract attribute values."""
+    """Load a trained PV2TEA checkpoint and extract attribute values.
 
-    def __init__(self, model: PV2TEA, pre: Preprocessor):
+    ``device`` (a torch device or ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
+    :func:`pv2tea.inference.device.resolve_device`) is where the model runs; each batch is built on the CPU and
+    moved there. None leaves the model where it is.
+    """
+
+    def __init__(self, model: PV2TEA, pre: Preprocessor, device: str | torch.device | None = None):
+        if device is not None:
+            model = model.to(resolve_device(device))
         self.model = model.eval()
         self.pre = pre
 
+    @property
+    def device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> Predictor:
-        return cls(*load_from_checkpoint(directory))
+    def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> Predictor:
+        return cls(*load_from_checkpoint(directory), device=device)
 
     def predict(
         self,
@@ -88,7 +101,11 @@ class Predictor:
             indices = list(range(start, min(start + batch_size, len(dataset))))
             out.extend(
                 candidate_log_probs(
-                    self.model, self.pre, collate(indices), [dataset.records[i] for i in indices], candidates
+                    self.model,
+                    self.pre,
+                    on_model_device(collate(indices), self.model),
+                    [dataset.records[i] for i in indices],
+                    candidates,
                 )
             )
         return out
@@ -102,6 +119,6 @@ class Predictor:
             if image is None:
                 out.append(None)
                 continue
-            _, mask, grid = self.model.image_features(image.unsqueeze(0))  # (1, P)
-            out.append(mask[0].reshape(grid) if mask is not None else None)
+            _, mask, grid = self.model.image_features(image.unsqueeze(0).to(self.device))  # (1, P)
+            out.append(mask[0].reshape(grid).cpu() if mask is not None else None)
         return out
