@@ -9,11 +9,13 @@ the S1 queues are model buffers). Nothing is ever unpickled.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,8 +103,8 @@ def save_checkpoint(
     ``<name>.old`` when the crash fell between the two renames, which every reader here moves back)."""
     directory = recover_interrupted_save(Path(directory))
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in directory.parent.glob(glob.escape(directory.name) + ".tmp-*"):  # this one's, or a killed save's
+        shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / MODEL_FILE))
     _write_json(tmp / CONFIG_FILE, cfg.to_dict())
@@ -113,15 +115,31 @@ def save_checkpoint(
         save_file(training_tensors or {}, str(tmp / OPTIM_FILE))
         _write_json(tmp / STATE_FILE, training)
     write_manifest(tmp)
+    _pause_for_tests("written")
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(directory, old)
+        _pause_for_tests("swapped")
     os.replace(tmp, directory)
     if old.exists():
         shutil.rmtree(old)
     return directory
+
+
+PAUSE_ENV = "PV2TEA_TEST_PAUSE_IN_SAVE"
+
+
+def _pause_for_tests(point: str) -> None:
+    """A test-only hook, off unless ``PV2TEA_TEST_PAUSE_IN_SAVE=<point>:<seconds>`` is set: a save sleeps that long
+    at ``point`` ("written": the new folder complete under its temporary name; "swapped": the previous folder moved
+    aside and the new one not moved in) so that a test can SIGKILL it there (tests/integration/test_kill_resume.py)."""
+    setting = os.environ.get(PAUSE_ENV)
+    if setting:
+        where, _, seconds = setting.partition(":")
+        if where == point:
+            time.sleep(float(seconds or 0))
 
 
 def recover_interrupted_save(directory: Path) -> Path:
@@ -300,4 +318,5 @@ def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torc
     state_path, tensor_path = directory / STATE_FILE, directory / OPTIM_FILE
     if not state_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(f"{directory} holds no training state to resume from")
+    verify_manifest(directory)  # a torn or altered file is refused by name before anything is read
     return json.loads(state_path.read_text()), load_file(str(tensor_path))

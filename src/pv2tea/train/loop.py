@@ -324,6 +324,14 @@ def _scatter(values: np.ndarray, rows: Sequence[int], n: int) -> np.ndarray:
     return out
 
 
+def _cut_metrics(path: Path, length: int) -> None:
+    """Cut ``metrics.jsonl`` back to ``length`` bytes: the lines a stopped run wrote after its last checkpoint, for
+    epochs that the resumed run trains (and writes) again."""
+    if path.is_file() and path.stat().st_size > length:
+        with open(path, "r+b") as f:
+            f.truncate(length)
+
+
 def _set_schedule_position(scheduler, step: int) -> None:
     """Move a LambdaLR schedule (and its optimizer's learning rates) to ``step``."""
     scheduler.last_epoch = step
@@ -406,11 +414,19 @@ def _train(
     cfg = copy.deepcopy(cfg)
     n_products = len({(r.images, r.text) for r in records if r.images})
     cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
+    ckpt_dir, final_dir, metrics_path = run_dir / "checkpoint", run_dir / "final", run_dir / "metrics.jsonl"
+    if resume and not ckpt.checkpoint_exists(ckpt_dir) and not final_dir.exists():
+        resume = False  # stopped before its first checkpoint: nothing to continue from, so the run starts again
+        log.info("no checkpoint in %s yet: the run starts again from the beginning", run_dir)
+        if main:
+            print(f"note: no checkpoint in {run_dir} yet: the run starts again from the beginning", file=sys.stderr)
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         record_environment(run_dir, resume, world)
         if data_report is not None:
             (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+        if not resume:  # this run's epochs only, not those of an attempt stopped before its first checkpoint
+            metrics_path.unlink(missing_ok=True)
     seed_everything(cfg.train.seed)
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
@@ -501,13 +517,13 @@ def _train(
         )
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     bert_config = model.bert_config.to_dict()
-    ckpt_dir, final_dir = run_dir / "checkpoint", run_dir / "final"
 
     step, epoch, step_in_epoch = 0, 0, 0
     rows_done = 0  # of this epoch's rows in training order, taken by the steps done
     weights: np.ndarray | None = None
     visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] = {}  # S3: s_v (+ its log) while frozen
     average = WeightAverage(model) if cfg.train.average_epochs else None
+    carried: tuple[dict[str, float], dict[str, float]] | None = None  # an unfinished epoch's loss sums and S3 stats
     if resume:
         state, tensors = ckpt.load_training_state(ckpt_dir)
         ckpt.load_weights(model, ckpt_dir)
@@ -535,6 +551,10 @@ def _train(
         weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
         if average is not None:
             average.load(tensors, state.get("averaged_epochs", 0))
+        if state["step_in_epoch"]:
+            carried = state.get("epoch_sums", {}), state.get("epoch_stats", {})
+        if main and "metrics_bytes" in state:
+            _cut_metrics(metrics_path, state["metrics_bytes"])
         log.info("resumed from %s at epoch %d step %d", ckpt_dir, epoch, step)
 
     def save(target: Path, with_state: bool) -> None:
@@ -563,6 +583,11 @@ def _train(
                     tensors_out[f"rng.torch.rank{r}"] = rank_tensors["rng.torch"]
                 training["rng_ranks"] = [meta for _, meta in rngs[1:]]
             training.update(rows_done=rows_done, world_size=world, global_batch=global_batch)
+            # for metrics.jsonl to end as an uninterrupted run's: its length now (a resume cuts what a killed run
+            # wrote after this save, and writes it again) and the running sums of an unfinished epoch
+            training["metrics_bytes"] = metrics_path.stat().st_size if metrics_path.is_file() else 0
+            if step_in_epoch:
+                training["epoch_sums"], training["epoch_stats"] = sums, weight_stats
             if average is not None:
                 average_tensors, training["averaged_epochs"] = average.state()
                 tensors_out.update(average_tensors)
@@ -599,6 +624,9 @@ def _train(
         steps = ddp.step_rows(order, rows_done, rows_per_rank, world)  # the epoch's remaining global batches
         swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
         sums: dict[str, float] = {}
+        if carried is not None:  # resumed inside this epoch: its record covers the steps taken before the resume
+            sums, weight_stats = dict(carried[0]), dict(carried[1])
+            carried = None
         bar = tqdm(
             total=step_in_epoch + len(steps),
             initial=step_in_epoch,
@@ -690,7 +718,7 @@ def _train(
                 val_report = report
                 log.info("epoch %d validation F1 %s", epoch, report["overall"]["f1"])
         if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
         save(ckpt_dir, True)
         log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "val"})
