@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -446,7 +446,7 @@ def preset_names() -> list[str]:
 def read_yaml(source: str) -> dict[str, Any]:
     """A preset name (see :func:`preset_names`) or a YAML file path."""
     if source in preset_names():
-        text = resources.files("pv2tea").joinpath("presets", f"{source}.yaml").read_text()
+        text = resources.files("pv2tea").joinpath("presets").joinpath(f"{source}.yaml").read_text()
         where = f"preset '{source}'"
     else:
         path = Path(source)
@@ -464,7 +464,7 @@ def read_yaml(source: str) -> dict[str, Any]:
 
 
 def load_config(
-    source: str | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+    source: str | None = None, overrides: Sequence[str] | None = None, base: dict[str, Any] | None = None
 ) -> Config:
     """Resolve a config: ``base`` dict (e.g. a saved run) ← preset/file ← dotted overrides."""
     data: dict[str, Any] = dict(base or {})

@@ -97,11 +97,17 @@ def known_variants() -> list[str]:
     return [*VARIANTS, *REFERENCES]
 
 
+def _gold(record: Record) -> tuple[str, ...]:
+    if record.gold is None:
+        raise ValueError(f"record {record.id!r} (attribute {record.attribute!r}) has no gold values to score against")
+    return tuple(record.gold)
+
+
 def gold_examples(records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]) -> list[Example]:
     """Predictions paired with the gold values (and sources) of their records, for scoring."""
     return [
         Example(
-            gold=tuple(r.gold),
+            gold=_gold(r),
             pred=tuple(p),
             source=r.source,
             attribute=r.attribute,
@@ -140,7 +146,7 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
     for start in range(0, len(products), batch_size):
         chunk = products[start : start + batch_size]
         batch = pre.collate(chunk, list(range(len(chunk))), list(range(len(chunk))), with_answers=False)
-        pooled = model.visual(batch.images).pooled
+        pooled, _, _ = model.image_features(batch.images)
         text = model.text_encoder(input_ids=batch.text_ids, attention_mask=batch.text_mask).last_hidden_state
         image_feats.append(torch.nn.functional.normalize(model.vision_proj(pooled), dim=-1))
         text_feats.append(torch.nn.functional.normalize(model.text_proj(text[:, 0]), dim=-1))
@@ -226,7 +232,8 @@ def run_variant(
                     report["departures"] = fresh["departures"]
                     if ranked is not None and "constrained" in report:
                         report["constrained"]["departures"] = fresh["constrained"]["departures"]
-            if want_fused or (can_fuse and "departures" not in report.get("fused", {})):
+            fuse = want_fused or (can_fuse and "departures" not in report.get("fused", {}))
+            if fuse and candidates and priors is not None:
                 report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
             if want_no_images:
                 report[NO_IMAGES_KEY] = no_images_report(predictor, data.test, multi, candidates)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from pv2tea.baselines.storage import write_metadata
 from pv2tea.data.dataset import crop_words
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, source_aware_report
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ def evaluate_extractor(
         raise ValueError(f"multi_value has no entry for attribute(s) {missing}")
     examples = [
         Example(
-            gold=record.gold,
+            gold=record.gold or (),  # every scored record has gold
             pred=tuple(values),
             source=record.source,
             attribute=record.attribute,

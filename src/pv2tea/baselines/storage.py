@@ -33,7 +33,8 @@ def config_from_json(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"saved {cls.__name__} has unknown fields {unknown}")
-    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+    values: dict[str, Any] = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+    return cls(**values)
 
 
 def read_metadata(directory: str | PathLike[str], kind: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,6 +24,9 @@ from pv2tea.baselines.extractor import ExtractorConfig, TextExtractor, group_by_
 from pv2tea.baselines.labels import AttributeVocab
 from pv2tea.baselines.storage import config_from_json, read_metadata, space_from_meta
 from pv2tea.data.schema import Record
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 _TFIDF_ARRAYS = "tfidf.npz"
 _TFIDF_VOCABULARY = "vocabulary.json"
@@ -151,7 +154,7 @@ class TfidfTextExtractor(TextExtractor):
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         word, char = self._vectorizers
-        arrays: dict[str, np.ndarray] = {"idf_word": word.idf_, "idf_char": char.idf_}
+        arrays: dict[str, Any] = {"idf_word": word.idf_, "idf_char": char.idf_}
         constant: dict[str, list[bool]] = {}
         for a, name in enumerate(self.vocabularies):
             constant[name] = [model is None for model in self._models[name]]

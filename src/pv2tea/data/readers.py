@@ -251,7 +251,7 @@ def _output_row(item: Record | Mapping[str, Any], out_dir: str) -> dict[str, Any
         if unknown:
             raise ValueError(f"cannot write unknown field(s) {unknown}; expected {list(FIELDS)}")
         values = item
-    row = {name: values.get(name) for name in FIELDS}
+    row: dict[str, Any] = {name: values.get(name) for name in FIELDS}
     for name in LIST_FIELDS:
         row[name] = _as_list(row[name])
     row["images"] = [_relative_image(image, out_dir) for image in row["images"] or []]
@@ -313,12 +313,14 @@ class RecordWriter:
                     if row[name] is not None:
                         cells[name] = json.dumps(row[name], ensure_ascii=False)
                 self._csv.writerow(cells)
-            else:
+            elif self._handle is not None:
                 self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                raise ValueError(f"{self.path}: the writer is closed")
             self.written += 1
 
     def _flush_parquet(self) -> None:
-        if self._pending:
+        if self._pending and self._parquet is not None:
             self._parquet.write_table(pa.Table.from_pylist(self._pending, schema=_PARQUET_SCHEMA))
             self._pending = []
 

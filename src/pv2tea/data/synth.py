@@ -516,7 +516,10 @@ def render_product(product: Product, size: int, seed: int) -> Image.Image:
     box = (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)
     mask = _silhouette(product.category, size, box)
 
-    top, bottom = mask.getbbox()[1], mask.getbbox()[3]
+    bbox = mask.getbbox()
+    if bbox is None:
+        raise RuntimeError(f"the {product.category} silhouette of {box} is empty")
+    top, bottom = bbox[1], bbox[3]
     fill = Image.new("RGB", (size, size))
     shade = Image.new("RGB", (size, size))
     fill_draw, shade_draw = ImageDraw.Draw(fill), ImageDraw.Draw(shade)
@@ -625,7 +628,7 @@ def make_catalog(
         "splits": split_counts,
         "categories": dict(sorted(categories.items())),
         "sources": dict(sorted(Counter(r.source for r in records).items())),
-        "multi_value_color_rows": sum(r.attribute == "color" and len(r.gold) > 1 for r in records),
+        "multi_value_color_rows": sum(r.attribute == "color" and len(r.gold or ()) > 1 for r in records),
         "vocab": vocab,
         "priors": priors,
         "weak_label_accuracy": {

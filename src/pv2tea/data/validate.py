@@ -404,8 +404,10 @@ class DatasetScan:
     @property
     def skipped(self) -> list[RowError]:
         """The first problem of each invalid row (what ``skip_invalid`` drops)."""
-        seen: set[int] = set()
-        return [e for e in self.errors if not (e.row in seen or seen.add(e.row))]
+        first: dict[int, RowError] = {}
+        for error in self.errors:
+            first.setdefault(error.row, error)
+        return list(first.values())
 
 
 def scan_dataset(

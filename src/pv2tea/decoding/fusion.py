@@ -36,7 +36,9 @@ def prior_log_probs(
     return np.log(q / q.sum())
 
 
-def fuse_scores(model_scores: Sequence[float], prior: Sequence[float], weight: float = 1.0) -> np.ndarray:
+def fuse_scores(
+    model_scores: Sequence[float] | np.ndarray, prior: Sequence[float] | np.ndarray, weight: float = 1.0
+) -> np.ndarray:
     """Fused log-scores of one row's candidates: log p_model(c | C) + weight · prior (log q(c | C))."""
     scores = np.asarray(model_scores, dtype=np.float64)
     if len(scores) != len(prior):
@@ -44,8 +46,9 @@ def fuse_scores(model_scores: Sequence[float], prior: Sequence[float], weight: f
     return log_normalize(scores) + weight * np.asarray(prior, dtype=np.float64)
 
 
-def check_fusion(candidates: Mapping | None, extractor: object | None) -> None:
-    """Fusion re-ranks candidate lists: an extractor without them is a usage error."""
+def check_fusion(candidates: object | None, extractor: object | None) -> None:
+    """Fusion re-ranks candidate lists: an extractor without them (``candidates``: the lists or where they are read
+    from; None or empty: none) is a usage error."""
     if extractor is not None and not candidates:
         raise ValueError("fusing with a text extractor needs candidate lists (--candidates): it re-ranks them")
 

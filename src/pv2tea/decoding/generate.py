@@ -74,11 +74,12 @@ def _rank_candidates(
             known = [(c, j) for c, j in known if j is not None]
             for _, j in known:
                 allowed[i, j] = True
-            if known and (priors[i] is not None or tau):
+            prior = priors[i]
+            if known and (prior is not None or tau):
                 names = [c for c, _ in known]
                 shift = np.zeros(len(known))
-                if priors[i] is not None:
-                    shift += prior_weight * fusion.prior_log_probs(names, priors[i])
+                if prior is not None:
+                    shift += prior_weight * fusion.prior_log_probs(names, prior)
                 if tau:
                     shift -= tau * label_log_prior(pre, r.attribute, names)
                 bias[i, [j for _, j in known]] = torch.tensor(shift, dtype=bias.dtype)
@@ -91,7 +92,7 @@ def _rank_candidates(
     tau = prior_correction(model, pre)
     out: list[list[str] | None] = []
     for r, cands, scores, prior in zip(records, lists, _decoder_candidate_scores(model, pre, batch, lists), priors):
-        if scores is None:
+        if scores is None or cands is None:
             out.append(None)
             continue
         if tau:
@@ -114,10 +115,14 @@ def _decoder_candidate_scores(
         texts, padding=True, truncation=True, max_length=pre.cfg.decoder.max_answer_tokens, return_tensors="pt"
     )
     device = batch.text_ids.device
-    scores = model.score_candidates(
-        batch, torch.tensor(rows, device=device), enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    scores = (
+        model.score_candidates(
+            batch, torch.tensor(rows, device=device), enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        )
+        .float()
+        .cpu()
+        .numpy()
     )
-    scores = scores.float().cpu().numpy()
     out: list[np.ndarray | None] = []
     start = 0
     for cands in lists:
@@ -162,10 +167,10 @@ def candidate_log_probs(
     tau = prior_correction(model, pre)
     if tau:
         raw = [
-            None if s is None else s - tau * label_log_prior(pre, r.attribute, c)
+            None if s is None or c is None else s - tau * label_log_prior(pre, r.attribute, c)
             for r, c, s in zip(records, lists, raw)
         ]
-    return [None if s is None else (list(c), fusion.log_normalize(s)) for c, s in zip(lists, raw)]
+    return [None if s is None or c is None else (list(c), fusion.log_normalize(s)) for c, s in zip(lists, raw)]
 
 
 def _rank_calibrated(

@@ -34,9 +34,10 @@ def label_smoothed_contrastive(
     """
     image_feat_m, text_feat_m = image_feat_m.detach(), text_feat_m.detach()
     if image_queue is not None:
-        image_queue, text_queue = image_queue.detach(), text_queue.detach()
-        image_bank = torch.cat([image_feat_m, image_queue], 0)  # (B + M, D)
-        text_bank = torch.cat([text_feat_m, text_queue], 0)  # (B + M, D)
+        if text_queue is None or queue_ids is None:
+            raise ValueError("a queue needs its image features, text features and pair ids together")
+        image_bank = torch.cat([image_feat_m, image_queue.detach()], 0)  # (B + M, D)
+        text_bank = torch.cat([text_feat_m, text_queue.detach()], 0)  # (B + M, D)
         bank_ids = torch.cat([ids, queue_ids], 0)  # (B + M,)
     else:
         image_bank, text_bank, bank_ids = image_feat_m, text_feat_m, ids

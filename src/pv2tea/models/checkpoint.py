@@ -47,7 +47,9 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):
+        raise CheckpointError("numpy's global generator is not MT19937: its state cannot be saved")
     py_state = random.getstate()
     tensors = {"rng.torch": torch.get_rng_state()}
     meta = {

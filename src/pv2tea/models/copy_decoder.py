@@ -31,7 +31,7 @@ class CopyDecoder(BertLMHeadModel):
         self.copy_key = nn.Linear(hidden, hidden)
         self.copy_gate = nn.Linear(2 * hidden, 1)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -40,24 +40,37 @@ class CopyDecoder(BertLMHeadModel):
         copy_states: torch.Tensor | None = None,
         copy_ids: torch.Tensor | None = None,
         copy_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        cache=None,
+        use_cache: bool = False,
+        copy_keys: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
-        """copy_states (B, T, H), copy_ids (B, T) and copy_mask (B, T): the text tokens that may be copied."""
+        """copy_states (B, T, H), copy_ids (B, T) and copy_mask (B, T): the text tokens that may be copied.
+
+        ``logits_to_keep`` = k > 0: the output distribution of the last k answer positions only (0: all). Greedy
+        decoding (models/greedy.py) and beam search pass 1: each step then pays the vocabulary projection of one
+        position, not of the whole prefix. ``cache``/``use_cache``: greedy decoding's key/value cache.
+        ``copy_keys`` (B, T, H): ``copy_key(copy_states)`` computed once for all the steps of a decoding.
+        """
         if copy_states is None or copy_ids is None or copy_mask is None:
             raise ValueError("CopyDecoder needs copy_states, copy_ids and copy_mask")
-        # ``kwargs``: what ``generate`` passes along (cache flags, return_dict...); no KV cache is kept (answers are
-        # a few tokens long), so none of it applies
+        # ``kwargs``: what ``generate`` passes along (return_dict...); none of it applies
         out = self.bert(
             input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
-            use_cache=False,
+            cache=cache,
+            use_cache=use_cache,
             return_dict=True,
         )
         hidden = out.last_hidden_state  # (B, A, H)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]  # (B, k, H)
         vocab_logits = self.cls(hidden)  # (B, A, V)
-        scores = self.copy_query(hidden) @ self.copy_key(copy_states).transpose(1, 2)  # (B, A, T)
+        keys = self.copy_key(copy_states) if copy_keys is None else copy_keys  # (B, T, H)
+        scores = self.copy_query(hidden) @ keys.transpose(1, 2)  # (B, A, T)
         scores = scores / math.sqrt(hidden.shape[-1])
         scores = scores.masked_fill(~copy_mask.bool()[:, None, :], torch.finfo(scores.dtype).min)
         attn = scores.softmax(-1)  # (B, A, T)
@@ -65,7 +78,9 @@ class CopyDecoder(BertLMHeadModel):
         generate = torch.sigmoid(self.copy_gate(torch.cat([hidden, read], -1)))  # (B, A, 1)
         # a row with nothing to copy (empty or dropped text) generates
         generate = torch.where(copy_mask.bool().any(-1)[:, None, None], generate, torch.ones_like(generate))
-        return CausalLMOutputWithCrossAttentions(logits=mixture_log_probs(vocab_logits, attn, generate, copy_ids))
+        return CausalLMOutputWithCrossAttentions(
+            logits=mixture_log_probs(vocab_logits, attn, generate, copy_ids), cache=out.cache if use_cache else None
+        )
 
 
 def mixture_log_probs(

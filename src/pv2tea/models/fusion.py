@@ -47,9 +47,9 @@ class FusionLayer(nn.Module):
         self.crossattention = BertAttention(config, is_causal=False, is_cross_attention=True)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
-        if visual_gate is None:
-            self.visual_attention, self.visual_gate = None, None
-        else:
+        self.visual_attention: BertAttention | None = None
+        self.visual_gate: nn.Parameter | None = None
+        if visual_gate is not None:
             self.visual_attention = BertAttention(config, is_causal=False, is_cross_attention=True)
             self.visual_gate = nn.Parameter(torch.full((1,), float(visual_gate)))
 
@@ -70,6 +70,8 @@ class FusionLayer(nn.Module):
         )  # (B, Q, H)
         hidden = crossed if has_context is None else torch.where(has_context, crossed, hidden)
         if visual is not None:
+            if self.visual_attention is None or self.visual_gate is None:
+                raise ValueError("visual tokens passed apart from the text to a layer without a visual gate")
             seen, _ = self.visual_attention(
                 hidden, encoder_hidden_states=visual.tokens, encoder_attention_mask=visual.mask
             )  # (B, Q, H)
@@ -86,9 +88,17 @@ class FusionEncoder(nn.Module):
         self.layers = nn.ModuleList(FusionLayer(config, visual_gate) for _ in range(num_layers))
         self.gated = visual_gate is not None
 
+    def fusion_layers(self) -> list[FusionLayer]:
+        """The layers, typed (``nn.ModuleList`` yields plain modules)."""
+        return [layer for layer in self.layers if isinstance(layer, FusionLayer)]
+
     def gate_openings(self) -> list[float]:
         """tanh(g) of each layer's visual gate, the share of the image-read state it mixes in (empty: no gate)."""
-        return [round(float(torch.tanh(layer.visual_gate.detach())), 4) for layer in self.layers if self.gated]
+        return [
+            round(float(torch.tanh(layer.visual_gate.detach())), 4)
+            for layer in self.fusion_layers()
+            if layer.visual_gate is not None
+        ]
 
     def forward(
         self,

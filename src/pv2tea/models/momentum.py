@@ -74,6 +74,12 @@ def gather_others(tensor: torch.Tensor) -> torch.Tensor | None:
 class FeatureQueue(nn.Module):
     """Two aligned queues of normalized image/text features plus the pair ids they came from."""
 
+    image: torch.Tensor  # (M, D)
+    text: torch.Tensor  # (M, D)
+    ids: torch.Tensor  # (M,) pair id of each slot, -1 when empty
+    ptr: torch.Tensor  # () next slot to write
+    count: torch.Tensor  # () filled slots
+
     def __init__(self, dim: int, size: int):
         super().__init__()
         self.size = size

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertLMHeadModel, GenerationConfig
+from transformers import BertConfig, BertLMHeadModel, BertModel, GenerationConfig
 
 from pv2tea.config import Config
 from pv2tea.losses.contrastive import label_smoothed_contrastive
@@ -24,7 +24,7 @@ from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
 from pv2tea.models.fusion import FusionEncoder, additive_mask, is_visual_gate_key
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy, gather_others, world_size
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
-from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights
+from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights, timm_api
 
 
 @dataclass
@@ -89,6 +89,20 @@ _PRETRAINED = re.compile(
 class PV2TEA(nn.Module):
     # the parts a text-only (TEA) run trains that every variant shares: what ``train.init_from`` warm-starts
     warm_start_prefixes: tuple[str, ...] = ("text_encoder.", "fusion.", "decoder.")
+    # parts a configuration may leave out (None); the momentum copies exist with S1's contrastive alignment only
+    visual: VisualEncoder | None
+    decoder: BertLMHeadModel | None
+    value_head: nn.Linear | None
+    value_attribute: torch.Tensor  # (V,) attribute index of each value class (classification head only)
+    category_head: nn.Linear | None
+    itm_head: nn.Linear | None
+    text_encoder: BertModel
+    visual_m: VisualEncoder | None
+    text_encoder_m: BertModel
+    vision_proj: nn.Linear
+    text_proj: nn.Linear
+    vision_proj_m: nn.Linear
+    text_proj_m: nn.Linear
 
     def __init__(
         self, cfg: Config, bert_config: BertConfig, num_categories: int, value_attributes: list[int] | None = None
@@ -166,7 +180,7 @@ class PV2TEA(nn.Module):
                 self.decoder.get_input_embeddings().requires_grad_(False)
 
     # ----------------------------------------------------------------- construction helpers
-    def _frozen_text_parts(self, encoder: nn.Module) -> list[nn.Module]:
+    def _frozen_text_parts(self, encoder: BertModel) -> list[nn.Module]:
         """The embeddings and bottom layers of a text encoder that stay frozen (none when it all trains)."""
         if not self.text_cached:
             return []
@@ -175,12 +189,23 @@ class PV2TEA(nn.Module):
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         if not self.uses_contrast:
             return []
+        visual = [(self.visual, self.visual_m)] if self.visual is not None and self.visual_m is not None else []
         return [
-            (self.visual, self.visual_m),
+            *visual,
             (self.text_encoder, self.text_encoder_m),
             (self.vision_proj, self.vision_proj_m),
             (self.text_proj, self.text_proj_m),
         ]
+
+    def _require_visual(self) -> VisualEncoder:
+        if self.visual is None:
+            raise ValueError("this model has no visual encoder (vision.enabled is false)")
+        return self.visual
+
+    def _require_decoder(self) -> BertLMHeadModel:
+        if self.decoder is None:
+            raise ValueError("this model has no answer decoder (decoder.head is not 'generate')")
+        return self.decoder
 
     def load_pretrained(self) -> None:
         """Initialize backbones, fusion and decoder from the configured offline checkpoints."""
@@ -207,11 +232,12 @@ class PV2TEA(nn.Module):
         self.sync_momentum()
 
     def _load_decoder(self, source: dict[str, torch.Tensor], n_src: int, text_path: str) -> None:
-        dec_layers = self.decoder.config.num_hidden_layers
+        decoder = self._require_decoder()
+        dec_layers = decoder.config.num_hidden_layers
         if dec_layers > n_src:
             raise ValueError(f"decoder.num_layers={dec_layers} exceeds the {n_src} layers of {text_path}")
         mapping = {}
-        for k in self.decoder.state_dict():
+        for k in decoder.state_dict():
             if k.startswith("bert.embeddings."):
                 mapping[k] = k[len("bert.") :]
             elif k.startswith("bert.encoder.layer.") and ".crossattention." not in k:
@@ -219,7 +245,7 @@ class PV2TEA(nn.Module):
             elif k.startswith("bert.encoder.layer.") and self.cfg.fusion.cross_from_self:
                 mapping[k] = k[len("bert.") :].replace(".crossattention.", ".attention.")
         mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"  # tied
-        transfer(self.decoder, source, mapping, ("cls.", "bert.encoder.layer.", "copy_"), "decoder")
+        transfer(decoder, source, mapping, ("cls.", "bert.encoder.layer.", "copy_"), "decoder")
 
     @torch.no_grad()
     def sync_momentum(self) -> None:
@@ -231,7 +257,8 @@ class PV2TEA(nn.Module):
 
         ``warm_started``: the parts a warm start fills (``warm_start_prefixes``) count as pretrained.
         """
-        pretrained, new = [], []
+        pretrained: list[nn.Parameter] = []
+        new: list[nn.Parameter] = []
         warm = self.warm_start_keys() if warm_started else set()
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -269,7 +296,7 @@ class PV2TEA(nn.Module):
         rows = batch.has_image if self.visual is not None else torch.zeros_like(batch.has_image)
         visual = None
         parts, masks = [], []
-        if bool(rows.any()):
+        if self.visual is not None and bool(rows.any()):
             visual = self._visual_out(self.visual, batch.images, batch.image_feats, rows)
             vis_tokens, vis_mask = self._scatter_tokens(visual.tokens, rows[:, None], text_hidden)
             parts.append(vis_tokens)
@@ -312,7 +339,7 @@ class PV2TEA(nn.Module):
             memory_mask,
         )
 
-    def _text_states(self, encoder: nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _text_states(self, encoder: BertModel, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Text-encoder states (B, T, H) of all rows or the selected ``rows``. With the batch's cached output of
         the frozen bottom layers only the trainable top layers (``text.train_layers``; none when frozen) run."""
         select = slice(None) if rows is None else rows
@@ -339,6 +366,8 @@ class PV2TEA(nn.Module):
         """The visual encoder on the selected images: cached backbone tokens when given, else pixels."""
         if feats is not None:
             return encoder.head(feats[select])
+        if pixels is None:
+            raise ValueError("the batch has neither images nor cached image features")
         return encoder(pixels[select])
 
     @staticmethod
@@ -359,7 +388,7 @@ class PV2TEA(nn.Module):
             ema_update(online, momentum, self.cfg.schemes.momentum)
 
     def forward(self, batch: Batch, sample_weights: torch.Tensor | None = None) -> PV2TEAOutput:
-        if batch.answer_ids is None:
+        if batch.answer_ids is None or batch.answer_mask is None:
             raise ValueError("forward needs answer_ids (training labels); use generate() for inference")
         cfg, s = self.cfg, self.cfg.schemes
         enc = self.encode(batch)
@@ -374,6 +403,8 @@ class PV2TEA(nn.Module):
             labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
             per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
         else:
+            if batch.value_targets is None:
+                raise ValueError("the classification head trains on value_targets; the batch has none")
             log_probs = F.log_softmax(self._value_logits(enc, batch), dim=-1)  # (B, V)
             targets = batch.value_targets / batch.value_targets.sum(1, keepdim=True).clamp_min(1)
             per_sample = -(targets * log_probs.clamp_min(-1e4)).sum(1)  # soft-target CE, (B,)
@@ -394,6 +425,7 @@ class PV2TEA(nn.Module):
         if self.uses_contrast and enc.visual is not None:
             image_feat = F.normalize(self.vision_proj(enc.visual.pooled), dim=-1)  # (B_img, D)
             text_feat = F.normalize(self.text_proj(enc.text_hidden[rows, 0]), dim=-1)  # (B_img, D)
+            assert self.visual_m is not None  # copied from the visual encoder that produced enc.visual
             with torch.no_grad():
                 # a frozen backbone equals its momentum copy, so cached states serve both
                 vis_m = self._visual_out(self.visual_m, batch.images, batch.image_feats, rows)
@@ -405,16 +437,18 @@ class PV2TEA(nn.Module):
             momentum = {"image": image_feat_m, "text": text_feat_m, "ids": batch.pair_id[rows]}
             if world_size() > 1:  # the other ranks' rows of this step are in-batch rows too (momentum.py)
                 bank = [
-                    torch.cat([gather_others(momentum[k].to(q.dtype)), q])
-                    for k, q in zip(("image", "text", "ids"), bank)
+                    torch.cat([*_others(momentum[k].to(q.dtype)), q]) for k, q in zip(("image", "text", "ids"), bank)
                 ]
+            queue_image, queue_text, queue_ids = bank
             sc = label_smoothed_contrastive(
                 image_feat,
                 text_feat,
                 image_feat_m,
                 text_feat_m,
                 batch.pair_id[rows],
-                *bank,
+                queue_image,
+                queue_text,
+                queue_ids,
                 alpha=s.alpha,
                 temperature=s.temperature,
             )
@@ -429,6 +463,7 @@ class PV2TEA(nn.Module):
 
     def _matching_loss(self, enc: Encoded, batch: Batch) -> torch.Tensor | None:
         """ITM over the image rows: each text with its own image (match) and with another product's (no match)."""
+        head = self._require_itm_head()
         sel = torch.nonzero(enc.image_rows).flatten()  # (B_img,)
         partner = negative_partners(batch.pair_id[sel])
         if partner is None:
@@ -440,7 +475,7 @@ class PV2TEA(nn.Module):
         q_neg = self.fusion(batch.question_ids[sel], batch.question_mask[sel], context, mask, n_visual=n_vis)[
             :, 0
         ]  # (B_img, H)
-        return image_text_matching_loss(self.itm_head(enc.question[sel, 0]), self.itm_head(q_neg))
+        return image_text_matching_loss(head(enc.question[sel, 0]), head(q_neg))
 
     @torch.no_grad()
     def match_scores(self, batch: Batch) -> torch.Tensor:
@@ -448,6 +483,7 @@ class PV2TEA(nn.Module):
 
         Uses each row's first image and row j's question; for retrieval with a matching-aligned model.
         """
+        head = self._require_itm_head()
         enc = self.encode(batch)
         n_vis = enc.context.shape[1] - enc.text_hidden.shape[1]
         n = len(batch)
@@ -458,8 +494,13 @@ class PV2TEA(nn.Module):
             q = self.fusion(
                 batch.question_ids[j].expand(n, -1), batch.question_mask[j].expand(n, -1), context, mask, n_visual=n_vis
             )
-            scores[:, j] = self.itm_head(q[:, 0]).softmax(-1)[:, 1]
+            scores[:, j] = head(q[:, 0]).softmax(-1)[:, 1]
         return scores
+
+    def _require_itm_head(self) -> nn.Linear:
+        if self.itm_head is None:
+            raise ValueError("this model has no matching head (schemes.alignment is not 'matching')")
+        return self.itm_head
 
     @torch.no_grad()
     def enqueue(self, out: PV2TEAOutput) -> None:
@@ -477,8 +518,16 @@ class PV2TEA(nn.Module):
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
     ) -> torch.Tensor:
-        """Answer token ids (B, L) starting with ``bos_id``; greedy or beam search."""
+        """Answer token ids (B, L) starting with ``bos_id``; greedy (with a key/value cache) or beam search."""
+        from pv2tea.models.greedy import greedy_decode
+
         enc = self.encode(batch)
+        if (num_beams or self.cfg.decoder.num_beams) == 1 and self.decoder is not None:
+            steps = max_new_tokens or self.cfg.decoder.max_answer_tokens
+            copy = self._copy_inputs(enc, batch)
+            if copy and isinstance(self.decoder, CopyDecoder):  # the copy keys of the text are the same at every step
+                copy["copy_keys"] = self.decoder.copy_key(copy["copy_states"])  # (B, T, H)
+            return greedy_decode(self.decoder, enc.memory, enc.memory_mask, bos_id, eos_id, pad_id, steps, **copy)
         start = torch.full((len(batch), 1), bos_id, dtype=torch.long, device=batch.text_ids.device)
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens or self.cfg.decoder.max_answer_tokens,
@@ -490,7 +539,7 @@ class PV2TEA(nn.Module):
             # transformers 5's BERT cross-attention cache is not usable by generate; answers are short
             use_cache=False,
         )
-        return self.decoder.generate(
+        return self._require_decoder().generate(
             input_ids=start,
             attention_mask=torch.ones_like(start),
             encoder_hidden_states=enc.memory,
@@ -512,6 +561,10 @@ class PV2TEA(nn.Module):
 
     def _value_logits(self, enc: Encoded, batch: Batch) -> torch.Tensor:
         """Classification head on q_cls; classes of other attributes are masked out. (B, V)"""
+        if self.value_head is None:
+            raise ValueError("this model has no classification head (decoder.head is not 'classify')")
+        if batch.attribute_id is None:
+            raise ValueError("the classification head needs the batch's attribute_id")
         logits = self.value_head(enc.question[:, 0])  # (B, V)
         own = self.value_attribute[None, :] == batch.attribute_id[:, None]  # (B, V)
         return logits.masked_fill(~own, torch.finfo(logits.dtype).min)
@@ -547,8 +600,9 @@ class PV2TEA(nn.Module):
 
         rows (N,): the batch row each candidate belongs to; cand_ids/cand_mask (N, L) with [CLS] first.
         """
+        decoder = self._require_decoder()
         enc = self.encode(batch)
-        logits = self.decoder(
+        logits = decoder(
             input_ids=cand_ids,
             attention_mask=cand_mask,
             encoder_hidden_states=enc.memory[rows],
@@ -568,22 +622,24 @@ class PV2TEA(nn.Module):
 
         From pixels (B, 3, H, W) or from cached backbone tokens (B, N, C).
         """
-        out = self.visual.head(feats) if feats is not None else self.visual(images)
+        visual = self._require_visual()
+        out = visual.head(feats) if feats is not None else visual(_pixels(images))
         mask = torch.sigmoid(out.mask_logits) if out.mask_logits is not None else None
         return out.pooled, mask, out.grid
 
     @torch.no_grad()
     def backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C) mean of the visual backbone's output tokens, from pixels or cached tokens (B, N, C)."""
-        tokens = feats if feats is not None else self.visual.backbone_tokens(images)
+        tokens = feats if feats is not None else self._require_visual().backbone_tokens(_pixels(images))
         return tokens.mean(1)
 
     @torch.no_grad()
     def level_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, ΣC_i) mean over the backbone tokens of the earlier levels' channels only (``vision.extra_levels``),
         from pixels or cached tokens (B, N, C)."""
-        tokens = feats if feats is not None else self.visual.backbone_tokens(images)
-        return tokens[..., self.visual.backbone.num_features :].mean(1)
+        visual = self._require_visual()
+        tokens = feats if feats is not None else visual.backbone_tokens(_pixels(images))
+        return tokens[..., timm_api(visual.backbone).num_features :].mean(1)
 
     @torch.no_grad()
     def masked_backbone_features(
@@ -593,9 +649,22 @@ class PV2TEA(nn.Module):
 
         Without attention pruning it is :meth:`backbone_features`. From pixels or cached tokens (B, N, C).
         """
-        tokens = feats if feats is not None else self.visual.backbone_tokens(images)
+        visual = self._require_visual()
+        tokens = feats if feats is not None else visual.backbone_tokens(_pixels(images))
         _, gate, _ = self.image_features(feats=tokens)  # (B, P) or None
         if gate is None:
             return tokens.mean(1)
-        patches = tokens[:, self.visual.num_prefix_tokens :]  # (B, P, C)
+        patches = tokens[:, visual.num_prefix_tokens :]  # (B, P, C)
         return (patches * gate.unsqueeze(-1)).sum(1) / gate.sum(1, keepdim=True).clamp_min(1e-6)
+
+
+def _pixels(images: torch.Tensor | None) -> torch.Tensor:
+    if images is None:
+        raise ValueError("pass images (B, 3, H, W) or cached backbone tokens (B, N, C)")
+    return images
+
+
+def _others(rows: torch.Tensor) -> list[torch.Tensor]:
+    """The other processes' ``rows`` (:func:`gather_others`) as a list to concatenate (empty in one process)."""
+    others = gather_others(rows)
+    return [] if others is None else [others]

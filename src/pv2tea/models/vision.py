@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -32,6 +33,22 @@ class VisualOutput:
     pooled: torch.Tensor  # (B, D): the image representation v_cls
     mask_logits: torch.Tensor | None  # (B, P): M before the sigmoid; None without pruning
     grid: tuple[int, int]  # patch grid (h, w), for visualizing the mask
+
+
+class TimmBackbone(Protocol):
+    """What the visual encoder uses of a timm model beyond ``nn.Module`` (timm types its models as plain modules)."""
+
+    num_features: int
+    pretrained_cfg: dict[str, Any]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+def timm_api(backbone: nn.Module) -> TimmBackbone:
+    """``backbone`` (a timm model) typed as the timm API it carries."""
+    return cast(TimmBackbone, backbone)
 
 
 def create_backbone(cfg: VisionConfig) -> nn.Module:
@@ -58,7 +75,7 @@ def load_backbone_weights(backbone: nn.Module, spec: str, name: str | None = Non
                 raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
             path = found[0]
     state_dict = generic_filter(read_state_dict(path), backbone)
-    classifier = backbone.pretrained_cfg.get("classifier", "classifier")
+    classifier = timm_api(backbone).pretrained_cfg.get("classifier", "classifier")
     heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
     load_strict(backbone, state_dict, str(path), drop_prefixes=tuple(f"{h}." for h in heads))
 
@@ -78,7 +95,9 @@ class VisualEncoder(nn.Module):
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.extra_levels = list(cfg.extra_levels)
         self.token_grid = cfg.token_grid
-        self.num_features = self.backbone.num_features + sum(self._level_channels(i) for i in self.extra_levels)
+        self.num_features = timm_api(self.backbone).num_features + sum(
+            self._level_channels(i) for i in self.extra_levels
+        )
         self.proj = nn.Sequential(nn.Linear(self.num_features, hidden_size), nn.LayerNorm(hidden_size))
         self.mask_head = nn.Linear(hidden_size, 1) if attention_pruning else None
 
@@ -104,21 +123,21 @@ class VisualEncoder(nn.Module):
         what a feature cache stores when the backbone is frozen (``vision.freeze``).
         """
         if not self.extra_levels:
-            feats = self.backbone.forward_features(images)
+            feats = timm_api(self.backbone).forward_features(images)
             levels: list[torch.Tensor] = []
         else:
-            feats, levels = self.backbone.forward_intermediates(images, indices=self.extra_levels)
+            feats, levels = timm_api(self.backbone).forward_intermediates(images, indices=self.extra_levels)
         if feats.ndim == 4:  # CNN feature map (B, C, h, w)
             if self.token_grid is not None:
                 feats = self._pool_grid(feats)  # (B, C, h', w')
-            grid = feats.shape[-2:]
+            grid = (feats.shape[-2], feats.shape[-1])
             tokens = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
         elif self.token_grid is not None:  # ViT tokens (B, prefix + P, C): pool the patches, keep the prefix
             h, w = self.grid(feats.shape[1])
             patches = feats[:, self.num_prefix_tokens :].transpose(1, 2)  # (B, C, h*w)
             patches = patches.reshape(feats.shape[0], -1, h, w)  # (B, C, h, w)
             patches = self._pool_grid(patches)  # (B, C, h', w')
-            grid = patches.shape[-2:]
+            grid = (patches.shape[-2], patches.shape[-1])
             tokens = torch.cat([feats[:, : self.num_prefix_tokens], patches.flatten(2).transpose(1, 2)], 1)
         else:  # ViT tokens (B, prefix + P, C)
             grid = self.grid(feats.shape[1])

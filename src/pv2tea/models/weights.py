@@ -80,7 +80,8 @@ def package_text_checkpoint(name: str) -> Path:
 
 def _stage_index(model: nn.Module) -> list[tuple[int, int]]:
     """(stage, block) for every block of a timm EfficientNet, in execution order."""
-    return [(s, b) for s, stage in enumerate(model.blocks) for b in range(len(stage))]
+    stages = model.get_submodule("blocks").children()
+    return [(s, b) for s, stage in enumerate(stages) for b in range(len(list(stage.children())))]
 
 
 _EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}

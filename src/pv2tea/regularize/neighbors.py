@@ -13,7 +13,7 @@ as an N × N matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -120,7 +120,7 @@ def _search_rows(index, x: np.ndarray, inv_norm: np.ndarray, rows: np.ndarray, k
     found = index.search(q, candidates)[1]  # (r, candidates) row ids, −1 where the lists ran out
     found[found == rows[:, None]] = -1  # itself excluded
     sims = np.empty(found.shape, dtype=np.float32)  # (r, candidates) exact cosine, −inf for −1
-    faiss.fvec_inner_products_by_idx(
+    faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # a faiss function its __init__.pyi omits
         faiss.swig_ptr(sims),
         faiss.swig_ptr(q),
         faiss.swig_ptr(x),
@@ -147,39 +147,55 @@ def _build_index(x: np.ndarray, inv_norm: np.ndarray, kind: str, chunk: int, see
         return x[rows] * inv_norm[rows, None]
 
     settings: list = [(lambda: None, 1)]
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 40
+        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = 40
 
         def ef(value: int):
-            return lambda: setattr(index.hnsw, "efSearch", value)
+            return lambda: setattr(hnsw.hnsw, "efSearch", value)
 
         settings = [(ef(v), 1) for v in (32, 64, 128, 256, 512)]
+        index = hnsw
     else:
         nlist = lists or int(min(max(math.isqrt(n), 16), 8192))  # lists of about √N rows
         quantizer = faiss.IndexFlatIP(dim)
+        ivf: faiss.IndexIVF
         if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         else:  # 4-bit PQ on 4 dimensions per code, scanned with SIMD; codes of the vectors themselves
-            index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, _pq_codes(dim), 4, faiss.METRIC_INNER_PRODUCT)
-            index.by_residual = False
-        index.cp.spherical = True
-        index.cp.niter = 10
-        index.cp.seed = seed
+            fast_scan = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, _pq_codes(dim), 4, faiss.METRIC_INNER_PRODUCT)
+            fast_scan.by_residual = False
+            ivf = fast_scan
+        ivf.cp.spherical = True
+        ivf.cp.niter = 10
+        ivf.cp.seed = seed
         sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False))
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # training runs many tiny parallel loops: on a busy machine, threads
         try:  # waiting on each other took 40 s instead of 1 s
-            index.train(normalized(sample))
+            ivf.train(normalized(sample))
         finally:
             faiss.omp_set_num_threads(threads)
 
         def probe(value: int):
-            return lambda: setattr(index, "nprobe", min(value, nlist))
+            return lambda: setattr(ivf, "nprobe", min(value, nlist))
 
-        ladder = ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8), (64, 8), (64, 16), (128, 16), (nlist, 16), (nlist, 32))
+        index = ivf
+        ladder: tuple[tuple[int, int], ...] = (
+            (4, 4),
+            (8, 4),
+            (16, 4),
+            (16, 8),
+            (32, 8),
+            (64, 8),
+            (64, 16),
+            (128, 16),
+            (nlist, 16),
+            (nlist, 32),
+        )
         if kind == "ivf":  # full vectors rank exactly: no more candidates than k + 1 are needed
             ladder = tuple((lists_, 1) for lists_ in (4, 8, 16, 32, 64, 128, nlist))
         settings = [(probe(p), f) for p, f in ladder if p <= nlist]
@@ -399,10 +415,17 @@ def _members(n: int, groups: Sequence[Hashable] | None) -> list[list[int]]:
     return list(members.values())
 
 
+def _value_set(label: Hashable) -> Iterable[Hashable]:
+    """A label compared by Jaccard overlap as the set of its values."""
+    if not isinstance(label, Iterable):
+        raise TypeError(f"match='jaccard' compares value sets, but a label is {label!r}")
+    return label
+
+
 def _multi_hot(sets: Sequence[Hashable]) -> np.ndarray:
     """(N, V) 0/1 matrix of value sets (each label an iterable of values)."""
     vocab: dict[Hashable, int] = {}
-    rows = [[vocab.setdefault(v, len(vocab)) for v in values] for values in sets]  # type: ignore[union-attr]
+    rows = [[vocab.setdefault(v, len(vocab)) for v in _value_set(values)] for values in sets]
     hot = np.zeros((len(rows), max(len(vocab), 1)))
     for i, cols in enumerate(rows):
         hot[i, cols] = 1.0

@@ -24,7 +24,7 @@ in chunks, so fitting costs the same at any N and memory holds no (N, values) ma
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,7 @@ class ProbeFit:
 
 def probe_reliability(
     features: np.ndarray,
-    labels: Sequence[Sequence[Hashable]],
+    labels: Sequence[Collection[Hashable]],
     folds: int = 5,
     seed: int = 0,
     strength: float = 0.5,
@@ -66,7 +66,7 @@ def probe_reliability(
 
 def cross_fitted_probe(
     features: np.ndarray,
-    labels: Sequence[Sequence[Hashable]],
+    labels: Sequence[Collection[Hashable]],
     folds: int = 5,
     seed: int = 0,
     strength: float = 0.5,
@@ -92,7 +92,7 @@ def cross_fitted_probe(
 
 
 def _out_of_fold(
-    features: np.ndarray, labels: Sequence[Sequence[Hashable]], folds: int, seed: int, strength: float
+    features: np.ndarray, labels: Sequence[Collection[Hashable]], folds: int, seed: int, strength: float
 ) -> ProbeFit:
     n = len(labels)
     vocab = sorted({v for values in labels for v in values}, key=str)
@@ -125,7 +125,7 @@ def _out_of_fold(
 
 def _out_of_fold_subsampled(
     features: np.ndarray,
-    labels: Sequence[Sequence[Hashable]],
+    labels: Sequence[Collection[Hashable]],
     folds: int,
     seed: int,
     strength: float,

@@ -38,8 +38,9 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
-# predict(items, key, payload) -> one answer per item; payload merges the batch's job payloads
-PredictFn = Callable[[Sequence[Any], Hashable, dict], Sequence[Any]]
+# predict(items, key, payload) -> one answer per item; payload merges the batch's job payloads; key is the jobs' own
+# (of whatever type they carry)
+PredictFn = Callable[[Sequence[Any], Any, dict], Sequence[Any]]
 
 
 class MicroBatcher:

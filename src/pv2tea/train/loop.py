@@ -121,6 +121,14 @@ def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str
 
 
 @torch.no_grad()
+def _image(pre: Preprocessor, record: Record) -> torch.Tensor:
+    """The (3, H, W) first image of a record that has one."""
+    image = pre.image_tensor(record)
+    if image is None:
+        raise ValueError(f"record {record.id!r} has no image")
+    return image
+
+
 def _visual_level(
     model: PV2TEA, pre: Preprocessor, records: Sequence[Record], labels: Sequence[frozenset[str]], cfg: Config
 ) -> tuple[np.ndarray, dict[str, float]]:
@@ -148,26 +156,26 @@ def _visual_level(
         if pre.cache is not None and pre.cache.has_images(chunk, 1):
             feats.append(features_of(feats=pre.cache.image_tokens([r.images[0] for r in chunk])))
         else:
-            feats.append(features_of(torch.stack([pre.image_tensor(r) for r in chunk])))
+            feats.append(features_of(torch.stack([_image(pre, r) for r in chunk])))
     model.train(was_training)
     if with_image:
         features = torch.cat(feats)
         if s.nr_features == "aligned":
             features = model.vision_proj(features)  # (N, D) S1's image-text space
-        features = features.numpy()
+        vectors = features.numpy()  # (N, C)
         for attribute in {records[i].attribute for i in with_image}:
             idx = [k for k, i in enumerate(with_image) if records[i].attribute == attribute]
             rows = [with_image[k] for k in idx]
             row_labels = [labels[i] for i in rows]
             if s.nr_visual == "probe":
-                fit = cross_fitted_probe(features[idx], row_labels, seed=cfg.train.seed, fit_rows=s.probe_fit_rows)
+                fit = cross_fitted_probe(vectors[idx], row_labels, seed=cfg.train.seed, fit_rows=s.probe_fit_rows)
                 stats[f"probe_gain_{attribute}"] = fit.gain
                 if fit.gain <= 0:  # the features do not tell this attribute's labels apart: no evidence
                     continue
                 s_v[rows] = fit.reliability
             else:
                 s_v[rows] = visual_reliability(
-                    features[idx],
+                    vectors[idx],
                     row_labels,
                     s.knn_k,
                     s.nr_label_match,
@@ -220,7 +228,9 @@ def sample_weights(
         return None, {}
     n = len(records)
     labels = [label_key(r, r.label) for r in records]
-    s_v, judged, stats = None, None, {}
+    s_v: np.ndarray | None = None
+    judged: np.ndarray | None = None
+    stats: dict[str, Any] = {}
     if s.visual_nr and model.visual is not None:
         # with a frozen backbone, features of the backbone's own tokens and the labels are the same every epoch,
         # and so is s_v: computed once per set of rows
@@ -639,7 +649,7 @@ def _train(
             micro = ddp.micro_batches(mine, cfg.train.batch_size)
             model.momentum_update()
             optimizer.zero_grad(set_to_none=True)
-            values = {}
+            values: dict[str, float] = {}
             for j, indices in enumerate(micro):
                 batch = collate(indices, swapped)
                 w = torch.as_tensor(weights[indices], dtype=torch.float32) if weights is not None else None
