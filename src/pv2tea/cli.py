@@ -11,14 +11,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:  # annotations only: the data modules load with the commands that use them
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from pv2tea.data.schema import Record
 
@@ -43,12 +43,28 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
+def _percent_of(total: int) -> Callable[[int], str]:
+    """``k`` as a percentage of ``total`` with one decimal ("–" when there is no total)."""
+    return (lambda k: f"{100.0 * k / total:.1f}") if total else (lambda k: "–")
+
+
+def _need_extra(feature: str, extra: str, *modules: str) -> None:
+    """Exit with the install command when a package of the optional ``extra`` that ``feature`` needs is missing."""
+    from pv2tea.extras import MissingExtraError, require_extra
+
+    try:
+        require_extra(feature, extra, *modules)
+    except MissingExtraError as exc:
+        _fail(escape(str(exc)))  # "[serve]" is not markup
+
+
+def _expected_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The errors a command reports as one line (its message) rather than a traceback, and ``more``."""
     from pv2tea.config import ConfigError
     from pv2tea.data.images import ImageLoadError
     from pv2tea.data.schema import DataValidationError
@@ -58,6 +74,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pv2tea.train.loop import TrainingError
 
     return (
+        *more,
         ConfigError,
         DataValidationError,
         WeightLoadError,
@@ -522,6 +539,7 @@ def serve(
     SIGTERM finishes the requests in flight, refuses new connections and exits 0.
     """
     _quiet_libraries()
+    _need_extra("serve", "serve", "fastapi", "uvicorn", "prometheus_client")
     import signal
     import threading
 
@@ -768,11 +786,12 @@ def _print_confidence(labelled: Sequence[Record], multi: dict[str, bool]) -> Non
     """How well the extractor's confidence (the rows' label_weight) tells its right labels from its wrong ones."""
     from pv2tea.eval.metrics import Example, confidence_reliability, is_correct
 
-    right = [is_correct(Example(r.gold, r.label, r.source, r.attribute, multi[r.attribute])) for r in labelled]
-    result = confidence_reliability([r.label_weight for r in labelled], right)
+    rows = [(r, r.gold, r.label_weight) for r in labelled if r.gold is not None and r.label_weight is not None]
+    right = [is_correct(Example(gold, r.label, r.source, r.attribute, multi[r.attribute])) for r, gold, _ in rows]
+    result = confidence_reliability([weight for _, _, weight in rows], right)
     auc = "undefined (all right or all wrong)" if result["auc"] is None else f"{result['auc']:.3f}"
     out_console.print(
-        f"extractor confidence (label_weight) vs its labels being right, {len(labelled)} gold row(s): ROC AUC {auc}",
+        f"extractor confidence (label_weight) vs its labels being right, {len(rows)} gold row(s): ROC AUC {auc}",
         highlight=False,
     )
     for b in result["bins"]:
@@ -827,7 +846,9 @@ def weak_label_cmd(
                 extractor = TfidfTextExtractor(TfidfExtractorConfig())
             elif kind == "transformer":
                 cfg = TextExtractorConfig(progress=True)
-                changes = {k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None}
+                changes: dict[str, Any] = {
+                    k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None
+                }
                 extractor = TransformerTextExtractor(dataclasses.replace(cfg, **changes))
             else:
                 _fail(f"--kind must be transformer or tfidf, got {kind}")
@@ -920,6 +941,8 @@ def calibrate(
         records = dataset.records
         _require_gold(data, records, "calibration compares the answers with gold values")
         cands = _read_candidates(candidates)
+        if cands is None:
+            raise ValueError("calibration ranks candidate lists: it needs --candidates")
         text_extractor = _load_extractor(extractor)
         predictor = Predictor.from_checkpoint(model)
         scores = predictor.candidate_log_probs(records, cands, batch_size)
@@ -954,7 +977,7 @@ def calibrate(
     for col in ("attribute", "rows", "extractor acc", "best λ", "fused acc", "fixed", "broke", "λ deployed"):
         table.add_column(col, justify="left" if col == "attribute" else "right")
     for name, c in [*sorted(calibration.attributes.items()), ("(whole sample)", calibration.pooled)]:
-        acc = (lambda k, n=c.rows: f"{100.0 * k / n:.1f}") if c.rows else (lambda k: "–")
+        acc = _percent_of(c.rows)
         deployed = f"{c.model_weight:g}" + (" (pooled)" if c.source == "pooled" and name != "(whole sample)" else "")
         if c.best_weight > 0 and not c.accepted:
             deployed += " (guard)"
@@ -1020,6 +1043,7 @@ def report(
 ) -> None:
     """PNG figures (masks, source-aware bars, per-attribute F1, retrieval vs alpha) and one HTML page."""
     _quiet_libraries()
+    _need_extra("report", "report", "matplotlib")
     from pv2tea.viz.run_report import build_report
 
     notes: list[str] = []
@@ -1080,7 +1104,7 @@ def cache_build(
             progress=progress,
             notify=lambda m: console.print(f"[yellow]{escape(m)}[/]", highlight=False),
         )
-    except (FeatureCacheError, *_expected_errors()) as exc:
+    except _expected_errors(FeatureCacheError) as exc:
         _fail(str(exc))
     console.print(
         f"encoded {counts['images_encoded']} image(s) and {counts['texts_encoded']} text(s) in "
@@ -1194,7 +1218,7 @@ def bench_implicitave(
             epochs=epochs,
             text_pretrain=text_pretrain,
             quick=quick,
-            config=config,
+            config=config or "cpu",
             overrides=overrides or [],
         )
         results = run_bench(cfg, log=lambda m: console.print(m, highlight=False))
@@ -1257,6 +1281,7 @@ def bench_serve(
     "rows_per_s_one_at_a_time", "speedup", "rss_growth"}}.
     """
     _quiet_libraries()
+    _need_extra("bench serve", "serve", "httpx", "fastapi", "uvicorn", "prometheus_client")
     from pv2tea.serve.bench import ServeBenchConfig, format_table, run_serve_bench
 
     try:
@@ -1272,7 +1297,7 @@ def bench_serve(
             threads=threads,
         )
         result = run_serve_bench(cfg, log=lambda m: console.print(m, highlight=False))
-    except (RuntimeError, *_expected_errors()) as exc:
+    except _expected_errors(RuntimeError) as exc:
         _fail(str(exc))
     out_console.print(format_table(result), highlight=False)
     print(json.dumps({"serve": result["serve"]}))

@@ -28,12 +28,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+
+from pv2tea.extras import missing_extra
+
+try:
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as exc:
+    raise missing_extra("serve", "serve", exc) from exc
 
 from pv2tea.data.dataset import Preprocessor
 from pv2tea.data.schema import Record
@@ -160,6 +166,8 @@ class _Guard:
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
     def _authorized(self, headers: Mapping[str, bytes]) -> bool:
+        if self.api_key is None:
+            return True
         given = headers.get("x-api-key")
         if given is None:
             scheme, _, token = headers.get("authorization", b"").partition(b" ")
@@ -172,7 +180,12 @@ class _Guard:
 
 async def _json(send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     response = JSONResponse(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
-    await response({"type": "http"}, None, send)
+    await response({"type": "http"}, _no_request_body, send)
+
+
+async def _no_request_body() -> dict[str, Any]:
+    """The ``receive`` of a response sent before (or instead of) reading the request: nothing more comes."""
+    return {"type": "http.disconnect"}
 
 
 def create_app(
@@ -289,18 +302,22 @@ def create_app(
                     )
                 )
                 continue
-            sources = [(f"images[{k}]", data, None) for k, data in enumerate(product.images)]
-            sources += [(f"image_paths[{k}]", None, name) for k, name in enumerate(product.image_paths)]
-            for field, data, name in sources:
+            # (field, base64 data or a file name under --image-root, whether it is a file name)
+            sources = [(f"images[{k}]", data, False) for k, data in enumerate(product.images)]
+            sources += [(f"image_paths[{k}]", name, True) for k, name in enumerate(product.image_paths)]
+            for field, value, is_path in sources:
                 try:
-                    if name is not None and root is None:
+                    if not is_path:
+                        raw = decode_base64(value, limits)
+                    elif root is None:
                         problems.append(
                             _problem(
                                 n, field, "this server has no --image-root; send the image inline in 'images' (base64)"
                             )
                         )
                         continue
-                    raw = decode_base64(data, limits) if name is None else read_image_file(root, name, limits)
+                    else:
+                        raw = read_image_file(root, value, limits)
                     tensor = image_tensor(raw)
                 except ImageRejected as exc:
                     metrics.images_rejected.labels(exc.reason).inc()

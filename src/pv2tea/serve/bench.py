@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from pv2tea.extras import missing_extra
+
+try:
+    import httpx
+except ImportError as exc:
+    raise missing_extra("bench serve", "serve", exc) from exc
 
 __all__ = ["ServeBenchConfig", "ServerProcess", "run_serve_bench"]
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pv2tea.extras import missing_extra
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+except ImportError as exc:
+    raise missing_extra("serve", "serve", exc) from exc
 
 __all__ = ["ServiceMetrics"]
 

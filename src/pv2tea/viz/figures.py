@@ -29,19 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from pv2tea.eval.metrics import SOURCES
 from pv2tea.eval.report import ALL_ATTRIBUTES
+from pv2tea.extras import missing_extra
+
+try:
+    from matplotlib import colormaps
+    from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+except ImportError as exc:
+    raise missing_extra("report", "report", exc) from exc
 
 __all__ = [
     "DPI",
@@ -152,7 +157,7 @@ def _annotate(ax: Axes, pos: float, end: float, text: str, horizontal: bool, col
 
 def _bars(
     ax: Axes,
-    positions: Sequence[float],
+    positions: Sequence[float] | np.ndarray,
     values: Sequence[float | None],
     *,
     thickness: float,
@@ -437,6 +442,11 @@ def mask_overlays(
 # --- training runs and ablations ------------------------------------------------------------
 
 
+def _field(key: str) -> Callable[[Mapping[str, Any]], Any]:
+    """A record's ``key`` (None where missing)."""
+    return lambda record: record.get(key)
+
+
 def _series(records: Sequence[Mapping[str, Any]], get: Callable[[Mapping[str, Any]], Any], what: str) -> list[float]:
     """One value per record (NaN where missing or None)."""
     values = [_number(get(rec), what) for rec in records]
@@ -486,7 +496,7 @@ def learning_curves(epochs: Sequence[Mapping[str, Any]], path: PathArg) -> Path:
     for i, key in enumerate(loss_keys):
         ax_loss.plot(
             xs,
-            _series(records, lambda r, k=key: r.get(k), key),
+            _series(records, _field(key), key),
             marker="o",
             label=key,
             color=_PALETTE[i % len(_PALETTE)],
