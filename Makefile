@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test docs install clean
+.PHONY: demo test lint docs install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Lint, format and type checks (settings in pyproject.toml; .pre-commit-config.yaml runs the same on each commit).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy src
 
 # The documentation site (mkdocs-material + mkdocstrings), built offline into site/; a broken link fails it.
 $(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed

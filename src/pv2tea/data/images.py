@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -73,8 +74,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
 
 
-def load_rgb(path: str | PathLike[str]) -> Image.Image:
-    """Decode ``path`` as an upright RGB image (EXIF orientation applied).
+def load_rgb(path: str | PathLike[str] | IO[bytes]) -> Image.Image:
+    """Decode ``path`` (or the bytes of an open binary file) as an upright RGB image (EXIF orientation applied).
 
     Raises:
         ImageLoadError: if the file is missing, not an image, corrupt or truncated.
