@@ -1255,6 +1255,84 @@ def bench_neighbors(
     print(json.dumps(result))
 
 
+@bench_app.command("train")
+def bench_train(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer products and steps (the memory runs still go up to 1M rows).")
+    ] = False,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="Preset name or YAML file.")] = "cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, as for train.")] = None,
+    memory_sizes: Annotated[
+        str, typer.Option("--memory-sizes", help="Comma-separated rows N of the memory runs (empty: none).")
+    ] = "10000,100000,1000000",
+    processes: Annotated[
+        str, typer.Option("--processes", help="Comma-separated process counts of the scaling runs (empty: none).")
+    ] = "1,2",
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch threads (default: as torch starts).")
+    ] = None,
+) -> None:
+    """Training speed on cached features: samples/s, FLOPs, mfu against the measured GEMM peak, the feature
+    cache's speed-up, 1 vs 2 processes, and peak memory at 10K, 100K and 1M cached rows.
+
+    The last line printed is a JSON object {"train": {"samples_per_s", "mfu", "cache_speedup", "peak_rss_gib",
+    "processes", "memory", ...}}.
+    """
+    _quiet_libraries()
+    from pv2tea.bench.train import TrainBenchConfig, format_table, run_train_bench
+
+    try:
+        settings: dict[str, Any] = {
+            "config": config or "cpu",
+            "overrides": tuple(overrides or ()),
+            "memory_sizes": tuple(int(n) for n in memory_sizes.split(",") if n.strip()),
+            "processes": tuple(int(n) for n in processes.split(",") if n.strip()),
+            "threads": threads,
+        }
+        cfg = TrainBenchConfig.quick(**settings) if quick else TrainBenchConfig(**settings)
+        result = run_train_bench(cfg, log=lambda m: console.print(m, highlight=False))
+    except _expected_errors(RuntimeError) as exc:
+        _fail(str(exc))
+    out_console.print(format_table(result))
+    print(json.dumps(result))
+
+
+@bench_app.command("extract")
+def bench_extract(
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer products, one round.")] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="A trained model folder (default: the untrained cpu preset).")
+    ] = None,
+    candidates: Annotated[
+        bool, typer.Option("--candidates", help="Rank each row's candidate list instead of generating.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch threads (default: as torch starts).")
+    ] = None,
+) -> None:
+    """Batch extraction end to end (JPEG decode, tokenizing, generation or ranking) against the bare encoders.
+
+    The last line printed is a JSON object {"extract": {"products_per_s", "bare_encoders_per_s", "ratio", ...}}.
+    """
+    _quiet_libraries()
+    from pv2tea.bench.extract import ExtractBenchConfig, format_table, run_extract_bench
+
+    try:
+        settings: dict[str, Any] = {
+            "model": model,
+            "candidates": candidates,
+            "batch_size": batch_size,
+            "threads": threads,
+        }
+        cfg = ExtractBenchConfig.quick(**settings) if quick else ExtractBenchConfig(**settings)
+        result = run_extract_bench(cfg, log=lambda m: console.print(m, highlight=False))
+    except _expected_errors(RuntimeError) as exc:
+        _fail(str(exc))
+    out_console.print(format_table(result))
+    print(json.dumps(result))
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[Path, typer.Option("--model", "-m", help="A trained model folder (RUN/final).")],

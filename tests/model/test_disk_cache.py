@@ -13,6 +13,7 @@ from PIL import Image
 from test_model import build, image_paths, records, single_thread  # noqa: F401  (fixtures)
 
 from pv2tea.cache import build as cache_build
+from pv2tea.cache import store as cache_store
 from pv2tea.cache.build import ensure_cache, run_cache_rows
 from pv2tea.cache.store import FeatureCacheError, FeatureStore, inspect_folder, summary
 from pv2tea.data.dataset import RecordDataset, make_collate
@@ -90,7 +91,7 @@ def test_interrupted_build_is_detected_and_resumed(tiny_text_ckpt, image_paths, 
     model, pre = build(tiny_text_ckpt, "vision.freeze=true", "text.freeze=true")
     rows = records(image_paths)
     written = []
-    real = cache_build.write_shard
+    real = cache_store.write_shard
 
     def dies_after_two(*args, **kwargs):
         if len(written) == 2:
@@ -98,7 +99,7 @@ def test_interrupted_build_is_detected_and_resumed(tiny_text_ckpt, image_paths, 
         written.append(real(*args, **kwargs))
         return written[-1]
 
-    monkeypatch.setattr(cache_build, "write_shard", dies_after_two)
+    monkeypatch.setattr(cache_store, "write_shard", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         _ensure(tmp_path / "cache", model, pre, rows, shard_bytes=1)
     (tmp_path / "cache" / ".images-000002.safetensors.tmp").write_bytes(b"cut off")
@@ -108,7 +109,7 @@ def test_interrupted_build_is_detected_and_resumed(tiny_text_ckpt, image_paths, 
     assert not info["complete"] and "interrupted" in info["problem"]
     with pytest.raises(FeatureCacheError, match="not a complete feature cache"):
         FeatureStore(tmp_path / "cache")
-    monkeypatch.setattr(cache_build, "write_shard", real)
+    monkeypatch.setattr(cache_store, "write_shard", real)
     notes = []
     store, counts = _ensure(tmp_path / "cache", model, pre, rows, shard_bytes=1, notify=notes.append)
     assert any("interrupted" in n for n in notes)

@@ -11,7 +11,6 @@ Concurrent builds of one folder wait for each other (``fcntl.flock``).
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import io
 import json
@@ -29,16 +28,16 @@ from tqdm.auto import tqdm
 from pv2tea.cache.identity import content_digest, file_digests, image_identity, text_digest, text_identity
 from pv2tea.cache.store import (
     BUILDING,
-    FORMAT,
     KINDS,
     MANIFEST,
     FeatureCacheError,
     FeatureStore,
+    ShardWriter,
     check_identity,
     inspect_folder,
     read_header,
     write_atomic,
-    write_shard,
+    write_manifest,
 )
 from pv2tea.data.images import ImageLoadError, load_rgb
 from pv2tea.data.schema import Record
@@ -96,43 +95,6 @@ class _ImageFiles(Dataset):
 
 def _collate_images(items: list[tuple[torch.Tensor, bytes]]) -> tuple[torch.Tensor, list[bytes]]:
     return torch.stack([t for t, _ in items]), [d for _, d in items]  # (b, 3, H, W)
-
-
-class _ShardWriter:
-    """Rows of one kind gathered into shards of about ``shard_bytes``, each written complete (temp + rename)."""
-
-    def __init__(
-        self, directory: Path, kind: str, first_index: int, shard_bytes: int, before_first: Callable[[], None]
-    ):
-        self.directory, self.kind, self.index, self.shard_bytes = directory, kind, first_index, shard_bytes
-        self.before_first = before_first  # marks the folder as being built (building.json) before a shard lands
-        self.keys: list[bytes] = []
-        self.rows: list[np.ndarray] = []
-        self.bytes = 0
-        self.written: list[dict[str, Any]] = []
-
-    def add(self, key: bytes, row: np.ndarray) -> None:
-        self.keys.append(key)
-        self.rows.append(row)
-        self.bytes += row.nbytes
-        if self.bytes >= self.shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.keys:
-            return
-        keys = np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(len(self.keys), -1)  # (n, 16)
-        if self.kind == "images":
-            tensors = {"keys": keys, "tokens": np.stack(self.rows)}  # (n, N, C)
-        else:
-            lengths = np.array([len(r) for r in self.rows], dtype=np.int64)
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n + 1,)
-            tensors = {"keys": keys, "offsets": offsets, "states": np.concatenate(self.rows)}  # (ΣT, H)
-        if not self.written:
-            self.before_first()
-        self.written.append(write_shard(self.directory, self.kind, self.index, tensors))
-        self.index += 1
-        self.keys, self.rows, self.bytes = [], [], 0
 
 
 @contextmanager
@@ -201,7 +163,7 @@ def ensure_cache(
                 f"feature cache {directory} is damaged ({status.describe()}); rebuild it with pv2tea cache build "
                 f"--rebuild"
             )
-        manifest = status.manifest or {"format": FORMAT, "identity": {}, "shards": []}
+        manifest = status.manifest or {"identity": {}, "shards": []}
         check_identity(manifest.get("identity"), wanted, directory)
         identity = {k: manifest["identity"].get(k) or wanted[k] for k in KINDS}
         adopted: list[str] = []
@@ -248,19 +210,7 @@ def ensure_cache(
         digests = store.digests
         if not added and status.state == "complete" and identity == manifest["identity"]:
             return FeatureStore(directory, wanted, digests), counts  # nothing new: the folder is left as it was
-        shards = [*manifest["shards"], *added]
-        new_manifest = {
-            "format": FORMAT,
-            "complete": True,
-            "identity": identity,
-            "shards": shards,
-            "rows": {k: sum(s["rows"] for s in shards if s["kind"] == k) for k in KINDS},
-            "created": manifest.get("created") or _now(),
-            "updated": _now(),
-            "pv2tea": _version(),
-            "torch": torch.__version__,
-        }
-        write_atomic(directory / MANIFEST, json.dumps(new_manifest, indent=2).encode())
+        write_manifest(directory, identity, [*manifest["shards"], *added], created=manifest.get("created"))
         (directory / BUILDING).unlink(missing_ok=True)
     return FeatureStore(directory, wanted, digests), counts
 
@@ -304,7 +254,7 @@ def _encode_missing(
                 known = len(unique) - len(missing)
                 if store.n_images:
                     say(f"feature cache {directory}: {len(missing)} image(s) new or changed; encoding them")
-                writer = _ShardWriter(directory, "images", _next_index(names, "images"), shard_bytes, mark_building)
+                writer = ShardWriter(directory, "images", _next_index(names, "images"), shard_bytes, mark_building)
                 loader = DataLoader(
                     _ImageFiles(missing, pre.transform),
                     batch_size=batch_size,
@@ -337,7 +287,7 @@ def _encode_missing(
             if missing_texts:
                 if store.n_texts:
                     say(f"feature cache {directory}: {len(missing_texts)} text(s) new or changed; encoding them")
-                writer = _ShardWriter(directory, "texts", _next_index(names, "texts"), shard_bytes, mark_building)
+                writer = ShardWriter(directory, "texts", _next_index(names, "texts"), shard_bytes, mark_building)
                 order = np.argsort([len(t) for t, _ in missing_texts], kind="stable")  # similar lengths: less padding
                 bar = tqdm(total=len(missing_texts), desc="cache texts", disable=not progress, leave=False)
                 for start in range(0, len(order), batch_size):
@@ -357,16 +307,6 @@ def _encode_missing(
     counts["_adopted"] = adopted_entries
     counts["_written"] = written
     return counts
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _version() -> str:
-    from pv2tea import __version__
-
-    return __version__
 
 
 def run_cache_rows(model, pre, records: Sequence[Record]) -> tuple[list[str], list[str]]:

@@ -20,11 +20,12 @@ reading a cache larger than memory would look as if it held it.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,64 @@ def write_shard(directory: Path, kind: str, index: int, tensors: Mapping[str, np
     os.replace(tmp, directory / name)
     _fsync_dir(directory)
     return {"file": name, "kind": kind, "rows": int(len(tensors["keys"])), "bytes": (directory / name).stat().st_size}
+
+
+class ShardWriter:
+    """Rows of one kind gathered into shards of about ``shard_bytes``, each written complete (temp + rename)."""
+
+    def __init__(
+        self, directory: Path, kind: str, first_index: int, shard_bytes: int, before_first: Callable[[], None]
+    ):
+        self.directory, self.kind, self.index, self.shard_bytes = directory, kind, first_index, shard_bytes
+        self.before_first = before_first  # marks the folder as being built (building.json) before a shard lands
+        self.keys: list[bytes] = []
+        self.rows: list[np.ndarray] = []
+        self.bytes = 0
+        self.written: list[dict[str, Any]] = []
+
+    def add(self, key: bytes, row: np.ndarray) -> None:
+        self.keys.append(key)
+        self.rows.append(row)
+        self.bytes += row.nbytes
+        if self.bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        keys = np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(len(self.keys), -1)  # (n, 16)
+        if self.kind == "images":
+            tensors = {"keys": keys, "tokens": np.stack(self.rows)}  # (n, N, C)
+        else:
+            lengths = np.array([len(r) for r in self.rows], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n + 1,)
+            tensors = {"keys": keys, "offsets": offsets, "states": np.concatenate(self.rows)}  # (ΣT, H)
+        if not self.written:
+            self.before_first()
+        self.written.append(write_shard(self.directory, self.kind, self.index, tensors))
+        self.index += 1
+        self.keys, self.rows, self.bytes = [], [], 0
+
+
+def write_manifest(
+    directory: Path, identity: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], created: str | None = None
+) -> None:
+    """The manifest of a complete cache (written last, atomically): its sections' identity and its shards."""
+    from pv2tea import __version__
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest = {
+        "format": FORMAT,
+        "complete": True,
+        "identity": dict(identity),
+        "shards": list(shards),
+        "rows": {k: sum(s["rows"] for s in shards if s["kind"] == k) for k in KINDS},
+        "created": created or now,
+        "updated": now,
+        "pv2tea": __version__,
+        "torch": torch.__version__,
+    }
+    write_atomic(Path(directory) / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
 @dataclass(frozen=True)
@@ -378,7 +437,7 @@ class FeatureStore:
         span = section.data[0]
         out = np.zeros((len(paths), *span.shape[1:]), dtype=np.float32)
         present = [i for i, p in enumerate(paths) if p is not None]
-        pos = section.find([self.image_digest(paths[i]) for i in present])
+        pos = section.find([self.image_digest(p) for p in paths if p is not None])  # the rows of ``present``
         if (pos < 0).any():
             missing = paths[present[int(np.argmax(pos < 0))]]
             raise KeyError(f"image '{missing}' (its current bytes) is not in the feature cache {self.directory}")
@@ -418,7 +477,7 @@ class FeatureStore:
     @staticmethod
     def _pread(fd: int, target: np.ndarray, offset: int, path: Path) -> None:
         """Fill the contiguous array ``target`` with the bytes of the file at ``offset``."""
-        view = memoryview(target).cast("B")
+        view = target.data.cast("B")  # the array's own buffer
         got = os.preadv(fd, [view], offset)
         if got != view.nbytes:
             raise FeatureCacheError(f"feature cache shard {path} is truncated (read {got} of {view.nbytes} bytes)")
