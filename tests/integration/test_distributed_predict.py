@@ -1,8 +1,8 @@
 """`pv2tea predict` on 2 CPU processes (gloo) launched by torchrun, against one process (inference/sharded.py).
 
-Two torchruns of 2 ranks: the first runs this file as its worker (``python test_distributed_predict.py worker ...``),
-which predicts the input once, then again with rank 1 killing itself (SIGKILL) in its second chunk; the second runs
-the real console script, ``torchrun --no-python pv2tea predict ... --resume``, to finish the killed job. The input
+Three torchruns of 2 ranks: the first runs the real console script on the input; the second runs this file as its
+worker (``python test_distributed_predict.py worker ...``), which predicts it with rank 1 killing itself (SIGKILL) in
+its second chunk; the third runs the real console script, ``torchrun --no-python pv2tea predict ... --resume``, to finish the killed job. The input
 holds an invalid row (skipped with --skip-invalid), so rows and parts are not simply aligned.
 """
 
@@ -43,14 +43,13 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _worker(model: Path, data: Path, root: Path) -> None:
-    """Each rank: a whole 2-rank prediction, then one whose rank 1 dies in its second chunk."""
+    """Each rank: a 2-rank prediction whose rank 1 dies in its second chunk."""
     import torch
 
     from pv2tea.cli import main
     from pv2tea.inference.predictor import Predictor
 
     torch.set_num_threads(1)
-    assert main(_args(model, data, root / "two.jsonl")) == 0
     rank = int(os.environ["RANK"])
     real = Predictor.predict
     calls = []
@@ -97,6 +96,10 @@ def runs(tiny_trained, tmp_path_factory):
     data = root / "products.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:4], bad, *rows[4:]]))
     assert main(_args(model, data, root / "one.jsonl")) == 0
+    # one launch per job: a process group made twice in one process could read the first one's addresses from
+    # torchrun's store
+    two = _torchrun(str(Path(sys.executable).with_name("pv2tea")), *_args(model, data, root / "two.jsonl"))
+    assert two.returncode == 0, two.stderr[-4000:]
     first = _torchrun(sys.executable, str(HERE), "worker", str(model), str(data), str(root))
     state = {
         "parts": {
@@ -108,6 +111,7 @@ def runs(tiny_trained, tmp_path_factory):
             )
         },
         "files": sorted(p.name for p in root.iterdir()),
+        "two_stderr": two.stderr,
     }
     one_process_resume = subprocess.run(
         [Path(sys.executable).with_name("pv2tea"), *_args(model, data, root / "killed.jsonl", "--resume")],
@@ -123,11 +127,12 @@ def runs(tiny_trained, tmp_path_factory):
 
 
 def test_two_ranks_write_what_one_process_writes(runs):
-    root, n_rows, first, _, _, _ = runs
+    root, n_rows, _, state, _, _ = runs
     expected = (root / "one.jsonl").read_text()
+    log = state["two_stderr"]
     assert len(expected.splitlines()) == n_rows  # the invalid row skipped, every other row once
-    assert (root / "two.jsonl").read_text() == expected, first.stderr[-3000:]
-    assert "written to" in first.stderr and "by 2 processes" in " ".join(first.stderr.split())
+    assert (root / "two.jsonl").read_text() == expected, log[-3000:]
+    assert "written to" in log and "by 2 processes" in " ".join(log.split())
     assert not [p for p in root.iterdir() if p.name.startswith("two.jsonl.")]  # parts merged and deleted
 
 
