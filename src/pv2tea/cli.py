@@ -1269,8 +1269,9 @@ def bench_train(
         str, typer.Option("--processes", help="Comma-separated process counts of the scaling runs (empty: none).")
     ] = "1,2",
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="torch threads (default: as torch starts).")
-    ] = None,
+        int,
+        typer.Option("--threads", min=1, help="torch threads (one: CPU time measures the work on a shared machine)."),
+    ] = 1,
 ) -> None:
     """Training speed on cached features: samples/s, FLOPs, mfu against the measured GEMM peak, the feature
     cache's speed-up, 1 vs 2 processes, and peak memory at 10K, 100K and 1M cached rows.
@@ -1308,8 +1309,9 @@ def bench_extract(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="torch threads (default: as torch starts).")
-    ] = None,
+        int,
+        typer.Option("--threads", min=1, help="torch threads (one: CPU time measures the work on a shared machine)."),
+    ] = 1,
 ) -> None:
     """Batch extraction end to end (JPEG decode, tokenizing, generation or ranking) against the bare encoders.
 

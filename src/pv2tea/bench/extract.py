@@ -38,7 +38,7 @@ class ExtractBenchConfig:
     batch_size: int = 32
     repeats: int = 2
     candidates: bool = False  # rank each row's candidate list instead of generating
-    threads: int | None = None
+    threads: int | None = 1  # torch threads; one: CPU time then measures the work (see bench/train.py)
     seed: int = 0
 
     @classmethod

@@ -49,7 +49,9 @@ class TrainBenchConfig:
     steps: int = 20  # timed optimizer steps on cached features
     live_steps: int = 6  # timed steps encoding every step (slow)
     warmup: int = 3  # steps before timing
-    threads: int | None = None  # torch threads of this process (None: as torch starts, one per core)
+    # torch threads of the throughput and mfu runs. One by default: on a shared machine a waiting OpenMP thread
+    # spins, so the CPU time of several threads grows with the other jobs, while one thread's does not
+    threads: int | None = 1
     gemm_size: int = 2048  # n of the n x n float32 matmul of the peak
     gemm_seconds: float = 3.0
     processes: tuple[int, ...] = (1, 2)  # world sizes of the scaling runs (empty: skip)
@@ -310,11 +312,11 @@ def ddp_worker(args: dict[str, Any]) -> None:
     per_rank = cfg.train.batch_size
     order = [i for e in range(64) for b in epoch_batches(len(records), len(records), cfg.train.seed, e) for i in b]
     model.train()
-    start = 0.0
+    start = cpu = 0.0
     for step in range(steps + warmup):
         if step == warmup:
             accelerator.wait_for_everyone()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         global_rows = order[step * per_rank * world : (step + 1) * per_rank * world]
         mine = ddp.rank_part(global_rows, world, rank)
         model.momentum_update()
@@ -326,9 +328,15 @@ def ddp_worker(args: dict[str, Any]) -> None:
         optimizer.step()
         model.enqueue(out)
     accelerator.wait_for_everyone()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    cpus = ddp.gather(cpu, accelerator)  # every rank's CPU seconds
     if rank == 0:
-        print(json.dumps({"samples_per_s": steps * per_rank * world / elapsed, "world_size": world}))
+        samples = steps * per_rank * world
+        print(
+            json.dumps(
+                {"samples_per_s": samples / elapsed, "samples_per_cpu_s": samples / sum(cpus), "world_size": world}
+            )
+        )
 
 
 def measure_processes(cfg_bench: TrainBenchConfig, work: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -336,6 +344,7 @@ def measure_processes(cfg_bench: TrainBenchConfig, work: Path, log: Callable[[st
     if not cfg_bench.processes:
         return None
     results: dict[str, float] = {}
+    per_cpu: dict[str, float] = {}
     args = {
         "train": str(work / "catalog" / "train.jsonl"),
         "config": cfg_bench.config,
@@ -361,11 +370,14 @@ def measure_processes(cfg_bench: TrainBenchConfig, work: Path, log: Callable[[st
         if done.returncode != 0:
             raise RuntimeError(f"bench train with {world} process(es) failed:\n{done.stderr[-3000:]}")
         line = [x for x in done.stdout.strip().splitlines() if x.startswith("{")][-1]
-        results[str(world)] = json.loads(line)["samples_per_s"]
+        figures = json.loads(line)
+        results[str(world)] = figures["samples_per_s"]
+        per_cpu[str(world)] = figures["samples_per_cpu_s"]
         log(f"{world} process(es): {results[str(world)]:.1f} samples/s")
-    out: dict[str, Any] = {"samples_per_s": results, "threads_per_process": 1}
+    out: dict[str, Any] = {"samples_per_s": results, "samples_per_cpu_s": per_cpu, "threads_per_process": 1}
     if "1" in results and "2" in results:
         out["scaling_efficiency"] = results["2"] / (2 * results["1"])
+        out["scaling_efficiency_cpu"] = per_cpu["2"] / per_cpu["1"]  # the work DDP adds per sample
     return out
 
 
@@ -558,7 +570,12 @@ def format_table(result: dict[str, Any]):
         for world, sps in p["samples_per_s"].items():
             rows.append((f"{world} process(es), 1 thread each", f"{sps:.1f} samples/s"))
         if "scaling_efficiency" in p:
-            rows.append(("scaling efficiency 1 → 2 processes", f"{p['scaling_efficiency']:.2f}"))
+            rows.append(
+                (
+                    "scaling efficiency 1 → 2 processes (wall; CPU time)",
+                    f"{p['scaling_efficiency']:.2f}; {p['scaling_efficiency_cpu']:.2f}",
+                )
+            )
     if r.get("memory"):
         m = r["memory"]
         for n, row in m["by_rows"].items():

@@ -9,18 +9,21 @@ import torch.nn.functional as F
 def per_sample_token_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean next-token cross-entropy of each sequence: g(y_n, ŷ_n), shape (B,).
 
-    logits: (B, T, V) predicting position t+1 from prefix ≤ t; labels: (B, T) with -100 = ignore.
+    logits: (B, T, V) predicting position t+1 from prefix ≤ t; labels: (B, T) with -100 = ignore. The targets are
+    moved one step left instead of the logits (the last position has none), so the (B, T, V) logits are read in
+    place as (B·T, V): slicing and transposing them cost copies as large as the loss itself.
     """
-    shifted_logits = logits[:, :-1].contiguous()  # (B, T-1, V)
-    shifted_labels = labels[:, 1:].contiguous()  # (B, T-1)
+    b, t, v = logits.shape
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]  # (B, T): the label position t predicts
     ce = F.cross_entropy(
-        shifted_logits.transpose(1, 2),
-        shifted_labels,
+        logits.reshape(b * t, v),
+        targets.reshape(-1),
         ignore_index=-100,
         reduction="none",
         label_smoothing=label_smoothing,
-    )  # (B, T-1)
-    counts = (shifted_labels != -100).sum(1).clamp_min(1)
+    ).view(b, t)  # (B, T)
+    counts = (targets != -100).sum(1).clamp_min(1)
     return ce.sum(1) / counts
 
 

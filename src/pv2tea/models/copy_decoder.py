@@ -105,7 +105,7 @@ def mixture_log_probs(
     # an id held by several positions gets the same value from each; only its first position carries gradient
     first = same.tril(-1).sum(-1) == 0  # (B, T)
     mixed = torch.where(first[:, None, :], mixed, mixed.detach())
-    return dense.scatter(2, ids, mixed)
+    return dense.scatter_(2, ids, mixed)  # in place: dense is this function's own (B, A, V) tensor
 
 
 def copy_mask(text_mask: torch.Tensor) -> torch.Tensor:
