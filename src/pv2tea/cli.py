@@ -358,6 +358,13 @@ def predict(
             help="Per-attribute model shares from pv2tea calibrate (needs --extractor and --candidates; replaces --extractor-weight).",
         ),
     ] = None,
+    feature_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--feature-cache",
+            help="A feature cache folder of this model's frozen backbone(s) (pv2tea cache build): rows found in it are not encoded again; one of another backbone is refused.",
+        ),
+    ] = None,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable).
 
@@ -366,6 +373,7 @@ def predict(
     its own part and the first merges the parts into OUT in input order.
     """
     _quiet_libraries()
+    from pv2tea.cache.store import FeatureCacheError
     from pv2tea.data.schema import DataValidationError
     from pv2tea.decoding.fusion import check_fusion
     from pv2tea.inference.device import resolve_device
@@ -386,9 +394,14 @@ def predict(
         where = resolve_device(device)
         calib = _load_calibration(calibration, model, extractor)
         text_extractor = _load_extractor(extractor)
+        predictor = Predictor.from_checkpoint(model, device=where)
+        if feature_cache is not None:
+            from pv2tea.cache.build import open_for_model
+
+            predictor.pre.cache = open_for_model(feature_cache, predictor.model, predictor.pre)
         with process_group(shard):
             result = predict_file(
-                Predictor.from_checkpoint(model, device=where),
+                predictor,
                 data,
                 out,
                 shard=shard,
@@ -404,7 +417,7 @@ def predict(
                 extractor_weight=extractor_weight,
                 calibration=calib,
             )
-    except _expected_errors() as exc:
+    except _expected_errors(FeatureCacheError) as exc:
         if shard is not None and shard.rank > 0:
             if isinstance(exc, (DataValidationError, JobError)):  # every rank has it: rank 0 says it
                 raise typer.Exit(2) from None

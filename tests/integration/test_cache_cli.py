@@ -73,6 +73,13 @@ def test_build_info_then_train_on_it_gives_the_same_loss(setup, capsys):
     assert _losses(on_disk) == pytest.approx(_losses(in_memory), rel=1e-4)
     assert "feature(s) of the frozen backbone(s)" in (on_disk / "train.log").read_text()
 
+    # prediction reads the same folder: the same answers as encoding every row
+    args = ["predict", "--model", str(on_disk / "final"), "--data", str(catalog["val"]), "--batch-size", "4"]
+    assert main([*args, "--out", str(root / "live.jsonl")]) == 0
+    assert main([*args, "--out", str(root / "cached.jsonl"), "--feature-cache", str(cache)]) == 0
+    assert (root / "cached.jsonl").read_text() == (root / "live.jsonl").read_text()
+    assert main([*args, "--out", str(root / "other.jsonl"), "--feature-cache", str(root / "nowhere")]) == 2
+
 
 def test_partial_cache_is_completed_and_stale_cache_refused(setup, capsys):
     root, catalog, overrides = setup

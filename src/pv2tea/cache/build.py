@@ -373,3 +373,9 @@ def model_for_cache(cfg, records: Sequence[Record]):
     if cfg.train.init_from:
         ckpt.load_warm_start(model, Path(cfg.train.init_from))
     return model, pre
+
+
+def open_for_model(directory: str | Path, model, pre) -> FeatureStore:
+    """A complete cache folder opened for ``model`` (prediction: read only, never built); refused when another
+    backbone encoded it. Rows whose images or texts it lacks are encoded as without a cache."""
+    return FeatureStore(directory, wanted_identity(model, pre))
