@@ -75,6 +75,15 @@ class TrainBenchConfig:
 
 
 def peak_rss_gib() -> float:
+    """This process's peak resident memory (GiB): VmHWM, which starts afresh with the program (``ru_maxrss`` keeps a
+    forking parent's peak across exec); ``ru_maxrss`` where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
