@@ -338,6 +338,13 @@ def predict(
         str,
         typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."),
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="fp32, bf16 (autocast; fast on CPUs with AMX or AVX-512 BF16 and on GPUs) or fp16 (GPUs only).",
+        ),
+    ] = "fp32",
     extractor: Annotated[
         Path | None,
         typer.Option(
@@ -376,7 +383,7 @@ def predict(
     from pv2tea.cache.store import FeatureCacheError
     from pv2tea.data.schema import DataValidationError
     from pv2tea.decoding.fusion import check_fusion
-    from pv2tea.inference.device import resolve_device
+    from pv2tea.inference.device import autocast_for, resolve_device
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.sharded import JobError, check_leftovers, launched_shard, predict_file, process_group
 
@@ -392,9 +399,10 @@ def predict(
         check_leftovers(out, shard, resume)  # before the model loads
         check_fusion(candidates, extractor)
         where = resolve_device(device)
+        autocast_for(precision, where)  # refuse a bad --precision before the model loads
         calib = _load_calibration(calibration, model, extractor)
         text_extractor = _load_extractor(extractor)
-        predictor = Predictor.from_checkpoint(model, device=where)
+        predictor = Predictor.from_checkpoint(model, device=where, precision=precision)
         if feature_cache is not None:
             from pv2tea.cache.build import open_for_model
 
@@ -529,6 +537,13 @@ def serve(
         str,
         typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."),
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="fp32, bf16 (autocast; fast on CPUs with AMX or AVX-512 BF16 and on GPUs) or fp16 (GPUs only).",
+        ),
+    ] = "fp32",
     extractor: Annotated[
         Path | None,
         typer.Option(
@@ -560,7 +575,7 @@ def serve(
     import uvicorn
 
     from pv2tea.decoding.fusion import check_fusion
-    from pv2tea.inference.device import resolve_device
+    from pv2tea.inference.device import autocast_for, resolve_device
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
     from pv2tea.serve.limits import Limits
@@ -587,7 +602,9 @@ def serve(
             max_image_pixels=max_image_pixels,
             formats=tuple(image_formats.split(",")),
         )
-        predictor = Predictor.from_checkpoint(model, device=resolve_device(device))
+        where = resolve_device(device)
+        autocast_for(precision, where)  # refuse a bad --precision before the model loads
+        predictor = Predictor.from_checkpoint(model, device=where, precision=precision)
         cands = _read_candidates(candidates)
         app_ = create_app(
             predictor,
@@ -1365,7 +1382,11 @@ def bench_serve(
     max_wait_ms: Annotated[
         float, typer.Option("--max-wait-ms", min=0.0, help="The batched server's --max-wait-ms.")
     ] = 5.0,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads of each server.")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="torch threads of each server (default: torch's, one per core)."),
+    ] = None,
+    precision: Annotated[str, typer.Option("--precision", help="Each server's --precision (fp32, bf16).")] = "fp32",
 ) -> None:
     """The HTTP service under load: micro-batching with N clients vs one request at a time, on loopback.
 
@@ -1388,6 +1409,7 @@ def bench_serve(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             threads=threads,
+            precision=precision,
         )
         result = run_serve_bench(cfg, log=lambda m: console.print(m, highlight=False))
     except _expected_errors(RuntimeError) as exc:

@@ -3,6 +3,8 @@ device the machine lacks or a name that is none is refused before the model load
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -51,3 +53,30 @@ def test_a_device_that_is_not_there_is_refused_before_loading(
     assert main(args) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert loads == [] and not (tmp_path / "p.jsonl").exists()
+
+
+def test_bf16_predicts_every_row_and_fp16_is_refused_on_a_cpu_before_loading(trained, tmp_path, capsys, monkeypatch):
+    model, data = trained
+    base = ["predict", "--model", str(model), "--data", str(data), "--batch-size", "8"]
+    assert main([*base, "--out", str(tmp_path / "fp32.jsonl")]) == 0
+    assert main([*base, "--out", str(tmp_path / "bf16.jsonl"), "--precision", "bf16"]) == 0
+    fp32 = [json.loads(line) for line in (tmp_path / "fp32.jsonl").read_text().splitlines()]
+    bf16 = [json.loads(line) for line in (tmp_path / "bf16.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in bf16] == [r["id"] for r in fp32] and all(isinstance(r["values"], list) for r in bf16)
+    predictor = Predictor.from_checkpoint(model, precision="bf16")
+    assert predictor.precision == "bf16"
+    if predictor.model.visual is not None:  # the image encoder's convolution weights are kept channels-last
+        convs = [m.weight for m in predictor.model.visual.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    if torch.cuda.is_available():
+        return
+    loads = []
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, *a, **k: loads.append(a)))
+    for command in ("predict", "serve"):
+        args = [command, "--model", str(model), "--precision", "fp16"]
+        if command == "predict":
+            args += ["--data", str(data), "--out", str(tmp_path / "fp16.jsonl")]
+        capsys.readouterr()
+        assert main(args) == 2
+        assert "--precision fp16 needs a CUDA GPU" in " ".join(capsys.readouterr().err.split())
+    assert loads == [] and not (tmp_path / "fp16.jsonl").exists()

@@ -70,3 +70,17 @@ def test_batches_follow_the_model_to_its_device() -> None:
     assert on_model_device(batch, torch.nn.Linear(2, 2)) is batch and batch.moved_to == []  # the CPU: untouched
     on_model_device(batch, torch.nn.Linear(2, 2, device="meta"))
     assert batch.moved_to == [torch.device("meta")]
+
+
+def test_precision_names_and_where_each_runs() -> None:
+    cpu = torch.device("cpu")
+    with dev.autocast_for("fp32", cpu)():
+        assert not torch.is_autocast_enabled("cpu")
+    with dev.autocast_for(" BF16 ", cpu)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(DeviceError, match="--precision fp16 needs a CUDA GPU .*on a CPU use bf16 or fp32"):
+        dev.autocast_for("fp16", cpu)
+    with pytest.raises(DeviceError, match="--precision must be one of fp32, bf16, fp16; got 'half'"):
+        dev.autocast_for("half", cpu)

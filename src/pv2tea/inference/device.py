@@ -1,4 +1,5 @@
-"""The torch device a model predicts on: ``--device auto|cpu|cuda|cuda:N|mps`` of ``pv2tea predict`` and ``serve``.
+"""The torch device a model predicts on (``--device auto|cpu|cuda|cuda:N|mps`` of ``pv2tea predict`` and ``serve``)
+and the number format it computes in (``--precision fp32|bf16|fp16``).
 
 ``auto`` takes a CUDA GPU when torch sees one (under a launcher, the GPU of the process's ``LOCAL_RANK``) and the
 CPU otherwise. A device that is not there is refused with a message saying what torch sees, rather than failing
@@ -7,14 +8,21 @@ at the first batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
-__all__ = ["DEVICE_CHOICES", "DeviceError", "resolve_device"]
+__all__ = ["DEVICE_CHOICES", "PRECISIONS", "DeviceError", "autocast_for", "resolve_device"]
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+# fp32: weights and arithmetic in float32. bf16 / fp16: the forward pass under torch.autocast (matrix products and
+# convolutions in the 16-bit format, reductions and the weights in float32); bf16 runs on CPUs (fast where the CPU
+# has AMX or AVX-512 BF16) and GPUs, fp16 on GPUs only.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class DeviceError(ValueError):
@@ -63,3 +71,20 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
             raise DeviceError(f"--device {spec}: Apple's Metal (MPS) backend is not available here; use cpu or auto")
         return torch.device("mps")
     raise DeviceError(f"--device must be one of {DEVICE_CHOICES}; got '{spec}'")
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """A factory of the context a forward pass at ``precision`` on ``device`` runs in (fp32: none).
+
+    Raises:
+        DeviceError: an unknown precision, or fp16 on a device other than a CUDA GPU.
+    """
+    text = precision.strip().lower()
+    if text not in PRECISIONS:
+        raise DeviceError(f"--precision must be one of {', '.join(PRECISIONS)}; got '{precision}'")
+    if text == "fp32":
+        return contextlib.nullcontext
+    if text == "fp16" and device.type != "cuda":
+        raise DeviceError(f"--precision fp16 needs a CUDA GPU (the model is on {device}); on a CPU use bf16 or fp32")
+    dtype = torch.bfloat16 if text == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)

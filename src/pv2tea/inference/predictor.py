@@ -13,7 +13,7 @@ from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate
 from pv2tea.data.schema import Record
 from pv2tea.decoding.calibration import Calibration
 from pv2tea.decoding.generate import Prior, candidate_log_probs, generate_values, on_model_device
-from pv2tea.inference.device import resolve_device
+from pv2tea.inference.device import autocast_for, resolve_device
 from pv2tea.models.build import load_from_checkpoint
 from pv2tea.models.pv2tea import PV2TEA
 from pv2tea.regularize.grounding import keep_grounded as keep
@@ -46,14 +46,23 @@ class Predictor:
 
     ``device`` (a torch device or ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
     :func:`pv2tea.inference.device.resolve_device`) is where the model runs; each batch is built on the CPU and
-    moved there. None leaves the model where it is.
+    moved there. None leaves the model where it is. ``precision`` (``fp32``, ``bf16``, ``fp16``;
+    :data:`pv2tea.inference.device.PRECISIONS`) is the number format of the forward pass: ``bf16`` runs it under
+    autocast, which on a CPU with AMX or AVX-512 BF16 is much faster for large batches and on the demo changed
+    no score. On a CPU the image encoder's weights are kept channels-last, the layout oneDNN convolves fastest.
     """
 
-    def __init__(self, model: PV2TEA, pre: Preprocessor, device: str | torch.device | None = None):
+    def __init__(
+        self, model: PV2TEA, pre: Preprocessor, device: str | torch.device | None = None, precision: str = "fp32"
+    ):
         if device is not None:
             model = model.to(resolve_device(device))
         self.model = model.eval()
         self.pre = pre
+        self.precision = precision
+        self._autocast = autocast_for(precision, self.device)
+        if self.device.type == "cpu" and model.visual is not None:
+            model.visual.to(memory_format=torch.channels_last)  # same values; 4-D weights stored NHWC
 
     @property
     def device(self) -> torch.device:
@@ -61,8 +70,10 @@ class Predictor:
         return parameter.device if parameter is not None else torch.device("cpu")
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> Predictor:
-        return cls(*load_from_checkpoint(directory), device=device)
+    def from_checkpoint(
+        cls, directory: str | Path, device: str | torch.device | None = None, precision: str = "fp32"
+    ) -> Predictor:
+        return cls(*load_from_checkpoint(directory), device=device, precision=precision)
 
     def predict(
         self,
@@ -75,18 +86,19 @@ class Predictor:
         prior_weight: float = 1.0,
         calibration: Calibration | None = None,
     ) -> list[list[str]]:
-        return generate_values(
-            self.model,
-            self.pre,
-            records,
-            batch_size,
-            num_beams,
-            progress,
-            candidates=candidates,
-            priors=priors,
-            prior_weight=prior_weight,
-            calibration=calibration,
-        )
+        with self._autocast():
+            return generate_values(
+                self.model,
+                self.pre,
+                records,
+                batch_size,
+                num_beams,
+                progress,
+                candidates=candidates,
+                priors=priors,
+                prior_weight=prior_weight,
+                calibration=calibration,
+            )
 
     @torch.no_grad()
     def candidate_log_probs(
@@ -97,17 +109,18 @@ class Predictor:
         dataset = RecordDataset(records)
         collate = make_collate(self.pre, dataset, with_answers=False)
         out: list[tuple[list[str], np.ndarray] | None] = []
-        for start in range(0, len(dataset), batch_size):
-            indices = list(range(start, min(start + batch_size, len(dataset))))
-            out.extend(
-                candidate_log_probs(
-                    self.model,
-                    self.pre,
-                    on_model_device(collate(indices), self.model),
-                    [dataset.records[i] for i in indices],
-                    candidates,
+        with self._autocast():
+            for start in range(0, len(dataset), batch_size):
+                indices = list(range(start, min(start + batch_size, len(dataset))))
+                out.extend(
+                    candidate_log_probs(
+                        self.model,
+                        self.pre,
+                        on_model_device(collate(indices), self.model),
+                        [dataset.records[i] for i in indices],
+                        candidates,
+                    )
                 )
-            )
         return out
 
     @torch.no_grad()

@@ -227,7 +227,7 @@ def create_app(
     root = Path(image_root).resolve() if image_root is not None else None
     metrics = ServiceMetrics.create()
     pre = MemoryImagePreprocessor.wrap(predictor.pre)
-    serving = Predictor(predictor.model, pre)
+    serving = Predictor(predictor.model, pre, precision=predictor.precision)
     vision = pre.cfg.vision.enabled
     pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="pv2tea-images")
     job_ids = itertools.count()

@@ -53,7 +53,8 @@ class ServeBenchConfig:
     data: Path | None = None  # a dataset file whose rows are sent (default: a synthetic catalog)
     max_batch: int = 32  # the batched server's --max-batch
     max_wait_ms: float = 5.0  # the batched server's --max-wait-ms
-    threads: int = 1  # torch threads of each server (--threads)
+    threads: int | None = None  # torch threads of each server (--threads; None: torch's default, one per core)
+    precision: str = "fp32"  # each server's --precision (fp32, bf16)
     invalid_share: float = 0.15  # share of malformed or oversized requests in the loaded phase
     seed: int = 0
     startup_timeout: float = 300.0  # seconds for a server to load the model and warm up
@@ -307,7 +308,11 @@ def run_serve_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -
         products = _products(cfg, Path(tmp))
     loaded_bodies = _bodies(products, rng, 512, cfg.invalid_share)
     valid_bodies = _bodies(products, rng, 128, 0.0)
-    common = ["--max-body-bytes", str(BODY_LIMIT), "--max-batch", str(cfg.max_batch), "--threads", str(cfg.threads)]
+    common = [
+        *("--max-body-bytes", str(BODY_LIMIT), "--max-batch", str(cfg.max_batch)),
+        *(("--threads", str(cfg.threads)) if cfg.threads else ()),
+        *("--precision", cfg.precision),
+    ]
     log(f"starting two servers for {cfg.model} (micro-batching on and off)")
     batched = ServerProcess(cfg.model, [*common, "--max-wait-ms", str(cfg.max_wait_ms)])
     alone = ServerProcess(cfg.model, [*common, "--no-batching"])
