@@ -1,5 +1,5 @@
-"""Imports only point down: the model (and its checkpoint folder format) below decoding, decoding below training and
-inference, and training and inference never import each other.
+"""Imports only point down: the model (and its checkpoint folder format) below decoding and the feature cache, both
+below training and inference, and training and inference never import each other.
 
 Every import statement counts, including the ones inside functions and under ``TYPE_CHECKING``.
 """
@@ -17,6 +17,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "pv2tea"
 ABOVE = {
     "models": ("decoding", "train", "inference", "experiment", "bench", "cli"),
     "decoding": ("train", "inference", "experiment", "bench", "cli"),
+    "cache": ("decoding", "train", "inference", "experiment", "bench", "cli"),
     "train": ("inference", "experiment", "bench", "cli"),
     "inference": ("train", "experiment", "bench", "cli"),
 }
