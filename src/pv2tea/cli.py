@@ -87,6 +87,9 @@ def _expected_errors(*more: type[BaseException]) -> tuple[type[BaseException], .
     )
 
 
+EVALUATE_CHUNK_ROWS = 4096  # rows `pv2tea evaluate` holds at a time
+
+
 def _load(path: Path, skip_invalid: bool, require_label: bool = True):
     from pv2tea.data.validate import load_dataset
 
@@ -138,15 +141,6 @@ def _read_candidates(path: Path | None) -> dict | None:
     if not isinstance(data, dict):
         raise ValueError(f"candidates file {path}: expected a JSON object")
     return data
-
-
-def _predict(model: Path, records, batch_size: int, num_beams: int | None, candidates: Path | None):
-    """Load a checkpoint and extract values for records (evaluate)."""
-    from pv2tea.inference.predictor import Predictor
-
-    return Predictor.from_checkpoint(model).predict(
-        records, batch_size=batch_size, num_beams=num_beams, progress=True, candidates=_read_candidates(candidates)
-    )
 
 
 def _load_extractor(path: Path | None):
@@ -267,35 +261,46 @@ def evaluate(
     ] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
-    """Score a model against gold values: P/R/F1 overall, by source (text/image) with the GAP, per attribute."""
+    """Score a model against gold values: P/R/F1 overall, by source (text/image) with the GAP, per attribute.
+
+    The file is read as a stream (checked in full first, then predicted a chunk at a time): memory holds one chunk
+    of products and, per row, only its gold and predicted values.
+    """
     _quiet_libraries()
+    from itertools import islice
+
+    from pv2tea.data.validate import iter_records
     from pv2tea.eval.metrics import Example, source_aware_report
     from pv2tea.eval.normalize import load_synonyms
     from pv2tea.eval.report import format_report_table, write_report
+    from pv2tea.inference.predictor import Predictor
     from pv2tea.models import checkpoint as ckpt
-    from pv2tea.train.loop import multi_value_attributes
 
     try:
         syn = load_synonyms(synonyms) if synonyms else None
-        dataset = _load(data, skip_invalid, require_label=False)
-        records = dataset.records
-        _require_gold(data, records, "evaluation needs gold")
+        scan = _scan(data, skip_invalid, require_label=False)
+        missing, first = 0, ""
+        for _, r in iter_records(data, skip_rows=scan.bad_rows, require_label=False):
+            if not r.gold:
+                missing, first = missing + 1, first or r.id
+        if missing:
+            _fail(f"{data}: {missing} row(s) have no 'gold' value (first: {first}); evaluation needs gold")
+        if not scan.n_valid:
+            _fail(f"{data}: no valid rows to evaluate")
         multi = {**ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})}
-        for attr, several in multi_value_attributes(records).items():
-            multi[attr] = multi.get(attr, False) or several
-        preds = _predict(model, records, batch_size, num_beams, candidates)
-        examples = [
-            Example(
-                gold=tuple(r.gold),
-                pred=tuple(p),
-                source=r.source,
-                attribute=r.attribute,
-                multi_value=multi.get(r.attribute, False),
-            )
-            for r, p in zip(records, preds)
-        ]
+        predictor = Predictor.from_checkpoint(model)
+        cands = _read_candidates(candidates)
+        scored: list[tuple[tuple[str, ...], tuple[str, ...], str | None, str]] = []  # gold, pred, source, attribute
+        stream = (r for _, r in iter_records(data, skip_rows=scan.bad_rows, require_label=False))
+        while chunk := list(islice(stream, EVALUATE_CHUNK_ROWS)):
+            preds = predictor.predict(chunk, batch_size, num_beams, progress=True, candidates=cands)
+            for r, p in zip(chunk, preds):
+                scored.append((tuple(r.gold or ()), tuple(p), r.source, r.attribute))
+                several = len(r.label) > 1 or len(r.gold or ()) > 1  # as train.loop.multi_value_attributes
+                multi[r.attribute] = multi.get(r.attribute, False) or several
+        examples = [Example(g, p, src, attr, multi.get(attr, False)) for g, p, src, attr in scored]
         report = source_aware_report(examples, syn)
-        report["skipped_rows"] = dataset.n_skipped
+        report["skipped_rows"] = len(scan.bad_rows)
     except _expected_errors() as exc:
         _fail(str(exc))
     if out:

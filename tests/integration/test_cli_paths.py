@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-import pv2tea.cli as cli
 from conftest import tiny_overrides
 from markov_decoder import BEAM, GREEDY, install_markov_decoder
 from png_checks import assert_drawn_png
 from pv2tea.cli import main
 from pv2tea.data.synth import make_catalog
 from pv2tea.eval.metrics import Example, source_aware_report
+from pv2tea.inference.predictor import Predictor
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -51,11 +51,11 @@ def test_evaluate_report_merges_multi_value_applies_synonyms_and_counts_skips(ti
     synonyms.write_text(json.dumps({"scarlet": "red"}))
     asked = []
 
-    def known_predictions(model, records, batch_size, num_beams, candidates):
+    def known_predictions(self, records, batch_size, num_beams, progress=False, candidates=None):
         asked.append(([r.id for r in records], num_beams))
         return [PREDS[r.id] for r in records]
 
-    monkeypatch.setattr(cli, "_predict", known_predictions)
+    monkeypatch.setattr(Predictor, "predict", known_predictions)
     assert main(["evaluate", "--model", str(final), "--data", str(data)]) == 2  # the blank row is refused
     out = tmp_path / "report.json"
     assert (
