@@ -87,6 +87,17 @@ def _expected_errors(*more: type[BaseException]) -> tuple[type[BaseException], .
     )
 
 
+# --device and --precision of predict and serve
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps.")
+]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="fp32, bf16 (autocast; fast on CPUs with AMX or AVX-512 BF16 and on GPUs) or fp16 (GPUs only).",
+    ),
+]
 EVALUATE_CHUNK_ROWS = 4096  # rows `pv2tea evaluate` holds at a time
 
 
@@ -339,17 +350,8 @@ def predict(
             help="Continue an interrupted run from OUT.partial (under torchrun: from the OUT.part-R-of-N files, on as many processes).",
         ),
     ] = False,
-    device: Annotated[
-        str,
-        typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."),
-    ] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help="fp32, bf16 (autocast; fast on CPUs with AMX or AVX-512 BF16 and on GPUs) or fp16 (GPUs only).",
-        ),
-    ] = "fp32",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
     extractor: Annotated[
         Path | None,
         typer.Option(
@@ -538,17 +540,8 @@ def serve(
             help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).",
         ),
     ] = None,
-    device: Annotated[
-        str,
-        typer.Option("--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."),
-    ] = "auto",
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help="fp32, bf16 (autocast; fast on CPUs with AMX or AVX-512 BF16 and on GPUs) or fp16 (GPUs only).",
-        ),
-    ] = "fp32",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
     extractor: Annotated[
         Path | None,
         typer.Option(
