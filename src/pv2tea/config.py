@@ -198,6 +198,12 @@ class SchemesConfig:
     # answer must come from the image. Text-stated rows then teach the visual path with correct labels
     # (a value stated in the text is also shown in the image) instead of the model leaning on the text alone.
     text_dropout: float = 0.0
+    # not in the paper: during training, hide the image of a row that has one from the fusion (its visual tokens
+    # masked out) with this probability, so the row trains as a text-only row; S1, S2 and S3 still see the image.
+    # Against a visual path that learns each training product's image as a shortcut to its weak label (a few hundred
+    # products) instead of reading the text. A row never loses both: text dropout applies to the rows that keep
+    # their image. 0 = off
+    image_dropout: float = 0.0
     # not in the paper: multiply the sample weight of a row whose weak label does not occur in its text (the
     # extractor guessed instead of reading it; regularize/grounding.py) by this factor; 1 = off
     ungrounded_weight: float = 1.0
@@ -497,6 +503,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("schemes.momentum must be in [0, 1)")
     if not 0.0 <= s.text_dropout < 1.0:
         raise ConfigError(f"schemes.text_dropout must be in [0, 1), got {s.text_dropout}")
+    if not 0.0 <= s.image_dropout < 1.0:
+        raise ConfigError(f"schemes.image_dropout must be in [0, 1), got {s.image_dropout}")
     if not 0.0 <= s.mention_dropout <= 1.0:
         raise ConfigError(f"schemes.mention_dropout must be in [0, 1], got {s.mention_dropout}")
     if s.mention_removal not in MENTION_REMOVALS:

@@ -656,6 +656,26 @@ def test_text_dropout_hides_the_text_of_image_rows_in_training_only(tiny_text_ck
     assert torch.equal(model.encode(batch).text_mask, batch.text_mask)  # never at inference
 
 
+def test_image_dropout_hides_the_image_of_rows_from_fusion_in_training_only(tiny_text_ckpt, image_paths):
+    model, pre = build(tiny_text_ckpt, "schemes.image_dropout=0.999999", "schemes.text_dropout=0.999999")
+    batch = make_batch(pre, records(image_paths))
+    has_image = batch.has_image
+    assert has_image.any() and (~has_image).any()
+    model.train()
+    enc = model.encode(batch)
+    n_vis = enc.context.shape[1] - enc.text_hidden.shape[1]
+    assert n_vis > 0 and not enc.context_mask[:, :n_vis].any()  # no row's visual tokens reach the fusion
+    assert torch.equal(enc.text_mask, batch.text_mask)  # and a row whose image is hidden keeps its text
+    assert torch.equal(enc.image_rows, has_image) and enc.visual is not None  # S1, S2 and S3 still see the images
+    out = model(batch)
+    assert torch.isfinite(out.loss) and "loss_sc" in out.terms and "loss_ct" in out.terms
+    out.loss.backward()
+    model.eval()
+    enc = model.encode(batch)
+    assert enc.context_mask[has_image, :n_vis].any(-1).all()  # never at inference
+    assert torch.equal(enc.text_mask, batch.text_mask)
+
+
 def test_copy_mixture_equals_the_dense_mixture_with_its_gradients():
     """The mixture computed at the copied ids only equals the dense g·p_vocab + (1 − g)·p_copy (See et al.), values
     and gradients, with repeated ids, masked positions and a row that copies nothing."""

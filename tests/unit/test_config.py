@@ -166,6 +166,8 @@ def test_alpha_bounds_allowed(alpha):
         "fusion.question_template=What is it?",
         "schemes.text_dropout=1.0",
         "schemes.text_dropout=-0.1",
+        "schemes.image_dropout=1.0",
+        "schemes.image_dropout=-0.1",
         "vision.extra_levels=[-1]",
         "vision.extra_levels=[2, 2]",
         "schemes.ungrounded_weight=1.5",

@@ -309,8 +309,13 @@ class PV2TEA(nn.Module):
                 parts.append(ext_tokens)
                 masks.append(ext_mask)
         text_mask = batch.text_mask
+        keeps_image = rows
+        if self.training and self.cfg.schemes.image_dropout > 0 and visual is not None:
+            hide = rows & (torch.rand(len(batch), device=rows.device) < self.cfg.schemes.image_dropout)  # (B,)
+            masks = [m & ~hide[:, None] for m in masks]  # the fusion sees none of those rows' visual tokens
+            keeps_image = rows & ~hide
         if self.training and self.cfg.schemes.text_dropout > 0 and visual is not None:
-            drop = rows & (torch.rand(len(batch), device=rows.device) < self.cfg.schemes.text_dropout)  # (B,)
+            drop = keeps_image & (torch.rand(len(batch), device=rows.device) < self.cfg.schemes.text_dropout)  # (B,)
             text_mask = text_mask * (~drop)[:, None].to(text_mask.dtype)
         context = torch.cat([*parts, text_hidden], 1)  # (B, K(1 + P) + T, H)
         context_mask = torch.cat([*[m.to(text_mask.dtype) for m in masks], text_mask], 1)
