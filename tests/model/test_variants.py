@@ -125,6 +125,36 @@ def test_candidates_rank_by_sequence_likelihood(tiny_text_ckpt, recs):
     best0 = cands[int(scores[:3].argmax())]
     assert preds[0] == [best0]
     assert preds[2][0] in ("solid", "striped") and preds[3][0] in ("solid", "striped")
+    # the vase's colour has no list: it is generated (alone), as open generation of the whole batch answers it
+    assert preds[1] == generate_values(model, pre, recs, batch_size=4)[1]
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_candidate_scores_equal_the_dense_decoder_output(tiny_text_ckpt, recs, copy):
+    """Scoring only the distinct (row, prefix) states gives each candidate the log-likelihood of a full decoder
+    pass over it, with shared prefixes, different lengths and padding."""
+    model, pre = _build(tiny_text_ckpt, recs, f"decoder.copy={str(copy).lower()}")
+    model.eval()
+    batch = pre.collate(recs[:3], [0, 1, 2], [0, 1, 2], with_answers=False)
+    cands = ["red", "light blue", "light green", "dark light blue", "red"]
+    rows = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    texts = [cands[0], cands[1], cands[2], cands[1], cands[3], cands[4], cands[2]]
+    enc = pre.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = model.score_candidates(batch, rows, enc["input_ids"], enc["attention_mask"])
+        full = model.encode(batch)
+        logits = model.decoder(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            encoder_hidden_states=full.memory[rows],
+            encoder_attention_mask=full.memory_mask[rows],
+            **model._copy_inputs(full, batch, rows),
+        ).logits  # (N, L, V)
+    token_lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+    expected = (token_lp * enc["attention_mask"][:, 1:]).sum(1)
+    assert scores.shape == (7,)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert scores[1] != scores[2] and scores[0] != scores[5]  # rows and suffixes still tell candidates apart
 
 
 @pytest.mark.parametrize("head", ["generate", "classify"])

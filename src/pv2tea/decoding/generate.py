@@ -240,16 +240,8 @@ def generate_values(
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         indices = list(range(start, min(start + batch_size, len(dataset))))
         batch = on_model_device(collate(indices), model)
-        if model.decoder is not None:
-            ids = model.generate(
-                batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id, num_beams=num_beams
-            )
-            values = [
-                drop_attribute_name(v, dataset.records[i].attribute) for v, i in zip(pre.decode_answers(ids), indices)
-            ]
-        else:
-            values = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
-        if candidates:
+        ranked: list[list[str] | None] = [None] * len(indices)
+        if candidates:  # rows with a candidate list are ranked; only the others are generated
             chunk = [dataset.records[i] for i in indices]
             chunk_priors = None if priors is None else [priors[i] for i in indices]
             ranked = (
@@ -257,7 +249,24 @@ def generate_values(
                 if calibration is not None and chunk_priors is not None
                 else _rank_candidates(model, pre, batch, chunk, candidates, chunk_priors, prior_weight)
             )
-            values = [r if r is not None else v for r, v in zip(ranked, values)]
-        out.extend(values)
+            open_rows = [i for i, r in zip(indices, ranked) if r is None]
+            if not open_rows:
+                out.extend(r for r in ranked if r is not None)
+                continue
+            if len(open_rows) < len(indices):
+                batch = on_model_device(collate(open_rows), model)
+        else:
+            open_rows = indices
+        if model.decoder is not None:
+            ids = model.generate(
+                batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id, num_beams=num_beams
+            )
+            generated = [
+                drop_attribute_name(v, dataset.records[i].attribute) for v, i in zip(pre.decode_answers(ids), open_rows)
+            ]
+        else:
+            generated = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
+        answers = iter(generated)
+        out.extend(r if r is not None else next(answers) for r in ranked)
     model.train(was_training)
     return out

@@ -68,6 +68,20 @@ class CopyDecoder(BertLMHeadModel):
         hidden = out.last_hidden_state  # (B, A, H)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]  # (B, k, H)
+        return CausalLMOutputWithCrossAttentions(
+            logits=self.output_log_probs(hidden, copy_states, copy_ids, copy_mask, copy_keys),
+            cache=out.cache if use_cache else None,
+        )
+
+    def output_log_probs(
+        self,
+        hidden: torch.Tensor,
+        copy_states: torch.Tensor,
+        copy_ids: torch.Tensor,
+        copy_mask: torch.Tensor,
+        copy_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-probabilities (B, A, V) of the generate/copy mixture from the decoder's states ``hidden`` (B, A, H)."""
         vocab_logits = self.cls(hidden)  # (B, A, V)
         keys = self.copy_key(copy_states) if copy_keys is None else copy_keys  # (B, T, H)
         scores = self.copy_query(hidden) @ keys.transpose(1, 2)  # (B, A, T)
@@ -78,9 +92,7 @@ class CopyDecoder(BertLMHeadModel):
         generate = torch.sigmoid(self.copy_gate(torch.cat([hidden, read], -1)))  # (B, A, 1)
         # a row with nothing to copy (empty or dropped text) generates
         generate = torch.where(copy_mask.bool().any(-1)[:, None, None], generate, torch.ones_like(generate))
-        return CausalLMOutputWithCrossAttentions(
-            logits=mixture_log_probs(vocab_logits, attn, generate, copy_ids), cache=out.cache if use_cache else None
-        )
+        return mixture_log_probs(vocab_logits, attn, generate, copy_ids)
 
 
 def mixture_log_probs(

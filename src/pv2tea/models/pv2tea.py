@@ -607,17 +607,39 @@ class PV2TEA(nn.Module):
         """
         decoder = self._require_decoder()
         enc = self.encode(batch)
-        logits = decoder(
-            input_ids=cand_ids,
+        hidden = decoder.bert(
+            cand_ids,
             attention_mask=cand_mask,
             encoder_hidden_states=enc.memory[rows],
             encoder_attention_mask=enc.memory_mask[rows],
-            **self._copy_inputs(enc, batch, rows),
-        ).logits  # (N, L, V)
-        log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # (N, L-1, V)
-        targets = cand_ids[:, 1:]  # (N, L-1)
-        token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, L-1)
-        return (token_lp * cand_mask[:, 1:]).sum(1)
+            return_dict=True,
+        ).last_hidden_state  # (N, L, H)
+        # The output distribution is needed only after the real tokens of each candidate, and once per distinct
+        # (row, prefix): the options of a row share their first position ([CLS]), often more. Its vocabulary
+        # projection is most of the cost, so it runs on those states alone, never on a dense (N, L, V).
+        n_cands, length = cand_ids.shape
+        targets_at = cand_mask[:, 1:].bool()  # (N, L-1): position p predicts token p + 1
+        cand, pos = targets_at.nonzero(as_tuple=True)  # (S,), (S,)
+        if len(cand) == 0:
+            return hidden.new_zeros(n_cands)
+        upto = torch.arange(length, device=cand_ids.device)[None, :] <= pos[:, None]  # (S, L)
+        prefix = torch.where(upto, cand_ids[cand], torch.full_like(cand_ids[cand], -1))  # (S, L)
+        keys = torch.cat([rows[cand][:, None], prefix], 1)  # (S, 1 + L)
+        _, state_of = torch.unique(keys, dim=0, return_inverse=True)  # (S,): each step's distinct state
+        n_states = int(state_of.max()) + 1
+        first = torch.full((n_states,), len(cand), device=cand.device).scatter_reduce(
+            0, state_of, torch.arange(len(cand), device=cand.device), "amin"
+        )  # (U,): one step holding each state
+        states = hidden[cand[first], pos[first]][:, None]  # (U, 1, H)
+        state_rows = rows[cand[first]]  # (U,)
+        if isinstance(decoder, CopyDecoder):
+            copy = self._copy_inputs(enc, batch, state_rows)
+            logits = decoder.output_log_probs(states, **copy)[:, 0]  # (U, V), log-probabilities already
+        else:
+            logits = decoder.cls(states)[:, 0]  # (U, V)
+        log_probs = F.log_softmax(logits, dim=-1)  # (U, V)
+        token_lp = log_probs[state_of, cand_ids[cand, pos + 1]]  # (S,)
+        return hidden.new_zeros(n_cands).index_add_(0, cand, token_lp.to(hidden.dtype))
 
     @torch.no_grad()
     def image_features(
