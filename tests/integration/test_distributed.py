@@ -155,11 +155,30 @@ def runs(tmp_path_factory, dropout_free_text_ckpt):
     return root, rows
 
 
+# The copy decoder's key bias b adds q·b to every key's score of a query alike, which the softmax ignores: its exact
+# gradient is zero, and AdamW turns the rounding noise left in it into a step of up to lr in either direction. No
+# output depends on it, so two equivalent runs may leave it anywhere within one step of each other.
+NO_GRADIENT = frozenset({"decoder.copy_key.bias"})
+
+
+def _largest_lr(text_ckpt: Path) -> float:
+    optim = _config(text_ckpt).optim
+    return max(optim.lr, optim.head_lr or 0.0)
+
+
+def _assert_same_weights(a: dict, b: dict, lr: float) -> None:
+    for name in a:
+        if name in NO_GRADIENT:
+            assert float((a[name] - b[name]).abs().max()) <= 2 * lr, name
+        else:  # Adam's first update is lr·g/(|g| + eps): float noise in a tiny gradient moves it by a few % of lr
+            assert torch.allclose(a[name].double(), b[name].double(), rtol=1e-5, atol=5e-5), name
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_step_of_two_ranks_equals_one_process_with_both_batches(runs):
+def test_one_step_of_two_ranks_equals_one_process_with_both_batches(runs, dropout_free_text_ckpt):
     """Loss and every updated weight (and buffer: queues, momentum copies) after one optimizer step of 2 ranks x B
     rows equal those of one process x 2B rows."""
     root, _ = runs
@@ -170,8 +189,7 @@ def test_one_step_of_two_ranks_equals_one_process_with_both_batches(runs):
     a = load_file(str(root / "two" / "checkpoint" / "model.safetensors"))
     b = load_file(str(root / "one" / "checkpoint" / "model.safetensors"))
     assert a.keys() == b.keys()
-    for name in a:  # Adam's first update is lr·g/(|g| + eps): float noise in a tiny gradient moves it by a few % of lr
-        assert torch.allclose(a[name].double(), b[name].double(), rtol=1e-5, atol=5e-5), name
+    _assert_same_weights(a, b, lr=_largest_lr(dropout_free_text_ckpt))
     initial = torch.load(root / "initial.pt")
     moved = [n for n in a if not torch.allclose(a[n], initial[n], atol=1e-4)]
     assert len(moved) > len(a) // 4  # the step changed the weights (unchanged ones would pass any comparison)
@@ -284,8 +302,7 @@ def test_gradient_accumulation_of_two_micro_batches_equals_one_batch_of_both(run
     for key in ("loss", "loss_gen", "loss_ct"):
         assert accumulated[key] == pytest.approx(batch[key], rel=1e-5), key
     a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("accumulated", "batch"))
-    for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=5e-5), name
+    _assert_same_weights(a, b, lr=_largest_lr(dropout_free_text_ckpt))
     state = json.loads((tmp_path / "accumulated" / "checkpoint" / "trainer_state.json").read_text())
     assert state["global_batch"] == 2 * PER_RANK and state["total_steps"] == 2 * -(-len(rows) // (2 * PER_RANK))
 
