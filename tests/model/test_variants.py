@@ -125,7 +125,15 @@ def test_candidates_rank_by_sequence_likelihood(tiny_text_ckpt, recs):
     best0 = cands[int(scores[:3].argmax())]
     assert preds[0] == [best0]
     assert preds[2][0] in ("solid", "striped") and preds[3][0] in ("solid", "striped")
-    # the vase's colour has no list: it is generated (alone), as open generation of the whole batch answers it
+    # the vase's colour has no list: it alone is generated, as open generation of the whole batch answers it
+    generated_rows = []
+    generate = model.generate
+    model.generate = lambda batch, **kw: generated_rows.append(batch.index.tolist()) or generate(batch, **kw)
+    again = generate_values(
+        model, pre, recs, batch_size=4, candidates={"mug": {"color": cands}, "pattern": ["solid", "striped"]}
+    )
+    del model.generate
+    assert generated_rows == [[1]] and again == preds
     assert preds[1] == generate_values(model, pre, recs, batch_size=4)[1]
 
 

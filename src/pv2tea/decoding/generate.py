@@ -198,6 +198,19 @@ def _rank_calibrated(
     return out
 
 
+def _open_answers(
+    model: PV2TEA, pre: Preprocessor, batch, records: Sequence[Record], num_beams: int | None
+) -> list[list[str]]:
+    """Per row of the batch (``records`` its rows): the generated values, or the classification head's."""
+    if model.decoder is None:
+        return [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
+    tok = pre.tokenizer
+    ids = model.generate(
+        batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id, num_beams=num_beams
+    )
+    return [drop_attribute_name(v, r.attribute) for v, r in zip(pre.decode_answers(ids), records)]
+
+
 @torch.no_grad()
 def generate_values(
     model: PV2TEA,
@@ -234,7 +247,6 @@ def generate_values(
     model.eval()
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=False)
-    tok = pre.tokenizer
     out: list[list[str]] = []
     starts = range(0, len(dataset), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
@@ -249,23 +261,12 @@ def generate_values(
                 if calibration is not None and chunk_priors is not None
                 else _rank_candidates(model, pre, batch, chunk, candidates, chunk_priors, prior_weight)
             )
-            open_rows = [i for i, r in zip(indices, ranked) if r is None]
-            if not open_rows:
-                out.extend(r for r in ranked if r is not None)
-                continue
+        open_rows = [j for j, r in enumerate(ranked) if r is None]  # positions in the batch
+        generated: list[list[str]] = []
+        if open_rows:
             if len(open_rows) < len(indices):
-                batch = on_model_device(collate(open_rows), model)
-        else:
-            open_rows = indices
-        if model.decoder is not None:
-            ids = model.generate(
-                batch, bos_id=tok.cls_token_id, eos_id=tok.sep_token_id, pad_id=tok.pad_token_id, num_beams=num_beams
-            )
-            generated = [
-                drop_attribute_name(v, dataset.records[i].attribute) for v, i in zip(pre.decode_answers(ids), open_rows)
-            ]
-        else:
-            generated = [[pre.value_classes[j][1] for j in picks] for picks in model.classify(batch)]
+                batch = batch.select(torch.tensor(open_rows, device=batch.text_ids.device))
+            generated = _open_answers(model, pre, batch, [dataset.records[indices[j]] for j in open_rows], num_beams)
         answers = iter(generated)
         out.extend(r if r is not None else next(answers) for r in ranked)
     model.train(was_training)

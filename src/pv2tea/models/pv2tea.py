@@ -56,6 +56,10 @@ class Batch:
     def __len__(self) -> int:
         return self.text_ids.shape[0]
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The batch of the given rows (B',): every field is per row along its first dimension."""
+        return Batch(**{k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
 
 @dataclass
 class Encoded:
@@ -625,9 +629,8 @@ class PV2TEA(nn.Module):
         upto = torch.arange(length, device=cand_ids.device)[None, :] <= pos[:, None]  # (S, L)
         prefix = torch.where(upto, cand_ids[cand], torch.full_like(cand_ids[cand], -1))  # (S, L)
         keys = torch.cat([rows[cand][:, None], prefix], 1)  # (S, 1 + L)
-        _, state_of = torch.unique(keys, dim=0, return_inverse=True)  # (S,): each step's distinct state
-        n_states = int(state_of.max()) + 1
-        first = torch.full((n_states,), len(cand), device=cand.device).scatter_reduce(
+        distinct, state_of = torch.unique(keys, dim=0, return_inverse=True)  # (U, 1 + L), (S,)
+        first = torch.full((len(distinct),), len(cand), device=cand.device).scatter_reduce(
             0, state_of, torch.arange(len(cand), device=cand.device), "amin"
         )  # (U,): one step holding each state
         states = hidden[cand[first], pos[first]][:, None]  # (U, 1, H)
