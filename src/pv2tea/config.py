@@ -231,6 +231,10 @@ class LossConfig:
     weight_ct: float = 1.0  # weight of S2's category loss L_ct
     weight_gen: float = 1.0  # weight of the generation loss (weighted per row by S3)
     label_smoothing: float = 0.0  # token-level smoothing of the generation loss
+    # α of distillation from the warm start (train.init_from): each row's generation loss becomes
+    # (1 − α)·CE(label) + α·KL(warm start ‖ model) over the answer tokens, the warm start frozen and reading the same
+    # text and prefix; 0: none. Keeps a run trained on weak labels near what the warm start answers.
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -521,6 +525,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.optim.anchor_decay < 0:
         raise ConfigError(f"optim.anchor_decay must be >= 0, got {cfg.optim.anchor_decay}")
+    if not 0.0 <= cfg.loss.distill_weight <= 1.0:
+        raise ConfigError(f"loss.distill_weight must be in [0, 1], got {cfg.loss.distill_weight}")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
     if s.knn_index not in KNN_INDEXES or s.knn_exact_below < 0 or not 0.0 < s.knn_recall <= 1.0:

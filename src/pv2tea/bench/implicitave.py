@@ -65,6 +65,7 @@ FOLD_RUN_SETTINGS = (
     "loss.weight_ct",
     "optim.warm_start_lr",
     "optim.anchor_decay",
+    "loss.distill_weight",
     "fusion.visual_gate",
 )
 

@@ -1,4 +1,5 @@
-"""S3-weighted generation loss L_r-mlm (paper Eq. 9) and the category loss L_ct (Eq. 7)."""
+"""S3-weighted generation loss L_r-mlm (paper Eq. 9), its distillation toward a teacher, and the category loss
+L_ct (Eq. 7)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,26 @@ def per_sample_token_ce(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     ).view(b, t)  # (B, T)
     counts = (targets != -100).sum(1).clamp_min(1)
     return ce.sum(1) / counts
+
+
+def per_sample_token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ model) of each sequence over the positions that predict a label token, shape (B,).
+
+    logits, teacher_logits: (B, T, V), both read under the same teacher-forced prefix; labels: (B, T) with -100 =
+    ignore, aligned as in :func:`per_sample_token_ce` (position t predicts label t+1). Word-level knowledge
+    distillation (Kim & Rush 2016): the model is pulled toward the teacher's whole next-token distribution, not only
+    its top token, so what the teacher thinks of the other values carries over too.
+    """
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match the model's {tuple(logits.shape)}")
+    b, t, v = logits.shape
+    valid = torch.zeros_like(labels, dtype=torch.bool)
+    valid[:, :-1] = labels[:, 1:] != -100  # (B, T): positions that predict a label token
+    log_p = F.log_softmax(logits[valid].float(), dim=-1)  # (N, V)
+    log_q = F.log_softmax(teacher_logits[valid].float(), dim=-1)  # (N, V)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)  # (N,)
+    per_row = logits.new_zeros(b, dtype=torch.float32).index_add_(0, valid.nonzero()[:, 0], kl)  # (B,)
+    return (per_row / valid.sum(1).clamp_min(1)).to(logits.dtype)
 
 
 def weighted_generation_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

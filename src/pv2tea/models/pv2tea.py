@@ -18,7 +18,12 @@ from transformers import BertConfig, BertLMHeadModel, BertModel, GenerationConfi
 
 from pv2tea.config import Config
 from pv2tea.losses.contrastive import label_smoothed_contrastive
-from pv2tea.losses.generation import category_loss, per_sample_token_ce, weighted_generation_loss
+from pv2tea.losses.generation import (
+    category_loss,
+    per_sample_token_ce,
+    per_sample_token_kl,
+    weighted_generation_loss,
+)
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
 from pv2tea.models.fusion import FusionEncoder, additive_mask, is_visual_gate_key
@@ -396,21 +401,39 @@ class PV2TEA(nn.Module):
         for online, momentum in self._momentum_pairs():
             ema_update(online, momentum, self.cfg.schemes.momentum)
 
-    def forward(self, batch: Batch, sample_weights: torch.Tensor | None = None) -> PV2TEAOutput:
+    def answer_logits(self, batch: Batch, enc: Encoded | None = None) -> torch.Tensor:
+        """(B, A, V) next-token logits of the decoder over the batch's answers, teacher-forced."""
+        if batch.answer_ids is None or batch.answer_mask is None:
+            raise ValueError("answer_logits needs answer_ids (training labels)")
+        enc = self.encode(batch) if enc is None else enc
+        return self._require_decoder()(
+            input_ids=batch.answer_ids,
+            attention_mask=batch.answer_mask,
+            encoder_hidden_states=enc.memory,
+            encoder_attention_mask=enc.memory_mask,
+            **self._copy_inputs(enc, batch),
+        ).logits  # (B, A, V)
+
+    def forward(
+        self, batch: Batch, sample_weights: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None
+    ) -> PV2TEAOutput:
+        """The loss terms. ``teacher_logits`` (B, A, V): a frozen teacher's :meth:`answer_logits` on the same batch,
+        distilled with weight ``loss.distill_weight``."""
         if batch.answer_ids is None or batch.answer_mask is None:
             raise ValueError("forward needs answer_ids (training labels); use generate() for inference")
         cfg, s = self.cfg, self.cfg.schemes
         enc = self.encode(batch)
+        distill: torch.Tensor | None = None
         if self.decoder is not None:
-            logits = self.decoder(
-                input_ids=batch.answer_ids,
-                attention_mask=batch.answer_mask,
-                encoder_hidden_states=enc.memory,
-                encoder_attention_mask=enc.memory_mask,
-                **self._copy_inputs(enc, batch),
-            ).logits  # (B, A, V)
+            logits = self.answer_logits(batch, enc)  # (B, A, V)
             labels = batch.answer_ids.masked_fill(batch.answer_mask == 0, -100)
             per_sample = per_sample_token_ce(logits, labels, cfg.loss.label_smoothing)
+            if teacher_logits is not None and cfg.loss.distill_weight > 0:
+                distill = per_sample_token_kl(logits, teacher_logits, labels)  # (B,)
+                a = cfg.loss.distill_weight
+                per_sample = (1 - a) * per_sample + a * distill
+        elif teacher_logits is not None:
+            raise ValueError("distillation (loss.distill_weight) needs the generative decoder (decoder.head=generate)")
         else:
             if batch.value_targets is None:
                 raise ValueError("the classification head trains on value_targets; the batch has none")
@@ -418,6 +441,8 @@ class PV2TEA(nn.Module):
             targets = batch.value_targets / batch.value_targets.sum(1, keepdim=True).clamp_min(1)
             per_sample = -(targets * log_probs.clamp_min(-1e4)).sum(1)  # soft-target CE, (B,)
         terms = {"loss_gen": weighted_generation_loss(per_sample, sample_weights)}
+        if distill is not None:  # its share of loss_gen, logged
+            terms["loss_kd"] = distill.detach().mean()
         total = cfg.loss.weight_gen * terms["loss_gen"]
         momentum: dict[str, torch.Tensor] = {}
         rows = enc.image_rows

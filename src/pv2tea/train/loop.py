@@ -51,6 +51,7 @@ from pv2tea.regularize.probe import cross_fitted_probe
 from pv2tea.train import distributed as ddp
 from pv2tea.train.anchor import WeightAnchor
 from pv2tea.train.averaging import WeightAverage
+from pv2tea.train.distill import TeacherError, WarmStartTeacher
 from pv2tea.train.environment import record_environment
 from pv2tea.train.feature_cache import build_feature_cache
 
@@ -454,6 +455,17 @@ def _train(
                 )
             )
         log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
+    teacher = None
+    if cfg.loss.distill_weight > 0:
+        if not cfg.train.init_from:
+            raise TrainingError(
+                "loss.distill_weight > 0 distils the warm start into the run: set train.init_from to its model folder"
+            )
+        try:
+            teacher = WarmStartTeacher(Path(cfg.train.init_from), model, accelerator.device)
+        except TeacherError as err:
+            raise TrainingError(str(err)) from err
+        log.info("distilling the warm start %s with weight %g", cfg.train.init_from, cfg.loss.distill_weight)
     anchor = None
     if cfg.train.init_from and cfg.optim.anchor_decay:
         start = None
@@ -659,7 +671,7 @@ def _train(
                     batch, w = batch.to(accelerator.device), None if w is None else w.to(accelerator.device)
                 last = j == len(micro) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(net):  # DDP syncs the last one
-                    out = net(batch, w)
+                    out = net(batch, w, None if teacher is None else teacher.logits(batch))
                     if not torch.isfinite(out.loss):
                         raise TrainingError(
                             f"non-finite loss at epoch {epoch + 1} step {step}: "
