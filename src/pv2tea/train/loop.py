@@ -671,7 +671,7 @@ def _train(
                     batch, w = batch.to(accelerator.device), None if w is None else w.to(accelerator.device)
                 last = j == len(micro) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(net):  # DDP syncs the last one
-                    out = net(batch, w, None if teacher is None else teacher.logits(batch))
+                    out = net(batch, w) if teacher is None else net(batch, w, teacher.logits(batch))
                     if not torch.isfinite(out.loss):
                         raise TrainingError(
                             f"non-finite loss at epoch {epoch + 1} step {step}: "
