@@ -29,6 +29,22 @@ def tiny_text_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tea_final(tmp_path_factory, tiny_text_ckpt) -> Path:
+    """A tiny TEA trained on text-only rows, the warm start of the tests that start from one: its final/ folder."""
+    from pv2tea.config import load_config
+    from pv2tea.data.schema import Record
+    from pv2tea.experiment import TEA
+    from pv2tea.train.loop import train
+
+    rows = [
+        Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,)) for i, c in enumerate(["red", "blue"] * 6)
+    ]
+    run = tmp_path_factory.mktemp("tea_run")
+    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), *TEA, "train.epochs=2"]), rows, run, progress=False)
+    return run / "final"
+
+
+@pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory, tiny_text_ckpt) -> tuple[Path, dict[str, Path]]:
     """A tiny model trained for one epoch on a 16-product synthetic catalog: (its final/ folder, the catalog)."""
     from pv2tea.cli import main

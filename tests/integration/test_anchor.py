@@ -10,7 +10,6 @@ from torch import nn
 from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config
 from pv2tea.data.schema import Record
-from pv2tea.experiment import TEA
 from pv2tea.train.anchor import WeightAnchor
 from pv2tea.train.loop import train
 
@@ -61,16 +60,6 @@ def test_a_negative_anchor_decay_is_refused(tiny_text_ckpt):
         load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.anchor_decay=-1"])
 
 
-@pytest.fixture(scope="module")
-def warm_start(tmp_path_factory, tiny_text_ckpt):
-    rows = [
-        Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,)) for i, c in enumerate(["red", "blue"] * 6)
-    ]
-    run = tmp_path_factory.mktemp("tea_run")
-    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), *TEA, "train.epochs=2"]), rows, run, progress=False)
-    return run / "final"
-
-
 def _products(folder) -> list[Record]:
     from PIL import Image
 
@@ -88,10 +77,10 @@ def _distance_to(final, source) -> float:
     return sum(float((final[k].float() - source[k].float()).pow(2).sum()) for k in keys) ** 0.5
 
 
-def test_training_with_an_anchor_stays_nearer_the_warm_start_and_resumes_exactly(warm_start, tiny_text_ckpt, tmp_path):
+def test_training_with_an_anchor_stays_nearer_the_warm_start_and_resumes_exactly(tea_final, tiny_text_ckpt, tmp_path):
     products = _products(tmp_path)
-    base = [*tiny_overrides(tiny_text_ckpt), f"train.init_from={warm_start}", "train.epochs=3"]
-    source = load_file(str(warm_start / MODEL_FILE))
+    base = [*tiny_overrides(tiny_text_ckpt), f"train.init_from={tea_final}", "train.epochs=3"]
+    source = load_file(str(tea_final / MODEL_FILE))
     finals = {}
     for decay in (0, 500):
         run = tmp_path / f"run{decay}"

@@ -10,7 +10,6 @@ from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config
 from pv2tea.data.dataset import RecordDataset, make_collate
 from pv2tea.data.schema import Record
-from pv2tea.experiment import TEA
 from pv2tea.losses.generation import per_sample_token_kl
 from pv2tea.models.build import load_from_checkpoint
 from pv2tea.train.distill import TeacherError, WarmStartTeacher
@@ -41,16 +40,6 @@ def test_a_distill_weight_outside_0_1_is_refused(tiny_text_ckpt):
             load_config(None, [*tiny_overrides(tiny_text_ckpt), f"loss.distill_weight={bad}"])
 
 
-@pytest.fixture(scope="module")
-def warm_start(tmp_path_factory, tiny_text_ckpt):
-    rows = [
-        Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,)) for i, c in enumerate(["red", "blue"] * 6)
-    ]
-    run = tmp_path_factory.mktemp("tea_run")
-    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), *TEA, "train.epochs=3"]), rows, run, progress=False)
-    return run / "final"
-
-
 def _products(folder) -> list[Record]:
     from PIL import Image
 
@@ -73,28 +62,28 @@ def _kl_to_teacher(final, teacher_dir, rows) -> float:
         return float(per_sample_token_kl(model.answer_logits(batch), teacher.logits(batch), labels).mean())
 
 
-def test_distillation_keeps_the_run_nearer_the_warm_starts_answers(warm_start, tiny_text_ckpt, tmp_path):
+def test_distillation_keeps_the_run_nearer_the_warm_starts_answers(tea_final, tiny_text_ckpt, tmp_path):
     products = _products(tmp_path)
-    base = [*tiny_overrides(tiny_text_ckpt), f"train.init_from={warm_start}", "train.epochs=4", "optim.lr=1e-3"]
+    base = [*tiny_overrides(tiny_text_ckpt), f"train.init_from={tea_final}", "train.epochs=4", "optim.lr=1e-3"]
     kl = {}
     for weight in (0, 1):
         run = tmp_path / f"run{weight}"
         train(load_config(None, [*base, f"loss.distill_weight={weight}"]), products, run, progress=False)
-        kl[weight] = _kl_to_teacher(run / "final", warm_start, products)
+        kl[weight] = _kl_to_teacher(run / "final", tea_final, products)
     log = (tmp_path / "run1" / "train.log").read_text()
     assert "distilling the warm start" in log and "loss_kd" in log
     # trained on the teacher alone, the model ends far closer to its distribution than trained on the labels alone
     assert kl[1] < 0.5 * kl[0], kl
 
 
-def test_distillation_without_a_warm_start_or_with_another_vocabulary_is_refused(warm_start, tiny_text_ckpt, tmp_path):
+def test_distillation_without_a_warm_start_or_with_another_vocabulary_is_refused(tea_final, tiny_text_ckpt, tmp_path):
     products = _products(tmp_path)
     cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "loss.distill_weight=0.5", "train.epochs=1"])
     with pytest.raises(TrainingError, match="set train.init_from"):
         train(cfg, products, tmp_path / "run", progress=False)
-    model, _ = load_from_checkpoint(warm_start)
+    model, _ = load_from_checkpoint(tea_final)
     model.decoder.resize_token_embeddings(model.decoder.config.vocab_size + 8)
     with pytest.raises(TeacherError, match="tokens"):
-        WarmStartTeacher(warm_start, model)
+        WarmStartTeacher(tea_final, model)
     with pytest.raises(TeacherError, match="cannot load"):
         WarmStartTeacher(tmp_path / "nowhere", model)

@@ -14,21 +14,10 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config, upgrade_saved
 from pv2tea.data.schema import Record
-from pv2tea.experiment import TEA, check_same_config
+from pv2tea.experiment import check_same_config
 from pv2tea.models import checkpoint as ckpt
 from pv2tea.models.build import build_for_training, load_from_checkpoint
 from pv2tea.train.loop import build_optimizer, train
-
-
-@pytest.fixture(scope="module")
-def tea_final(tmp_path_factory, tiny_text_ckpt):
-    """A tiny TEA trained on text-only rows: its final/ folder."""
-    rows = [
-        Record(f"t{i}", f"a {c} mug number {i}", (), "mug", "color", (c,)) for i, c in enumerate(["red", "blue"] * 6)
-    ]
-    run = tmp_path_factory.mktemp("tea_run")
-    train(load_config(None, [*tiny_overrides(tiny_text_ckpt), *TEA, "train.epochs=2"]), rows, run, progress=False)
-    return run / "final"
 
 
 def _products(tmp_path) -> list[Record]:
