@@ -41,6 +41,11 @@ def answer_text(values: Sequence[str], delimiter: str, text: str | None = None) 
     return f" {delimiter} ".join(unique)
 
 
+def value_classes_of(values: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """The (attribute, value) classes of a classification head, in its order, from an attribute → values map."""
+    return [(a, v) for a in sorted(values) for v in values[a]]
+
+
 @dataclass
 class Preprocessor:
     cfg: Config
@@ -60,7 +65,7 @@ class Preprocessor:
         self.category_index = {c: i for i, c in enumerate(self.categories)}
         self.attributes = sorted(self.values)
         self.attribute_index = {a: i for i, a in enumerate(self.attributes)}
-        self.value_classes = [(a, v) for a in self.attributes for v in self.values[a]]
+        self.value_classes = value_classes_of(self.values)
         self.value_index = {c: i for i, c in enumerate(self.value_classes)}
 
     @property

@@ -48,6 +48,43 @@ def per_sample_token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     return (per_row / valid.sum(1).clamp_min(1)).to(logits.dtype)
 
 
+def soft_target_ce(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row against a distribution over the classes, shape (B,).
+
+    log_probs: (B, V) the model's log-probabilities; targets: (B, V) non-negative, each row summing to 1 (a multi-value
+    label spread evenly over its values, or a mixture with a teacher's distribution). Masked classes (log-probability
+    at the dtype's minimum) are clamped so that a zero target there adds 0, never 0 · −inf.
+    """
+    return -(targets * log_probs.clamp_min(-1e4)).sum(1)
+
+
+def distill_class_targets(
+    targets: torch.Tensor, teacher_log_probs: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix the label targets (B, V) with a teacher's class distribution: (1 − w) · label + w · teacher.
+
+    teacher_log_probs: (B, V) over the same classes, −inf where the teacher gives a class nothing; a row where it
+    gives every class nothing (an attribute or values it never saw) keeps its label alone. Returns the mixed targets
+    (B, V) and which rows the teacher covers (B,) bool. Soft-target cross-entropy on
+    the mixture is (1 − w) · CE(label) + w · KL(teacher ‖ model) + a constant: class-level knowledge distillation.
+    """
+    if teacher_log_probs.shape != targets.shape:
+        raise ValueError(
+            f"teacher classes {tuple(teacher_log_probs.shape)} do not match the model's {tuple(targets.shape)}"
+        )
+    teacher = teacher_log_probs.float().exp().to(targets.dtype)  # (B, V)
+    covered = teacher.sum(1) > 0  # (B,)
+    mixed = torch.where(covered[:, None], (1 - weight) * targets + weight * teacher, targets)
+    return mixed, covered
+
+
+def per_sample_class_kl(log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ model) over the classes of each row, shape (B,); 0 for a row the teacher covers nowhere."""
+    teacher = teacher_log_probs.float().exp()  # (B, V)
+    gap = torch.where(teacher > 0, teacher_log_probs.float() - log_probs.float().clamp_min(-1e4), 0.0)  # (B, V)
+    return (teacher * gap).sum(1).to(log_probs.dtype)
+
+
 def weighted_generation_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """L_r-mlm = (1/N) Σ s(X_n)·g(y_n, ŷ_n); plain mean when no weights."""
     if weights is None:

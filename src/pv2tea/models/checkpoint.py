@@ -315,6 +315,49 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
     return len(target)
 
 
+HEAD_KEYS = ("value_head.weight", "value_head.bias")
+
+
+def class_map(ours: list[tuple[str, str]], theirs: list[tuple[str, str]]) -> torch.Tensor:
+    """(V_ours,) the index of each of our (attribute, value) classes among ``theirs``; -1 where they lack it."""
+    index = {c: i for i, c in enumerate(theirs)}
+    return torch.tensor([index.get(c, -1) for c in ours], dtype=torch.long)
+
+
+def warm_start_has_head(directory: Path) -> bool:
+    """Whether the checkpoint in ``directory`` has a classification head (``decoder.head = classify``)."""
+    return read_config(Path(directory)).decoder.head == "classify"
+
+
+def load_warm_start_head(model: PV2TEA, value_classes: list[tuple[str, str]], directory: Path) -> int:
+    """Copy the classification head of checkpoint ``directory`` into ``model``'s, class by class.
+
+    The two runs' value vocabularies differ (each is built from its own training labels), so the rows are matched by
+    (attribute, value): a class the warm start was trained on starts with its weights, one it never saw keeps its
+    fresh initialization. Nothing happens when either model has no classification head. Returns the classes copied.
+    """
+    if model.value_head is None or not warm_start_has_head(directory):
+        return 0
+    source = load_file(str(Path(directory) / MODEL_FILE))
+    weight, bias = (source.get(k) for k in HEAD_KEYS)
+    if weight is None or bias is None or weight.shape[1] != model.value_head.in_features:
+        raise CheckpointError(
+            f"train.init_from: {directory}'s classification head does not fit this model's "
+            f"({None if weight is None else tuple(weight.shape)} against width {model.value_head.in_features})"
+        )
+    from pv2tea.data.dataset import value_classes_of
+
+    theirs = value_classes_of(read_json(Path(directory), PREPROCESS_FILE).get("values", {}))
+    if len(theirs) != weight.shape[0]:
+        raise CheckpointError(f"train.init_from: {directory} has {weight.shape[0]} head rows for {len(theirs)} classes")
+    where = class_map(value_classes, theirs)  # (V,)
+    hit = where >= 0
+    with torch.no_grad():
+        model.value_head.weight[hit] = weight[where[hit]].to(model.value_head.weight.dtype)
+        model.value_head.bias[hit] = bias[where[hit]].to(model.value_head.bias.dtype)
+    return int(hit.sum())
+
+
 def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     directory = recover_interrupted_save(Path(directory))
     state_path, tensor_path = directory / STATE_FILE, directory / OPTIM_FILE

@@ -20,8 +20,11 @@ from pv2tea.config import Config
 from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import (
     category_loss,
+    distill_class_targets,
+    per_sample_class_kl,
     per_sample_token_ce,
     per_sample_token_kl,
+    soft_target_ce,
     weighted_generation_loss,
 )
 from pv2tea.losses.matching import image_text_matching_loss, negative_partners
@@ -261,14 +264,19 @@ class PV2TEA(nn.Module):
         for online, momentum in self._momentum_pairs():
             momentum.load_state_dict(online.state_dict())
 
-    def parameter_groups(self, warm_started: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def parameter_groups(
+        self, warm_started: bool = False, warm_head: bool = False
+    ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(pretrained, newly initialized) trainable parameters, for separate learning rates.
 
-        ``warm_started``: the parts a warm start fills (``warm_start_prefixes``) count as pretrained.
+        ``warm_started``: the parts a warm start fills (``warm_start_prefixes``) count as pretrained; ``warm_head``:
+        the classification head too (a warm start with one of its own, copied class by class).
         """
         pretrained: list[nn.Parameter] = []
         new: list[nn.Parameter] = []
         warm = self.warm_start_keys() if warm_started else set()
+        if warm_started and warm_head and self.value_head is not None:
+            warm |= {"value_head.weight", "value_head.bias"}
         for name, p in self.named_parameters():
             if p.requires_grad:
                 trained = _PRETRAINED.match(name) or name in warm
@@ -417,8 +425,9 @@ class PV2TEA(nn.Module):
     def forward(
         self, batch: Batch, sample_weights: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None
     ) -> PV2TEAOutput:
-        """The loss terms. ``teacher_logits`` (B, A, V): a frozen teacher's :meth:`answer_logits` on the same batch,
-        distilled with weight ``loss.distill_weight``."""
+        """The loss terms. ``teacher_logits``: a frozen teacher's view of the same batch, distilled with weight
+        ``loss.distill_weight``: with the decoder its :meth:`answer_logits` (B, A, V), with the classification head its
+        log-probabilities over this model's value classes (B, V; pv2tea.train.distill)."""
         if batch.answer_ids is None or batch.answer_mask is None:
             raise ValueError("forward needs answer_ids (training labels); use generate() for inference")
         cfg, s = self.cfg, self.cfg.schemes
@@ -432,14 +441,15 @@ class PV2TEA(nn.Module):
                 distill = per_sample_token_kl(logits, teacher_logits, labels)  # (B,)
                 a = cfg.loss.distill_weight
                 per_sample = (1 - a) * per_sample + a * distill
-        elif teacher_logits is not None:
-            raise ValueError("distillation (loss.distill_weight) needs the generative decoder (decoder.head=generate)")
         else:
             if batch.value_targets is None:
                 raise ValueError("the classification head trains on value_targets; the batch has none")
             log_probs = F.log_softmax(self._value_logits(enc, batch), dim=-1)  # (B, V)
             targets = batch.value_targets / batch.value_targets.sum(1, keepdim=True).clamp_min(1)
-            per_sample = -(targets * log_probs.clamp_min(-1e4)).sum(1)  # soft-target CE, (B,)
+            if teacher_logits is not None and cfg.loss.distill_weight > 0:  # the teacher's log-probs, (B, V)
+                targets, _ = distill_class_targets(targets, teacher_logits, cfg.loss.distill_weight)
+                distill = per_sample_class_kl(log_probs, teacher_logits)  # (B,)
+            per_sample = soft_target_ce(log_probs, targets)  # (B,)
         terms = {"loss_gen": weighted_generation_loss(per_sample, sample_weights)}
         if distill is not None:  # its share of loss_gen, logged
             terms["loss_kd"] = distill.detach().mean()
@@ -602,6 +612,10 @@ class PV2TEA(nn.Module):
         logits = self.value_head(enc.question[:, 0])  # (B, V)
         own = self.value_attribute[None, :] == batch.attribute_id[:, None]  # (B, V)
         return logits.masked_fill(~own, torch.finfo(logits.dtype).min)
+
+    def value_logits(self, batch: Batch) -> torch.Tensor:
+        """(B, V) classification logits of the batch; the classes of other attributes than a row's are masked."""
+        return self._value_logits(self.encode(batch), batch)
 
     @torch.no_grad()
     def classify(

@@ -101,7 +101,11 @@ def mention_dropout_rows(free_texts: Sequence[str | None], p: float, seed: int, 
 def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     """AdamW (no decay on biases/norms) + cosine schedule with warmup."""
     o = cfg.optim
-    pretrained, new = model.parameter_groups(warm_started=bool(cfg.train.init_from) and o.warm_start_lr == "lr")
+    init_from = cfg.train.init_from
+    warm = bool(init_from) and o.warm_start_lr == "lr"
+    # a classification head warm-started from the warm start's own trains at the warm-started parts' rate
+    warm_head = bool(warm and init_from and model.value_head is not None and ckpt.warm_start_has_head(Path(init_from)))
+    pretrained, new = model.parameter_groups(warm_started=warm, warm_head=warm_head)
     groups = []
     for params, lr in ((pretrained, o.lr), (new, o.head_lr or o.lr)):
         decay = [p for p in params if p.ndim > 1]
@@ -446,6 +450,13 @@ def _train(
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi, value_counts(records))
     if cfg.train.init_from and not resume:
         n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
+        n_classes = ckpt.load_warm_start_head(model, pre.value_classes, Path(cfg.train.init_from))
+        if n_classes:
+            log.info(
+                "warm start: the classification head's rows of %d of %d value classes",
+                n_classes,
+                len(pre.value_classes),
+            )
         model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
         # by content too, so the run is still recognized as the same after the warm start's folder has moved
         if main:
@@ -462,7 +473,7 @@ def _train(
                 "loss.distill_weight > 0 distils the warm start into the run: set train.init_from to its model folder"
             )
         try:
-            teacher = WarmStartTeacher(Path(cfg.train.init_from), model, accelerator.device)
+            teacher = WarmStartTeacher(Path(cfg.train.init_from), model, accelerator.device, pre)
         except TeacherError as err:
             raise TrainingError(str(err)) from err
         log.info("distilling the warm start %s with weight %g", cfg.train.init_from, cfg.loss.distill_weight)
