@@ -160,6 +160,10 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
     assert run_cfg["train"]["epochs"] == 3  # quick: the full protocol's fold 0, the epochs as asked
     assert run_cfg["train"]["image_less_per_epoch"] == 6  # 6 of the 16 text-only rows, drawn afresh each epoch
+    # the protocol's defaults: classify over the options, learn from the warm start (the ceiling from the gold alone)
+    assert run_cfg["decoder"]["head"] == "classify" and run_cfg["loss"]["distill_weight"] == 1.0
+    gold_cfg = yaml.safe_load((fold / "pv2tea_gold" / "seed_0" / "config.yaml").read_text())
+    assert gold_cfg["decoder"]["head"] == "classify" and gold_cfg["loss"]["distill_weight"] == 0
     reports = sorted((out / "runs" / "Home" / "fold_0").glob("*/seed_0/test_report.json"))
     assert [p.parts[-3] for p in reports] == ["pv2tea", "pv2tea_gold", "tea"]
     stamps = [p.stat().st_mtime_ns for p in reports]
@@ -281,7 +285,10 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     run = out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0"
     run_cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert run_cfg["train"]["init_from"] == str(pretrain / "final")
-    assert "warm start:" in (run / "train.log").read_text()
+    assert pre_cfg["decoder"]["head"] == "classify" and pre_cfg["loss"]["distill_weight"] == 0
+    run_log = (run / "train.log").read_text()
+    assert "warm start:" in run_log and "classification head's rows of" in run_log
+    assert "distilling the warm start" in run_log and run_cfg["loss"]["distill_weight"] == 1.0
     stamp = (pretrain / "final" / "model.safetensors").stat().st_mtime_ns
     # the warm start scored alone on the held-out fold, next to the runs it started
     results = json.loads((out / "bench.json").read_text())["domains"]["Home"]

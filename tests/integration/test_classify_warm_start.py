@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from conftest import tiny_overrides
 from pv2tea.config import load_config
-from pv2tea.data.dataset import RecordDataset, make_collate, value_counts, value_vocabulary
+from pv2tea.data.dataset import (
+    RecordDataset,
+    distilled_value_counts,
+    make_collate,
+    value_counts,
+    value_vocabulary,
+)
 from pv2tea.data.schema import Record
 from pv2tea.experiment import TEA
 from pv2tea.losses.generation import distill_class_targets, per_sample_class_kl, soft_target_ce
@@ -85,6 +91,18 @@ def test_class_kl_and_soft_target_ce_decompose_as_distillation():
     assert torch.allclose(per_sample_class_kl(teacher, teacher), torch.zeros(3), atol=1e-6)
     nowhere = torch.full((1, 5), float("-inf"))
     assert per_sample_class_kl(log_probs[:1], nowhere).item() == 0.0
+
+
+def test_a_distilled_runs_prior_mixes_its_labels_with_the_teachers():
+    own = {"color": {"red": 6, "black": 2}, "size": {"xl": 3}}
+    teacher = {"color": {"red": 1, "blue": 3}, "material": {"wood": 5}}
+    got = distilled_value_counts(own, teacher, 0.5)
+    # 8 color rows: half their own counts, half the teacher's shares (1/4, 3/4) scaled to 8 rows
+    assert got["color"] == {"black": 1.0, "blue": 3.0, "red": 3.0 + 1.0}
+    assert got["size"] == {"xl": 3.0}  # the teacher knows nothing of sizes: the run's own
+    assert "material" not in got  # only the run's attributes
+    assert distilled_value_counts(own, teacher, 0.0)["color"] == {"black": 2.0, "blue": 0.0, "red": 6.0}
+    assert distilled_value_counts(own, teacher, 1.0)["color"] == {"black": 0.0, "blue": 6.0, "red": 2.0}
 
 
 # ----- the head carried into the run
@@ -169,7 +187,7 @@ def test_the_teacher_scores_the_students_classes_by_name(tea_cls, tiny_text_ckpt
 
 
 def test_classify_distillation_keeps_the_run_nearer_the_warm_start(tea_cls, tiny_text_ckpt, tmp_path):
-    rows = [r for r in _products(tmp_path)]
+    rows = _products(tmp_path)
     base = [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.init_from={tea_cls}", "train.epochs=4"]
     kl = {}
     for weight in (0, 1):
@@ -179,6 +197,11 @@ def test_classify_distillation_keeps_the_run_nearer_the_warm_start(tea_cls, tiny
     log = (tmp_path / "run1" / "train.log").read_text()
     assert "distilling the warm start" in log and "loss_kd" in log
     assert kl[1] < 0.5 * kl[0], kl
+    # the label prior saved for ranking is the one the run learned: its teacher's (red 6, blue 6) over its 9 rows
+    _, own = load_from_checkpoint(tmp_path / "run0" / "final")
+    _, distilled = load_from_checkpoint(tmp_path / "run1" / "final")
+    assert own.value_counts["color"] == {"black": 3, "green": 3, "red": 3}
+    assert distilled.value_counts["color"] == {"black": 0.0, "blue": 4.5, "green": 0.0, "red": 4.5}
 
 
 def test_a_teacher_with_the_other_head_is_refused(tea_cls, tea_final, tiny_text_ckpt, tmp_path):

@@ -55,8 +55,9 @@ class Preprocessor:
     values: dict[str, list[str]] = field(default_factory=dict)  # attribute → value vocabulary (normalized)
     multi_value: dict[str, bool] = field(default_factory=dict)  # attribute → multi-value?
     # attribute → normalized value → training rows carrying it: the label prior π of candidate ranking
-    # (decoder.prior_correction); empty for models trained before it was recorded
-    value_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (decoder.prior_correction); a distilled run's mixes in its teacher's (distilled_value_counts); empty for models
+    # trained before it was recorded
+    value_counts: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     # cached frozen-backbone outputs (pv2tea.train.feature_cache.FeatureCache); not saved with checkpoints
     cache: Any = None
 
@@ -194,6 +195,28 @@ def value_counts(records: Sequence[Record]) -> dict[str, dict[str, int]]:
         for v in {normalize_value(v) for v in r.label} - {""}:
             per[v] = per.get(v, 0) + 1
     return {a: dict(sorted(c.items())) for a, c in sorted(counts.items())}
+
+
+def distilled_value_counts(
+    own: Mapping[str, Mapping[str, float]], teacher: Mapping[str, Mapping[str, float]], weight: float
+) -> dict[str, dict[str, float]]:
+    """The label prior of a run distilled from a teacher with ``loss.distill_weight = weight``, as counts.
+
+    Such a run learns (1 − w) · its labels + w · the teacher's distribution, and the teacher's answers follow the
+    prior of *its* training labels, so the prior the run learns is the same mixture of the two priors: per attribute,
+    (1 − w) · own counts + w · the teacher's shares scaled to the run's number of rows. Candidate ranking divides it
+    out (``decoder.prior_correction``). An attribute the teacher has no counts of keeps the run's own.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for attribute, counts in own.items():
+        theirs = teacher.get(attribute) or {}
+        rows, total = sum(counts.values()), sum(theirs.values())
+        if not total:
+            out[attribute] = {v: float(c) for v, c in counts.items()}
+            continue
+        values = sorted(set(counts) | set(theirs))
+        out[attribute] = {v: (1 - weight) * counts.get(v, 0) + weight * rows * theirs.get(v, 0) / total for v in values}
+    return out
 
 
 def candidate_lookup(candidates: Mapping, record: Record) -> list[str] | None:

@@ -7,7 +7,7 @@ preprocessing next to the weights (:func:`preprocess_state`); inference rebuilds
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from transformers import BertConfig
@@ -34,7 +34,7 @@ def build_for_training(
     categories: Sequence[str],
     values: dict[str, list[str]] | None = None,
     multi_value: dict[str, bool] | None = None,
-    value_counts: dict[str, dict[str, int]] | None = None,
+    value_counts: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[PV2TEA, Preprocessor]:
     """A PV2TEA initialized from the configured offline pretrained checkpoints.
 

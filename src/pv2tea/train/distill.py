@@ -78,6 +78,7 @@ class WarmStartTeacher:
             known = teacher_pre.attribute_index
             self.attributes = torch.tensor([known.get(a, -1) for a in pre.attributes], dtype=torch.long, device=device)
             self.own = student.value_attribute.to(device)  # (V_student,) attribute of each student class
+        self.value_counts = teacher_pre.value_counts  # the prior of the teacher's training labels
         model.requires_grad_(False)
         self.model = model.to(device).eval()
 

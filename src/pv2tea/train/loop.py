@@ -29,7 +29,14 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from pv2tea.cache.build import training_cache
 from pv2tea.cache.store import FeatureCacheError
 from pv2tea.config import Config
-from pv2tea.data.dataset import Preprocessor, RecordDataset, make_collate, value_counts, value_vocabulary
+from pv2tea.data.dataset import (
+    Preprocessor,
+    RecordDataset,
+    distilled_value_counts,
+    make_collate,
+    value_counts,
+    value_vocabulary,
+)
 from pv2tea.data.schema import Record
 from pv2tea.decoding.generate import generate_values
 from pv2tea.eval.metrics import Example, source_aware_report
@@ -477,6 +484,8 @@ def _train(
         except TeacherError as err:
             raise TrainingError(str(err)) from err
         log.info("distilling the warm start %s with weight %g", cfg.train.init_from, cfg.loss.distill_weight)
+        # the prior the run learns, which candidate ranking divides out: its labels' mixed with the teacher's
+        pre.value_counts = distilled_value_counts(pre.value_counts, teacher.value_counts, cfg.loss.distill_weight)
     anchor = None
     if cfg.train.init_from and cfg.optim.anchor_decay:
         start = None
