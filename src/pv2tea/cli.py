@@ -207,6 +207,14 @@ def train(
         str | None, typer.Option("--config", "-c", help="Preset name (cpu, paper) or YAML file.")
     ] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. optim.lr=1e-4.")] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            "--variant",
+            help="A variant of `pv2tea experiment` (e.g. tea: text only, the warm start of a later run), "
+            "applied before --set.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")
     ] = False,
@@ -218,8 +226,11 @@ def train(
     """Train PV2TEA on weakly labelled products (on several processes under torchrun or accelerate launch)."""
     _quiet_libraries()
     from pv2tea.config import load_config, upgrade_saved
+    from pv2tea.experiment import VARIANTS
     from pv2tea.train.loop import train as run_training
 
+    if variant is not None and variant not in VARIANTS:
+        _fail(f"--variant {variant!r} is not a variant; known: {', '.join(VARIANTS)}")
     try:
         if resume:
             saved = out / "config.yaml"
@@ -231,7 +242,7 @@ def train(
         else:
             if (out / "checkpoint").exists():
                 _fail(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-            cfg = load_config(config, overrides)
+            cfg = load_config(config, [*(VARIANTS[variant] if variant else []), *(overrides or [])])
         train_data = _load(train_file, skip_invalid)
         val_data = _load(val_file, skip_invalid) if val_file else None
         results = [train_data] + ([val_data] if val_data else [])

@@ -97,12 +97,12 @@ def test_a_distilled_runs_prior_mixes_its_labels_with_the_teachers():
     own = {"color": {"red": 6, "black": 2}, "size": {"xl": 3}}
     teacher = {"color": {"red": 1, "blue": 3}, "material": {"wood": 5}}
     got = distilled_value_counts(own, teacher, 0.5)
-    # 8 color rows: half their own counts, half the teacher's shares (1/4, 3/4) scaled to 8 rows
-    assert got["color"] == {"black": 1.0, "blue": 3.0, "red": 3.0 + 1.0}
+    # the shares (red 6/8, black 2/8) and (red 1/4, blue 3/4) mixed half and half, over (8 + 4) / 2 = 6 rows
+    assert got["color"] == pytest.approx({"black": 0.75, "blue": 2.25, "red": 3.0})
     assert got["size"] == {"xl": 3.0}  # the teacher knows nothing of sizes: the run's own
     assert "material" not in got  # only the run's attributes
     assert distilled_value_counts(own, teacher, 0.0)["color"] == {"black": 2.0, "blue": 0.0, "red": 6.0}
-    assert distilled_value_counts(own, teacher, 1.0)["color"] == {"black": 0.0, "blue": 6.0, "red": 2.0}
+    assert distilled_value_counts(own, teacher, 1.0)["color"] == {"black": 0.0, "blue": 3.0, "red": 1.0}
 
 
 # ----- the head carried into the run
@@ -197,11 +197,11 @@ def test_classify_distillation_keeps_the_run_nearer_the_warm_start(tea_cls, tiny
     log = (tmp_path / "run1" / "train.log").read_text()
     assert "distilling the warm start" in log and "loss_kd" in log
     assert kl[1] < 0.5 * kl[0], kl
-    # the label prior saved for ranking is the one the run learned: its teacher's (red 6, blue 6) over its 9 rows
+    # the label prior saved for ranking is the one the run learned: at weight 1 its teacher's (red 6, blue 6)
     _, own = load_from_checkpoint(tmp_path / "run0" / "final")
     _, distilled = load_from_checkpoint(tmp_path / "run1" / "final")
     assert own.value_counts["color"] == {"black": 3, "green": 3, "red": 3}
-    assert distilled.value_counts["color"] == {"black": 0.0, "blue": 4.5, "green": 0.0, "red": 4.5}
+    assert distilled.value_counts["color"] == {"black": 0.0, "blue": 6.0, "green": 0.0, "red": 6.0}
 
 
 def test_a_teacher_with_the_other_head_is_refused(tea_cls, tea_final, tiny_text_ckpt, tmp_path):

@@ -348,3 +348,21 @@ def test_image_less_rows_drawn_per_epoch_train_and_resume(catalog, tiny_text_ckp
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_warm_start_pipeline_of_the_readme(catalog, tiny_text_ckpt, tmp_path, capsys):
+    """A text-only warm start (--variant tea) classifying among the values, then a run started and taught by it."""
+    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1", "decoder.head=classify"]
+    assert _train(catalog, tmp_path / "warm", overrides, "--variant", "tea") == 0
+    import yaml
+
+    warm_cfg = yaml.safe_load((tmp_path / "warm" / "config.yaml").read_text())
+    assert warm_cfg["vision"]["enabled"] is False and warm_cfg["decoder"]["head"] == "classify"
+    taught = [*overrides, f"train.init_from={tmp_path / 'warm' / 'final'}", "loss.distill_weight=1"]
+    assert _train(catalog, tmp_path / "run", taught) == 0
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "classification head's rows of" in log and "distilling the warm start" in log
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["vision"]["enabled"] is True
+    capsys.readouterr()
+    assert _train(catalog, tmp_path / "bad", overrides, "--variant", "teaa") == 2
+    assert "--variant 'teaa' is not a variant; known: pv2tea, tea, " in capsys.readouterr().err

@@ -203,19 +203,25 @@ def distilled_value_counts(
     """The label prior of a run distilled from a teacher with ``loss.distill_weight = weight``, as counts.
 
     Such a run learns (1 − w) · its labels + w · the teacher's distribution, and the teacher's answers follow the
-    prior of *its* training labels, so the prior the run learns is the same mixture of the two priors: per attribute,
-    (1 − w) · own counts + w · the teacher's shares scaled to the run's number of rows. Candidate ranking divides it
-    out (``decoder.prior_correction``). An attribute the teacher has no counts of keeps the run's own.
+    prior of *its* training labels, so the prior the run learns is the same mixture of the two priors. Per attribute,
+    the two label distributions are mixed with weights 1 − w and w and expressed as counts over (1 − w) · the run's
+    rows + w · the teacher's, so that w = 0 gives the run's own counts and w = 1 the teacher's exactly (the add-one
+    smoothing of :func:`pv2tea.decoding.generate.label_log_prior` then acts as it does for each model alone).
+    Candidate ranking divides it out (``decoder.prior_correction``). An attribute the teacher has no counts of keeps
+    the run's own.
     """
     out: dict[str, dict[str, float]] = {}
     for attribute, counts in own.items():
         theirs = teacher.get(attribute) or {}
         rows, total = sum(counts.values()), sum(theirs.values())
-        if not total:
+        if not total or not rows:
             out[attribute] = {v: float(c) for v, c in counts.items()}
             continue
-        values = sorted(set(counts) | set(theirs))
-        out[attribute] = {v: (1 - weight) * counts.get(v, 0) + weight * rows * theirs.get(v, 0) / total for v in values}
+        scale = (1 - weight) * rows + weight * total
+        out[attribute] = {
+            v: scale * ((1 - weight) * counts.get(v, 0) / rows + weight * theirs.get(v, 0) / total)
+            for v in sorted(set(counts) | set(theirs))
+        }
     return out
 
 
