@@ -98,7 +98,8 @@ class BenchConfig:
     # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
     # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model.
     # docs/history.md (2026-12-02): 2 epochs gave TEA +1.8 to +8.8 F1 and PV2TEA 0 to +4.9 on the quick protocol;
-    # 6 epochs bring the warm start alone within 0.2-5.4 F1 of the TF-IDF extractor and PV2TEA another 9.4-11.0 up
+    # 6 epochs brought PV2TEA another 9.4-11.0 up; classifying (2026-12-06), the warm start alone reaches the TF-IDF
+    # extractor on Clothing, Food and Home (-0.7 to +2.1 F1, full protocol)
     text_pretrain: int = 6
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
