@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pv2tea.config import Config, from_dict
@@ -338,8 +339,9 @@ def load_warm_start_head(model: PV2TEA, value_classes: list[tuple[str, str]], di
     """
     if model.value_head is None or not warm_start_has_head(directory):
         return 0
-    source = load_file(str(Path(directory) / MODEL_FILE))
-    weight, bias = (source.get(k) for k in HEAD_KEYS)
+    with safe_open(str(Path(directory) / MODEL_FILE), framework="pt") as f:  # the two head tensors only
+        names = set(f.keys())
+        weight, bias = (f.get_tensor(k) if k in names else None for k in HEAD_KEYS)
     if weight is None or bias is None or weight.shape[1] != model.value_head.in_features:
         raise CheckpointError(
             f"train.init_from: {directory}'s classification head does not fit this model's "
