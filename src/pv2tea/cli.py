@@ -851,11 +851,21 @@ def weak_label_cmd(
     load: Annotated[Path | None, typer.Option("--load", help="Use a saved extractor instead of training.")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="Save the trained extractor here.")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+    soft_train: Annotated[
+        Path | None,
+        typer.Option(
+            "--soft-train",
+            help="Also write the --train rows here with the extractor's out-of-fold class probabilities as soft "
+            "labels (label_probs), for a warm start trained with --set loss.soft_label_weight.",
+        ),
+    ] = None,
+    soft_folds: Annotated[int, typer.Option(min=2, help="Folds of --soft-train's cross-fitting.")] = 5,
 ) -> None:
     """Train (or load) a text-established extractor and write its predictions as weak labels.
 
     --data is read as a stream (checked first, then labelled and written a chunk at a time); its rows with gold
-    values are kept in memory for the report.
+    values are kept in memory for the report. --soft-train fits --soft-folds more extractors, each scoring the
+    --train rows the others trained on (an extractor scoring its own training rows gives almost their labels back).
     """
     _quiet_libraries()
     import dataclasses
@@ -868,6 +878,7 @@ def weak_label_cmd(
         TransformerTextExtractor,
         evaluate_extractor,
         load_extractor,
+        soft_labelled,
         weak_label,
     )
     from pv2tea.data.readers import RecordWriter
@@ -875,25 +886,39 @@ def weak_label_cmd(
     from pv2tea.eval.report import format_report_table
     from pv2tea.train.loop import multi_value_attributes
 
+    if load and soft_train:
+        _fail("--soft-train fits extractors on --train: it cannot be used with --load")
+
+    def make_extractor():
+        if kind == "tfidf":
+            return TfidfTextExtractor(TfidfExtractorConfig())
+        if kind == "transformer":
+            cfg = TextExtractorConfig(progress=True)
+            changes: dict[str, Any] = {
+                k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None
+            }
+            return TransformerTextExtractor(dataclasses.replace(cfg, **changes))
+        _fail(f"--kind must be transformer or tfidf, got {kind}")
+
     try:
         scan = _scan(data, skip_invalid, require_label=False)
         if load:
             extractor = load_extractor(load)
         else:
             source = _load(train_file, skip_invalid)
-            if kind == "tfidf":
-                extractor = TfidfTextExtractor(TfidfExtractorConfig())
-            elif kind == "transformer":
-                cfg = TextExtractorConfig(progress=True)
-                changes: dict[str, Any] = {
-                    k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None
-                }
-                extractor = TransformerTextExtractor(dataclasses.replace(cfg, **changes))
-            else:
-                _fail(f"--kind must be transformer or tfidf, got {kind}")
-            extractor.fit(source.records)
+            extractor = make_extractor().fit(source.records)
             if save:
                 extractor.save(save)
+            if soft_train:
+                from pv2tea.bench.implicitave import product_folds
+                from pv2tea.data.readers import write_records
+
+                folds = product_folds(source.records, soft_folds)
+                write_records(soft_labelled(make_extractor, source.records, folds), soft_train)
+                console.print(
+                    f"{len(source.records)} --train row(s) written to {soft_train} with out-of-fold soft labels "
+                    f"({soft_folds} folds; train a warm start on them with --set loss.soft_label_weight=0.5)"
+                )
         gold: list[Record] = []
         gold_labelled: list[Record] = []
         rows = (record for _, record in iter_records(data, skip_rows=scan.bad_rows, require_label=False))

@@ -235,6 +235,10 @@ class LossConfig:
     # (1 − α)·CE(label) + α·KL(warm start ‖ model) over the answer tokens, the warm start frozen and reading the same
     # text and prefix; 0: none. Keeps a run trained on weak labels near what the warm start answers.
     distill_weight: float = 0.0
+    # β of soft labels (decoder.head=classify): a row that carries class probabilities (Record.label_probs, e.g. a
+    # text extractor's, out of fold) trains on (1 − β)·its label + β·those probabilities; rows without them on their
+    # label alone; 0: labels only
+    soft_label_weight: float = 0.0
 
 
 @dataclass
@@ -244,6 +248,9 @@ class OptimConfig:
     # the lr of the parts train.init_from fills (text encoder, fusion, decoder): "lr", as trained weights, or
     # "head_lr", as if they were new
     warm_start_lr: str = "lr"
+    # multiplies that lr for the warm-started parts (and a classification head carried over with them): below 1, a
+    # run on a few hundred products' weak labels takes smaller steps away from what the warm start learned on many
+    warm_start_lr_scale: float = 1.0
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
     # λ of a decoupled L2 pull toward the warm start (train.init_from) after every step: θ ← θ − lr·λ·(θ − θ₀);
     # 0: none. Keeps a run trained on a few hundred products' weak labels near what the warm start learned.
@@ -523,8 +530,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.warm_start_lr must be one of {', '.join(WARM_START_LRS)}, got '{cfg.optim.warm_start_lr}'"
         )
+    if not cfg.optim.warm_start_lr_scale > 0:
+        raise ConfigError(f"optim.warm_start_lr_scale must be > 0, got {cfg.optim.warm_start_lr_scale}")
     if cfg.optim.anchor_decay < 0:
         raise ConfigError(f"optim.anchor_decay must be >= 0, got {cfg.optim.anchor_decay}")
+    if not 0.0 <= cfg.loss.soft_label_weight <= 1.0:
+        raise ConfigError(f"loss.soft_label_weight must be in [0, 1], got {cfg.loss.soft_label_weight}")
+    if cfg.loss.soft_label_weight > 0 and cfg.decoder.head != "classify":
+        raise ConfigError(
+            "loss.soft_label_weight trains the classification head on class probabilities: set decoder.head=classify"
+        )
     if not 0.0 <= cfg.loss.distill_weight <= 1.0:
         raise ConfigError(f"loss.distill_weight must be in [0, 1], got {cfg.loss.distill_weight}")
     if s.nr_sharpness <= 0:

@@ -339,6 +339,23 @@ def test_weak_label_command(catalog, tmp_path, capsys):
     assert [json.loads(x)["label"] for x in again.read_text().splitlines()] == [r["label"] for r in rows]
 
 
+def test_weak_label_writes_out_of_fold_soft_labels_of_the_training_rows(catalog, tmp_path, capsys):
+    soft = tmp_path / "train_soft.parquet"
+    args = ["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["test"]), "--kind", "tfidf"]
+    assert main([*args, "--out", str(tmp_path / "weak.jsonl"), "--soft-train", str(soft), "--soft-folds", "3"]) == 0
+    said = capsys.readouterr()
+    assert "with out-of-fold soft labels (3 folds" in " ".join((said.out + said.err).split())
+    train_rows = load_rows(catalog["train"]).records
+    rows = load_rows(soft).records  # read back with the soft labels validated
+    assert [(r.id, r.label) for r in rows] == [(r.id, r.label) for r in train_rows]
+    assert all(r.label_probs for r in rows)
+    assert all(len(r.label_probs) > 1 and all(0 <= p <= 1 for _, p in r.label_probs) for r in rows)
+    # refused with a saved extractor: the soft labels need extractors fitted without each row
+    load = [*args, "--out", str(tmp_path / "w2.jsonl"), "--load", str(tmp_path), "--soft-train", str(soft)]
+    assert main(load) == 2
+    assert "cannot be used with --load" in capsys.readouterr().err
+
+
 def test_experiment_refuses_test_rows_without_gold(catalog, tmp_path, capsys):
     rows = [json.loads(line) for line in catalog["test"].read_text().splitlines() if line.strip()]
     for row in rows[1:]:

@@ -123,8 +123,8 @@ def test_init_from_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_c
         ckpt.load_warm_start(model, tmp_path)
 
 
-@pytest.mark.parametrize("warm_start_lr", ["lr", "head_lr"])
-def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, warm_start_lr):
+@pytest.mark.parametrize(("warm_start_lr", "scale"), [("lr", 1.0), ("head_lr", 1.0), ("lr", 0.1), ("head_lr", 0.5)])
+def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, warm_start_lr, scale):
     cfg = load_config(
         None,
         [
@@ -133,6 +133,7 @@ def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, 
             "optim.head_lr=1e-3",
             f"train.init_from={tea_final}",
             f"optim.warm_start_lr={warm_start_lr}",
+            f"optim.warm_start_lr_scale={scale}",
         ],
     )
     model, _ = build_for_training(cfg, ["mug"])
@@ -144,9 +145,12 @@ def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, 
         n for n in names if n.startswith("visual.") and names[n].requires_grad and not n.startswith("visual.backbone.")
     ]
     assert cross and visual_new  # a new part of the decoder, and the visual side the warm start leaves alone
-    expected = 1e-4 if warm_start_lr == "lr" else 1e-3
-    assert {lr_of[id(names[n])] for n in cross} == {expected}
-    assert {lr_of[id(names[n])] for n in visual_new} == {1e-3}
+    text = [n for n in names if n.startswith("text_encoder.") and names[n].requires_grad]  # pretrained, then warm
+    assert text
+    expected = (1e-4 if warm_start_lr == "lr" else 1e-3) * scale
+    assert sorted({lr_of[id(names[n])] for n in cross}) == pytest.approx([expected])
+    assert sorted({lr_of[id(names[n])] for n in text}) == pytest.approx([1e-4 * scale])
+    assert {lr_of[id(names[n])] for n in visual_new} == {1e-3}  # the scale is for what the warm start filled only
     cold = load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.lr=1e-4", "optim.head_lr=1e-3"])
     cold_model, _ = build_for_training(cold, ["mug"])
     cold_lr = {id(p): g["lr"] for g in build_optimizer(cold_model, cold, 10)[0].param_groups for p in g["params"]}
@@ -157,6 +161,8 @@ def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, 
 def test_unknown_warm_start_lr_is_refused(tiny_text_ckpt):
     with pytest.raises(ConfigError, match="optim.warm_start_lr"):
         load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.warm_start_lr=fast"])
+    with pytest.raises(ConfigError, match="optim.warm_start_lr_scale must be > 0"):
+        load_config(None, [*tiny_overrides(tiny_text_ckpt), "optim.warm_start_lr_scale=0"])
 
 
 def test_a_gated_visual_path_keeps_the_warm_start_until_its_gate_opens(tea_final, tiny_text_ckpt, tmp_path):

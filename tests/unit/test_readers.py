@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pv2tea.data.readers import parse_list_cell, read_table, write_records
-from pv2tea.data.schema import Record, Unparsable
+from pv2tea.data.schema import DataValidationError, Record, Unparsable
 from pv2tea.data.validate import load_dataset, validate_file
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -51,6 +53,15 @@ def records(tmp_path: Path) -> list[Record]:
             label_weight=0.8125,
         ),
         Record("p3-color", "Gold label", (), "t-shirt", "color", ("red",), None, None, label_weight=0.0),
+        Record(
+            "p4-color",
+            "Soft label",
+            (),
+            "t-shirt",
+            "color",
+            ("red",),
+            label_probs=(("red", 0.625), ("navy blue", 0.25), ("ü", 0.125)),
+        ),
     ]
 
 
@@ -165,3 +176,30 @@ def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
         write_records([], tmp_path / "data.txt")
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         read_table(tmp_path / "absent.jsonl")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_bad_soft_label_names_its_row_and_field(tmp_path: Path, fmt: str) -> None:
+    probs = [{"red": 0.5}, {"red": 1.5}, {"": 0.2}, {"red": "high"}, "not json"]
+    rows = [
+        {"id": f"r{i}", "text": "t", "category": "mug", "attribute": "color", "label": "red", "label_probs": p}
+        for i, p in enumerate(probs)
+    ]
+    path = tmp_path / f"bad.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                p = row["label_probs"]
+                writer.writerow({**row, "label_probs": p if isinstance(p, str) else json.dumps(p)})
+    with pytest.raises(DataValidationError) as caught:
+        load_dataset(path)
+    messages = [str(e) for e in caught.value.errors]
+    assert len(messages) == 4, messages
+    assert "row 2, field 'label_probs'" in messages[0] and "1.5" in messages[0]
+    assert "row 3, field 'label_probs'" in messages[1] and "non-empty string" in messages[1]
+    assert "row 4, field 'label_probs'" in messages[2] and "'high'" in messages[2]
+    assert "row 5, field 'label_probs'" in messages[3] and "JSON object" in messages[3]

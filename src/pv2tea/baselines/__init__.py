@@ -5,7 +5,7 @@ The interface and what is done with an extractor (:mod:`~pv2tea.baselines.extrac
 OpenTag_cls (:mod:`~pv2tea.baselines.transformer`) and TF-IDF (:mod:`~pv2tea.baselines.tfidf`).
 """
 
-from pv2tea.baselines.extractor import ExtractorConfig, TextExtractor, evaluate_extractor, weak_label
+from pv2tea.baselines.extractor import ExtractorConfig, TextExtractor, evaluate_extractor, soft_labelled, weak_label
 from pv2tea.baselines.labels import AttributeVocab, build_label_space
 from pv2tea.baselines.storage import METADATA_FILE, load_extractor, read_metadata
 from pv2tea.baselines.tfidf import TfidfExtractorConfig, TfidfTextExtractor
@@ -24,5 +24,6 @@ __all__ = [
     "evaluate_extractor",
     "load_extractor",
     "read_metadata",
+    "soft_labelled",
     "weak_label",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
@@ -188,6 +188,34 @@ def weak_label(extractor: TextExtractor, records: Sequence[Record]) -> list[Reco
         replace(record, label=tuple(values), label_weight=round(confidence, 4))
         for record, (values, confidence) in zip(records, extractor.predict_with_confidence(records))
     ]
+
+
+def soft_labelled(
+    make: Callable[[], TextExtractor], records: Sequence[Record], folds: Sequence[Sequence[int]]
+) -> list[Record]:
+    """Copies of ``records`` whose ``label_probs`` are an extractor's class probabilities, out of fold: each fold's
+    rows scored by an extractor (``make()``) fitted on the other folds (cross-fitting; an extractor scoring its own
+    training rows gives almost their labels back). A value class missing from the other folds gets no probability.
+
+    Raises:
+        ValueError: if ``folds`` is not a partition of the rows, or a fold holds all of them.
+    """
+    records = list(records)
+    seen = sorted(i for fold in folds for i in fold)
+    if seen != list(range(len(records))):
+        raise ValueError(f"soft_labelled: the folds must hold each of the {len(records)} rows exactly once")
+    out = list(records)
+    for fold in folds:
+        held = set(fold)
+        if len(held) == len(records):
+            raise ValueError("soft_labelled: a fold holds every row, leaving none to fit on")
+        if not held:
+            continue
+        fitted = make().fit([r for i, r in enumerate(records) if i not in held])
+        rows = [i for i in sorted(held) if records[i].attribute in fitted.vocabularies]
+        for i, probs in zip(rows, fitted.value_probabilities([records[i] for i in rows])):
+            out[i] = replace(records[i], label_probs=tuple((v, round(p, 6)) for v, p in probs.items()))
+    return out
 
 
 def evaluate_extractor(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, weak_label
+from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, soft_labelled, weak_label
 from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
 from pv2tea.config import load_config, with_settings_of
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
@@ -71,6 +71,7 @@ FOLD_RUN_SETTINGS = (
     "loss.weight_sc",
     "loss.weight_ct",
     "optim.warm_start_lr",
+    "optim.warm_start_lr_scale",
     "optim.anchor_decay",
     "loss.distill_weight",
     "fusion.visual_gate",
@@ -139,6 +140,42 @@ def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtra
     extractor = TfidfTextExtractor(TfidfExtractorConfig()).fit(train_rows)
     extractor.save(directory)
     return extractor
+
+
+SOFT_LABEL_FOLDS = 5  # the text-only rows' cross-fitting folds for the extractor's soft labels
+
+
+def _soft_labels(text_rows: list[Record], path: Path, log: Callable[[str], None]) -> list[Record]:
+    """The text-only rows with the TF-IDF extractor's out-of-fold class probabilities as soft labels
+    (``loss.soft_label_weight``); computed once and kept in ``path``, keyed by the rows."""
+    key = hashlib.sha256(
+        json.dumps([[r.id, r.text, r.attribute, list(r.label)] for r in text_rows]).encode()
+    ).hexdigest()
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = None  # damaged: computed again below
+        if isinstance(saved, dict) and saved.get("rows_sha256") == key and saved.get("folds") == SOFT_LABEL_FOLDS:
+            probs = saved["label_probs"]
+            return [replace(r, label_probs=tuple(map(tuple, p)) if p else None) for r, p in zip(text_rows, probs)]
+    log(f"soft labels: {SOFT_LABEL_FOLDS} TF-IDF extractors, each scoring the text-only rows the others trained on")
+    rows = soft_labelled(
+        lambda: TfidfTextExtractor(TfidfExtractorConfig()), text_rows, product_folds(text_rows, SOFT_LABEL_FOLDS)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "rows_sha256": key,
+                "folds": SOFT_LABEL_FOLDS,
+                "label_probs": [list(map(list, r.label_probs)) if r.label_probs else None for r in rows],
+            }
+        )
+    )
+    tmp.replace(path)
+    return rows
 
 
 def _text_pretrain(
@@ -264,7 +301,9 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     ]
     tau = load_config(cfg.config, overrides).decoder.prior_correction  # how every model ranks the options
     if cfg.text_pretrain:
-        start = _text_pretrain(text_rows, domain_dir / "text_pretrain", cfg, overrides, log)
+        soft = load_config(cfg.config, overrides).loss.soft_label_weight > 0
+        pretrain_rows = _soft_labels(text_rows, domain_dir / "soft_labels.json", log) if soft else text_rows
+        start = _text_pretrain(pretrain_rows, domain_dir / "text_pretrain", cfg, overrides, log)
         overrides.append(f"train.init_from={start}")
     reports: dict[str, list[dict[str, Any]]] = {}
     # per (model, seed): each fold's held-out rows scored by that fold's model and the extractor, for the calibrated

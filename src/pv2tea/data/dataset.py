@@ -154,13 +154,9 @@ class Preprocessor:
         if self.values:
             batch.attribute_id = torch.tensor([self.attribute_index.get(r.attribute, -1) for r in records])
         if with_answers and self.values:
-            targets = torch.zeros(len(records), len(self.value_classes))
-            for i, r in enumerate(records):
-                for v in r.label:
-                    j = self.value_index.get((r.attribute, normalize_value(v)))
-                    if j is not None:
-                        targets[i, j] = 1.0
-            batch.value_targets = targets
+            batch.value_targets = torch.stack(
+                [self.value_target(r, self.cfg.loss.soft_label_weight) for r in records]
+            )  # (B, V)
         if with_answers:
             order = self.cfg.decoder.value_order == "text"
             answers = tok(
@@ -172,6 +168,27 @@ class Preprocessor:
             )
             batch.answer_ids, batch.answer_mask = answers["input_ids"], answers["attention_mask"]
         return batch
+
+    def value_target(self, record: Record, soft_weight: float = 0.0) -> torch.Tensor:
+        """A row's (V,) target over the value classes: its label's values (multi-hot), or with ``soft_weight`` = β
+        and a soft label (``Record.label_probs``) the distribution (1 − β)·label/|label| + β·soft label (the soft
+        label renormalized over the classes the run has)."""
+        target = torch.zeros(len(self.value_classes))
+        for v in record.label:
+            j = self.value_index.get((record.attribute, normalize_value(v)))
+            if j is not None:
+                target[j] = 1.0
+        if soft_weight <= 0 or not record.label_probs:
+            return target
+        soft = torch.zeros_like(target)
+        for v, p in record.label_probs:
+            j = self.value_index.get((record.attribute, normalize_value(v)))
+            if j is not None:
+                soft[j] += p
+        if soft.sum() <= 0:
+            return target
+        hard = target / target.sum().clamp_min(1)
+        return (1 - soft_weight) * hard + soft_weight * soft / soft.sum()
 
     def decode_answers(self, ids: torch.Tensor) -> list[list[str]]:
         """Generated ids → list of values per row (split on the delimiter)."""
@@ -187,13 +204,22 @@ def value_vocabulary(records: Sequence[Record]) -> dict[str, list[str]]:
     return {a: sorted(v - {""}) for a, v in sorted(vocab.items())}
 
 
-def value_counts(records: Sequence[Record]) -> dict[str, dict[str, int]]:
-    """attribute → normalized training value → how many training rows carry it."""
-    counts: dict[str, dict[str, int]] = {}
+def value_counts(records: Sequence[Record], soft_weight: float = 0.0) -> dict[str, dict[str, float]]:
+    """attribute → normalized training value → how many training rows carry it; with ``soft_weight`` = β, a row
+    with a soft label (``Record.label_probs``) counts (1 − β) for each of its label's values and β·p for each value of
+    its soft label, the prior it is trained towards."""
+    counts: dict[str, dict[str, float]] = {}
     for r in records:
         per = counts.setdefault(r.attribute, {})
+        soft = soft_weight if soft_weight > 0 and r.label_probs else 0.0
         for v in {normalize_value(v) for v in r.label} - {""}:
-            per[v] = per.get(v, 0) + 1
+            per[v] = per.get(v, 0) + (1 - soft)
+        if soft:
+            total = sum(p for _, p in r.label_probs or ())
+            for v, p in r.label_probs or ():
+                key = normalize_value(v)
+                if key and total > 0:
+                    per[key] = per.get(key, 0) + soft * p / total
     return {a: dict(sorted(c.items())) for a, c in sorted(counts.items())}
 
 

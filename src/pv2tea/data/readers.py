@@ -46,7 +46,7 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = _JSONL_SUFFIXES + _CSV_SUFFIXES + _PARQUET
 PARQUET_BATCH_ROWS = 4096
 
 # Columns whose empty CSV cell means "absent" rather than an empty string.
-_NULLABLE_SCALARS = ("source", "label_weight")
+_NULLABLE_SCALARS = ("source", "label_weight", "label_probs")
 
 _PARQUET_SCHEMA = pa.schema(
     [
@@ -59,6 +59,7 @@ _PARQUET_SCHEMA = pa.schema(
         ("gold", pa.list_(pa.string())),
         ("source", pa.string()),
         ("label_weight", pa.float64()),
+        ("label_probs", pa.map_(pa.string(), pa.float64())),
     ]
 )
 
@@ -264,6 +265,10 @@ def _output_row(item: Record | Mapping[str, Any], out_dir: str) -> dict[str, Any
             row["label_weight"] = float("nan")
         if not 0.0 <= row["label_weight"] <= 1.0:
             raise ValueError(f"cannot write label_weight {weight!r} of row '{row['id']}': expected a number in [0, 1]")
+    probs = row["label_probs"]
+    if probs is not None:  # a soft label: written as an object from value to probability
+        pairs = list(probs.items()) if isinstance(probs, Mapping) else list(probs)
+        row["label_probs"] = {str(value): float(p) for value, p in pairs} or None
     return row
 
 
@@ -309,7 +314,7 @@ class RecordWriter:
                     self._flush_parquet()
             elif self._csv is not None:
                 cells = {name: "" if value is None else value for name, value in row.items()}
-                for name in LIST_FIELDS:
+                for name in (*LIST_FIELDS, "label_probs"):
                     if row[name] is not None:
                         cells[name] = json.dumps(row[name], ensure_ascii=False)
                 self._csv.writerow(cells)
@@ -321,7 +326,11 @@ class RecordWriter:
 
     def _flush_parquet(self) -> None:
         if self._pending and self._parquet is not None:
-            self._parquet.write_table(pa.Table.from_pylist(self._pending, schema=_PARQUET_SCHEMA))
+            rows = [
+                {**row, "label_probs": list(row["label_probs"].items())} if row["label_probs"] else row
+                for row in self._pending
+            ]  # a map column takes (key, value) pairs
+            self._parquet.write_table(pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA))
             self._pending = []
 
     def _close_files(self) -> None:

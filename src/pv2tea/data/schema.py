@@ -3,7 +3,8 @@
 A dataset file holds one row per (product, attribute) pair: the product's text, its
 images (zero, one or more), its category, the queried attribute, the weak training
 label produced by a text-only extractor (optionally with a ``label_weight`` in [0, 1]: how far
-to trust it, such as the extractor's confidence), and optionally the human gold value(s) with the
+to trust it, such as the extractor's confidence, and ``label_probs``: a soft label, the extractor's probability of
+each value), and optionally the human gold value(s) with the
 modality (``"text"`` or ``"image"``) the gold value can be read from, used by the
 paper's source-aware evaluation.
 """
@@ -27,7 +28,18 @@ __all__ = [
 ]
 
 # Every column of a dataset file, in the order writers emit them.
-FIELDS: tuple[str, ...] = ("id", "text", "images", "category", "attribute", "label", "gold", "source", "label_weight")
+FIELDS: tuple[str, ...] = (
+    "id",
+    "text",
+    "images",
+    "category",
+    "attribute",
+    "label",
+    "gold",
+    "source",
+    "label_weight",
+    "label_probs",
+)
 # Columns that must be present in every row.
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "text", "category", "attribute", "label")
 # Columns holding a list of strings.
@@ -55,6 +67,9 @@ class Record:
     # how far to trust ``label``, in [0, 1] (e.g. the extractor's confidence); None: fully. Training multiplies
     # the row's generation-loss weight by it (``schemes.label_weights``)
     label_weight: float | None = None
+    # a soft label: (value, probability) pairs over the attribute's values, e.g. a text extractor's class
+    # probabilities for this row; None: none. Trained on with loss.soft_label_weight (the classification head)
+    label_probs: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)

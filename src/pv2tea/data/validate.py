@@ -15,6 +15,7 @@ distinct id, to find repeats, and a bounded cache of image verdicts). ``load_dat
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
@@ -157,6 +158,43 @@ class _RowChecker:
             return None
         return number
 
+    def probabilities(self, raw: Mapping[str, Any], field: str) -> tuple[tuple[str, float], ...] | None:
+        """An optional soft label: a JSON object (or a CSV cell / Parquet map holding one) from value to a number in
+        [0, 1]; None if absent, empty or invalid."""
+        value = raw.get(field)
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                self.fail(field, f"must be a JSON object from value to probability ({exc})")
+                return None
+        if value is None:
+            return None
+        if isinstance(value, Mapping):
+            pairs = list(value.items())
+        elif isinstance(value, (list, tuple, np.ndarray)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in value
+        ):
+            pairs = [tuple(p) for p in value]  # a Parquet map column reads as (key, value) pairs
+        else:
+            self.fail(field, f"must be an object from value to probability, got {type(value).__name__}")
+            return None
+        out: list[tuple[str, float]] = []
+        for key, number in pairs:
+            if not isinstance(key, str) or not key.strip():
+                self.fail(field, f"value {key!r} must be a non-empty string")
+                return None
+            if isinstance(number, bool) or not isinstance(number, (int, float, np.integer, np.floating)):
+                self.fail(field, f"the probability of '{key}' must be a number in [0, 1], got {number!r}")
+                return None
+            if not 0.0 <= float(number) <= 1.0:  # NaN fails too
+                self.fail(field, f"the probability of '{key}' must be a number in [0, 1], got {float(number):g}")
+                return None
+            out.append((key.strip(), float(number)))
+        return tuple(out) or None
+
 
 def _unique(values: Sequence[str]) -> tuple[str, ...]:
     """Values without repeats, first occurrence kept."""
@@ -197,6 +235,7 @@ def _validate_row(
         checker.fail("source", f"unknown source {source!r}; expected 'text', 'image' or null")
 
     label_weight = checker.fraction(raw, "label_weight")
+    label_probs = checker.probabilities(raw, "label_probs")
 
     images = checker.strings(raw, "images")
     resolved: list[str] = []
@@ -223,6 +262,7 @@ def _validate_row(
         gold=_unique(gold) if gold else None,
         source=source,
         label_weight=label_weight,
+        label_probs=label_probs,
     )
 
 

@@ -283,6 +283,14 @@ class PV2TEA(nn.Module):
                 (pretrained if trained else new).append(p)
         return pretrained, new
 
+    def warm_start_parameters(self, warm_head: bool = False) -> set[int]:
+        """``id``s of the trainable parameters a warm start fills (``warm_start_keys``; ``warm_head``: and the
+        classification head carried over from it)."""
+        keys = self.warm_start_keys()
+        if warm_head and self.value_head is not None:
+            keys |= {"value_head.weight", "value_head.bias"}
+        return {id(p) for name, p in self.named_parameters() if p.requires_grad and name in keys}
+
     def warm_start_keys(self) -> set[str]:
         """State-dict keys a warm start fills: the text encoder, fusion and decoder, minus the gated visual
         path of the fusion (``fusion.visual_gate``), which a text-only run does not have."""

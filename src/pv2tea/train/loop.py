@@ -113,8 +113,17 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     # a classification head warm-started from the warm start's own trains at the warm-started parts' rate
     warm_head = bool(warm and init_from and model.value_head is not None and ckpt.warm_start_has_head(Path(init_from)))
     pretrained, new = model.parameter_groups(warm_started=warm, warm_head=warm_head)
+    # the parts the warm start filled, at their rate times optim.warm_start_lr_scale
+    filled = model.warm_start_parameters(warm_head=warm_head) if init_from and o.warm_start_lr_scale != 1 else set()
+    rate = {"pretrained": o.lr, "new": o.head_lr or o.lr}
+    parts = [
+        ([p for p in pretrained if id(p) not in filled], rate["pretrained"]),
+        ([p for p in new if id(p) not in filled], rate["new"]),
+        ([p for p in pretrained if id(p) in filled], rate["pretrained"] * o.warm_start_lr_scale),
+        ([p for p in new if id(p) in filled], rate["new"] * o.warm_start_lr_scale),
+    ]
     groups = []
-    for params, lr in ((pretrained, o.lr), (new, o.head_lr or o.lr)):
+    for params, lr in parts:
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         groups += [
@@ -454,7 +463,9 @@ def _train(
     seed_everything(cfg.train.seed)
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
-    model, pre = build_for_training(cfg, categories, value_vocabulary(records), multi, value_counts(records))
+    model, pre = build_for_training(
+        cfg, categories, value_vocabulary(records), multi, value_counts(records, cfg.loss.soft_label_weight)
+    )
     if cfg.train.init_from and not resume:
         n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
         n_classes = ckpt.load_warm_start_head(model, pre.value_classes, Path(cfg.train.init_from))
