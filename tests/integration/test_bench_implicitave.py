@@ -13,7 +13,9 @@ from PIL import Image
 from conftest import tiny_overrides
 from pv2tea.bench.implicitave import BenchConfig, gold_labelled, product_folds
 from pv2tea.cli import main
+from pv2tea.data.dataset import value_counts
 from pv2tea.data.schema import Record
+from pv2tea.data.validate import load_dataset
 from pv2tea.models.checkpoint import warm_start_fingerprint
 
 HEADER = "id\timages\tcategory\ttexts\tattribute_names\tattribute_values"
@@ -289,6 +291,16 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     run_log = (run / "train.log").read_text()
     assert "warm start:" in run_log and "classification head's rows of" in run_log
     assert "distilling the warm start" in run_log and run_cfg["loss"]["distill_weight"] == 1.0
+    # the warm start learned the extractor's out-of-fold probabilities with its labels; the fold runs move it slowly
+    assert pre_cfg["loss"]["soft_label_weight"] == 0.5 and run_cfg["optim"]["warm_start_lr_scale"] == 0.1
+    soft = json.loads((out / "runs" / "Home" / "soft_labels.json").read_text())
+    text_rows = load_dataset(out / "data" / "Home" / "train_text.jsonl").records
+    assert len(soft["label_probs"]) == len(text_rows) and all(soft["label_probs"])
+    assert all(abs(sum(p for _, p in probs) - 1) < 1e-3 for probs in soft["label_probs"])  # single-value attributes
+    pre_counts = json.loads((pretrain / "final" / "preprocess.json").read_text())["value_counts"]
+    assert pre_counts != value_counts(text_rows)  # its prior follows the soft targets, not the labels alone
+    assert sum(sum(c.values()) for c in pre_counts.values()) == pytest.approx(len(text_rows))
+    soft_stamp = (out / "runs" / "Home" / "soft_labels.json").stat().st_mtime_ns
     stamp = (pretrain / "final" / "model.safetensors").stat().st_mtime_ns
     # the warm start scored alone on the held-out fold, next to the runs it started
     results = json.loads((out / "bench.json").read_text())["domains"]["Home"]
@@ -301,6 +313,7 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     capsys.readouterr()
     assert main(args) == 0  # re-run: the pretraining is reused too, and the warm start's score
     assert (pretrain / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "runs" / "Home" / "soft_labels.json").stat().st_mtime_ns == soft_stamp  # reused too
     assert scored_path.stat().st_mtime_ns == scored_stamp
     scored_path.write_text("{damaged")
     assert main(args) == 0  # a damaged score is computed again, not a crash

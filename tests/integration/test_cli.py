@@ -351,14 +351,26 @@ def test_image_less_rows_drawn_per_epoch_train_and_resume(catalog, tiny_text_ckp
 
 
 def test_warm_start_pipeline_of_the_readme(catalog, tiny_text_ckpt, tmp_path, capsys):
-    """A text-only warm start (--variant tea) classifying among the values, then a run started and taught by it."""
+    """Soft labels from the extractor (weak-label --soft-train), a text-only warm start on them (--variant tea)
+    classifying among the values, then a run started and taught by it, its warm-started parts slower."""
+    soft = tmp_path / "text_only_soft.jsonl"
+    weak = ["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["val"]), "--kind", "tfidf"]
+    assert main([*weak, "--out", str(tmp_path / "weak.jsonl"), "--soft-train", str(soft)]) == 0
     overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1", "decoder.head=classify"]
-    assert _train(catalog, tmp_path / "warm", overrides, "--variant", "tea") == 0
+    warm = ["train", "--train", str(soft), "--out", str(tmp_path / "warm"), "--no-progress", "--variant", "tea"]
+    assert main([*warm, *_sets([*overrides, "loss.soft_label_weight=0.5"])]) == 0
     import yaml
 
     warm_cfg = yaml.safe_load((tmp_path / "warm" / "config.yaml").read_text())
     assert warm_cfg["vision"]["enabled"] is False and warm_cfg["decoder"]["head"] == "classify"
-    taught = [*overrides, f"train.init_from={tmp_path / 'warm' / 'final'}", "loss.distill_weight=1"]
+    counts = json.loads((tmp_path / "warm" / "final" / "preprocess.json").read_text())["value_counts"]
+    assert any(not float(n).is_integer() for c in counts.values() for n in c.values())  # the soft targets' prior
+    taught = [
+        *overrides,
+        f"train.init_from={tmp_path / 'warm' / 'final'}",
+        "loss.distill_weight=1",
+        "optim.warm_start_lr_scale=0.1",
+    ]
     assert _train(catalog, tmp_path / "run", taught) == 0
     log = (tmp_path / "run" / "train.log").read_text()
     assert "classification head's rows of" in log and "distilling the warm start" in log

@@ -55,11 +55,18 @@ from pv2tea.train.loop import multi_value_attributes, train
 BENCH_OVERRIDES = ["vision.freeze=true"]
 # How every model of the protocol answers and how a fold's run keeps its warm start (docs/results.md, 2026-12-06):
 # ImplicitAVE lists each attribute's options, so the models classify over the values seen in training instead of
-# generating them (the warm start then reaches the TF-IDF extractor on all three domains in half the time), and a fold's
-# run learns from the warm start's class distribution instead of the weak labels (loss.distill_weight = 1), which
-# otherwise pull it under its warm start within one epoch. Both hold for any domain; --set overrides them.
+# generating them (the warm start then reaches the TF-IDF extractor on all three domains in half the time); the warm
+# start learns from the extractor's out-of-fold class probabilities as well as the labels (loss.soft_label_weight =
+# 0.5, the midpoint); and a fold's run learns from the warm start's class distribution instead of the weak labels
+# (loss.distill_weight = 1), which otherwise pull it under its warm start within one epoch, at a tenth of the rate on
+# the warm-started parts (optim.warm_start_lr_scale = 0.1: the paper's 1e-5 for pretrained weights). They hold for
+# any domain; --set overrides them.
 REAL_DATA_OVERRIDES = ["decoder.head=classify"]
-WARM_START_OVERRIDES = ["loss.distill_weight=1.0"]  # only with a warm start (the teacher): --text-pretrain > 0
+WARM_START_OVERRIDES = [  # only with a warm start (the teacher): --text-pretrain > 0
+    "loss.soft_label_weight=0.5",
+    "loss.distill_weight=1.0",
+    "optim.warm_start_lr_scale=0.1",
+]
 METRICS = ("precision", "recall", "f1", "accuracy")
 # settings of the fold runs that the text pretraining (a TEA from scratch on text-only rows) keeps at the preset's: the
 # visual encoder (TEA has none), the schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct
