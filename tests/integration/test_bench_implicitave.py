@@ -349,3 +349,14 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     assert other_run["fusion"]["visual_gate"] == 0 and other_run["vision"]["image_size"] == image_size + 16
     with pytest.raises(ValueError, match="text-pretrain"):
         BenchConfig(root=Path("."), out=Path("."), text_pretrain=-1)
+
+
+def test_a_generating_protocol_warm_starts_without_soft_labels(root, tiny_text_ckpt, tmp_path):
+    """Soft labels need the classification head: `--set decoder.head=generate` drops them from the defaults."""
+    out = tmp_path / "bench"
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--variants", ""]
+    sets = [*tiny_overrides(tiny_text_ckpt), "decoder.head=generate"]
+    assert main([*args, "--no-gold-ceiling", "--text-pretrain", "1", *[x for o in sets for x in ("--set", o)]]) == 0
+    pre_cfg = yaml.safe_load((out / "runs" / "Home" / "text_pretrain" / "config.yaml").read_text())
+    assert pre_cfg["decoder"]["head"] == "generate" and pre_cfg["loss"]["soft_label_weight"] == 0
+    assert not (out / "runs" / "Home" / "soft_labels.json").exists()

@@ -65,6 +65,12 @@ def test_value_counts_follow_the_soft_targets():
     assert counts["color"]["red"] == pytest.approx(0.5 + 0.25 + 0.5 + 0.375)
     assert counts["color"]["blue"] == pytest.approx(0.25 + 1.0 + 0.125)
     assert sum(counts["color"].values()) == pytest.approx(len(rows))
+    # a soft label with none of the training values trains the label alone (value_target), and counts so
+    fallback = [_row(0, "red", {"purple": 1.0}), _row(1, "blue", {"red": 0.0, "blue": 0.0})]
+    assert value_counts(fallback, 0.5) == {"color": {"blue": 1, "red": 1}}
+    # a multi-value row counts once per label value, its soft label spread over as many
+    multi = [Record("m", "a mug", (), "mug", "color", ("red", "blue"), label_probs=(("red", 0.9), ("blue", 0.9)))]
+    assert value_counts(multi, 0.5)["color"] == pytest.approx({"blue": 1.0, "red": 1.0})
 
 
 def test_a_run_learns_the_soft_labels_where_they_disagree_with_the_labels(tmp_path, tiny_text_ckpt):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_overrides
 from pv2tea.config import ConfigError, load_config, upgrade_saved
 from pv2tea.data.schema import Record
-from pv2tea.experiment import check_same_config
+from pv2tea.experiment import TEA, check_same_config
 from pv2tea.models import checkpoint as ckpt
 from pv2tea.models.build import build_for_training, load_from_checkpoint
 from pv2tea.train.loop import build_optimizer, train
@@ -156,6 +156,26 @@ def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, 
     cold_lr = {id(p): g["lr"] for g in build_optimizer(cold_model, cold, 10)[0].param_groups for p in g["params"]}
     cold_names = dict(cold_model.named_parameters())
     assert {cold_lr[id(cold_names[n])] for n in cross} == {1e-3}  # without a warm start they are new
+
+
+def test_a_carried_over_head_is_scaled_with_the_warm_start_at_either_rate(tmp_path, tiny_text_ckpt):
+    rows = [Record(f"t{i}", f"a {c} mug {i}", (), "mug", "color", (c,)) for i, c in enumerate(["red", "blue"] * 4)]
+    base = [*tiny_overrides(tiny_text_ckpt), "decoder.head=classify", "optim.lr=1e-4", "optim.head_lr=1e-3"]
+    train(load_config(None, [*base, *TEA, "train.epochs=1"]), rows, tmp_path / "warm", progress=False)
+    for rate, expected in (("lr", 1e-5), ("head_lr", 1e-4)):
+        cfg = load_config(
+            None,
+            [
+                *base,
+                f"train.init_from={tmp_path / 'warm' / 'final'}",
+                f"optim.warm_start_lr={rate}",
+                "optim.warm_start_lr_scale=0.1",
+            ],
+        )
+        model, _ = build_for_training(cfg, ["mug"], {"color": ["blue", "red"]})
+        optimizer, _ = build_optimizer(model, cfg, total_steps=10)
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert lr_of[id(model.value_head.weight)] == pytest.approx(expected), rate
 
 
 def test_unknown_warm_start_lr_is_refused(tiny_text_ckpt):

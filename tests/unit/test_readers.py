@@ -203,3 +203,13 @@ def test_a_bad_soft_label_names_its_row_and_field(tmp_path: Path, fmt: str) -> N
     assert "row 3, field 'label_probs'" in messages[1] and "non-empty string" in messages[1]
     assert "row 4, field 'label_probs'" in messages[2] and "'high'" in messages[2]
     assert "row 5, field 'label_probs'" in messages[3] and "JSON object" in messages[3]
+
+
+def test_soft_labels_are_merged_and_checked_on_write(tmp_path: Path) -> None:
+    row = Record("a", "t", (), "mug", "color", ("red",), label_probs=(("red", 0.5), ("red", 0.25), ("blue", 0.25)))
+    (back,) = load_dataset(write_records([row], tmp_path / "a.jsonl")).records
+    assert dict(back.label_probs) == {"red": 0.75, "blue": 0.25}  # a repeated value summed, as training does
+    bad = Record("b", "t", (), "mug", "color", ("red",), label_probs=(("red", 1.5),))
+    with pytest.raises(ValueError, match="label_probs of row 'b'.*'red' is not in"):
+        write_records([bad], tmp_path / "b.csv")
+    assert not (tmp_path / "b.csv").exists()

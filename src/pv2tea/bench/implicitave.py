@@ -163,9 +163,16 @@ def _soft_labels(text_rows: list[Record], path: Path, log: Callable[[str], None]
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             saved = None  # damaged: computed again below
-        if isinstance(saved, dict) and saved.get("rows_sha256") == key and saved.get("folds") == SOFT_LABEL_FOLDS:
-            probs = saved["label_probs"]
+        probs = saved.get("label_probs") if isinstance(saved, dict) else None
+        if (
+            isinstance(saved, dict)
+            and saved.get("rows_sha256") == key
+            and saved.get("folds") == SOFT_LABEL_FOLDS
+            and isinstance(probs, list)
+            and len(probs) == len(text_rows)
+        ):
             return [replace(r, label_probs=tuple(map(tuple, p)) if p else None) for r, p in zip(text_rows, probs)]
+        # otherwise damaged or of other rows: computed again below
     log(f"soft labels: {SOFT_LABEL_FOLDS} TF-IDF extractors, each scoring the text-only rows the others trained on")
     rows = soft_labelled(
         lambda: TfidfTextExtractor(TfidfExtractorConfig()), text_rows, product_folds(text_rows, SOFT_LABEL_FOLDS)
@@ -298,10 +305,15 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     )  # a fresh sample of the pool each epoch
     folds = product_folds(weak, cfg.folds)
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
+    # soft labels need the classification head: a protocol set to generate (--set decoder.head=generate) goes without
+    generating = (
+        load_config(cfg.config, [*BENCH_OVERRIDES, *REAL_DATA_OVERRIDES, *cfg.overrides]).decoder.head != "classify"
+    )
+    warm_start = [o for o in WARM_START_OVERRIDES if not (generating and o.startswith("loss.soft_label_weight="))]
     overrides = [
         *BENCH_OVERRIDES,
         *REAL_DATA_OVERRIDES,
-        *(WARM_START_OVERRIDES if cfg.text_pretrain else []),
+        *(warm_start if cfg.text_pretrain else []),
         f"train.epochs={cfg.epochs}",
         *per_epoch,
         *cfg.overrides,

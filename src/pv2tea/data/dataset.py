@@ -205,21 +205,32 @@ def value_vocabulary(records: Sequence[Record]) -> dict[str, list[str]]:
 
 
 def value_counts(records: Sequence[Record], soft_weight: float = 0.0) -> dict[str, dict[str, float]]:
-    """attribute → normalized training value → how many training rows carry it; with ``soft_weight`` = β, a row
-    with a soft label (``Record.label_probs``) counts (1 − β) for each of its label's values and β·p for each value of
-    its soft label, the prior it is trained towards."""
+    """attribute → normalized training value → how many training rows carry it.
+
+    With ``soft_weight`` = β, the prior a run is trained towards (:meth:`Preprocessor.value_target`): a row with k label
+    values and a soft label (``Record.label_probs``) counts (1 − β) for each label value and β · k · p for each value
+    of its soft label, p renormalized over the attribute's training values; a soft label without any of them counts
+    as none (the row trains on its label alone).
+    """
+    vocab = value_vocabulary(records) if soft_weight > 0 else {}
     counts: dict[str, dict[str, float]] = {}
     for r in records:
         per = counts.setdefault(r.attribute, {})
-        soft = soft_weight if soft_weight > 0 and r.label_probs else 0.0
-        for v in {normalize_value(v) for v in r.label} - {""}:
-            per[v] = per.get(v, 0) + (1 - soft)
-        if soft:
-            total = sum(p for _, p in r.label_probs or ())
-            for v, p in r.label_probs or ():
+        label = {normalize_value(v) for v in r.label} - {""}
+        soft: dict[str, float] = {}
+        if soft_weight > 0 and r.label_probs:
+            known = set(vocab.get(r.attribute, ()))
+            for v, p in r.label_probs:
                 key = normalize_value(v)
-                if key and total > 0:
-                    per[key] = per.get(key, 0) + soft * p / total
+                if key in known:
+                    soft[key] = soft.get(key, 0.0) + p
+        total = sum(soft.values())
+        share = soft_weight if total > 0 else 0.0
+        for v in label:
+            per[v] = per.get(v, 0) + (1 - share)
+        for v, p in soft.items():
+            if share:
+                per[v] = per.get(v, 0) + share * len(label) * p / total
     return {a: dict(sorted(c.items())) for a, c in sorted(counts.items())}
 
 

@@ -266,9 +266,20 @@ def _output_row(item: Record | Mapping[str, Any], out_dir: str) -> dict[str, Any
         if not 0.0 <= row["label_weight"] <= 1.0:
             raise ValueError(f"cannot write label_weight {weight!r} of row '{row['id']}': expected a number in [0, 1]")
     probs = row["label_probs"]
-    if probs is not None:  # a soft label: written as an object from value to probability
+    if probs is not None:  # a soft label: written as an object from value to probability (a repeated value summed)
         pairs = list(probs.items()) if isinstance(probs, Mapping) else list(probs)
-        row["label_probs"] = {str(value): float(p) for value, p in pairs} or None
+        merged: dict[str, float] = {}
+        for value, p in pairs:
+            try:
+                merged[str(value)] = merged.get(str(value), 0.0) + float(p)
+            except (TypeError, ValueError, OverflowError):
+                merged[str(value)] = float("nan")
+        bad = [v for v, p in merged.items() if not 0.0 <= p <= 1.0]
+        if bad:
+            raise ValueError(
+                f"cannot write label_probs of row '{row['id']}': the probability of {bad[0]!r} is not in [0, 1]"
+            )
+        row["label_probs"] = merged or None
     return row
 
 

@@ -113,8 +113,12 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     # a classification head warm-started from the warm start's own trains at the warm-started parts' rate
     warm_head = bool(warm and init_from and model.value_head is not None and ckpt.warm_start_has_head(Path(init_from)))
     pretrained, new = model.parameter_groups(warm_started=warm, warm_head=warm_head)
-    # the parts the warm start filled, at their rate times optim.warm_start_lr_scale
-    filled = model.warm_start_parameters(warm_head=warm_head) if init_from and o.warm_start_lr_scale != 1 else set()
+    # the parts the warm start filled (its classification head too, copied whatever the rate), at their rate times
+    # optim.warm_start_lr_scale
+    filled: set[int] = set()
+    if init_from and o.warm_start_lr_scale != 1:
+        head = model.value_head is not None and ckpt.warm_start_has_head(Path(init_from))
+        filled = model.warm_start_parameters(warm_head=head)
     rate = {"pretrained": o.lr, "new": o.head_lr or o.lr}
     parts = [
         ([p for p in pretrained if id(p) not in filled], rate["pretrained"]),
