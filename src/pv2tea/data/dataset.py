@@ -6,7 +6,7 @@ training, batch prediction and serving, and is saved with every checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -180,11 +180,10 @@ class Preprocessor:
                 target[j] = 1.0
         if soft_weight <= 0 or not record.label_probs:
             return target
+        known = soft_label_over(record, lambda v: (record.attribute, v) in self.value_index)
         soft = torch.zeros_like(target)
-        for v, p in record.label_probs:
-            j = self.value_index.get((record.attribute, normalize_value(v)))
-            if j is not None:
-                soft[j] += p
+        for v, p in known.items():
+            soft[self.value_index[(record.attribute, v)]] = p
         if soft.sum() <= 0:
             return target
         hard = target / target.sum().clamp_min(1)
@@ -204,6 +203,16 @@ def value_vocabulary(records: Sequence[Record]) -> dict[str, list[str]]:
     return {a: sorted(v - {""}) for a, v in sorted(vocab.items())}
 
 
+def soft_label_over(record: Record, known: Callable[[str], bool]) -> dict[str, float]:
+    """A row's soft label (``Record.label_probs``) summed per normalized value, kept to the values ``known`` accepts."""
+    out: dict[str, float] = {}
+    for v, p in record.label_probs or ():
+        key = normalize_value(v)
+        if known(key):
+            out[key] = out.get(key, 0.0) + p
+    return out
+
+
 def value_counts(records: Sequence[Record], soft_weight: float = 0.0) -> dict[str, dict[str, float]]:
     """attribute → normalized training value → how many training rows carry it.
 
@@ -217,13 +226,8 @@ def value_counts(records: Sequence[Record], soft_weight: float = 0.0) -> dict[st
     for r in records:
         per = counts.setdefault(r.attribute, {})
         label = {normalize_value(v) for v in r.label} - {""}
-        soft: dict[str, float] = {}
-        if soft_weight > 0 and r.label_probs:
-            known = set(vocab.get(r.attribute, ()))
-            for v, p in r.label_probs:
-                key = normalize_value(v)
-                if key in known:
-                    soft[key] = soft.get(key, 0.0) + p
+        known = set(vocab.get(r.attribute, ()))
+        soft = soft_label_over(r, known.__contains__) if soft_weight > 0 else {}
         total = sum(soft.values())
         share = soft_weight if total > 0 else 0.0
         for v in label:
