@@ -293,6 +293,10 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     assert "distilling the warm start" in run_log and run_cfg["loss"]["distill_weight"] == 1.0
     # the warm start learned the extractor's out-of-fold probabilities with its labels; the fold runs move it slowly
     assert pre_cfg["loss"]["soft_label_weight"] == 0.5 and run_cfg["optim"]["warm_start_lr_scale"] == 0.1
+    # and read the image through a gate that starts closed (the run starts at its warm start); the log shows it
+    assert run_cfg["fusion"]["visual_gate"] == 0 and pre_cfg["fusion"]["visual_gate"] is None
+    epoch_records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("visual_gate" in r for r in epoch_records)
     soft = json.loads((out / "runs" / "Home" / "soft_labels.json").read_text())
     text_rows = load_dataset(out / "data" / "Home" / "train_text.jsonl").records
     assert len(soft["label_probs"]) == len(text_rows) and all(soft["label_probs"])
@@ -335,7 +339,7 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
                 "--set",
                 "optim.warm_start_lr=head_lr",
                 "--set",
-                "fusion.visual_gate=0",
+                "fusion.visual_gate=0.5",
                 "--set",
                 f"vision.image_size={image_size + 16}",
             ]
@@ -346,17 +350,21 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     assert copied.stat().st_mtime_ns == stamp  # copied with its time stamp, and not retrained
     other_run = yaml.safe_load((other / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
     assert other_run["optim"]["warm_start_lr"] == "head_lr"  # the fold runs still get it
-    assert other_run["fusion"]["visual_gate"] == 0 and other_run["vision"]["image_size"] == image_size + 16
+    assert other_run["fusion"]["visual_gate"] == 0.5 and other_run["vision"]["image_size"] == image_size + 16
     with pytest.raises(ValueError, match="text-pretrain"):
         BenchConfig(root=Path("."), out=Path("."), text_pretrain=-1)
 
 
 def test_a_generating_protocol_warm_starts_without_soft_labels(root, tiny_text_ckpt, tmp_path):
-    """Soft labels need the classification head: `--set decoder.head=generate` drops them from the defaults."""
+    """Soft labels need the classification head: `--set decoder.head=generate` drops them from the defaults; a
+    decoder that reads the context (`decoder.attend_context=true`) drops the visual gate it would read past."""
     out = tmp_path / "bench"
-    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--variants", ""]
-    sets = [*tiny_overrides(tiny_text_ckpt), "decoder.head=generate"]
+    args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--variants", "pv2tea"]
+    sets = [*tiny_overrides(tiny_text_ckpt), "decoder.head=generate", "decoder.attend_context=true"]
     assert main([*args, "--no-gold-ceiling", "--text-pretrain", "1", *[x for o in sets for x in ("--set", o)]]) == 0
     pre_cfg = yaml.safe_load((out / "runs" / "Home" / "text_pretrain" / "config.yaml").read_text())
     assert pre_cfg["decoder"]["head"] == "generate" and pre_cfg["loss"]["soft_label_weight"] == 0
     assert not (out / "runs" / "Home" / "soft_labels.json").exists()
+    run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
+    assert run_cfg["decoder"]["attend_context"] is True and run_cfg["fusion"]["visual_gate"] is None
+    assert run_cfg["optim"]["warm_start_lr_scale"] == 0.1  # the other defaults stay
