@@ -370,11 +370,16 @@ def test_warm_start_pipeline_of_the_readme(catalog, tiny_text_ckpt, tmp_path, ca
         f"train.init_from={tmp_path / 'warm' / 'final'}",
         "loss.distill_weight=1",
         "optim.warm_start_lr_scale=0.1",
+        "fusion.visual_gate=0",
     ]
     assert _train(catalog, tmp_path / "run", taught) == 0
     log = (tmp_path / "run" / "train.log").read_text()
     assert "classification head's rows of" in log and "distilling the warm start" in log
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["vision"]["enabled"] is True
+    run_cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert run_cfg["vision"]["enabled"] is True and run_cfg["fusion"]["visual_gate"] == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gates = [r["visual_gate"] for r in records if "visual_gate" in r]  # how far the image was let in, per layer
+    assert gates and all(g and all(-1 <= x <= 1 for x in g) for g in gates)
     capsys.readouterr()
     assert _train(catalog, tmp_path / "bad", overrides, "--variant", "teaa") == 2
     assert "--variant 'teaa' is not a variant; known: pv2tea, tea, " in capsys.readouterr().err
