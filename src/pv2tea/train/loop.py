@@ -710,7 +710,7 @@ def _train(
                     if not torch.isfinite(out.loss):
                         raise TrainingError(
                             f"non-finite loss at epoch {epoch + 1} step {step}: "
-                            f"{ {k: float(v) for k, v in out.terms.items()} }"
+                            f"{ {k: float(v.detach()) for k, v in out.terms.items()} }"
                         )
                     share = 1.0 if len(micro) == 1 else len(indices) / len(mine)  # the step's loss: a row mean
                     accelerator.backward(out.loss if share == 1.0 else out.loss * share)
