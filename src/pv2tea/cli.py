@@ -910,7 +910,7 @@ def weak_label_cmd(
             if save:
                 extractor.save(save)
             if soft_train:
-                from pv2tea.bench.implicitave import product_folds
+                from pv2tea.data.folds import product_folds
                 from pv2tea.data.readers import write_records
 
                 folds = product_folds(source.records, soft_folds)

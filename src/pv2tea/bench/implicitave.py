@@ -26,6 +26,7 @@ from typing import Any
 from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, soft_labelled, weak_label
 from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
 from pv2tea.config import load_config, with_settings_of
+from pv2tea.data.folds import product_folds
 from pv2tea.data.implicitave import discover_domains, domain_paths, import_implicitave
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
@@ -125,17 +126,6 @@ class BenchConfig:
             raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
         if self.quick:
             self.seeds = self.seeds[:1]
-
-
-def product_folds(records: Sequence[Record], k: int, seed: int = 0) -> list[list[int]]:
-    """Row indices of k folds; all rows of one product (same image or id) fall in the same fold."""
-    keys = list(dict.fromkeys(r.images[0] if r.images else r.id for r in records))
-    random.Random(seed).shuffle(keys)
-    fold_of = {key: i % k for i, key in enumerate(keys)}
-    folds: list[list[int]] = [[] for _ in range(k)]
-    for i, r in enumerate(records):
-        folds[fold_of[r.images[0] if r.images else r.id]].append(i)
-    return folds
 
 
 def gold_labelled(records: Sequence[Record]) -> list[Record]:
@@ -324,9 +314,10 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
         *per_epoch,
         *cfg.overrides,
     ]
-    tau = load_config(cfg.config, overrides).decoder.prior_correction  # how every model ranks the options
+    resolved = load_config(cfg.config, overrides)
+    tau = resolved.decoder.prior_correction  # how every model ranks the options
     if cfg.text_pretrain:
-        soft = load_config(cfg.config, overrides).loss.soft_label_weight > 0
+        soft = resolved.loss.soft_label_weight > 0
         pretrain_rows = _soft_labels(text_rows, domain_dir / "soft_labels.json", log) if soft else text_rows
         start = _text_pretrain(pretrain_rows, domain_dir / "text_pretrain", cfg, overrides, log)
         overrides.append(f"train.init_from={start}")

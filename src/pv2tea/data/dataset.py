@@ -221,19 +221,18 @@ def value_counts(records: Sequence[Record], soft_weight: float = 0.0) -> dict[st
     of its soft label, p renormalized over the attribute's training values; a soft label without any of them counts
     as none (the row trains on its label alone).
     """
-    vocab = value_vocabulary(records) if soft_weight > 0 else {}
+    known = {a: set(vs) for a, vs in value_vocabulary(records).items()} if soft_weight > 0 else {}
     counts: dict[str, dict[str, float]] = {}
     for r in records:
         per = counts.setdefault(r.attribute, {})
         label = {normalize_value(v) for v in r.label} - {""}
-        known = set(vocab.get(r.attribute, ()))
-        soft = soft_label_over(r, known.__contains__) if soft_weight > 0 else {}
+        soft = soft_label_over(r, known[r.attribute].__contains__) if soft_weight > 0 else {}
         total = sum(soft.values())
         share = soft_weight if total > 0 else 0.0
         for v in label:
             per[v] = per.get(v, 0) + (1 - share)
-        for v, p in soft.items():
-            if share:
+        if share:
+            for v, p in soft.items():
                 per[v] = per.get(v, 0) + share * len(label) * p / total
     return {a: dict(sorted(c.items())) for a, c in sorted(counts.items())}
 

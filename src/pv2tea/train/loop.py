@@ -110,21 +110,18 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     o = cfg.optim
     init_from = cfg.train.init_from
     warm = bool(init_from) and o.warm_start_lr == "lr"
+    # whether the warm start carries a classification head over (its checkpoint read once)
+    has_head = bool(init_from and model.value_head is not None and ckpt.warm_start_has_head(Path(init_from)))
     # a classification head warm-started from the warm start's own trains at the warm-started parts' rate
-    warm_head = bool(warm and init_from and model.value_head is not None and ckpt.warm_start_has_head(Path(init_from)))
-    pretrained, new = model.parameter_groups(warm_started=warm, warm_head=warm_head)
+    pretrained, new = model.parameter_groups(warm_started=warm, warm_head=warm and has_head)
     # the parts the warm start filled (its classification head too, copied whatever the rate), at their rate times
     # optim.warm_start_lr_scale
-    filled: set[int] = set()
-    if init_from and o.warm_start_lr_scale != 1:
-        head = model.value_head is not None and ckpt.warm_start_has_head(Path(init_from))
-        filled = model.warm_start_parameters(warm_head=head)
-    rate = {"pretrained": o.lr, "new": o.head_lr or o.lr}
-    parts = [
-        ([p for p in pretrained if id(p) not in filled], rate["pretrained"]),
-        ([p for p in new if id(p) not in filled], rate["new"]),
-        ([p for p in pretrained if id(p) in filled], rate["pretrained"] * o.warm_start_lr_scale),
-        ([p for p in new if id(p) in filled], rate["new"] * o.warm_start_lr_scale),
+    filled = model.warm_start_parameters(warm_head=has_head) if init_from and o.warm_start_lr_scale != 1 else set()
+    rates = ((pretrained, o.lr), (new, o.head_lr or o.lr))
+    parts = [  # the rest first, then what the warm start filled
+        ([p for p in params if (id(p) in filled) == is_filled], lr * (o.warm_start_lr_scale if is_filled else 1.0))
+        for is_filled in (False, True)
+        for params, lr in rates
     ]
     groups = []
     for params, lr in parts:
