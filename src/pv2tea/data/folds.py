@@ -8,15 +8,20 @@ from collections.abc import Sequence
 
 from pv2tea.data.schema import Record
 
-__all__ = ["product_folds"]
+__all__ = ["product_folds", "product_key"]
+
+
+def product_key(record: Record) -> str:
+    """What identifies a row's product: its first image, or the row id for a product without one."""
+    return record.images[0] if record.images else record.id
 
 
 def product_folds(records: Sequence[Record], k: int, seed: int = 0) -> list[list[int]]:
     """Row indices of k folds; all rows of one product (same image or id) fall in the same fold."""
-    keys = list(dict.fromkeys(r.images[0] if r.images else r.id for r in records))
+    keys = list(dict.fromkeys(product_key(r) for r in records))
     random.Random(seed).shuffle(keys)
     fold_of = {key: i % k for i, key in enumerate(keys)}
     folds: list[list[int]] = [[] for _ in range(k)]
     for i, r in enumerate(records):
-        folds[fold_of[r.images[0] if r.images else r.id]].append(i)
+        folds[fold_of[product_key(r)]].append(i)
     return folds

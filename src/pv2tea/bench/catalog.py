@@ -1,0 +1,196 @@
+"""``pv2tea bench catalog``: the weak-label protocol on any gold-labelled multimodal catalogue file (issue 37).
+
+A catalogue team has products with text, photo, category and gold values (e.g. ``pv2tea data import
+fashion-product-images``). The products are split, by a stable hash of the product, into a *text-labelled share*
+(``text_share``; the extractor learns from its texts and gold values, its images unused: what the team's extractor
+knows) and the *catalogue* (the rest: weakly labelled by that extractor, k-fold over products, the models learn from
+weak labels only, scored on gold by source). The closed value list of an attribute is the values of the
+text-labelled share. The protocol itself is :func:`pv2tea.bench.protocol.run_protocol`, as for ImplicitAVE.
+
+Writes into ``out``: ``runs/`` (the protocol's runs, resumable), ``bench.json`` (summaries), ``tables.md``, and
+``summary.json`` (:func:`catalog_headline`: per variant the mean over attributes of F1, F1 on text and on image rows
+and the GAP, per attribute, p-values against the extractor and against ``tea``, seconds and peak memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pv2tea.bench.protocol import ProtocolConfig, format_tables, run_protocol
+from pv2tea.bench.train import peak_rss_gib
+from pv2tea.data.folds import product_key
+from pv2tea.data.schema import Record
+from pv2tea.data.validate import load_dataset
+
+__all__ = ["CatalogBenchConfig", "catalog_headline", "run_catalog_bench", "split_catalog"]
+
+EXTRACTOR = "text_extractor"
+
+
+@dataclass(kw_only=True)
+class CatalogBenchConfig(ProtocolConfig):
+    data: Path  # the catalogue file: rows with gold values and images (pv2tea's format)
+    out: Path  # benchmark folder (re-run to resume)
+    text_share: float = 0.5  # share of the products whose texts and gold train the extractor
+    name: str | None = None  # the catalogue's name in tables and logs (default: the file's stem)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.text_share < 1.0:
+            raise ValueError(f"--text-share must be strictly between 0 and 1, got {self.text_share}")
+
+
+def _in_text_share(key: str, share: float) -> bool:
+    """A stable draw per product (the same on every machine and Python): sha256 of its key as a number in [0, 1)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def split_catalog(records: Sequence[Record], share: float) -> tuple[list[Record], list[Record]]:
+    """(text-labelled rows, catalogue rows): the first as text-only rows labelled with their gold values, the second
+    as they are (no label; the extractor gives it); a product's rows stay together."""
+    text_rows, catalogue = [], []
+    for r in records:
+        if _in_text_share(product_key(r), share):
+            text_rows.append(replace(r, images=(), label=tuple(r.gold or ()), label_weight=None, label_probs=None))
+        else:
+            catalogue.append(replace(r, label=(), label_weight=None, label_probs=None))
+    return text_rows, catalogue
+
+
+def _check_rows(records: Sequence[Record], path: Path) -> None:
+    missing_gold = next((i for i, r in enumerate(records, 1) if not r.gold), None)
+    if missing_gold is not None:
+        raise ValueError(
+            f"{path}: row {missing_gold} ('{records[missing_gold - 1].id}') has no gold value: "
+            "the catalogue protocol scores every row against gold"
+        )
+    if not any(r.images for r in records):
+        raise ValueError(f"{path}: no row has an image; the catalogue protocol compares models that read the photo")
+
+
+def _candidates(text_rows: Sequence[Record]) -> dict[str, list[str]]:
+    values: dict[str, set[str]] = defaultdict(set)
+    for r in text_rows:
+        values[r.attribute].update(r.label)
+    return {a: sorted(v) for a, v in sorted(values.items())}
+
+
+def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Split, run the protocol, write ``bench.json``, ``tables.md`` and ``summary.json``; returns the results."""
+    start = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    records = load_dataset(cfg.data, require_label=False).records
+    if not records:
+        raise ValueError(f"{cfg.data}: no rows")
+    _check_rows(records, cfg.data)
+    text_rows, catalogue = split_catalog(records, cfg.text_share)
+    if not text_rows or not catalogue:
+        raise ValueError(
+            f"{cfg.data}: text share {cfg.text_share} leaves {len(text_rows)} text-labelled and {len(catalogue)} "
+            "catalogue rows; both need rows (more products, or another --text-share)"
+        )
+    candidates = _candidates(text_rows)
+    label = cfg.name or Path(cfg.data).stem
+    log(
+        f"{label}: {len(text_rows)} text-labelled rows, {len(catalogue)} catalogue rows "
+        f"({len({product_key(r) for r in catalogue})} products), {len(candidates)} attributes"
+    )
+    summaries = run_protocol(label, text_rows, catalogue, candidates, cfg.out / "runs", cfg, log)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
+    results: dict[str, Any] = {
+        "domains": {label: summaries},
+        "config": config,
+        "split": {"text_rows": len(text_rows), "catalogue_rows": len(catalogue), "candidates": candidates},
+        "seconds": time.perf_counter() - start,
+        "peak_rss_gb": peak_rss_gib(),
+    }
+    (cfg.out / "bench.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+    (cfg.out / "tables.md").write_text(format_tables(results) + "\n" + format_source_table(results))
+    (cfg.out / "summary.json").write_text(json.dumps(catalog_headline(results), indent=2))
+    return results
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(sum(kept) / len(kept), 2) if kept else None
+
+
+def _attribute_scores(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per attribute: ranked F1 overall and on text / image rows (means over runs), in points."""
+    block = summary["constrained"]["by_attribute"]
+    return {
+        a: {
+            "f1": s["f1"]["mean"],
+            "f1_text": s.get("f1_text", {}).get("mean"),
+            "f1_image": s.get("f1_image", {}).get("mean"),
+        }
+        for a, s in block.items()
+    }
+
+
+def catalog_headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The last printed line: ``{"catalog": {"overall": {VARIANT: {"f1", "f1_text", "f1_image", "gap"}},
+    "attributes": {ATTR: {VARIANT: {...}}}, "p": {VARIANT: {"vs_extractor", "vs_tea"}}, "seconds",
+    "peak_rss_gb"}}``; overall = the mean over attributes of ranked macro-F1, in points."""
+    (summaries,) = results["domains"].values()
+    overall: dict[str, Any] = {}
+    attributes: dict[str, dict[str, Any]] = defaultdict(dict)
+    p: dict[str, Any] = {}
+    for variant, summary in summaries.items():
+        per = _attribute_scores(summary)
+        for a, scores in per.items():
+            attributes[a][variant] = {k: None if v is None else round(v, 2) for k, v in scores.items()}
+        f1_text = _mean([s["f1_text"] for s in per.values()])
+        f1_image = _mean([s["f1_image"] for s in per.values()])
+        overall[variant] = {
+            "f1": _mean([s["f1"] for s in per.values()]),
+            "f1_text": f1_text,
+            "f1_image": f1_image,
+            "gap": None if f1_text is None or f1_image is None else round(f1_text - f1_image, 2),
+        }
+        p[variant] = {
+            "vs_extractor": (summary.get("ttest_vs_text_extractor") or {}).get("p"),
+            "vs_tea": (summary.get("ttest_vs_tea") or {}).get("p"),
+        }
+    return {
+        "catalog": {
+            "overall": overall,
+            "attributes": dict(attributes),
+            "p": p,
+            "seconds": round(results.get("seconds", 0.0), 1),
+            "peak_rss_gb": round(results.get("peak_rss_gb", 0.0), 2),
+        }
+    }
+
+
+def format_source_table(results: dict[str, Any]) -> str:
+    """Mean over attributes of ranked F1, overall and by source, with the GAP and the p-values."""
+    head = catalog_headline(results)["catalog"]
+    lines = [
+        "Mean over attributes of ranked macro-F1 (each attribute's F1 a mean over runs), by source of the gold value:",
+        "",
+        "| variant | F1 | F1 text rows | F1 image rows | GAP | p vs extractor | p vs tea |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1f}"
+
+    def pcell(x: float | None) -> str:
+        return "–" if x is None else f"{x:.3g}"
+
+    for variant, s in head["overall"].items():
+        q = head["p"][variant]
+        lines.append(
+            f"| {variant} | {cell(s['f1'])} | {cell(s['f1_text'])} | {cell(s['f1_image'])} | {cell(s['gap'])} "
+            f"| {pcell(q['vs_extractor'])} | {pcell(q['vs_tea'])} |"
+        )
+    return "\n".join(lines) + "\n"
