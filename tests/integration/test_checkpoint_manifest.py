@@ -55,3 +55,35 @@ def test_a_folder_without_manifest_loads_with_a_warning(final_copy):
     (final_copy / ckpt.MANIFEST_FILE).unlink()
     with pytest.warns(ckpt.CheckpointWarning, match="no manifest.json"):
         Predictor.from_checkpoint(final_copy)
+
+
+def test_damaged_files_of_a_folder_without_manifest_are_named_with_the_fix(final_copy, tmp_path, capsys):
+    (final_copy / ckpt.MANIFEST_FILE).unlink()
+    weights = final_copy / ckpt.MODEL_FILE
+    data = weights.read_bytes()
+    pickled = tmp_path / "pickled.pt"
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, pickled)
+    damaged = {
+        "truncated": data[: len(data) // 2],
+        "corrupt header": b"\xff" * 8 + data[8:],
+        "a renamed pickle": pickled.read_bytes(),
+    }
+    for name, content in damaged.items():
+        weights.write_bytes(content)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ckpt.CheckpointWarning)
+            with pytest.raises(ckpt.CheckpointError) as caught:
+                Predictor.from_checkpoint(final_copy)
+        message = str(caught.value)
+        assert str(weights) in message and "copy the model folder again" in message, (name, message)
+        assert ("PyTorch pickle" in message) is (name == "a renamed pickle"), (name, message)
+    assert main(["serve", "--model", str(final_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Traceback" not in err
+    weights.write_bytes(data)
+    config = final_copy / ckpt.CONFIG_FILE
+    config.write_text(config.read_text()[:-10])
+    with pytest.raises(ckpt.CheckpointError, match=r"pv2tea_config\.json is not valid JSON .*copy the model folder"):
+        Predictor.from_checkpoint(final_copy)

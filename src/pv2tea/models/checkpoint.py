@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pv2tea.config import Config, from_dict
@@ -41,6 +41,37 @@ MANIFEST_FILE = "manifest.json"  # SHA-256 and size of every other file of the f
 
 class CheckpointError(RuntimeError):
     pass
+
+
+# What to do about a damaged file of a model folder
+DAMAGED_FIX = "copy the model folder again from where it was trained (or retrain)"
+# The first bytes of what torch.save writes: a zip archive (its default) or a bare pickle (protocol 2 to 5)
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _read_json_file(path: Path) -> Any:
+    """The JSON document in ``path``; a file that is not one raises a :class:`CheckpointError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): {DAMAGED_FIX}") from None
+
+
+def unreadable_weights(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a weights file that safetensors cannot read: a renamed PyTorch pickle, or a torn file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head.startswith(_PICKLE_MAGIC):
+        return CheckpointError(
+            f"{path} is a PyTorch pickle (torch.save), not a safetensors file; pv2tea never unpickles a file (it can "
+            f"run code): {DAMAGED_FIX}, or convert it where it was made with safetensors.torch.save_model"
+        )
+    return CheckpointError(
+        f"{path} is not a readable safetensors file (truncated or corrupt: {type(exc).__name__}: {exc}): {DAMAGED_FIX}"
+    )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -232,14 +263,14 @@ def read_config(directory: Path) -> Config:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
     verify_manifest(directory)
-    return from_dict(json.loads(path.read_text()))
+    return from_dict(_read_json_file(path))
 
 
 def read_json(directory: Path, name: str) -> Any:
     path = recover_interrupted_save(Path(directory)) / name
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {name}")
-    return json.loads(path.read_text())
+    return _read_json_file(path)
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
@@ -247,7 +278,10 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {MODEL_FILE}")
     verify_manifest(directory)  # hashed once per file version (cached): read_config checked the same files
-    missing, unexpected = load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError) as exc:  # a folder without a manifest (older pv2tea) is not checked above
+        raise unreadable_weights(path, exc) from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
