@@ -9,7 +9,9 @@ text-labelled share. The protocol itself is :func:`pv2tea.bench.protocol.run_pro
 
 Writes into ``out``: ``runs/`` (the protocol's runs, resumable), ``bench.json`` (summaries), ``tables.md``, and
 ``summary.json`` (:func:`catalog_headline`: per variant the mean over attributes of F1, F1 on text and on image rows
-and the GAP, per attribute, p-values against the extractor and against ``tea``, seconds and peak memory).
+and the GAP, per attribute, p-values against the extractor and against ``tea``, seconds and peak memory) and
+``report/`` (:mod:`pv2tea.viz.catalog`: the per-attribute, per-source figure and a page of examples where the photo
+corrected the extractor or misled the model).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pv2tea.bench.protocol import ProtocolConfig, format_tables, run_protocol
+from pv2tea.bench.probes import image_features, probe_answers
+from pv2tea.bench.protocol import BENCH_OVERRIDES, ProtocolConfig, ProtocolRun, format_tables, run_protocol
 from pv2tea.bench.train import peak_rss_gib
+from pv2tea.config import load_config
 from pv2tea.data.folds import product_key
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
+from pv2tea.viz.catalog import photo_examples, write_catalog_report
 
 __all__ = ["CatalogBenchConfig", "catalog_headline", "run_catalog_bench", "split_catalog"]
 
@@ -40,6 +45,7 @@ class CatalogBenchConfig(ProtocolConfig):
     out: Path  # benchmark folder (re-run to resume)
     text_share: float = 0.5  # share of the products whose texts and gold train the extractor
     name: str | None = None  # the catalogue's name in tables and logs (default: the file's stem)
+    probes: bool = True  # image-only anchors: linear probes on frozen features, on weak labels and on gold
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,7 +109,9 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
         f"{label}: {len(text_rows)} text-labelled rows, {len(catalogue)} catalogue rows "
         f"({len({product_key(r) for r in catalogue})} products), {len(candidates)} attributes"
     )
-    summaries = run_protocol(label, text_rows, catalogue, candidates, cfg.out / "runs", cfg, log)
+    anchors = _probe_anchors(catalogue, cfg, log) if cfg.probes else None
+    run = run_protocol(label, text_rows, catalogue, candidates, cfg.out / "runs", cfg, log, anchors)
+    summaries = run.summaries
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
     results: dict[str, Any] = {
         "domains": {label: summaries},
@@ -114,8 +122,32 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
     }
     (cfg.out / "bench.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (cfg.out / "tables.md").write_text(format_tables(results) + "\n" + format_source_table(results))
-    (cfg.out / "summary.json").write_text(json.dumps(catalog_headline(results), indent=2))
+    headline = catalog_headline(results)
+    (cfg.out / "summary.json").write_text(json.dumps(headline, indent=2))
+    _report(run, cfg, headline["catalog"], label)
     return results
+
+
+def _report(run: ProtocolRun, cfg: CatalogBenchConfig, headline: dict[str, Any], label: str) -> None:
+    """``report/``: the per-attribute, per-source figure and the page of photo examples (PV2TEA against TEA; the
+    first seed), when both models ran."""
+    seed = cfg.seeds[0]
+    ours, theirs = run.scored.get(("pv2tea", seed)), run.scored.get(("tea", seed))
+    examples = photo_examples(run.tests, ours, theirs) if ours and theirs else []
+    tables = format_source_table({"domains": {label: run.summaries}})
+    write_catalog_report(headline, tables, examples, cfg.out / "report", f"pv2tea bench catalog: {label}")
+
+
+def _probe_anchors(
+    catalogue: Sequence[Record], cfg: CatalogBenchConfig, log: Callable[[str], None]
+) -> Callable[[list[Record], list[Record]], dict[str, list[list[str]]]]:
+    """The image-only probe rows (:mod:`pv2tea.bench.probes`) on the features of the protocol's visual backbone."""
+    vision = load_config(cfg.config, [*BENCH_OVERRIDES, *cfg.overrides]).vision
+    paths = sorted({r.images[0] for r in catalogue if r.images})
+    log(f"probes: pooled features of {len(paths)} photos ({vision.name}, levels {vision.extra_levels or 'none'})")
+    matrix = image_features(paths, vision, cfg.out / "runs" / "probe_features.npz")
+    features = dict(zip(paths, matrix))
+    return lambda train, test: probe_answers(train, test, features)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

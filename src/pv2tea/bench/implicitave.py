@@ -79,7 +79,7 @@ def run_domain(domain: str, cfg: BenchConfig, log: Callable[[str], None] = print
     text_rows = load_dataset(paths.train_text).records
     products = load_dataset(paths.eval, require_label=False).records
     candidates = json.loads(paths.candidates.read_text()) if paths.candidates.is_file() else None
-    return run_protocol(domain, text_rows, products, candidates, cfg.out / "runs" / domain, cfg, log)
+    return run_protocol(domain, text_rows, products, candidates, cfg.out / "runs" / domain, cfg, log).summaries
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:

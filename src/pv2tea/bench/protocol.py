@@ -287,6 +287,16 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class ProtocolRun:
+    """What a run of the protocol leaves: the summaries, and per fold its held-out rows (weak labels attached) and
+    every model's scored rows (for per-row views such as the examples page)."""
+
+    summaries: dict[str, Any]  # {variant: summary}
+    tests: list[list[Record]]  # per fold run, the held-out rows
+    scored: dict[tuple[str, int], list[FoldRows]]  # (model, seed) -> per fold run, its scored held-out rows
+
+
 def run_protocol(
     label: str,
     text_rows: list[Record],
@@ -295,10 +305,13 @@ def run_protocol(
     directory: Path,
     cfg: ProtocolConfig,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+    anchors: Callable[[list[Record], list[Record]], dict[str, list[list[str]]]] | None = None,
+) -> ProtocolRun:
     """The whole protocol on one set (``label`` in the log): ``text_rows`` (labelled, text only) train the extractor
     and the warm start, ``products`` (gold, images) are weakly labelled and cross-validated; everything is written
-    under ``directory`` and resumes from it. Returns {variant: summary}."""
+    under ``directory`` and resumes from it. ``anchors(train, test)``, if given, answers each fold's held-out rows
+    from its weakly labelled training rows by other means ({row name: answers}, e.g. image-only probes); each
+    becomes a row of the tables."""
     domain = label
     domain_dir = directory
     extractor = _text_extractor(text_rows, domain_dir / "text_extractor")
@@ -356,6 +369,9 @@ def run_protocol(
             gold_examples(test, constrain_to_candidates(preds, test, candidates), multi)
         )
         reports.setdefault("text_extractor", []).append(report)
+        for row, answers in (anchors(train_weak, test) if anchors else {}).items():
+            anchored = source_aware_report(gold_examples(test, answers, multi))  # answers among the training values
+            reports.setdefault(row, []).append({**anchored, "constrained": anchored})
         if cfg.text_pretrain:  # the warm start alone: what the fold's training on weak labels adds to it
             reports.setdefault("text_pretrain", []).append(
                 _score_warm_start(
@@ -413,7 +429,7 @@ def run_protocol(
     for name, detail in details.items():
         summaries[name]["calibration"] = detail
     add_fold_ttests(summaries, reports, len(fold_ids), cfg.fold_score)
-    return summaries
+    return ProtocolRun(summaries=summaries, tests=tests, scored=scored)
 
 
 def _add_calibrated(
