@@ -8,6 +8,9 @@ import struct
 import zlib
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from pv2tea.serve.limits import ImageRejected, Limits, decode_base64, open_image, read_image_file
@@ -109,3 +112,100 @@ def test_paths_stay_under_the_root_and_symlinks_leaving_it_are_refused(tmp_path)
     with pytest.raises(ImageRejected, match="larger than") as caught:
         read_image_file(root, "big.png", limits)
     assert caught.value.reason == "bytes"
+
+
+@pytest.mark.parametrize("size", [(20_000, 1), (1, 20_000), (40_000_000, 1), (21, 1)])
+def test_an_absurd_aspect_ratio_is_refused_from_the_header(size, monkeypatch):
+    decoded, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or load(self))
+    with pytest.raises(ImageRejected, match=r"aspect ratio .*at most 20:1 \(--max-aspect-ratio\)") as caught:
+        open_image(png_claiming(*size), Limits())
+    assert caught.value.reason == "aspect" and decoded == []
+    assert open_image(png_claiming(20, 1), Limits()).size == (20, 1)  # at the limit
+    with pytest.raises(ImageRejected, match="aspect"):
+        open_image(png_claiming(20, 1), Limits(max_aspect_ratio=19.5))
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        Limits(max_aspect_ratio=0.5)
+
+
+def _eval_transform(size: int):
+    import timm.data
+
+    return timm.data.create_transform(
+        input_size=(3, size, size),
+        crop_pct=1.0,
+        is_training=False,
+        interpolation="bicubic",
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
+
+
+def _preprocessor(size: int):
+    from pv2tea.config import Config
+    from pv2tea.data.dataset import Preprocessor
+
+    data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_mode": "center"}
+    data_config |= {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    return Preprocessor(Config(), None, data_config, [])  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def resized(monkeypatch):
+    """The sizes every resize of the test produced."""
+    import torchvision.transforms.functional as F
+
+    sizes, resize = [], F.resize
+
+    def spy(img, *args, **kwargs):
+        out = resize(img, *args, **kwargs)
+        sizes.append(out.size if isinstance(out, Image.Image) else tuple(out.shape[-2:])[::-1])
+        return out
+
+    monkeypatch.setattr(F, "resize", spy)
+    return sizes
+
+
+def test_the_resize_of_an_elongated_image_is_bounded_by_its_output(resized):
+    """A 20,000 × 1 image used to be resized to 640,000 × 32 for a 32 × 32 input (2.6 million × 128 at 128: ~3 s and
+    ~2 GB); the preprocessing cuts what the center crop drops before resizing."""
+    pre = _preprocessor(32)
+    for size in [(20_000, 1), (1, 20_000), (3_000, 7)]:
+        resized.clear()
+        tensor = pre.transform(Image.new("RGB", size, (200, 10, 10)))
+        assert tuple(tensor.shape) == (3, 32, 32)
+        [(w, h)] = resized
+        assert w * h <= 2 * 32 * 32 + 32, (size, (w, h))
+        assert torch.allclose(tensor, tensor[:, :1, :1].expand_as(tensor))  # a single colour stays one
+
+
+def test_the_bounded_resize_keeps_what_the_center_crop_keeps():
+    """Where the cut is not needed the output is timm's, bit for bit; where it is, a smooth image comes out the same
+    within resampling rounding."""
+    pre, plain = _preprocessor(32), _eval_transform(32)
+    vertical = Image.linear_gradient("L").convert("RGB")  # dark at the top, light at the bottom
+    horizontal = vertical.rotate(90)
+    for size in [(64, 40), (40, 64), (63, 32)]:  # within 2:1 of the square input: untouched
+        image = horizontal.resize(size)
+        assert torch.equal(pre.transform(image), plain(image))
+    for size in [(700, 40), (40, 700), (701, 33)]:  # varying along the side that is cut
+        image = (horizontal if size[0] > size[1] else vertical).resize(size)
+        assert torch.allclose(pre.transform(image), plain(image), atol=0.02)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(width=st.integers(1, 4_000), height=st.integers(1, 4_000), size=st.sampled_from([8, 24, 32]))
+def test_any_aspect_ratio_is_resized_within_a_bound_of_the_output(width, height, size):
+    import torchvision.transforms.functional as F
+
+    if width * height > 400_000:
+        width = max(1, 400_000 // height)
+    sizes, resize = [], F.resize
+    F.resize = lambda img, *a, **k: sizes.append((out := resize(img, *a, **k)).size) or out  # type: ignore[assignment]
+    try:
+        tensor = _preprocessor(size).transform(Image.new("RGB", (width, height), (1, 2, 3)))
+    finally:
+        F.resize = resize  # type: ignore[assignment]
+    assert tuple(tensor.shape) == (3, size, size)
+    [(w, h)] = sizes
+    assert w * h <= 3 * size * size, ((width, height), (w, h))  # (RESIZE_MARGIN + 1 / shorter side) × the output

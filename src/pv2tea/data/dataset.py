@@ -6,12 +6,14 @@ training, batch prediction and serving, and is saved with every checkpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import timm.data
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -41,6 +43,54 @@ def answer_text(values: Sequence[str], delimiter: str, text: str | None = None) 
     return f" {delimiter} ".join(unique)
 
 
+# How much longer than the model input's aspect ratio asks an image may stay when it reaches the resize (center crop
+# mode). The resize scales the shorter side to the input size and the center crop then keeps the middle, so cutting
+# the longer side down to this ratio first (centred, keeping its parity so that the middle stays put) changes no pixel
+# the crop keeps beyond resampling rounding, while it bounds the resize's output at (RESIZE_MARGIN + 1 / the shorter
+# side) × the input's pixels. Unbounded, a 20,000 × 1 image became 2,560,000 × 128 (seconds of CPU, gigabytes of
+# memory) to keep 128 × 128 of it.
+RESIZE_MARGIN = 2.0
+
+
+class BoundedResize:
+    """An eval image transform (timm's resize, center crop, normalize) whose work is bounded by its output.
+
+    A center-crop transform is given the image cut to at most :data:`RESIZE_MARGIN` times the input's aspect ratio;
+    a squash or border transform (which never outgrows the input) gets it unchanged.
+    """
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], size: tuple[int, int], crop_mode: str):
+        self.transform, self.size, self.crop_mode = transform, size, crop_mode
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.crop_mode in ("", "center"):
+            image = crop_to_aspect(image, self.size, RESIZE_MARGIN)
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"BoundedResize(margin={RESIZE_MARGIN:g}, {self.transform!r})"
+
+
+def crop_to_aspect(image: Image.Image, size: tuple[int, int], margin: float) -> Image.Image:
+    """``image`` cut (centred) so that it is at most ``margin`` times wider or taller than ``size`` (height, width).
+
+    The kept length has the parity of the original so that the middle stays where it was.
+    """
+    width, height = image.size
+    target_h, target_w = size
+    max_w = max(1, math.ceil(height * margin * target_w / target_h))
+    max_h = max(1, math.ceil(width * margin * target_h / target_w))
+    if width > max_w:
+        keep = max_w + (width - max_w) % 2
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    if height > max_h:
+        keep = max_h + (height - max_h) % 2
+        top = (height - keep) // 2
+        return image.crop((0, top, width, top + keep))
+    return image
+
+
 def value_classes_of(values: dict[str, list[str]]) -> list[tuple[str, str]]:
     """The (attribute, value) classes of a classification head, in its order, from an attribute → values map."""
     return [(a, v) for a in sorted(values) for v in values[a]]
@@ -62,7 +112,11 @@ class Preprocessor:
     cache: Any = None
 
     def __post_init__(self) -> None:
-        self.transform = timm.data.create_transform(**{**self.data_config, "crop_pct": 1.0}, is_training=False)
+        self.transform = BoundedResize(
+            timm.data.create_transform(**{**self.data_config, "crop_pct": 1.0}, is_training=False),
+            self.image_size,
+            self.data_config.get("crop_mode") or "center",
+        )
         self.category_index = {c: i for i, c in enumerate(self.categories)}
         self.attributes = sorted(self.values)
         self.attribute_index = {a: i for i, a in enumerate(self.attributes)}

@@ -30,6 +30,7 @@ __all__ = [
     "PARQUET_BATCH_ROWS",
     "SUPPORTED_SUFFIXES",
     "RecordWriter",
+    "check_table",
     "iter_table",
     "parse_list_cell",
     "read_table",
@@ -212,6 +213,27 @@ def iter_table(path: str | PathLike[str], *, batch_rows: int | None = None) -> I
     if suffix in _CSV_SUFFIXES:
         return _iter_csv(file)
     return _iter_parquet(file, batch_rows or PARQUET_BATCH_ROWS)
+
+
+def check_table(path: str | PathLike[str]) -> None:
+    """Check, before any costly work (such as loading a model), that ``path`` is a dataset file with at least one row.
+
+    Only the first row is read.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the extension is not a supported format, the file cannot be read as one, or it has no rows.
+    """
+    rows = iter_table(path)
+    try:
+        if next(iter(rows), None) is None:
+            raise ValueError(
+                f"{path}: no rows (the file is empty{' but for its header' if Path(path).suffix.lower() in _CSV_SUFFIXES else ''})"
+            )
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
 
 def read_table(path: str | PathLike[str]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ __all__ = [
     "iter_validated",
     "load_dataset",
     "scan_dataset",
+    "unicode_problem",
     "unknown_field_warnings",
     "validate_file",
     "validate_rows",
@@ -56,6 +58,22 @@ RowProblems = tuple[int, list[RowError]]
 # How many image verdicts validation remembers (a product's images recur on the rows of its attributes, which
 # are usually adjacent); the oldest is forgotten first, so memory does not grow with the file.
 IMAGE_VERDICTS_KEPT = 65_536
+
+
+# A UTF-16 surrogate code point: never a character of its own. JSON's "\ud800" escape yields one alone in a Python
+# string, which cannot be encoded as UTF-8 (tokenizers and JSON writers fail on it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why ``value`` is not a sequence of Unicode scalar values (a lone surrogate), or None when it is one."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    return (
+        f"is not valid Unicode: a lone surrogate U+{ord(found.group()):04X} at character {found.start() + 1} "
+        f"(a broken \\u escape?), which cannot be encoded as UTF-8"
+    )
 
 
 class ValidatedRow(NamedTuple):
@@ -110,6 +128,9 @@ class _RowChecker:
         if not value.strip():
             self.fail(field, f"'{field}' is empty or whitespace-only")
             return None
+        if problem := unicode_problem(value):
+            self.fail(field, f"'{field}' {problem}")
+            return None
         return value
 
     def strings(self, raw: Mapping[str, Any], field: str) -> list[str] | None:
@@ -131,6 +152,8 @@ class _RowChecker:
                 self.fail(field, f"value {position} must be a string, got {type(item).__name__}")
             elif not item.strip():
                 self.fail(field, f"value {position} is an empty string")
+            elif problem := unicode_problem(item):
+                self.fail(field, f"value {position} {problem}")
             else:
                 values.append(item.strip())
         return values if len(values) == len(value) else None
@@ -185,6 +208,9 @@ class _RowChecker:
         for key, number in pairs:
             if not isinstance(key, str) or not key.strip():
                 self.fail(field, f"value {key!r} must be a non-empty string")
+                return None
+            if problem := unicode_problem(key):
+                self.fail(field, f"value {key!r} {problem}")
                 return None
             if isinstance(number, bool) or not isinstance(number, (int, float, np.integer, np.floating)):
                 self.fail(field, f"the probability of '{key}' must be a number in [0, 1], got {number!r}")
@@ -293,7 +319,7 @@ class _Validator:
         images = self.check_images and (self.check_images_of is None or self.check_images_of(row))
         record = _validate_row(raw, checker, self.base_dir, self.image_reasons if images else None, self.require_label)
         row_id = raw.get("id")
-        if self.check_duplicates and isinstance(row_id, str) and row_id.strip():
+        if self.check_duplicates and isinstance(row_id, str) and row_id.strip() and not unicode_problem(row_id):
             key = row_id.strip()
             first = self.first_row_of_id.setdefault(key, row)
             if first != row:

@@ -6,10 +6,14 @@ with the same row validation as a dataset file, so a bad product is answered wit
 (1-based position in ``products``), field and problem, and nothing is predicted for that request. The answers
 are the rows ``pv2tea predict`` writes (:func:`pv2tea.inference.predictor.prediction_rows`).
 
-Under load, images are decoded in memory by a pool of worker threads (their size and pixel count checked
-from the header first, :mod:`pv2tea.serve.limits`) and the rows of concurrent requests are coalesced into
-model batches on one model thread (:mod:`pv2tea.serve.batcher`). A full queue is answered 503 with
-``Retry-After``, a request slower than the timeout 504; ``/metrics`` exposes Prometheus counters.
+Every string and list of a request is checked against its limit before any image is decoded. Images are then
+decoded in memory by a pool of worker threads (their size, pixel count and aspect ratio checked from the header
+first, :mod:`pv2tea.serve.limits`), each request keeping at most as many images in the pool as it has threads, so
+that the images of one request never hold those of another back for long; the decoded images of all requests in
+flight are bounded in bytes. The rows of concurrent requests are coalesced into model batches on one model thread
+(:mod:`pv2tea.serve.batcher`). A full queue is answered 503 with ``Retry-After``, a request slower than the timeout
+504, and its images not yet decoded and its rows not yet predicted are dropped. An unexpected error is answered 500
+with a request id only, its details going to the log; ``/metrics`` exposes Prometheus counters.
 
 Start it with ``pv2tea serve --model RUN/final``; the interactive API description is at ``/docs``.
 """
@@ -20,7 +24,11 @@ import asyncio
 import dataclasses
 import hmac
 import itertools
+import json
+import logging
+import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,8 +44,10 @@ try:
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from fastapi.routing import APIRoute
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as exc:
     raise missing_extra("serve", "serve", exc) from exc
 
@@ -48,7 +58,15 @@ from pv2tea.decoding import fusion
 from pv2tea.decoding.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
 from pv2tea.serve.batcher import Job, MicroBatcher, QueueFull
-from pv2tea.serve.limits import ImageRejected, Limits, decode_base64, default_workers, open_image, read_image_file
+from pv2tea.serve.limits import (
+    DecodeBudget,
+    ImageRejected,
+    Limits,
+    decode_base64,
+    default_workers,
+    open_image,
+    read_image_file,
+)
 from pv2tea.serve.metrics import ServiceMetrics
 
 if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
@@ -58,6 +76,7 @@ MAX_IMAGE_BYTES = Limits.max_image_bytes  # per inline image, decoded (the defau
 MEMORY_PREFIX = "memory:"  # Record.images entries naming an image decoded in memory by the server
 OPEN_ROUTES = ("/health", "/ready")  # answered without the API key (load-balancer probes)
 ROUTES = ("/predict", "/health", "/ready", "/metrics")
+log = logging.getLogger("pv2tea.serve")
 
 
 class Product(BaseModel):
@@ -115,11 +134,69 @@ def _problem(row: int, field: str, message: str) -> dict[str, Any]:
     return {"row": row, "field": field, "message": message}
 
 
-class _Guard:
-    """ASGI middleware: API key, request body limit, and per-route request counts and latency."""
+class ASCIIJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message quoting a request's broken string (a lone surrogate)
+    still encodes, where UTF-8 output would fail and turn a 4xx into a 500."""
 
-    def __init__(self, app, *, metrics: ServiceMetrics, api_key: str | None, max_body_bytes: int):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _json_problem(exc: BaseException) -> str:
+    """What is wrong with a body that ``json.loads`` refused, in plain words."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"it is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "its arrays and objects are nested too deeply"
+    return "a number in it has too many digits"  # int("9" * 5000): the integer string conversion limit
+
+
+class JSONBodyRoute(APIRoute):
+    """A route whose body must be JSON: another (or no) ``Content-Type`` is answered 415, and a body that is not JSON
+    (not UTF-8, a syntax error, nesting or a number beyond the parser's limits) 422 saying why; FastAPI answers some
+    of these 400 "There was an error parsing the body" and others a misleading type error."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def parse_json_first(request: Request) -> Response:
+            if not _is_json(request.headers.get("content-type")):
+                given = request.headers.get("content-type")
+                return ASCIIJSONResponse(
+                    {
+                        "detail": f"the body must be JSON sent with 'Content-Type: application/json' "
+                        f"({f'got {given!r}' if given else 'no Content-Type was sent'})"
+                    },
+                    status_code=415,
+                )
+            try:
+                await request.json()  # kept by the request: FastAPI does not parse it again
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                detail = [
+                    {"type": "json_invalid", "loc": ["body"], "msg": f"the body is not JSON: {_json_problem(exc)}"}
+                ]
+                return ASCIIJSONResponse({"detail": detail}, status_code=422)
+            return await handler(request)
+
+        return parse_json_first
+
+
+class _Guard:
+    """ASGI middleware: API key, request body limit and read timeout, per-route request counts and latency, and a
+    generic 500 (a request id; the details logged) for any error the application did not answer."""
+
+    def __init__(
+        self, app, *, metrics: ServiceMetrics, api_key: str | None, max_body_bytes: int, body_timeout: float = 60.0
+    ):
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        self.body_timeout = body_timeout
         self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -127,13 +204,13 @@ class _Guard:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         route = scope["path"] if scope["path"] in ROUTES else "other"
-        status = 500
+        status, started = 500, False
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
 
         async def send_counted(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -150,17 +227,39 @@ class _Guard:
             length = headers.get("content-length", b"")
             if length.isdigit() and int(length) > self.max_body_bytes:
                 return await _json(send_counted, 413, {"detail": self._too_large()})
-            received = 0
+            received, deadline = 0, time.monotonic() + self.body_timeout
 
             async def receive_limited():
                 nonlocal received
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise HTTPException(
+                        408,
+                        f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)",
+                        headers={"Connection": "close"},
+                    ) from None
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise HTTPException(413, self._too_large())
                 return message
 
-            await self.app(scope, receive_limited, send_counted)
+            try:
+                await self.app(scope, receive_limited, send_counted)
+            except Exception:
+                request_id = uuid.uuid4().hex
+                log.exception("request %s (%s %s) failed", request_id, scope.get("method"), scope["path"])
+                if started:
+                    raise  # the answer is on its way: the server closes the connection
+                await _json(
+                    send_counted,
+                    500,
+                    {
+                        "detail": f"internal error; the server log has the details under request id {request_id}",
+                        "request_id": request_id,
+                    },
+                    [(b"x-request-id", request_id.encode())],
+                )
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
@@ -179,13 +278,24 @@ class _Guard:
 
 
 async def _json(send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    response = JSONResponse(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+    response = ASCIIJSONResponse(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
     await response({"type": "http"}, _no_request_body, send)
 
 
 async def _no_request_body() -> dict[str, Any]:
     """The ``receive`` of a response sent before (or instead of) reading the request: nothing more comes."""
     return {"type": "http.disconnect"}
+
+
+@dataclasses.dataclass(eq=False)
+class _Image:
+    """One distinct image of a request: its memory key, where it comes from, and where the request names it."""
+
+    key: str  # MEMORY_PREFIX + job/number
+    value: str  # base64 data, or a file name under the image root
+    is_path: bool
+    used: bool = False  # among the first vision.max_images of some product: the model reads it
+    where: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (row, field) of each mention
 
 
 def create_app(
@@ -271,25 +381,41 @@ def create_app(
         warmup=warmup,
     )
 
-    def image_tensor(raw: bytes) -> torch.Tensor | None:
-        image = open_image(raw, limits)
-        return pre.transform(image) if vision else None
+    # the bytes of one decoded image as the model reads it: a float32 (3, H, W) tensor
+    image_bytes = 3 * pre.image_size[0] * pre.image_size[1] * 4 if vision else 0
+    used_images = pre.cfg.vision.max_images if vision else 0  # the first ones of a product reach the model
+    window = workers or default_workers()  # images of one request in the pool at a time
+    budget = DecodeBudget(limits.max_decoded_bytes)
 
-    def prepare(request: PredictRequest, job: int) -> tuple[list[Record], dict, list[dict]]:
-        """Validated records (images decoded in memory), their image tensors, and the problems found."""
-        rows, keys, tensors, problems = [], [], {}, []
+    def check(request: PredictRequest, job: int) -> tuple[list[Record], list[_Image], list[dict]]:
+        """The requests's records (their images named by memory keys), its distinct images to decode, and the
+        problems found without decoding any: every string and list against its limit, the row validation of a
+        dataset file (empty, not valid Unicode, repeated ids, ...), where each image comes from."""
+        rows: list[dict[str, Any]] = []
+        keys: list[list[str]] = []  # per product: the memory keys of its images, in order
+        problems: list[dict[str, Any]] = []
+        images: dict[tuple[bool, str], _Image] = {}  # a repeated image is decoded once
+        checked: list[int] = []  # the rows whose strings are within their limits: they are validated
         for n, product in enumerate(request.products, start=1):
-            row = product.model_dump(exclude={"images", "image_paths"}, exclude_defaults=True)  # no label: unlabelled
-            rows.append(row)
-            names: list[str] = []
-            keys.append(names)
-            if len(product.text) > limits.max_text_chars:
+            found = len(problems)
+            lengths = [("text", product.text, limits.max_text_chars, "--max-text-chars")]
+            lengths += [
+                (name, getattr(product, name), limits.max_field_chars, "--max-field-chars")
+                for name in ("id", "category", "attribute")
+            ]
+            lengths += [
+                (f"label[{k}]", v, limits.max_field_chars, "--max-field-chars") for k, v in enumerate(product.label)
+            ]
+            lengths += [
+                (f"image_paths[{k}]", v, limits.max_field_chars, "--max-field-chars")
+                for k, v in enumerate(product.image_paths)
+            ]
+            for field, value, most, option in lengths:
+                if len(value) > most:
+                    problems.append(_problem(n, field, f"{len(value):,} characters; at most {most:,} ({option})"))
+            if len(product.label) > limits.max_labels:
                 problems.append(
-                    _problem(
-                        n,
-                        "text",
-                        f"{len(product.text):,} characters; at most {limits.max_text_chars:,} (--max-text-chars)",
-                    )
+                    _problem(n, "label", f"{len(product.label):,} values; at most {limits.max_labels:,} (--max-labels)")
                 )
             count = len(product.images) + len(product.image_paths)
             if count > limits.max_images_per_product:
@@ -301,39 +427,35 @@ def create_app(
                         f"{count} images; at most {limits.max_images_per_product} per product (--max-images)",
                     )
                 )
+            if len(problems) > found:
+                keys.append([])
                 continue
+            checked.append(n)
+            rows.append(product.model_dump(exclude={"images", "image_paths"}, exclude_defaults=True))
+            names: list[str] = []
+            keys.append(names)
             # (field, base64 data or a file name under --image-root, whether it is a file name)
             sources = [(f"images[{k}]", data, False) for k, data in enumerate(product.images)]
             sources += [(f"image_paths[{k}]", name, True) for k, name in enumerate(product.image_paths)]
-            for field, value, is_path in sources:
-                try:
-                    if not is_path:
-                        raw = decode_base64(value, limits)
-                    elif root is None:
-                        problems.append(
-                            _problem(
-                                n, field, "this server has no --image-root; send the image inline in 'images' (base64)"
-                            )
+            for position, (field, value, is_path) in enumerate(sources):
+                if is_path and root is None:
+                    problems.append(
+                        _problem(
+                            n, field, "this server has no --image-root; send the image inline in 'images' (base64)"
                         )
-                        continue
-                    else:
-                        raw = read_image_file(root, value, limits)
-                    tensor = image_tensor(raw)
-                except ImageRejected as exc:
-                    metrics.images_rejected.labels(exc.reason).inc()
-                    problems.append(_problem(n, field, str(exc)))
+                    )
                     continue
-                key = f"{MEMORY_PREFIX}{job}/{n}/{field}"
-                names.append(key)
-                if tensor is not None:
-                    tensors[key] = tensor
-        records, invalid = validate_rows(
-            [{**r, "images": []} for r in rows], "request", check_images=False, require_label=False
-        )
-        problems += [_problem(e.row, e.field, e.message) for _, errors in invalid for e in errors]
+                image = images.setdefault(
+                    (is_path, value), _Image(f"{MEMORY_PREFIX}{job}/{len(images)}", value, is_path)
+                )
+                image.where.append((n, field))
+                image.used = image.used or position < used_images
+                names.append(image.key)
+        records, invalid = validate_rows(rows, "request", check_images=False, require_label=False)
+        problems += [_problem(checked[e.row - 1], e.field, e.message) for _, errors in invalid for e in errors]
         if problems:
-            return [], {}, problems
-        records = [dataclasses.replace(r, images=tuple(k)) for r, k in zip(records, keys)]
+            return [], [], problems
+        records = [dataclasses.replace(r, images=tuple(keys[n - 1])) for r, n in zip(records, checked)]
         if extractor is not None:
             problems += [
                 _problem(
@@ -345,11 +467,54 @@ def create_app(
                 for n, r in enumerate(records, 1)
                 if r.attribute not in extractor.vocabularies
             ]
-        return records, tensors, problems
+        return records, list(images.values()), problems
+
+    def decode(image: _Image, abandoned: threading.Event) -> torch.Tensor | ImageRejected | None:
+        """One image as the model reads it (None: one it does not read, only checked), or why it is refused."""
+        if abandoned.is_set():  # the request timed out while this waited for a thread
+            return None
+        try:
+            if image.is_path and root is not None:
+                raw = read_image_file(root, image.value, limits)
+            else:
+                raw = decode_base64(image.value, limits)
+            decoded = open_image(raw, limits)
+            return pre.transform(decoded) if image.used else None
+        except ImageRejected as exc:
+            return exc
+
+    async def decode_all(images: list[_Image]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """The request's images decoded by the pool, at most ``window`` at a time (the pool is first in, first out: the
+        images of a later request wait for as many images as requests are decoding, not for all of an earlier
+        request's); cancelled, the images not started are dropped."""
+        loop = asyncio.get_running_loop()
+        abandoned = threading.Event()
+        tensors: dict[str, torch.Tensor] = {}
+        problems: list[dict] = []
+        pending: dict[asyncio.Future, _Image] = {}
+        queue = iter(images)
+        try:
+            while True:
+                while len(pending) < window and (image := next(queue, None)) is not None:
+                    pending[loop.run_in_executor(pool, decode, image, abandoned)] = image
+                if not pending:
+                    return tensors, problems
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    image, result = pending.pop(future), future.result()
+                    if isinstance(result, ImageRejected):
+                        metrics.images_rejected.labels(result.reason).inc()
+                        problems += [_problem(n, field, str(result)) for n, field in image.where]
+                    elif result is not None:
+                        tensors[image.key] = result
+        finally:
+            abandoned.set()
+            for future in pending:
+                future.cancel()
 
     async def answer(request: PredictRequest, t0: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        records, tensors, problems = await loop.run_in_executor(pool, prepare, request, next(job_ids))
+        records, images, problems = await loop.run_in_executor(None, check, request, next(job_ids))
         if problems:
             raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
         if request.keep_grounded and not any(r.label for r in records):
@@ -357,19 +522,47 @@ def create_app(
                 422,
                 [_problem(0, "label", "keep_grounded needs the products' existing values in 'label'; none has one")],
             )
-        try:
-            future = batcher.submit(Job(records, key=request.num_beams, payload=tensors))
-        except QueueFull as exc:
+        need = image_bytes * sum(image.used for image in images)
+        if need > budget.total:
             raise HTTPException(
-                503, f"the server is busy ({exc}); retry after a second", headers={"Retry-After": "1"}
-            ) from None
+                413,
+                f"the images of this request decode to {need / 2**20:,.1f} MiB for the model; at most "
+                f"{budget.total / 2**20:,.1f} MiB (--max-decoded-bytes): send fewer products or images",
+            )
+        if not budget.take(need):
+            raise HTTPException(
+                503,
+                "the server is busy (the images of the requests in flight fill --max-decoded-bytes); retry after a second",
+                headers={"Retry-After": "1"},
+            )
+        job = None
+        try:
+            metrics.decoded_bytes.set(budget.in_use)
+            tensors, problems = await decode_all(images)
+            if problems:
+                raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
+            try:
+                job = Job(records, key=request.num_beams, payload=tensors)
+                del tensors
+                future = batcher.submit(job)
+            except QueueFull as exc:
+                raise HTTPException(
+                    503, f"the server is busy ({exc}); retry after a second", headers={"Retry-After": "1"}
+                ) from None
+            finally:
+                metrics.queue_depth.set(batcher.depth)
+            try:
+                preds = await asyncio.wrap_future(future)
+            finally:
+                if future.cancel():  # abandoned (504) before the model took it: drop its images now
+                    job.payload = {}
+            return {
+                "predictions": prediction_rows(records, preds, request.keep_grounded),
+                "seconds": time.perf_counter() - t0,
+            }
         finally:
-            metrics.queue_depth.set(batcher.depth)
-        preds = await asyncio.wrap_future(future)
-        return {
-            "predictions": prediction_rows(records, preds, request.keep_grounded),
-            "seconds": time.perf_counter() - t0,
-        }
+            budget.give(need)
+            metrics.decoded_bytes.set(budget.in_use)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -377,18 +570,27 @@ def create_app(
         await asyncio.get_running_loop().run_in_executor(None, batcher.close, request_timeout)
         pool.shutdown(wait=False)
 
-    app = FastAPI(title="pv2tea", summary="Product attribute values from text and image (PV2TEA).", lifespan=lifespan)
-    app.state.batcher, app.state.metrics, app.state.limits = batcher, metrics, limits
+    app = FastAPI(
+        title="pv2tea",
+        summary="Product attribute values from text and image (PV2TEA).",
+        lifespan=lifespan,
+        default_response_class=ASCIIJSONResponse,
+    )
+    app.state.batcher, app.state.metrics, app.state.limits, app.state.budget = batcher, metrics, limits, budget
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes each offending input back, which for a huge field is a huge answer
         detail = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return ASCIIJSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ASCIIJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:  # _Guard answers first; a last resort
+        return ASCIIJSONResponse({"detail": "internal error"}, status_code=500)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -421,7 +623,6 @@ def create_app(
         metrics.queue_depth.set(batcher.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
     async def predict(request: PredictRequest) -> dict[str, Any]:
         if len(request.products) > limits.max_products:
             raise HTTPException(
@@ -437,5 +638,26 @@ def create_app(
                 f"overloaded or the request too large: retry later or send fewer products",
             ) from None
 
-    app.add_middleware(_Guard, metrics=metrics, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.router.add_api_route(
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        route_class_override=JSONBodyRoute,
+        responses={
+            413: {"description": "over a limit of the request"},
+            415: {"description": "the body is not sent as JSON"},
+            422: {"description": "a bad product (row, field, message) or a body that is not JSON"},
+            503: {"description": "the queue or the decoded-image budget is full; retry after Retry-After"},
+            504: {"description": "no answer within --request-timeout"},
+        },
+    )
+    app.add_middleware(
+        _Guard,
+        metrics=metrics,
+        api_key=api_key,
+        max_body_bytes=limits.max_body_bytes,
+        body_timeout=limits.body_timeout,
+    )
     return app

@@ -11,16 +11,19 @@ import base64
 import binascii
 import io
 import os
+import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageRejected", "Limits", "decode_base64", "open_image", "read_image_file"]
+__all__ = ["DecodeBudget", "ImageRejected", "Limits", "decode_base64", "open_image", "read_image_file"]
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _WHITE = (255, 255, 255, 255)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone UTF-16 surrogate: no file name can hold one
 
 
 @dataclass(frozen=True)
@@ -30,22 +33,48 @@ class Limits:
     max_body_bytes: int = 64 * 2**20  # whole request body (413)
     max_products: int = 1024  # products in one request (413)
     max_text_chars: int = 20_000  # characters of one product's text (422, field 'text')
+    # characters of every other string of a product: id, category, attribute, each label value, each image path (422)
+    max_field_chars: int = 1_000
+    max_labels: int = 100  # values in one product's label list (422, field 'label')
     max_images_per_product: int = 8  # inline + by path (422, field 'images')
     max_image_bytes: int = 20 * 2**20  # one encoded image file (422)
     max_image_pixels: int = 40_000_000  # width × height of one image, read from its header (422)
+    # longer side / shorter side of one image, read from its header (422): a 40,000,000 × 1 image is within the pixel
+    # limit but only its middle would reach the model
+    max_aspect_ratio: float = 20.0
     formats: tuple[str, ...] = field(default=DEFAULT_FORMATS)  # Pillow format names allowed (422)
+    # the model-input tensors of the images the requests in flight have decoded, all requests together: a request
+    # that needs more than the whole of it is refused (413), one that does not fit beside the others waits for
+    # nothing and is answered 503 with Retry-After
+    max_decoded_bytes: int = 2**30
+    # seconds a client may take to send a request's headers, counted from the connection (or its previous answer):
+    # then the connection is closed after a 408
+    header_timeout: float = 10.0
+    # seconds a client may take to send a request's body once its headers are in (408, and the connection closed)
+    body_timeout: float = 60.0
+    # open connections; a request arriving beyond them is answered 503 (uvicorn's limit_concurrency)
+    max_connections: int = 512
 
     def __post_init__(self) -> None:
         for name in (
             "max_body_bytes",
             "max_products",
             "max_text_chars",
+            "max_field_chars",
+            "max_labels",
             "max_images_per_product",
             "max_image_bytes",
             "max_image_pixels",
+            "max_decoded_bytes",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"limit {name} must be at least 1, got {getattr(self, name)}")
+        if not self.max_aspect_ratio >= 1:  # NaN fails too
+            raise ValueError(f"limit max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"limit {name} must be > 0 seconds, got {getattr(self, name)}")
         object.__setattr__(self, "formats", tuple(f.strip().upper() for f in self.formats if f.strip()))
         if not self.formats:
             raise ValueError("at least one image format must be allowed")
@@ -59,7 +88,7 @@ class ImageRejected(ValueError):
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
-        self.reason = reason  # base64 | bytes | path | format | pixels | corrupt
+        self.reason = reason  # base64 | bytes | path | format | pixels | aspect | corrupt
 
 
 def _mib(n: int) -> str:
@@ -87,7 +116,7 @@ def decode_base64(data: str, limits: Limits) -> bytes:
 
 def read_image_file(root: Path, name: str, limits: Limits) -> bytes:
     """The bytes of ``root/name``: the path must stay under ``root`` after resolving symlinks, and be a file."""
-    if "\x00" in name:
+    if "\x00" in name or _SURROGATE.search(name):  # neither can be a file name (nor be encoded for the system)
         raise ImageRejected("path", f"{name!r} is not a valid path")
     path = (root / name).resolve()  # follows symlinks: one that leaves the root lands outside it
     if not path.is_relative_to(root):
@@ -106,10 +135,12 @@ def read_image_file(root: Path, name: str, limits: Limits) -> bytes:
 def open_image(raw: bytes, limits: Limits) -> Image.Image:
     """Decode ``raw`` to an upright RGB image (first frame; transparency composited onto white).
 
-    The format and the pixel count are checked from the header before decoding.
+    The format, the pixel count and the aspect ratio are checked from the header before decoding; every later step
+    (orientation, mode conversion) keeps the pixel count, and the model's resize is bounded by its output
+    (:class:`pv2tea.data.dataset.BoundedResize`).
 
     Raises:
-        ImageRejected: not an image, a format not allowed, too many pixels, truncated or corrupt.
+        ImageRejected: not an image, a format not allowed, too many pixels, too elongated, truncated or corrupt.
     """
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -120,7 +151,8 @@ def open_image(raw: bytes, limits: Limits) -> Image.Image:
                 image = Image.open(io.BytesIO(raw))  # lazy: reads the header only
             except Image.DecompressionBombError as exc:
                 raise ImageRejected(
-                    "pixels", f"image has too many pixels ({exc}); at most {limits.max_image_pixels:,}"
+                    "pixels",
+                    f"image has too many pixels ({exc}); at most {limits.max_image_pixels:,} (--max-image-pixels)",
                 ) from None
             except UnidentifiedImageError:
                 raise ImageRejected("corrupt", "not an image file (unrecognized format)") from None
@@ -135,7 +167,15 @@ def open_image(raw: bytes, limits: Limits) -> Image.Image:
             if width * height > limits.max_image_pixels:
                 raise ImageRejected(
                     "pixels",
-                    f"image is {width} × {height} = {width * height:,} pixels; at most {limits.max_image_pixels:,}",
+                    f"image is {width} × {height} = {width * height:,} pixels; at most {limits.max_image_pixels:,} "
+                    f"(--max-image-pixels)",
+                )
+            ratio = max(width, height) / max(1, min(width, height))
+            if ratio > limits.max_aspect_ratio:
+                raise ImageRejected(
+                    "aspect",
+                    f"image is {width} × {height}, an aspect ratio of {ratio:,.1f}:1; at most "
+                    f"{limits.max_aspect_ratio:g}:1 (--max-aspect-ratio)",
                 )
             try:
                 image.load()
@@ -153,6 +193,28 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+
+
+class DecodeBudget:
+    """The bytes of decoded images the requests in flight hold, at most ``total`` (thread-safe: requests of any
+    event loop share it)."""
+
+    def __init__(self, total: int):
+        self.total, self.in_use = total, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) when they do not fit beside those in use."""
+        with self._lock:
+            if self.in_use + n > self.total:
+                return False
+            self.in_use += n
+            return True
+
+    def give(self, n: int) -> None:
+        """Return ``n`` bytes reserved by :meth:`take`."""
+        with self._lock:
+            self.in_use -= n
 
 
 def default_workers() -> int:

@@ -26,6 +26,7 @@ class ServiceMetrics:
     rows_predicted: Counter
     queue_depth: Gauge
     images_rejected: Counter
+    decoded_bytes: Gauge
 
     @classmethod
     def create(cls) -> ServiceMetrics:
@@ -55,8 +56,13 @@ class ServiceMetrics:
             queue_depth=Gauge("pv2tea_queue_depth", "Requests waiting for the model.", registry=registry),
             images_rejected=Counter(
                 "pv2tea_images_rejected",
-                "Images refused, by reason (base64, bytes, path, format, pixels, corrupt, count).",
+                "Images refused, by reason (base64, bytes, path, format, pixels, aspect, corrupt, count).",
                 ["reason"],
+                registry=registry,
+            ),
+            decoded_bytes=Gauge(
+                "pv2tea_decoded_image_bytes",
+                "Bytes of decoded images held by the requests in flight (at most --max-decoded-bytes).",
                 registry=registry,
             ),
         )
