@@ -320,8 +320,8 @@ def import_fashion_product_images(cfg: FashionImportConfig) -> dict[str, Any]:
                 "values": sorted(allowed[a]),
                 "rare_value_rows": rare[a],
             }
+            # every attribute found, one whose values are all rare too (its dropped rows counted, its rows 0)
             for a in sorted(counts, key=lambda a: -sum(stats[a].values()))
-            if stats[a]
         },
         "attributes_not_found": missing,
         "n_skipped": len(errors),
