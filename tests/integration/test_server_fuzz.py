@@ -1,5 +1,6 @@
 """Property-based fuzzing of the HTTP request parser (tiny trained model): random JSON, wrong types, huge numbers,
-base64 junk. Every body is answered 200 with one prediction per product, or a clear 4xx — never a 500."""
+base64 junk, lone surrogates, deep nesting, long strings in every field. Every body is answered 200 with one
+prediction per product, or a clear 4xx — never a 500."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def client(tiny_trained):
     return TestClient(create_app(Predictor.from_checkpoint(model), limits=limits, request_timeout=60))
 
 
-text = st.text(max_size=20) | st.sampled_from(["", "  ", "\u2028", "\x00", "e\u0301", "x" * 2_500])
+text = st.text(max_size=20) | st.sampled_from(
+    ["", "  ", "\u2028", "\x00", "e\u0301", "x" * 2_500, "a\ud800b", "\udfff", "y" * 1_001]
+)
 number = st.integers(-(2**80), 2**80) | st.floats(allow_nan=False) | st.sampled_from([1e308, -0.0])
 anything = st.recursive(
     st.none() | st.booleans() | number | text,
@@ -58,6 +61,8 @@ body = (
     | anything.map(json.dumps)
     | st.binary(max_size=60).map(lambda b: b.decode("latin-1"))
     | st.just('{"products": [')
+    | st.integers(1, 50_000).map(lambda depth: "[" * depth + "]" * depth)  # nesting
+    | st.integers(1, 20_000).map(lambda digits: '{"products": [], "num_beams": ' + "7" * digits + "}")
 )
 
 
