@@ -399,6 +399,7 @@ def predict(
     """
     _quiet_libraries()
     from pv2tea.cache.store import FeatureCacheError
+    from pv2tea.data.readers import check_table
     from pv2tea.data.schema import DataValidationError
     from pv2tea.decoding.fusion import check_fusion
     from pv2tea.inference.device import autocast_for, resolve_device
@@ -413,6 +414,7 @@ def predict(
 
     shard = None
     try:
+        check_table(data)  # a missing, unknown or empty file is refused before the model loads
         shard = launched_shard()
         check_leftovers(out, shard, resume)  # before the model loads
         check_fusion(candidates, extractor)
@@ -530,6 +532,50 @@ def serve(
     image_formats: Annotated[
         str, typer.Option("--image-formats", help="Comma-separated image formats allowed (Pillow names) (422).")
     ] = "JPEG,PNG,WEBP,GIF,BMP,TIFF",
+    max_aspect_ratio: Annotated[
+        float,
+        typer.Option(
+            "--max-aspect-ratio", min=1.0, help="Longest side / shortest side of one image, read from its header (422)."
+        ),
+    ] = 20.0,
+    max_field_chars: Annotated[
+        int,
+        typer.Option(
+            "--max-field-chars",
+            min=1,
+            help="Longest id, category, attribute, label value or image path, in characters (422).",
+        ),
+    ] = 1_000,
+    max_labels: Annotated[
+        int, typer.Option("--max-labels", min=1, help="Most values in one product's label (422).")
+    ] = 100,
+    max_decoded_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-decoded-bytes",
+            min=1,
+            help="Bytes of decoded images the requests in flight may hold together (a request needing more: 413; "
+            "one not fitting beside the others: 503).",
+        ),
+    ] = 2**30,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout",
+            min=0.001,
+            help="Seconds a connection may take to send a request's headers; then 408 and closed.",
+        ),
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            "--body-timeout", min=0.001, help="Seconds a request's body may take to arrive; then 408 and closed."
+        ),
+    ] = 60.0,
+    max_connections: Annotated[
+        int,
+        typer.Option("--max-connections", min=1, help="Open connections; a request beyond them is answered 503."),
+    ] = 512,
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")
     ] = None,
@@ -587,6 +633,7 @@ def serve(
     from pv2tea.inference.device import autocast_for, resolve_device
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
+    from pv2tea.serve.connections import uvicorn_options
     from pv2tea.serve.limits import Limits
 
     if threads is not None:
@@ -610,6 +657,13 @@ def serve(
             max_image_bytes=max_image_bytes,
             max_image_pixels=max_image_pixels,
             formats=tuple(image_formats.split(",")),
+            max_aspect_ratio=max_aspect_ratio,
+            max_field_chars=max_field_chars,
+            max_labels=max_labels,
+            max_decoded_bytes=max_decoded_bytes,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
         )
         where = resolve_device(device)
         autocast_for(precision, where)  # refuse a bad --precision before the model loads
@@ -645,7 +699,14 @@ def serve(
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped.append(sig)) if main_thread else None
     try:
-        uvicorn.run(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(request_timeout) + 5)
+        uvicorn.run(
+            app_,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=int(request_timeout) + 5,
+            **uvicorn_options(limits),
+        )
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -675,10 +736,12 @@ def data_validate(
     no_images: Annotated[bool, typer.Option("--no-images", help="Skip opening the images.")] = False,
     unlabelled: Annotated[bool, typer.Option("--unlabelled", help="Rows need no label (prediction input).")] = False,
 ) -> None:
-    """Check a dataset file; exit code 1 when any row is bad."""
+    """Check a dataset file; exit code 1 when any row is bad, 2 when it cannot be read or has no rows."""
+    from pv2tea.data.readers import check_table
     from pv2tea.data.validate import validate_file
 
     try:
+        check_table(file)
         warnings: list[str] = []
         errors = validate_file(file, check_images=not no_images, require_label=not unlabelled, warnings=warnings)
     except (FileNotFoundError, ValueError) as exc:
@@ -693,7 +756,9 @@ def data_validate(
     out_console.print(f"{file}: all rows valid")
 
 
-import_app = typer.Typer(no_args_is_help=True, help="Convert public datasets into pv2tea's row format.")
+import_app = typer.Typer(
+    no_args_is_help=True, help="Convert ImplicitAVE or a Fashion Product Images catalogue into pv2tea's row format."
+)
 data_app.add_typer(import_app, name="import")
 
 
@@ -1284,7 +1349,10 @@ def cache_info(
         raise typer.Exit(1)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on public datasets.")
+bench_app = typer.Typer(
+    no_args_is_help=True,
+    help="Benchmarks: accuracy on your catalogue or ImplicitAVE; S3, training, extraction and serving speed.",
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -1365,6 +1433,12 @@ def bench_catalog(
         float, typer.Option(help="Share of the products whose texts and gold train the text extractor.")
     ] = 0.5,
     name: Annotated[str | None, typer.Option(help="The catalogue's name in tables (default: the file's stem).")] = None,
+    products: Annotated[
+        int | None, typer.Option(min=2, help="Run on a stable random sample of this many products (default: all).")
+    ] = None,
+    probes: Annotated[
+        bool, typer.Option("--probes/--no-probes", help="Image-only anchors: linear probes on frozen features.")
+    ] = True,
     folds: Annotated[int, typer.Option(min=2, help="k of the k-fold cross-validation over products.")] = 5,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     variants: Annotated[str, typer.Option(help="Comma-separated PV2TEA variants (see `experiment`).")] = "tea,pv2tea",
@@ -1397,6 +1471,8 @@ def bench_catalog(
             out=out,
             text_share=text_share,
             name=name,
+            products=products,
+            probes=probes,
             folds=folds,
             seeds=[int(s) for s in seeds.split(",") if s.strip()],
             variants=[v.strip() for v in variants.split(",") if v.strip()],

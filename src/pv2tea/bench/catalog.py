@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 from pv2tea.viz.catalog import photo_examples, write_catalog_report
 
-__all__ = ["CatalogBenchConfig", "catalog_headline", "run_catalog_bench", "split_catalog"]
+__all__ = ["CatalogBenchConfig", "catalog_headline", "run_catalog_bench", "sample_products", "split_catalog"]
 
 EXTRACTOR = "text_extractor"
 
@@ -46,9 +47,12 @@ class CatalogBenchConfig(ProtocolConfig):
     text_share: float = 0.5  # share of the products whose texts and gold train the extractor
     name: str | None = None  # the catalogue's name in tables and logs (default: the file's stem)
     probes: bool = True  # image-only anchors: linear probes on frozen features, on weak labels and on gold
+    products: int | None = None  # use a stable random sample of this many products (None: all)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.products is not None and self.products < 2:
+            raise ValueError(f"--products must be at least 2, got {self.products}")
         if not 0.0 < self.text_share < 1.0:
             raise ValueError(f"--text-share must be strictly between 0 and 1, got {self.text_share}")
 
@@ -59,12 +63,30 @@ def _in_text_share(key: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+def _stable_keys(records: Sequence[Record]) -> list[str]:
+    """Each row's product key as it reads wherever the catalogue is stored: the photo's path relative to the folder
+    all photos share (the row id for a product without one)."""
+    photos = [r.images[0] for r in records if r.images]
+    base = os.path.commonpath(photos) if photos else ""
+    if len(set(photos)) == 1:  # one photo: commonpath is the file itself
+        base = os.path.dirname(base)
+    return [Path(os.path.relpath(r.images[0], base)).as_posix() if r.images else r.id for r in records]
+
+
+def sample_products(records: Sequence[Record], n: int) -> list[Record]:
+    """The rows of ``n`` products drawn by a stable hash of each product (all rows when there are fewer)."""
+    keys = _stable_keys(records)
+    order = sorted(set(keys), key=lambda k: hashlib.sha256(b"sample:" + k.encode()).digest())
+    kept = set(order[:n])
+    return [r for r, k in zip(records, keys) if k in kept]
+
+
 def split_catalog(records: Sequence[Record], share: float) -> tuple[list[Record], list[Record]]:
     """(text-labelled rows, catalogue rows): the first as text-only rows labelled with their gold values, the second
     as they are (no label; the extractor gives it); a product's rows stay together."""
     text_rows, catalogue = [], []
-    for r in records:
-        if _in_text_share(product_key(r), share):
+    for r, key in zip(records, _stable_keys(records)):
+        if _in_text_share(key, share):
             text_rows.append(replace(r, images=(), label=tuple(r.gold or ()), label_weight=None, label_probs=None))
         else:
             catalogue.append(replace(r, label=(), label_weight=None, label_probs=None))
@@ -97,6 +119,8 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
     if not records:
         raise ValueError(f"{cfg.data}: no rows")
     _check_rows(records, cfg.data)
+    if cfg.products is not None:
+        records = sample_products(records, cfg.products)
     text_rows, catalogue = split_catalog(records, cfg.text_share)
     if not text_rows or not catalogue:
         raise ValueError(
