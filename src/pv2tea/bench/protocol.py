@@ -136,11 +136,15 @@ def gold_labelled(records: Sequence[Record]) -> list[Record]:
 
 
 def _text_extractor(train_rows: list[Record], directory: Path) -> TfidfTextExtractor:
-    """The domain's TF-IDF extractor, trained once and saved (reloaded when present)."""
-    if (directory / "extractor.json").is_file():
+    """The set's TF-IDF extractor, trained once and saved; reloaded when present and trained on the same rows (their
+    SHA-256 in ``rows_sha256``), trained again otherwise."""
+    key = hashlib.sha256(json.dumps([[r.id, r.text, r.attribute, list(r.label)] for r in train_rows]).encode())
+    stamp = directory / "rows_sha256"
+    if (directory / "extractor.json").is_file() and stamp.is_file() and stamp.read_text() == key.hexdigest():
         return load_extractor(directory)  # type: ignore[return-value]
     extractor = TfidfTextExtractor(TfidfExtractorConfig()).fit(train_rows)
     extractor.save(directory)
+    stamp.write_text(key.hexdigest())
     return extractor
 
 
@@ -208,8 +212,16 @@ def _text_pretrain(
         FOLD_RUN_SETTINGS,
     )
     check_same_config(directory, run_cfg)
+    rows = hashlib.sha256(json.dumps([[r.id, r.text, r.attribute, list(r.label)] for r in text_rows]).encode())
+    stamp = directory / "rows_sha256"
+    if stamp.is_file() and stamp.read_text() != rows.hexdigest():
+        raise ValueError(
+            f"{directory}: this warm start was trained on other text-only rows; delete the folder (or use another "
+            "--out) to train it on these"
+        )
     if not (final / "model.safetensors").is_file():
         directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(rows.hexdigest())
         resume = checkpoint_exists(directory / "checkpoint")
         log(
             f"text pretraining: TEA on {len(text_rows)} text-only rows, {cfg.text_pretrain} epoch(s)"
