@@ -305,3 +305,38 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
     assert {k: v for k, v in again.items() if k not in ("seconds", "peak_rss_gb")} == {
         k: v for k, v in catalog.items() if k not in ("seconds", "peak_rss_gb")
     }
+
+
+def test_sample_products_keeps_whole_products_and_is_stable():
+    from pv2tea.bench.catalog import sample_products
+
+    rows = _product_rows(100)
+    kept = sample_products(rows, 30)
+    assert len({r.images[0] for r in kept}) == 30 and len(kept) == 60  # both rows of each product
+    assert sample_products(rows, 30) == kept
+    moved = [replace(r, images=tuple(f"/elsewhere{image}" for image in r.images)) for r in rows]
+    assert [r.id for r in sample_products(moved, 30)] == [r.id for r in kept]
+    assert sample_products(rows, 1000) == rows
+
+
+def test_a_saved_extractor_or_warm_start_of_other_rows_is_not_reused(tmp_path, tiny_text_ckpt):
+    from pv2tea.bench.protocol import ProtocolConfig, _text_extractor, _text_pretrain
+
+    rows = [replace(r, images=(), label=r.gold) for r in _product_rows(20)]
+    first = _text_extractor(rows, tmp_path / "extractor")
+    again = _text_extractor(rows, tmp_path / "extractor")
+    assert again.predict(rows) == first.predict(rows)
+    flipped = [
+        replace(r, label=("Blue",) if r.gold == ("Red",) else ("Red",)) if r.attribute == "Colour" else r for r in rows
+    ]
+    retrained = _text_extractor(flipped, tmp_path / "extractor")  # other rows: trained again, not reloaded
+    colour = [i for i, r in enumerate(rows) if r.attribute == "Colour"]
+    assert [retrained.predict(rows)[i] for i in colour] != [first.predict(rows)[i] for i in colour]
+
+    folder = tmp_path / "warm"
+    folder.mkdir()
+    (folder / "rows_sha256").write_text("0" * 64)
+    with pytest.raises(ValueError, match="other text-only rows"):
+        _text_pretrain(
+            rows, folder, ProtocolConfig(text_pretrain=1, config=None), tiny_overrides(tiny_text_ckpt), print
+        )
