@@ -3,7 +3,10 @@ next to each kind's own files; nothing is pickled.
 
 The transformer kind (:mod:`pv2tea.baselines.transformer`) adds JSON + safetensors + tokenizer files, the TF-IDF kind
 (:mod:`pv2tea.baselines.tfidf`) JSON vocabularies and an ``.npz`` read with ``allow_pickle=False``.
-:func:`load_extractor` picks the class by the ``kind`` in ``extractor.json``.
+:func:`pv2tea.baselines.kinds.load_extractor` picks the class by the ``kind`` in ``extractor.json``.
+
+This module sits below the extractor interface and its kinds (they import it, it imports none of them), so it
+knows a config only as a dataclass.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pv2tea.baselines.labels import AttributeVocab
 
 if TYPE_CHECKING:
-    from pv2tea.baselines.extractor import ExtractorConfig, TextExtractor
+    from _typeshed import DataclassInstance
 
 #: File holding an extractor's kind, config and value vocabularies.
 METADATA_FILE = "extractor.json"
 #: Version of the saved-folder layout; bumped on incompatible changes.
 FORMAT_VERSION = 1
 
-ConfigT = TypeVar("ConfigT", bound="ExtractorConfig")
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 
 def config_from_json(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
@@ -53,7 +56,7 @@ def read_metadata(directory: str | PathLike[str], kind: str | None = None) -> di
 
 
 def write_metadata(
-    root: Path, kind: str, config: ExtractorConfig, vocabularies: Mapping[str, AttributeVocab], **extra: Any
+    root: Path, kind: str, config: DataclassInstance, vocabularies: Mapping[str, AttributeVocab], **extra: Any
 ) -> None:
     """Write ``extractor.json`` (last, so that a folder with it is complete)."""
     meta = {
@@ -70,19 +73,3 @@ def space_from_meta(meta: Mapping[str, Any]) -> dict[str, AttributeVocab]:
     """The value classes saved in ``extractor.json``, keyed by attribute."""
     vocabs = [AttributeVocab.from_json(item) for item in meta["attributes"]]
     return {vocab.name: vocab for vocab in vocabs}
-
-
-def load_extractor(directory: str | PathLike[str]) -> TextExtractor:
-    """Load a saved extractor of any kind (chosen by ``kind`` in ``extractor.json``)."""
-    # the kinds' modules import this one: they are imported when a folder is loaded
-    from pv2tea.baselines.tfidf import TfidfTextExtractor
-    from pv2tea.baselines.transformer import TransformerTextExtractor
-
-    kinds: dict[str, type[TextExtractor]] = {
-        TransformerTextExtractor.kind: TransformerTextExtractor,
-        TfidfTextExtractor.kind: TfidfTextExtractor,
-    }
-    kind = read_metadata(directory).get("kind")
-    if kind not in kinds:
-        raise ValueError(f"{directory}: unknown extractor kind {kind!r} (known: {sorted(kinds)})")
-    return kinds[kind].load(directory)

@@ -18,10 +18,10 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from pv2tea.config import Config
+from pv2tea.data.batch import Batch
 from pv2tea.data.images import load_rgb
 from pv2tea.data.schema import Record
 from pv2tea.eval.normalize import mention_position, normalize_value, split_answer
-from pv2tea.models.pv2tea import Batch
 
 
 def crop_words(text: str, max_words: int) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import BertConfig, BertLMHeadModel, BertModel, GenerationConfig
 
 from pv2tea.config import Config
+from pv2tea.data.batch import Batch  # re-exported: its home was this module
 from pv2tea.losses.contrastive import label_smoothed_contrastive
 from pv2tea.losses.generation import (
     category_loss,
@@ -33,40 +34,6 @@ from pv2tea.models.fusion import FusionEncoder, additive_mask, is_visual_gate_ke
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy, gather_others, world_size
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
 from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights, timm_api
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor | None  # (B, 3, H, W); zeros where has_image is False; None when image_feats is given
-    has_image: torch.Tensor  # (B,) bool
-    text_ids: torch.Tensor  # (B, T)
-    text_mask: torch.Tensor  # (B, T)
-    question_ids: torch.Tensor  # (B, Q)
-    question_mask: torch.Tensor  # (B, Q)
-    category: torch.Tensor  # (B,) long, -1 when the category is unknown to the model
-    pair_id: torch.Tensor  # (B,) long: rows of the same product share it
-    index: torch.Tensor  # (B,) long: row index in the dataset
-    answer_ids: torch.Tensor | None = None  # (B, A) [CLS] value ; value [SEP] [PAD]...
-    answer_mask: torch.Tensor | None = None  # (B, A)
-    extra_images: torch.Tensor | None = None  # (B, K-1, 3, H, W): further images of a product
-    extra_mask: torch.Tensor | None = None  # (B, K-1) bool
-    attribute_id: torch.Tensor | None = None  # (B,) long, for the classification head
-    value_targets: torch.Tensor | None = None  # (B, V) multi-hot over the value vocabulary
-    multi_value: torch.Tensor | None = None  # (B,) bool: the row's attribute is multi-value
-    # cached outputs of frozen backbones (see pv2tea.train.feature_cache); used instead of pixels / token ids
-    image_feats: torch.Tensor | None = None  # (B, N, C) backbone tokens of the first image
-    extra_feats: torch.Tensor | None = None  # (B, K-1, N, C) backbone tokens of further images
-    text_hidden: torch.Tensor | None = None  # (B, T, H) text-encoder states (zeros at padding)
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
-
-    def __len__(self) -> int:
-        return self.text_ids.shape[0]
-
-    def select(self, rows: torch.Tensor) -> Batch:
-        """The batch of the given rows (B',): every field is per row along its first dimension."""
-        return Batch(**{k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
 
 @dataclass
