@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from pv2tea.inference import server as server_module
 from pv2tea.inference.predictor import Predictor
@@ -76,10 +76,12 @@ def detail(response) -> list[tuple[int, str, str]]:
 
 
 def test_elongated_images_are_refused_by_aspect_ratio_before_decoding(predictor, product, monkeypatch):
-    client = TestClient(create_app(predictor, limits=Limits(max_aspect_ratio=20)))
+    app = create_app(predictor, limits=Limits(max_aspect_ratio=20))
+    client = TestClient(app)
+    assert app.state.batcher.ready.wait(30)  # (the warm-up's image is not the request's)
     decoded = []
-    original = Image.Image.load
-    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or original(self))
+    original = ImageFile.ImageFile.load  # the decoding of an image file's pixels
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
     for size in [(20_000, 1), (1, 20_000), (40_000_000, 1)]:
         response = client.post(
             "/predict", json={"products": [{**product, "images": [base64.b64encode(png_claiming(*size)).decode()]}]}
