@@ -388,7 +388,7 @@ def create_app(
     budget = DecodeBudget(limits.max_decoded_bytes)
 
     def check(request: PredictRequest, job: int) -> tuple[list[Record], list[_Image], list[dict]]:
-        """The requests's records (their images named by memory keys), its distinct images to decode, and the
+        """The request's records (their images named by memory keys), its distinct images to decode, and the
         problems found without decoding any: every string and list against its limit, the row validation of a
         dataset file (empty, not valid Unicode, repeated ids, ...), where each image comes from."""
         rows: list[dict[str, Any]] = []
@@ -403,20 +403,21 @@ def create_app(
                 (name, getattr(product, name), limits.max_field_chars, "--max-field-chars")
                 for name in ("id", "category", "attribute")
             ]
-            lengths += [
-                (f"label[{k}]", v, limits.max_field_chars, "--max-field-chars") for k, v in enumerate(product.label)
-            ]
+            if len(product.label) > limits.max_labels:  # (its values are not looked at one by one)
+                problems.append(
+                    _problem(n, "label", f"{len(product.label):,} values; at most {limits.max_labels:,} (--max-labels)")
+                )
+            else:
+                lengths += [
+                    (f"label[{k}]", v, limits.max_field_chars, "--max-field-chars") for k, v in enumerate(product.label)
+                ]
             lengths += [
                 (f"image_paths[{k}]", v, limits.max_field_chars, "--max-field-chars")
-                for k, v in enumerate(product.image_paths)
+                for k, v in enumerate(product.image_paths[: limits.max_images_per_product])
             ]
             for field, value, most, option in lengths:
                 if len(value) > most:
                     problems.append(_problem(n, field, f"{len(value):,} characters; at most {most:,} ({option})"))
-            if len(product.label) > limits.max_labels:
-                problems.append(
-                    _problem(n, "label", f"{len(product.label):,} values; at most {limits.max_labels:,} (--max-labels)")
-                )
             count = len(product.images) + len(product.image_paths)
             if count > limits.max_images_per_product:
                 metrics.images_rejected.labels("count").inc()
