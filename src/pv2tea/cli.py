@@ -831,9 +831,9 @@ def data_import_fashion(
             root=root,
             out=out,
             attributes=chosen,
-            text=text,
+            text=text,  # type: ignore[arg-type]  # checked by FashionImportConfig
             min_products=min_products,
-            limit=limit,  # type: ignore[arg-type]
+            limit=limit,
         )
         manifest = import_fashion_product_images(cfg)
     except _expected_errors() as exc:
