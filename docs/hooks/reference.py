@@ -4,7 +4,8 @@
   default, the value each preset sets and its help text (field metadata ``help``, else the comments written
   above and beside the field in ``config.py``);
 * ``reference/cli.md`` from the Typer app :data:`pv2tea.cli.app`, through its click command tree;
-* ``reference/api/*.md``: one mkdocstrings page per subpackage of ``pv2tea``, discovered from the source tree.
+* ``reference/api/*.md``: one mkdocstrings page per subpackage of ``pv2tea``, discovered from the source tree (the
+  command line, :mod:`pv2tea.cli`, is documented by its own page, not as Python API).
 
 mkdocs runs this file as a hook (``hooks:`` in ``mkdocs.yml``); ``tests/unit/test_docs_reference.py`` calls the
 generators directly.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import io
+import re
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ CONFIG_PAGE = "reference/configuration.md"
 CLI_PAGE = "reference/cli.md"
 API_DIR = "reference/api"
 API_NAV_TITLE = "API"  # the nav section the generated API pages are appended to
+API_EXCLUDED = ("cli",)  # top-level modules or subpackages left out of the API pages: the CLI page documents them
 GROUP_MARK = "---"  # a comment line "# --- S1: ... ---" above a field starts a group of fields
 
 
@@ -290,10 +293,11 @@ def cli_reference_markdown() -> str:
 
 
 def api_modules() -> dict[str, list[str]]:
-    """Page name -> the public modules it documents: one page per subpackage of pv2tea, one for top-level modules."""
-    pages: dict[str, list[str]] = {"pv2tea": []}
+    """Page name -> the public modules it documents: one page per subpackage of pv2tea, and one for the package
+    itself (its facade) with its top-level modules; the modules of ``API_EXCLUDED`` are on none."""
+    pages: dict[str, list[str]] = {"pv2tea": ["pv2tea"]}
     for path in sorted(SRC.iterdir()):
-        if path.name.startswith("_"):
+        if path.name.startswith("_") or path.stem in API_EXCLUDED:
             continue
         if path.suffix == ".py":
             pages["pv2tea"].append(f"pv2tea.{path.stem}")
@@ -307,8 +311,25 @@ def api_modules() -> dict[str, list[str]]:
 def api_page_markdown(page: str, modules: list[str]) -> str:
     out = [f"# `{page}`", "", "<!-- generated at build time by docs/hooks/reference.py; do not edit -->", ""]
     for mod in modules:
-        out += [f"::: {mod}", ""]
+        # the package's own page shows its facade as a list (each name is documented in its home module)
+        options = ["    options:", "      members: false"] if mod == "pv2tea" else []
+        out += [f"::: {mod}", *options, ""]
     return "\n".join(out)
+
+
+# a Sphinx role left in a rendered docstring: ":class:<code>~pkg.mod.Name</code>", ":meth:<code>title &lt;target&gt;</code>"
+_ROLE = re.compile(r":(?:class|meth|func|mod|data|attr|exc|obj):\s*<code>(~?)([^<]*?)(?:\s*&lt;[^<]*?&gt;)?</code>")
+
+
+def strip_roles(html: str) -> str:
+    """The rendered API page with each Sphinx role of the docstrings written as the code it names (``~`` keeps the
+    last dotted part, an explicit title replaces the target), as Sphinx would show it."""
+
+    def code(match: re.Match[str]) -> str:
+        text = match.group(2).rsplit(".", 1)[-1] if match.group(1) else match.group(2)
+        return f"<code>{text}</code>"
+
+    return _ROLE.sub(code, html)
 
 
 def api_nav() -> list[dict[str, str]]:
@@ -342,6 +363,11 @@ def on_config(config: Any) -> Any:
     if config.get("nav") and not _fill_nav(config["nav"]):
         raise ValueError(f"mkdocs.yml: no nav section titled '{API_NAV_TITLE}' to list the API pages under")
     return config
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """Write the docstrings' Sphinx roles on the API pages as code (mkdocstrings leaves them as text)."""
+    return strip_roles(html) if page.file.src_uri.startswith(f"{API_DIR}/") else html
 
 
 def on_files(files: Any, config: Any) -> Any:

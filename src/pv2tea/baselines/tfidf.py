@@ -149,6 +149,7 @@ class TfidfTextExtractor(TextExtractor):
         return np.column_stack([ones if m is None else m.predict_proba(features)[:, 1] for m in models])
 
     def save(self, directory: str | PathLike[str]) -> Path:
+        """Write the fitted extractor to ``directory`` (created), ``extractor.json`` last; returns the folder."""
         self._require_fitted()
         assert self._vectorizers is not None
         root = Path(directory)
@@ -174,6 +175,7 @@ class TfidfTextExtractor(TextExtractor):
 
     @classmethod
     def load(cls, directory: str | PathLike[str]) -> Self:
+        """Rebuild a TF-IDF extractor written by :meth:`save` (any kind: :func:`~pv2tea.baselines.load_extractor`)."""
         root = Path(directory)
         meta = read_metadata(root, cls.kind)
         extractor = cls(config_from_json(TfidfExtractorConfig, meta["config"]))

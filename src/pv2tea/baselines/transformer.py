@@ -275,6 +275,7 @@ class TransformerTextExtractor(TextExtractor):
         return np.concatenate(chunks) if chunks else np.zeros((0, len(vocab.keys)))
 
     def save(self, directory: str | PathLike[str]) -> Path:
+        """Write the fitted extractor to ``directory`` (created), ``extractor.json`` last; returns the folder."""
         net, tokenizer = self._model()
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
@@ -288,6 +289,7 @@ class TransformerTextExtractor(TextExtractor):
 
     @classmethod
     def load(cls, directory: str | PathLike[str]) -> Self:
+        """Rebuild a transformer extractor written by :meth:`save` (any kind: ``load_extractor``)."""
         root = Path(directory)
         meta = read_metadata(root, cls.kind)
         extractor = cls(config_from_json(TextExtractorConfig, meta["config"]))

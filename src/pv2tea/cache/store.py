@@ -125,7 +125,7 @@ def write_manifest(
     directory: Path, identity: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], created: str | None = None
 ) -> None:
     """The manifest of a complete cache (written last, atomically): its sections' identity and its shards."""
-    from pv2tea import __version__
+    from pv2tea._version import __version__
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     manifest = {

@@ -38,6 +38,7 @@ class Batch:
     text_hidden: torch.Tensor | None = None  # (B, T, H) text-encoder states (zeros at padding)
 
     def to(self, device: torch.device | str) -> Batch:
+        """The batch with every tensor on ``device``."""
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
     def __len__(self) -> int:

@@ -98,6 +98,24 @@ def value_classes_of(values: dict[str, list[str]]) -> list[tuple[str, str]]:
 
 @dataclass
 class Preprocessor:
+    """Turns records into a model's :class:`~pv2tea.data.batch.Batch`: text crop and tokens, question prompt, answer
+    tokens or value classes, image transform.
+
+    Saved with every model folder (``preprocess.json`` and the tokenizer files) and read back with the model by
+    :func:`pv2tea.models.build.load_from_checkpoint`, so a model always sees its inputs as it was trained on them.
+
+    Attributes:
+        cfg: The run's configuration (``text``, ``fusion``, ``decoder`` and ``vision`` settings are read).
+        tokenizer: The text checkpoint's tokenizer.
+        data_config: timm's data config of the image backbone: input size, mean, std, interpolation, crop.
+        categories: The product categories the model knows (S2's category head), in class order.
+        values: Attribute -> its normalized value vocabulary (the classes of the classification head).
+        multi_value: Attribute -> whether it admits several values.
+        value_counts: Attribute -> normalized value -> training rows carrying it: the label prior of candidate
+            ranking (``decoder.prior_correction``).
+        cache: Cached frozen-backbone outputs used instead of pixels or tokens; not saved with the model.
+    """
+
     cfg: Config
     tokenizer: PreTrainedTokenizerBase
     data_config: dict  # timm data config: input_size, mean, std, interpolation, crop
@@ -130,13 +148,16 @@ class Preprocessor:
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """(height, width) of the image tensors."""
         _, height, width = self.data_config["input_size"]
         return int(height), int(width)
 
     def question(self, attribute: str, category: str) -> str:
+        """The question prompt of a row (``fusion.question_template`` filled in)."""
         return self.cfg.fusion.question_template.format(attribute=attribute, category=category)
 
     def crop(self, text: str) -> str:
+        """The product text cut to its first ``text.max_words`` words."""
         return crop_words(text, self.cfg.text.max_words)
 
     def tokenize_texts(self, texts: Sequence[str]):
@@ -146,6 +167,11 @@ class Preprocessor:
         )
 
     def image_tensor(self, record: Record, position: int = 0) -> torch.Tensor | None:
+        """The transformed image (3, H, W) at ``position`` of a record's images; None without one or without vision.
+
+        Raises:
+            pv2tea.data.images.ImageLoadError: The image file cannot be read.
+        """
         if not self.cfg.vision.enabled or len(record.images) <= position:
             return None
         return self.transform(load_rgb(record.images[position]))
@@ -153,6 +179,17 @@ class Preprocessor:
     def collate(
         self, records: Sequence[Record], pair_ids: Sequence[int], indices: Sequence[int], with_answers: bool
     ) -> Batch:
+        """The batch of ``records``.
+
+        Args:
+            records: The rows, in batch order.
+            pair_ids: Per row, the id its product shares with the product's other rows (S1's positives).
+            indices: Per row, its index in the dataset (the key of cached features and S3 weights).
+            with_answers: Tokenize the labels as answers (training) or not (inference).
+
+        Returns:
+            The batch; images are loaded from disk unless the cache holds their backbone states.
+        """
         tok = self.tokenizer
         cropped = [self.crop(r.text) for r in records]
         texts = self.tokenize_texts(cropped)

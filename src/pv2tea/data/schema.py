@@ -54,7 +54,23 @@ PARSE_ERROR_KEY = "__parse_error__"
 
 @dataclass(frozen=True)
 class Record:
-    """One validated (product, attribute) example."""
+    """One validated (product, attribute) example: a row of a dataset file as
+    :func:`~pv2tea.data.validate.load_dataset` returns it.
+
+    Attributes:
+        id: Unique per file, e.g. ``"p00012-color"``.
+        text: Title, bullets and description joined.
+        images: Absolute image paths; empty for a text-only product.
+        category: The product type, e.g. ``"mug"``.
+        attribute: The queried attribute, e.g. ``"color"``.
+        label: The weak value(s) trained on; empty only when loaded with ``require_label=False``.
+        gold: Human gold value(s), if annotated (what evaluation scores against).
+        source: Where the gold value shows: ``"text"``, ``"image"`` or None.
+        label_weight: How far to trust ``label``, in [0, 1] (e.g. the extractor's confidence); None: fully.
+            Training multiplies the row's generation-loss weight by it (``schemes.label_weights``).
+        label_probs: A soft label, (value, probability) pairs over the attribute's values (a text extractor's
+            class probabilities); trained on with ``loss.soft_label_weight`` (the classification head).
+    """
 
     id: str  # unique per file, e.g. "p00012-color"
     text: str  # title, bullets and description joined

@@ -432,6 +432,15 @@ def load_dataset(
 ) -> LoadResult:
     """Load and validate a dataset file into memory (the records; the raw rows are streamed).
 
+    Args:
+        path: A JSONL, CSV or Parquet file of product rows (``pv2tea data validate`` checks one from the shell).
+        skip_invalid: Skip an invalid row and count it (in ``skipped``) instead of raising.
+        check_images: Open every image (a missing or unreadable one makes the row invalid).
+        require_label: Every row needs a ``label``; False for rows to predict.
+
+    Returns:
+        The records, the skipped rows (file, row, field, message) and warnings (such as fields no reader knows).
+
     Raises:
         DataValidationError: if any row is invalid and ``skip_invalid`` is False; it lists
             every error found in the file.

@@ -103,12 +103,25 @@ class Choice:
     source: str = "attribute"  # "attribute", or "pooled" when the attribute took the pooled λ
 
     def to_json(self) -> dict[str, Any]:
+        """The choice as a JSON object (its fields)."""
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per-attribute model shares λ for late fusion; attributes not listed take ``pooled``."""
+    """Per-attribute model shares λ for late fusion; attributes not listed take ``pooled``.
+
+    Made by ``pv2tea calibrate`` (:func:`fit_calibration` on labelled rows), saved as JSON with :meth:`save`, read
+    with :func:`load_calibration` and passed to :meth:`Predictor.predict
+    <pv2tea.inference.predictor.Predictor.predict>`, which then ranks an attribute's candidates by
+    λ · log p_model + (1 − λ) · log q_extractor.
+
+    Attributes:
+        pooled: The choice over all the sample's rows, for attributes without their own.
+        attributes: Attribute -> its own choice.
+        config: The grid of λ, the guard's z and the fewest rows an attribute needs for its own λ.
+        meta: What the file records besides (the model, extractor and data it was fitted on, the date).
+    """
 
     pooled: Choice
     attributes: Mapping[str, Choice]
@@ -116,10 +129,12 @@ class Calibration:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def model_weight(self, attribute: str) -> float:
+        """The model's share λ for ``attribute`` (its own choice, else the pooled one)."""
         choice = self.attributes.get(attribute)
         return (choice if choice is not None else self.pooled).model_weight
 
     def to_json(self) -> dict[str, Any]:
+        """The calibration file's JSON object (format, version, config, pooled and per-attribute choices)."""
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -130,6 +145,14 @@ class Calibration:
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write the calibration file atomically (parent folders created).
+
+        Args:
+            path: The JSON file to write.
+
+        Returns:
+            The path written.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -253,7 +276,18 @@ def _choice_from_json(data: Any, where: str) -> Choice:
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file written by :meth:`Calibration.save` (``pv2tea calibrate``)."""
+    """Read a calibration file written by :meth:`Calibration.save` (``pv2tea calibrate``).
+
+    Args:
+        path: The JSON file.
+
+    Returns:
+        The calibration, for :meth:`Predictor.predict <pv2tea.inference.predictor.Predictor.predict>`.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        CalibrationError: It is not a pv2tea calibration file, is of another version, or a field is malformed.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -291,4 +325,5 @@ def load_calibration(path: str | Path) -> Calibration:
 
 
 def today() -> str:
+    """Today's date in ISO format (the ``created`` date of a calibration file)."""
     return _dt.date.today().isoformat()

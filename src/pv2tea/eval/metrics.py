@@ -302,6 +302,13 @@ def source_aware_report(examples: Iterable[Example], synonyms: Mapping[str, str]
     where each ``Scores`` is :meth:`Scores.to_dict`. Examples with ``source=None`` count in
     the ``overall`` blocks only. A source without examples has ``n == 0`` and ``None``
     metrics, and then every gap value is ``None``.
+
+    Args:
+        examples: One per scored row: gold and predicted values, the gold's source, attribute, multi-value.
+        synonyms: Value -> the value it counts as (after normalization); None: none.
+
+    Returns:
+        The report, ready for ``json.dumps``.
     """
     canon = canonical_synonyms(synonyms)
     judged = [_judge(e, canon) for e in examples]

@@ -44,6 +44,9 @@ def prediction_rows(
 class Predictor:
     """Load a trained PV2TEA checkpoint and extract attribute values.
 
+    One predictor serves ``pv2tea predict``, ``pv2tea evaluate`` and the HTTP server. Build it with
+    :meth:`from_checkpoint`; the constructor takes a model and its preprocessor already in memory.
+
     ``device`` (a torch device or ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
     :func:`pv2tea.inference.device.resolve_device`) is where the model runs; each batch is built on the CPU and
     moved there. None leaves the model where it is. ``precision`` (``fp32``, ``bf16``, ``fp16``;
@@ -55,6 +58,14 @@ class Predictor:
     def __init__(
         self, model: PV2TEA, pre: Preprocessor, device: str | torch.device | None = None, precision: str = "fp32"
     ):
+        """Wrap a model and its preprocessor (put in eval mode, moved to ``device``).
+
+        Args:
+            model: The trained model.
+            pre: The preprocessor saved with it (its tokenizer, image transform and vocabularies).
+            device: Where the model runs; None: where it is.
+            precision: ``fp32``, ``bf16`` or ``fp16``, the number format of the forward pass.
+        """
         if device is not None:
             model = model.to(resolve_device(device))
         self.model = model.eval()
@@ -66,6 +77,7 @@ class Predictor:
 
     @property
     def device(self) -> torch.device:
+        """The device the model's parameters are on (the CPU for a model without parameters)."""
         parameter = next(self.model.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -73,6 +85,27 @@ class Predictor:
     def from_checkpoint(
         cls, directory: str | Path, device: str | torch.device | None = None, precision: str = "fp32"
     ) -> Predictor:
+        """Load a model folder written by training (``RUN/final`` or a ``RUN/checkpoint``).
+
+        Args:
+            directory: The model folder: weights (safetensors), config, preprocessor and manifest.
+            device: Where the model runs: a torch device or ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
+                None: the CPU, where the weights are loaded.
+            precision: ``fp32``, ``bf16`` or ``fp16``, the number format of the forward pass.
+
+        Returns:
+            A predictor in eval mode.
+
+        Raises:
+            pv2tea.models.checkpoint.CheckpointError: The folder is not a complete model folder, or its files do not
+                match its manifest.
+            pv2tea.inference.device.DeviceError: ``device`` names a device this machine does not have.
+
+        Example:
+            ```python
+            predictor = Predictor.from_checkpoint("runs/a/final", device="auto")
+            ```
+        """
         return cls(*load_from_checkpoint(directory), device=device, precision=precision)
 
     def predict(
@@ -86,6 +119,31 @@ class Predictor:
         prior_weight: float = 1.0,
         calibration: Calibration | None = None,
     ) -> list[list[str]]:
+        """The extracted value(s) of each record, in order: what ``pv2tea predict`` writes.
+
+        Open generation by default. With ``candidates`` a row whose category and attribute have a list gets the
+        most likely value of the list instead; with ``priors`` too (a text extractor's class probabilities,
+        :meth:`TextExtractor.value_probabilities <pv2tea.baselines.extractor.TextExtractor.value_probabilities>`),
+        the value most likely under both; with ``calibration`` each attribute weighs the two by its calibrated λ.
+
+        Args:
+            records: The rows to answer (loaded with ``require_label=False`` when they carry no label).
+            batch_size: Rows per forward pass.
+            num_beams: Beam width of open generation; None: the config's ``decoder.num_beams``.
+            progress: Show a progress bar.
+            candidates: Closed value lists, ``{category: {attribute: [values]}}`` or ``{attribute: [values]}``
+                (the ``candidates.json`` of an imported dataset).
+            priors: One extractor distribution (value -> probability) per record, or None for a row without one.
+            prior_weight: The extractor's weight against the model when ranking candidates with ``priors``.
+            calibration: Per-attribute weights from ``pv2tea calibrate``
+                (:func:`~pv2tea.decoding.calibration.load_calibration`); needs ``priors`` and ``candidates``.
+
+        Returns:
+            One list of values per record (a multi-value attribute may have several, an unanswered row none).
+
+        Raises:
+            ValueError: A calibration without priors and candidates, or a number of priors other than of records.
+        """
         with self._autocast():
             return generate_values(
                 self.model,

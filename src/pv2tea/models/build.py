@@ -58,6 +58,8 @@ def build_for_training(
 
 
 def preprocess_state(pre: Preprocessor) -> dict:
+    """What a model folder keeps of a preprocessor (its ``preprocess.json``): categories, value vocabularies, which
+    attributes are multi-value, the label prior and the image transform."""
     return {
         "categories": pre.categories,
         "values": pre.values,
@@ -68,6 +70,17 @@ def preprocess_state(pre: Preprocessor) -> dict:
 
 
 def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
+    """The model and preprocessor saved in a model folder (``RUN/final``, a checkpoint), on the CPU.
+
+    Args:
+        directory: The model folder.
+
+    Returns:
+        The model (in training mode, as built) and its preprocessor.
+
+    Raises:
+        pv2tea.models.checkpoint.CheckpointError: A file is missing or damaged, or does not match the manifest.
+    """
     directory = Path(directory)
     cfg = ckpt.read_config(directory)
     bert_config = BertConfig(**ckpt.read_json(directory, ckpt.TEXT_CONFIG_FILE))

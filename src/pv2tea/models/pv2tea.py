@@ -38,6 +38,8 @@ from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weig
 
 @dataclass
 class Encoded:
+    """What :meth:`PV2TEA.encode` computes once per batch and the heads read: the grounded question and its context."""
+
     question: torch.Tensor  # (B, Q, H) grounded representation q
     question_mask: torch.Tensor  # (B, Q)
     text_hidden: torch.Tensor  # (B, T, H)
@@ -52,6 +54,8 @@ class Encoded:
 
 @dataclass
 class PV2TEAOutput:
+    """What :meth:`PV2TEA.forward` returns: the training loss, its named terms and the features to enqueue."""
+
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]  # loss_gen, loss_sc, loss_ct (those enabled)
     per_sample_gen: torch.Tensor  # (B,) unweighted g(y_n, ŷ_n)
@@ -66,6 +70,18 @@ _PRETRAINED = re.compile(
 
 
 class PV2TEA(nn.Module):
+    """PV2TEA (paper §3, Figure 3): an image encoder and a text encoder, a question fused with both, an answer head.
+
+    The parts a configuration switches off are not built (``visual`` is None for a text-only model, the momentum
+    copies exist with S1's contrastive alignment only), so every built parameter trains. Training calls
+    :meth:`forward` with a batch that has answers and gets the named loss terms; inference calls :meth:`generate`
+    (open answers), :meth:`score_candidates` (closed lists) or :meth:`classify` (the classification head). Most
+    programs do not build one by hand: :func:`pv2tea.models.build.build_for_training` and
+    :func:`pv2tea.models.build.load_from_checkpoint` (a saved folder) return it with its
+    :class:`~pv2tea.data.dataset.Preprocessor`, which makes its batches, and
+    :class:`~pv2tea.inference.predictor.Predictor` wraps both.
+    """
+
     # the parts a text-only (TEA) run trains that every variant shares: what ``train.init_from`` warm-starts
     warm_start_prefixes: tuple[str, ...] = ("text_encoder.", "fusion.", "decoder.")
     # parts a configuration may leave out (None); the momentum copies exist with S1's contrastive alignment only
@@ -86,7 +102,20 @@ class PV2TEA(nn.Module):
     def __init__(
         self, cfg: Config, bert_config: BertConfig, num_categories: int, value_attributes: list[int] | None = None
     ):
-        """``value_attributes[v]`` is the attribute index of value class v (classification head only)."""
+        """Build the parts the configuration asks for, randomly initialized (:meth:`load_pretrained` loads weights).
+
+        Args:
+            cfg: The run's configuration; the model reads ``vision``, ``text``, ``fusion``, ``decoder`` and
+                ``schemes``.
+            bert_config: The text checkpoint's configuration (hidden size, vocabulary, layers).
+            num_categories: The number of product categories (the size of S2's category head).
+            value_attributes: ``value_attributes[v]`` is the attribute index of value class v (classification
+                head only).
+
+        Raises:
+            ValueError: ``text.num_layers`` or ``text.train_layers`` exceeds the checkpoint's layers, or the
+                classification head is asked for without ``value_attributes``.
+        """
         super().__init__()
         self.cfg = cfg
         s = cfg.schemes
@@ -228,6 +257,7 @@ class PV2TEA(nn.Module):
 
     @torch.no_grad()
     def sync_momentum(self) -> None:
+        """Copy the online encoders and projections into their momentum copies (S1; after loading weights)."""
         for online, momentum in self._momentum_pairs():
             momentum.load_state_dict(online.state_dict())
 
@@ -264,6 +294,15 @@ class PV2TEA(nn.Module):
         return {k for k in self.state_dict() if k.startswith(self.warm_start_prefixes) and not is_visual_gate_key(k)}
 
     def train(self, mode: bool = True) -> PV2TEA:
+        """Set training mode, keeping the frozen parts (frozen backbones and text layers, ``vision.freeze_bn``'s
+        batch norms) in eval mode, so that their outputs are the ones a feature cache stores.
+
+        Args:
+            mode: True for training mode, False for eval mode (everything).
+
+        Returns:
+            The model itself.
+        """
         super().train(mode)
         if not mode:
             return self
@@ -284,6 +323,14 @@ class PV2TEA(nn.Module):
 
     # --------------------------------------------------------------------------- forward
     def encode(self, batch: Batch) -> Encoded:
+        """Encode the images and text of a batch and fuse the question with them (everything before the head).
+
+        Args:
+            batch: The rows, from pixels or from cached backbone and text states.
+
+        Returns:
+            The grounded question, its context and what the answer head cross-attends.
+        """
         text_hidden = self._text_states(self.text_encoder, batch)  # (B, T, H)
         rows = batch.has_image if self.visual is not None else torch.zeros_like(batch.has_image)
         visual = None
@@ -381,6 +428,7 @@ class PV2TEA(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """Move the momentum copies towards the online parts by ``schemes.momentum`` (EMA, S1; after each step)."""
         for online, momentum in self._momentum_pairs():
             ema_update(online, momentum, self.cfg.schemes.momentum)
 
@@ -400,9 +448,23 @@ class PV2TEA(nn.Module):
     def forward(
         self, batch: Batch, sample_weights: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None
     ) -> PV2TEAOutput:
-        """The loss terms. ``teacher_logits``: a frozen teacher's view of the same batch, distilled with weight
-        ``loss.distill_weight``: with the decoder its :meth:`answer_logits` (B, A, V), with the classification head its
-        log-probabilities over this model's value classes (B, V; pv2tea.train.distill)."""
+        """The training loss of a batch and its named terms (``loss_gen``, ``loss_sc``, ``loss_ct``: those enabled).
+
+        Args:
+            batch: The rows with their answers (``answer_ids``; :meth:`Preprocessor.collate
+                <pv2tea.data.dataset.Preprocessor.collate>` with answers).
+            sample_weights: (B,) weights of the rows' generation loss (S3); None: all 1.
+            teacher_logits: A frozen teacher's view of the same batch, distilled with weight ``loss.distill_weight``:
+                with the decoder its :meth:`answer_logits` (B, A, V), with the classification head its
+                log-probabilities over this model's value classes (B, V; :mod:`pv2tea.train.distill`).
+
+        Returns:
+            The weighted sum of the terms, the terms, the unweighted per-row generation loss and the momentum
+            features to enqueue.
+
+        Raises:
+            ValueError: The batch has no answers.
+        """
         if batch.answer_ids is None or batch.answer_mask is None:
             raise ValueError("forward needs answer_ids (training labels); use generate() for inference")
         cfg, s = self.cfg, self.cfg.schemes
@@ -523,6 +585,7 @@ class PV2TEA(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, out: PV2TEAOutput) -> None:
+        """Push a step's momentum features into S1's queues of negatives (a no-op without contrastive alignment)."""
         if out.momentum:
             self.queue.enqueue(out.momentum["image"], out.momentum["text"], out.momentum["ids"])
 
@@ -537,7 +600,19 @@ class PV2TEA(nn.Module):
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
     ) -> torch.Tensor:
-        """Answer token ids (B, L) starting with ``bos_id``; greedy (with a key/value cache) or beam search."""
+        """Answer token ids (B, L) starting with ``bos_id``; greedy (with a key/value cache) or beam search.
+
+        Args:
+            batch: The rows to answer (no answers needed).
+            bos_id: The token that starts an answer ([CLS]).
+            eos_id: The token that ends one ([SEP]).
+            pad_id: The padding token.
+            num_beams: The beam width; None: ``decoder.num_beams``; 1 is greedy.
+            max_new_tokens: The longest answer; None: ``decoder.max_answer_tokens``.
+
+        Returns:
+            (B, L) token ids; the preprocessor's tokenizer turns them into values.
+        """
         from pv2tea.models.greedy import greedy_decode
 
         enc = self.encode(batch)

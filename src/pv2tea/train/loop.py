@@ -66,10 +66,11 @@ log = logging.getLogger("pv2tea.train")
 
 
 class TrainingError(RuntimeError):
-    pass
+    """A training run that cannot start or continue, with the reason in one message."""
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -377,6 +378,15 @@ def _set_schedule_position(scheduler, step: int) -> None:
 
 @dataclass
 class TrainResult:
+    """Where a training run wrote its outputs and how it scored.
+
+    Attributes:
+        run_dir: The run folder (``config.yaml``, ``metrics.jsonl``, ``train.log``, checkpoints).
+        final_dir: The model folder to predict with (``run_dir/final``).
+        val_report: The source-aware report of the validation rows (None without them).
+        seconds: Wall-clock time of the run.
+    """
+
     run_dir: Path
     final_dir: Path
     val_report: dict[str, Any] | None
@@ -409,6 +419,24 @@ def train(
 
     Under a launcher (``torchrun``, ``accelerate launch``) every process calls this with the same arguments and
     trains its shard of each epoch (train/distributed.py); rank 0 alone writes ``run_dir``.
+
+    Args:
+        cfg: The configuration (:func:`pv2tea.config.load_config`).
+        train_records: The training rows, weakly labelled (their ``label``).
+        run_dir: The run folder; created.
+        val_records: Rows with ``gold`` values, scored after each epoch (logged in ``metrics.jsonl``) and on the
+            final model (``val_report.json``); they select nothing: the final model is the last epoch's, or the
+            average of the last ``train.average_epochs``.
+        resume: Continue from ``run_dir/checkpoint`` with the same config and data.
+        progress: Show progress bars.
+        data_report: What validation of the data found (counts, skipped rows), saved with the run.
+
+    Returns:
+        The run folder, its model folder ``final``, the validation report and the time taken.
+
+    Raises:
+        TrainingError: The run cannot start or continue (such as a resume whose config or data differ), said in
+            one message.
     """
     t0 = time.time()
     run_dir = Path(run_dir)
