@@ -390,6 +390,9 @@ def predict(
             help="A feature cache folder of this model's frozen backbone(s) (pv2tea cache build): rows found in it are not encoded again; one of another backbone is refused.",
         ),
     ] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar of the rows predicted.")
+    ] = True,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable).
 
@@ -405,6 +408,11 @@ def predict(
     from pv2tea.inference.device import autocast_for, resolve_device
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.sharded import JobError, check_leftovers, launched_shard, predict_file, process_group
+    from pv2tea.models.checkpoint import checkpoint_warnings_to
+
+    def note(message: str) -> None:  # a warning about the model folder, said once (by rank 0 under torchrun)
+        if shard is None or shard.rank == 0:
+            console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
     def check_input(scan) -> None:
         if keep_grounded and not scan.n_labelled:
@@ -422,7 +430,8 @@ def predict(
         autocast_for(precision, where)  # refuse a bad --precision before the model loads
         calib = _load_calibration(calibration, model, extractor)
         text_extractor = _load_extractor(extractor)
-        predictor = Predictor.from_checkpoint(model, device=where, precision=precision)
+        with checkpoint_warnings_to(note):
+            predictor = Predictor.from_checkpoint(model, device=where, precision=precision)
         if feature_cache is not None:
             from pv2tea.cache.build import open_for_model
 
@@ -444,6 +453,7 @@ def predict(
                 extractor=text_extractor,
                 extractor_weight=extractor_weight,
                 calibration=calib,
+                progress=progress,
             )
     except _expected_errors(FeatureCacheError) as exc:
         if shard is not None and shard.rank > 0:
@@ -633,7 +643,8 @@ def serve(
     from pv2tea.inference.device import autocast_for, resolve_device
     from pv2tea.inference.predictor import Predictor
     from pv2tea.inference.server import create_app
-    from pv2tea.serve.connections import uvicorn_options
+    from pv2tea.models.checkpoint import checkpoint_warnings_to
+    from pv2tea.serve.connections import is_loopback, uvicorn_options
     from pv2tea.serve.limits import Limits
 
     if threads is not None:
@@ -647,6 +658,13 @@ def serve(
         api_key = api_key_file.read_text().strip()
         if not api_key:
             _fail(f"--api-key-file {api_key_file} is empty")
+    if api_key is None and not is_loopback(host):
+        console.print(
+            f"[yellow]warning:[/] --host {escape(host)} listens beyond this machine and no API key is set: anyone "
+            "who can reach the port may call /predict and read /metrics; give --api-key-file FILE (or set "
+            "PV2TEA_API_KEY), or keep the default --host 127.0.0.1 behind a proxy that checks callers",
+            highlight=False,
+        )
     try:
         check_fusion(candidates, extractor)
         limits = Limits(
@@ -667,7 +685,8 @@ def serve(
         )
         where = resolve_device(device)
         autocast_for(precision, where)  # refuse a bad --precision before the model loads
-        predictor = Predictor.from_checkpoint(model, device=where, precision=precision)
+        with checkpoint_warnings_to(lambda m: console.print(f"[yellow]warning:[/] {escape(m)}", highlight=False)):
+            predictor = Predictor.from_checkpoint(model, device=where, precision=precision)
         cands = _read_candidates(candidates)
         app_ = create_app(
             predictor,

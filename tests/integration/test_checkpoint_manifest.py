@@ -87,3 +87,36 @@ def test_damaged_files_of_a_folder_without_manifest_are_named_with_the_fix(final
     config.write_text(config.read_text()[:-10])
     with pytest.raises(ckpt.CheckpointError, match=r"pv2tea_config\.json is not valid JSON .*copy the model folder"):
         Predictor.from_checkpoint(final_copy)
+
+
+def test_predict_says_a_missing_manifest_in_one_line_and_hides_its_progress_on_request(
+    final_copy, tiny_trained, tmp_path, capsys
+):
+    """Issue 38, item 13: the warning is one ``warning:`` line of the command (no file:line and source line of
+    Python's warning display, nothing left to the warnings machinery), and ``--no-progress`` removes the bar."""
+    _, catalog = tiny_trained
+    (final_copy / ckpt.MANIFEST_FILE).unlink()
+    base = ["predict", "--model", str(final_copy), "--data", str(catalog["test"])]
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        assert main([*base, "--out", str(tmp_path / "quiet.jsonl"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "no manifest.json" in line]
+    assert len(said) == 1 and said[0].startswith("warning: ") and str(final_copy) in said[0], err
+    assert "CheckpointWarning" not in err and "from_checkpoint(" not in err and ".py:" not in err, err
+    assert not [w for w in escaped if issubclass(w.category, ckpt.CheckpointWarning)]
+    assert "row/s" not in err and "predict:" not in err, err  # no progress bar
+    assert main([*base, "--out", str(tmp_path / "shown.jsonl")]) == 0
+    assert "row/s" in capsys.readouterr().err  # the bar by default
+    assert (tmp_path / "quiet.jsonl").read_text() == (tmp_path / "shown.jsonl").read_text()
+
+
+def test_checkpoint_warnings_to_leaves_other_warnings_alone():
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with ckpt.checkpoint_warnings_to(said.append):
+            warnings.warn("old folder", ckpt.CheckpointWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert said == ["old folder"]
+    assert [(w.category, str(w.message)) for w in shown] == [(UserWarning, "something else")]

@@ -449,3 +449,50 @@ def test_slow_clients_are_cut_off_and_connections_limited(live_server):
     fourth = _connect(port)
     fourth.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert _read_until_closed(fourth)[0].startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(host, loopback):
+    from pv2tea.serve.connections import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_an_api_key(tiny_trained, monkeypatch, tmp_path, capsys):
+    """Issue 38, item 12: --host 0.0.0.0 without a key started silently although the guide advises against it."""
+    import uvicorn
+
+    from pv2tea.cli import main
+
+    model, _ = tiny_trained
+    started: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    monkeypatch.delenv("PV2TEA_API_KEY", raising=False)
+    key = tmp_path / "key.txt"
+    key.write_text("s3cret\n")
+
+    def warned(*args: str) -> bool:
+        started.clear()
+        assert main(["serve", "--model", str(model), *args]) == 0 and started["app"] is not None
+        err = capsys.readouterr().err
+        return "warning:" in err and "no API key" in err
+
+    assert warned("--host", "0.0.0.0")
+    assert started["host"] == "0.0.0.0"  # a warning, not a refusal
+    assert not warned("--host", "0.0.0.0", "--api-key-file", str(key))
+    assert not warned()  # the default 127.0.0.1
+    monkeypatch.setenv("PV2TEA_API_KEY", "s3cret")
+    assert not warned("--host", "0.0.0.0")

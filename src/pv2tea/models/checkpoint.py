@@ -8,6 +8,7 @@ the S1 queues are model buffers). Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -28,6 +29,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from pv2tea.config import Config, from_dict
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from pv2tea.models.pv2tea import PV2TEA
 
 MODEL_FILE = "model.safetensors"
@@ -201,6 +204,24 @@ def _manifest_entry(path: Path) -> dict[str, Any]:
 
 
 _UNCHECKED_WARNED: set[str] = set()  # folders without a manifest already warned about (once each)
+
+
+@contextlib.contextmanager
+def checkpoint_warnings_to(report: Callable[[str], None]) -> Iterator[None]:
+    """Hand the :class:`CheckpointWarning` messages raised inside the block to ``report`` (for a command line: one
+    ``warning:`` line, without the source line that Python's warning display adds). Other warnings are shown as
+    usual when the block ends."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as recorded:
+            caught = recorded
+            yield
+    finally:  # outside the recording block: the other warnings go where they would have gone
+        for item in caught:
+            if issubclass(item.category, CheckpointWarning):
+                report(str(item.message))
+            else:
+                warnings.showwarning(item.message, item.category, item.filename, item.lineno, line=item.line)
 
 
 def write_manifest(directory: Path) -> Path:

@@ -11,6 +11,7 @@ middleware's (``Limits.body_timeout``, :class:`pv2tea.inference.server._Guard`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from typing import Any
 
@@ -23,7 +24,18 @@ except ImportError as exc:
 
 from pv2tea.serve.limits import Limits
 
-__all__ = ["header_timeout_protocol", "uvicorn_options"]
+__all__ = ["header_timeout_protocol", "is_loopback", "uvicorn_options"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a ``--host`` value) listens on this machine only: ``localhost`` or a loopback address
+    (127.0.0.0/8, ::1). Any other name or address, ``0.0.0.0`` and ``::`` among them, may be reached from elsewhere."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def _timeout_answer(header_timeout: float) -> bytes:
