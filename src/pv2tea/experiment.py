@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -88,12 +88,15 @@ METRICS = ("precision", "recall", "f1", "accuracy")
 
 @dataclass
 class Split:
+    """The rows of an experiment: trained on (weak labels), scored each epoch, and scored at the end (gold)."""
+
     train: list[Record]
     val: list[Record]
     test: list[Record]
 
 
 def known_variants() -> list[str]:
+    """Every name ``--variants`` accepts: the model variants of ``VARIANTS`` and the reference rows."""
     return [*VARIANTS, *REFERENCES]
 
 
@@ -436,6 +439,7 @@ def keep_grounded_report(
 
 
 def mean_std(values: list[float | None]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (0 for one value) of the values that are not None; both None without any."""
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": None, "std": None}
@@ -558,8 +562,27 @@ def run_experiment(
     base_config: str | None = "cpu",
     overrides: Sequence[str] = (),
     progress: bool = False,
-    log=print,
+    log: Callable[[str], object] = print,
 ) -> dict[str, Any]:
+    """Train and score every variant over every seed (``pv2tea experiment``) and write the tables.
+
+    Args:
+        data: The training, validation and test rows.
+        out: The experiment folder: one run folder per variant and seed, ``experiment.json``, ``tables.md``.
+        variants: Names from :func:`known_variants`.
+        seeds: The seeds of each model variant (the weak labels, which have none, are scored once).
+        base_config: The preset or YAML file every run starts from.
+        overrides: ``--set`` overrides applied to every run before the variant's own.
+        progress: Show progress bars.
+        log: Called with one line per finished run.
+
+    Returns:
+        The summary (:func:`summarize`): per variant, the mean and standard deviation of each score over the seeds,
+        and paired t-tests against PV2TEA.
+
+    Raises:
+        ValueError: An unknown variant.
+    """
     unknown = [v for v in variants if v not in known_variants()]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(known_variants())}")

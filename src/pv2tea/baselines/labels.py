@@ -33,6 +33,7 @@ class AttributeVocab:
         return list(found) if self.multi_value else list(found)[:1]
 
     def to_json(self) -> dict[str, Any]:
+        """The vocabulary as saved in ``extractor.json``."""
         return {
             "name": self.name,
             "keys": list(self.keys),
@@ -42,6 +43,7 @@ class AttributeVocab:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AttributeVocab:
+        """The vocabulary saved by :meth:`to_json`."""
         return cls(data["name"], tuple(data["keys"]), tuple(data["surfaces"]), bool(data["multi_value"]))
 
 

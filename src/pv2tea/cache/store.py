@@ -50,6 +50,7 @@ class FeatureCacheError(RuntimeError):
 
 
 def shard_name(kind: str, index: int) -> str:
+    """The file name of shard ``index`` of a section (``images`` or ``texts``)."""
     return f"{kind}-{index:06d}.safetensors"
 
 
@@ -98,6 +99,7 @@ class ShardWriter:
         self.written: list[dict[str, Any]] = []
 
     def add(self, key: bytes, row: np.ndarray) -> None:
+        """Add one row under its digest; a shard is written when the rows gathered reach ``shard_bytes``."""
         self.keys.append(key)
         self.rows.append(row)
         self.bytes += row.nbytes
@@ -105,6 +107,7 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the rows gathered so far as one shard (nothing when there are none)."""
         if not self.keys:
             return
         keys = np.frombuffer(b"".join(self.keys), dtype=np.uint8).reshape(len(self.keys), -1)  # (n, 16)
@@ -144,6 +147,8 @@ def write_manifest(
 
 @dataclass(frozen=True)
 class TensorSpan:
+    """Where one tensor of a safetensors file is: its dtype, shape and first byte."""
+
     dtype: np.dtype
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
@@ -204,6 +209,7 @@ class CacheStatus:
         return "partial" if self.unlisted or self.temporary or self.building else "complete"
 
     def describe(self) -> str:
+        """What is wrong with the folder, in one line (empty when nothing is)."""
         bits = []
         if self.manifest is None and self.state == "partial":
             bits.append("no manifest: a build was interrupted before it finished")
@@ -219,6 +225,11 @@ class CacheStatus:
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a cache folder; None when it has none.
+
+    Raises:
+        FeatureCacheError: The manifest cannot be read or is not a pv2tea feature cache's.
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
@@ -236,6 +247,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def inspect_folder(directory: str | Path) -> CacheStatus:
+    """What a cache folder holds (``pv2tea cache status``), read from its manifest and file names alone."""
     directory = Path(directory)
     if not directory.is_dir():
         return CacheStatus(directory, None, None)
@@ -387,6 +399,7 @@ class FeatureStore:
         self.digests: dict[str, bytes] = dict(image_digests or {})
 
     def close(self) -> None:
+        """Close the shard files."""
         for section in self.sections.values():
             for fd in section.fds:
                 os.close(fd)
@@ -408,24 +421,29 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ lookups
     def image_digest(self, path: str) -> bytes:
+        """The digest an image file is cached under (hashed on first use, then remembered)."""
         digest = self.digests.get(path)
         if digest is None:
             digest = self.digests[path] = file_digest(path)
         return digest
 
     def has_image_digests(self, digests: Sequence[bytes]) -> np.ndarray:
+        """(n,) bool: which image digests the cache holds."""
         return self.sections["images"].find(digests) >= 0
 
     def has_text_digests(self, digests: Sequence[bytes]) -> np.ndarray:
+        """(n,) bool: which text digests the cache holds."""
         return self.sections["texts"].find(digests) >= 0
 
     def has_images(self, records, positions: int) -> bool:
+        """Whether the cache holds the first ``positions`` images of every record (without any image: any at all)."""
         paths = [p for r in records for p in r.images[:positions]]
         if not paths:
             return self.n_images > 0
         return bool(self.has_image_digests([self.image_digest(p) for p in paths]).all())
 
     def has_texts(self, texts: Sequence[str]) -> bool:
+        """Whether the cache holds the states of every (cropped) text."""
         return bool(texts) and bool(self.has_text_digests([text_digest(t) for t in texts]).all())
 
     # ------------------------------------------------------------------ reads

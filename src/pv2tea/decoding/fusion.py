@@ -54,6 +54,11 @@ def check_fusion(candidates: object | None, extractor: object | None) -> None:
 
 
 def check_weight(weight: float) -> float:
+    """The extractor's weight as a float.
+
+    Raises:
+        ValueError: It is negative or not finite.
+    """
     if not np.isfinite(weight) or weight < 0:
         raise ValueError(f"the extractor weight must be a finite number ≥ 0, got {weight}")
     return float(weight)

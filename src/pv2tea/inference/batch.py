@@ -32,12 +32,15 @@ if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when -
 
 @dataclass
 class BatchResult:
+    """What one batch prediction did: the rows it predicted, found already written, and kept labels."""
+
     written: int  # rows predicted by this call
     resumed: int  # rows found already written in the partial file
     kept: int  # rows (of both) that kept their grounded label (keep_grounded)
 
 
 def partial_path(out: Path) -> Path:
+    """The file a prediction writes into before it is complete (``OUT.partial``; ``--resume`` continues it)."""
     return out.with_name(out.name + ".partial")
 
 

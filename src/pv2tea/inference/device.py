@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class DeviceError(ValueError):
-    pass
+    """A ``--device`` or ``--precision`` that is unknown or that this machine cannot run, said with what it can."""
 
 
 def _cuda_count() -> int:

@@ -57,6 +57,7 @@ class Shard:
     world_size: int = 1
 
     def owns(self, row: int) -> bool:
+        """Whether this process predicts ``row`` (1-based)."""
         return (row - 1) % self.world_size == self.rank
 
 
@@ -111,6 +112,7 @@ def part_path(out: Path, shard: Shard) -> Path:
 
 
 def merging_path(out: Path) -> Path:
+    """The file the parts are merged into before it is renamed to ``out``."""
     return out.with_name(out.name + ".merging")
 
 

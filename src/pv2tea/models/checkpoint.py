@@ -43,7 +43,7 @@ MANIFEST_FILE = "manifest.json"  # SHA-256 and size of every other file of the f
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A model folder or checkpoint that is incomplete, damaged or of another model, with what to do about it."""
 
 
 # What to do about a damaged file of a model folder
@@ -82,6 +82,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state of torch's, Python's and numpy's global generators: (tensors, JSON-ready values)."""
     np_state = np.random.get_state(legacy=True)
     if not isinstance(np_state, tuple):
         raise CheckpointError("numpy's global generator is not MT19937: its state cannot be saved")
@@ -95,6 +96,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Restore the generators' state saved by :func:`rng_state`."""
     torch.set_rng_state(tensors["rng.torch"])
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
@@ -103,6 +105,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state dict as flat tensors (for safetensors) and JSON-ready values."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -116,6 +119,7 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict :func:`flatten_optimizer` flattened."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -280,6 +284,11 @@ def verify_manifest(directory: Path) -> bool:
 
 
 def read_config(directory: Path) -> Config:
+    """The config a model folder was trained with, its files checked against the manifest first.
+
+    Raises:
+        CheckpointError: No config, or a file that does not match the manifest.
+    """
     path = recover_interrupted_save(Path(directory)) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
@@ -288,6 +297,11 @@ def read_config(directory: Path) -> Config:
 
 
 def read_json(directory: Path, name: str) -> Any:
+    """The JSON file ``name`` of a model folder.
+
+    Raises:
+        CheckpointError: The file is missing or is not JSON.
+    """
     path = recover_interrupted_save(Path(directory)) / name
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {name}")
@@ -295,6 +309,11 @@ def read_json(directory: Path, name: str) -> Any:
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load a model folder's weights into ``model``; a key missing from the file or unknown to the model is an error.
+
+    Raises:
+        CheckpointError: No weights file, a damaged one, or weights of another model (the keys listed).
+    """
     path = recover_interrupted_save(Path(directory)) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {MODEL_FILE}")
@@ -416,6 +435,11 @@ def load_warm_start_head(model: PV2TEA, value_classes: list[tuple[str, str]], di
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The training state of a checkpoint (``--resume``): its JSON part and its tensors (``optimizer.safetensors``).
+
+    Raises:
+        CheckpointError: No training state, or a file that does not match the manifest.
+    """
     directory = recover_interrupted_save(Path(directory))
     state_path, tensor_path = directory / STATE_FILE, directory / OPTIM_FILE
     if not state_path.is_file() or not tensor_path.is_file():

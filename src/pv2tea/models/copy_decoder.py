@@ -24,6 +24,9 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 
 class CopyDecoder(BertLMHeadModel):
+    """The answer decoder with a copy (pointer) output: a learned gate mixes the vocabulary distribution with one
+    over the product text's tokens (an addition to the paper)."""
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         hidden = config.hidden_size

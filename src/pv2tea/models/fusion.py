@@ -41,6 +41,9 @@ class GatedContext:
 
 
 class FusionLayer(nn.Module):
+    """One fusion layer: the question's self-attention, cross-attention to the [visual; text] context, feed-forward;
+    with ``visual_gate``, a cross-attention of its own to the visual tokens mixed in through a tanh gate."""
+
     def __init__(self, config: BertConfig, visual_gate: float | None = None):
         super().__init__()
         self.attention = BertAttention(config, is_causal=False)
@@ -81,6 +84,9 @@ class FusionLayer(nn.Module):
 
 
 class FusionEncoder(nn.Module):
+    """The question encoder of PV2TEA (paper §3 (2)): the question's embeddings through the fusion layers, reading the
+    image and text tokens; its output is the grounded question representation q."""
+
     def __init__(self, config: BertConfig, num_layers: int, visual_gate: float | None = None):
         """``visual_gate``: None for the paper's shared cross-attention, else the gate's start value."""
         super().__init__()

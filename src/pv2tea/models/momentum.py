@@ -29,6 +29,7 @@ def ema_update(online: nn.Module, momentum_model: nn.Module, momentum: float) ->
 
 
 def freeze_copy(module: nn.Module) -> None:
+    """Stop gradients to every parameter of a momentum copy (it moves by EMA only)."""
     for p in module.parameters():
         p.requires_grad_(False)
 
@@ -95,6 +96,8 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
+        """Add a step's momentum features (gathered from every process) and their product ids, replacing the
+        oldest entries."""
         image, text = image.to(self.image.dtype), text.to(self.text.dtype)  # features computed under autocast
         image, text, ids = gather_all(image), gather_all(text), gather_all(ids)
         n = image.shape[0]

@@ -26,6 +26,7 @@ def resolve_text_path(spec: str) -> Path:
 
 
 def load_bert_config(path: Path) -> BertConfig:
+    """The configuration of a local BERT-style checkpoint, as a ``BertConfig`` (other BERT-like families too)."""
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if not isinstance(config, BertConfig):
         # BERT-like families (RoBERTa, ELECTRA...) share the fields the fusion/decoder need
@@ -34,10 +35,12 @@ def load_bert_config(path: Path) -> BertConfig:
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a local folder (a text checkpoint or a model folder)."""
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def create_text_encoder(config: BertConfig) -> BertModel:
+    """A randomly initialized BERT encoder without the pooling layer."""
     return BertModel(config, add_pooling_layer=False)
 
 

@@ -29,6 +29,8 @@ from pv2tea.models.weights import (
 
 @dataclass
 class VisualOutput:
+    """What the visual encoder gives the fusion: tokens, the pooled image vector and S2's mask logits."""
+
     tokens: torch.Tensor  # (B, 1 + P, D): [CLS-I] then (pruned) patch tokens
     pooled: torch.Tensor  # (B, D): the image representation v_cls
     mask_logits: torch.Tensor | None  # (B, P): M before the sigmoid; None without pruning
@@ -89,6 +91,9 @@ def data_config(backbone: nn.Module, cfg: VisionConfig) -> dict:
 
 
 class VisualEncoder(nn.Module):
+    """The image encoder (paper §3 (1)): a timm backbone's tokens projected to the text width, with S2's learned patch
+    mask when ``attention_pruning`` (category-supervised attention pruning)."""
+
     def __init__(self, cfg: VisionConfig, hidden_size: int, attention_pruning: bool):
         super().__init__()
         self.backbone = create_backbone(cfg)
@@ -181,4 +186,5 @@ class VisualEncoder(nn.Module):
         return VisualOutput(tokens=tokens, pooled=pooled, mask_logits=mask_logits, grid=grid)
 
     def forward(self, images: torch.Tensor) -> VisualOutput:
+        """Encode images (B, 3, H, W): the backbone, then :meth:`head`."""
         return self.head(self.backbone_tokens(images))

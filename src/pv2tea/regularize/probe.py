@@ -40,6 +40,8 @@ PROBE_FIT_ROWS = 50_000  # schemes.probe_fit_rows
 
 @dataclass(frozen=True)
 class ProbeFit:
+    """What the cross-fitted probe says of each row's label, and the same from the label frequencies alone."""
+
     reliability: np.ndarray  # (N,) mean out-of-fold probe probability of each row's values
     prior: np.ndarray  # (N,) the same under the other folds' value frequencies (what a featureless probe says)
 

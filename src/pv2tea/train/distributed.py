@@ -25,7 +25,7 @@ from pv2tea.config import Config
 
 
 class DistributedError(RuntimeError):
-    pass
+    """A launch or setting this process group cannot train with, said in one message."""
 
 
 def launched_rank() -> int:

@@ -22,13 +22,17 @@ from pv2tea.data.schema import Record
 
 @dataclass
 class FeatureCache:
+    """Frozen backbones' outputs kept in memory for one run, by image path and cropped text."""
+
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # path → (N, C) backbone tokens
     texts: dict[str, torch.Tensor] = field(default_factory=dict)  # cropped text → (T_i, H) states
 
     def has_images(self, records: Sequence[Record], positions: int) -> bool:
+        """Whether the first ``positions`` images of every record are cached."""
         return bool(self.images) and all(p in self.images for r in records for p in r.images[:positions])
 
     def has_texts(self, texts: Sequence[str]) -> bool:
+        """Whether the states of every (cropped) text are cached."""
         return bool(self.texts) and all(t in self.texts for t in texts)
 
     def image_tokens(self, paths: Sequence[str | None]) -> torch.Tensor:

@@ -142,6 +142,7 @@ def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
 
 
 def label_key(record: Record, values: Sequence[str]) -> tuple[str, frozenset[str]]:
+    """(attribute, normalized values): two answers with the same key say the same thing."""
     return (record.attribute, normalize_values(values))
 
 

@@ -116,6 +116,7 @@ def build_run_report(
 
 
 def build_experiment_report(exp_dir: Path, out: Path) -> Path:
+    """The figures and ``index.html`` of an experiment folder (``pv2tea experiment``); returns the page."""
     meta = json.loads((exp_dir / "experiment.json").read_text())
     summary: dict[str, Any] = meta["summary"]
     table = {
@@ -161,6 +162,11 @@ def build_experiment_report(exp_dir: Path, out: Path) -> Path:
 
 
 def build_report(path: Path, out: Path | None = None, data: Path | None = None, notes: list[str] | None = None) -> Path:
+    """The report of a run folder or of an experiment folder (``pv2tea report``), in ``out`` (``path/report``).
+
+    Raises:
+        FileNotFoundError: ``path`` is neither a run nor an experiment.
+    """
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
     if (path / "experiment.json").is_file():
