@@ -122,6 +122,42 @@ def test_sphinx_roles_are_written_as_code(reference):
     )
 
 
+# modules whose public objects were not all documented when this test was written (their owners were changing them);
+# the command line is documented by its own page
+NOT_YET_DOCUMENTED = ("cli.py", "cli/", "bench/", "serve/", "inference/server.py", "data/fashion.py")
+
+
+def undocumented(src: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """``file:line name`` of every public class, function and method of a public module under ``src`` without a
+    docstring: mkdocstrings leaves those out of the API pages."""
+    import ast
+
+    out = []
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src)
+        if rel.as_posix().startswith(skip) or any(p.startswith("_") and p != "__init__.py" for p in rel.parts):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name[0] == "_":
+                continue
+            members = [node, *(node.body if isinstance(node, ast.ClassDef) else [])]
+            for member in members:
+                is_def = isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                if is_def and not member.name.startswith("_") and not ast.get_docstring(member):
+                    name = member.name if member is node else f"{node.name}.{member.name}"
+                    out.append(f"{rel.as_posix()}:{member.lineno} {name}")
+    return out
+
+
+def test_every_public_object_has_a_docstring(tmp_path):
+    assert undocumented(ROOT / "src" / "pv2tea", NOT_YET_DOCUMENTED) == []
+    (tmp_path / "m.py").write_text(
+        'def f():\n    """Doc."""\n\ndef g():\n    pass\n\nclass C:\n    def h(self):\n        pass\n\n'
+        "    def _private(self):\n        pass\n\ndef _hidden():\n    pass\n"
+    )
+    assert undocumented(tmp_path) == ["m.py:4 g", "m.py:7 C", "m.py:8 C.h"]
+
+
 def test_the_main_classes_and_methods_are_documented():
     """mkdocstrings leaves out a member without a docstring: the facade's names and their main methods have one."""
     import inspect

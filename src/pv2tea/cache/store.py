@@ -413,10 +413,12 @@ class FeatureStore:
 
     @property
     def n_images(self) -> int:
+        """The number of images cached."""
         return len(self.sections["images"].keys)
 
     @property
     def n_texts(self) -> int:
+        """The number of texts cached."""
         return len(self.sections["texts"].keys)
 
     # ------------------------------------------------------------------ lookups

@@ -43,9 +43,13 @@ class TimmBackbone(Protocol):
     num_features: int
     pretrained_cfg: dict[str, Any]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map (B, C, h, w) of a CNN or the tokens (B, N, C) of a ViT."""
+        ...
 
-    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final features and the feature maps of the levels ``indices`` (``vision.extra_levels``)."""
+        ...
 
 
 def timm_api(backbone: nn.Module) -> TimmBackbone:
