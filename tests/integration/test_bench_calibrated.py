@@ -83,11 +83,15 @@ def _fold_ids(runs, k, products):
 
 def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, capsys):
     from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor
+    from pv2tea.data.readers import write_records
     from pv2tea.data.validate import load_dataset
     from pv2tea.decoding.calibration import load_calibration
 
     final, catalog = tiny_trained
-    records = load_dataset(catalog["test"], require_label=False).records
+    # the gold sample: every row of the tiny catalogue, so that the model and the extractor disagree on some (the
+    # share checks below could not fail on rows where they agree)
+    records = [r for split in ("train", "val", "test") for r in load_dataset(catalog[split]).records]
+    sample = write_records(records, tmp_path / "gold.jsonl")
     extractor_dir = tmp_path / "extractor"
     TfidfTextExtractor(TfidfExtractorConfig()).fit(load_dataset(catalog["train"]).records).save(extractor_dir)
     values = sorted({v for r in records if r.attribute == "pattern" for v in (*r.gold, *r.label)})
@@ -95,7 +99,8 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     cands.write_text(json.dumps({"pattern": values}))
     out = tmp_path / "calibration.json"
     base = ["--model", str(final), "--extractor", str(extractor_dir), "--candidates", str(cands)]
-    assert main(["calibrate", *base, "--data", str(catalog["test"]), "--out", str(out), "--min-rows", "1"]) == 0
+    calibrate = ["calibrate", *base, "--data", str(sample), "--out", str(out), "--min-rows", "1", "--z", "0.25"]
+    assert main(calibrate) == 0
     captured = capsys.readouterr()
     assert "no candidate list" in captured.err  # the color rows: counted, named, left to the model
     calibration = load_calibration(out)
@@ -103,9 +108,13 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     assert calibration.meta["sample_rows"] == n_pattern
     assert calibration.meta["rows_without_candidates"] == len(records) - n_pattern
     assert calibration.attributes["pattern"].rows == n_pattern and "pattern" in captured.out
+    # --z and --min-rows reach the calibration: saved with it, and the attribute (fewer rows than the default 20)
+    # has its own choice rather than the pooled one
+    assert (calibration.config.z, calibration.config.min_rows) == (0.25, 1) and n_pattern < 20
+    assert calibration.attributes["pattern"].source == "attribute"
     # predict with it: pattern rows get the calibrated fused answer, computed here independently
     pred = tmp_path / "pred.jsonl"
-    assert main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred), "--calibration", str(out)]) == 0
+    assert main(["predict", *base, "--data", str(sample), "--out", str(pred), "--calibration", str(out)]) == 0
     got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
     from pv2tea.baselines import load_extractor
     from pv2tea.decoding.calibration import fused_pick, scored_rows
@@ -117,6 +126,8 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
         Predictor.from_checkpoint(final).candidate_log_probs(pattern, {"pattern": values}),
         load_extractor(extractor_dir).value_probabilities(pattern),
     )
+    disagree = sum(int(np.argmax(row.model)) != int(np.argmax(row.extractor)) for row in rows)
+    assert 0 < disagree < len(rows), disagree  # shares 0 and 1 give other answers on these rows
     weight = calibration.model_weight("pattern")
     assert [got[r.id] for r in pattern] == [[row.candidates[fused_pick(row, weight)]] for row in rows]
     # a share of 0 gives the extractor's ranked answer, a share of 1 the model's ranked answer
@@ -128,9 +139,7 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
         data["attributes"]["pattern"]["model_weight"] = share
         out.write_text(json.dumps(data))
         pred.unlink()
-        assert (
-            main(["predict", *base, "--data", str(catalog["test"]), "--out", str(pred), "--calibration", str(out)]) == 0
-        )
+        assert main(["predict", *base, "--data", str(sample), "--out", str(pred), "--calibration", str(out)]) == 0
         got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
         assert [got[r.id] for r in pattern] == [[row.candidates[expect(row)]] for row in rows]
     # usage errors are one clear line

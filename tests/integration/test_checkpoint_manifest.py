@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
 
@@ -49,6 +50,28 @@ def test_a_truncated_or_altered_file_is_refused_by_name(final_copy, capsys):
     preprocess.unlink()
     with pytest.raises(ckpt.CheckpointError, match=r"preprocess\.json is missing"):
         Predictor.from_checkpoint(final_copy)
+
+
+def test_a_file_rewritten_with_the_same_size_is_hashed_again(final_copy):
+    """Hashes are cached per file version within a process (path, size, mtime): a file rewritten with the same size
+    after it was hashed is hashed again, by the manifest check and by the warm start's fingerprint (issue 38)."""
+    assert ckpt.verify_manifest(final_copy)  # every file hashed, and cached
+    preprocess = final_copy / ckpt.PREPROCESS_FILE
+    before = preprocess.stat()
+    text = preprocess.read_text()
+    preprocess.write_text(text.replace('"', "'", 1))  # same size, other content
+    os.utime(preprocess, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # later, whatever the clock's step
+    assert preprocess.stat().st_size == before.st_size
+    with pytest.raises(ckpt.CheckpointError, match=r"preprocess\.json does not match the SHA-256"):
+        ckpt.verify_manifest(final_copy)
+    weights = final_copy / ckpt.MODEL_FILE
+    first = ckpt.warm_start_fingerprint(final_copy)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a bit of the last tensor
+    stamp = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert ckpt.warm_start_fingerprint(final_copy) == hashlib.sha256(data).hexdigest() != first
 
 
 def test_a_folder_without_manifest_loads_with_a_warning(final_copy):

@@ -243,11 +243,25 @@ def test_non_finite_loss_stops_training_with_a_clear_error(
 CLIP = 0.05
 
 
+EPOCHS = 2  # S3's weights are recomputed every epoch: the later epochs must use their own
+
+
+def _epoch_weights(n: int, epoch: int) -> np.ndarray:
+    """Known S3 weights, different in every epoch (a stand-in for sample_weights)."""
+    return np.roll(np.linspace(0.2, 1.8, n), 3 * epoch)
+
+
 @pytest.fixture(scope="module")
 def observed_run(rows, tiny_text_ckpt, tmp_path_factory) -> dict:
-    """One epoch with known S3 weights, optim.grad_clip and train.save_every_steps=2, observed from outside: every
-    training forward (rows, weights, output), the gradient norm of every optimizer step, every checkpoint save."""
-    seen: dict = {"forward": [], "norms": [], "saved": [], "weights": np.linspace(0.2, 1.8, len(rows))}
+    """Two epochs with known S3 weights (other ones in each epoch), optim.grad_clip and train.save_every_steps=2,
+    observed from outside: every training forward (rows, weights, output), the gradient norm of every optimizer
+    step, every checkpoint save, the epochs S3 was asked for."""
+    seen: dict = {"forward": [], "norms": [], "saved": [], "s3_epochs": []}
+
+    def weights_of_epoch(model, pre, records, epoch, *args, **kwargs):
+        seen["s3_epochs"].append(epoch)
+        return _epoch_weights(len(records), epoch), {}
+
     original_forward, original_step, original_save = PV2TEA.forward, torch.optim.AdamW.step, ckpt.save_checkpoint
 
     def forward(model, batch, sample_weights=None):
@@ -265,10 +279,12 @@ def observed_run(rows, tiny_text_ckpt, tmp_path_factory) -> dict:
         return original_save(directory, model, cfg, bert_config, preprocess, tokenizer, training, training_tensors)
 
     cfg = load_config(
-        None, tiny_overrides(tiny_text_ckpt) + ["train.epochs=1", f"optim.grad_clip={CLIP}", "train.save_every_steps=2"]
+        None,
+        tiny_overrides(tiny_text_ckpt)
+        + [f"train.epochs={EPOCHS}", f"optim.grad_clip={CLIP}", "train.save_every_steps=2"],
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "sample_weights", lambda *args, **kwargs: (seen["weights"].copy(), {}))
+        mp.setattr(loop, "sample_weights", weights_of_epoch)
         mp.setattr(PV2TEA, "forward", forward)
         mp.setattr(torch.optim.AdamW, "step", step)
         mp.setattr(ckpt, "save_checkpoint", save)
@@ -278,12 +294,15 @@ def observed_run(rows, tiny_text_ckpt, tmp_path_factory) -> dict:
 
 
 def test_s3_weights_of_the_batch_rows_reach_the_generation_loss(observed_run, rows):
-    """Each training step's loss_gen is (1/B) Σ s(X_n) g_n with the S3 weights of exactly the batch's rows."""
-    known = observed_run["weights"]
-    assert len(observed_run["forward"]) == math.ceil(len(rows) / 4)
-    for indices, weights, out in observed_run["forward"]:
-        assert weights is not None
-        assert weights.tolist() == pytest.approx(known[indices].tolist())
+    """Each training step's loss_gen is (1/B) Σ s(X_n) g_n with the S3 weights of exactly the batch's rows, those
+    computed for the step's own epoch (in the second epoch too, not the first epoch's nor none)."""
+    steps = math.ceil(len(rows) / 4)
+    assert observed_run["s3_epochs"] == list(range(EPOCHS))
+    assert len(observed_run["forward"]) == EPOCHS * steps
+    for call, (indices, weights, out) in enumerate(observed_run["forward"]):
+        known = _epoch_weights(len(rows), call // steps)
+        assert weights is not None, f"step {call + 1} trained without S3 weights"
+        assert weights.tolist() == pytest.approx(known[indices].tolist()), f"step {call + 1}"
         expected = (torch.as_tensor(known[indices], dtype=torch.float32) * out.per_sample_gen).mean()
         assert out.terms["loss_gen"].item() == pytest.approx(expected.item(), rel=1e-5)
         assert out.terms["loss_gen"].item() != pytest.approx(out.per_sample_gen.mean().item(), rel=1e-3)
@@ -299,8 +318,11 @@ def test_grad_clip_bounds_every_update(observed_run):
 
 def test_save_every_steps_writes_the_checkpoint_mid_epoch(observed_run, rows):
     steps = math.ceil(len(rows) / 4)
-    periodic = [("checkpoint", s) for s in range(2, steps + 1, 2)]
-    assert observed_run["saved"] == periodic + [("checkpoint", steps), ("final", None)]
+    expected = []
+    for epoch in range(EPOCHS):  # every second step, then the epoch's end
+        expected += [("checkpoint", s) for s in range(epoch * steps + 1, (epoch + 1) * steps + 1) if s % 2 == 0]
+        expected.append(("checkpoint", (epoch + 1) * steps))
+    assert observed_run["saved"] == [*expected, ("final", None)]
 
 
 def test_queue_holds_the_last_image_rows_after_training(observed_run, rows):
@@ -315,7 +337,7 @@ def test_queue_holds_the_last_image_rows_after_training(observed_run, rows):
     assert size == min(cfg.schemes.queue_size, n_products)
     pair_ids = RecordDataset(rows).pair_ids
     trained = [indices for indices, _, _ in observed_run["forward"]]
-    assert trained == loop.epoch_batches(len(rows), 4, cfg.train.seed, 0)
+    assert trained == [b for epoch in range(EPOCHS) for b in loop.epoch_batches(len(rows), 4, cfg.train.seed, epoch)]
     enqueued = [pair_ids[i] for batch in trained for i in batch if rows[i].images]
     assert len(enqueued) > size  # the ring wrapped
     ptr = len(enqueued) % size

@@ -147,6 +147,55 @@ def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contr
     assert torch.allclose(doubled.per_sample_gen, plain.per_sample_gen)  # g itself is unweighted
 
 
+def test_s1_contrasts_the_momentum_copies_features_with_the_configured_alpha_and_temperature(
+    tiny_text_ckpt, image_paths, monkeypatch
+):
+    """S1's wiring (issue 38): the momentum features given to the loss (and queued) are those of the momentum
+    copies, not the online ones detached, and schemes.alpha / schemes.temperature reach the loss (values unlike the
+    function's defaults, so a call that leaves them out changes L_sc)."""
+    import copy
+
+    import pv2tea.models.pv2tea as pv2tea_module
+    from pv2tea.losses.contrastive import label_smoothed_contrastive
+
+    model, pre = build(tiny_text_ckpt, "schemes.alpha=0.15", "schemes.temperature=0.31")
+    model.eval()  # no dropout: the twin below must see the same computation
+    torch.manual_seed(1)
+    with torch.no_grad():  # momentum copies that have drifted from the online parts, as during training
+        for module in momentum_modules(model):
+            for p in module.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+    calls: list[tuple[tuple, dict]] = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return label_smoothed_contrastive(*args, **kwargs)
+
+    monkeypatch.setattr(pv2tea_module, "label_smoothed_contrastive", spy)
+    batch = make_batch(pre, records(image_paths))
+    with torch.no_grad():
+        out = model(batch)
+    [(args, kwargs)] = calls
+    image_feat, text_feat, image_feat_m, text_feat_m = args[:4]
+    assert (kwargs["alpha"], kwargs["temperature"]) == (0.15, 0.31)
+    assert out.terms["loss_sc"].item() == pytest.approx(
+        label_smoothed_contrastive(*args, alpha=0.15, temperature=0.31)["loss_sc"].item(), rel=1e-6
+    )
+    assert out.terms["loss_sc"].item() != pytest.approx(label_smoothed_contrastive(*args)["loss_sc"].item(), rel=1e-3)
+    # the momentum features are what the online path computes with the momentum copies' weights
+    assert not torch.allclose(image_feat_m, image_feat, atol=1e-3)
+    assert not torch.allclose(text_feat_m, text_feat, atol=1e-3)
+    twin = copy.deepcopy(model)
+    for online, momentum in twin._momentum_pairs():
+        online.load_state_dict(momentum.state_dict())
+    calls.clear()
+    with torch.no_grad():
+        twin(batch)
+    assert torch.allclose(calls[0][0][0], image_feat_m, atol=1e-5)
+    assert torch.allclose(calls[0][0][1], text_feat_m, atol=1e-5)
+    assert torch.equal(out.momentum["image"], image_feat_m) and torch.equal(out.momentum["text"], text_feat_m)
+
+
 @pytest.mark.parametrize(
     "features,chance",
     [("backbone", "soft"), ("masked", "soft"), ("pooled", "clip"), ("aligned", "soft"), ("pooled", "none")],

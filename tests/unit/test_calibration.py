@@ -61,6 +61,20 @@ def test_choose_keeps_the_model_only_beyond_noise():
     assert strict.best_weight == 0.4 and not strict.accepted and strict.model_weight == 0.0
 
 
+def test_the_deployed_share_is_the_guarded_one_not_the_best_on_the_sample(tmp_path):
+    """Issue 38: Calibration.model_weight answering the unguarded best λ went through. Here the best λ (0.4) fails a
+    z of 3, for the attribute and for the pooled sample: the deployed share is 0 and the answers are the extractor's,
+    also after a save and load."""
+    rows = [row("a", 0.9, 0.2, "red")] * 12 + [row("a", 0.1, 0.8, "red")] * 2 + [row("a", 0.8, 0.8, "red")] * 6
+    calibration = fit_calibration(rows, CalibrationConfig(z=3.0, min_rows=1))
+    for choice in (calibration.attributes["a"], calibration.pooled):
+        assert (choice.best_weight, choice.accepted, choice.model_weight) == (0.4, False, 0.0)
+    for loaded in (calibration, load_calibration(calibration.save(tmp_path / "c.json"))):
+        assert loaded.model_weight("a") == 0.0 and loaded.model_weight("never seen") == 0.0
+        # the 12 rows the unguarded λ would flip to the model keep the extractor's answer
+        assert apply_calibration([rows[0], row("never seen", 0.9, 0.2, "red")], loaded) == ["blue", "blue"]
+
+
 def test_ties_stay_with_the_extractor():
     rows = [row("a", 0.9, 0.2, "red"), row("a", 0.9, 0.2, "blue")]  # the model fixes one and breaks one
     c = choose(rows, CalibrationConfig(z=0.0))
