@@ -1,9 +1,9 @@
 """Training killed with SIGKILL and resumed with ``--resume`` ends where an uninterrupted run ends.
 
 A real ``pv2tea train`` subprocess (tiny random model, checkpoints every 3 steps and at every epoch end) is killed
-three times: at a random moment (a seeded random step and delay), inside a checkpoint save while the new folder is
-complete under its temporary name, and inside a save between moving the previous folder aside and moving the new one
-in. The last two are reached deterministically with the test-only pause of the checkpoint writer
+three times: at a random moment after the first epoch's checkpoint (a seeded random step and delay, so that every
+resume starts past epoch 0), inside a checkpoint save while the new folder is complete under its temporary name, and
+inside a save between moving the previous folder aside and moving the new one in. The last two are reached deterministically with the test-only pause of the checkpoint writer
 (``PV2TEA_TEST_PAUSE_IN_SAVE``, off unless set). After each kill the run is resumed; the last resume runs to the end.
 Its final weights, per-epoch metrics and validation report equal the uninterrupted run's, each resume started from
 the last complete checkpoint (never from the folder the kill tore), and nothing temporary is left behind. A checkpoint
@@ -112,6 +112,15 @@ def _position(folder: Path) -> tuple[int, int] | None:
     return state["epoch"], state["step"]
 
 
+def _saved_epochs(run: Path) -> int:
+    """Epochs finished in the run's checkpoint (0 before there is one, or while a save swaps it)."""
+    try:
+        position = _position(run / "checkpoint")
+    except (OSError, ValueError):  # moved aside or being replaced while read
+        return 0
+    return 0 if position is None else position[0]
+
+
 def _paused_in(run: Path, pid: int) -> Path | None:
     """The temporary folder process ``pid`` completed and has not moved in yet (its manifest is its last file)."""
     for folder in run.glob(f"*.tmp-{pid}"):
@@ -150,18 +159,22 @@ def runs(catalog, tiny_text_ckpt, tmp_path_factory) -> dict[str, Path]:
     rng = random.Random(SEED)
     total = EPOCHS * STEPS_PER_EPOCH
 
-    # 1. a random moment: after a random step has been logged (0: once the run folder holds its config), a random
-    # delay (at least 2 steps, an evaluation and the final save are still to come)
-    target, delay = rng.randrange(0, total - 2), rng.uniform(0.0, 0.3)
+    # 1. a random moment past the first epoch's checkpoint, so that every resume below starts after epoch 0 (a kill
+    # before it resumed from the beginning or inside epoch 0, where resetting the epoch on resume went unnoticed):
+    # once a random step of epoch 2 or later has been logged and the end of epoch 1 is saved, a random delay (at
+    # least 2 steps, an evaluation and the final save are still to come)
+    target, delay = rng.randrange(STEPS_PER_EPOCH, total - 2), rng.uniform(0.0, 0.3)
     log = root / "out1.txt"
     proc = _start(_args(catalog, run, *_sets(overrides)), log)
-    _wait_for(proc, lambda: (run / "config.yaml").is_file() and _logged_step(run) >= target, "random kill", log)
+    _wait_for(proc, lambda: _logged_step(run) >= target and _saved_epochs(run) >= 1, "random kill", log)
     time.sleep(delay)
     _kill(proc, f"random kill after step {target} + {delay:.3f} s", log)
 
     # 2. inside a save: the new folder complete under its temporary name, not moved in
     log, log_from = root / "out2.txt", (run / "train.log").stat().st_size
-    complete = _position(run / "checkpoint")  # None: killed before the first checkpoint
+    # the complete checkpoint; the previous one when the kill fell between a save's renames (it is moved back)
+    complete = _position(run / "checkpoint") or _position(run / "checkpoint.old")
+    assert complete is not None and complete[0] >= 1, f"the random kill left {complete}, before epoch 1's end ({NOTE})"
     proc = _start(_args(catalog, run, "--resume"), log, pause="written:120")
     _wait_for(proc, lambda: _paused_in(run, proc.pid) is not None, "kill with the new folder unrenamed", log)
     torn = _position(_paused_in(run, proc.pid))
