@@ -75,8 +75,10 @@ def test_the_cli_exits_with_the_install_command(
 EXTRA_MODULES = {  # the modules of the optional features, each importing its extra's packages
     "pv2tea.inference.server",
     "pv2tea.serve.bench",
+    "pv2tea.serve.connections",
     "pv2tea.serve.metrics",
     "pv2tea.viz",
+    "pv2tea.viz.catalog",
     "pv2tea.viz.figures",
     "pv2tea.viz.run_report",
 }

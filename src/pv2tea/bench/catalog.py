@@ -33,7 +33,6 @@ from pv2tea.config import load_config
 from pv2tea.data.folds import product_key
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
-from pv2tea.viz.catalog import photo_examples, write_catalog_report
 
 __all__ = ["CatalogBenchConfig", "catalog_headline", "run_catalog_bench", "sample_products", "split_catalog"]
 
@@ -155,6 +154,7 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
 def _report(run: ProtocolRun, cfg: CatalogBenchConfig, headline: dict[str, Any], label: str) -> None:
     """``report/``: the per-attribute, per-source figure and the page of photo examples (PV2TEA against TEA; the
     first seed), when both models ran."""
+    from pv2tea.viz.catalog import photo_examples, write_catalog_report  # matplotlib: the `report` extra
     seed = cfg.seeds[0]
     ours, theirs = run.scored.get(("pv2tea", seed)), run.scored.get(("tea", seed))
     examples = photo_examples(run.tests, ours, theirs) if ours and theirs else []
