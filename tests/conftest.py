@@ -16,6 +16,15 @@ torch.set_num_threads(1)  # tiny models: a second thread only adds synchronizati
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def pytest_report_header(config) -> str:
+    """Where the tests on real data copies look (they are skipped, naming the folder, when it is not there)."""
+    shared = Path(os.environ.get("PV2TEA_SHARED") or SHARED)
+    found = [d.name for d in sorted((shared / "datasets").glob("*")) if d.is_dir()]
+    return f"real-data tests: {shared} (PV2TEA_SHARED): " + (
+        f"datasets {', '.join(found)}" if found else "no datasets there, those tests are skipped"
+    )
+
+
 def make_tiny_text_checkpoint(path: Path) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM WordPiece tokenizer, saved like a HF checkpoint."""
     from pv2tea.models.text import save_random_text_model

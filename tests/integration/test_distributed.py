@@ -70,6 +70,36 @@ def _spy(root: Path, tag: str, setattr=setattr) -> None:
     setattr(distributed, "broadcast", spy_broadcast)
 
 
+RUNS = ("two", "resumed", "full", "one_to_two", "to_one")  # the run folders the torchrun trains or copies
+_PATH_EVENTS = ("os.mkdir", "os.remove", "os.rmdir", "os.rename", "os.replace", "shutil.rmtree", "shutil.copytree")
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _record_writes(root: Path) -> list[str]:
+    """Every change this process makes in the run folders under ``root``, as "event path" (an audit hook: files
+    opened for writing, folders made, renamed, copied or deleted); the list grows until the process ends."""
+    folders = tuple(os.path.join(str(root), name) for name in RUNS)
+    seen: list[str] = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
+            paths = [path] if writing else []
+        elif event in _PATH_EVENTS:
+            paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
+        else:
+            return
+        for path in paths:
+            if isinstance(path, (str, bytes, os.PathLike)):
+                full = os.path.abspath(os.fsdecode(path))
+                if full.startswith(folders):
+                    seen.append(f"{event} {os.path.relpath(full, root)}")
+
+    sys.addaudithook(hook)
+    return seen
+
+
 def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
     """Each rank of the torchrun: stopped after one step, resumed, and uninterrupted."""
     import torch.distributed as dist
@@ -80,6 +110,7 @@ def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
     torch.set_num_threads(1)
     rows = load_dataset(train_file).records
     _spy(root, "two")
+    writes = _record_writes(root)
     train(_config(text_ckpt, "train.max_steps=1"), rows, root / "two", progress=False)
     if dist.get_rank() == 0:
         for copy in ("resumed", "to_one"):
@@ -90,6 +121,7 @@ def _worker(train_file: Path, root: Path, text_ckpt: Path) -> None:
     train(
         _config(text_ckpt, f"train.batch_size={2 * PER_RANK}"), rows, root / "one_to_two", resume=True, progress=False
     )
+    (root / f"writes_rank{dist.get_rank()}.json").write_text(json.dumps(list(writes)))
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +228,20 @@ def test_one_step_of_two_ranks_equals_one_process_with_both_batches(runs, dropou
     env = json.loads((root / "two" / "environment.json").read_text())
     assert env["first"]["world_size"] == 2
     assert json.loads((root / "one" / "environment.json").read_text())["first"]["world_size"] == 1
+
+
+def test_only_rank_0_writes_the_run_folders(runs):
+    """Every file, folder, rename and deletion in the run folders of the torchrun is rank 0's (an audit hook in each
+    rank lists them): rank 1 writes nothing there, not even a file the race would leave intact."""
+    root, _ = runs
+    writes = {rank: json.loads((root / f"writes_rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert writes[1] == [], writes[1][:10]
+    for run in ("two", "resumed", "full", "one_to_two"):  # the hook sees rank 0's writes: it would see rank 1's
+        done = {w.split(" ", 1)[1] for w in writes[0] if w.split(" ", 1)[1].startswith(f"{run}/")}
+        assert {f"{run}/metrics.jsonl", f"{run}/config.yaml", f"{run}/train.log"} <= done, sorted(done)[:20]
+        assert f"{run}/checkpoint" in done, sorted(done)[:20]  # the checkpoint folder moved in
+    assert any(w.startswith("os.replace ") or w.startswith("os.rename ") for w in writes[0])
+    assert any(w.endswith("/final") for w in writes[0])
 
 
 def test_queues_of_both_ranks_hold_both_ranks_features(runs, dropout_free_text_ckpt):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import SHARED
 from pv2tea.cli import main
 from pv2tea.data.dataset import candidate_lookup
 from pv2tea.data.implicitave import (
@@ -22,7 +24,8 @@ from pv2tea.data.schema import DataValidationError
 from pv2tea.data.validate import load_dataset
 
 HEADER = ["id", "images", "category", "texts", "attribute_names", "attribute_values"]
-REAL_ROOT = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "implicitave"
+# The shared folder next to the repository (conftest.SHARED); PV2TEA_SHARED points the test at another copy.
+REAL_ROOT = Path(os.environ.get("PV2TEA_SHARED") or SHARED) / "datasets" / "implicitave"
 
 # (asin, category, text, attribute, value); the first Food row states its value ("Mints").
 FOOD_EVAL = [
@@ -214,7 +217,9 @@ def test_cli(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "1 row(s) skipped" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not REAL_ROOT.is_dir(), reason="ImplicitAVE copy not present in ../shared/datasets")
+@pytest.mark.skipif(
+    not REAL_ROOT.is_dir(), reason=f"no ImplicitAVE copy at {REAL_ROOT} (set PV2TEA_SHARED to the folder holding it)"
+)
 def test_real_implicitave_counts(tmp_path: Path) -> None:
     manifest = import_implicitave(REAL_ROOT, tmp_path / "out")
     domains = manifest["domains"]
