@@ -73,7 +73,13 @@ def test_split_does_not_depend_on_where_the_catalogue_is_stored():
 def _summary(scores: dict[str, tuple[float | None, float | None, float | None]], **tests: float | None) -> dict:
     """A protocol summary with the per-attribute means the headline reads, and the t-tests given as p-values."""
     block = {
-        a: {"f1": {"mean": f1, "std": 1.0}, "f1_text": {"mean": text}, "f1_image": {"mean": image}}
+        a: {
+            "f1": {"mean": f1, "std": 1.0},
+            "f1_text": {"mean": text},
+            "f1_image": {"mean": image},
+            "n_text": None if text is None else 20.0,
+            "n_image": None if image is None else 20.0,
+        }
         for a, (f1, text, image) in scores.items()
     }
     out: dict[str, Any] = {"runs": 2, "constrained": {"by_attribute": block}}
@@ -108,6 +114,12 @@ def test_headline_means_over_attributes_gap_and_p_values():
     assert head["overall"]["pv2tea"] == {"f1": 55.0, "f1_text": 62.5, "f1_image": 47.5, "gap": 15.0}
     # no image rows scored: no F1 on them and no GAP (not a 0)
     assert head["overall"]["pv2tea+no_images"] == {"f1": 25.0, "f1_text": 25.0, "f1_image": None, "gap": None}
+    # a source with fewer than MIN_SOURCE_ROWS rows per run does not count: its F1 is None, and so is the GAP's term
+    few = _summary({"Colour": (60.0, 100.0, 40.0), "Pattern": (50.0, 70.0, 30.0)})
+    few["constrained"]["by_attribute"]["Colour"]["n_text"] = 1.0
+    head_few = catalog_headline({"domains": {"x": {"pv2tea": few}}})["catalog"]
+    assert head_few["overall"]["pv2tea"] == {"f1": 55.0, "f1_text": 70.0, "f1_image": 35.0, "gap": 40.0}
+    assert head_few["attributes"]["Colour"]["pv2tea"]["f1_text"] is None
     assert head["attributes"]["Colour"]["tea"] == {"f1": 64.44, "f1_text": 81.12, "f1_image": 47.77}
     assert set(head["attributes"]) == {"Colour", "Pattern"} and set(head["attributes"]["Pattern"]) == set(
         head["overall"]
@@ -139,7 +151,8 @@ def test_headline_reads_what_the_protocol_summarizes():
 
     def report(colour: tuple[float, float, float], pattern: tuple[float, float, float]) -> dict[str, Any]:
         def attribute(f1: float, text: float, image: float) -> dict[str, Any]:
-            return {"overall": {"f1": f1, "accuracy": f1}, "by_source": {"text": {"f1": text}, "image": {"f1": image}}}
+            sources = {"text": {"f1": text, "n": 12}, "image": {"f1": image, "n": 30}}
+            return {"overall": {"f1": f1, "accuracy": f1}, "by_source": sources}
 
         ranked = {
             "overall": {"f1": 50.0, "accuracy": 50.0, "precision": 50.0, "recall": 50.0},
@@ -217,7 +230,10 @@ def test_config_errors(catalogue, tmp_path, capsys):
     assert not (tmp_path / "g" / "runs").exists() and not (tmp_path / "i" / "runs").exists()  # failed before training
 
 
-def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path, capsys):
+def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path, capsys, monkeypatch):
+    import pv2tea.bench.catalog as catalog_bench
+
+    monkeypatch.setattr(catalog_bench, "MIN_SOURCE_ROWS", 1)  # a micro catalogue: a few rows per source and fold
     out = tmp_path / "bench"
     args = [
         "bench",
@@ -259,8 +275,12 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
         assert scores["f1"] is not None and 0.0 <= scores["f1"] <= 100.0, name
         for key in ("f1_text", "f1_image"):
             assert scores[key] is None or 0.0 <= scores[key] <= 100.0, (name, key)
-        if scores["gap"] is not None:
-            assert scores["gap"] == pytest.approx(scores["f1_text"] - scores["f1_image"], abs=0.011), name
+        both = [
+            a[name]["f1_text"] - a[name]["f1_image"]
+            for a in catalog["attributes"].values()
+            if a[name]["f1_text"] is not None and a[name]["f1_image"] is not None
+        ]  # the GAP: over the attributes with rows of both sources
+        assert scores["gap"] == (pytest.approx(sum(both) / len(both), abs=0.011) if both else None), name
     assert set(catalog["attributes"]) == {"Colour", "Pattern"}
     assert catalog["p"]["tea"]["vs_tea"] is None and set(catalog["p"]) == set(catalog["overall"])
     assert catalog["seconds"] > 0 and catalog["peak_rss_gb"] > 0

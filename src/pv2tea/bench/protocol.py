@@ -293,6 +293,16 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
                     )
                     for source in ("text", "image")
                 },
+                **{  # rows of each source per run: a source mean over a handful of rows says little
+                    f"n_{source}": mean_std(
+                        [
+                            b["by_attribute"][a].get("by_source", {}).get(source, {}).get("n")
+                            for b in blocks
+                            if a in b["by_attribute"]
+                        ]
+                    )["mean"]
+                    for source in ("text", "image")
+                },
             }
             for a in attrs
         }
