@@ -1640,12 +1640,28 @@ def bench_serve(
         typer.Option("--threads", min=1, help="torch threads of each server (default: torch's, one per core)."),
     ] = None,
     precision: Annotated[str, typer.Option("--precision", help="Each server's --precision (fp32, bf16).")] = "fp32",
+    attack: Annotated[
+        bool,
+        typer.Option(
+            "--attack",
+            help="Then, on a third server, the valid traffic alone and beside a hostile mix (elongated images, huge "
+            "strings, lone surrogates, deep nesting, invalid UTF-8, slow clients, images that outlast the timeout).",
+        ),
+    ] = False,
+    attack_rate: Annotated[
+        float, typer.Option("--attack-rate", min=0.01, help="Hostile requests started per second (--attack).")
+    ] = 2.0,
+    attack_timeout: Annotated[
+        float, typer.Option("--attack-timeout", min=0.1, help="The attacked server's --request-timeout (--attack).")
+    ] = 5.0,
 ) -> None:
     """The HTTP service under load: micro-batching with N clients vs one request at a time, on loopback.
 
     Mixes valid requests with malformed and oversized ones. The last line printed is a JSON object
     {"serve": {"clients", "requests", "status_counts", "server_errors", "p50_ms", "p99_ms", "rows_per_s",
-    "rows_per_s_one_at_a_time", "speedup", "rss_growth"}}.
+    "rows_per_s_one_at_a_time", "speedup", "rss_growth"}}; with --attack it ends with "attack": {"server_errors",
+    "rows_per_s_ratio" (valid rows/s beside the attack / without), "peak_rss_ratio" (peak / idle server),
+    "max_overrun_s" (longest work after a 504), "p50_ms", "p99_ms"}.
     """
     _quiet_libraries()
     _need_extra("bench serve", "serve", "httpx", "fastapi", "uvicorn", "prometheus_client")
@@ -1663,6 +1679,9 @@ def bench_serve(
             max_wait_ms=max_wait_ms,
             threads=threads,
             precision=precision,
+            attack=attack,
+            attack_rate=attack_rate,
+            attack_timeout=attack_timeout,
         )
         result = run_serve_bench(cfg, log=lambda m: console.print(m, highlight=False))
     except _expected_errors(RuntimeError) as exc:

@@ -53,3 +53,47 @@ def test_bench_serve_short(tiny_trained, capsys):
         line.startswith("| SIGTERM mid-request: the request in flight, new connections | HTTP/1.1 200 OK, refused |")
         for line in out
     ), out
+
+
+ATTACK_KEYS = ["server_errors", "rows_per_s_ratio", "peak_rss_ratio", "max_overrun_s", "p50_ms", "p99_ms"]
+# what each hostile case of issue 38 is answered (slow clients: 408 then closed; images outlasting the timeout: 504)
+HOSTILE = {
+    "elongated": "422",
+    "aspect_at_limit": "200",
+    "huge_string": "422",
+    "lone_surrogate": "422",
+    "deep_nesting": "422",
+    "long_number": "422",
+    "invalid_utf8": "422",
+    "slow_headers": "408",
+    "slow_body": "408",
+    "big_images": "504",
+}
+
+
+def test_bench_serve_attack_quick(tiny_trained, capsys):
+    """`bench serve --attack` on a tiny model: every hostile case is sent beside the valid traffic and answered as
+    the limits say, and the last JSON line carries the attack's figures."""
+    import ast
+
+    model, catalog = tiny_trained
+    args = ["bench", "serve", "--model", str(model), "--clients", "4", "--seconds", "1.5"]
+    args += ["--data", str(catalog["train"]), "--attack", "--attack-rate", "8", "--attack-timeout", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    serve = json.loads(out[-1])["serve"]
+    assert list(serve) == [*KEYS, "attack"]
+    attack = serve["attack"]
+    assert list(attack) == ATTACK_KEYS and attack["server_errors"] == 0
+    assert attack["rows_per_s_ratio"] > 0 and attack["p99_ms"] >= attack["p50_ms"] > 0
+    assert attack["peak_rss_ratio"] >= 1.0
+    assert attack["max_overrun_s"] is not None and attack["max_overrun_s"] >= 0  # each probe was answered 504
+    hostile = {
+        line.split("|")[1].strip().removeprefix("hostile: "): ast.literal_eval(line.split("|")[2].strip())
+        for line in out
+        if line.startswith("| hostile: ")
+    }
+    assert set(hostile) == set(HOSTILE), hostile
+    for kind, status in HOSTILE.items():
+        assert set(hostile[kind]) == {status}, (kind, hostile[kind])
+    assert any(line.startswith("| /health after, exit code after SIGTERM | 200, 0 |") for line in out), out

@@ -11,6 +11,21 @@ baseline. Both servers are stopped with SIGTERM and must exit 0. The figures:
 - ``rows_per_s`` (rows answered per second under load) against ``rows_per_s_one_at_a_time``, their ratio
   ``speedup``;
 - ``rss_growth``: the loaded server's resident memory at the end over its memory after a warm-up, minus 1.
+
+With ``attack`` (``--attack``) a third server (micro-batching on, ``--request-timeout attack_timeout``, header and
+body timeouts of ``attack_client_timeout``) is driven by the same ``clients`` with valid requests only, first alone
+and then beside a hostile mix sent at ``attack_rate`` requests per second (issue 38's cases: an image past the
+aspect-ratio limit and one at it, a 10 MB string, lone surrogates, 100,000-deep nesting, a 100,000-digit number,
+invalid UTF-8, a client that stops mid-headers and one that stops mid-body, and 64 copies of a 6000 × 6000 PNG that
+cannot be decoded within the timeout); then, alone, the last case is sent ``attack_probes`` times and the server's
+CPU time is watched after each 504. ``serve["attack"]`` holds:
+
+- ``server_errors``: 5xx other than 503/504 and dropped connections, valid and hostile requests together;
+- ``rows_per_s_ratio``: valid rows per second beside the attack over those without it;
+- ``peak_rss_ratio``: the server's peak resident memory (sampled every 50 ms) over its memory when idle after a
+  warm-up;
+- ``max_overrun_s``: the longest time the server kept working (above 10 % of a core) after answering a probe 504;
+- ``p50_ms`` / ``p99_ms``: latency of the valid requests answered 200 beside the attack.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,10 +74,19 @@ class ServeBenchConfig:
     invalid_share: float = 0.15  # share of malformed or oversized requests in the loaded phase
     seed: int = 0
     startup_timeout: float = 300.0  # seconds for a server to load the model and warm up
+    attack: bool = False  # also measure valid traffic beside a hostile mix (a third server)
+    attack_rate: float = 2.0  # hostile requests started per second, whatever becomes of the earlier ones
+    attack_timeout: float = 5.0  # the attacked server's --request-timeout
+    attack_client_timeout: float = 2.0  # the attacked server's --header-timeout and --body-timeout
+    attack_probes: int = 2  # undecodable-in-time requests sent alone to measure the work past their 504
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.seconds <= 0 or self.baseline_seconds <= 0 or self.max_requests < 1:
             raise ValueError("--clients, --seconds and the request budget must be positive")
+        if self.attack_rate <= 0 or self.attack_timeout <= 0 or self.attack_client_timeout <= 0:
+            raise ValueError("--attack-rate and the attacked server's timeouts must be positive")
+        if self.attack_probes < 1:
+            raise ValueError("the attack needs at least one probe")
         if not (Path(self.model) / "pv2tea_config.json").is_file():
             raise FileNotFoundError(f"--model {self.model}: not a pv2tea model folder (no pv2tea_config.json)")
 
@@ -109,6 +134,28 @@ class ServerProcess:
             time.sleep(0.2)
         self.process.kill()
         raise RuntimeError(f"the server was not ready within {timeout:g} s: {self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used, all threads (0 where /proc is unavailable)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+    def wait_idle(self, timeout: float = 60.0, window: float = 0.2, busy: float = 0.1) -> float:
+        """Wait until the server uses less than ``busy`` of a core over ``window`` seconds; returns when that quiet
+        window began (``time.monotonic()``), or the time given up at after ``timeout`` seconds."""
+        start = time.monotonic()
+        samples = [(start, self.cpu_seconds())]
+        while (now := time.monotonic()) < start + timeout:
+            time.sleep(0.05)
+            now, cpu = time.monotonic(), self.cpu_seconds()
+            samples.append((now, cpu))
+            before = [(t, c) for t, c in samples if now - t >= window]
+            if before and cpu - before[-1][1] <= busy * (now - before[-1][0]):
+                return before[-1][0]
+        return now
 
     def rss(self) -> int:
         """Resident memory in bytes (0 where /proc is unavailable)."""
@@ -249,6 +296,235 @@ def _bodies(products: list[dict], rng: random.Random, n: int, invalid_share: flo
 
 
 @dataclass
+class _Attack:
+    kind: str
+    content: bytes = b""  # the request body
+    slow: str | None = None  # "headers" / "body": a client that stops sending there instead
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> str:
+    """A plain PNG of ``width`` × ``height``, base64 (a few hundred bytes to a few KB: one colour compresses)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), 1 if mode == "1" else (90, 120, 150)).save(buffer, "PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BIG_IMAGE_SIDE = 6000  # the PNG whose decoding outlasts the attacked server's timeout (64 copies in one request)
+
+
+def _distinct_copies(png: str, n: int) -> list[str]:
+    """``n`` copies of the base64 PNG ``png`` that differ in a text chunk only (the server decodes identical
+    images of a request once)."""
+    import struct
+    import zlib
+
+    raw = base64.b64decode(png)
+    end = raw[-12:]  # the IEND chunk
+    copies = []
+    for k in range(n):
+        text = b"Comment\x00copy %d" % k
+        chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+        copies.append(base64.b64encode(raw[:-12] + chunk + end).decode())
+    return copies
+
+
+def _attacks(products: list[dict]) -> list[_Attack]:
+    """One request of each hostile kind of issue 38, serialized once."""
+    product = {k: v for k, v in products[0].items() if k != "images"}
+
+    def body(*rows: dict) -> bytes:
+        return json.dumps({"products": list(rows)}).encode()  # ensure_ascii: a lone surrogate is sent as \ud800
+
+    big = _distinct_copies(_png(BIG_IMAGE_SIDE, BIG_IMAGE_SIDE, "1"), 64)
+    valid_json = body({**product, "text": "plain text", "images": []})
+    return [
+        _Attack("elongated", body({**product, "images": [_png(20_000, 1)]})),  # past --max-aspect-ratio: 422
+        _Attack("aspect_at_limit", body({**product, "images": [_png(4_000, 200)]})),  # 20:1, decoded: 200
+        _Attack("huge_string", body({**product, "category": "c" * 10_000_000})),  # over --max-field-chars: 422
+        _Attack("lone_surrogate", body({**product, "id": "\udfff", "text": "mug \ud800 red"})),  # 422
+        _Attack("deep_nesting", b'{"products": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),  # 422
+        _Attack("long_number", b'{"products": [{"id": ' + b"9" * 100_000 + b"}]}"),  # 422
+        _Attack("invalid_utf8", valid_json.replace(b"plain text", b"plain \xff\xfe text")),  # 422
+        _Attack("slow_headers", slow="headers"),  # 408 after --header-timeout, closed
+        _Attack("slow_body", slow="body"),  # 408 after --body-timeout, closed
+        _Attack(  # decoding outlasts --request-timeout: 504, and the decoding stops
+            "big_images", body(*({**product, "id": f"big-{k}", "images": big[8 * k : 8 * k + 8]} for k in range(8)))
+        ),
+    ]
+
+
+async def _slow_client(port: int, stop_in: str, timeout: float) -> str:
+    """A client that stops sending mid-headers or mid-body: the server's answer ("408"), or "held" when the
+    connection is still open after ``timeout`` seconds, "closed" when it was closed without an answer."""
+    head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as exc:
+        return type(exc).__name__
+    try:
+        writer.write(head[:40] if stop_in == "headers" else head + b"\r\n" + b'{"products": [')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(256), timeout)
+    except asyncio.TimeoutError:
+        return "held"
+    except OSError:
+        return "closed"
+    finally:
+        writer.close()
+    return answer[9:12].decode(errors="replace") if answer.startswith(b"HTTP/1.1 ") else "closed"
+
+
+async def _attacker(
+    url: str, port: int, attacks: list[_Attack], rate: float, seconds: float, timeout: float
+) -> dict[str, dict[str, int]]:
+    """Start one of ``attacks`` (in turn) every 1/``rate`` seconds for ``seconds``, then wait for the last answers;
+    returns each kind's answers by status."""
+    outcomes: dict[str, dict[str, int]] = {}
+
+    async def send(client: httpx.AsyncClient, attack: _Attack) -> None:
+        if attack.slow is not None:
+            status = await _slow_client(port, attack.slow, timeout)
+        else:
+            try:
+                response = await client.post(
+                    "/predict", content=attack.content, headers={"Content-Type": "application/json"}
+                )
+                status = str(response.status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+        counts = outcomes.setdefault(attack.kind, {})
+        counts[status] = counts.get(status, 0) + 1
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=8)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(timeout)) as client:
+        t0, tasks = time.perf_counter(), list[asyncio.Task]()
+        while time.perf_counter() < t0 + seconds:
+            tasks.append(asyncio.create_task(send(client, attacks[len(tasks) % len(attacks)])))
+            await asyncio.sleep(max(0.0, t0 + len(tasks) / rate - time.perf_counter()))
+        await asyncio.gather(*tasks)
+    return outcomes
+
+
+class _PeakRss:
+    """The server's largest resident memory, sampled every 50 ms in a thread while the block runs."""
+
+    def __init__(self, server: ServerProcess):
+        self.server, self.peak = server, server.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.server.rss())
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.server.rss())
+
+
+def _overrun(server: ServerProcess, body: bytes, timeout: float) -> tuple[str, float | None]:
+    """Send ``body`` alone; after its 504, how long the server kept working (None when it was not answered 504)."""
+    try:
+        response = httpx.post(
+            f"{server.url}/predict",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=timeout + 120,
+        )
+        status = str(response.status_code)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__, None
+    answered = time.monotonic()
+    if status != "504":
+        return status, None
+    return status, max(0.0, server.wait_idle() - answered)
+
+
+def _run_attack(
+    cfg: ServeBenchConfig, products: list[dict], valid: list[_Body], common: list[str], log: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The attack phases (see the module docstring): ``serve["attack"]`` and the details for the table."""
+    attacks = _attacks(products)
+    big = next(a for a in attacks if a.kind == "big_images")
+    timeouts = [
+        *("--request-timeout", str(cfg.attack_timeout)),
+        *("--header-timeout", str(cfg.attack_client_timeout), "--body-timeout", str(cfg.attack_client_timeout)),
+    ]
+    log(f"attack: a third server, {cfg.clients} clients for {cfg.seconds:g} s without and with the hostile mix ...")
+    server = ServerProcess(cfg.model, [*common, "--max-wait-ms", str(cfg.max_wait_ms), *timeouts])
+    try:
+        server.wait_ready(cfg.startup_timeout)
+        asyncio.run(_drive(server.url, valid, cfg.clients, 1e9, cfg.clients * 2))  # warm-up
+        server.wait_idle()
+        idle_rss = server.rss()
+        with _PeakRss(server) as peak:
+            clean = asyncio.run(_drive(server.url, valid, cfg.clients, cfg.seconds, cfg.max_requests))
+
+            async def beside() -> tuple[_Phase, dict[str, dict[str, int]]]:
+                traffic = asyncio.create_task(_drive(server.url, valid, cfg.clients, cfg.seconds, cfg.max_requests))
+                answers = await _attacker(
+                    server.url,
+                    server.port,
+                    attacks,
+                    cfg.attack_rate,
+                    cfg.seconds,
+                    max(cfg.attack_timeout, cfg.attack_client_timeout) + 30,
+                )
+                return await traffic, answers
+
+            attacked, answers = asyncio.run(beside())
+            server.wait_idle()
+            log(f"attack: {cfg.attack_probes} request(s) of {big.kind} alone, the work after their 504 ...")
+            probes = [_overrun(server, big.content, cfg.attack_timeout) for _ in range(cfg.attack_probes)]
+        alive = httpx.get(f"{server.url}/health", timeout=30).status_code
+    finally:
+        exit_code = server.stop()
+    hostile_errors = sum(
+        n
+        for kind, counts in answers.items()
+        if kind not in ("slow_headers", "slow_body")
+        for status, n in counts.items()
+        if not status.isdigit() or (int(status) >= 500 and int(status) not in (503, 504))
+    )
+    clean_rate = clean.rows / clean.seconds
+    overruns = [s for _, s in probes if s is not None]
+    attack = {
+        "server_errors": clean.server_errors + attacked.server_errors + hostile_errors,
+        "rows_per_s_ratio": round(attacked.rows / attacked.seconds / clean_rate, 3) if clean_rate else None,
+        "peak_rss_ratio": round(peak.peak / idle_rss, 3) if idle_rss else None,
+        "max_overrun_s": round(max(overruns), 2) if overruns else None,
+        "p50_ms": round(attacked.percentile(0.50), 1),
+        "p99_ms": round(attacked.percentile(0.99), 1),
+    }
+    details = {
+        "rate": cfg.attack_rate,
+        "request_timeout": cfg.attack_timeout,
+        "client_timeout": cfg.attack_client_timeout,
+        "rows_per_s_without": round(clean_rate, 2),
+        "rows_per_s_beside": round(attacked.rows / attacked.seconds, 2),
+        "p50_ms_without": round(clean.percentile(0.50), 1),
+        "p99_ms_without": round(clean.percentile(0.99), 1),
+        "valid_status_counts": dict(sorted(attacked.status_counts.items())),
+        "hostile": {kind: dict(sorted(answers[kind].items())) for kind in sorted(answers)},
+        "idle_rss_mb": round(idle_rss / 2**20, 1),
+        "peak_rss_mb": round(peak.peak / 2**20, 1),
+        "probes": [{"status": status, "overrun_s": None if s is None else round(s, 2)} for status, s in probes],
+        "health_after": alive,
+        "exit_code": exit_code,
+    }
+    return attack, details
+
+
+@dataclass
 class _Phase:
     seconds: float = 0.0
     requests: int = 0
@@ -309,13 +585,14 @@ def run_serve_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -
     loaded_bodies = _bodies(products, rng, 512, cfg.invalid_share)
     valid_bodies = _bodies(products, rng, 128, 0.0)
     common = [
-        *("--max-body-bytes", str(BODY_LIMIT), "--max-batch", str(cfg.max_batch)),
+        *("--max-batch", str(cfg.max_batch)),
         *(("--threads", str(cfg.threads)) if cfg.threads else ()),
         *("--precision", cfg.precision),
     ]
+    small_bodies = ["--max-body-bytes", str(BODY_LIMIT)]  # not for the attack: its bodies must reach the checks
     log(f"starting two servers for {cfg.model} (micro-batching on and off)")
-    batched = ServerProcess(cfg.model, [*common, "--max-wait-ms", str(cfg.max_wait_ms)])
-    alone = ServerProcess(cfg.model, [*common, "--no-batching"])
+    batched = ServerProcess(cfg.model, [*common, *small_bodies, "--max-wait-ms", str(cfg.max_wait_ms)])
+    alone = ServerProcess(cfg.model, [*common, *small_bodies, "--no-batching"])
     try:
         batched.wait_ready(cfg.startup_timeout)
         alone.wait_ready(cfg.startup_timeout)
@@ -346,6 +623,8 @@ def run_serve_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -
         "speedup": round(rows_per_s / alone_rows_per_s, 2) if alone_rows_per_s else None,
         "rss_growth": round(rss_end / rss_start - 1, 4) if rss_start else None,
     }
+    if cfg.attack:  # after the other two servers have stopped: alone on the machine's cores
+        serve["attack"], attack_details = _run_attack(cfg, products, valid_bodies, common, log)
     details = {
         "seconds": round(loaded.seconds, 1),
         "baseline_seconds": round(baseline.seconds, 1),
@@ -356,6 +635,8 @@ def run_serve_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -
         "exit_codes": exit_codes,
         "sigterm": sigterm,
     }
+    if cfg.attack:
+        details["attack"] = attack_details
     return {"serve": serve, "details": details}
 
 
@@ -375,4 +656,20 @@ def format_table(result: dict[str, Any]) -> str:
         f"| SIGTERM mid-request: the request in flight, new connections | {d['sigterm']['in_flight']}, "
         f"{'refused' if d['sigterm']['new_connections_refused'] else 'ACCEPTED'} | |",
     ]
+    if "attack" in s:
+        a, ad = s["attack"], d["attack"]
+        lines += [
+            "",
+            f"| attack ({ad['rate']:g} hostile requests/s, --request-timeout {ad['request_timeout']:g}) | "
+            "valid traffic beside it | valid traffic alone |",
+            "| --- | --- | --- |",
+            f"| rows/s | {ad['rows_per_s_beside']} (ratio {a['rows_per_s_ratio']}) | {ad['rows_per_s_without']} |",
+            f"| p50 / p99 latency (ms) | {a['p50_ms']} / {a['p99_ms']} | {ad['p50_ms_without']} / {ad['p99_ms_without']} |",
+            f"| valid status counts | {ad['valid_status_counts']} | |",
+            f"| server errors (5xx but 503/504, dropped) | {a['server_errors']} | |",
+            f"| RSS idle → peak (MB) | {ad['idle_rss_mb']} → {ad['peak_rss_mb']} (ratio {a['peak_rss_ratio']}) | |",
+            f"| work past a 504, alone (s) | {a['max_overrun_s']} (probes {ad['probes']}) | |",
+            f"| /health after, exit code after SIGTERM | {ad['health_after']}, {ad['exit_code']} | |",
+            *(f"| hostile: {kind} | {counts} | |" for kind, counts in ad["hostile"].items()),
+        ]
     return "\n".join(lines)
