@@ -52,7 +52,7 @@ from pv2tea.models.checkpoint import checkpoint_exists, warm_start_fingerprint
 from pv2tea.train.loop import multi_value_attributes, train
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
-# layers): the only way the protocol fits ~1 hour per domain on 2 CPU cores.
+# layers): the only way the protocol fits half an hour per ImplicitAVE domain on 2 CPU cores.
 BENCH_OVERRIDES = ["vision.freeze=true"]
 # How every model of the protocol answers and how a fold's run keeps its warm start (docs/results.md, 2026-12-06):
 # ImplicitAVE lists each attribute's options, so the models classify over the values seen in training instead of
