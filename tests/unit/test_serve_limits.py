@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import sys
 import zlib
 
 import pytest
@@ -209,3 +210,26 @@ def test_any_aspect_ratio_is_resized_within_a_bound_of_the_output(width, height,
     assert tuple(tensor.shape) == (3, size, size)
     [(w, h)] = sizes
     assert w * h <= 3 * size * size, ((width, height), (w, h))  # (RESIZE_MARGIN + 1 / shorter side) × the output
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread scheduling priority is Linux's")
+def test_image_decoding_threads_yield_to_the_model_thread():
+    """The decode pool's initializer lowers its threads' priority (the model thread keeps the CPU under a flood of
+    large images), and leaves the calling (model) thread's as it was."""
+    import os
+    import threading
+
+    from pv2tea.serve.limits import DECODE_NICENESS, lower_decode_priority
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    def worker() -> None:
+        lower_decode_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, main + DECODE_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

@@ -64,6 +64,7 @@ from pv2tea.serve.limits import (
     Limits,
     decode_base64,
     default_workers,
+    lower_decode_priority,
     open_image,
     read_image_file,
 )
@@ -339,7 +340,9 @@ def create_app(
     pre = MemoryImagePreprocessor.wrap(predictor.pre)
     serving = Predictor(predictor.model, pre, precision=predictor.precision)
     vision = pre.cfg.vision.enabled
-    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="pv2tea-images")
+    pool = ThreadPoolExecutor(
+        max_workers=workers or default_workers(), thread_name_prefix="pv2tea-images", initializer=lower_decode_priority
+    )
     job_ids = itertools.count()
 
     def predict_rows(records: Sequence[Record], num_beams: int | None, tensors: dict) -> list[list[str]]:

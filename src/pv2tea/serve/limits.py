@@ -12,6 +12,7 @@ import binascii
 import io
 import os
 import re
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -215,6 +216,24 @@ class DecodeBudget:
         """Return ``n`` bytes reserved by :meth:`take`."""
         with self._lock:
             self.in_use -= n
+
+
+# how much lower than the model thread's the image-decoding threads' scheduling priority is (Linux niceness, per
+# thread): a request of many large images then decodes in the CPU time the model thread leaves, instead of taking
+# half of it on a 2-core machine (`pv2tea bench serve --attack`, docs/results.md)
+DECODE_NICENESS = 10
+
+
+def lower_decode_priority() -> None:
+    """Lower the calling thread's scheduling priority by ``DECODE_NICENESS`` (a thread pool's initializer). Where
+    threads have no priority of their own (not Linux) or the system refuses, nothing changes."""
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id") or sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + DECODE_NICENESS))
+    except OSError:
+        pass
 
 
 def default_workers() -> int:
