@@ -54,7 +54,7 @@ def test_a_truncated_or_altered_file_is_refused_by_name(final_copy, capsys):
 
 def test_a_file_rewritten_with_the_same_size_is_hashed_again(final_copy):
     """Hashes are cached per file version within a process (path, size, mtime): a file rewritten with the same size
-    after it was hashed is hashed again, by the manifest check and by the warm start's fingerprint (issue 38)."""
+    after it was hashed is hashed again, by the manifest check and by the warm start's fingerprint."""
     assert ckpt.verify_manifest(final_copy)  # every file hashed, and cached
     preprocess = final_copy / ckpt.PREPROCESS_FILE
     before = preprocess.stat()

@@ -1,4 +1,4 @@
-"""`pv2tea predict` and `pv2tea data validate` on input that is not there or holds nothing (issue 38, items 10-11):
+"""`pv2tea predict` and `pv2tea data validate` on input that is not there or holds nothing:
 a clear error and a non-zero exit, and predict says so before it loads the model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile input against the service, second pass (issue 38), on the tiny trained model: elongated images, lone
+"""Hostile input against the service, second pass, on the tiny trained model: elongated images, lone
 surrogates, unbounded strings, unparseable bodies, internal errors, slow decoding under a timeout, decoded memory,
 and slow clients. Each test reproduces the attack and checks the answer by value."""
 

@@ -56,7 +56,7 @@ def test_bench_serve_short(tiny_trained, capsys):
 
 
 ATTACK_KEYS = ["server_errors", "rows_per_s_ratio", "peak_rss_ratio", "max_overrun_s", "p50_ms", "p99_ms"]
-# what each hostile case of issue 38 is answered (slow clients: 408 then closed; images outlasting the timeout: 504)
+# what each hostile case is answered (slow clients: 408 then closed; images outlasting the timeout: 504)
 HOSTILE = {
     "elongated": "422",
     "aspect_at_limit": "200",

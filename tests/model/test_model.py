@@ -150,7 +150,7 @@ def test_sample_weights_scale_generation_loss(tiny_text_ckpt, image_paths, contr
 def test_s1_contrasts_the_momentum_copies_features_with_the_configured_alpha_and_temperature(
     tiny_text_ckpt, image_paths, monkeypatch
 ):
-    """S1's wiring (issue 38): the momentum features given to the loss (and queued) are those of the momentum
+    """S1's wiring: the momentum features given to the loss (and queued) are those of the momentum
     copies, not the online ones detached, and schemes.alpha / schemes.temperature reach the loss (values unlike the
     function's defaults, so a call that leaves them out changes L_sc)."""
     import copy

@@ -1,4 +1,4 @@
-"""``pv2tea bench catalog``: the weak-label protocol on any gold-labelled multimodal catalogue file (issue 37).
+"""``pv2tea bench catalog``: the weak-label protocol on any gold-labelled multimodal catalogue file.
 
 A catalogue team has products with text, photo, category and gold values (e.g. ``pv2tea data import
 fashion-product-images``). The products are split, by a stable hash of the product, into a *text-labelled share*

@@ -1,4 +1,4 @@
-"""ImplicitAVE benchmark: the paper's weak-supervision setting on public products (issue 4).
+"""ImplicitAVE benchmark: the paper's weak-supervision setting on public products.
 
 Per domain: (1) train the text-established extractor (TF-IDF word 1–2-grams + char 3–5-grams,
 logistic regression per attribute) on the domain's text-only training rows; (2) use it to weakly

@@ -1,4 +1,4 @@
-"""The weak-label protocol, shared by every benchmark on gold-labelled multimodal products (issues 4 and 37).
+"""The weak-label protocol, shared by every benchmark on gold-labelled multimodal products.
 
 Given a set's labelled *text-only* rows (what the team's text extractor learns from) and its multimodal products
 (text, image, gold, source; no label): (1) train the text-established extractor (TF-IDF word 1–2-grams + char

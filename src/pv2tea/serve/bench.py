@@ -14,7 +14,7 @@ baseline. Both servers are stopped with SIGTERM and must exit 0. The figures:
 
 With ``attack`` (``--attack``) a third server (micro-batching on, ``--request-timeout attack_timeout``, header and
 body timeouts of ``attack_client_timeout``) is driven by the same ``clients`` with valid requests only, first alone
-and then beside a hostile mix sent at ``attack_rate`` requests per second (issue 38's cases: an image past the
+and then beside a hostile mix sent at ``attack_rate`` requests per second (the cases: an image past the
 aspect-ratio limit and one at it, a 10 MB string, lone surrogates, 100,000-deep nesting, a 100,000-digit number,
 invalid UTF-8, a client that stops mid-headers and one that stops mid-body, and 64 copies of a 6000 × 6000 PNG that
 cannot be decoded within the timeout); then, alone, the last case is sent ``attack_probes`` times and the server's
@@ -333,7 +333,7 @@ def _distinct_copies(png: str, n: int) -> list[str]:
 
 
 def _attacks(products: list[dict]) -> list[_Attack]:
-    """One request of each hostile kind of issue 38, serialized once."""
+    """One request of each hostile kind, serialized once."""
     product = {k: v for k, v in products[0].items() if k != "images"}
 
     def body(*rows: dict) -> bytes:
