@@ -496,3 +496,27 @@ def test_serve_warns_when_it_listens_beyond_loopback_without_an_api_key(tiny_tra
     assert not warned()  # the default 127.0.0.1
     monkeypatch.setenv("PV2TEA_API_KEY", "s3cret")
     assert not warned("--host", "0.0.0.0")
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(products=st.integers(1, 3), per_product=st.integers(3, 8), workers=st.integers(1, 2))
+def test_any_request_that_times_out_stops_decoding(predictor, product, slow_decoding, products, per_product, workers):
+    """Decode under a timeout, whatever the request's shape: once the 504 is sent, no decode of it starts later and
+    its decoded bytes are given back."""
+    slow_decoding.clear()
+    app = create_app(predictor, workers=workers, request_timeout=0.5)
+    client = TestClient(app)
+    assert app.state.batcher.ready.wait(30)
+    images = distinct_images(products * per_product)
+    body = [
+        {**product, "id": f"p{k}", "images": images[per_product * k : per_product * (k + 1)]} for k in range(products)
+    ]
+    if products * per_product * 0.2 / workers < 1.0:  # decodes well within the timeout: nothing to cut short
+        return
+    response = client.post("/predict", json={"products": body})
+    timed_out = time.monotonic()
+    assert response.status_code == 504
+    time.sleep(0.5)
+    assert [t for t, _ in slow_decoding if t > timed_out + 0.25] == []
+    assert len(slow_decoding) < products * per_product  # the request's later images were never decoded
+    assert app.state.budget.in_use == 0
