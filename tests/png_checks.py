@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,3 +19,16 @@ def assert_drawn_png(path: Path) -> None:
     colours, counts = np.unique(pixels, axis=0, return_counts=True)
     assert len(colours) >= 10, (path.name, len(colours))
     assert 1 - counts.max() / len(pixels) > 0.01, path.name  # the most common colour (background) is not all
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid-looking PNG of ~100 bytes whose header claims width × height RGB pixels (a decompression bomb's
+    header without its pixels)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )

@@ -9,10 +9,8 @@ import io
 import json
 import logging
 import socket
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -21,22 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
+from png_checks import png_claiming
 from pv2tea.inference import server as server_module
 from pv2tea.inference.predictor import Predictor
 from pv2tea.inference.server import create_app
 from pv2tea.serve.limits import Limits
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG of ~100 bytes whose header claims width × height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def png(size: tuple[int, int], colour: tuple[int, int, int] = (200, 10, 10)) -> str:

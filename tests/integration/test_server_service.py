@@ -7,32 +7,19 @@ import base64
 import io
 import json
 import re
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from png_checks import png_claiming
 from pv2tea.data.validate import load_dataset
 from pv2tea.inference.predictor import Predictor
 from pv2tea.inference.server import create_app
 from pv2tea.serve.limits import Limits
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG of ~100 bytes whose header claims width × height pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")

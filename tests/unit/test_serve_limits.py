@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import sys
-import zlib
 
 import pytest
 import torch
@@ -14,19 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
+from png_checks import png_claiming
 from pv2tea.serve.limits import ImageRejected, Limits, decode_base64, open_image, read_image_file
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid-looking PNG of ~100 bytes whose header claims width × height RGB pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
