@@ -171,6 +171,11 @@ def _probe_anchors(
     paths = sorted({r.images[0] for r in catalogue if r.images})
     log(f"probes: pooled features of {len(paths)} photos ({vision.name}, levels {vision.extra_levels or 'none'})")
     matrix = image_features(paths, vision, cfg.out / "runs" / "probe_features.npz")
+    unreadable = [p for p, row in zip(paths, matrix) if not row.any()]
+    if unreadable:  # zero features: the probes answer such a row by the training majority, as for no photo
+        log(f"probes: {len(unreadable)} photo(s) could not be read, e.g. {unreadable[0]}; answered without features")
+        paths = [p for p, row in zip(paths, matrix) if row.any()]
+        matrix = matrix[[bool(row.any()) for row in matrix]]
     features = dict(zip(paths, matrix))
     return lambda train, test: probe_answers(train, test, features)
 
