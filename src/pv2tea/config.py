@@ -308,6 +308,10 @@ class TrainConfig:
     # optimizer steps every N micro-batches of train.batch_size rows per process: a step then takes batch_size x N x
     # (number of processes) rows (train/distributed.py), and an epoch fewer steps
     grad_accumulation_steps: int = 1
+    # batches hold a product's rows (one per attribute) together, the products in a fresh order each epoch, and the
+    # model encodes each distinct text and image of a batch once (models/sharing.py): fewer encoder passes per row
+    # on catalogues with several attributes per product; False: rows in a fresh order each epoch
+    product_batches: bool = False
 
 
 @dataclass

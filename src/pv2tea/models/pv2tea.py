@@ -32,6 +32,7 @@ from pv2tea.losses.matching import image_text_matching_loss, negative_partners
 from pv2tea.models.copy_decoder import CopyDecoder, copy_mask
 from pv2tea.models.fusion import FusionEncoder, additive_mask, is_visual_gate_key
 from pv2tea.models.momentum import FeatureQueue, ema_update, freeze_copy, gather_others, world_size
+from pv2tea.models.sharing import shared
 from pv2tea.models.text import create_text_encoder, read_text_state_dict, transfer
 from pv2tea.models.vision import VisualEncoder, VisualOutput, load_backbone_weights, timm_api
 
@@ -383,19 +384,32 @@ class PV2TEA(nn.Module):
             memory_mask,
         )
 
+    @property
+    def shares_inputs(self) -> bool:
+        """Whether rows with the same text (or image) are encoded once per batch (:mod:`pv2tea.models.sharing`):
+        always in inference, where it is exact; in training with ``train.product_batches``, where the rows of a
+        product then also share the encoders' dropout draw."""
+        return not self.training or self.cfg.train.product_batches
+
     def _text_states(self, encoder: BertModel, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Text-encoder states (B, T, H) of all rows or the selected ``rows``. With the batch's cached output of
         the frozen bottom layers only the trainable top layers (``text.train_layers``; none when frozen) run."""
         select = slice(None) if rows is None else rows
-        if batch.text_hidden is None:
-            return encoder(input_ids=batch.text_ids[select], attention_mask=batch.text_mask[select]).last_hidden_state
-        hidden = batch.text_hidden[select]  # (B, T, H) after the frozen layers
+        ids, text_mask = batch.text_ids[select], batch.text_mask[select]  # (B', T)
+        cached = None if batch.text_hidden is None else batch.text_hidden[select]  # (B', T, H) after the frozen layers
         top = encoder.encoder.layer[self.text_frozen_layers :]
-        if len(top):
-            mask = additive_mask(batch.text_mask[select], hidden.dtype)  # (B, 1, 1, T)
-            for layer in top:
-                hidden = layer(hidden, attention_mask=mask)
-        return hidden
+
+        def run(idx: torch.Tensor) -> torch.Tensor:
+            if cached is None:
+                return encoder(input_ids=ids[idx], attention_mask=text_mask[idx]).last_hidden_state
+            hidden = cached[idx]
+            if len(top):
+                mask = additive_mask(text_mask[idx], hidden.dtype)  # (U, 1, 1, T)
+                for layer in top:
+                    hidden = layer(hidden, attention_mask=mask)
+            return hidden
+
+        return shared(run, (ids, text_mask), self.shares_inputs)
 
     @torch.no_grad()
     def frozen_text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -403,16 +417,17 @@ class PV2TEA(nn.Module):
         out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         return out.hidden_states[self.text_frozen_layers]
 
-    @staticmethod
     def _visual_out(
-        encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None, select: torch.Tensor
+        self, encoder: VisualEncoder, pixels: torch.Tensor | None, feats: torch.Tensor | None, select: torch.Tensor
     ) -> VisualOutput:
-        """The visual encoder on the selected images: cached backbone tokens when given, else pixels."""
-        if feats is not None:
-            return encoder.head(feats[select])
-        if pixels is None:
+        """The visual encoder on the selected images: cached backbone tokens when given, else pixels; each distinct
+        image once when :attr:`shares_inputs`."""
+        if feats is None and pixels is None:
             raise ValueError("the batch has neither images nor cached image features")
-        return encoder(pixels[select])
+        chosen = (feats if feats is not None else pixels)[select]  # type: ignore[index]  # (N, ...)
+        if feats is not None:
+            return shared(lambda idx: encoder.head(chosen[idx]), (chosen,), self.shares_inputs)
+        return shared(lambda idx: encoder(chosen[idx]), (chosen,), self.shares_inputs)
 
     @staticmethod
     def _scatter_tokens(

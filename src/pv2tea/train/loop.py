@@ -76,10 +76,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch, a pure function of (seed, epoch) so resume replays them."""
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, groups: Sequence[int] | None = None
+) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch) so resume replays them. With ``groups``
+    (a group id per position, e.g. the product), each group's positions are kept together, in their order, the
+    groups ordered by where their first member falls in the shuffle: one-member groups give the shuffle itself."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
+    if groups is not None:
+        members: dict[int, list[int]] = {}
+        for i in range(n):
+            members.setdefault(groups[i], []).append(i)
+        placed: set[int] = set()
+        grouped: list[int] = []
+        for i in order:
+            if groups[i] not in placed:
+                placed.add(groups[i])
+                grouped += members[groups[i]]
+        order = grouped
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -705,7 +720,9 @@ def _train(
                 if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
                     weights = _scatter(weights, rows, len(records))
             weights, weight_stats = ddp.broadcast((weights, weight_stats) if main else None, accelerator)
-        order = [rows[j] for b in epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed, epoch) for j in b]
+        groups = [dataset.pair_ids[i] for i in rows] if cfg.train.product_batches else None
+        batches = epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed, epoch, groups)
+        order = [rows[j] for b in batches for j in b]
         steps = ddp.step_rows(order, rows_done, rows_per_rank, world)  # the epoch's remaining global batches
         swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
         sums: dict[str, float] = {}
