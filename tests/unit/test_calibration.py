@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -153,3 +154,69 @@ def test_scored_rows_renormalize_the_extractor_and_skip_rows_without_candidates(
     assert rows[0].gold == frozenset({"red"}) and rows[0].candidates == ("Red", "Blue")
     assert math.isclose(float(np.exp(rows[0].model).sum()), 1.0)
     assert isinstance(Calibration(Choice(0, 0, 0, 0, 0, 0, 0, False), {}).model_weight("x"), (int, float))
+
+
+def photo_row(attribute: str, with_photo: float, without: float, extractor_p: float, gold: str) -> ScoredRow:
+    """Two candidates; 'red' gets with_photo from the model reading the photo, without from it with the photo withheld."""
+    return ScoredRow(
+        attribute,
+        CANDS,
+        np.log([with_photo, 1 - with_photo]),
+        np.log([extractor_p, 1 - extractor_p]),
+        frozenset({gold}),
+        np.log([without, 1 - without]),
+    )
+
+
+def test_the_photo_is_kept_for_an_attribute_only_where_it_beats_the_text_beyond_noise():
+    # sleeve: the photo right on 12 rows the text model and the extractor miss; colour: the photo misleads on 10
+    sleeve = [photo_row("sleeve", 0.9, 0.2, 0.2, "red")] * 12 + [photo_row("sleeve", 0.8, 0.8, 0.8, "red")] * 8
+    colour = [photo_row("colour", 0.1, 0.9, 0.2, "red")] * 10 + [photo_row("colour", 0.9, 0.9, 0.2, "red")] * 10
+    cal = fit_calibration(sleeve + colour)
+    s, c = cal.attributes["sleeve"], cal.attributes["colour"]
+    assert s.image and cal.uses_image("sleeve") and (s.image_fixed, s.image_broke) == (12, 0)
+    assert s.model_weight > 0 and s.fused_correct == 20
+    assert not c.image and not cal.uses_image("colour") and (c.image_fixed, c.image_broke) == (0, 10)
+    assert c.model_weight > 0 and c.fused_correct == 20  # the text-only model, trusted over the extractor
+    answers = apply_calibration(sleeve + colour, cal)
+    assert answers == ["red"] * 40
+    # without scores with the photo withheld the choice is as before: the photo, always
+    plain = [replace(r, model_text=None) for r in colour]
+    assert choose(plain, CalibrationConfig()).image
+    # a gain with the photo too small for the guard: answered without it
+    # (the photo right on 2 rows where the text is wrong, wrong on 1 where it is right: 1 < sqrt(3))
+    small = (
+        [photo_row("a", 0.9, 0.2, 0.2, "red")] * 2
+        + [photo_row("a", 0.1, 0.9, 0.2, "red")]
+        + [photo_row("a", 0.9, 0.9, 0.9, "red")] * 17
+    )
+    assert not choose(small, CalibrationConfig()).image
+    assert choose(small, CalibrationConfig(z=0.0)).image
+
+
+def test_photo_choices_survive_the_calibration_file(tmp_path):
+    rows = [photo_row("colour", 0.1, 0.9, 0.2, "red")] * 20 + [photo_row("sleeve", 0.9, 0.2, 0.2, "red")] * 30
+    cal = fit_calibration(rows)
+    back = load_calibration(cal.save(tmp_path / "c.json"))
+    assert back.uses_image("sleeve") and not back.uses_image("colour")
+    data = json.loads((tmp_path / "c.json").read_text())
+    for choice in (data["pooled"], *data["attributes"].values()):
+        choice.pop("image")  # a file written before the photo choice: the photo is read
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert load_calibration(tmp_path / "old.json").uses_image("colour")
+    data["attributes"]["colour"]["image"] = "no"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match=r"attributes\.colour\.image"):
+        load_calibration(tmp_path / "bad.json")
+
+
+def test_scored_rows_carry_the_scores_without_photos():
+    from pv2tea.data.schema import Record
+
+    records = [Record("p", "t", (), "c", "colour", ("red",), gold=("red",))]
+    with_photo = [(["red", "blue"], np.log([0.9, 0.1]))]
+    without = [(["red", "blue"], np.log([0.3, 0.7]))]
+    rows, _ = scored_rows(records, with_photo, [{"red": 0.5, "blue": 0.5}], without)
+    np.testing.assert_allclose(rows[0].model_text, np.log([0.3, 0.7]))
+    with pytest.raises(ValueError, match="different candidates"):
+        scored_rows(records, with_photo, [{"red": 0.5, "blue": 0.5}], [(["blue", "red"], np.log([0.3, 0.7]))])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def fold_scored_rows(
         "priors_sha256": _sha([dict(p) for p in priors]),
         "candidates_sha256": _sha(candidates),
         "prior_correction": prior_correction,
+        "photo_withheld_scores": True,  # rows of a model with a visual path are also scored with their photos withheld
     }
     stored = None
     if cache.is_file():
@@ -68,15 +70,32 @@ def fold_scored_rows(
             stored = None  # damaged: scored again
     if not (isinstance(stored, dict) and all(stored.get(k) == v for k, v in key.items())):
         predictor = load_predictor(final, prior_correction, trained_on)
-        scores = predictor.candidate_log_probs(records, candidates, predictor.model.cfg.train.eval_batch_size)
+        batch_size = predictor.model.cfg.train.eval_batch_size
+        scores = predictor.candidate_log_probs(records, candidates, batch_size)
+        blind: list = [None] * len(records)
+        if predictor.model.visual is not None:  # what the model answers from the text alone, to weigh the photo
+            blind = predictor.candidate_log_probs([replace(r, images=()) for r in records], candidates, batch_size)
         stored = {
             **key,
-            "rows": [None if s is None else {"candidates": list(s[0]), "model": s[1].tolist()} for s in scores],
+            "rows": [
+                None
+                if s is None
+                else {
+                    "candidates": list(s[0]),
+                    "model": s[1].tolist(),
+                    **({} if t is None else {"text": t[1].tolist()}),
+                }
+                for s, t in zip(scores, blind)
+            ],
         }
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(stored, allow_nan=False))
     scores = [None if row is None else (row["candidates"], np.array(row["model"])) for row in stored["rows"]]
-    rows, left_out = scored_rows(records, scores, priors)
+    text = [
+        None if row is None or "text" not in row else (row["candidates"], np.array(row["text"]))
+        for row in stored["rows"]
+    ]
+    rows, left_out = scored_rows(records, scores, priors, text if any(t is not None for t in text) else None)
     kept = iter(rows)  # in record order, without the left-out records
     skipped = set(left_out)
     return [None if i in skipped else next(kept) for i in range(len(records))]
@@ -85,7 +104,13 @@ def fold_scored_rows(
 def _answers(rows: FoldRows, records: Sequence[Record], calibration: Calibration) -> list[list[str]]:
     """Calibrated answers; a row without candidates keeps its weak label (the extractor's answer)."""
     return [
-        list(r.label) if row is None else [row.candidates[fused_pick(row, calibration.model_weight(row.attribute))]]
+        list(r.label)
+        if row is None
+        else [
+            row.candidates[
+                fused_pick(row, calibration.model_weight(row.attribute), calibration.uses_image(row.attribute))
+            ]
+        ]
         for row, r in zip(rows, records)
     ]
 
@@ -156,11 +181,13 @@ def calibrated_reports(
     }
     attributes = sorted({a for c in chosen for a in c.attributes})
     lambdas = {a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes}
+    photo = {a: [c.attributes[a].image if a in c.attributes else None for c in chosen] for a in attributes}
     pool_sizes = [len(_pool(folds, k)) for k in range(len(folds))]
     return reports, {
         "sample_size_f1": curve,
         "guard_z_f1": guard,
         "model_weight": lambdas,
+        "image": photo,  # per attribute and fold: whether the deployed model reads the photo
         "pool_rows": pool_sizes,
         "z": config.z,
         "min_rows": config.min_rows,

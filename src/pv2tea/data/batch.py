@@ -47,3 +47,12 @@ class Batch:
     def select(self, rows: torch.Tensor) -> Batch:
         """The batch of the given rows (B',): every field is per row along its first dimension."""
         return Batch(**{k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+    def without_images(self, rows: torch.Tensor) -> Batch:
+        """The batch with the photos of the given rows ((B,) bool) withheld: the model reads those rows as products
+        without an image."""
+        hidden = dict(self.__dict__)
+        hidden["has_image"] = self.has_image & ~rows
+        if self.extra_mask is not None:
+            hidden["extra_mask"] = self.extra_mask & ~rows[:, None]  # (B, K-1)
+        return Batch(**hidden)

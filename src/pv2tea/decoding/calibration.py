@@ -21,6 +21,13 @@ sample (``pooled``).
 
 Selection counts right rows (accuracy) rather than macro-F1 over values: per-row outcomes are what a paired test
 can judge, and macro-F1 over a few dozen rows per attribute moves by whole points with one row.
+
+The photo is trusted per attribute the same way. When the sample's rows are also scored by the model with their
+photos withheld (``ScoredRow.model_text``), λ is chosen for both, and the photo is kept for an attribute only when
+the deployed answers with it beat those without it beyond noise on the sample (the same sign test, on the rows where
+the two differ); otherwise that attribute is answered from the product's text, the model reading no photo. A model
+can learn from weak labels to read a photo well for one attribute (sleeve length) and badly for another (colour
+under a frozen backbone): the sample decides which.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import datetime as _dt
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +85,16 @@ class ScoredRow:
     model: np.ndarray  # (C,) log p_model(c | C)
     extractor: np.ndarray  # (C,) log q_extractor(c | C)
     gold: frozenset[str]  # normalized gold values
+    model_text: np.ndarray | None = None  # (C,) log p_model(c | C) with the row's photos withheld; None: not scored
 
     def __post_init__(self) -> None:
         n = len(self.candidates)
-        if n == 0 or len(self.model) != n or len(self.extractor) != n:
+        if (
+            n == 0
+            or len(self.model) != n
+            or len(self.extractor) != n
+            or not (self.model_text is None or len(self.model_text) == n)
+        ):
             raise ValueError(
                 f"a scored row needs one model and one extractor score per candidate: {n} candidates, "
                 f"{len(self.model)} model and {len(self.extractor)} extractor scores"
@@ -101,6 +114,11 @@ class Choice:
     broke: int
     accepted: bool  # best_weight > 0 and it passed the guard
     source: str = "attribute"  # "attribute", or "pooled" when the attribute took the pooled λ
+    # the model reads the photo (True), or answers with the photo withheld because, with it, it was not better beyond
+    # noise on the sample; image_fixed / image_broke: rows right with the photo and wrong without it, and the reverse
+    image: bool = True
+    image_fixed: int = 0
+    image_broke: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The choice as a JSON object (its fields)."""
@@ -128,10 +146,18 @@ class Calibration:
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    def choice(self, attribute: str) -> Choice:
+        """The choice for ``attribute`` (its own, else the pooled one)."""
+        choice = self.attributes.get(attribute)
+        return choice if choice is not None else self.pooled
+
     def model_weight(self, attribute: str) -> float:
         """The model's share λ for ``attribute`` (its own choice, else the pooled one)."""
-        choice = self.attributes.get(attribute)
-        return (choice if choice is not None else self.pooled).model_weight
+        return self.choice(attribute).model_weight
+
+    def uses_image(self, attribute: str) -> bool:
+        """Whether the model reads the photo for ``attribute`` (else it answers from the text alone)."""
+        return self.choice(attribute).image
 
     def to_json(self) -> dict[str, Any]:
         """The calibration file's JSON object (format, version, config, pooled and per-attribute choices)."""
@@ -161,14 +187,18 @@ class Calibration:
         return path
 
 
-def fused_pick(row: ScoredRow, model_weight: float) -> int:
-    """Index of the candidate with the highest λ · log p_model + (1 − λ) · log q_extractor (first on ties)."""
-    scores = model_weight * row.model + (1.0 - model_weight) * row.extractor
+def fused_pick(row: ScoredRow, model_weight: float, image: bool = True) -> int:
+    """Index of the candidate with the highest λ · log p_model + (1 − λ) · log q_extractor (first on ties); the
+    model's scores with the photo (``image``) or, when the row has them, with the photo withheld."""
+    model = row.model if image or row.model_text is None else row.model_text
+    scores = model_weight * model + (1.0 - model_weight) * row.extractor
     return int(np.argmax(scores))
 
 
-def _correct(rows: Sequence[ScoredRow], model_weight: float) -> np.ndarray:
-    return np.array([normalize_value(r.candidates[fused_pick(r, model_weight)]) in r.gold for r in rows], dtype=bool)
+def _correct(rows: Sequence[ScoredRow], model_weight: float, image: bool = True) -> np.ndarray:
+    return np.array(
+        [normalize_value(r.candidates[fused_pick(r, model_weight, image)]) in r.gold for r in rows], dtype=bool
+    )
 
 
 def passes_guard(fixed: int, broke: int, z: float) -> bool:
@@ -177,22 +207,47 @@ def passes_guard(fixed: int, broke: int, z: float) -> bool:
     return gain > 0 and gain >= z * math.sqrt(fixed + broke)
 
 
-def choose(rows: Sequence[ScoredRow], config: CalibrationConfig, source: str = "attribute") -> Choice:
-    """The guarded λ for ``rows`` (see the module docstring)."""
-    if not rows:
-        return Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, source)
+def _guarded(
+    rows: Sequence[ScoredRow], config: CalibrationConfig, image: bool, source: str
+) -> tuple[Choice, np.ndarray]:
+    """The guarded λ against the extractor for the model's scores with (``image``) or without the photo, and the
+    rows its deployed answer gets right."""
     base = _correct(rows, 0.0)
     best_w, best = 0.0, base
     for w in sorted(set(config.grid) | {0.0}):
-        hits = base if w == 0.0 else _correct(rows, w)
+        hits = base if w == 0.0 else _correct(rows, w, image)
         if hits.sum() > best.sum():  # strictly better: ties stay with the smaller λ
             best_w, best = w, hits
     fixed = int((best & ~base).sum())
     broke = int((base & ~best).sum())
     accepted = best_w > 0 and passes_guard(fixed, broke, config.z)
-    return Choice(
-        best_w if accepted else 0.0, best_w, len(rows), int(base.sum()), int(best.sum()), fixed, broke, accepted, source
+    choice = Choice(
+        best_w if accepted else 0.0,
+        best_w,
+        len(rows),
+        int(base.sum()),
+        int(best.sum()),
+        fixed,
+        broke,
+        accepted,
+        source,
+        image,
     )
+    return choice, (best if accepted else base)
+
+
+def choose(rows: Sequence[ScoredRow], config: CalibrationConfig, source: str = "attribute") -> Choice:
+    """The guarded λ for ``rows``, and whether the model reads the photo (see the module docstring)."""
+    if not rows:
+        return Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, source)
+    with_image, hits_image = _guarded(rows, config, True, source)
+    if any(r.model_text is None for r in rows):  # no scores without the photo to weigh it against
+        return with_image
+    without, hits_text = _guarded(rows, config, False, source)
+    fixed = int((hits_image & ~hits_text).sum())
+    broke = int((hits_text & ~hits_image).sum())
+    keep = passes_guard(fixed, broke, config.z)
+    return replace(with_image if keep else without, image=keep, image_fixed=fixed, image_broke=broke)
 
 
 def fit_calibration(
@@ -211,45 +266,54 @@ def fit_calibration(
         if len(group) >= config.min_rows:
             attributes[attribute] = choose(group, config)
         else:  # too few rows to judge alone: the pooled λ, with this attribute's own counts under it
-            base, fused = _correct(group, 0.0), _correct(group, pooled.model_weight)
-            attributes[attribute] = Choice(
-                pooled.model_weight,
-                pooled.model_weight,
-                len(group),
-                int(base.sum()),
-                int(fused.sum()),
-                int((fused & ~base).sum()),
-                int((base & ~fused).sum()),
-                pooled.accepted,
-                "pooled",
+            base, fused = _correct(group, 0.0), _correct(group, pooled.model_weight, pooled.image)
+            attributes[attribute] = replace(
+                pooled,
+                rows=len(group),
+                extractor_correct=int(base.sum()),
+                fused_correct=int(fused.sum()),
+                fixed=int((fused & ~base).sum()),
+                broke=int((base & ~fused).sum()),
+                image_fixed=0,
+                image_broke=0,
             )
     return Calibration(pooled, attributes, config, dict(meta or {}))
 
 
 def apply_calibration(rows: Sequence[ScoredRow], calibration: Calibration) -> list[str]:
     """The deployed answer of each row (its candidate with the highest calibrated fused score)."""
-    return [r.candidates[fused_pick(r, calibration.model_weight(r.attribute))] for r in rows]
+    return [
+        r.candidates[fused_pick(r, calibration.model_weight(r.attribute), calibration.uses_image(r.attribute))]
+        for r in rows
+    ]
 
 
 def scored_rows(
     records: Sequence[Any],
     model_scores: Sequence[tuple[Sequence[str], np.ndarray] | None],
     priors: Sequence[Mapping[str, float]],
+    text_scores: Sequence[tuple[Sequence[str], np.ndarray] | None] | None = None,
 ) -> tuple[list[ScoredRow], list[int]]:
     """The records as :class:`ScoredRow` (their ``gold`` normalized; the extractor's ``priors`` renormalized over each
     row's candidates, :func:`pv2tea.decoding.fusion.prior_log_probs`), from the model's candidate log-probabilities
     (:meth:`pv2tea.inference.predictor.Predictor.candidate_log_probs`). Returns (rows, indices of the records left
-    out: no candidate list for their attribute)."""
+    out: no candidate list for their attribute). ``text_scores``: the same model's scores with the photos withheld, per
+    record (the rows then weigh the photo, :func:`choose`)."""
     from pv2tea.decoding.fusion import prior_log_probs
 
     if not len(records) == len(model_scores) == len(priors):
         raise ValueError(f"{len(records)} records, {len(model_scores)} model scores and {len(priors)} priors")
+    if text_scores is not None and len(text_scores) != len(records):
+        raise ValueError(f"{len(records)} records and {len(text_scores)} scores without photos")
     rows, skipped = [], []
     for i, (record, scored, prior) in enumerate(zip(records, model_scores, priors)):
         if scored is None:
             skipped.append(i)
             continue
         cands, model_lp = scored
+        text = None if text_scores is None else text_scores[i]
+        if text is not None and list(text[0]) != list(cands):
+            raise ValueError(f"record {i}: the scores with and without photos rank different candidates")
         rows.append(
             ScoredRow(
                 record.attribute,
@@ -257,6 +321,7 @@ def scored_rows(
                 np.asarray(model_lp, dtype=np.float64),
                 prior_log_probs(cands, prior),
                 frozenset(normalize_value(g) for g in (record.gold or ())),
+                None if text is None else np.asarray(text[1], dtype=np.float64),
             )
         )
     return rows, skipped
@@ -269,6 +334,8 @@ def _choice_from_json(data: Any, where: str) -> Choice:
         choice = Choice(**{k: data[k] for k in Choice.__dataclass_fields__ if k in data})
     except TypeError as exc:
         raise CalibrationError(f"{where}: {exc}") from exc
+    if not isinstance(choice.image, bool):
+        raise CalibrationError(f"{where}.image: expected true or false, got {choice.image!r}")
     w = choice.model_weight
     if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 <= float(w) <= 1.0:
         raise CalibrationError(f"{where}.model_weight: expected a number in [0, 1], got {w!r}")

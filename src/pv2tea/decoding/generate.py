@@ -183,7 +183,11 @@ def _rank_calibrated(
     calibration: Calibration,
 ) -> list[list[str] | None]:
     """Per row: the candidate with the highest λ · log p_model + (1 − λ) · log q_extractor, λ the calibrated model
-    share of the row's attribute (:mod:`pv2tea.decoding.calibration`); None: no candidate list."""
+    share of the row's attribute (:mod:`pv2tea.decoding.calibration`), the model reading the photo only for the
+    attributes the calibration trusts it on; None: no candidate list."""
+    blind = torch.tensor([not calibration.uses_image(r.attribute) for r in records], device=batch.has_image.device)
+    if bool((blind & batch.has_image).any()):
+        batch = batch.without_images(blind)
     out: list[list[str] | None] = []
     for r, scored, prior in zip(records, candidate_log_probs(model, pre, batch, records, candidates), priors):
         if scored is None:
