@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -299,69 +299,158 @@ class _Image:
     where: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (row, field) of each mention
 
 
-def create_app(
-    predictor: Predictor,
-    *,
-    model_name: str = "",
-    candidates: Mapping | None = None,
-    image_root: str | Path | None = None,
-    batch_size: int = 32,
-    max_products: int | None = None,
-    extractor: TextExtractor | None = None,
-    extractor_weight: float = 1.0,
-    calibration: Calibration | None = None,
-    limits: Limits | None = None,
-    max_wait_ms: float = 5.0,
-    max_queue: int = 256,
-    request_timeout: float = 30.0,
-    batching: bool = True,
-    api_key: str | None = None,
-    workers: int | None = None,
-) -> FastAPI:
-    """The FastAPI application serving ``predictor``.
+class Service:
+    """The state the routes share and the route handlers: the predictor, its micro-batcher, the request limits,
+    the metrics, the image-decoding pool and the decoded-image budget.
 
-    Concurrent requests are coalesced into model batches of at most ``batch_size`` rows, waiting at most
-    ``max_wait_ms`` for more (``batching=False``: one request per batch). At most ``max_queue`` requests wait
-    (then 503); a request taking longer than ``request_timeout`` seconds gets 504. ``limits`` bound what a
-    request may carry (``max_products`` overrides its product limit). With ``api_key`` every route except
-    ``/health`` and ``/ready`` needs it. With ``extractor`` (and ``candidates``) candidate ranking is fused
-    with the extractor's probabilities, per attribute as ``calibration`` says when given (``pv2tea calibrate``).
+    The routes :func:`create_app` wires: ``health`` (``GET /health``, the model and what the server was started
+    with), ``ready`` (``GET /ready``, 200 once the warm-up prediction has run, 503 before or when it failed),
+    ``prometheus_metrics`` (``GET /metrics``) and ``predict`` (``POST /predict``, 413 over the product limit, 504
+    past the request timeout, the rest as :meth:`answer` says).
+
+    Args:
+        predictor: The trained model to serve.
+        model_name: Named by ``/health`` and ``/ready``.
+        candidates: Candidate values to rank (per attribute), or None to generate.
+        image_root: The folder that ``image_paths`` are read under (None: inline images only).
+        batch_size: The most rows of one model batch.
+        extractor: A text extractor whose probabilities are fused with candidate ranking.
+        extractor_weight: The weight of the extractor's probabilities.
+        calibration: Per-attribute fusion weights (``pv2tea calibrate``).
+        limits: What a request may carry.
+        max_wait_ms: How long a batch waits for more rows.
+        max_queue: The most requests waiting (then 503).
+        request_timeout: Seconds until a request is answered 504.
+        batching: Coalesce concurrent requests into one batch.
+        workers: Image-decoding threads (None: :func:`pv2tea.serve.limits.default_workers`).
     """
-    fusion.check_fusion(candidates, extractor)
-    if calibration is not None and extractor is None:
-        raise ValueError("a calibration weighs the model against a text extractor: it needs --extractor")
-    if request_timeout <= 0:
-        raise ValueError(f"the request timeout must be > 0 seconds, got {request_timeout}")
-    limits = limits or Limits()
-    if max_products is not None:
-        limits = dataclasses.replace(limits, max_products=max_products)
-    root = Path(image_root).resolve() if image_root is not None else None
-    metrics = ServiceMetrics.create()
-    pre = MemoryImagePreprocessor.wrap(predictor.pre)
-    serving = Predictor(predictor.model, pre, precision=predictor.precision)
-    vision = pre.cfg.vision.enabled
-    pool = ThreadPoolExecutor(
-        max_workers=workers or default_workers(), thread_name_prefix="pv2tea-images", initializer=lower_decode_priority
-    )
-    job_ids = itertools.count()
 
-    def predict_rows(records: Sequence[Record], num_beams: int | None, tensors: dict) -> list[list[str]]:
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        model_name: str,
+        candidates: Mapping | None,
+        image_root: str | Path | None,
+        batch_size: int,
+        extractor: TextExtractor | None,
+        extractor_weight: float,
+        calibration: Calibration | None,
+        limits: Limits,
+        max_wait_ms: float,
+        max_queue: int,
+        request_timeout: float,
+        batching: bool,
+        workers: int | None,
+    ) -> None:
+        self.predictor, self.model_name, self.limits = predictor, model_name, limits
+        self.candidates, self.extractor, self.extractor_weight = candidates, extractor, extractor_weight
+        self.calibration, self.batch_size, self.request_timeout = calibration, batch_size, request_timeout
+        self.root = Path(image_root).resolve() if image_root is not None else None
+        self.metrics = ServiceMetrics.create()
+        self.pre = MemoryImagePreprocessor.wrap(predictor.pre)
+        self.serving = Predictor(predictor.model, self.pre, precision=predictor.precision)
+        self.vision = self.pre.cfg.vision.enabled
+        self.pool = ThreadPoolExecutor(
+            max_workers=workers or default_workers(),
+            thread_name_prefix="pv2tea-images",
+            initializer=lower_decode_priority,
+        )
+        self.job_ids = itertools.count()
+        self.batcher = MicroBatcher(
+            self.predict_rows,
+            max_batch=batch_size,
+            max_wait=max_wait_ms / 1000,
+            max_queue=max_queue,
+            coalesce=batching,
+            on_batch=self.metrics.observe_batch,
+            warmup=self.warmup,
+        )
+        # the bytes of one decoded image as the model reads it: a float32 (3, H, W) tensor
+        self.image_bytes = 3 * self.pre.image_size[0] * self.pre.image_size[1] * 4 if self.vision else 0
+        self.used_images = self.pre.cfg.vision.max_images if self.vision else 0  # a product's first ones are read
+        self.window = workers or default_workers()  # images of one request in the pool at a time
+        self.budget = DecodeBudget(limits.max_decoded_bytes)
+
+    # ------------------------------------------------------------------------------------------------ routes
+
+    # the route handlers have no docstring: FastAPI would publish it as the route's description in /openapi.json
+
+    def health(self) -> dict[str, Any]:  # GET /health: the model and what the server was started with
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "images": self.predictor.model.visual is not None,
+            "candidates": self.candidates is not None,
+            "extractor": self.extractor is not None,
+            "max_products": self.limits.max_products,
+        }
+
+    def ready(self) -> JSONResponse:  # GET /ready: 200 once the warm-up prediction has run, else 503
+        batcher = self.batcher
+        if batcher.warmup_error is not None:
+            return JSONResponse(
+                {
+                    "status": "failed",
+                    "detail": f"the warm-up prediction failed: "
+                    f"{type(batcher.warmup_error).__name__}: {batcher.warmup_error}",
+                },
+                status_code=503,
+            )
+        if not batcher.ready.is_set():
+            return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "model": self.model_name})
+
+    def prometheus_metrics(self) -> Response:  # GET /metrics: the Prometheus counters
+        self.metrics.queue_depth.set(self.batcher.depth)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def predict(self, request: PredictRequest) -> dict[str, Any]:  # POST /predict (413 past max_products)
+        limits = self.limits
+        if len(request.products) > limits.max_products:
+            raise HTTPException(
+                413, f"{len(request.products)} products in one request; at most {limits.max_products} (--max-products)"
+            )
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.wait_for(self.answer(request, t0), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                504,
+                f"no answer within {self.request_timeout:g} s (--request-timeout); the server is "
+                f"overloaded or the request too large: retry later or send fewer products",
+            ) from None
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """The application's lifespan: on shutdown the batcher finishes its batches, the pool stops."""
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.close, self.request_timeout)
+        self.pool.shutdown(wait=False)
+
+    # ------------------------------------------------------------------------------------------------ the model
+
+    def predict_rows(self, records: Sequence[Record], num_beams: int | None, tensors: dict) -> list[list[str]]:
+        """The values of one model batch, its images read from ``tensors`` (memory key -> (3, H, W) tensor)."""
+        pre, extractor = self.pre, self.extractor
         pre.tensors = tensors
         try:
             priors = extractor.value_probabilities(records) if extractor is not None else None
-            return serving.predict(
+            return self.serving.predict(
                 records,
-                batch_size,
+                self.batch_size,
                 num_beams,
-                candidates=candidates,
+                candidates=self.candidates,
                 priors=priors,
-                prior_weight=extractor_weight,
-                calibration=calibration,
+                prior_weight=self.extractor_weight,
+                calibration=self.calibration,
             )
         finally:
             pre.tensors = {}
 
-    def warmup() -> None:
+    def warmup(self) -> None:
+        """One prediction on a grey image before the server reports ready."""
+        pre, vision = self.pre, self.vision
         key = f"{MEMORY_PREFIX}warmup"
         record = Record(
             id="warmup",
@@ -372,28 +461,15 @@ def create_app(
             label=(),
         )
         tensors = {key: pre.transform(Image.new("RGB", (64, 64), (128, 128, 128)))} if vision else {}
-        predict_rows([record], None, tensors)
+        self.predict_rows([record], None, tensors)
 
-    batcher = MicroBatcher(
-        predict_rows,
-        max_batch=batch_size,
-        max_wait=max_wait_ms / 1000,
-        max_queue=max_queue,
-        coalesce=batching,
-        on_batch=metrics.observe_batch,
-        warmup=warmup,
-    )
+    # ------------------------------------------------------------------------------------------------ a request
 
-    # the bytes of one decoded image as the model reads it: a float32 (3, H, W) tensor
-    image_bytes = 3 * pre.image_size[0] * pre.image_size[1] * 4 if vision else 0
-    used_images = pre.cfg.vision.max_images if vision else 0  # the first ones of a product reach the model
-    window = workers or default_workers()  # images of one request in the pool at a time
-    budget = DecodeBudget(limits.max_decoded_bytes)
-
-    def check(request: PredictRequest, job: int) -> tuple[list[Record], list[_Image], list[dict]]:
+    def check(self, request: PredictRequest, job: int) -> tuple[list[Record], list[_Image], list[dict]]:
         """The request's records (their images named by memory keys), its distinct images to decode, and the
         problems found without decoding any: every string and list against its limit, the row validation of a
         dataset file (empty, not valid Unicode, repeated ids, ...), where each image comes from."""
+        limits, metrics, root, extractor = self.limits, self.metrics, self.root, self.extractor
         rows: list[dict[str, Any]] = []
         keys: list[list[str]] = []  # per product: the memory keys of its images, in order
         problems: list[dict[str, Any]] = []
@@ -453,7 +529,7 @@ def create_app(
                     (is_path, value), _Image(f"{MEMORY_PREFIX}{job}/{len(images)}", value, is_path)
                 )
                 image.where.append((n, field))
-                image.used = image.used or position < used_images
+                image.used = image.used or position < self.used_images
                 names.append(image.key)
         records, invalid = validate_rows(rows, "request", check_images=False, require_label=False)
         problems += [_problem(checked[e.row - 1], e.field, e.message) for _, errors in invalid for e in errors]
@@ -473,21 +549,21 @@ def create_app(
             ]
         return records, list(images.values()), problems
 
-    def decode(image: _Image, abandoned: threading.Event) -> torch.Tensor | ImageRejected | None:
+    def decode(self, image: _Image, abandoned: threading.Event) -> torch.Tensor | ImageRejected | None:
         """One image as the model reads it (None: one it does not read, only checked), or why it is refused."""
         if abandoned.is_set():  # the request timed out while this waited for a thread
             return None
         try:
-            if image.is_path and root is not None:
-                raw = read_image_file(root, image.value, limits)
+            if image.is_path and self.root is not None:
+                raw = read_image_file(self.root, image.value, self.limits)
             else:
-                raw = decode_base64(image.value, limits)
-            decoded = open_image(raw, limits)
-            return pre.transform(decoded) if image.used else None
+                raw = decode_base64(image.value, self.limits)
+            decoded = open_image(raw, self.limits)
+            return self.pre.transform(decoded) if image.used else None  # (3, H, W)
         except ImageRejected as exc:
             return exc
 
-    async def decode_all(images: list[_Image]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    async def decode_all(self, images: list[_Image]) -> tuple[dict[str, torch.Tensor], list[dict]]:
         """The request's images decoded by the pool, at most ``window`` at a time (the pool is first in, first out: the
         images of a later request wait for as many images as requests are decoding, not for all of an earlier
         request's); cancelled, the images not started are dropped."""
@@ -499,15 +575,15 @@ def create_app(
         queue = iter(images)
         try:
             while True:
-                while len(pending) < window and (image := next(queue, None)) is not None:
-                    pending[loop.run_in_executor(pool, decode, image, abandoned)] = image
+                while len(pending) < self.window and (image := next(queue, None)) is not None:
+                    pending[loop.run_in_executor(self.pool, self.decode, image, abandoned)] = image
                 if not pending:
                     return tensors, problems
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
                     image, result = pending.pop(future), future.result()
                     if isinstance(result, ImageRejected):
-                        metrics.images_rejected.labels(result.reason).inc()
+                        self.metrics.images_rejected.labels(result.reason).inc()
                         problems += [_problem(n, field, str(result)) for n, field in image.where]
                     elif result is not None:
                         tensors[image.key] = result
@@ -516,9 +592,12 @@ def create_app(
             for future in pending:
                 future.cancel()
 
-    async def answer(request: PredictRequest, t0: float) -> dict[str, Any]:
+    async def answer(self, request: PredictRequest, t0: float) -> dict[str, Any]:
+        """The answer to a request within the product limit: checked, its images decoded within the budget, its
+        rows predicted by the batcher; an ``HTTPException`` (413, 422, 503) otherwise."""
+        metrics, budget, batcher = self.metrics, self.budget, self.batcher
         loop = asyncio.get_running_loop()
-        records, images, problems = await loop.run_in_executor(None, check, request, next(job_ids))
+        records, images, problems = await loop.run_in_executor(None, self.check, request, next(self.job_ids))
         if problems:
             raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
         if request.keep_grounded and not any(r.label for r in records):
@@ -526,7 +605,7 @@ def create_app(
                 422,
                 [_problem(0, "label", "keep_grounded needs the products' existing values in 'label'; none has one")],
             )
-        need = image_bytes * sum(image.used for image in images)
+        need = self.image_bytes * sum(image.used for image in images)
         if need > budget.total:
             raise HTTPException(
                 413,
@@ -542,7 +621,7 @@ def create_app(
         job = None
         try:
             metrics.decoded_bytes.set(budget.in_use)
-            tensors, problems = await decode_all(images)
+            tensors, problems = await self.decode_all(images)
             if problems:
                 raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
             try:
@@ -568,98 +647,114 @@ def create_app(
             budget.give(need)
             metrics.decoded_bytes.set(budget.in_use)
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        yield
-        await asyncio.get_running_loop().run_in_executor(None, batcher.close, request_timeout)
-        pool.shutdown(wait=False)
 
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each problem's type, place and message (FastAPI's default echoes each offending input back,
+    which for a huge field is a huge answer)."""
+    detail = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+    return ASCIIJSONResponse({"detail": detail}, status_code=422)
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """An ``HTTPException`` as ASCII JSON, with its headers."""
+    return ASCIIJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """A last resort: :class:`_Guard` answers an unexpected error first (with a request id)."""
+    return ASCIIJSONResponse({"detail": "internal error"}, status_code=500)
+
+
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"description": "over a limit of the request"},
+    415: {"description": "the body is not sent as JSON"},
+    422: {"description": "a bad product (row, field, message) or a body that is not JSON"},
+    503: {"description": "the queue or the decoded-image budget is full; retry after Retry-After"},
+    504: {"description": "no answer within --request-timeout"},
+}
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    model_name: str = "",
+    candidates: Mapping | None = None,
+    image_root: str | Path | None = None,
+    batch_size: int = 32,
+    max_products: int | None = None,
+    extractor: TextExtractor | None = None,
+    extractor_weight: float = 1.0,
+    calibration: Calibration | None = None,
+    limits: Limits | None = None,
+    max_wait_ms: float = 5.0,
+    max_queue: int = 256,
+    request_timeout: float = 30.0,
+    batching: bool = True,
+    api_key: str | None = None,
+    workers: int | None = None,
+) -> FastAPI:
+    """The FastAPI application serving ``predictor``.
+
+    Concurrent requests are coalesced into model batches of at most ``batch_size`` rows, waiting at most
+    ``max_wait_ms`` for more (``batching=False``: one request per batch). At most ``max_queue`` requests wait
+    (then 503); a request taking longer than ``request_timeout`` seconds gets 504. ``limits`` bound what a
+    request may carry (``max_products`` overrides its product limit). With ``api_key`` every route except
+    ``/health`` and ``/ready`` needs it. With ``extractor`` (and ``candidates``) candidate ranking is fused
+    with the extractor's probabilities, per attribute as ``calibration`` says when given (``pv2tea calibrate``).
+    """
+    fusion.check_fusion(candidates, extractor)
+    if calibration is not None and extractor is None:
+        raise ValueError("a calibration weighs the model against a text extractor: it needs --extractor")
+    if request_timeout <= 0:
+        raise ValueError(f"the request timeout must be > 0 seconds, got {request_timeout}")
+    limits = limits or Limits()
+    if max_products is not None:
+        limits = dataclasses.replace(limits, max_products=max_products)
+    service = Service(
+        predictor,
+        model_name=model_name,
+        candidates=candidates,
+        image_root=image_root,
+        batch_size=batch_size,
+        extractor=extractor,
+        extractor_weight=extractor_weight,
+        calibration=calibration,
+        limits=limits,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        batching=batching,
+        workers=workers,
+    )
     app = FastAPI(
         title="pv2tea",
         summary="Product attribute values from text and image (PV2TEA).",
-        lifespan=lifespan,
+        lifespan=service.lifespan,
         default_response_class=ASCIIJSONResponse,
+        exception_handlers={
+            RequestValidationError: invalid_request,
+            StarletteHTTPException: http_error,
+            Exception: internal_error,
+        },
     )
-    app.state.batcher, app.state.metrics, app.state.limits, app.state.budget = batcher, metrics, limits, budget
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's default echoes each offending input back, which for a huge field is a huge answer
-        detail = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
-        return ASCIIJSONResponse({"detail": detail}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return ASCIIJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:  # _Guard answers first; a last resort
-        return ASCIIJSONResponse({"detail": "internal error"}, status_code=500)
-
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model_name,
-            "images": predictor.model.visual is not None,
-            "candidates": candidates is not None,
-            "extractor": extractor is not None,
-            "max_products": limits.max_products,
-        }
-
-    @app.get("/ready")
-    def ready() -> JSONResponse:
-        if batcher.warmup_error is not None:
-            return JSONResponse(
-                {
-                    "status": "failed",
-                    "detail": f"the warm-up prediction failed: "
-                    f"{type(batcher.warmup_error).__name__}: {batcher.warmup_error}",
-                },
-                status_code=503,
-            )
-        if not batcher.ready.is_set():
-            return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": model_name})
-
-    @app.get("/metrics")
-    def prometheus_metrics() -> Response:
-        metrics.queue_depth.set(batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def predict(request: PredictRequest) -> dict[str, Any]:
-        if len(request.products) > limits.max_products:
-            raise HTTPException(
-                413, f"{len(request.products)} products in one request; at most {limits.max_products} (--max-products)"
-            )
-        t0 = time.perf_counter()
-        try:
-            return await asyncio.wait_for(answer(request, t0), request_timeout)
-        except asyncio.TimeoutError:
-            raise HTTPException(
-                504,
-                f"no answer within {request_timeout:g} s (--request-timeout); the server is "
-                f"overloaded or the request too large: retry later or send fewer products",
-            ) from None
-
+    app.state.service = service
+    app.state.batcher, app.state.metrics, app.state.limits = service.batcher, service.metrics, limits
+    app.state.budget = service.budget
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/ready", service.ready, methods=["GET"])
+    app.add_api_route("/metrics", service.prometheus_metrics, methods=["GET"])
     app.router.add_api_route(
         "/predict",
-        predict,
+        service.predict,
         methods=["POST"],
         response_model=PredictResponse,
         response_model_exclude_none=True,
         route_class_override=JSONBodyRoute,
-        responses={
-            413: {"description": "over a limit of the request"},
-            415: {"description": "the body is not sent as JSON"},
-            422: {"description": "a bad product (row, field, message) or a body that is not JSON"},
-            503: {"description": "the queue or the decoded-image budget is full; retry after Retry-After"},
-            504: {"description": "no answer within --request-timeout"},
-        },
+        responses=PREDICT_RESPONSES,
     )
     app.add_middleware(
         _Guard,
-        metrics=metrics,
+        metrics=service.metrics,
         api_key=api_key,
         max_body_bytes=limits.max_body_bytes,
         body_timeout=limits.body_timeout,
