@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -69,6 +70,18 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
     for row, (cands, lp) in zip(cache["rows"], fresh):
         assert row["candidates"] == cands and np.allclose(row["model"], lp)
         assert np.exp(lp).sum() == pytest.approx(1.0)
+    # and, to weigh the photo per attribute, the same model's scores with the photos withheld
+    blind = Predictor.from_checkpoint(runs / "fold_0" / "pv2tea" / "seed_0" / "final").candidate_log_probs(
+        [replace(r, images=()) for r in fold0], options
+    )
+    assert any(r.images for r in fold0)
+    for row, (cands, lp) in zip(cache["rows"], blind):
+        assert row["candidates"] == cands and np.allclose(row["text"], lp)
+    assert set(detail["image"]) == set(detail["model_weight"])
+    assert all(isinstance(p, bool) for reads in detail["image"].values() for p in reads)
+    text_only = saved["text_pretrain+calibrated"]["calibration"]["image"]
+    assert all(p is None for reads in text_only.values() for p in reads)  # no visual path: no photo to weigh
+    assert "photo per fold" in (out / "tables.md").read_text()
     stamp = (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns
     assert main(args) == 0  # re-run: scores reused
     assert (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns == stamp

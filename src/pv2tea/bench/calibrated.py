@@ -181,7 +181,8 @@ def calibrated_reports(
     }
     attributes = sorted({a for c in chosen for a in c.attributes})
     lambdas = {a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes}
-    photo = {a: [c.attributes[a].image if a in c.attributes else None for c in chosen] for a in attributes}
+    weighed = any(row is not None and row.model_text is not None for rows in folds for row in rows)  # a visual path
+    photo = {a: [c.attributes[a].image if weighed and a in c.attributes else None for c in chosen] for a in attributes}
     pool_sizes = [len(_pool(folds, k)) for k in range(len(folds))]
     return reports, {
         "sample_size_f1": curve,

@@ -608,15 +608,23 @@ def format_tables(results: dict[str, Any]) -> str:
                 )
             lines += [
                 "",
-                "λ deployed per attribute and fold (0: the extractor's answer):",
+                "λ deployed per attribute and fold (0: the extractor's answer), and whether the model read the "
+                "photo (yes) or answered with it withheld (no: with the photo it was not better beyond noise on the "
+                "sample; – : a model without a visual path):",
                 "",
-                "| row | attribute | λ per fold |",
-                "| --- | --- | --- |",
+                "| row | attribute | λ per fold | photo per fold |",
+                "| --- | --- | --- | --- |",
             ]
             for name, c in calibrated.items():
+                photo = c.get("image", {})
                 for attribute, weights in c["model_weight"].items():
+                    reads = photo.get(attribute) or [None] * len(weights)
                     lines.append(
-                        f"| {name} | {attribute} | " + ", ".join("–" if w is None else f"{w:g}" for w in weights) + " |"
+                        f"| {name} | {attribute} | "
+                        + ", ".join("–" if w is None else f"{w:g}" for w in weights)
+                        + " | "
+                        + ", ".join("–" if p is None else ("yes" if p else "no") for p in reads)
+                        + " |"
                     )
         attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
         names = list(variants)
