@@ -15,8 +15,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -477,13 +477,183 @@ def _train(
     records: list[Record],
     run_dir: Path,
     val_records: list[Record],
-    resume: bool,
+    resume_requested: bool,
     progress: bool,
     data_report: dict | None,
     t0: float,
-    accelerator,
+    accelerator: Any,
 ) -> TrainResult:
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    """The run behind :func:`train`: set up, resume, the epochs, then the final model and its validation."""
+    run = setup(cfg, records, run_dir, val_records, resume_requested, progress, data_report, accelerator)
+    state = resume(run) if run.resume else TrainState()
+    net = ddp.prepare_model(accelerator, run.model)  # DDP over the ranks (the model itself in one process)
+
+    run.model.train()
+    stop = False
+    val_report = None
+    while state.epoch < run.cfg.train.epochs and not stop:
+        stop, report = train_one_epoch(run, state, net)
+        if report is not None:
+            val_report = report
+
+    if state.epoch >= run.cfg.train.epochs:
+        if run.average is not None and run.average.count > 1:
+            run.average.copy_to(run.model)
+            log.info("final weights: the average of the last %d epochs", run.average.count)
+            val_report = None  # the epoch's validation scored the last weights, not the average
+        save_checkpoint(run, state, run.final_dir, with_state=False)
+        if run.val_records and run.main:
+            if val_report is None:  # resumed after the last epoch had been evaluated, or weights averaged
+                val_report = validate(run)
+            (run_dir / "val_report.json").write_text(json.dumps(val_report, indent=2, allow_nan=False))
+    accelerator.wait_for_everyone()  # the other ranks return once the run folder is complete
+    return TrainResult(run_dir, run.final_dir, val_report, time.time() - t0)
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`setup` builds once for a run and every later step reads.
+
+    Attributes:
+        cfg: The run's own copy of the configuration (``schemes.queue_size`` capped at the training set).
+        accelerator: The Accelerate handle (one process, or this rank of several).
+        run_dir: The run folder.
+        records: The training rows.
+        val_records: The validation rows (may be empty).
+        multi: Per attribute, whether it is multi-value (over training and validation rows).
+        resume: Whether the run continues from ``run_dir/checkpoint``.
+        progress: Show progress bars (rank 0 only).
+        model: The model being trained.
+        pre: Its preprocessor (with the feature cache of frozen backbones, if any).
+        bert_config: The text encoder's config, saved with every checkpoint.
+        teacher: The warm start distilled into the run (``loss.distill_weight > 0``), else None.
+        anchor: The pull of warm-started tensors back to their start (``optim.anchor_decay``), else None.
+        average: The running average of the last epochs' weights (``train.average_epochs``), else None.
+        dataset: The training rows as a dataset (with their product ids).
+        collate: Batch of dataset rows by index, some texts replaced (mention dropout).
+        free_texts: Per training row, its text without its label's mentions (None: none to remove).
+        mention_free_predictions: S3's prediction level predicts from the mention-free texts.
+        optimizer: AdamW over the model's parameter groups.
+        scheduler: The learning-rate schedule of ``optimizer``.
+        per_epoch: The rows trained on in one epoch (the same every epoch).
+        rows_per_rank: A rank's rows of one optimizer step.
+        global_batch: All ranks' rows of one optimizer step.
+        steps_per_epoch: Optimizer steps of one epoch.
+        total_steps: Optimizer steps of the run.
+    """
+
+    cfg: Config
+    accelerator: Any
+    run_dir: Path
+    records: list[Record]
+    val_records: list[Record]
+    multi: dict[str, bool]
+    resume: bool
+    progress: bool
+    model: PV2TEA
+    pre: Preprocessor
+    bert_config: dict[str, Any]
+    teacher: WarmStartTeacher | None
+    anchor: WeightAnchor | None
+    average: WeightAverage | None
+    dataset: RecordDataset
+    collate: Callable[..., Any]
+    free_texts: list[str | None]
+    mention_free_predictions: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_epoch: int
+    rows_per_rank: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def world(self) -> int:
+        """The number of processes."""
+        return int(self.accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank."""
+        return int(self.accelerator.process_index)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run folder (rank 0)."""
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        """The latest training state, for ``--resume``."""
+        return self.run_dir / "checkpoint"
+
+    @property
+    def final_dir(self) -> Path:
+        """The model for inference."""
+        return self.run_dir / "final"
+
+    @property
+    def metrics_path(self) -> Path:
+        """One JSON line per epoch."""
+        return self.run_dir / "metrics.jsonl"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in (and restored from) the checkpoint.
+
+    Attributes:
+        step: Optimizer steps taken.
+        epoch: The current epoch, from 0.
+        step_in_epoch: Steps taken in the current epoch.
+        rows_done: Of this epoch's rows in training order, those taken by the steps done.
+        weights: The S3 sample weights of the current epoch, one per training row (None: unweighted).
+        carried: An unfinished epoch's loss sums and S3 stats, restored on resume.
+        visual_cache: S3's visual level (and its log) while it cannot change, per set of rows.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    rows_done: int = 0
+    weights: np.ndarray | None = None
+    carried: tuple[dict[str, float], dict[str, float]] | None = None
+    visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] = field(default_factory=dict)
+
+
+def setup(
+    cfg: Config,
+    records: list[Record],
+    run_dir: Path,
+    val_records: list[Record],
+    resume: bool,
+    progress: bool,
+    data_report: dict | None,
+    accelerator: Any,
+) -> TrainingRun:
+    """Everything a run needs before its first step: the run folder's files, the model (warm-started), the
+    teacher and anchor, the feature cache, the optimizer and its schedule.
+
+    Args:
+        cfg: The configuration; copied, not changed.
+        records: The training rows.
+        run_dir: The run folder (created by rank 0).
+        val_records: The validation rows.
+        resume: Continue from ``run_dir/checkpoint``; ignored when the run stopped before its first checkpoint.
+        progress: Show progress bars (on rank 0).
+        data_report: What validation of the data found, written to ``data_report.json``.
+        accelerator: The Accelerate handle.
+
+    Returns:
+        The run, with ``resume`` as it will be done.
+
+    Raises:
+        TrainingError: No training rows, a distillation without a warm start, or a feature cache that cannot be
+            used.
+    """
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
     progress = progress and main
     if not records:
         raise TrainingError("no training rows left (all rows were invalid or the file is empty)")
@@ -512,45 +682,9 @@ def _train(
         cfg, categories, value_vocabulary(records), multi, value_counts(records, cfg.loss.soft_label_weight)
     )
     if cfg.train.init_from and not resume:
-        n = ckpt.load_warm_start(model, Path(cfg.train.init_from))
-        n_classes = ckpt.load_warm_start_head(model, pre.value_classes, Path(cfg.train.init_from))
-        if n_classes:
-            log.info(
-                "warm start: the classification head's rows of %d of %d value classes",
-                n_classes,
-                len(pre.value_classes),
-            )
-        model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
-        # by content too, so the run is still recognized as the same after the warm start's folder has moved
-        if main:
-            (run_dir / ckpt.WARM_START_FILE).write_text(
-                json.dumps(
-                    {"init_from": cfg.train.init_from, "sha256": ckpt.warm_start_fingerprint(Path(cfg.train.init_from))}
-                )
-            )
-        log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
-    teacher = None
-    if cfg.loss.distill_weight > 0:
-        if not cfg.train.init_from:
-            raise TrainingError(
-                "loss.distill_weight > 0 distils the warm start into the run: set train.init_from to its model folder"
-            )
-        try:
-            teacher = WarmStartTeacher(Path(cfg.train.init_from), model, accelerator.device, pre)
-        except TeacherError as err:
-            raise TrainingError(str(err)) from err
-        log.info("distilling the warm start %s with weight %g", cfg.train.init_from, cfg.loss.distill_weight)
-        # the prior the run learns, which candidate ranking divides out: its labels' mixed with the teacher's
-        pre.value_counts = distilled_value_counts(pre.value_counts, teacher.value_counts, cfg.loss.distill_weight)
-    anchor = None
-    if cfg.train.init_from and cfg.optim.anchor_decay:
-        start = None
-        if resume:  # the model holds the checkpoint's weights below; the anchor is the warm start's
-            start = copy.deepcopy(model)
-            ckpt.load_warm_start(start, Path(cfg.train.init_from))
-        anchor = WeightAnchor(model, model.warm_start_keys(), cfg.optim.anchor_decay, start)
-        del start
-        log.info("anchored %d warm-started tensor(s) with lambda %g", len(anchor), cfg.optim.anchor_decay)
+        _warm_start(model, pre, cfg, run_dir, main)
+    teacher = _teacher(model, pre, cfg, accelerator)
+    anchor = _anchor(model, cfg, resume)
     free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
     if (cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None:
@@ -562,36 +696,8 @@ def _train(
         )
     frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
     if cfg.train.cache_features and frozen:
-        cache_t0 = time.time()
         mention_free = [replace(r, text=t) for r, t in zip(records, free_texts) if t is not None]
-        if cfg.train.feature_cache_dir:  # on disk, read lazily (pv2tea/cache)
-            try:
-                pre.cache = training_cache(
-                    cfg.train.feature_cache_dir,
-                    model,
-                    pre,
-                    records + val_records + mention_free,
-                    main=main,
-                    wait=accelerator.wait_for_everyone,
-                    batch_size=cfg.train.eval_batch_size,
-                    workers=cfg.train.num_workers,
-                    progress=progress,
-                    notify=lambda m: print(f"warning: {m}", file=sys.stderr) if main else None,
-                )
-            except FeatureCacheError as err:
-                raise TrainingError(str(err)) from err
-            n_images, n_texts = pre.cache.n_images, pre.cache.n_texts
-        else:
-            pre.cache = build_feature_cache(
-                model, pre, records + val_records + mention_free, cfg.train.eval_batch_size, progress
-            )
-            n_images, n_texts = len(pre.cache.images), len(pre.cache.texts)
-        log.info(
-            "cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
-            n_images,
-            n_texts,
-            time.time() - cache_t0,
-        )
+        _cache_features(model, pre, cfg, records + val_records + mention_free, accelerator, progress)
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=True)
     per_epoch = len(epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, 0))  # same every epoch
@@ -616,224 +722,412 @@ def _train(
             steps_per_epoch,
         )
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
-    bert_config = model.bert_config.to_dict()
+    return TrainingRun(
+        cfg=cfg,
+        accelerator=accelerator,
+        run_dir=run_dir,
+        records=records,
+        val_records=val_records,
+        multi=multi,
+        resume=resume,
+        progress=progress,
+        model=model,
+        pre=pre,
+        bert_config=model.bert_config.to_dict(),
+        teacher=teacher,
+        anchor=anchor,
+        average=WeightAverage(model) if cfg.train.average_epochs else None,
+        dataset=dataset,
+        collate=collate,
+        free_texts=free_texts,
+        mention_free_predictions=mention_free_predictions,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_epoch=per_epoch,
+        rows_per_rank=rows_per_rank,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
 
-    step, epoch, step_in_epoch = 0, 0, 0
-    rows_done = 0  # of this epoch's rows in training order, taken by the steps done
-    weights: np.ndarray | None = None
-    visual_cache: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] = {}  # S3: s_v (+ its log) while frozen
-    average = WeightAverage(model) if cfg.train.average_epochs else None
-    carried: tuple[dict[str, float], dict[str, float]] | None = None  # an unfinished epoch's loss sums and S3 stats
-    if resume:
-        state, tensors = ckpt.load_training_state(ckpt_dir)
-        ckpt.load_weights(model, ckpt_dir)
-        optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        saved_world = state.get("world_size", 1)  # checkpoints from before several processes: one
-        saved_batch = state.get("global_batch", cfg.train.batch_size)
-        rows_done = state.get("rows_done", step_in_epoch * saved_batch)
-        own = rank == 0 or (saved_world == world and f"rng.torch.rank{rank}" in tensors)
-        ckpt.set_rng_state(
-            {"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
-            state["rng"] if rank == 0 or not own else state["rng_ranks"][rank - 1],
+
+def _warm_start(model: PV2TEA, pre: Preprocessor, cfg: Config, run_dir: Path, main: bool) -> None:
+    """Load ``train.init_from`` into a new run's model and record its fingerprint in the run folder."""
+    init_from = Path(cfg.train.init_from or "")
+    n = ckpt.load_warm_start(model, init_from)
+    n_classes = ckpt.load_warm_start_head(model, pre.value_classes, init_from)
+    if n_classes:
+        log.info(
+            "warm start: the classification head's rows of %d of %d value classes",
+            n_classes,
+            len(pre.value_classes),
         )
-        if saved_batch != global_batch:
-            saved_steps = math.ceil(per_epoch / saved_batch)
-            step, message = ddp.world_size_change(
-                saved_world, world, step, rows_done, saved_steps, steps_per_epoch, epoch, saved_batch, global_batch
-            )
-            step_in_epoch = rows_done // global_batch
-            _set_schedule_position(scheduler, step)
-            log.warning(message)
-            if main:
-                print(f"warning: {message}", file=sys.stderr)
-        weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
-        if average is not None:
-            average.load(tensors, state.get("averaged_epochs", 0))
-        if state["step_in_epoch"]:
-            carried = state.get("epoch_sums", {}), state.get("epoch_stats", {})
-        if main and "metrics_bytes" in state:
-            _cut_metrics(metrics_path, state["metrics_bytes"])
-        log.info("resumed from %s at epoch %d step %d", ckpt_dir, epoch, step)
+    model.sync_momentum()  # the momentum text encoder starts equal to the warm-started one
+    # by content too, so the run is still recognized as the same after the warm start's folder has moved
+    if main:
+        (run_dir / ckpt.WARM_START_FILE).write_text(
+            json.dumps({"init_from": cfg.train.init_from, "sha256": ckpt.warm_start_fingerprint(init_from)})
+        )
+    log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
 
-    def save(target: Path, with_state: bool) -> None:
-        """Rank 0 writes ``target``; with the training state every rank must call it (each rank's RNG is kept)."""
-        training = tensors_out = None
-        if with_state:
-            rngs = ddp.gather(ckpt.rng_state(), accelerator)  # [(tensors, meta)] in rank order
-            if not main:
-                return
-            optim_tensors, optim_meta = ckpt.flatten_optimizer(optimizer)
-            rng_tensors, rng_meta = rngs[0]
-            tensors_out = {**optim_tensors, **rng_tensors}
-            if weights is not None:
-                tensors_out["sample_weights"] = torch.as_tensor(weights)
-            training = {
-                "step": step,
-                "epoch": epoch,
-                "step_in_epoch": step_in_epoch,
-                "optimizer": optim_meta,
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_meta,
-                "total_steps": total_steps,
-            }
-            if world > 1:
-                for r, (rank_tensors, _) in enumerate(rngs[1:], start=1):
-                    tensors_out[f"rng.torch.rank{r}"] = rank_tensors["rng.torch"]
-                training["rng_ranks"] = [meta for _, meta in rngs[1:]]
-            training.update(rows_done=rows_done, world_size=world, global_batch=global_batch)
-            # for metrics.jsonl to end as an uninterrupted run's: its length now (a resume cuts what a killed run
-            # wrote after this save, and writes it again) and the running sums of an unfinished epoch
-            training["metrics_bytes"] = metrics_path.stat().st_size if metrics_path.is_file() else 0
-            if step_in_epoch:
-                training["epoch_sums"], training["epoch_stats"] = sums, weight_stats
-            if average is not None:
-                average_tensors, training["averaged_epochs"] = average.state()
-                tensors_out.update(average_tensors)
+
+def _teacher(model: PV2TEA, pre: Preprocessor, cfg: Config, accelerator: Any) -> WarmStartTeacher | None:
+    """The warm start as the teacher distilled into the run (``loss.distill_weight > 0``), its prior mixed into
+    ``pre.value_counts``; None without distillation."""
+    if cfg.loss.distill_weight <= 0:
+        return None
+    if not cfg.train.init_from:
+        raise TrainingError(
+            "loss.distill_weight > 0 distils the warm start into the run: set train.init_from to its model folder"
+        )
+    try:
+        teacher = WarmStartTeacher(Path(cfg.train.init_from), model, accelerator.device, pre)
+    except TeacherError as err:
+        raise TrainingError(str(err)) from err
+    log.info("distilling the warm start %s with weight %g", cfg.train.init_from, cfg.loss.distill_weight)
+    # the prior the run learns, which candidate ranking divides out: its labels' mixed with the teacher's
+    pre.value_counts = distilled_value_counts(pre.value_counts, teacher.value_counts, cfg.loss.distill_weight)
+    return teacher
+
+
+def _anchor(model: PV2TEA, cfg: Config, resume: bool) -> WeightAnchor | None:
+    """The pull of the warm-started tensors back to the warm start (``optim.anchor_decay``); None without it."""
+    if not (cfg.train.init_from and cfg.optim.anchor_decay):
+        return None
+    start = None
+    if resume:  # the model holds the checkpoint's weights later; the anchor is the warm start's
+        start = copy.deepcopy(model)
+        ckpt.load_warm_start(start, Path(cfg.train.init_from))
+    anchor = WeightAnchor(model, model.warm_start_keys(), cfg.optim.anchor_decay, start)
+    del start
+    log.info("anchored %d warm-started tensor(s) with lambda %g", len(anchor), cfg.optim.anchor_decay)
+    return anchor
+
+
+def _cache_features(
+    model: PV2TEA, pre: Preprocessor, cfg: Config, records: list[Record], accelerator: Any, progress: bool
+) -> None:
+    """Set ``pre.cache`` to the frozen backbones' features of ``records``: on disk (``train.feature_cache_dir``,
+    read lazily) or in memory."""
+    main = accelerator.is_main_process
+    cache_t0 = time.time()
+    if cfg.train.feature_cache_dir:  # on disk, read lazily (pv2tea/cache)
+        try:
+            pre.cache = training_cache(
+                cfg.train.feature_cache_dir,
+                model,
+                pre,
+                records,
+                main=main,
+                wait=accelerator.wait_for_everyone,
+                batch_size=cfg.train.eval_batch_size,
+                workers=cfg.train.num_workers,
+                progress=progress,
+                notify=lambda m: print(f"warning: {m}", file=sys.stderr) if main else None,
+            )
+        except FeatureCacheError as err:
+            raise TrainingError(str(err)) from err
+        n_images, n_texts = pre.cache.n_images, pre.cache.n_texts
+    else:
+        pre.cache = build_feature_cache(model, pre, records, cfg.train.eval_batch_size, progress)
+        n_images, n_texts = len(pre.cache.images), len(pre.cache.texts)
+    log.info(
+        "cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
+        n_images,
+        n_texts,
+        time.time() - cache_t0,
+    )
+
+
+def resume(run: TrainingRun) -> TrainState:
+    """Load ``run_dir/checkpoint`` into the run (weights, optimizer, schedule, weight average, this rank's RNG)
+    and return where training stands; a changed number of processes moves to the step that covers the same rows.
+
+    Args:
+        run: The run, set up with the same config and data as the checkpoint's.
+
+    Returns:
+        The step, epoch and rows done, the epoch's S3 weights and, inside an epoch, its running sums.
+    """
+    cfg, world, rank, main = run.cfg, run.world, run.rank, run.main
+    saved, tensors = ckpt.load_training_state(run.ckpt_dir)
+    ckpt.load_weights(run.model, run.ckpt_dir)
+    run.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, saved["optimizer"]))
+    run.scheduler.load_state_dict(saved["scheduler"])
+    step, epoch, step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
+    saved_world = saved.get("world_size", 1)  # checkpoints from before several processes: one
+    saved_batch = saved.get("global_batch", cfg.train.batch_size)
+    rows_done = saved.get("rows_done", step_in_epoch * saved_batch)
+    own = rank == 0 or (saved_world == world and f"rng.torch.rank{rank}" in tensors)
+    ckpt.set_rng_state(
+        {"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
+        saved["rng"] if rank == 0 or not own else saved["rng_ranks"][rank - 1],
+    )
+    if saved_batch != run.global_batch:
+        saved_steps = math.ceil(run.per_epoch / saved_batch)
+        step, message = ddp.world_size_change(
+            saved_world,
+            world,
+            step,
+            rows_done,
+            saved_steps,
+            run.steps_per_epoch,
+            epoch,
+            saved_batch,
+            run.global_batch,
+        )
+        step_in_epoch = rows_done // run.global_batch
+        _set_schedule_position(run.scheduler, step)
+        log.warning(message)
         if main:
-            ckpt.save_checkpoint(
-                target, model, cfg, bert_config, preprocess_state(pre), pre.tokenizer, training, tensors_out
-            )
+            print(f"warning: {message}", file=sys.stderr)
+    weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
+    if run.average is not None:
+        run.average.load(tensors, saved.get("averaged_epochs", 0))
+    carried = None
+    if saved["step_in_epoch"]:
+        carried = saved.get("epoch_sums", {}), saved.get("epoch_stats", {})
+    if main and "metrics_bytes" in saved:
+        _cut_metrics(run.metrics_path, saved["metrics_bytes"])
+    log.info("resumed from %s at epoch %d step %d", run.ckpt_dir, epoch, step)
+    return TrainState(step, epoch, step_in_epoch, rows_done, weights, carried)
 
-    net = ddp.prepare_model(accelerator, model)  # DDP over the ranks (the model itself in one process)
 
-    model.train()
-    stop = False
-    val_report = None
-    while epoch < cfg.train.epochs and not stop:
-        epoch_t0 = time.time()
-        weight_stats: dict[str, float] = {}
-        rows = epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, epoch)
-        if step_in_epoch == 0:
-            if main:  # S3 over the whole training set, once, the same weights on every rank
-                weights, weight_stats = sample_weights(
-                    model,
-                    pre,
-                    [records[i] for i in rows],
-                    epoch,
-                    cfg,
-                    progress,
-                    [free_texts[i] for i in rows] if mention_free_predictions else None,
-                    visual_cache,
-                )
-                if weights is not None and len(rows) < len(records):  # S3 over this epoch's rows; the others unused
-                    weights = _scatter(weights, rows, len(records))
-            weights, weight_stats = ddp.broadcast((weights, weight_stats) if main else None, accelerator)
-        groups = [dataset.pair_ids[i] for i in rows] if cfg.train.product_batches else None
-        batches = epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed, epoch, groups)
-        order = [rows[j] for b in batches for j in b]
-        steps = ddp.step_rows(order, rows_done, rows_per_rank, world)  # the epoch's remaining global batches
-        swapped = mention_dropout_rows(free_texts, cfg.schemes.mention_dropout, cfg.train.seed, epoch)
-        sums: dict[str, float] = {}
-        if carried is not None:  # resumed inside this epoch: its record covers the steps taken before the resume
-            sums, weight_stats = dict(carried[0]), dict(carried[1])
-            carried = None
-        bar = tqdm(
-            total=step_in_epoch + len(steps),
-            initial=step_in_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for global_rows in steps:
-            mine = ddp.rank_part(global_rows, world, rank)
-            micro = ddp.micro_batches(mine, cfg.train.batch_size)
-            model.momentum_update()
-            optimizer.zero_grad(set_to_none=True)
-            values: dict[str, float] = {}
-            for j, indices in enumerate(micro):
-                batch = collate(indices, swapped)
-                w = torch.as_tensor(weights[indices], dtype=torch.float32) if weights is not None else None
-                if accelerator.device.type != "cpu":
-                    batch, w = batch.to(accelerator.device), None if w is None else w.to(accelerator.device)
-                last = j == len(micro) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(net):  # DDP syncs the last one
-                    out = net(batch, w) if teacher is None else net(batch, w, teacher.logits(batch))
-                    if not torch.isfinite(out.loss):
-                        raise TrainingError(
-                            f"non-finite loss at epoch {epoch + 1} step {step}: "
-                            f"{ {k: float(v.detach()) for k, v in out.terms.items()} }"
-                        )
-                    share = 1.0 if len(micro) == 1 else len(indices) / len(mine)  # the step's loss: a row mean
-                    accelerator.backward(out.loss if share == 1.0 else out.loss * share)
-                model.enqueue(out)
-                for k, v in {"loss": out.loss, **out.terms}.items():
-                    values[k] = values.get(k, 0.0) + share * v.item()
-            scaler = accelerator.scaler  # fp16 only
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if anchor is not None:
-                anchor.pull(optimizer)  # with this step's lr, before the schedule moves on
-            scheduler.step()
-            step += 1
-            step_in_epoch += 1
-            rows_done = min(rows_done + len(global_rows), len(order))
-            values = ddp.mean_over_ranks(values, accelerator)
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-            if step % cfg.train.log_every_steps == 0:
-                log.info(
-                    "epoch %d step %d %s lr %.2e",
-                    epoch + 1,
-                    step,
-                    " ".join(f"{k}={v:.4f}" for k, v in values.items()),
-                    scheduler.get_last_lr()[0],
-                )
-            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
-                save(ckpt_dir, True)
-            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
-                stop = True
-                break
-        bar.close()
-        done_steps = max(step_in_epoch, 1)
-        finished_epoch = rows_done == len(order)
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "finished": finished_epoch,
-            "seconds": round(time.time() - epoch_t0, 2),
-            **{k: v / done_steps for k, v in sums.items()},
-            **weight_stats,
+def save_checkpoint(
+    run: TrainingRun,
+    state: TrainState,
+    target: Path,
+    with_state: bool,
+    epoch_sums: dict[str, float] | None = None,
+    epoch_stats: dict[str, float] | None = None,
+) -> None:
+    """Write the model to ``target`` (rank 0), with the training state for ``--resume`` when ``with_state``.
+
+    With the training state every rank must call it: each rank's RNG state is gathered and kept.
+
+    Args:
+        run: The run.
+        state: Where training stands.
+        target: The folder written.
+        with_state: Also save the optimizer, schedule, RNGs, S3 weights and position.
+        epoch_sums: The current epoch's loss sums, kept when the checkpoint falls inside an epoch.
+        epoch_stats: The current epoch's S3 stats, kept likewise.
+    """
+    main = run.main
+    training = tensors_out = None
+    if with_state:
+        rngs = ddp.gather(ckpt.rng_state(), run.accelerator)  # [(tensors, meta)] in rank order
+        if not main:
+            return
+        optim_tensors, optim_meta = ckpt.flatten_optimizer(run.optimizer)
+        rng_tensors, rng_meta = rngs[0]
+        tensors_out = {**optim_tensors, **rng_tensors}
+        if state.weights is not None:
+            tensors_out["sample_weights"] = torch.as_tensor(state.weights)  # (N,)
+        training = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "optimizer": optim_meta,
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rng_meta,
+            "total_steps": run.total_steps,
         }
-        if model.fusion.gated:
-            record["visual_gate"] = model.fusion.gate_openings()  # per fusion layer: how far the image is let in
-        if finished_epoch:
-            epoch, step_in_epoch, rows_done = epoch + 1, 0, 0
-            if average is not None and epoch > cfg.train.epochs - cfg.train.average_epochs:
-                average.update(model)
-                record["averaged_epochs"] = average.count
-            if val_records and main:
-                report, _ = evaluate_records(
-                    model, pre, val_records, cfg.train.eval_batch_size, multi, progress=progress
-                )
-                record["val"] = {"overall": report["overall"], "gap": report["gap"]}
-                val_report = report
-                log.info("epoch %d validation F1 %s", epoch, report["overall"]["f1"])
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-        save(ckpt_dir, True)
-        log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "val"})
+        if run.world > 1:
+            for r, (rank_tensors, _) in enumerate(rngs[1:], start=1):
+                tensors_out[f"rng.torch.rank{r}"] = rank_tensors["rng.torch"]
+            training["rng_ranks"] = [meta for _, meta in rngs[1:]]
+        training.update(rows_done=state.rows_done, world_size=run.world, global_batch=run.global_batch)
+        # for metrics.jsonl to end as an uninterrupted run's: its length now (a resume cuts what a killed run
+        # wrote after this save, and writes it again) and the running sums of an unfinished epoch
+        metrics_path = run.metrics_path
+        training["metrics_bytes"] = metrics_path.stat().st_size if metrics_path.is_file() else 0
+        if state.step_in_epoch:
+            training["epoch_sums"], training["epoch_stats"] = epoch_sums, epoch_stats
+        if run.average is not None:
+            average_tensors, training["averaged_epochs"] = run.average.state()
+            tensors_out.update(average_tensors)
+    if main:
+        ckpt.save_checkpoint(
+            target,
+            run.model,
+            run.cfg,
+            run.bert_config,
+            preprocess_state(run.pre),
+            run.pre.tokenizer,
+            training,
+            tensors_out,
+        )
 
-    if epoch >= cfg.train.epochs:
-        if average is not None and average.count > 1:
-            average.copy_to(model)
-            log.info("final weights: the average of the last %d epochs", average.count)
-            val_report = None  # the epoch's validation scored the last weights, not the average
-        save(final_dir, False)
-        if val_records and main:
-            if val_report is None:  # resumed after the last epoch had been evaluated, or weights averaged
-                val_report, _ = evaluate_records(model, pre, val_records, cfg.train.eval_batch_size, multi)
-            (run_dir / "val_report.json").write_text(json.dumps(val_report, indent=2, allow_nan=False))
-    accelerator.wait_for_everyone()  # the other ranks return once the run folder is complete
-    return TrainResult(run_dir, final_dir, val_report, time.time() - t0)
+
+def validate(run: TrainingRun, progress: bool = False) -> dict[str, Any]:
+    """Score the model on the run's validation rows.
+
+    Args:
+        run: The run (with validation rows).
+        progress: Show a progress bar.
+
+    Returns:
+        The source-aware report (:func:`pv2tea.eval.metrics.source_aware_report`).
+    """
+    report, _ = evaluate_records(
+        run.model, run.pre, run.val_records, run.cfg.train.eval_batch_size, run.multi, progress=progress
+    )
+    return report
+
+
+def _epoch_weights(run: TrainingRun, state: TrainState, rows: list[int]) -> dict[str, float]:
+    """Set ``state.weights`` to the S3 weights of the epoch's ``rows`` (rank 0 computes them, every rank gets
+    them) and return their stats."""
+    weights: np.ndarray | None = None
+    weight_stats: dict[str, float] = {}
+    if run.main:  # S3 over the whole training set, once, the same weights on every rank
+        weights, weight_stats = sample_weights(
+            run.model,
+            run.pre,
+            [run.records[i] for i in rows],
+            state.epoch,
+            run.cfg,
+            run.progress,
+            [run.free_texts[i] for i in rows] if run.mention_free_predictions else None,
+            state.visual_cache,
+        )
+        if weights is not None and len(rows) < len(run.records):  # S3 over this epoch's rows; the others unused
+            weights = _scatter(weights, rows, len(run.records))
+    state.weights, weight_stats = ddp.broadcast((weights, weight_stats) if run.main else None, run.accelerator)
+    return weight_stats
+
+
+def _optimizer_step(
+    run: TrainingRun, state: TrainState, net: torch.nn.Module, mine: list[int], swapped: dict[int, str]
+) -> dict[str, float]:
+    """One optimizer step on this rank's rows ``mine`` (in micro-batches, DDP syncing the last): its loss terms,
+    row means of this rank."""
+    cfg, model, accelerator, optimizer = run.cfg, run.model, run.accelerator, run.optimizer
+    micro = ddp.micro_batches(mine, cfg.train.batch_size)
+    model.momentum_update()
+    optimizer.zero_grad(set_to_none=True)
+    values: dict[str, float] = {}
+    for j, indices in enumerate(micro):
+        batch = run.collate(indices, swapped)
+        w = torch.as_tensor(state.weights[indices], dtype=torch.float32) if state.weights is not None else None  # (B,)
+        if accelerator.device.type != "cpu":
+            batch, w = batch.to(accelerator.device), None if w is None else w.to(accelerator.device)
+        last = j == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(net):  # DDP syncs the last one
+            out = net(batch, w) if run.teacher is None else net(batch, w, run.teacher.logits(batch))
+            if not torch.isfinite(out.loss):
+                raise TrainingError(
+                    f"non-finite loss at epoch {state.epoch + 1} step {state.step}: "
+                    f"{ {k: float(v.detach()) for k, v in out.terms.items()} }"
+                )
+            share = 1.0 if len(micro) == 1 else len(indices) / len(mine)  # the step's loss: a row mean
+            accelerator.backward(out.loss if share == 1.0 else out.loss * share)
+        model.enqueue(out)
+        for k, v in {"loss": out.loss, **out.terms}.items():
+            values[k] = values.get(k, 0.0) + share * v.item()
+    scaler = accelerator.scaler  # fp16 only
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if run.anchor is not None:
+        run.anchor.pull(optimizer)  # with this step's lr, before the schedule moves on
+    run.scheduler.step()
+    return values
+
+
+def train_one_epoch(run: TrainingRun, state: TrainState, net: torch.nn.Module) -> tuple[bool, dict[str, Any] | None]:
+    """Train the rest of the current epoch (all of it unless resumed inside it), append its line to
+    ``metrics.jsonl`` and save the checkpoint (also every ``train.save_every_steps``).
+
+    Args:
+        run: The run.
+        state: Where training stands; advanced in place (to the next epoch when this one finishes).
+        net: The model as the ranks train it (DDP-wrapped under several processes).
+
+    Returns:
+        Whether ``train.max_steps`` stopped the run, and the validation report when the finished epoch was
+        validated (None otherwise).
+    """
+    cfg, main = run.cfg, run.main
+    epoch_t0 = time.time()
+    weight_stats: dict[str, float] = {}
+    rows = epoch_rows(run.records, cfg.train.image_less_per_epoch, cfg.train.seed, state.epoch)
+    if state.step_in_epoch == 0:
+        weight_stats = _epoch_weights(run, state, rows)
+    groups = [run.dataset.pair_ids[i] for i in rows] if cfg.train.product_batches else None
+    batches = epoch_batches(len(rows), cfg.train.batch_size, cfg.train.seed, state.epoch, groups)
+    order = [rows[j] for b in batches for j in b]
+    steps = ddp.step_rows(order, state.rows_done, run.rows_per_rank, run.world)  # the epoch's remaining batches
+    swapped = mention_dropout_rows(run.free_texts, cfg.schemes.mention_dropout, cfg.train.seed, state.epoch)
+    sums: dict[str, float] = {}
+    if state.carried is not None:  # resumed inside this epoch: its record covers the steps taken before the resume
+        sums, weight_stats = dict(state.carried[0]), dict(state.carried[1])
+        state.carried = None
+    bar = tqdm(
+        total=state.step_in_epoch + len(steps),
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
+        disable=not run.progress,
+        leave=False,
+    )
+    stop = False
+    for global_rows in steps:
+        mine = ddp.rank_part(global_rows, run.world, run.rank)
+        values = _optimizer_step(run, state, net, mine, swapped)
+        state.step += 1
+        state.step_in_epoch += 1
+        state.rows_done = min(state.rows_done + len(global_rows), len(order))
+        values = ddp.mean_over_ranks(values, run.accelerator)
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+        if state.step % cfg.train.log_every_steps == 0:
+            log.info(
+                "epoch %d step %d %s lr %.2e",
+                state.epoch + 1,
+                state.step,
+                " ".join(f"{k}={v:.4f}" for k, v in values.items()),
+                run.scheduler.get_last_lr()[0],
+            )
+        if cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0:
+            save_checkpoint(run, state, run.ckpt_dir, True, sums, weight_stats)
+        if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+            stop = True
+            break
+    bar.close()
+    done_steps = max(state.step_in_epoch, 1)
+    finished_epoch = state.rows_done == len(order)
+    record: dict[str, Any] = {
+        "epoch": state.epoch + 1,
+        "step": state.step,
+        "finished": finished_epoch,
+        "seconds": round(time.time() - epoch_t0, 2),
+        **{k: v / done_steps for k, v in sums.items()},
+        **weight_stats,
+    }
+    if run.model.fusion.gated:
+        record["visual_gate"] = run.model.fusion.gate_openings()  # per fusion layer: how far the image is let in
+    val_report = None
+    if finished_epoch:
+        state.epoch, state.step_in_epoch, state.rows_done = state.epoch + 1, 0, 0
+        if run.average is not None and state.epoch > cfg.train.epochs - cfg.train.average_epochs:
+            run.average.update(run.model)
+            record["averaged_epochs"] = run.average.count
+        if run.val_records and main:
+            val_report = validate(run, progress=run.progress)
+            record["val"] = {"overall": val_report["overall"], "gap": val_report["gap"]}
+            log.info("epoch %d validation F1 %s", state.epoch, val_report["overall"]["f1"])
+    if main:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+    save_checkpoint(run, state, run.ckpt_dir, True, sums, weight_stats)
+    log.info("epoch %d: %s", state.epoch, {k: v for k, v in record.items() if k != "val"})
+    return stop, val_report
