@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pv2tea import cli
+from pv2tea.cli import evaluate as evaluate_command
 from pv2tea.cli import main
 from pv2tea.data import validate
 from pv2tea.data.validate import load_dataset
@@ -43,7 +43,7 @@ def test_chunked_evaluation_equals_scoring_every_row_at_once(tiny_trained, tmp_p
     chunks: list[int] = []
     monkeypatch.setattr(validate, "load_dataset", whole_file)
     monkeypatch.setattr(Predictor, "predict", lambda self, chunk, *a, **k: chunks.append(len(chunk)) or _answers(chunk))
-    monkeypatch.setattr(cli, "EVALUATE_CHUNK_ROWS", 7)  # several chunks, the last one short
+    monkeypatch.setattr(evaluate_command, "EVALUATE_CHUNK_ROWS", 7)  # several chunks, the last one short
     out = tmp_path / "report.json"
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
     report = json.loads(out.read_text())

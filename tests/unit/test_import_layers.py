@@ -28,15 +28,16 @@ ABOVE = {
         "inference",
         "serve",
         "experiment",
+        "demo",
         "bench",
         "cli",
         "viz",
     ),
-    "models": ("decoding", "train", "inference", "experiment", "bench", "cli"),
-    "decoding": ("train", "inference", "experiment", "bench", "cli"),
-    "cache": ("decoding", "train", "inference", "experiment", "bench", "cli"),
-    "train": ("inference", "experiment", "bench", "cli"),
-    "inference": ("train", "experiment", "bench", "cli"),
+    "models": ("decoding", "train", "inference", "experiment", "demo", "bench", "cli"),
+    "decoding": ("train", "inference", "experiment", "demo", "bench", "cli"),
+    "cache": ("decoding", "train", "inference", "experiment", "demo", "bench", "cli"),
+    "train": ("inference", "experiment", "demo", "bench", "cli"),
+    "inference": ("train", "experiment", "demo", "bench", "cli"),
 }
 
 
