@@ -130,26 +130,33 @@ def test_calibrate_then_predict_with_the_calibration(tiny_trained, tmp_path, cap
     assert main(["predict", *base, "--data", str(sample), "--out", str(pred), "--calibration", str(out)]) == 0
     got = {row["id"]: row["values"] for row in map(json.loads, pred.read_text().splitlines())}
     from pv2tea.baselines import load_extractor
-    from pv2tea.decoding.calibration import fused_pick, scored_rows
+    from pv2tea.decoding.calibration import calibrated_answer, scored_rows
     from pv2tea.inference.predictor import Predictor
 
     pattern = [r for r in records if r.attribute == "pattern"]
+    predictor = Predictor.from_checkpoint(final)
     rows, _ = scored_rows(
         pattern,
-        Predictor.from_checkpoint(final).candidate_log_probs(pattern, {"pattern": values}),
+        predictor.candidate_log_probs(pattern, {"pattern": values}),
         load_extractor(extractor_dir).value_probabilities(pattern),
+        predictor.candidate_log_probs([replace(r, images=()) for r in pattern], {"pattern": values}),
     )
+    assert all(row.model_text is not None for row in rows) and any(r.images for r in pattern)
+    # the photo moves the model's scores, so withholding it is seen in the answers checked below
+    assert any(not np.allclose(row.model, row.model_text) for row in rows)
     disagree = sum(int(np.argmax(row.model)) != int(np.argmax(row.extractor)) for row in rows)
     assert 0 < disagree < len(rows), disagree  # shares 0 and 1 give other answers on these rows
-    weight = calibration.model_weight("pattern")
-    assert [got[r.id] for r in pattern] == [[row.candidates[fused_pick(row, weight)]] for row in rows]
-    # a share of 0 gives the extractor's ranked answer, a share of 1 the model's ranked answer
+    assert [got[r.id] for r in pattern] == [[calibrated_answer(row, calibration)] for row in rows]
+    # a share of 0 gives the extractor's ranked answer, a share of 1 the model's ranked answer, with the photo or, where
+    # the calibration does not trust it, without
     data = json.loads(out.read_text())
-    for share, expect in (
-        (0.0, lambda row: int(np.argmax(row.extractor))),
-        (1.0, lambda row: int(np.argmax(row.model))),
+    for share, photo, expect in (
+        (0.0, True, lambda row: int(np.argmax(row.extractor))),
+        (1.0, True, lambda row: int(np.argmax(row.model))),
+        (1.0, False, lambda row: int(np.argmax(row.model_text))),
     ):
         data["attributes"]["pattern"]["model_weight"] = share
+        data["attributes"]["pattern"]["image"] = photo
         out.write_text(json.dumps(data))
         pred.unlink()
         assert main(["predict", *base, "--data", str(sample), "--out", str(pred), "--calibration", str(out)]) == 0

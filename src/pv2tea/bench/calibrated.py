@@ -22,8 +22,8 @@ from pv2tea.decoding.calibration import (
     Calibration,
     CalibrationConfig,
     ScoredRow,
+    calibrated_answer,
     fit_calibration,
-    fused_pick,
     scored_rows,
 )
 from pv2tea.eval.metrics import departures, source_aware_report
@@ -103,16 +103,7 @@ def fold_scored_rows(
 
 def _answers(rows: FoldRows, records: Sequence[Record], calibration: Calibration) -> list[list[str]]:
     """Calibrated answers; a row without candidates keeps its weak label (the extractor's answer)."""
-    return [
-        list(r.label)
-        if row is None
-        else [
-            row.candidates[
-                fused_pick(row, calibration.model_weight(row.attribute), calibration.uses_image(row.attribute))
-            ]
-        ]
-        for row, r in zip(rows, records)
-    ]
+    return [list(r.label) if row is None else [calibrated_answer(row, calibration)] for row, r in zip(rows, records)]
 
 
 def _report(

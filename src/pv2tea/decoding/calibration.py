@@ -280,12 +280,16 @@ def fit_calibration(
     return Calibration(pooled, attributes, config, dict(meta or {}))
 
 
+def calibrated_answer(row: ScoredRow, calibration: Calibration) -> str:
+    """The deployed answer of a row: its candidate with the highest fused score under its attribute's λ, the model's
+    scores with or without the photo as the calibration chose for the attribute."""
+    choice = calibration.choice(row.attribute)
+    return row.candidates[fused_pick(row, choice.model_weight, choice.image)]
+
+
 def apply_calibration(rows: Sequence[ScoredRow], calibration: Calibration) -> list[str]:
-    """The deployed answer of each row (its candidate with the highest calibrated fused score)."""
-    return [
-        r.candidates[fused_pick(r, calibration.model_weight(r.attribute), calibration.uses_image(r.attribute))]
-        for r in rows
-    ]
+    """The deployed answer of each row (:func:`calibrated_answer`)."""
+    return [calibrated_answer(r, calibration) for r in rows]
 
 
 def scored_rows(

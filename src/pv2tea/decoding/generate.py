@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pv2tea.data.dataset import Preprocessor, RecordDataset, candidate_lookup, make_collate
 from pv2tea.data.schema import Record
 from pv2tea.decoding import fusion
-from pv2tea.decoding.calibration import Calibration, ScoredRow, fused_pick
+from pv2tea.decoding.calibration import Calibration, ScoredRow, calibrated_answer
 from pv2tea.eval.normalize import drop_attribute_name, normalize_value
 from pv2tea.models.pv2tea import PV2TEA, Batch
 
@@ -193,11 +193,10 @@ def _rank_calibrated(
         if scored is None:
             out.append(None)
             continue
-        cands, model_lp = scored
-        weight = calibration.model_weight(r.attribute)
+        cands, model_lp = scored  # with the photo withheld where the calibration says so (above)
         extractor_lp = fusion.prior_log_probs(cands, prior) if prior is not None else np.zeros(len(cands))
         out.append(
-            [cands[fused_pick(ScoredRow(r.attribute, tuple(cands), model_lp, extractor_lp, frozenset()), weight)]]
+            [calibrated_answer(ScoredRow(r.attribute, tuple(cands), model_lp, extractor_lp, frozenset()), calibration)]
         )
     return out
 

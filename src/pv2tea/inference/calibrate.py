@@ -1,7 +1,8 @@
 """Calibrating a trained model against the text extractor it is deployed next to (``pv2tea calibrate``).
 
 The model and the extractor both score each gold row's candidate list; :func:`pv2tea.decoding.calibration.fit_calibration`
-then picks, per attribute, the model's guarded share λ. :func:`calibrate_model` does the scoring and the fit and
+then picks, per attribute, the model's guarded share λ and, for a model with a visual path, whether it reads the
+photo (the sample is scored a second time with its photos withheld). :func:`calibrate_model` does the scoring and the fit and
 records in the calibration's ``meta`` what it was fitted on (the model's weights fingerprint among them, which
 ``pv2tea predict --calibration`` checks).
 """
@@ -9,6 +10,7 @@ records in the calibration's ``meta`` what it was fitted on (the model's weights
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from pv2tea.baselines import load_extractor
@@ -58,7 +60,10 @@ def calibrate_model(
     text_extractor = load_extractor(extractor)
     predictor = Predictor.from_checkpoint(model)
     scores = predictor.candidate_log_probs(records, candidates, batch_size)
-    rows, left_out = scored_rows(records, scores, text_extractor.value_probabilities(records))
+    blind = None
+    if predictor.model.visual is not None and any(r.images for r in records):  # to weigh the photo per attribute
+        blind = predictor.candidate_log_probs([replace(r, images=()) for r in records], candidates, batch_size)
+    rows, left_out = scored_rows(records, scores, text_extractor.value_probabilities(records), blind)
     if left_out:
         on_left_out([records[i] for i in left_out])
     return fit_calibration(
