@@ -18,6 +18,7 @@ import dataclasses
 import io
 import re
 import tokenize
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ def config_fields() -> list[FieldDoc]:
     out = []
     for section in dataclasses.fields(Config):
         cls = section.default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 default = f.default
@@ -135,8 +137,15 @@ def config_fields() -> list[FieldDoc]:
                 default = None
             group, text = helps.get((cls.__name__, f.name), (None, ""))
             text = str(f.metadata.get("help", text))
-            out.append(FieldDoc(section.name, f.name, str(f.type), default, text, group))
+            out.append(FieldDoc(section.name, f.name, _type_name(hints[f.name], str(f.type)), default, text, group))
     return out
+
+
+def _type_name(hint: Any, written: str) -> str:
+    """A field's type as the reference shows it: a ``Literal`` as its choices (``"a" / "b"``), else as written."""
+    if typing.get_origin(hint) is typing.Literal:
+        return " / ".join(f'"{c}"' for c in typing.get_args(hint))
+    return written
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

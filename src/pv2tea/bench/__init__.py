@@ -1,1 +1,2 @@
-"""Benchmarks on public datasets, run by ``pv2tea bench``."""
+"""Benchmarks run by ``pv2tea bench``: accuracy on ImplicitAVE or a gold-labelled catalogue, and the speed of S3,
+training, extraction and serving on synthetic data."""
