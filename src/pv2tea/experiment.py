@@ -16,17 +16,14 @@ difference to its own row is what the image adds at test time.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from scipy import stats
 
 from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
 from pv2tea.data.dataset import value_counts
@@ -35,6 +32,20 @@ from pv2tea.eval.metrics import Example, departures, source_aware_report
 from pv2tea.eval.normalize import normalize_value
 from pv2tea.eval.report import format_report_table, write_report
 from pv2tea.eval.retrieval import retrieval_metrics
+from pv2tea.eval.summary import (
+    METRICS,
+    SOURCES,
+    add_ttests,
+    attribute_stats,
+    fmt_p,
+    fmt_stat,
+    markdown_table,
+    metric_stats,
+    stat_over,
+    value_at,
+)
+from pv2tea.eval.summary import mean_std as mean_std  # re-exported: first written here
+from pv2tea.eval.summary import paired_ttest as paired_ttest
 from pv2tea.inference.predictor import Predictor
 from pv2tea.models.checkpoint import (
     MODEL_FILE,
@@ -83,7 +94,6 @@ KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak l
 FUSED_SUFFIX = "+extractor"  # a variant's row when its candidate ranking is fused with the text extractor
 NO_IMAGES_SUFFIX = "+no_images"  # a visual variant's row when its test products' images are withheld
 NO_IMAGES_KEY = "without_images"  # test report key of the model's report with the test images withheld
-METRICS = ("precision", "recall", "f1", "accuracy")
 
 
 @dataclass
@@ -438,119 +448,67 @@ def keep_grounded_report(
     return source_aware_report(gold_examples(records, keep_grounded(records, preds), multi))
 
 
-def mean_std(values: list[float | None]) -> dict[str, float | None]:
-    """Mean and sample standard deviation (0 for one value) of the values that are not None; both None without any."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None}
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
-
-
-def _get(report: dict, *path: str) -> float | None:
-    node: Any = report
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def summarize(reports: dict[str, list[dict]], reference: str = "pv2tea") -> dict[str, Any]:
-    """Mean ± std per variant (overall, by source, gap, per attribute, retrieval) and paired t-tests."""
+    """Mean ± std per variant (overall, by source, gap, per attribute F1, retrieval) and paired t-tests over seeds of
+    every variant's F1 against ``reference``'s."""
     summary: dict[str, Any] = {}
     for name, runs in reports.items():
         entry: dict[str, Any] = {"seeds": len(runs)}
-        entry["overall"] = {m: mean_std([_get(r, "overall", m) for r in runs]) for m in METRICS}
-        entry["by_source"] = {
-            s: {m: mean_std([_get(r, "by_source", s, m) for r in runs]) for m in METRICS} for s in ("text", "image")
-        }
-        entry["gap"] = {m: mean_std([_get(r, "gap", m) for r in runs]) for m in METRICS}
-        attrs = sorted({a for r in runs for a in r.get("by_attribute", {})})
-        entry["by_attribute"] = {
-            a: mean_std([_get(r, "by_attribute", a, "overall", "f1") for r in runs]) for a in attrs
-        }
+        entry["overall"] = metric_stats(runs, "overall")
+        entry["by_source"] = {s: metric_stats(runs, "by_source", s) for s in SOURCES}
+        entry["gap"] = metric_stats(runs, "gap")
+        entry["by_attribute"] = {a: stat["f1"] for a, stat in attribute_stats(runs).items()}
         if any(r.get("retrieval") for r in runs):
             keys = sorted({k for r in runs for k in (r.get("retrieval") or {})})
-            entry["retrieval"] = {k: mean_std([_get(r, "retrieval", k) for r in runs]) for k in keys}
+            entry["retrieval"] = {k: stat_over(runs, "retrieval", k) for k in keys}
         summary[name] = entry
-    if reference in reports:
-        ref = [_get(r, "overall", "f1") for r in reports[reference]]
-        for name, runs in reports.items():
-            other = [_get(r, "overall", "f1") for r in runs]
-            summary[name]["ttest_vs_" + reference] = paired_ttest(ref, other)
+    f1 = {name: [value_at(r, "overall", "f1") for r in runs] for name, runs in reports.items()}
+    add_ttests(summary, f1, [reference], against_itself=True)
     return summary
 
 
-def paired_ttest(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, float | None]:
-    """Two-sided paired t-test over seeds; null when it is undefined (fewer than 2 pairs, no variance)."""
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-    if len(pairs) < 2:
-        return {"t": None, "p": None, "n": len(pairs)}
-    x, y = np.array(pairs).T
-    if np.allclose(x - y, (x - y)[0]):
-        return {"t": None, "p": None, "n": len(pairs)}
-    result = stats.ttest_rel(x, y)
-    t, p = float(result.statistic), float(result.pvalue)
-    return {"t": t if math.isfinite(t) else None, "p": p if math.isfinite(p) else None, "n": len(pairs)}
-
-
-def _fmt(cell: dict[str, float | None]) -> str:
-    return "–" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+RETRIEVAL_COLUMNS = {"T@1": "txt_r1", "I@1": "img_r1", "T@M": "txt_r_mean", "I@M": "img_r_mean", "R@Mean": "r_mean"}
 
 
 def format_tables(summary: dict[str, Any]) -> str:
     """Markdown tables in the layout of the paper's Tables 2, 3/8, 7 and the retrieval study."""
-    lines = [
-        "### Overall (Table 2 style; mean ± std over seeds; p: paired t-test vs pv2tea on F1)",
-        "",
-        "| variant | P | R | F1 | Acc | p |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, e in summary.items():
-        p = e.get("ttest_vs_pv2tea", {}).get("p")
-        lines.append(
-            f"| {name} | "
-            + " | ".join(_fmt(e["overall"][m]) for m in METRICS)
-            + f" | {'–' if p is None else f'{p:.3g}'} |"
-        )
-    lines += [
-        "",
-        "### Source-aware (Table 3 style: F1 by gold-value source and the GAP)",
-        "",
-        "| variant | F1 text | F1 image | GAP F1 | GAP P | GAP R |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, e in summary.items():
-        lines.append(
-            f"| {name} | {_fmt(e['by_source']['text']['f1'])} | {_fmt(e['by_source']['image']['f1'])} | "
-            f"{_fmt(e['gap']['f1'])} | {_fmt(e['gap']['precision'])} | {_fmt(e['gap']['recall'])} |"
-        )
+    lines = ["### Overall (Table 2 style; mean ± std over seeds; p: paired t-test vs pv2tea on F1)", ""]
+    lines += markdown_table(
+        ["variant", "P", "R", "F1", "Acc", "p"],
+        [
+            [name, *(fmt_stat(e["overall"][m]) for m in METRICS), fmt_p(e.get("ttest_vs_pv2tea"))]
+            for name, e in summary.items()
+        ],
+    )
+    lines += ["", "### Source-aware (Table 3 style: F1 by gold-value source and the GAP)", ""]
+    lines += markdown_table(
+        ["variant", "F1 text", "F1 image", "GAP F1", "GAP P", "GAP R"],
+        [
+            [
+                name,
+                fmt_stat(e["by_source"]["text"]["f1"]),
+                fmt_stat(e["by_source"]["image"]["f1"]),
+                *(fmt_stat(e["gap"][m]) for m in ("f1", "precision", "recall")),
+            ]
+            for name, e in summary.items()
+        ],
+    )
     if "pv2tea" in summary and "pv2tea_cls" in summary:
-        lines += [
-            "",
-            "### Classification vs generation (Table 7 style)",
-            "",
-            "| head | P | R | F1 |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name, label in (("pv2tea_cls", "classification"), ("pv2tea", "generation")):
-            o = summary[name]["overall"]
-            lines.append(f"| {label} | {_fmt(o['precision'])} | {_fmt(o['recall'])} | {_fmt(o['f1'])} |")
+        lines += ["", "### Classification vs generation (Table 7 style)", ""]
+        lines += markdown_table(
+            ["head", "P", "R", "F1"],
+            [
+                [label, *(fmt_stat(summary[name]["overall"][m]) for m in ("precision", "recall", "f1"))]
+                for name, label in (("pv2tea_cls", "classification"), ("pv2tea", "generation"))
+            ],
+        )
     with_retrieval = {n: e["retrieval"] for n, e in summary.items() if "retrieval" in e}
     if with_retrieval:
-        lines += [
-            "",
-            "### Cross-modal retrieval on test products (Figure 4 style)",
-            "",
-            "| variant | T@1 | I@1 | T@M | I@M | R@Mean |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, r in with_retrieval.items():
-            lines.append(
-                f"| {name} | "
-                + " | ".join(_fmt(r[k]) for k in ("txt_r1", "img_r1", "txt_r_mean", "img_r_mean", "r_mean"))
-                + " |"
-            )
+        lines += ["", "### Cross-modal retrieval on test products (Figure 4 style)", ""]
+        lines += markdown_table(
+            ["variant", *RETRIEVAL_COLUMNS],
+            [[name, *(fmt_stat(r[k]) for k in RETRIEVAL_COLUMNS.values())] for name, r in with_retrieval.items()],
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,8 @@ from pv2tea.data.folds import product_folds
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
+from pv2tea.eval.summary import METRICS as METRICS  # re-exported (pv2tea.bench.implicitave)
+from pv2tea.eval.summary import SOURCES, add_ttests, attribute_stats, fmt_p, fmt_stat, markdown_table, metric_stats
 from pv2tea.experiment import (
     FUSED_SUFFIX,
     KEEP_SUFFIX,
@@ -43,8 +45,6 @@ from pv2tea.experiment import (
     constrain_to_candidates,
     gold_examples,
     load_predictor,
-    mean_std,
-    paired_ttest,
     run_variant,
     score_predictor,
 )
@@ -73,7 +73,6 @@ WARM_START_OVERRIDES = [  # only with a warm start (the teacher): --text-pretrai
     "optim.warm_start_lr_scale=0.1",
     "fusion.visual_gate=0",
 ]
-METRICS = ("precision", "recall", "f1", "accuracy")
 # settings of the fold runs that the text pretraining (a TEA from scratch on text-only rows) keeps at the preset's: the
 # visual encoder (TEA has none), the schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct
 # weights, the lr of warm-started parts and the gate of a visual path; benchmarks that differ only there share one
@@ -274,40 +273,11 @@ def summarize_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": len(reports)}
     for mode in ("open", "constrained"):
         blocks = [r if mode == "open" else r.get("constrained", r) for r in reports]
-        out[mode] = {m: mean_std([b["overall"].get(m) for b in blocks]) for m in METRICS}
-        attrs = sorted({a for b in blocks for a in b.get("by_attribute", {})})
+        out[mode] = metric_stats(blocks, "overall")
         moved = [b["departures"] for b in blocks if "departures" in b]
         if moved and len(moved) == len(blocks):  # pooled over the runs: where the answers left the weak labels
             out[mode]["departures"] = merge_departures(moved)
-        out[mode]["by_attribute"] = {
-            a: {
-                **{
-                    m: mean_std([b["by_attribute"][a]["overall"].get(m) for b in blocks if a in b["by_attribute"]])
-                    for m in ("f1", "accuracy")
-                },
-                **{
-                    f"f1_{source}": mean_std(
-                        [
-                            b["by_attribute"][a].get("by_source", {}).get(source, {}).get("f1")
-                            for b in blocks
-                            if a in b["by_attribute"]
-                        ]
-                    )
-                    for source in ("text", "image")
-                },
-                **{  # rows of each source per run: a source mean over a handful of rows says little
-                    f"n_{source}": mean_std(
-                        [
-                            b["by_attribute"][a].get("by_source", {}).get(source, {}).get("n")
-                            for b in blocks
-                            if a in b["by_attribute"]
-                        ]
-                    )["mean"]
-                    for source in ("text", "image")
-                },
-            }
-            for a in attrs
-        }
+        out[mode]["by_attribute"] = attribute_stats(blocks, ("f1", "accuracy"), SOURCES)
     return out
 
 
@@ -431,7 +401,7 @@ def run_protocol(
                             run_final, test, candidates, priors, run_final.parent / SCORES_FILE, tau, split.train
                         )
                     )
-                log(f"{domain} fold {fold} {name} seed {seed}: F1 {_fmt(result)}")
+                log(f"{domain} fold {fold} {name} seed {seed}: F1 {_log_f1(result)}")
         if cfg.gold_ceiling:
             gold_train = gold_labelled(train_weak)
             gold_split = Split(train=gold_train + extra, val=[], test=test)
@@ -447,7 +417,7 @@ def run_protocol(
                     run_name="pv2tea_gold",
                 )
                 reports.setdefault("pv2tea_gold", []).append(result)
-                log(f"{domain} fold {fold} pv2tea_gold seed {seed}: F1 {_fmt(result)}")
+                log(f"{domain} fold {fold} pv2tea_gold seed {seed}: F1 {_log_f1(result)}")
     details = _add_calibrated(reports, scored, tests, multi, candidates, cfg)
     summaries = {name: summarize_runs(runs) for name, runs in reports.items()}
     for name, detail in details.items():
@@ -513,51 +483,49 @@ def add_fold_ttests(
 ) -> None:
     """Paired t-tests over folds (ranked F1, :func:`run_f1`) of every variant against the extractor, TEA and PV2TEA,
     in place: the folds hold different products, so a fold is one paired observation (undefined with one fold)."""
-    for ref in SIGNIFICANCE_REFERENCES:
-        if ref not in reports:
-            continue
-        base = per_fold_f1(reports[ref], n_folds, score)
-        for name, runs in reports.items():
-            if name != ref:
-                summaries[name][f"ttest_vs_{ref}"] = paired_ttest(base, per_fold_f1(runs, n_folds, score))
+    if any(ref in reports for ref in SIGNIFICANCE_REFERENCES):
+        scores = {name: per_fold_f1(runs, n_folds, score) for name, runs in reports.items()}
+        add_ttests(summaries, scores, SIGNIFICANCE_REFERENCES)
 
 
-def _fmt(report: dict[str, Any]) -> str:
+def _log_f1(report: dict[str, Any]) -> str:
+    """A run's F1 for the log line: open, and ranked among the options when it was."""
     f1 = report["overall"]["f1"]
     constrained = report.get("constrained", {}).get("overall", {}).get("f1")
     return f"{f1:.2f}" + (f" (ranked among options {constrained:.2f})" if constrained is not None else "")
 
 
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 2)
-
-
-def _p(test: dict[str, Any] | None) -> str:
-    return "–" if not test or test.get("p") is None else f"{test['p']:.3g}"
-
-
 def _cell(stat: dict[str, float | None]) -> str:
-    return "–" if stat["mean"] is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+    return fmt_stat(stat, digits=1)
 
 
 def format_tables(results: dict[str, Any]) -> str:
+    """Markdown tables per domain: every row's ranked and open scores with its fold t-tests, where the ranked answers
+    depart from the extractor's, the calibrated rows' details, and the ranked F1 per attribute."""
     lines = []
     for domain, variants in results["domains"].items():
-        lines += [
-            f"### {domain}",
-            "",
-            "| variant | runs | F1 ranked | Acc ranked | P ranked | R ranked | F1 open | Acc open "
-            "| p vs extractor | p vs tea | p vs pv2tea |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, s in variants.items():
-            c, o = s["constrained"], s["open"]
-            p = [_p(s.get(f"ttest_vs_{ref}")) for ref in SIGNIFICANCE_REFERENCES]
-            lines.append(
-                f"| {name} | {s['runs']} | {_cell(c['f1'])} | {_cell(c['accuracy'])} | "
-                f"{_cell(c['precision'])} | {_cell(c['recall'])} | {_cell(o['f1'])} | {_cell(o['accuracy'])} "
-                f"| {' | '.join(p)} |"
-            )
+        lines += [f"### {domain}", ""]
+        lines += markdown_table(
+            [
+                "variant",
+                "runs",
+                *(f"{m} ranked" for m in ("F1", "Acc", "P", "R")),
+                "F1 open",
+                "Acc open",
+                *(f"p vs {ref}" for ref in ("extractor", "tea", "pv2tea")),
+            ],
+            [
+                [
+                    name,
+                    s["runs"],
+                    *(_cell(s["constrained"][m]) for m in ("f1", "accuracy", "precision", "recall")),
+                    _cell(s["open"]["f1"]),
+                    _cell(s["open"]["accuracy"]),
+                    *(fmt_p(s.get(f"ttest_vs_{ref}")) for ref in SIGNIFICANCE_REFERENCES),
+                ]
+                for name, s in variants.items()
+            ],
+        )
         lines += [
             "",
             "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference itself).",
@@ -573,17 +541,24 @@ def format_tables(results: dict[str, Any]) -> str:
                 "broke = the reverse; net % = 100 · (fixed − broke) / rows, the accuracy difference; either = "
                 "accuracy of an oracle choosing the right one of the two per row.",
                 "",
-                "| variant | rows × runs | changed | fixed | broke | neither | net % | fix rate | either |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
-            for name, d in moved.items():
-                rate = "–" if d["fix_rate"] is None else f"{d['fix_rate']:.1f}"
-                either = "–" if d["either"] is None else f"{d['either']:.1f}"
-                net = "–" if not d["n"] else f"{100.0 * d['net'] / d['n']:+.1f}"
-                lines.append(
-                    f"| {name} | {d['n']} | {d['changed']} | {d['fixed']} | {d['broke']} | {d['neither']} "
-                    f"| {net} | {rate} | {either} |"
-                )
+            lines += markdown_table(
+                ["variant", "rows × runs", "changed", "fixed", "broke", "neither", "net %", "fix rate", "either"],
+                [
+                    [
+                        name,
+                        d["n"],
+                        d["changed"],
+                        d["fixed"],
+                        d["broke"],
+                        d["neither"],
+                        "–" if not d["n"] else f"{100.0 * d['net'] / d['n']:+.1f}",
+                        "–" if d["fix_rate"] is None else f"{d['fix_rate']:.1f}",
+                        "–" if d["either"] is None else f"{d['either']:.1f}",
+                    ]
+                    for name, d in moved.items()
+                ],
+            )
         calibrated = {name: s["calibration"] for name, s in variants.items() if "calibration" in s}
         if calibrated:
             sizes = list(next(iter(calibrated.values()))["sample_size_f1"])
@@ -595,50 +570,56 @@ def format_tables(results: dict[str, Any]) -> str:
                 "the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
                 "from that pool, mean over folds × draws) and by the guard's z (the whole pool):",
                 "",
-                "| row | " + " | ".join(f"n = {n}" for n in sizes) + " | " + " | ".join(f"z = {z}" for z in zs) + " |",
-                "| --- |" + " --- |" * (len(sizes) + len(zs)),
             ]
-            for name, c in calibrated.items():
-                lines.append(
-                    f"| {name} | "
-                    + " | ".join(f"{c['sample_size_f1'][n]:.1f}" for n in sizes)
-                    + " | "
-                    + " | ".join(f"{c['guard_z_f1'][z]:.1f}" for z in zs)
-                    + " |"
-                )
+            lines += markdown_table(
+                ["row", *(f"n = {n}" for n in sizes), *(f"z = {z}" for z in zs)],
+                [
+                    [
+                        name,
+                        *(f"{c['sample_size_f1'][n]:.1f}" for n in sizes),
+                        *(f"{c['guard_z_f1'][z]:.1f}" for z in zs),
+                    ]
+                    for name, c in calibrated.items()
+                ],
+            )
             lines += [
                 "",
                 "λ deployed per attribute and fold (0: the extractor's answer), and whether the model read the "
                 "photo (yes) or answered with it withheld (no: with the photo it was not better beyond noise on the "
                 "sample; – : a model without a visual path):",
                 "",
-                "| row | attribute | λ per fold | photo per fold |",
-                "| --- | --- | --- | --- |",
             ]
-            for name, c in calibrated.items():
-                photo = c.get("image", {})
-                for attribute, weights in c["model_weight"].items():
-                    reads = photo.get(attribute) or [None] * len(weights)
-                    lines.append(
-                        f"| {name} | {attribute} | "
-                        + ", ".join("–" if w is None else f"{w:g}" for w in weights)
-                        + " | "
-                        + ", ".join("–" if p is None else ("yes" if p else "no") for p in reads)
-                        + " |"
-                    )
+            lines += markdown_table(
+                ["row", "attribute", "λ per fold", "photo per fold"],
+                [
+                    [
+                        name,
+                        attribute,
+                        ", ".join("–" if w is None else f"{w:g}" for w in weights),
+                        ", ".join(
+                            "–" if p is None else ("yes" if p else "no")
+                            for p in (c.get("image", {}).get(attribute) or [None] * len(weights))
+                        ),
+                    ]
+                    for name, c in calibrated.items()
+                    for attribute, weights in c["model_weight"].items()
+                ],
+            )
         attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
         names = list(variants)
-        lines += [
-            "",
-            "Per attribute, F1 ranked among options:",
-            "",
-            "| attribute | " + " | ".join(names) + " |",
-            "| --- |" + " --- |" * len(names),
-        ]
-        for a in attrs:
-            cells = [
-                _cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None})) for n in names
-            ]
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines += ["", "Per attribute, F1 ranked among options:", ""]
+        lines += markdown_table(
+            ["attribute", *names],
+            [
+                [
+                    a,
+                    *(
+                        _cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None}))
+                        for n in names
+                    ),
+                ]
+                for a in attrs
+            ],
+        )
         lines.append("")
     return "\n".join(lines)
