@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
+from pv2tea.data.attributes import multi_value_attributes
 from pv2tea.data.dataset import value_counts
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, departures, source_aware_report
@@ -55,7 +56,7 @@ from pv2tea.models.checkpoint import (
     warm_start_fingerprint,
 )
 from pv2tea.regularize.grounding import keep_grounded
-from pv2tea.train.loop import multi_value_attributes, train
+from pv2tea.train.loop import train
 
 TEA = [
     "vision.enabled=false",

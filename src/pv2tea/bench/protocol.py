@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, soft_labelled, weak_label
 from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
 from pv2tea.config import load_config, with_settings_of
+from pv2tea.data.attributes import multi_value_attributes
 from pv2tea.data.folds import product_folds
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import merge_departures, source_aware_report
@@ -49,7 +50,7 @@ from pv2tea.experiment import (
     score_predictor,
 )
 from pv2tea.models.checkpoint import checkpoint_exists, warm_start_fingerprint
-from pv2tea.train.loop import multi_value_attributes, train
+from pv2tea.train.loop import train
 
 # A frozen visual backbone with cached features (the text encoder as the preset says; `cpu` caches all but its top
 # layers): the only way the protocol fits half an hour per ImplicitAVE domain on 2 CPU cores. A product's rows (one per

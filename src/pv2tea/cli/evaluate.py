@@ -42,6 +42,7 @@ def evaluate(
     quiet_libraries()
     from itertools import islice
 
+    from pv2tea.data.attributes import multi_value_attributes
     from pv2tea.data.validate import iter_records
     from pv2tea.eval.metrics import Example, source_aware_report
     from pv2tea.eval.normalize import load_synonyms
@@ -60,7 +61,7 @@ def evaluate(
             fail(f"{data}: {missing} row(s) have no 'gold' value (first: {first}); evaluation needs gold")
         if not scan.n_valid:
             fail(f"{data}: no valid rows to evaluate")
-        multi = {**ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})}
+        multi: dict[str, bool] = ckpt.read_json(model, ckpt.PREPROCESS_FILE).get("multi_value", {})
         predictor = Predictor.from_checkpoint(model)
         cands = read_candidates(candidates)
         scored: list[tuple[tuple[str, ...], tuple[str, ...], str | None, str]] = []  # gold, pred, source, attribute
@@ -69,8 +70,7 @@ def evaluate(
             preds = predictor.predict(chunk, batch_size, num_beams, progress=True, candidates=cands)
             for r, p in zip(chunk, preds):
                 scored.append((tuple(r.gold or ()), tuple(p), r.source, r.attribute))
-                several = len(r.label) > 1 or len(r.gold or ()) > 1  # as train.loop.multi_value_attributes
-                multi[r.attribute] = multi.get(r.attribute, False) or several
+            multi = multi_value_attributes(chunk, multi)
         examples = [Example(g, p, src, attr, multi.get(attr, False)) for g, p, src, attr in scored]
         report = source_aware_report(examples, syn)
         report["skipped_rows"] = len(scan.bad_rows)

@@ -156,10 +156,10 @@ def weak_label_cmd(
         soft_labelled,
         weak_label,
     )
+    from pv2tea.data.attributes import multi_value_attributes
     from pv2tea.data.readers import RecordWriter
     from pv2tea.data.validate import iter_records
     from pv2tea.eval.report import format_report_table
-    from pv2tea.train.loop import multi_value_attributes
 
     if load and soft_train:
         fail("--soft-train fits extractors on --train: it cannot be used with --load")

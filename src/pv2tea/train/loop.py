@@ -29,6 +29,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from pv2tea.cache.build import training_cache
 from pv2tea.cache.store import FeatureCacheError
 from pv2tea.config import Config
+from pv2tea.data.attributes import multi_value_attributes as multi_value_attributes  # re-exported
 from pv2tea.data.dataset import (
     Preprocessor,
     RecordDataset,
@@ -357,15 +358,6 @@ def evaluate_records(
         for r, p in zip(records, preds)
     ]
     return source_aware_report(examples, synonyms), preds
-
-
-def multi_value_attributes(records: Sequence[Record]) -> dict[str, bool]:
-    """An attribute is multi-value when any of its labels or gold values has several values."""
-    out: dict[str, bool] = {}
-    for r in records:
-        several = len(r.label) > 1 or (r.gold is not None and len(r.gold) > 1)
-        out[r.attribute] = out.get(r.attribute, False) or several
-    return out
 
 
 def _scatter(values: np.ndarray, rows: Sequence[int], n: int) -> np.ndarray:
