@@ -28,6 +28,7 @@ import yaml
 from pv2tea.config import Config, ConfigError, config_differences, from_dict, load_config, upgrade_saved
 from pv2tea.data.attributes import multi_value_attributes
 from pv2tea.data.dataset import value_counts
+from pv2tea.data.products import product_key
 from pv2tea.data.schema import Record
 from pv2tea.eval.metrics import Example, departures, source_aware_report
 from pv2tea.eval.normalize import normalize_value
@@ -150,7 +151,7 @@ def retrieval_on(predictor: Predictor, records: Sequence[Record], batch_size: in
     model, pre = predictor.model, predictor.pre
     if not model.uses_contrast and model.itm_head is None:
         return None
-    products = list({(r.images[0], r.text): r for r in records if r.images}.values())
+    products = list({product_key(r): r for r in records if r.images}.values())
     if len(products) < 2:
         return None
     if model.itm_head is not None:  # binary matching: score every pair through the fusion

@@ -30,7 +30,7 @@ from pv2tea.bench.probes import image_features, probe_answers
 from pv2tea.bench.protocol import BENCH_OVERRIDES, ProtocolConfig, ProtocolRun, format_tables, run_protocol
 from pv2tea.bench.train import peak_rss_gib
 from pv2tea.config import load_config
-from pv2tea.data.folds import product_key
+from pv2tea.data.products import split_key
 from pv2tea.data.schema import Record
 from pv2tea.data.validate import load_dataset
 
@@ -130,7 +130,7 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
     label = cfg.name or Path(cfg.data).stem
     log(
         f"{label}: {len(text_rows)} text-labelled rows, {len(catalogue)} catalogue rows "
-        f"({len({product_key(r) for r in catalogue})} products), {len(candidates)} attributes"
+        f"({len({split_key(r) for r in catalogue})} products), {len(candidates)} attributes"
     )
     anchors = _probe_anchors(catalogue, cfg, log) if cfg.probes else None
     run = run_protocol(label, text_rows, catalogue, candidates, cfg.out / "runs", cfg, log, anchors)

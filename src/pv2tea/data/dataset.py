@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from pv2tea.config import Config
 from pv2tea.data.batch import Batch
 from pv2tea.data.images import load_rgb
+from pv2tea.data.products import product_key
 from pv2tea.data.schema import Record
 from pv2tea.eval.normalize import mention_position, normalize_value, split_answer
 
@@ -366,12 +367,12 @@ def candidate_lookup(candidates: Mapping, record: Record) -> list[str] | None:
 
 
 class RecordDataset(Dataset):
-    """Indexable records with a pair id per product (same images + text → same id)."""
+    """Indexable records with a pair id per product (same :func:`~pv2tea.data.products.product_key`, same id)."""
 
     def __init__(self, records: Sequence[Record]):
         self.records = list(records)
         keys: dict[tuple, int] = {}
-        self.pair_ids = [keys.setdefault((r.images, r.text), len(keys)) for r in self.records]
+        self.pair_ids = [keys.setdefault(product_key(r), len(keys)) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)

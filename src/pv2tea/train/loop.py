@@ -38,6 +38,7 @@ from pv2tea.data.dataset import (
     value_counts,
     value_vocabulary,
 )
+from pv2tea.data.products import product_key
 from pv2tea.data.schema import Record
 from pv2tea.decoding.generate import generate_values
 from pv2tea.eval.metrics import Example, source_aware_report
@@ -652,7 +653,7 @@ def setup(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg = copy.deepcopy(cfg)
-    n_products = len({(r.images, r.text) for r in records if r.images})
+    n_products = len({product_key(r) for r in records if r.images})
     cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
     ckpt_dir, final_dir, metrics_path = run_dir / "checkpoint", run_dir / "final", run_dir / "metrics.jsonl"
     if resume and not ckpt.checkpoint_exists(ckpt_dir) and not final_dir.exists():
