@@ -134,3 +134,34 @@ def test_crash_between_the_renames_keeps_a_checkpoint(tiny_config, tmp_path, mon
     target.rename(old)
     ckpt.save_checkpoint(target, model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre), pre.tokenizer)
     assert target.is_dir() and not old.exists() and not list(tmp_path.glob("ckpt.tmp-*"))
+
+
+def test_a_folder_with_the_copy_decoders_old_key_bias_loads_and_answers_the_same(tiny_config, tmp_path):
+    """Older model folders hold a bias of the copy decoder's keys; it adds one score to every position of a row, which
+    the softmax cancels: loading ignores it and the answers stay those of the model that had it."""
+    records = [
+        Record(id=f"r{i}", text=f"a {c} mug with dots", images=(), category="mug", attribute="color", label=(c,))
+        for i, c in enumerate(["red", "blue", "green"])
+    ]
+    tiny_config.decoder.copy = True
+    torch.manual_seed(0)
+    model, pre = build_for_training(tiny_config, ["mug"])
+    assert model.decoder.copy_key.bias is None
+    hidden = model.decoder.copy_key.out_features
+    model.decoder.copy_key.bias = torch.nn.Parameter(torch.randn(hidden))  # as older folders were trained
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = pre.collate(records, [0, 1, 2], [0, 1, 2], False)
+    ids_before = model.generate(batch, 101, 102, 0)
+    ckpt.save_checkpoint(
+        tmp_path / "old", model, tiny_config, model.bert_config.to_dict(), preprocess_state(pre), pre.tokenizer
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "old" / ckpt.MODEL_FILE), "pt") as f:
+        assert "decoder.copy_key.bias" in f.keys()
+    loaded = Predictor.from_checkpoint(tmp_path / "old")
+    assert loaded.model.decoder.copy_key.bias is None
+    assert torch.equal(loaded.model.generate(batch, 101, 102, 0), ids_before)

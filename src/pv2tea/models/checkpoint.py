@@ -40,6 +40,9 @@ PREPROCESS_FILE = "preprocess.json"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"  # SHA-256 and size of every other file of the folder, checked on loading
+# weights that older model folders hold and the model no longer has; ignored when loading (the copy decoder's key
+# bias: constant over the positions a row's softmax normalizes over, so it never affected an answer)
+OBSOLETE_KEY_SUFFIXES = ("copy_key.bias",)
 
 
 class CheckpointError(RuntimeError):
@@ -322,6 +325,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError) as exc:  # a folder without a manifest (older pv2tea) is not checked above
         raise unreadable_weights(path, exc) from None
+    unexpected = [k for k in unexpected if not k.endswith(OBSOLETE_KEY_SUFFIXES)]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"

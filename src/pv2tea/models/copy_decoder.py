@@ -31,7 +31,9 @@ class CopyDecoder(BertLMHeadModel):
         super().__init__(config)
         hidden = config.hidden_size
         self.copy_query = nn.Linear(hidden, hidden)
-        self.copy_key = nn.Linear(hidden, hidden)
+        # no bias: a key bias adds the same score q·b to every position of a row, which the softmax over positions
+        # cancels, so it would get no gradient and only drift under the optimizer's weight decay and rounding
+        self.copy_key = nn.Linear(hidden, hidden, bias=False)
         self.copy_gate = nn.Linear(2 * hidden, 1)
 
     def forward(
