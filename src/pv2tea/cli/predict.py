@@ -253,7 +253,7 @@ def calibrate(
         fail(str(exc))
     rows = calibration.meta["sample_rows"]
     table = Table(title=f"calibration on {rows} gold row(s) of {data}", show_edge=False)
-    for col in ("attribute", "rows", "extractor acc", "best λ", "fused acc", "fixed", "broke", "λ deployed"):
+    for col in ("attribute", "rows", "extractor acc", "best λ", "fused acc", "fixed", "broke", "λ deployed", "photo"):
         table.add_column(col, justify="left" if col == "attribute" else "right")
     for name, c in [*sorted(calibration.attributes.items()), ("(whole sample)", calibration.pooled)]:
         acc = percent_of(c.rows)
@@ -269,6 +269,9 @@ def calibrate(
             str(c.fixed),
             str(c.broke),
             deployed,
+            # whether the model reads the photo, with the sample's rows right only with it / only without it
+            ("yes" if c.image else "no")
+            + (f" ({c.image_fixed}/{c.image_broke})" if c.image_fixed or c.image_broke else ""),
         )
     out_console.print(table)
     console.print(
