@@ -125,8 +125,7 @@ class DecoderConfig:
     value_delimiter: str = ";"  # multi-value answers are one sequence "a ; b"
     # the order of the values in a multi-value training answer: "sorted" (alphabetical, whatever the text says) or
     # "text" (the order in which the product text first mentions them, unmentioned ones after, sorted), which a
-    # copying decoder can follow left to right; on the demo catalog (seed 0) it did not help (docs/history.md,
-    # 2026-12-01)
+    # copying decoder can follow left to right (measured: docs/method/decisions.md)
     value_order: ValueOrder = "sorted"
     num_beams: int = 1  # beam width of generation (1: greedy); --num-beams of predict/evaluate overrides it
     head: Head = "generate"  # "generate": BLIP-style decoder; "classify": classifier over the value vocabulary
@@ -209,8 +208,7 @@ class SchemesConfig:
     # shrinking the effective learning rate; false = Eq. 9 verbatim
     normalize_weights: bool = True
     # where normalize_weights rescales to mean 1: "all" rows together, or each "attribute" on its own (S3 then
-    # changes which rows an attribute learns from but not how much that attribute counts; with nr_chance=clip and
-    # no sharpening this was measured on the demo on 2026-11-25: F1 25.1 vs 31.4, docs/history.md)
+    # changes which rows an attribute learns from but not how much that attribute counts; docs/method/decisions.md)
     normalize_within: NormalizeWithin = "all"
     # not in the paper: s(X_n) ** nr_sharpness. Above 1 it widens the gap between labels S3 trusts and labels it
     # doubts (with nr_chance=soft, 0.67 vs 0.38 for pattern's right vs wrong demo labels becomes 0.20 vs 0.02 at 4)
@@ -231,9 +229,8 @@ class SchemesConfig:
     ungrounded_weight: float = 1.0
     # not in the paper: multiply each row's sample weight by its ``label_weight`` (how far to trust the weak
     # label, such as the extractor's confidence), taken relative to the other weighted rows of its attribute
-    # (rows without one count 1; regularize/grounding.py). On ImplicitAVE Home the TF-IDF extractor's confidence
-    # separates its right labels from its wrong ones (AUC 0.75) where S3's visual neighbours do not
-    # (docs/history.md, 2026-12-02). Off by default: the saved configs of runs made before it stay true to them
+    # (rows without one count 1; regularize/grounding.py). Off by default: measured without a gain
+    # (docs/method/decisions.md, "Measured and left off")
     label_weights: bool = False
     # not in the paper: during training, with this probability take the words of its label's values out of the
     # text of a row that has an image and whose label occurs in its text (regularize/grounding.py). The row then
@@ -243,7 +240,7 @@ class SchemesConfig:
     # how mention dropout takes the value out: "words" deletes the value's words, which can leave a hole
     # ("Color: ", "Available in ."); "sentence" drops every sentence or bullet line that
     # states the value and deletes the words only in the title, so the text reads like one that never stated it.
-    # Over 3 seeds on the demo catalog the two were level (docs/history.md, 2026-12-01)
+    # (measured: docs/method/decisions.md)
     mention_removal: MentionRemoval = "words"
 
 
