@@ -57,7 +57,8 @@ from pv2tea.train.loop import train
 # attribute) batched together and their text and image encoded once (train.product_batches): the same batches as
 # before where a product has one row (ImplicitAVE), fewer encoder passes on a catalogue with several.
 BENCH_OVERRIDES = ["vision.freeze=true", "train.product_batches=true"]
-# How every model of the protocol answers and how a fold's run keeps its warm start (docs/results.md, 2026-12-06):
+# How every model of the protocol answers and how a fold's run keeps its warm start (evidence: docs/method/decisions.md,
+# "The ImplicitAVE protocol"):
 # ImplicitAVE lists each attribute's options, so the models classify over the values seen in training instead of
 # generating them (the warm start then reaches the TF-IDF extractor on all three domains in half the time); the warm
 # start learns from the extractor's out-of-fold class probabilities as well as the labels (loss.soft_label_weight =
@@ -104,15 +105,11 @@ class ProtocolConfig:
     # text-only rows of the domain's train.tsv they come from (-1: all; None: text_rows, i.e. one fixed sample seen
     # every epoch); a pool larger than text_rows gives a fresh draw each epoch (train.image_less_per_epoch)
     text_pool: int | None = None
-    # epochs of each fold's run. On Food's 5 folds (docs/history.md, 2026-12-02) 5 epochs gave PV2TEA 56.2 F1
-    # against 53.8 at 10 (TEA 56.9 vs 57.2) in half the time (Food and Home with tea,pv2tea: 45 and about 61 min
-    # with pretraining)
+    # epochs of each fold's run (5: as good as 10 in half the time; docs/method/decisions.md)
     epochs: int = 5
     # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
-    # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model.
-    # docs/history.md (2026-12-02): 2 epochs gave TEA +1.8 to +8.8 F1 and PV2TEA 0 to +4.9 on the quick protocol;
-    # 6 epochs brought PV2TEA another 9.4-11.0 up; classifying (2026-12-06), the warm start alone reaches the TF-IDF
-    # extractor on Clothing, Food and Home (-0.7 to +2.1 F1, full protocol)
+    # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model
+    # (docs/method/decisions.md)
     text_pretrain: int = 6
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
