@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -58,6 +57,7 @@ def train(
     from pv2tea.config import load_config, upgrade_saved
     from pv2tea.demo import data_report
     from pv2tea.experiment import VARIANTS
+    from pv2tea.launcher import launched_rank
     from pv2tea.train.loop import train as run_training
 
     if variant is not None and variant not in VARIANTS:
@@ -88,7 +88,7 @@ def train(
         )
     except expected_errors() as exc:
         fail(str(exc))
-    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: rank 0 reports
+    if launched_rank() != 0:  # under torchrun / accelerate launch: rank 0 reports
         return
     console.print(f"trained in {result.seconds:.0f} s; model: {result.final_dir}")
     if result.val_report:

@@ -28,6 +28,7 @@ from typing import Any
 
 from pv2tea.data.schema import DataValidationError, RowError
 from pv2tea.data.validate import DatasetScan, iter_records, scan_dataset
+from pv2tea.launcher import launched_rank, launched_world_size
 
 __all__ = [
     "FileResult",
@@ -63,9 +64,7 @@ class Shard:
 
 def launched_shard() -> Shard:
     """The share the launcher gave this process (``RANK``, ``WORLD_SIZE``; one process without a launcher)."""
-    # read here, not through train.distributed: inference and training do not import each other
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world_size, rank = launched_world_size(), launched_rank()
     if world_size < 1 or not 0 <= rank < world_size:
         raise JobError(f"RANK={rank} and WORLD_SIZE={world_size} set by the launcher do not describe a process")
     return Shard(rank, world_size)

@@ -14,7 +14,6 @@ rank 0 writes the run folder. One process without a launcher runs exactly the si
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -26,11 +25,6 @@ from pv2tea.config import Config
 
 class DistributedError(RuntimeError):
     """A launch or setting this process group cannot train with, said in one message."""
-
-
-def launched_rank() -> int:
-    """This process's rank as the launcher set it (0 without a launcher), before any process group exists."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def make_accelerator(cfg: Config):
