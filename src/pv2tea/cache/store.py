@@ -35,6 +35,7 @@ import torch
 from safetensors.numpy import save_file
 
 from pv2tea.cache.identity import DIGEST_BYTES, file_digest, identity_differences, text_digest
+from pv2tea.data.schema import Record
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -361,8 +362,8 @@ def _open_section(directory: Path, names: Sequence[str], kind: str) -> _Section:
 
 
 class FeatureStore:
-    """A complete cache folder opened for reading: the interface of :class:`pv2tea.train.feature_cache.FeatureCache`
-    (``has_images``, ``image_tokens``, ``has_texts``, ``text_states``) over rows read from disk on demand.
+    """A complete cache folder opened for reading: a :class:`pv2tea.data.dataset.FeatureCache` (``has_images``,
+    ``image_tokens``, ``has_texts``, ``text_states``) over rows read from disk on demand.
 
     Images are looked up by the digest of their file (``image_digests``: path → digest computed beforehand for the
     paths of a run, others hashed when first asked for), texts by the digest of the cropped text. In memory: the
@@ -437,7 +438,7 @@ class FeatureStore:
         """(n,) bool: which text digests the cache holds."""
         return self.sections["texts"].find(digests) >= 0
 
-    def has_images(self, records, positions: int) -> bool:
+    def has_images(self, records: Sequence[Record], positions: int) -> bool:
         """Whether the cache holds the first ``positions`` images of every record (without any image: any at all)."""
         paths = [p for r in records for p in r.images[:positions]]
         if not paths:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Protocol
 
 import timm.data
 import torch
@@ -97,6 +97,38 @@ def value_classes_of(values: dict[str, list[str]]) -> list[tuple[str, str]]:
     return [(a, v) for a in sorted(values) for v in values[a]]
 
 
+class FeatureCache(Protocol):
+    """Frozen backbones' outputs that :meth:`Preprocessor.collate` reads instead of pixels and tokens: in memory for
+    one run (:class:`pv2tea.train.feature_cache.MemoryFeatureCache`) or in a folder on disk
+    (:class:`pv2tea.cache.store.FeatureStore`). Images are looked up by path, texts by their cropped string."""
+
+    @property
+    def n_images(self) -> int:
+        """The number of images cached."""
+        ...
+
+    @property
+    def n_texts(self) -> int:
+        """The number of texts cached."""
+        ...
+
+    def has_images(self, records: Sequence[Record], positions: int) -> bool:
+        """Whether the first ``positions`` images of every record are cached."""
+        ...
+
+    def has_texts(self, texts: Sequence[str]) -> bool:
+        """Whether the states of every (cropped) text are cached."""
+        ...
+
+    def image_tokens(self, paths: Sequence[str | None]) -> torch.Tensor:
+        """(B, N, C) cached backbone tokens; zeros where the path is None (no image at that position)."""
+        ...
+
+    def text_states(self, texts: Sequence[str], mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) cached text states aligned with the batch's padded token mask (B, T)."""
+        ...
+
+
 @dataclass
 class Preprocessor:
     """Turns records into a model's :class:`~pv2tea.data.batch.Batch`: text crop and tokens, question prompt, answer
@@ -127,8 +159,7 @@ class Preprocessor:
     # (decoder.prior_correction); a distilled run's mixes in its teacher's (distilled_value_counts); empty for models
     # trained before it was recorded
     value_counts: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    # cached frozen-backbone outputs (pv2tea.train.feature_cache.FeatureCache); not saved with checkpoints
-    cache: Any = None
+    cache: FeatureCache | None = None  # cached frozen-backbone outputs; not saved with checkpoints
 
     def __post_init__(self) -> None:
         self.transform = BoundedResize(
@@ -203,8 +234,10 @@ class Preprocessor:
         )
         extra = self.cfg.vision.max_images - 1
         vision = self.cfg.vision.enabled
-        cached_images = vision and self.cache is not None and self.cache.has_images(records, extra + 1)
-        if cached_images:
+        cache = self.cache
+        # where the cache holds every row's images, their backbone tokens are read from it instead of the pixels
+        image_cache = cache if vision and cache is not None and cache.has_images(records, extra + 1) else None
+        if image_cache is not None:
             images, has_image = None, torch.tensor([len(r.images) > 0 for r in records])
         else:
             tensors = [self.image_tensor(r) for r in records]
@@ -223,15 +256,15 @@ class Preprocessor:
             index=torch.tensor(list(indices)),
             multi_value=torch.tensor([self.multi_value.get(r.attribute, False) for r in records]),
         )
-        if self.cache is not None and self.cache.has_texts(cropped):
-            batch.text_hidden = self.cache.text_states(cropped, batch.text_mask)
-        if cached_images:
-            batch.image_feats = self.cache.image_tokens([r.images[0] if r.images else None for r in records])
+        if cache is not None and cache.has_texts(cropped):
+            batch.text_hidden = cache.text_states(cropped, batch.text_mask)
+        if image_cache is not None:
+            batch.image_feats = image_cache.image_tokens([r.images[0] if r.images else None for r in records])
             if extra > 0 and any(len(r.images) > 1 for r in records):
                 batch.extra_mask = torch.tensor([[len(r.images) > k for k in range(1, extra + 1)] for r in records])
                 batch.extra_feats = torch.stack(
                     [
-                        self.cache.image_tokens(
+                        image_cache.image_tokens(
                             [r.images[k] if len(r.images) > k else None for k in range(1, extra + 1)]
                         )
                         for r in records

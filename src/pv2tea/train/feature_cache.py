@@ -21,11 +21,22 @@ from pv2tea.data.schema import Record
 
 
 @dataclass
-class FeatureCache:
-    """Frozen backbones' outputs kept in memory for one run, by image path and cropped text."""
+class MemoryFeatureCache:
+    """Frozen backbones' outputs kept in memory for one run, by image path and cropped text: a
+    :class:`pv2tea.data.dataset.FeatureCache`."""
 
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # path → (N, C) backbone tokens
     texts: dict[str, torch.Tensor] = field(default_factory=dict)  # cropped text → (T_i, H) states
+
+    @property
+    def n_images(self) -> int:
+        """The number of images cached."""
+        return len(self.images)
+
+    @property
+    def n_texts(self) -> int:
+        """The number of texts cached."""
+        return len(self.texts)
 
     def has_images(self, records: Sequence[Record], positions: int) -> bool:
         """Whether the first ``positions`` images of every record are cached."""
@@ -58,11 +69,11 @@ class FeatureCache:
 @torch.no_grad()
 def build_feature_cache(
     model, pre, records: Sequence[Record], batch_size: int = 32, progress: bool = False
-) -> FeatureCache:
+) -> MemoryFeatureCache:
     """Encode the distinct images (when ``vision.freeze``) and texts (through the frozen text layers: all with
     ``text.freeze``, the bottom ones with ``text.train_layers``) of records."""
     cfg = model.cfg
-    cache = FeatureCache()
+    cache = MemoryFeatureCache()
     was_training = model.training
     model.eval()
     if model.visual is not None and cfg.vision.freeze:

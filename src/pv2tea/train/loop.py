@@ -31,6 +31,7 @@ from pv2tea.cache.store import FeatureCacheError
 from pv2tea.config import Config
 from pv2tea.data.attributes import multi_value_attributes as multi_value_attributes  # re-exported
 from pv2tea.data.dataset import (
+    FeatureCache,
     Preprocessor,
     RecordDataset,
     distilled_value_counts,
@@ -804,9 +805,10 @@ def _cache_features(
     read lazily) or in memory."""
     main = accelerator.is_main_process
     cache_t0 = time.time()
+    cache: FeatureCache
     if cfg.train.feature_cache_dir:  # on disk, read lazily (pv2tea/cache)
         try:
-            pre.cache = training_cache(
+            cache = training_cache(
                 cfg.train.feature_cache_dir,
                 model,
                 pre,
@@ -820,14 +822,13 @@ def _cache_features(
             )
         except FeatureCacheError as err:
             raise TrainingError(str(err)) from err
-        n_images, n_texts = pre.cache.n_images, pre.cache.n_texts
     else:
-        pre.cache = build_feature_cache(model, pre, records, cfg.train.eval_batch_size, progress)
-        n_images, n_texts = len(pre.cache.images), len(pre.cache.texts)
+        cache = build_feature_cache(model, pre, records, cfg.train.eval_batch_size, progress)
+    pre.cache = cache
     log.info(
         "cached %d image and %d text feature(s) of the frozen backbone(s) in %.1f s",
-        n_images,
-        n_texts,
+        cache.n_images,
+        cache.n_texts,
         time.time() - cache_t0,
     )
 
