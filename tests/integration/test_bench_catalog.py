@@ -284,6 +284,8 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
     assert set(catalog["attributes"]) == {"Colour", "Pattern"}
     assert catalog["p"]["tea"]["vs_tea"] is None and set(catalog["p"]) == set(catalog["overall"])
     assert catalog["seconds"] > 0 and catalog["peak_rss_gb"] > 0
+    assert set(catalog["rows_per_s"]) == {"text_pretrain", "tea", "pv2tea"}
+    assert all(rate > 0 for rate in catalog["rows_per_s"].values())
     # no text names the pattern ('stripes' is not 'Striped'): no F1 on text rows, and the GAP left out
     assert all(v["f1_text"] is None for v in catalog["attributes"]["Pattern"].values())
     assert all(v["f1_image"] is not None for v in catalog["attributes"]["Pattern"].values())
@@ -325,6 +327,33 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
     assert {k: v for k, v in again.items() if k not in ("seconds", "peak_rss_gb")} == {
         k: v for k, v in catalog.items() if k not in ("seconds", "peak_rss_gb")
     }
+
+
+def test_training_rates_count_the_rows_of_finished_epochs_per_second(tmp_path):
+    from pv2tea.bench.catalog import training_rates
+
+    def run(folder, batch, accumulation, epochs):
+        folder.mkdir(parents=True)
+        train = {"train": {"batch_size": batch, "grad_accumulation_steps": accumulation}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(train))
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in epochs) + "\n")
+
+    run(tmp_path / "text_pretrain", 16, 1, [{"epoch": 1, "step": 10, "finished": True, "seconds": 4.0}])
+    for k in range(2):  # two folds of one variant pool their rows and seconds
+        run(
+            tmp_path / f"fold_{k}" / "pv2tea" / "seed_0",
+            8,
+            2,
+            [
+                {"epoch": 1, "step": 5, "finished": True, "seconds": 2.0},
+                {"epoch": 2, "step": 8, "finished": True, "seconds": 1.0 + k},
+                {"epoch": 3, "step": 9, "finished": False, "seconds": 9.0},  # an unfinished epoch is left out
+            ],
+        )
+    (tmp_path / "fold_0" / "tea" / "seed_0").mkdir(parents=True)
+    (tmp_path / "fold_0" / "tea" / "seed_0" / "metrics.jsonl").write_text("not json\n")  # unreadable: left out
+    rates = training_rates(tmp_path)
+    assert rates == {"pv2tea": round(2 * 8 * 16 / 7.0, 1), "text_pretrain": 40.0}
 
 
 def test_sample_products_keeps_whole_products_and_is_stable():

@@ -142,6 +142,7 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
         "split": {"text_rows": len(text_rows), "catalogue_rows": len(catalogue), "candidates": candidates},
         "seconds": time.perf_counter() - start,
         "peak_rss_gb": peak_rss_gib(),
+        "rows_per_s": training_rates(cfg.out / "runs"),
     }
     (cfg.out / "bench.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (cfg.out / "tables.md").write_text(format_tables(results) + "\n" + format_source_table(results))
@@ -149,6 +150,32 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
     (cfg.out / "summary.json").write_text(json.dumps(headline, indent=2))
     _report(run, cfg, headline["catalog"], label)
     return results
+
+
+def training_rates(runs: Path) -> dict[str, float]:
+    """Training rows per second of wall time by model (the text pretraining, each variant over its folds and seeds):
+    the rows of the finished epochs (steps x ``train.batch_size`` x ``train.grad_accumulation_steps``, as each run's
+    ``config.yaml`` says) over their seconds (S3's weights included), from the runs' ``metrics.jsonl``."""
+    import yaml
+
+    rows: dict[str, float] = defaultdict(float)
+    seconds: dict[str, float] = defaultdict(float)
+    for metrics in sorted(runs.glob("**/metrics.jsonl")):
+        folder = metrics.parent
+        name = folder.name if folder.name == "text_pretrain" else folder.parent.name  # fold_k/VARIANT/seed_s
+        try:
+            train_cfg = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train", {})
+            per_step = int(train_cfg.get("batch_size", 1)) * int(train_cfg.get("grad_accumulation_steps", 1))
+            epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # a run without a readable record is left out of the rate
+        previous = 0
+        for e in epochs:
+            if e.get("finished") and isinstance(e.get("step"), int) and e.get("seconds"):
+                rows[name] += (e["step"] - previous) * per_step
+                seconds[name] += float(e["seconds"])
+                previous = e["step"]
+    return {name: round(rows[name] / seconds[name], 1) for name in sorted(rows) if seconds[name] > 0}
 
 
 def _report(run: ProtocolRun, cfg: CatalogBenchConfig, headline: dict[str, Any], label: str) -> None:
@@ -239,6 +266,7 @@ def catalog_headline(results: dict[str, Any]) -> dict[str, Any]:
             "p": p,
             "seconds": round(results.get("seconds", 0.0), 1),
             "peak_rss_gb": round(results.get("peak_rss_gb", 0.0), 2),
+            "rows_per_s": results.get("rows_per_s", {}),
         }
     }
 
@@ -267,4 +295,12 @@ def format_source_table(results: dict[str, Any]) -> str:
             f"| {variant} | {cell(s['f1'])} | {cell(s['f1_text'])} | {cell(s['f1_image'])} | {cell(s['gap'])} "
             f"| {pcell(q['vs_extractor'])} | {pcell(q['vs_tea'])} |"
         )
+    rates = head.get("rows_per_s") or {}
+    if rates:
+        lines += [
+            "",
+            f"Training speed, rows per second of wall time (S3 included), in {head['seconds'] / 60:.0f} minutes "
+            f"for the whole run at {head['peak_rss_gb']:.2f} GB peak: "
+            + ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()),
+        ]
     return "\n".join(lines) + "\n"
