@@ -280,3 +280,39 @@ def test_the_service_answers_with_the_calibration(tiny_trained):
             assert g == [max(cands[r.attribute], key=lambda c: prior.get(c.lower(), 0.0))]
     with pytest.raises(ValueError, match="needs --extractor"):
         create_app(predictor, candidates=cands, calibration=calibration)
+
+
+def test_one_fold_is_calibrated_within_itself_each_half_on_the_other():
+    """The quick protocol has one fold: each half of its held-out products is answered with the calibration fitted on
+    the other half's gold, never on its own rows."""
+    from pv2tea.bench.calibrated import halves_calibrated_report, product_halves
+    from pv2tea.data.schema import Record
+    from pv2tea.decoding.calibration import ScoredRow
+
+    records, rows = [], []
+    for i in range(120):
+        for attribute in ("colour", "sleeve"):
+            gold = "red"
+            records.append(Record(f"p{i}-{attribute}", "t", (f"img/{i}.jpg",), "c", attribute, ("blue",), gold=(gold,)))
+            # the model is right on every row, the extractor wrong: every half's calibration trusts the model
+            rows.append(
+                ScoredRow(attribute, ("red", "blue"), np.log([0.9, 0.1]), np.log([0.3, 0.7]), frozenset({gold}))
+            )
+    half = product_halves(records)
+    assert set(half) == {0, 1}
+    assert all(half[2 * i] == half[2 * i + 1] for i in range(120))  # a product's rows in one half
+    report, detail = halves_calibrated_report(rows, records, {"colour": False, "sleeve": False}, {})
+    assert detail["halves"] and detail["pool_rows"] == [half.count(1), half.count(0)]
+    assert all(w == [pytest.approx(w[0])] * 2 and w[0] > 0 for w in detail["model_weight"].values())
+    assert report["overall"]["f1"] == 100.0
+    # a half whose own rows would say "trust the model" but whose other half says "keep the extractor" keeps the
+    # extractor: the calibration is never fitted on the rows it answers
+    flipped = [
+        ScoredRow(r.attribute, r.candidates, r.model, r.extractor, frozenset({"blue"})) if k == 1 else r
+        for r, k in zip(rows, half)
+    ]
+    flipped_records = [replace(r, gold=("blue",)) if k == 1 else r for r, k in zip(records, half)]
+    report, detail = halves_calibrated_report(flipped, flipped_records, {"colour": False, "sleeve": False}, {})
+    weights = detail["model_weight"]["colour"]
+    assert weights[0] == 0.0 and weights[1] > 0  # half 0 calibrated on half 1 (model wrong there), and the reverse
+    assert report["overall"]["accuracy"] == 0.0  # so each half gets the other half's choice, wrong on its own rows

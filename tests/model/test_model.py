@@ -642,7 +642,6 @@ def test_copy_decoder_copies_the_attended_text_token(tiny_text_ckpt, image_paths
         dec.copy_query.weight.zero_()
         dec.copy_query.bias.zero_()
         dec.copy_key.weight.zero_()
-        dec.copy_key.bias.zero_()
     target = 2  # second word piece of the text ("ceramic" side of "red ceramic mug ...")
     mask = torch.zeros_like(batch.text_mask)
     mask[:, target] = 1

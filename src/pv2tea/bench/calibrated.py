@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from pv2tea.data.products import split_key
 from pv2tea.data.schema import Record
 from pv2tea.decoding.calibration import (
     Calibration,
     CalibrationConfig,
+    Choice,
     ScoredRow,
     calibrated_answer,
     fit_calibration,
@@ -184,4 +186,57 @@ def calibrated_reports(
         "z": config.z,
         "min_rows": config.min_rows,
         "draws": SAMPLE_DRAWS,
+    }
+
+
+def product_halves(records: Sequence[Record]) -> list[int]:
+    """0 or 1 per record, a stable hash of its product (:func:`~pv2tea.data.products.split_key`): a product's rows
+    fall in the same half wherever they are."""
+    return [hashlib.sha256(split_key(r).encode()).digest()[0] % 2 for r in records]
+
+
+def halves_calibrated_report(
+    rows: FoldRows,
+    test: Sequence[Record],
+    multi: dict[str, bool],
+    candidates: Mapping,
+    config: CalibrationConfig | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The calibrated report of one fold when it is the only one (the quick protocol): its held-out products split
+    in two halves by product, each half answered with the calibration fitted on the other half's gold (cross-fitting
+    within the fold), the report over both. Returns (report, details as :func:`calibrated_reports` gives them)."""
+    config = config or CalibrationConfig()
+    half = product_halves(test)
+    answers: list[list[str]] = [[] for _ in test]
+    chosen: list[Calibration] = []
+    pools = []
+    for h in (0, 1):
+        pool = [row for row, k in zip(rows, half) if k != h and row is not None]
+        pools.append(len(pool))
+        if pool:
+            calibration = fit_calibration(pool, config)
+        else:  # every product in one half: nothing to calibrate the other on, so the extractor answers it
+            calibration = Calibration(Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, "pooled"), {}, config)
+        chosen.append(calibration)
+        mine = [i for i, k in enumerate(half) if k == h]
+        for i, a in zip(mine, _answers([rows[i] for i in mine], [test[i] for i in mine], calibration)):
+            answers[i] = a
+    report = _report(test, answers, multi, candidates)
+    report["calibration"] = [c.to_json() for c in chosen]
+    attributes = sorted({a for c in chosen for a in c.attributes})
+    weighed = any(row is not None and row.model_text is not None for row in rows)
+    return report, {
+        "sample_size_f1": {"all": report["overall"]["f1"]},
+        "guard_z_f1": {},
+        "model_weight": {
+            a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes
+        },
+        "image": {
+            a: [c.attributes[a].image if weighed and a in c.attributes else None for c in chosen] for a in attributes
+        },
+        "pool_rows": pools,
+        "z": config.z,
+        "min_rows": config.min_rows,
+        "draws": 0,
+        "halves": True,  # calibrated within the one fold: each half of its products on the other half's gold
     }

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, soft_labelled, weak_label
-from pv2tea.bench.calibrated import SCORES_FILE, FoldRows, calibrated_reports, fold_scored_rows
+from pv2tea.bench.calibrated import (
+    SCORES_FILE,
+    FoldRows,
+    calibrated_reports,
+    fold_scored_rows,
+    halves_calibrated_report,
+)
 from pv2tea.config import load_config, with_settings_of
 from pv2tea.data.attributes import multi_value_attributes
 from pv2tea.data.folds import product_folds
@@ -434,16 +440,21 @@ def _add_calibrated(
 ) -> dict[str, dict[str, Any]]:
     """``<model>+calibrated`` rows in ``reports`` (fold-major, seeds inner, as the other rows), in place: each
     fold's model next to the extractor with per-attribute shares calibrated on the other folds' held-out gold
-    (:mod:`pv2tea.bench.calibrated`); needs candidate lists and at least two folds. Returns each row's details
+    (:mod:`pv2tea.bench.calibrated`), or with one fold, on the other half of its own held-out products; needs
+    candidate lists. Returns each row's details
     (chosen shares, the F1 by calibration sample size and by guard; the first seed's)."""
     details: dict[str, dict[str, Any]] = {}
-    if not candidates or len(tests) < 2:
+    if not candidates or not tests:
         return details
     for name in dict.fromkeys(n for n, _ in scored):
         seeds = [s for n, s in scored if n == name]
         if any(len(scored[(name, s)]) != len(tests) for s in seeds):
             continue  # a fold without a final model (cannot happen after a finished run)
-        per_seed = {s: calibrated_reports(scored[(name, s)], tests, multi, candidates) for s in seeds}
+        if len(tests) == 1:  # one fold (--quick): calibrated within it, each half of its products on the other's gold
+            one = {s: halves_calibrated_report(scored[(name, s)][0], tests[0], multi, candidates) for s in seeds}
+            per_seed = {s: ([report], detail) for s, (report, detail) in one.items()}
+        else:
+            per_seed = {s: calibrated_reports(scored[(name, s)], tests, multi, candidates) for s in seeds}
         row = f"{name}{CALIBRATED_SUFFIX}"
         reports[row] = [per_seed[s][0][fold] for fold in range(len(tests)) for s in seeds]
         details[row] = per_seed[seeds[0]][1]
@@ -564,7 +575,8 @@ def format_tables(results: dict[str, Any]) -> str:
             lines += [
                 "",
                 "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
-                "λ per attribute fitted on the other folds' held-out gold rows (`pv2tea calibrate`; λ = 0 keeps "
+                "λ per attribute fitted on the other folds' held-out gold rows (with one fold: each half of its "
+                "held-out products on the other half's gold) (`pv2tea calibrate`; λ = 0 keeps "
                 "the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
                 "from that pool, mean over folds × draws) and by the guard's z (the whole pool):",
                 "",
