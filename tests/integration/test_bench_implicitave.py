@@ -120,6 +120,10 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
         "tea+extractor",
         "pv2tea+extractor",
         "pv2tea+no_images",
+        # one fold: calibrated within it, each half of its held-out products on the other half's gold
+        "text_pretrain+calibrated",
+        "tea+calibrated",
+        "pv2tea+calibrated",
     }
     for scores in home.values():
         assert 0.0 <= scores["f1"] <= 100.0 and 0.0 <= scores["accuracy"] <= 100.0
