@@ -124,6 +124,21 @@ def _pool(folds: Sequence[FoldRows], k: int) -> list[ScoredRow]:
     return [row for j, rows in enumerate(folds) if j != k for row in rows if row is not None]
 
 
+def _chosen(chosen: Sequence[Calibration], rows: FoldRows) -> dict[str, dict[str, list]]:
+    """Per attribute, each calibration's λ (``model_weight``) and whether it reads the photo (``image``; None for
+    every calibration when no row was scored without its photo: a model without a visual path)."""
+    attributes = sorted({a for c in chosen for a in c.attributes})
+    weighed = any(row is not None and row.model_text is not None for row in rows)
+
+    def per(attribute: str, field: str) -> list:
+        return [getattr(c.attributes[attribute], field) if attribute in c.attributes else None for c in chosen]
+
+    return {
+        "model_weight": {a: per(a, "model_weight") for a in attributes},
+        "image": {a: per(a, "image") if weighed else [None] * len(chosen) for a in attributes},
+    }
+
+
 def calibrated_reports(
     folds: Sequence[FoldRows],
     tests: Sequence[Sequence[Record]],
@@ -172,16 +187,11 @@ def calibrated_reports(
         )
         for z in GUARD_Z
     }
-    attributes = sorted({a for c in chosen for a in c.attributes})
-    lambdas = {a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes}
-    weighed = any(row is not None and row.model_text is not None for rows in folds for row in rows)  # a visual path
-    photo = {a: [c.attributes[a].image if weighed and a in c.attributes else None for c in chosen] for a in attributes}
     pool_sizes = [len(_pool(folds, k)) for k in range(len(folds))]
     return reports, {
         "sample_size_f1": curve,
         "guard_z_f1": guard,
-        "model_weight": lambdas,
-        "image": photo,  # per attribute and fold: whether the deployed model reads the photo
+        **_chosen(chosen, [row for rows in folds for row in rows]),
         "pool_rows": pool_sizes,
         "z": config.z,
         "min_rows": config.min_rows,
@@ -223,17 +233,10 @@ def halves_calibrated_report(
             answers[i] = a
     report = _report(test, answers, multi, candidates)
     report["calibration"] = [c.to_json() for c in chosen]
-    attributes = sorted({a for c in chosen for a in c.attributes})
-    weighed = any(row is not None and row.model_text is not None for row in rows)
     return report, {
         "sample_size_f1": {"all": report["overall"]["f1"]},
         "guard_z_f1": {},
-        "model_weight": {
-            a: [c.attributes[a].model_weight if a in c.attributes else None for c in chosen] for a in attributes
-        },
-        "image": {
-            a: [c.attributes[a].image if weighed and a in c.attributes else None for c in chosen] for a in attributes
-        },
+        **_chosen(chosen, rows),
         "pool_rows": pools,
         "z": config.z,
         "min_rows": config.min_rows,

@@ -7,6 +7,7 @@ Each prints its tables and, as its last line, one JSON object of its headline fi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -211,19 +212,32 @@ def bench_train(
     quiet_libraries()
     from pv2tea.bench.train import TrainBenchConfig, format_table, run_train_bench
 
+    settings = lambda: {  # noqa: E731  (parsed inside the bench's error handling)
+        "config": config or "cpu",
+        "overrides": tuple(overrides or ()),
+        "memory_sizes": tuple(int(n) for n in csv_items(memory_sizes)),
+        "processes": tuple(int(n) for n in csv_items(processes)),
+        "threads": threads,
+    }
+    _run_and_print(TrainBenchConfig, settings, quick, run_train_bench, format_table)
+
+
+def _run_and_print(
+    config_type: Any,
+    settings: Callable[[], dict[str, Any]],
+    quick: bool,
+    run: Callable[..., dict[str, Any]],
+    table: Callable[[dict[str, Any]], Any],
+) -> None:
+    """Build a speed bench's config (its ``quick`` form with ``--quick``), run it, print its table and, last, its
+    result as one JSON line; a bad setting or a failed run is one clear error line."""
     try:
-        settings: dict[str, Any] = {
-            "config": config or "cpu",
-            "overrides": tuple(overrides or ()),
-            "memory_sizes": tuple(int(n) for n in csv_items(memory_sizes)),
-            "processes": tuple(int(n) for n in csv_items(processes)),
-            "threads": threads,
-        }
-        cfg = TrainBenchConfig.quick(**settings) if quick else TrainBenchConfig(**settings)
-        result = run_train_bench(cfg, log=log)
+        values = settings()
+        cfg = config_type.quick(**values) if quick else config_type(**values)
+        result = run(cfg, log=log)
     except expected_errors(RuntimeError) as exc:
         fail(str(exc))
-    out_console.print(format_table(result))
+    out_console.print(table(result))
     print(json.dumps(result))
 
 
@@ -249,19 +263,8 @@ def bench_extract(
     quiet_libraries()
     from pv2tea.bench.extract import ExtractBenchConfig, format_table, run_extract_bench
 
-    try:
-        settings: dict[str, Any] = {
-            "model": model,
-            "candidates": candidates,
-            "batch_size": batch_size,
-            "threads": threads,
-        }
-        cfg = ExtractBenchConfig.quick(**settings) if quick else ExtractBenchConfig(**settings)
-        result = run_extract_bench(cfg, log=log)
-    except expected_errors(RuntimeError) as exc:
-        fail(str(exc))
-    out_console.print(format_table(result))
-    print(json.dumps(result))
+    settings = lambda: {"model": model, "candidates": candidates, "batch_size": batch_size, "threads": threads}  # noqa: E731
+    _run_and_print(ExtractBenchConfig, settings, quick, run_extract_bench, format_table)
 
 
 @app.command("serve")
