@@ -21,6 +21,7 @@ from pv2tea.decoding.calibration import (
     fused_pick,
     load_calibration,
     passes_guard,
+    row_weights,
     scored_rows,
 )
 
@@ -85,7 +86,7 @@ def test_ties_stay_with_the_extractor():
 def test_small_attributes_take_the_pooled_choice_and_unknown_attributes_too():
     good = [row("big", 0.9, 0.2, "red")] * 30  # the model fixes all 30
     few = [row("small", 0.1, 0.8, "red")] * 3  # the model breaks all 3
-    calibration = fit_calibration(good + few, CalibrationConfig(min_rows=20))
+    calibration = fit_calibration(good + few, CalibrationConfig(min_rows=20, objective="accuracy"))
     assert calibration.attributes["big"].source == "attribute" and calibration.attributes["big"].model_weight > 0
     small = calibration.attributes["small"]
     assert small.source == "pooled" and small.model_weight == calibration.pooled.model_weight
@@ -95,17 +96,85 @@ def test_small_attributes_take_the_pooled_choice_and_unknown_attributes_too():
     assert answers[0] == "red"
 
 
-def test_calibration_never_below_the_extractor_on_its_own_sample():
+@pytest.mark.parametrize("objective", ["accuracy", "balanced"])
+def test_calibration_never_below_the_extractor_on_its_own_sample(objective):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(200):
         m, e = rng.uniform(0.05, 0.95, size=2)
-        rows.append(row(f"a{i % 4}", float(m), float(e), "red" if rng.random() < 0.5 else "blue"))
-    calibration = fit_calibration(rows, CalibrationConfig(z=0.0, min_rows=1))
+        rows.append(row(f"a{i % 4}", float(m), float(e), "red" if rng.random() < 0.8 else "blue"))
+    calibration = fit_calibration(rows, CalibrationConfig(z=0.0, min_rows=1, objective=objective))
     answers = apply_calibration(rows, calibration)
     extractor = [r.candidates[fused_pick(r, 0.0)] for r in rows]
-    right = sum(a in r.gold for a, r in zip(answers, rows))
-    assert right >= sum(a in r.gold for a, r in zip(extractor, rows))
+    for attribute in {r.attribute for r in rows}:  # on the objective's own measure, attribute by attribute
+        mine = [i for i, r in enumerate(rows) if r.attribute == attribute]
+        weights = row_weights([rows[i] for i in mine], objective)
+        right = sum(w for w, i in zip(weights, mine) if answers[i] in rows[i].gold)
+        assert right >= sum(w for w, i in zip(weights, mine) if extractor[i] in rows[i].gold) - 1e-9
+        choice = calibration.attributes[attribute]
+        assert choice.fused_score == pytest.approx(100 * right / len(mine))
+        assert choice.fused_score >= choice.extractor_score
+
+
+def test_row_weights_make_each_value_weigh_alike():
+    rows = [row("a", 0.5, 0.5, "red")] * 6 + [row("a", 0.5, 0.5, "blue")] * 2 + [row("b", 0.5, 0.5, "red")] * 2
+    assert list(row_weights(rows, "accuracy")) == [1.0] * 10
+    w = row_weights(rows, "balanced")
+    assert w.mean() == pytest.approx(1.0)
+    # three (attribute, value) classes, each a third of the total weight
+    assert w[:6].sum() == pytest.approx(w[6:8].sum()) == pytest.approx(w[8:].sum()) == pytest.approx(10 / 3)
+    assert len(row_weights([], "balanced")) == 0
+
+
+def test_balanced_choice_weighs_a_rare_value_as_much_as_a_frequent_one():
+    # the extractor answers 'red' always: right on the 40 red rows, wrong on the 6 blue ones; the model fixes the 6
+    # blue rows and breaks 6 red ones (the same scores: one λ flips both)
+    rows = (
+        [row("a", 0.9, 0.8, "red")] * 34  # both right
+        + [row("a", 0.1, 0.8, "red")] * 6  # the model breaks these
+        + [row("a", 0.1, 0.8, "blue")] * 6  # and fixes these
+    )
+    counted = choose(rows, CalibrationConfig(objective="accuracy"))
+    # counted alike, no λ answers more than the extractor's 40 rows (from λ = 0.4 on, 40 as well): it stays at 0
+    assert (counted.best_weight, counted.model_weight, counted.fused_correct, counted.extractor_correct) == (0, 0, 40, 40)
+    balanced = choose(rows, CalibrationConfig())
+    assert (balanced.fixed, balanced.broke) == (6, 6) and balanced.accepted and balanced.model_weight == 0.4
+    # balanced accuracy: the extractor (100 + 0) / 2, the deployed answers (34/40 · 100 + 100) / 2
+    assert balanced.extractor_score == pytest.approx(50.0) and balanced.fused_score == pytest.approx(92.5)
+    # the guard on the weights: fixed 6 · 46/12, broke 6 · 46/80; spread the sum of their squares
+    fixed, broke = 6 * 46 / 12, 6 * 46 / 80
+    spread = 6 * (46 / 12) ** 2 + 6 * (46 / 80) ** 2
+    assert (fixed - broke) / math.sqrt(spread) == pytest.approx(2.05, abs=0.01)
+    assert choose(rows, CalibrationConfig(z=2.0)).accepted and not choose(rows, CalibrationConfig(z=2.1)).accepted
+
+
+def test_the_weighted_guard_with_equal_weights_is_the_sign_test():
+    assert passes_guard(8, 2, 1.0, spread=10) == passes_guard(8, 2, 1.0)
+    assert passes_guard(8.0, 2.0, 1.0, spread=36.0) and not passes_guard(8.0, 2.0, 1.1, spread=36.0)  # 6 vs z·6
+
+
+def test_version_1_files_read_as_chosen_by_accuracy_and_newer_versions_are_refused(tmp_path):
+    calibration = fit_calibration([row("a", 0.9, 0.2, "red")] * 25)
+    path = tmp_path / "c.json"
+    assert calibration.config.objective == "balanced"
+    assert load_calibration(calibration.save(path)).config.objective == "balanced"
+    old = calibration.to_json()
+    old["version"] = 1
+    del old["config"]["objective"]
+    for c in [old["pooled"], *old["attributes"].values()]:
+        del c["extractor_score"], c["fused_score"]
+    path.write_text(json.dumps(old))
+    loaded = load_calibration(path)
+    assert loaded.config.objective == "accuracy" and loaded.model_weight("a") == calibration.model_weight("a")
+    assert loaded.pooled.fused_score is None
+    path.write_text(json.dumps({**calibration.to_json(), "version": 3}))
+    with pytest.raises(CalibrationError, match="c.json: version 3, this pv2tea reads versions 1 to 2"):
+        load_calibration(path)
+    broken = calibration.to_json()
+    broken["config"]["objective"] = "f1"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(CalibrationError, match="objective must be one of balanced, accuracy, got 'f1'"):
+        load_calibration(path)
 
 
 def test_save_load_round_trip_and_clear_errors(tmp_path):

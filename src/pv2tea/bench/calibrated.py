@@ -180,7 +180,7 @@ def calibrated_reports(
         f"{z:g}": float(
             np.mean(
                 [
-                    f1_with(k, _pool(folds, k), CalibrationConfig(config.grid, z, config.min_rows))
+                    f1_with(k, _pool(folds, k), replace(config, z=z))
                     for k in range(len(folds))
                 ]
             )

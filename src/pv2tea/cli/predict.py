@@ -21,7 +21,6 @@ from pv2tea.cli.common import (
     load_data,
     load_extractor,
     out_console,
-    percent_of,
     quiet_libraries,
     read_candidates,
     require_gold,
@@ -201,9 +200,17 @@ def calibrate(
         float,
         typer.Option(
             min=0.0,
-            help="Guard: keep the model's share on an attribute only when (fixed - broke) >= z * sqrt(fixed + broke) on the sample.",
+            help="Guard: keep the model's share on an attribute only when (fixed - broke) >= z * sqrt(fixed + broke) on the "
+            "sample (rows weighed by the objective).",
         ),
     ] = 1.0,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="What a share is chosen by: 'balanced' (each gold value weighs alike, as macro-F1 over values does) "
+            "or 'accuracy' (each row alike)."
+        ),
+    ] = "balanced",
     min_rows: Annotated[
         int, typer.Option(min=1, help="Attributes with fewer sample rows take the share chosen on the whole sample.")
     ] = 20,
@@ -231,7 +238,7 @@ def calibrate(
         )
 
     try:
-        config = CalibrationConfig(grid=_parse_grid(grid), z=z, min_rows=min_rows)
+        config = CalibrationConfig(grid=_parse_grid(grid), z=z, min_rows=min_rows, objective=objective)  # type: ignore[arg-type]
         dataset = load_data(data, skip_invalid, require_label=False)
         require_gold(data, dataset.records, "calibration compares the answers with gold values")
         cands = read_candidates(candidates)
@@ -253,19 +260,20 @@ def calibrate(
         fail(str(exc))
     rows = calibration.meta["sample_rows"]
     table = Table(title=f"calibration on {rows} gold row(s) of {data}", show_edge=False)
-    for col in ("attribute", "rows", "extractor acc", "best λ", "fused acc", "fixed", "broke", "λ deployed", "photo"):
+    score = "bal. acc" if calibration.config.objective == "balanced" else "acc"
+    columns = ("attribute", "rows", f"extractor {score}", "best λ", f"deployed {score}", "fixed", "broke", "λ deployed")
+    for col in (*columns, "photo"):
         table.add_column(col, justify="left" if col == "attribute" else "right")
     for name, c in [*sorted(calibration.attributes.items()), ("(whole sample)", calibration.pooled)]:
-        acc = percent_of(c.rows)
         deployed = f"{c.model_weight:g}" + (" (pooled)" if c.source == "pooled" and name != "(whole sample)" else "")
         if c.best_weight > 0 and not c.accepted:
             deployed += " (guard)"
         table.add_row(
             name,
             str(c.rows),
-            acc(c.extractor_correct),
+            f"{c.extractor_score:.1f}" if c.extractor_score is not None else "–",
             f"{c.best_weight:g}",
-            acc(c.fused_correct),
+            f"{c.fused_score:.1f}" if c.fused_score is not None else "–",
             str(c.fixed),
             str(c.broke),
             deployed,

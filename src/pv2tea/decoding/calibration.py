@@ -7,20 +7,28 @@ the model's share λ in
 
     score(c) = λ · log p_model(c | C) + (1 − λ) · log q_extractor(c | C)
 
-(both renormalized over C; λ = 0 is the extractor alone, λ = 1 the model alone) from a grid, by how many rows of a
-gold sample it answers right, and keeps a λ > 0 only where the gain over the extractor is beyond noise. With
-``fixed`` sample rows right under λ and wrong under the extractor and ``broke`` the reverse, λ is kept when
+(both renormalized over C; λ = 0 is the extractor alone, λ = 1 the model alone) from a grid, by the rows of a
+gold sample it answers right, and keeps a λ > 0 only where the gain over the extractor is beyond noise.
 
-    fixed − broke ≥ z · √(fixed + broke)
+Rows are weighed so that each gold value counts as much as any other (``objective = "balanced"``, the default): a
+row's weight is inversely proportional to how many sample rows of its attribute share its gold value, so the
+weighted share of right rows is the balanced accuracy — the mean over values of their recall, which is what the
+macro-F1 over values that pv2tea reports rewards. Counting rows alike (``objective = "accuracy"``) favours the
+extractor's answers on the frequent values: on a catalogue whose values are unbalanced it picked λ that lowered the
+macro-F1. With ``fixed`` the weight of the sample rows right under λ and wrong under the extractor, ``broke`` the
+reverse, and ``spread`` the sum of their squared weights, λ is kept when
 
-(a sign test on the discordant rows, as in McNemar's test; z = 1 by default). Otherwise λ = 0: on that attribute
-the deployed answer is the extractor's, so the deployed system is never below the extractor beyond the noise of
-the sample. Ties between grid values go to the smaller λ (closer to the extractor). Attributes with fewer than
-``min_rows`` sample rows, and attributes the sample does not hold, share one λ chosen the same way on the whole
-sample (``pooled``).
+    fixed − broke ≥ z · √spread
 
-Selection counts right rows (accuracy) rather than macro-F1 over values: per-row outcomes are what a paired test
-can judge, and macro-F1 over a few dozen rows per attribute moves by whole points with one row.
+(a sign test on the discordant rows, as in McNemar's test, each row counted with its weight: under no difference
+each discordant row adds ±its weight with equal odds; with equal weights spread = fixed + broke; z = 1 by
+default). Otherwise λ = 0: on that attribute the deployed answer is the extractor's, so the deployed system is never
+below the extractor beyond the noise of the sample. Ties between grid values go to the smaller λ (closer to the
+extractor). Attributes with fewer than ``min_rows`` sample rows, and attributes the sample does not hold, share one
+λ chosen the same way on the whole sample (``pooled``, where a value is an attribute's value).
+
+Selection scores per-row outcomes rather than the macro-F1 itself: per-row outcomes are what a paired test can
+judge, and macro-F1 over a few dozen rows per attribute moves by whole points with one row.
 
 The photo is trusted per attribute the same way. When the sample's rows are also scored by the model with their
 photos withheld (``ScoredRow.model_text``), λ is chosen for both, and the photo is kept for an attribute only when
@@ -35,18 +43,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from pv2tea.eval.normalize import normalize_value
 
 FORMAT = "pv2tea-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.objective and the choices' scores (version 1 files chose by accuracy)
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+Objective = Literal["balanced", "accuracy"]
 
 
 class CalibrationError(ValueError):
@@ -61,11 +73,14 @@ class CalibrationConfig:
         grid: the model shares λ tried (each in [0, 1]; 0 is always tried: the extractor alone).
         z: the guard's threshold in standard errors of the discordant-row sign test (0: keep any gain).
         min_rows: an attribute with fewer sample rows takes the pooled λ.
+        objective: what a λ is chosen by: ``balanced`` (each gold value weighs alike: balanced accuracy, the
+            per-row proxy of macro-F1 over values) or ``accuracy`` (each row alike).
     """
 
     grid: tuple[float, ...] = DEFAULT_GRID
     z: float = 1.0
     min_rows: int = 20
+    objective: Objective = "balanced"
 
     def __post_init__(self) -> None:
         if not self.grid or any(not (0.0 <= g <= 1.0) or not math.isfinite(g) for g in self.grid):
@@ -74,6 +89,10 @@ class CalibrationConfig:
             raise ValueError(f"calibration z must be a finite number >= 0, got {self.z}")
         if self.min_rows < 1:
             raise ValueError(f"calibration min_rows must be >= 1, got {self.min_rows}")
+        if self.objective not in get_args(Objective):
+            raise ValueError(
+                f"calibration objective must be one of {', '.join(get_args(Objective))}, got {self.objective!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -110,15 +129,18 @@ class Choice:
     rows: int
     extractor_correct: int
     fused_correct: int  # at best_weight
-    fixed: int
-    broke: int
-    accepted: bool  # best_weight > 0 and it passed the guard
+    fixed: int  # rows right at best_weight and wrong under the extractor
+    broke: int  # the reverse
+    accepted: bool  # best_weight > 0 and it passed the guard (on the weighted rows)
     source: str = "attribute"  # "attribute", or "pooled" when the attribute took the pooled λ
     # the model reads the photo (True), or answers with the photo withheld because, with it, it was not better beyond
     # noise on the sample; image_fixed / image_broke: rows right with the photo and wrong without it, and the reverse
     image: bool = True
     image_fixed: int = 0
     image_broke: int = 0
+    # the objective on the sample, in %, of the extractor alone and of the deployed answers (None: not recorded)
+    extractor_score: float | None = None
+    fused_score: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The choice as a JSON object (its fields)."""
@@ -165,7 +187,12 @@ class Calibration:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             **dict(self.meta),
-            "config": {"grid": list(self.config.grid), "z": self.config.z, "min_rows": self.config.min_rows},
+            "config": {
+                "grid": list(self.config.grid),
+                "z": self.config.z,
+                "min_rows": self.config.min_rows,
+                "objective": self.config.objective,
+            },
             "pooled": self.pooled.to_json(),
             "attributes": {a: c.to_json() for a, c in sorted(self.attributes.items())},
         }
@@ -201,26 +228,53 @@ def _correct(rows: Sequence[ScoredRow], model_weight: float, image: bool = True)
     )
 
 
-def passes_guard(fixed: int, broke: int, z: float) -> bool:
-    """A gain over the extractor beyond noise: fixed − broke ≥ z · √(fixed + broke), and strictly positive."""
+def row_weights(rows: Sequence[ScoredRow], objective: Objective) -> np.ndarray:
+    """(N,) each row's weight in the choice, with mean 1: all 1 for ``accuracy``; for ``balanced``, inversely
+    proportional to the number of rows with the row's attribute and gold value(s), so each value weighs alike."""
+    if objective == "accuracy" or not rows:
+        return np.ones(len(rows))
+    keys = [(r.attribute, tuple(sorted(r.gold))) for r in rows]
+    counts = Counter(keys)
+    weights = np.array([1.0 / counts[k] for k in keys])
+    return weights * (len(rows) / weights.sum())
+
+
+def passes_guard(fixed: float, broke: float, z: float, spread: float | None = None) -> bool:
+    """A gain over the extractor beyond noise: fixed − broke ≥ z · √spread, and strictly positive. ``fixed`` and
+    ``broke``: the (weighted) discordant rows; ``spread``: the sum of their squared weights (default fixed + broke,
+    each row weighing 1)."""
     gain = fixed - broke
-    return gain > 0 and gain >= z * math.sqrt(fixed + broke)
+    spread = fixed + broke if spread is None else spread
+    return gain > 1e-9 and gain >= z * math.sqrt(spread) - 1e-9
+
+
+def _weighted_guard(better: np.ndarray, worse: np.ndarray, weights: np.ndarray, z: float) -> bool:
+    """:func:`passes_guard` on the rows right only in ``better`` against those right only in ``worse``."""
+    fixed, broke = better & ~worse, worse & ~better
+    spread = float((weights[fixed | broke] ** 2).sum())
+    return passes_guard(float(weights[fixed].sum()), float(weights[broke].sum()), z, spread)
+
+
+def _score(hits: np.ndarray, weights: np.ndarray) -> float:
+    """The weighted share of right rows, in %."""
+    return 100.0 * float(weights[hits].sum() / weights.sum()) if len(hits) else 0.0
 
 
 def _guarded(
-    rows: Sequence[ScoredRow], config: CalibrationConfig, image: bool, source: str
+    rows: Sequence[ScoredRow], config: CalibrationConfig, weights: np.ndarray, image: bool, source: str
 ) -> tuple[Choice, np.ndarray]:
     """The guarded λ against the extractor for the model's scores with (``image``) or without the photo, and the
-    rows its deployed answer gets right."""
+    rows its deployed answer gets right; rows weighed by ``weights``."""
     base = _correct(rows, 0.0)
     best_w, best = 0.0, base
     for w in sorted(set(config.grid) | {0.0}):
         hits = base if w == 0.0 else _correct(rows, w, image)
-        if hits.sum() > best.sum():  # strictly better: ties stay with the smaller λ
+        if weights[hits].sum() > weights[best].sum() + 1e-9:  # strictly better: ties stay with the smaller λ
             best_w, best = w, hits
     fixed = int((best & ~base).sum())
     broke = int((base & ~best).sum())
-    accepted = best_w > 0 and passes_guard(fixed, broke, config.z)
+    accepted = best_w > 0 and _weighted_guard(best, base, weights, config.z)
+    deployed = best if accepted else base
     choice = Choice(
         best_w if accepted else 0.0,
         best_w,
@@ -232,21 +286,24 @@ def _guarded(
         accepted,
         source,
         image,
+        extractor_score=_score(base, weights),
+        fused_score=_score(deployed, weights),
     )
-    return choice, (best if accepted else base)
+    return choice, deployed
 
 
 def choose(rows: Sequence[ScoredRow], config: CalibrationConfig, source: str = "attribute") -> Choice:
     """The guarded λ for ``rows``, and whether the model reads the photo (see the module docstring)."""
     if not rows:
         return Choice(0.0, 0.0, 0, 0, 0, 0, 0, False, source)
-    with_image, hits_image = _guarded(rows, config, True, source)
+    weights = row_weights(rows, config.objective)
+    with_image, hits_image = _guarded(rows, config, weights, True, source)
     if any(r.model_text is None for r in rows):  # no scores without the photo to weigh it against
         return with_image
-    without, hits_text = _guarded(rows, config, False, source)
+    without, hits_text = _guarded(rows, config, weights, False, source)
     fixed = int((hits_image & ~hits_text).sum())
     broke = int((hits_text & ~hits_image).sum())
-    keep = passes_guard(fixed, broke, config.z)
+    keep = _weighted_guard(hits_image, hits_text, weights, config.z)
     return replace(with_image if keep else without, image=keep, image_fixed=fixed, image_broke=broke)
 
 
@@ -267,6 +324,7 @@ def fit_calibration(
             attributes[attribute] = choose(group, config)
         else:  # too few rows to judge alone: the pooled λ, with this attribute's own counts under it
             base, fused = _correct(group, 0.0), _correct(group, pooled.model_weight, pooled.image)
+            weights = row_weights(group, config.objective)
             attributes[attribute] = replace(
                 pooled,
                 rows=len(group),
@@ -276,6 +334,8 @@ def fit_calibration(
                 broke=int((base & ~fused).sum()),
                 image_fixed=0,
                 image_broke=0,
+                extractor_score=_score(base, weights),
+                fused_score=_score(fused, weights),
             )
     return Calibration(pooled, attributes, config, dict(meta or {}))
 
@@ -346,6 +406,21 @@ def _choice_from_json(data: Any, where: str) -> Choice:
     return choice
 
 
+def _upgraded(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A calibration file's object in the current version: a version 1 file chose by accuracy (its λ and photo
+    choices stand as they are); any other version than those this pv2tea knows is refused."""
+    version = data.get("version")
+    if version == 1:
+        data = {**data, "version": 2, "config": {**(data.get("config") or {}), "objective": "accuracy"}}
+        version = 2
+    if version != FORMAT_VERSION:
+        raise CalibrationError(
+            f"calibration file {path}: version {data.get('version')!r}, this pv2tea reads versions 1 to "
+            f"{FORMAT_VERSION}; run `pv2tea calibrate` again"
+        )
+    return data
+
+
 def load_calibration(path: str | Path) -> Calibration:
     """Read a calibration file written by :meth:`Calibration.save` (``pv2tea calibrate``).
 
@@ -371,15 +446,14 @@ def load_calibration(path: str | Path) -> Calibration:
             f'calibration file {path}: not a pv2tea calibration (no "format": "{FORMAT}"); '
             f"make one with `pv2tea calibrate`"
         )
-    if data.get("version") != FORMAT_VERSION:
-        raise CalibrationError(
-            f"calibration file {path}: version {data.get('version')!r}, this pv2tea reads "
-            f"version {FORMAT_VERSION}; run `pv2tea calibrate` again"
-        )
+    data = _upgraded(data, path)
     cfg = data.get("config") or {}
     try:
         config = CalibrationConfig(
-            grid=tuple(cfg.get("grid", DEFAULT_GRID)), z=float(cfg.get("z", 1.0)), min_rows=int(cfg.get("min_rows", 20))
+            grid=tuple(cfg.get("grid", DEFAULT_GRID)),
+            z=float(cfg.get("z", 1.0)),
+            min_rows=int(cfg.get("min_rows", 20)),
+            objective=cfg.get("objective"),
         )
     except (TypeError, ValueError) as exc:
         raise CalibrationError(f"calibration file {path}: config: {exc}") from exc
