@@ -136,7 +136,12 @@ def test_balanced_choice_weighs_a_rare_value_as_much_as_a_frequent_one():
     )
     counted = choose(rows, CalibrationConfig(objective="accuracy"))
     # counted alike, no λ answers more than the extractor's 40 rows (from λ = 0.4 on, 40 as well): it stays at 0
-    assert (counted.best_weight, counted.model_weight, counted.fused_correct, counted.extractor_correct) == (0, 0, 40, 40)
+    assert (counted.best_weight, counted.model_weight, counted.fused_correct, counted.extractor_correct) == (
+        0,
+        0,
+        40,
+        40,
+    )
     balanced = choose(rows, CalibrationConfig())
     assert (balanced.fixed, balanced.broke) == (6, 6) and balanced.accepted and balanced.model_weight == 0.4
     # balanced accuracy: the extractor (100 + 0) / 2, the deployed answers (34/40 · 100 + 100) / 2

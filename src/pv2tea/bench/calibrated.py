@@ -177,14 +177,7 @@ def calibrated_reports(
             curve[str(n)] = float(np.mean(scores))
     curve["all"] = float(np.mean([r["overall"]["f1"] for r in reports]))
     guard = {
-        f"{z:g}": float(
-            np.mean(
-                [
-                    f1_with(k, _pool(folds, k), replace(config, z=z))
-                    for k in range(len(folds))
-                ]
-            )
-        )
+        f"{z:g}": float(np.mean([f1_with(k, _pool(folds, k), replace(config, z=z)) for k in range(len(folds))]))
         for z in GUARD_Z
     }
     pool_sizes = [len(_pool(folds, k)) for k in range(len(folds))]
