@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -448,12 +448,18 @@ def load_calibration(path: str | Path) -> Calibration:
         )
     data = _upgraded(data, path)
     cfg = data.get("config") or {}
+    objective = cfg.get("objective")
+    if objective not in get_args(Objective):
+        raise CalibrationError(
+            f"calibration file {path}: config.objective must be one of {', '.join(get_args(Objective))}, "
+            f"got {objective!r}"
+        )
     try:
         config = CalibrationConfig(
             grid=tuple(cfg.get("grid", DEFAULT_GRID)),
             z=float(cfg.get("z", 1.0)),
             min_rows=int(cfg.get("min_rows", 20)),
-            objective=cfg.get("objective"),
+            objective=cast(Objective, objective),
         )
     except (TypeError, ValueError) as exc:
         raise CalibrationError(f"calibration file {path}: config: {exc}") from exc
