@@ -11,7 +11,17 @@ from pv2tea.bench.train import PARTS, TrainBenchConfig, format_table, run_train_
 FROZEN = ("vision.freeze=true", "text.train_layers=1", "train.epochs=1")
 
 
-def test_bench_train_reports_every_figure(tiny_text_ckpt):
+def test_bench_train_reports_every_figure(tiny_text_ckpt, monkeypatch):
+    import pv2tea.train.loop as loop
+
+    grouped = []  # whether each epoch's batches were built by product
+
+    def spy(n, batch_size, seed, epoch, groups=None):
+        grouped.append(groups is not None)
+        return real(n, batch_size, seed, epoch, groups)
+
+    real = loop.epoch_batches
+    monkeypatch.setattr(loop, "epoch_batches", spy)
     cfg = TrainBenchConfig(
         overrides=(*tiny_overrides(tiny_text_ckpt), *FROZEN),
         products=12,
@@ -30,6 +40,9 @@ def test_bench_train_reports_every_figure(tiny_text_ckpt):
     for key in ("samples_per_s", "samples_per_s_encoding", "cache_speedup", "flops_per_sample", "mfu", "peak_rss_gib"):
         assert result[key] > 0, key
     assert 0 < result["mfu"] < 2 and 0 < result["mfu_wall"] < 2  # a rate against a measured peak, not a timing
+    # the cached steps ran both ways on the same rows: the rows as they come, and a product's rows together
+    assert result["product_batches"] is False and True in grouped and False in grouped
+    assert result["samples_per_s_product_batches"] > 0 and result["product_batches_speedup"] > 0
     assert set(result["forward_flops_per_sample"]) == set(PARTS)
     assert all(v >= 0 for v in result["forward_flops_per_sample"].values())
     assert result["forward_flops_per_sample"]["fusion"] > 0 and result["forward_flops_per_sample"]["decoder"] > 0

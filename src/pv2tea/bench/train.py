@@ -6,6 +6,9 @@ otherwise:
 - samples/s of full optimizer steps (momentum update, forward, backward, gradient clipping, AdamW, queue) on the
   frozen backbones' features read from the on-disk cache (``pv2tea cache build``), and without the cache (the
   images decoded and both backbones run at every step): the cache's speed-up;
+- the same cached steps with the rows in batches as they come and with each product's rows batched together
+  (``train.product_batches``: a product's text and photo encoded once per batch), on the same rows and model: the
+  speed-up of product batches (the synthetic catalogue has one row per attribute of a product);
 - the FLOPs of one training step (forward and backward), counted by ``torch.utils.flop_counter.FlopCounterMode``
   (with CPU attention counted by its shapes), and the forward's per part (text encoder top layers, fusion,
   decoder, the rest); their rate against the float32 GEMM peak measured in the same process (a large
@@ -129,17 +132,21 @@ def _step(model, optimizer, batch, grad_clip: float | None) -> float:
 
 def step_seconds(model, pre, records, cfg, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds of each of ``steps`` optimizer steps (after ``warmup``), batches built as training
-    builds them. CPU seconds (of all of this process's threads) are what the steps cost whatever else the machine
-    runs; wall seconds include waiting for a core."""
+    builds them (a product's rows together with ``cfg.train.product_batches``, the model then encoding each distinct
+    input of a batch once). CPU seconds (of all of this process's threads) are what the steps cost whatever else the
+    machine runs; wall seconds include waiting for a core."""
     from pv2tea.data.dataset import RecordDataset, make_collate
     from pv2tea.train.loop import build_optimizer, epoch_batches
 
-    collate = make_collate(pre, RecordDataset(records), with_answers=True)
+    dataset = RecordDataset(records)
+    collate = make_collate(pre, dataset, with_answers=True)
+    groups = dataset.pair_ids if cfg.train.product_batches else None
+    model.cfg = cfg  # the model reads train.product_batches when it decides to share encodings
     optimizer, _ = build_optimizer(model, cfg, steps + warmup)
     batches: list[list[int]] = []
     epoch = 0
     while len(batches) < steps + warmup:
-        batches += [b for b in epoch_batches(len(records), cfg.train.batch_size, cfg.train.seed, epoch)]
+        batches += epoch_batches(len(records), cfg.train.batch_size, cfg.train.seed, epoch, groups)
         epoch += 1
     model.train()
     wall, cpu = [], []
@@ -259,6 +266,14 @@ def measure_throughput(cfg_bench: TrainBenchConfig, work: Path, log: Callable[[s
         f"cache of {counts['images_encoded']} images and {counts['texts_encoded']} texts built in {cache_seconds:.1f} s"
     )
     cached_wall, cached_cpu = step_seconds(model, pre, records, cfg, cfg_bench.steps, cfg_bench.warmup)
+    both = {}  # product batches off and on, the same rows and model (the first is the run above when it is off)
+    for grouped in (False, True):
+        if grouped == cfg.train.product_batches:
+            both[grouped] = (cached_wall, cached_cpu)
+        else:
+            other = load_cfg(cfg_bench.config, [*cfg_bench.overrides, f"train.product_batches={str(grouped).lower()}"])
+            both[grouped] = step_seconds(model, pre, records, other, cfg_bench.steps, cfg_bench.warmup)
+    model.cfg = cfg
     flops = step_flops(model, pre, records, cfg)
     peak_wall, peak_cpu = gemm_peak(cfg_bench.gemm_size, cfg_bench.gemm_seconds)
     store, pre.cache = pre.cache, None
@@ -278,6 +293,10 @@ def measure_throughput(cfg_bench: TrainBenchConfig, work: Path, log: Callable[[s
         "cache_speedup": statistics.median(live_cpu) / cpu,
         "cache_speedup_wall": statistics.median(live_wall) / wall,
         "cache_build_s": cache_seconds,
+        "product_batches": cfg.train.product_batches,
+        "samples_per_s_product_batches": batch / statistics.median(both[True][0]),
+        "product_batches_speedup": statistics.median(both[False][1]) / statistics.median(both[True][1]),
+        "product_batches_speedup_wall": statistics.median(both[False][0]) / statistics.median(both[True][0]),
         "step_ms": 1000 * wall,
         "step_cpu_ms": 1000 * cpu,
         "flops_per_sample": flops["total"] / flops["rows"],
@@ -539,6 +558,11 @@ def format_table(result: dict[str, Any]):
         ("samples per CPU-second, cached features", f"{r['samples_per_cpu_s']:.1f}"),
         ("samples/s, encoding every step (wall)", f"{r['samples_per_s_encoding']:.1f}"),
         ("feature cache speed-up (CPU time; wall)", f"{r['cache_speedup']:.1f}x; {r['cache_speedup_wall']:.1f}x"),
+        ("samples/s, cached features, product batches (wall)", f"{r['samples_per_s_product_batches']:.1f}"),
+        (
+            "product batches speed-up (CPU time; wall)",
+            f"{r['product_batches_speedup']:.2f}x; {r['product_batches_speedup_wall']:.2f}x",
+        ),
         (f"step, batch of {r['batch_size']} (wall; CPU)", f"{r['step_ms']:.0f} ms; {r['step_cpu_ms']:.0f} ms"),
         ("training GFLOPs per sample (forward + backward)", f"{r['flops_per_sample'] / 1e9:.2f}"),
         *(
