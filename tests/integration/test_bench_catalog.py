@@ -305,7 +305,7 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
 
     runs = out / "runs"
     run_cfg = yaml.safe_load((runs / "fold_1" / "pv2tea" / "seed_0" / "config.yaml").read_text())
-    assert run_cfg["train"]["epochs"] == 1 and run_cfg["train"]["init_from"] == str(runs / "text_pretrain" / "final")
+    assert run_cfg["train"]["epochs"] == 1 and run_cfg["train"]["warm_start"] == str(runs / "text_pretrain" / "final")
     pre_cfg = yaml.safe_load((runs / "text_pretrain" / "config.yaml").read_text())
     assert pre_cfg["train"]["epochs"] == 1 and pre_cfg["vision"]["enabled"] is False
     models = sorted(runs.glob("**/final/model.safetensors"))

@@ -283,14 +283,14 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     pretrain = out / "runs" / "Home" / "text_pretrain"
     pre_cfg = yaml.safe_load((pretrain / "config.yaml").read_text())
     assert pre_cfg["vision"]["enabled"] is False and pre_cfg["train"]["epochs"] == 1  # a TEA, on the text rows
-    assert pre_cfg["train"]["init_from"] is None
+    assert pre_cfg["train"]["warm_start"] is None
     epochs = [
         json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines() if '"finished"' in line
     ]
     assert [e["step"] for e in epochs] == [4]  # all 16 text-only rows at batch size 4, one epoch
     run = out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0"
     run_cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert run_cfg["train"]["init_from"] == str(pretrain / "final")
+    assert run_cfg["train"]["warm_start"] == str(pretrain / "final")
     assert pre_cfg["decoder"]["head"] == "classify" and pre_cfg["loss"]["distill_weight"] == 0
     run_log = (run / "train.log").read_text()
     assert "warm start:" in run_log and "classification head's rows of" in run_log

@@ -367,7 +367,7 @@ def test_warm_start_pipeline_of_the_readme(catalog, tiny_text_ckpt, tmp_path, ca
     assert any(not float(n).is_integer() for c in counts.values() for n in c.values())  # the soft targets' prior
     taught = [
         *overrides,
-        f"train.init_from={tmp_path / 'warm' / 'final'}",
+        f"train.warm_start={tmp_path / 'warm' / 'final'}",
         "loss.distill_weight=1",
         "optim.warm_start_lr_scale=0.1",
         "fusion.visual_gate=0",

@@ -114,7 +114,7 @@ class ProtocolConfig:
     # epochs of each fold's run (5: as good as 10 in half the time; docs/method/decisions.md)
     epochs: int = 5
     # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
-    # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model
+    # then start every fold's run (train.warm_start); 0: none, each run starts from the pretrained text model
     # (docs/method/decisions.md)
     text_pretrain: int = 6
     config: str = "cpu"
@@ -209,7 +209,7 @@ def _text_pretrain(
                 *VARIANTS["tea"],
                 f"train.epochs={cfg.text_pretrain}",
                 "train.image_less_per_epoch=null",
-                "train.init_from=null",
+                "train.warm_start=null",
                 "train.seed=0",
             ],
         ),
@@ -348,7 +348,7 @@ def run_protocol(
         soft = resolved.loss.soft_label_weight > 0
         pretrain_rows = _soft_labels(text_rows, domain_dir / "soft_labels.json", log) if soft else text_rows
         start = _text_pretrain(pretrain_rows, domain_dir / "text_pretrain", cfg, overrides, log)
-        overrides.append(f"train.init_from={start}")
+        overrides.append(f"train.warm_start={start}")
     reports: dict[str, list[dict[str, Any]]] = {}
     # per (model, seed): each fold's held-out rows scored by that fold's model and the extractor, for the calibrated
     # rows (cross-fitted over the folds once all have run)

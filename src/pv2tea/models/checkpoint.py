@@ -339,7 +339,7 @@ def warm_start_fingerprint(directory: Path) -> str:
     """SHA-256 of a checkpoint's weights file: names a warm start by content, wherever its folder has moved."""
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+        raise CheckpointError(f"train.warm_start: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     stat = path.stat()  # the reuse checks of every fold and variant ask again: read the file once per version of it
     return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
@@ -363,7 +363,7 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
     """
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+        raise CheckpointError(f"train.warm_start: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     source = load_file(str(path))
     keys = model.warm_start_keys()
     target = {k: v for k, v in model.state_dict().items() if k in keys}
@@ -384,7 +384,7 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
             ]
         )
         raise CheckpointError(
-            f"train.init_from: {path} does not fit this model's text encoder, fusion and decoder "
+            f"train.warm_start: {path} does not fit this model's text encoder, fusion and decoder "
             f"(is it a run with the same text model, layer counts and decoder?): {detail}"
         )
     with torch.no_grad():
@@ -422,14 +422,16 @@ def load_warm_start_head(model: PV2TEA, value_classes: list[tuple[str, str]], di
         weight, bias = (f.get_tensor(k) if k in names else None for k in HEAD_KEYS)
     if weight is None or bias is None or weight.shape[1] != model.value_head.in_features:
         raise CheckpointError(
-            f"train.init_from: {directory}'s classification head does not fit this model's "
+            f"train.warm_start: {directory}'s classification head does not fit this model's "
             f"({None if weight is None else tuple(weight.shape)} against width {model.value_head.in_features})"
         )
     from pv2tea.data.dataset import value_classes_of
 
     theirs = value_classes_of(read_json(Path(directory), PREPROCESS_FILE).get("values", {}))
     if len(theirs) != weight.shape[0]:
-        raise CheckpointError(f"train.init_from: {directory} has {weight.shape[0]} head rows for {len(theirs)} classes")
+        raise CheckpointError(
+            f"train.warm_start: {directory} has {weight.shape[0]} head rows for {len(theirs)} classes"
+        )
     where = class_map(value_classes, theirs)  # (V,)
     hit = where >= 0
     with torch.no_grad():
