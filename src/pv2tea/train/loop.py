@@ -843,15 +843,14 @@ def resume(run: TrainingRun) -> TrainState:
     Returns:
         The step, epoch and rows done, the epoch's S3 weights and, inside an epoch, its running sums.
     """
-    cfg, world, rank, main = run.cfg, run.world, run.rank, run.main
+    world, rank, main = run.world, run.rank, run.main
     saved, tensors = ckpt.load_training_state(run.ckpt_dir)
     ckpt.load_weights(run.model, run.ckpt_dir)
     run.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, saved["optimizer"]))
     run.scheduler.load_state_dict(saved["scheduler"])
     step, epoch, step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
-    saved_world = saved.get("world_size", 1)  # checkpoints from before several processes: one
-    saved_batch = saved.get("global_batch", cfg.train.batch_size)
-    rows_done = saved.get("rows_done", step_in_epoch * saved_batch)
+    # an older folder's state arrives upgraded (models/checkpoint.py, MIGRATIONS): every field below is there
+    saved_world, saved_batch, rows_done = saved["world_size"], saved["global_batch"], saved["rows_done"]
     own = rank == 0 or (saved_world == world and f"rng.torch.rank{rank}" in tensors)
     ckpt.set_rng_state(
         {"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
@@ -877,11 +876,11 @@ def resume(run: TrainingRun) -> TrainState:
             print(f"warning: {message}", file=sys.stderr)
     weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
     if run.average is not None:
-        run.average.load(tensors, saved.get("averaged_epochs", 0))
+        run.average.load(tensors, saved["averaged_epochs"])
     carried = None
     if saved["step_in_epoch"]:
-        carried = saved.get("epoch_sums", {}), saved.get("epoch_stats", {})
-    if main and "metrics_bytes" in saved:
+        carried = saved["epoch_sums"], saved["epoch_stats"]
+    if main and saved["metrics_bytes"] is not None:
         _cut_metrics(run.metrics_path, saved["metrics_bytes"])
     log.info("resumed from %s at epoch %d step %d", run.ckpt_dir, epoch, step)
     return TrainState(step, epoch, step_in_epoch, rows_done, weights, carried)
