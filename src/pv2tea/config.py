@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -567,13 +568,21 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    """The names of the presets shipped in ``pv2tea/presets/`` (``cpu``, ``paper``), sorted."""
+    """The names of the presets shipped in ``pv2tea/presets/`` (``cpu``, ``paper``, ``warm-start``,
+    ``from-warm-start``), sorted."""
     files = resources.files("pv2tea").joinpath("presets")
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml(source: str) -> dict[str, Any]:
-    """A preset name (see :func:`preset_names`) or a YAML file path."""
+EXTENDS_KEY = "extends"  # a preset or YAML file's top-level key naming the preset (or file) it builds on
+
+
+def read_yaml(source: str, _within: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset name (see :func:`preset_names`) or a YAML file path, as nested dicts.
+
+    A top-level ``extends: NAME`` reads the preset NAME (or the YAML file NAME, relative to this file) first and
+    applies this file's settings over it.
+    """
     if source in preset_names():
         text = resources.files("pv2tea").joinpath("presets").joinpath(f"{source}.yaml").read_text()
         where = f"preset '{source}'"
@@ -589,7 +598,35 @@ def read_yaml(source: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
+    base = data.pop(EXTENDS_KEY, None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{where}: {EXTENDS_KEY} must name a preset or a YAML file, got {base!r}")
+        if base not in preset_names() and source not in preset_names():
+            base = str(Path(source).parent / base)
+        if base in (*_within, source):
+            raise ConfigError(f"{where}: {EXTENDS_KEY} goes round in a circle: {' -> '.join((*_within, source, base))}")
+        data = _merge(read_yaml(base, (*_within, source)), renamed_keys(data))
     return renamed_keys(data)
+
+
+def preset_overrides(source: str, keys: Sequence[str]) -> list[str]:
+    """The settings a preset (or YAML file) gives the dotted ``keys``, as ``--set`` overrides (``key=value``, the
+    value written as JSON, which YAML reads back as it was).
+
+    Raises:
+        ConfigError: The preset does not set one of the keys.
+    """
+    data = read_yaml(source)
+    out = []
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"preset '{source}' does not set {key}")
+            node = node[part]
+        out.append(f"{key}={json.dumps(node)}")
+    return out
 
 
 def load_config(

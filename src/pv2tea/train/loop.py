@@ -772,7 +772,8 @@ def _teacher(model: PV2TEA, pre: Preprocessor, cfg: Config, accelerator: Any) ->
         return None
     if not cfg.train.warm_start:
         raise TrainingError(
-            "loss.distill_weight > 0 distils the warm start into the run: set train.warm_start to its model folder"
+            "loss.distill_weight > 0 distils the warm start into the run: set train.warm_start to its model folder "
+            "(pv2tea train --warm-start RUN/final)"
         )
     try:
         teacher = WarmStartTeacher(Path(cfg.train.warm_start), model, accelerator.device, pre)
