@@ -45,12 +45,15 @@ def config_keys() -> dict[str, object]:
 
 
 def command_options() -> dict[str, set[str]]:
-    """'pv2tea data validate' -> its option names, walked from the Typer app's click tree."""
+    """'pv2tea data validate' -> its option names, walked from the Typer app's click tree (hidden options, the old
+    names of renamed ones, left out: the reference shows the current names only)."""
     out: dict[str, set[str]] = {}
 
     def walk(cmd, path: str) -> None:
         names = set()
         for p in cmd.params:
+            if getattr(p, "hidden", False):
+                continue
             names |= {o for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])] if o.startswith("-")}
         out[path] = names
         for name, sub in (getattr(cmd, "commands", None) or {}).items():
