@@ -252,7 +252,7 @@ def test_the_service_answers_with_the_calibration(tiny_trained):
     from pv2tea.data.validate import load_dataset
     from pv2tea.decoding.calibration import Calibration, Choice
     from pv2tea.inference.predictor import Predictor
-    from pv2tea.inference.server import create_app
+    from pv2tea.serve.server import create_app
 
     final, catalog = tiny_trained
     predictor = Predictor.from_checkpoint(final)

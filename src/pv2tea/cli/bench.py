@@ -331,7 +331,7 @@ def bench_serve(
     """
     quiet_libraries()
     need_extra("bench serve", "serve", "httpx", "fastapi", "uvicorn", "prometheus_client")
-    from pv2tea.serve.bench import ServeBenchConfig, format_table, run_serve_bench
+    from pv2tea.bench.serve import ServeBenchConfig, format_table, run_serve_bench
 
     try:
         cfg = ServeBenchConfig(
