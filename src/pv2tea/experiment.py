@@ -258,11 +258,11 @@ def run_variant(
     if name == "weak_labels":
         report = source_aware_report(gold_examples(data.test, [r.label for r in data.test], multi))
     elif name == "text_extractor":
-        from pv2tea.baselines import TextExtractorConfig, TransformerTextExtractor
+        from pv2tea.baselines import TransformerExtractorConfig, TransformerTextExtractor
 
         text_path = load_config(base_config, overrides).text.path  # the same text checkpoint as PV2TEA
         extractor = TransformerTextExtractor(
-            TextExtractorConfig(text_path=text_path, seed=seed, progress=progress)
+            TransformerExtractorConfig(text_path=text_path, seed=seed, progress=progress)
         ).fit(data.train)
         report = source_aware_report(gold_examples(data.test, extractor.predict(data.test), multi))
     else:

@@ -71,3 +71,24 @@ def test_the_old_attribute_name_reads_and_writes_the_new_field():
     with pytest.warns(renamed.RenamedWarning, match="TrainConfig.warm_start"):
         cfg.train.init_from = "x"
     assert cfg.train.warm_start == "x" and cfg.train.init_from == "x"
+
+
+@pytest.mark.parametrize("module", ["pv2tea.baselines", "pv2tea.baselines.transformer"])
+def test_the_old_name_of_the_transformer_extractors_config_imports_and_warns(module):
+    import importlib
+
+    from pv2tea.baselines import TransformerExtractorConfig
+
+    with pytest.warns(renamed.RenamedWarning, match="TextExtractorConfig is now TransformerExtractorConfig"):
+        old = importlib.import_module(module).TextExtractorConfig
+    assert old is TransformerExtractorConfig
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchConfig'"):
+        importlib.import_module(module).NoSuchConfig  # noqa: B018
+
+
+def test_the_old_benchmark_flag_gives_the_warm_starts_epochs_and_warns():
+    from pv2tea.cli.bench import _warm_start_epochs
+
+    assert _warm_start_epochs(6, None) == 6
+    with pytest.warns(renamed.RenamedWarning, match="--text-pretrain is now --warm-start-epochs"):
+        assert _warm_start_epochs(6, 2) == 2

@@ -167,9 +167,9 @@ def weak_label_cmd(
     from itertools import islice
 
     from pv2tea.baselines import (
-        TextExtractorConfig,
         TfidfExtractorConfig,
         TfidfTextExtractor,
+        TransformerExtractorConfig,
         TransformerTextExtractor,
         evaluate_extractor,
         load_extractor,
@@ -188,7 +188,7 @@ def weak_label_cmd(
         if kind == "tfidf":
             return TfidfTextExtractor(TfidfExtractorConfig())
         if kind == "transformer":
-            cfg = TextExtractorConfig(progress=True)
+            cfg = TransformerExtractorConfig(progress=True)
             changes: dict[str, Any] = {
                 k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None
             }
