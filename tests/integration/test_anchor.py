@@ -79,7 +79,7 @@ def _distance_to(final, source) -> float:
 
 def test_training_with_an_anchor_stays_nearer_the_warm_start_and_resumes_exactly(tea_final, tiny_text_ckpt, tmp_path):
     products = _products(tmp_path)
-    base = [*tiny_overrides(tiny_text_ckpt), f"train.init_from={tea_final}", "train.epochs=3"]
+    base = [*tiny_overrides(tiny_text_ckpt), f"train.warm_start={tea_final}", "train.epochs=3"]
     source = load_file(str(tea_final / MODEL_FILE))
     finals = {}
     for decay in (0, 500):

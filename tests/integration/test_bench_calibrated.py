@@ -32,7 +32,7 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
         "--variants",
         "pv2tea",
         "--no-gold-ceiling",
-        "--text-pretrain",
+        "--warm-start-epochs",
         "1",
         "--text-rows",
         "4",
@@ -40,13 +40,13 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
     ]
     assert main(args) == 0
     home = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["domains"]["Home"]
-    assert {"pv2tea+calibrated", "text_pretrain+calibrated"} <= set(home)
+    assert {"pv2tea+calibrated", "warm_start+calibrated"} <= set(home)
     saved = json.loads((out / "bench.json").read_text())["domains"]["Home"]
     calibrated = saved["pv2tea+calibrated"]
     assert calibrated["runs"] == 2  # one per fold
     # the toy extractor is right on every row: no model share can gain on it, so the guard keeps the extractor
     assert home["text_extractor"]["accuracy"] == 100.0
-    assert home["pv2tea+calibrated"]["accuracy"] == 100.0 and home["text_pretrain+calibrated"]["accuracy"] == 100.0
+    assert home["pv2tea+calibrated"]["accuracy"] == 100.0 and home["warm_start+calibrated"]["accuracy"] == 100.0
     detail = calibrated["calibration"]
     assert all(w == 0.0 for weights in detail["model_weight"].values() for w in weights)
     runs = out / "runs" / "Home"
@@ -79,7 +79,7 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
         assert row["candidates"] == cands and np.allclose(row["text"], lp)
     assert set(detail["image"]) == set(detail["model_weight"])
     assert all(isinstance(p, bool) for reads in detail["image"].values() for p in reads)
-    text_only = saved["text_pretrain+calibrated"]["calibration"]["image"]
+    text_only = saved["warm_start+calibrated"]["calibration"]["image"]
     assert all(p is None for reads in text_only.values() for p in reads)  # no visual path: no photo to weigh
     assert "photo per fold" in (out / "tables.md").read_text()
     stamp = (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns
@@ -221,7 +221,7 @@ def test_a_ranking_change_rescores_finished_runs_without_retraining(root, tiny_t
         "--variants",
         "tea",
         "--no-gold-ceiling",
-        "--text-pretrain",
+        "--warm-start-epochs",
         "0",
         "--text-rows",
         "4",
@@ -252,7 +252,7 @@ def test_the_service_answers_with_the_calibration(tiny_trained):
     from pv2tea.data.validate import load_dataset
     from pv2tea.decoding.calibration import Calibration, Choice
     from pv2tea.inference.predictor import Predictor
-    from pv2tea.inference.server import create_app
+    from pv2tea.serve.server import create_app
 
     final, catalog = tiny_trained
     predictor = Predictor.from_checkpoint(final)

@@ -245,7 +245,7 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
         "2",
         "--epochs",
         "1",
-        "--text-pretrain",
+        "--warm-start-epochs",
         "1",
         "--variants",
         "tea,pv2tea",
@@ -261,7 +261,7 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
     catalog = head["catalog"]
     expected = {
         "text_extractor",
-        "text_pretrain",
+        "warm_start",
         "tea",
         "pv2tea",
         "pv2tea+no_images",
@@ -284,7 +284,7 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
     assert set(catalog["attributes"]) == {"Colour", "Pattern"}
     assert catalog["p"]["tea"]["vs_tea"] is None and set(catalog["p"]) == set(catalog["overall"])
     assert catalog["seconds"] > 0 and catalog["peak_rss_gb"] > 0
-    assert set(catalog["rows_per_s"]) == {"text_pretrain", "tea", "pv2tea"}
+    assert set(catalog["rows_per_s"]) == {"warm_start", "tea", "pv2tea"}
     assert all(rate > 0 for rate in catalog["rows_per_s"].values())
     # no text names the pattern ('stripes' is not 'Striped'): no F1 on text rows, and the GAP left out
     assert all(v["f1_text"] is None for v in catalog["attributes"]["Pattern"].values())
@@ -305,8 +305,8 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
 
     runs = out / "runs"
     run_cfg = yaml.safe_load((runs / "fold_1" / "pv2tea" / "seed_0" / "config.yaml").read_text())
-    assert run_cfg["train"]["epochs"] == 1 and run_cfg["train"]["init_from"] == str(runs / "text_pretrain" / "final")
-    pre_cfg = yaml.safe_load((runs / "text_pretrain" / "config.yaml").read_text())
+    assert run_cfg["train"]["epochs"] == 1 and run_cfg["train"]["warm_start"] == str(runs / "warm_start" / "final")
+    pre_cfg = yaml.safe_load((runs / "warm_start" / "config.yaml").read_text())
     assert pre_cfg["train"]["epochs"] == 1 and pre_cfg["vision"]["enabled"] is False
     models = sorted(runs.glob("**/final/model.safetensors"))
     reports = sorted(runs.glob("fold_*/*/seed_0/test_report.json"))
@@ -315,7 +315,7 @@ def test_bench_catalog_end_to_end_and_resume(catalogue, tiny_text_ckpt, tmp_path
         ("fold_0", "tea"),
         ("fold_1", "pv2tea"),
         ("fold_1", "tea"),
-        ("text_pretrain", "final"),
+        ("warm_start", "final"),
     ]
     assert len(reports) == 4
     stamps = [p.stat().st_mtime_ns for p in [*models, *reports]]
@@ -338,7 +338,7 @@ def test_training_rates_count_the_rows_of_finished_epochs_per_second(tmp_path):
         (folder / "config.yaml").write_text(yaml.safe_dump(train))
         (folder / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in epochs) + "\n")
 
-    run(tmp_path / "text_pretrain", 16, 1, [{"epoch": 1, "step": 10, "finished": True, "seconds": 4.0}])
+    run(tmp_path / "warm_start", 16, 1, [{"epoch": 1, "step": 10, "finished": True, "seconds": 4.0}])
     for k in range(2):  # two folds of one variant pool their rows and seconds
         run(
             tmp_path / f"fold_{k}" / "pv2tea" / "seed_0",
@@ -353,7 +353,7 @@ def test_training_rates_count_the_rows_of_finished_epochs_per_second(tmp_path):
     (tmp_path / "fold_0" / "tea" / "seed_0").mkdir(parents=True)
     (tmp_path / "fold_0" / "tea" / "seed_0" / "metrics.jsonl").write_text("not json\n")  # unreadable: left out
     rates = training_rates(tmp_path)
-    assert rates == {"pv2tea": round(2 * 8 * 16 / 7.0, 1), "text_pretrain": 40.0}
+    assert rates == {"pv2tea": round(2 * 8 * 16 / 7.0, 1), "warm_start": 40.0}
 
 
 def test_sample_products_keeps_whole_products_and_is_stable():
@@ -369,7 +369,7 @@ def test_sample_products_keeps_whole_products_and_is_stable():
 
 
 def test_a_saved_extractor_or_warm_start_of_other_rows_is_not_reused(tmp_path, tiny_text_ckpt):
-    from pv2tea.bench.protocol import ProtocolConfig, _text_extractor, _text_pretrain
+    from pv2tea.bench.protocol import ProtocolConfig, _text_extractor, _train_warm_start
 
     rows = [replace(r, images=(), label=r.gold) for r in _product_rows(20)]
     first = _text_extractor(rows, tmp_path / "extractor")
@@ -386,6 +386,6 @@ def test_a_saved_extractor_or_warm_start_of_other_rows_is_not_reused(tmp_path, t
     folder.mkdir()
     (folder / "rows_sha256").write_text("0" * 64)
     with pytest.raises(ValueError, match="other text-only rows"):
-        _text_pretrain(
-            rows, folder, ProtocolConfig(text_pretrain=1, config=None), tiny_overrides(tiny_text_ckpt), print
+        _train_warm_start(
+            rows, folder, ProtocolConfig(warm_start_epochs=1, config=None), tiny_overrides(tiny_text_ckpt), print
         )

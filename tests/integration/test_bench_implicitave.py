@@ -111,7 +111,7 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     home = result["domains"]["Home"]
     assert set(home) == {
         "text_extractor",
-        "text_pretrain",
+        "warm_start",
         "tea",
         "pv2tea",
         "pv2tea_gold",
@@ -121,7 +121,7 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
         "pv2tea+extractor",
         "pv2tea+no_images",
         # one fold: calibrated within it, each half of its held-out products on the other half's gold
-        "text_pretrain+calibrated",
+        "warm_start+calibrated",
         "tea+calibrated",
         "pv2tea+calibrated",
     }
@@ -157,7 +157,7 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     assert moved["broke"] == moved["changed"] - moved["both"]
     ranked_acc = fold_report["constrained"]["overall"]["accuracy"]
     assert moved["net"] == pytest.approx((ranked_acc - 100.0) * moved["n"] / 100)
-    assert saved["domains"]["Home"]["text_pretrain"]["constrained"]["departures"]["n"] == moved["n"]
+    assert saved["domains"]["Home"]["warm_start"]["constrained"]["departures"]["n"] == moved["n"]
     assert (
         saved["domains"]["Home"]["pv2tea+extractor"]["constrained"]["departures"] == fold_report["fused"]["departures"]
     )
@@ -259,7 +259,7 @@ def test_fold_ttests_pair_folds_and_average_seeds():
     assert one_fold["pv2tea"]["ttest_vs_text_extractor"]["p"] is None  # undefined with one fold
 
 
-def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, capsys):
+def test_the_warm_start_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench"
     args = [
         "bench",
@@ -275,22 +275,22 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
         "--variants",
         "pv2tea",
         "--no-gold-ceiling",
-        "--text-pretrain",
+        "--warm-start-epochs",
         "1",
         *[x for o in tiny_overrides(tiny_text_ckpt) for x in ("--set", o)],
     ]
     assert main(args) == 0
-    pretrain = out / "runs" / "Home" / "text_pretrain"
+    pretrain = out / "runs" / "Home" / "warm_start"
     pre_cfg = yaml.safe_load((pretrain / "config.yaml").read_text())
     assert pre_cfg["vision"]["enabled"] is False and pre_cfg["train"]["epochs"] == 1  # a TEA, on the text rows
-    assert pre_cfg["train"]["init_from"] is None
+    assert pre_cfg["train"]["warm_start"] is None
     epochs = [
         json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines() if '"finished"' in line
     ]
     assert [e["step"] for e in epochs] == [4]  # all 16 text-only rows at batch size 4, one epoch
     run = out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0"
     run_cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert run_cfg["train"]["init_from"] == str(pretrain / "final")
+    assert run_cfg["train"]["warm_start"] == str(pretrain / "final")
     assert pre_cfg["decoder"]["head"] == "classify" and pre_cfg["loss"]["distill_weight"] == 0
     run_log = (run / "train.log").read_text()
     assert "warm start:" in run_log and "classification head's rows of" in run_log
@@ -312,8 +312,8 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     stamp = (pretrain / "final" / "model.safetensors").stat().st_mtime_ns
     # the warm start scored alone on the held-out fold, next to the runs it started
     results = json.loads((out / "bench.json").read_text())["domains"]["Home"]
-    assert results["text_pretrain"]["runs"] == 1 and results["text_pretrain"]["constrained"]["f1"]["mean"] is not None
-    scored_path = out / "runs" / "Home" / "fold_0" / "text_pretrain" / "test_report.json"
+    assert results["warm_start"]["runs"] == 1 and results["warm_start"]["constrained"]["f1"]["mean"] is not None
+    scored_path = out / "runs" / "Home" / "fold_0" / "warm_start" / "test_report.json"
     scored = json.loads(scored_path.read_text())
     assert scored["warm_start_sha256"] == warm_start_fingerprint(pretrain / "final")
     assert "constrained" in scored and len(scored["products_sha256"]) == 64
@@ -329,7 +329,7 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
     # a benchmark that differs only in what a text-only run ignores shares the pretraining
     other = tmp_path / "other"
     image_size = run_cfg["vision"]["image_size"]
-    shutil.copytree(pretrain, other / "runs" / "Home" / "text_pretrain")
+    shutil.copytree(pretrain, other / "runs" / "Home" / "warm_start")
     assert (
         main(
             [
@@ -350,13 +350,32 @@ def test_text_pretraining_starts_every_fold_run(root, tiny_text_ckpt, tmp_path, 
         )
         == 0
     )
-    copied = other / "runs" / "Home" / "text_pretrain" / "final" / "model.safetensors"
+    copied = other / "runs" / "Home" / "warm_start" / "final" / "model.safetensors"
     assert copied.stat().st_mtime_ns == stamp  # copied with its time stamp, and not retrained
     other_run = yaml.safe_load((other / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())
     assert other_run["optim"]["warm_start_lr"] == "head_lr"  # the fold runs still get it
     assert other_run["fusion"]["visual_gate"] == 0.5 and other_run["vision"]["image_size"] == image_size + 16
-    with pytest.raises(ValueError, match="text-pretrain"):
-        BenchConfig(root=Path("."), out=Path("."), text_pretrain=-1)
+    with pytest.raises(ValueError, match="warm-start-epochs"):
+        BenchConfig(root=Path("."), out=Path("."), warm_start_epochs=-1)
+    # a run made before the rename (its warm start in text_pretrain/, the old flag) is reused as it is, and shows the
+    # warm start's row under its current name
+    for parent in (out / "runs" / "Home", out / "runs" / "Home" / "fold_0"):
+        (parent / "warm_start").rename(parent / "text_pretrain")
+    old_args = [("--text-pretrain" if a == "--warm-start-epochs" else a) for a in args]
+    old_run_cfg = (run / "config.yaml").read_text()
+    old_cfg = yaml.safe_load(old_run_cfg)
+    old_cfg["train"]["init_from"] = str(out / "runs" / "Home" / "text_pretrain" / "final")
+    del old_cfg["train"]["warm_start"]
+    (run / "config.yaml").write_text(yaml.safe_dump(old_cfg, sort_keys=False))  # as a run of that time saved it
+    capsys.readouterr()
+    monkeypatch.setattr("pv2tea.renamed._WARNED", set())  # as in a fresh process
+    with pytest.warns(FutureWarning, match="--text-pretrain is now --warm-start-epochs"):
+        assert main(old_args) == 0
+    err = capsys.readouterr().err
+    assert "warm start: TEA on" not in err and "seed 0: F1" in err  # nothing trained again
+    assert not (out / "runs" / "Home" / "warm_start").exists()
+    saved = json.loads((out / "bench.json").read_text())
+    assert "warm_start" in saved["domains"]["Home"] and "text_pretrain" not in saved["domains"]["Home"]
 
 
 def test_a_generating_protocol_warm_starts_without_soft_labels(root, tiny_text_ckpt, tmp_path):
@@ -365,8 +384,8 @@ def test_a_generating_protocol_warm_starts_without_soft_labels(root, tiny_text_c
     out = tmp_path / "bench"
     args = ["bench", "implicitave", str(root), "--out", str(out), "--quick", "--folds", "2", "--variants", "pv2tea"]
     sets = [*tiny_overrides(tiny_text_ckpt), "decoder.head=generate", "decoder.attend_context=true"]
-    assert main([*args, "--no-gold-ceiling", "--text-pretrain", "1", *[x for o in sets for x in ("--set", o)]]) == 0
-    pre_cfg = yaml.safe_load((out / "runs" / "Home" / "text_pretrain" / "config.yaml").read_text())
+    assert main([*args, "--no-gold-ceiling", "--warm-start-epochs", "1", *[x for o in sets for x in ("--set", o)]]) == 0
+    pre_cfg = yaml.safe_load((out / "runs" / "Home" / "warm_start" / "config.yaml").read_text())
     assert pre_cfg["decoder"]["head"] == "generate" and pre_cfg["loss"]["soft_label_weight"] == 0
     assert not (out / "runs" / "Home" / "soft_labels.json").exists()
     run_cfg = yaml.safe_load((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "config.yaml").read_text())

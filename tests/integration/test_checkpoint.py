@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -162,6 +164,12 @@ def test_a_folder_with_the_copy_decoders_old_key_bias_loads_and_answers_the_same
 
     with safe_open(str(tmp_path / "old" / ckpt.MODEL_FILE), "pt") as f:
         assert "decoder.copy_key.bias" in f.keys()
+    with pytest.raises(ckpt.CheckpointError, match="copy_key.bias"):  # a current folder has no such weight
+        Predictor.from_checkpoint(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / ckpt.CONFIG_FILE).read_text())
+    del config[ckpt.FORMAT_KEY]  # as the folders written before format versions
+    (tmp_path / "old" / ckpt.CONFIG_FILE).write_text(json.dumps(config))
+    ckpt.write_manifest(tmp_path / "old")
     loaded = Predictor.from_checkpoint(tmp_path / "old")
     assert loaded.model.decoder.copy_key.bias is None
     assert torch.equal(loaded.model.generate(batch, 101, 102, 0), ids_before)

@@ -137,7 +137,7 @@ def test_a_warm_started_head_trains_at_the_warm_started_rate(tea_cls, tiny_text_
     rows = _products(tmp_path)
     cfg = load_config(
         None,
-        [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.init_from={tea_cls}", "optim.head_lr=1e-2"],
+        [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.warm_start={tea_cls}", "optim.head_lr=1e-2"],
     )
     model, _ = build_for_training(cfg, ["mug"], value_vocabulary(rows))
     optimizer, _ = build_optimizer(model, cfg, total_steps=10)
@@ -154,7 +154,9 @@ def test_a_warm_started_head_trains_at_the_warm_started_rate(tea_cls, tiny_text_
 
 def test_a_classify_run_logs_the_head_it_took_over(tea_cls, tiny_text_ckpt, tmp_path):
     rows = _products(tmp_path)
-    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.init_from={tea_cls}", "train.epochs=1"])
+    cfg = load_config(
+        None, [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.warm_start={tea_cls}", "train.epochs=1"]
+    )
     train(cfg, rows, tmp_path / "run", progress=False)
     assert "classification head's rows of 1 of 3 value classes" in (tmp_path / "run" / "train.log").read_text()
 
@@ -188,7 +190,7 @@ def test_the_teacher_scores_the_students_classes_by_name(tea_cls, tiny_text_ckpt
 
 def test_classify_distillation_keeps_the_run_nearer_the_warm_start(tea_cls, tiny_text_ckpt, tmp_path):
     rows = _products(tmp_path)
-    base = [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.init_from={tea_cls}", "train.epochs=4"]
+    base = [*tiny_overrides(tiny_text_ckpt), CLASSIFY, f"train.warm_start={tea_cls}", "train.epochs=4"]
     kl = {}
     for weight in (0, 1):
         run = tmp_path / f"run{weight}"

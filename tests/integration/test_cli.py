@@ -356,27 +356,27 @@ def test_warm_start_pipeline_of_the_readme(catalog, tiny_text_ckpt, tmp_path, ca
     soft = tmp_path / "text_only_soft.jsonl"
     weak = ["weak-label", "--train", str(catalog["train"]), "--data", str(catalog["val"]), "--kind", "tfidf"]
     assert main([*weak, "--out", str(tmp_path / "weak.jsonl"), "--soft-train", str(soft)]) == 0
-    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1", "decoder.head=classify"]
-    warm = ["train", "--train", str(soft), "--out", str(tmp_path / "warm"), "--no-progress", "--variant", "tea"]
-    assert main([*warm, *_sets([*overrides, "loss.soft_label_weight=0.5"])]) == 0
+    overrides = [*tiny_overrides(tiny_text_ckpt), "train.epochs=1"]
+    warm = ["train", "--train", str(soft), "--out", str(tmp_path / "warm"), "--no-progress", "--config", "warm-start"]
+    assert main([*warm, *_sets(overrides)]) == 0
     import yaml
 
     warm_cfg = yaml.safe_load((tmp_path / "warm" / "config.yaml").read_text())
     assert warm_cfg["vision"]["enabled"] is False and warm_cfg["decoder"]["head"] == "classify"
+    assert warm_cfg["loss"]["soft_label_weight"] == 0.5
     counts = json.loads((tmp_path / "warm" / "final" / "preprocess.json").read_text())["value_counts"]
     assert any(not float(n).is_integer() for c in counts.values() for n in c.values())  # the soft targets' prior
-    taught = [
-        *overrides,
-        f"train.init_from={tmp_path / 'warm' / 'final'}",
-        "loss.distill_weight=1",
-        "optim.warm_start_lr_scale=0.1",
-        "fusion.visual_gate=0",
-    ]
-    assert _train(catalog, tmp_path / "run", taught) == 0
+    capsys.readouterr()
+    assert _train(catalog, tmp_path / "cold", overrides, "--config", "from-warm-start") == 2
+    assert "pv2tea train --warm-start RUN/final" in capsys.readouterr().err
+    taught = ["--config", "from-warm-start", "--warm-start", str(tmp_path / "warm" / "final")]
+    assert _train(catalog, tmp_path / "run", overrides, *taught) == 0
     log = (tmp_path / "run" / "train.log").read_text()
     assert "classification head's rows of" in log and "distilling the warm start" in log
     run_cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert run_cfg["vision"]["enabled"] is True and run_cfg["fusion"]["visual_gate"] == 0
+    assert run_cfg["train"]["warm_start"] == str(tmp_path / "warm" / "final")
+    assert (run_cfg["loss"]["distill_weight"], run_cfg["optim"]["warm_start_lr_scale"]) == (1.0, 0.1)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     gates = [r["visual_gate"] for r in records if "visual_gate" in r]  # how far the image was let in, per layer
     assert gates and all(g and all(-1 <= x <= 1 for x in g) for g in gates)

@@ -64,7 +64,7 @@ def _kl_to_teacher(final, teacher_dir, rows) -> float:
 
 def test_distillation_keeps_the_run_nearer_the_warm_starts_answers(tea_final, tiny_text_ckpt, tmp_path):
     products = _products(tmp_path)
-    base = [*tiny_overrides(tiny_text_ckpt), f"train.init_from={tea_final}", "train.epochs=4", "optim.lr=1e-3"]
+    base = [*tiny_overrides(tiny_text_ckpt), f"train.warm_start={tea_final}", "train.epochs=4", "optim.lr=1e-3"]
     kl = {}
     for weight in (0, 1):
         run = tmp_path / f"run{weight}"
@@ -79,7 +79,7 @@ def test_distillation_keeps_the_run_nearer_the_warm_starts_answers(tea_final, ti
 def test_distillation_without_a_warm_start_or_with_another_vocabulary_is_refused(tea_final, tiny_text_ckpt, tmp_path):
     products = _products(tmp_path)
     cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "loss.distill_weight=0.5", "train.epochs=1"])
-    with pytest.raises(TrainingError, match="set train.init_from"):
+    with pytest.raises(TrainingError, match="set train.warm_start"):
         train(cfg, products, tmp_path / "run", progress=False)
     model, _ = load_from_checkpoint(tea_final)
     model.decoder.resize_token_embeddings(model.decoder.config.vocab_size + 8)

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from pv2tea.cli import main
 from pv2tea.data.validate import load_dataset
 from pv2tea.inference.predictor import Predictor
-from pv2tea.inference.server import create_app
 from pv2tea.regularize.grounding import label_in_text
+from pv2tea.serve.server import create_app
 
 
 @pytest.fixture(scope="module")

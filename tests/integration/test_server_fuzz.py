@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pv2tea.inference.predictor import Predictor
-from pv2tea.inference.server import create_app
 from pv2tea.serve.limits import Limits
+from pv2tea.serve.server import create_app
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from png_checks import png_claiming
-from pv2tea.inference import server as server_module
 from pv2tea.inference.predictor import Predictor
-from pv2tea.inference.server import create_app
+from pv2tea.serve import server as server_module
 from pv2tea.serve.limits import Limits
+from pv2tea.serve.server import create_app
 
 
 def png(size: tuple[int, int], colour: tuple[int, int, int] = (200, 10, 10)) -> str:

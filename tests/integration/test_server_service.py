@@ -18,8 +18,8 @@ from PIL import Image
 from png_checks import png_claiming
 from pv2tea.data.validate import load_dataset
 from pv2tea.inference.predictor import Predictor
-from pv2tea.inference.server import create_app
 from pv2tea.serve.limits import Limits
+from pv2tea.serve.server import create_app
 
 
 @pytest.fixture(scope="module")

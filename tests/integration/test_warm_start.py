@@ -1,4 +1,4 @@
-"""train.init_from: a run starts from another run's text encoder, fusion and decoder (a text-only warm start)."""
+"""train.warm_start: a run starts from another run's text encoder, fusion and decoder (a text-only warm start)."""
 
 from __future__ import annotations
 
@@ -53,12 +53,12 @@ def test_pv2tea_starts_from_a_text_only_run(tea_final, tiny_text_ckpt, tmp_path)
     )
 
 
-def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_text_ckpt, tmp_path):
+def test_training_with_warm_start_logs_and_uses_the_warm_start(tea_final, tiny_text_ckpt, tmp_path):
     cfg = load_config(
         None,
         [
             *tiny_overrides(tiny_text_ckpt),
-            f"train.init_from={tea_final}",
+            f"train.warm_start={tea_final}",
             "train.epochs=1",
             "optim.lr=1e-30",
             "optim.head_lr=1e-30",
@@ -75,19 +75,19 @@ def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_te
     # the run is recognized by the warm start's content: a moved copy of it matches, other weights do not
     moved = tmp_path / "moved" / "final"
     shutil.copytree(tea_final, moved)
-    check_same_config(run, _with_init_from(cfg, moved))
+    check_same_config(run, _with_warm_start(cfg, moved))
     other = tmp_path / "other"
     shutil.copytree(tea_final, other)
     weights = load_file(str(other / ckpt.MODEL_FILE))
     first = sorted(weights)[0]
     weights[first] = weights[first] + 1
     save_file(weights, str(other / ckpt.MODEL_FILE))
-    with pytest.raises(ConfigError, match="train.init_from"):
-        check_same_config(run, _with_init_from(cfg, other))
+    with pytest.raises(ConfigError, match="train.warm_start"):
+        check_same_config(run, _with_warm_start(cfg, other))
     # retrained in place (same path, other weights): the finished run is not taken for one of the new warm start
     shutil.copy(other / ckpt.MODEL_FILE, moved / ckpt.MODEL_FILE)
     with pytest.raises(ConfigError, match="sha256.*weights have changed"):
-        check_same_config(run, _with_init_from(cfg, moved))
+        check_same_config(run, _with_warm_start(cfg, moved))
 
     # a run saved before optim.warm_start_lr existed trained its warm-started parts at head_lr: it is not taken for
     # a run of the new default, and resuming it keeps its optimizer groups
@@ -108,13 +108,13 @@ def test_training_with_init_from_logs_and_uses_the_warm_start(tea_final, tiny_te
         check_same_config(run, old_default)
 
 
-def _with_init_from(cfg, path):
+def _with_warm_start(cfg, path):
     out = copy.deepcopy(cfg)
-    out.train.init_from = str(path)
+    out.train.warm_start = str(path)
     return out
 
 
-def test_init_from_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_ckpt, tmp_path):
+def test_warm_start_that_does_not_fit_names_the_checkpoint(tea_final, tiny_text_ckpt, tmp_path):
     cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "decoder.num_layers=2"])  # the TEA run has 1
     model, _ = build_for_training(cfg, ["mug"])
     with pytest.raises(ckpt.CheckpointError, match="does not fit.*decoder"):
@@ -131,7 +131,7 @@ def test_warm_started_parts_train_at_the_chosen_rate(tea_final, tiny_text_ckpt, 
             *tiny_overrides(tiny_text_ckpt),
             "optim.lr=1e-4",
             "optim.head_lr=1e-3",
-            f"train.init_from={tea_final}",
+            f"train.warm_start={tea_final}",
             f"optim.warm_start_lr={warm_start_lr}",
             f"optim.warm_start_lr_scale={scale}",
         ],
@@ -167,7 +167,7 @@ def test_a_carried_over_head_is_scaled_with_the_warm_start_at_either_rate(tmp_pa
             None,
             [
                 *base,
-                f"train.init_from={tmp_path / 'warm' / 'final'}",
+                f"train.warm_start={tmp_path / 'warm' / 'final'}",
                 f"optim.warm_start_lr={rate}",
                 "optim.warm_start_lr_scale=0.1",
             ],
@@ -190,7 +190,7 @@ def test_a_gated_visual_path_keeps_the_warm_start_until_its_gate_opens(tea_final
     training; in training, text dropout hides some rows' text)."""
     tea, tea_pre = load_from_checkpoint(tea_final)
     assert all(layer.visual_attention is None for layer in tea.fusion.layers)  # a TEA has no visual path
-    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", f"train.init_from={tea_final}"])
+    cfg = load_config(None, [*tiny_overrides(tiny_text_ckpt), "fusion.visual_gate=0", f"train.warm_start={tea_final}"])
     model, pre = build_for_training(cfg, ["mug"])
     ckpt.load_warm_start(model, tea_final)  # the gated path is not in the TEA's checkpoint and is left new
     _, new = model.parameter_groups(warm_started=True)

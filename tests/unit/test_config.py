@@ -8,7 +8,7 @@ from pv2tea.config import Config, ConfigError, load_config, parse_override, pres
 
 
 def test_preset_names():
-    assert {"cpu", "paper"} <= set(preset_names())
+    assert {"cpu", "paper", "warm-start", "from-warm-start"} <= set(preset_names())
 
 
 def test_paper_preset_matches_appendix_a():
@@ -253,3 +253,53 @@ def test_with_settings_of_takes_a_field_or_a_whole_section_from_the_reference():
     assert reference.schemes.alpha != 0.1  # a copy, not the reference's section itself
     with pytest.raises(KeyError, match="loss.weight_nope"):
         with_settings_of(cfg, reference, ["loss.weight_nope"])
+
+
+def test_the_warm_start_preset_is_tea_on_the_cpu_preset_with_the_recipes_settings():
+    from pv2tea.experiment import VARIANTS
+
+    recipe = ["decoder.head=classify", "train.epochs=6", "loss.soft_label_weight=0.5"]
+    assert load_config("warm-start") == load_config("cpu", [*VARIANTS["tea"], *recipe])
+
+
+def test_the_from_warm_start_preset_is_the_cpu_preset_with_the_recipes_settings():
+    recipe = [
+        "decoder.head=classify",
+        "train.epochs=5",
+        "loss.distill_weight=1",
+        "optim.warm_start_lr_scale=0.1",
+        "fusion.visual_gate=0",
+    ]
+    assert load_config("from-warm-start") == load_config("cpu", recipe)
+    assert load_config("from-warm-start").train.warm_start is None  # the folder is the user's: --warm-start
+
+
+def test_a_file_extends_a_preset_or_a_file_beside_it(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: cpu\ntrain: {epochs: 3, seed: 4}\n")
+    (tmp_path / "mine.yaml").write_text("extends: base.yaml\ntrain: {epochs: 7}\n")
+    assert load_config(str(tmp_path / "mine.yaml")) == load_config("cpu", ["train.epochs=7", "train.seed=4"])
+
+
+def test_extends_that_goes_round_or_names_nothing_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="goes round in a circle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("extends: [cpu]\n")
+    with pytest.raises(ConfigError, match="extends must name a preset"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("extends: nothing_here\n")
+    with pytest.raises(ConfigError, match="nothing_here' is neither a preset"):
+        load_config(str(tmp_path / "d.yaml"))
+
+
+def test_the_readme_quickstart_trains_the_recipe_by_its_presets_into_one_folder_per_run():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    quickstart = readme[readme.index("## Quickstart") : readme.index("## Data format")]
+    assert "--config warm-start" in quickstart and "--config from-warm-start --warm-start runs/warm/final" in quickstart
+    assert "--set" not in quickstart.replace("--set key=value", "")  # the recipe is the presets, not flags
+    outs = re.findall(r"pv2tea train .*?--out (\S+)", quickstart.replace("\\\n", " "))
+    assert len(outs) == 4 and len(set(outs)) == 4, outs

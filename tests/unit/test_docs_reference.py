@@ -13,7 +13,7 @@ import pytest
 import typer.main
 
 from pv2tea.cli import app
-from pv2tea.config import Config, preset_names, read_yaml
+from pv2tea.config import RENAMED_KEYS, Config, preset_names, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 # the hand-written pages of the docs' owner (results, history and cost have their own owners)
@@ -45,12 +45,15 @@ def config_keys() -> dict[str, object]:
 
 
 def command_options() -> dict[str, set[str]]:
-    """'pv2tea data validate' -> its option names, walked from the Typer app's click tree."""
+    """'pv2tea data validate' -> its option names, walked from the Typer app's click tree (hidden options, the old
+    names of renamed ones, left out: the reference shows the current names only)."""
     out: dict[str, set[str]] = {}
 
     def walk(cmd, path: str) -> None:
         names = set()
         for p in cmd.params:
+            if getattr(p, "hidden", False):
+                continue
             names |= {o for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])] if o.startswith("-")}
         out[path] = names
         for name, sub in (getattr(cmd, "commands", None) or {}).items():
@@ -124,7 +127,7 @@ def test_sphinx_roles_are_written_as_code(reference):
 
 # modules whose public objects were not all documented when this test was written (their owners were changing them);
 # the command line is documented by its own page
-NOT_YET_DOCUMENTED = ("cli/", "bench/", "serve/", "inference/server.py", "data/fashion.py")
+NOT_YET_DOCUMENTED = ("cli/", "bench/", "serve/", "data/fashion.py")
 
 
 def undocumented(src: Path, skip: tuple[str, ...] = ()) -> list[str]:
@@ -189,7 +192,10 @@ def test_pages_name_only_real_config_keys():
             for key in pattern.findall(code):
                 if key.rsplit(".", 1)[1] in files:
                     continue  # a file name such as train.jsonl
-                assert key in keys, f"{page.relative_to(ROOT)} names config key {key!r}, which does not exist"
+                # an old name (RENAMED_KEYS) still reads, and the page of names lists it
+                assert key in keys or key in RENAMED_KEYS, (
+                    f"{page.relative_to(ROOT)} names config key {key!r}, which does not exist"
+                )
 
 
 def snippets(text: str):

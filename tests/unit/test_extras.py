@@ -35,9 +35,9 @@ def test_a_missing_package_names_its_extra(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_importing_the_server_without_the_serve_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     _block(monkeypatch, "fastapi")
-    _forget(monkeypatch, "pv2tea.inference.server")
+    _forget(monkeypatch, "pv2tea.serve.server")
     with pytest.raises(MissingExtraError, match=r"^pv2tea serve needs the serve extra: pip install 'pv2tea\[serve\]'"):
-        importlib.import_module("pv2tea.inference.server")
+        importlib.import_module("pv2tea.serve.server")
 
 
 def test_importing_the_figures_without_the_report_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,8 +73,8 @@ def test_the_cli_exits_with_the_install_command(
 
 
 EXTRA_MODULES = {  # the modules of the optional features, each importing its extra's packages
-    "pv2tea.inference.server",
-    "pv2tea.serve.bench",
+    "pv2tea.serve.server",
+    "pv2tea.bench.serve",
     "pv2tea.serve.connections",
     "pv2tea.serve.metrics",
     "pv2tea.viz",

@@ -1,6 +1,6 @@
 """Imports only point down: the data layer below the model (and its checkpoint folder format), the model below
-decoding and the feature cache, both below training and inference, and training and inference never import each
-other. Drawn from the imports, the whole package has no cycle: not between modules, not between sub-packages.
+decoding and the feature cache, both below training and inference, inference below the HTTP service, and training
+and inference (or the service) never import each other. Drawn from the imports, the whole package has no cycle: not between modules, not between sub-packages.
 
 Every import statement counts, including the ones inside functions and under ``TYPE_CHECKING``.
 """
@@ -37,7 +37,8 @@ ABOVE = {
     "decoding": ("train", "inference", "experiment", "demo", "bench", "cli"),
     "cache": ("decoding", "train", "inference", "experiment", "demo", "bench", "cli"),
     "train": ("inference", "experiment", "demo", "bench", "cli"),
-    "inference": ("train", "experiment", "demo", "bench", "cli"),
+    "inference": ("train", "serve", "experiment", "demo", "bench", "cli"),
+    "serve": ("train", "experiment", "demo", "bench", "cli"),
 }
 
 

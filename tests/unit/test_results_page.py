@@ -106,3 +106,14 @@ def test_malformed_files_name_the_file_and_what_is_wrong(results, tmp_path, caps
     (folder / "bad_env.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(results.ResultsError, match=r"bad_env\.json: environment: key 'cores' must be int"):
         results.generate(folder)
+
+
+def test_renamed_rows_and_flags_show_their_current_name_and_the_files_stay_as_measured(results):
+    committed = (ROOT / "docs" / "results" / "implicitave.json").read_text()
+    assert '"text_pretrain+calibrated"' in committed  # the file is not rewritten
+    page = (ROOT / "docs" / "results.md").read_text()
+    assert "| warm_start+calibrated |" in page and "text_pretrain" not in page
+    assert "--warm-start-epochs 3" in page and "--text-pretrain" not in page
+    assert results.current_names({"x": ["text_pretrain", "my_text_pretrain", "--text-pretrain-x"]}) == {
+        "x": ["warm_start", "my_text_pretrain", "--text-pretrain-x"]  # whole names only
+    }

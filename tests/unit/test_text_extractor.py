@@ -15,8 +15,8 @@ import torch
 from pv2tea.baselines import (
     METADATA_FILE,
     TextExtractor,
-    TextExtractorConfig,
     TfidfTextExtractor,
+    TransformerExtractorConfig,
     TransformerTextExtractor,
     build_label_space,
     evaluate_extractor,
@@ -61,7 +61,7 @@ def accuracy(records: list[Record], predictions: list[list[str]]) -> float:
     return sum(hits) / len(hits)
 
 
-def tiny_transformer_config(text_path: Path, **overrides: object) -> TextExtractorConfig:
+def tiny_transformer_config(text_path: Path, **overrides: object) -> TransformerExtractorConfig:
     settings: dict[str, object] = dict(
         text_path=str(text_path),
         max_tokens=32,
@@ -73,7 +73,7 @@ def tiny_transformer_config(text_path: Path, **overrides: object) -> TextExtract
         seed=0,
     )
     settings.update(overrides)
-    return TextExtractorConfig(**settings)
+    return TransformerExtractorConfig(**settings)
 
 
 @pytest.fixture(scope="module")

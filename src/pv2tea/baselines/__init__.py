@@ -11,7 +11,7 @@ from pv2tea.baselines.kinds import EXTRACTOR_KINDS, load_extractor
 from pv2tea.baselines.labels import AttributeVocab, build_label_space
 from pv2tea.baselines.storage import METADATA_FILE, read_metadata
 from pv2tea.baselines.tfidf import TfidfExtractorConfig, TfidfTextExtractor
-from pv2tea.baselines.transformer import TextExtractorConfig, TransformerTextExtractor
+from pv2tea.baselines.transformer import TransformerExtractorConfig, TransformerTextExtractor
 
 __all__ = [
     "EXTRACTOR_KINDS",
@@ -19,7 +19,7 @@ __all__ = [
     "AttributeVocab",
     "ExtractorConfig",
     "TextExtractor",
-    "TextExtractorConfig",
+    "TransformerExtractorConfig",
     "TfidfExtractorConfig",
     "TfidfTextExtractor",
     "TransformerTextExtractor",
@@ -30,3 +30,12 @@ __all__ = [
     "soft_labelled",
     "weak_label",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Old names, which still import (and warn once): ``TextExtractorConfig`` is ``TransformerExtractorConfig``."""
+    if name == "TextExtractorConfig":
+        from pv2tea.baselines import transformer
+
+        return transformer.TextExtractorConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,6 +30,7 @@ from pv2tea.baselines.storage import config_from_json, read_metadata, space_from
 from pv2tea.data.schema import Record
 from pv2tea.models.text import create_text_encoder, load_bert_config, load_tokenizer, resolve_text_path
 from pv2tea.models.weights import PACKAGE_PREFIX
+from pv2tea.renamed import warn_renamed
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -45,7 +46,7 @@ _WEIGHTS_FILE = "model.safetensors"  # encoder + head weights
 
 
 @dataclass(frozen=True)
-class TextExtractorConfig(ExtractorConfig):
+class TransformerExtractorConfig(ExtractorConfig):
     """OpenTag_cls-style transformer extractor (paper §4.3).
 
     Attributes:
@@ -180,7 +181,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _param_groups(net: _ClassifierNet, config: TextExtractorConfig) -> list[dict[str, Any]]:
+def _param_groups(net: _ClassifierNet, config: TransformerExtractorConfig) -> list[dict[str, Any]]:
     """AdamW groups: encoder / head learning rates; weight decay on matrices only."""
     groups: list[dict[str, Any]] = []
     for module, lr in ((net.encoder, config.lr), (net.head, config.head_lr)):
@@ -204,10 +205,10 @@ class TransformerTextExtractor(TextExtractor):
     """OpenTag_cls-style extractor: a fine-tuned text encoder with one masked linear head."""
 
     kind: ClassVar[str] = "transformer"
-    config: TextExtractorConfig
+    config: TransformerExtractorConfig
 
-    def __init__(self, config: TextExtractorConfig | None = None) -> None:
-        super().__init__(config or TextExtractorConfig())
+    def __init__(self, config: TransformerExtractorConfig | None = None) -> None:
+        super().__init__(config or TransformerExtractorConfig())
         self._net: _ClassifierNet | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -292,7 +293,7 @@ class TransformerTextExtractor(TextExtractor):
         """Rebuild a transformer extractor written by :meth:`save` (any kind: ``load_extractor``)."""
         root = Path(directory)
         meta = read_metadata(root, cls.kind)
-        extractor = cls(config_from_json(TextExtractorConfig, meta["config"]))
+        extractor = cls(config_from_json(TransformerExtractorConfig, meta["config"]))
         space = space_from_meta(meta)
         n_classes = sum(len(vocab.keys) for vocab in space.values())
         with torch.random.fork_rng(devices=[]):  # random init is overwritten; keep the global RNG intact
@@ -304,3 +305,11 @@ class TransformerTextExtractor(TextExtractor):
         extractor._tokenizer = load_tokenizer(root / _TOKENIZER_DIR)
         extractor.vocabularies = space
         return extractor
+
+
+def __getattr__(name: str) -> Any:
+    """Old names of this module's objects, which still import (and warn once): ``TextExtractorConfig``."""
+    if name == "TextExtractorConfig":
+        warn_renamed("pv2tea.baselines.TextExtractorConfig", "TransformerExtractorConfig")
+        return TransformerExtractorConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from pv2tea.bench.probes import image_features, probe_answers
-from pv2tea.bench.protocol import BENCH_OVERRIDES, ProtocolConfig, ProtocolRun, format_tables, run_protocol
+from pv2tea.bench.protocol import (
+    BENCH_OVERRIDES,
+    OLD_WARM_START_DIR,
+    WARM_START_ROW,
+    ProtocolConfig,
+    ProtocolRun,
+    format_tables,
+    run_protocol,
+)
 from pv2tea.bench.train import peak_rss_gib
 from pv2tea.config import load_config
 from pv2tea.data.products import split_key
@@ -153,7 +161,7 @@ def run_catalog_bench(cfg: CatalogBenchConfig, log: Callable[[str], None] = prin
 
 
 def training_rates(runs: Path) -> dict[str, float]:
-    """Training rows per second of wall time by model (the text pretraining, each variant over its folds and seeds):
+    """Training rows per second of wall time by model (the warm start, each variant over its folds and seeds):
     the rows of the finished epochs (steps x ``train.batch_size`` x ``train.grad_accumulation_steps``, as each run's
     ``config.yaml`` says) over their seconds (S3's weights included), from the runs' ``metrics.jsonl``."""
     import yaml
@@ -162,7 +170,8 @@ def training_rates(runs: Path) -> dict[str, float]:
     seconds: dict[str, float] = defaultdict(float)
     for metrics in sorted(runs.glob("**/metrics.jsonl")):
         folder = metrics.parent
-        name = folder.name if folder.name == "text_pretrain" else folder.parent.name  # fold_k/VARIANT/seed_s
+        # the warm start (its folder under its old name in older runs), or fold_k/VARIANT/seed_s
+        name = WARM_START_ROW if folder.name in (WARM_START_ROW, OLD_WARM_START_DIR) else folder.parent.name
         try:
             train_cfg = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train", {})
             per_step = int(train_cfg.get("batch_size", 1)) * int(train_cfg.get("grad_accumulation_steps", 1))

@@ -6,7 +6,7 @@ label the multimodal evaluation products; (3) k-fold cross-validation over those
 by product): PV2TEA and its variants train on the weak labels of k−1 folds with their images
 (plus, optionally, text-only training rows as image-less samples) and are scored against gold on
 the held-out fold, by free generation and ranked among the domain's closed option lists (every run starts
-from a TEA trained once per domain on all its text-only rows, ``text_pretrain`` epochs); a
+from a TEA trained once per domain on all its text-only rows, ``warm_start_epochs`` epochs: the warm start); a
 PV2TEA trained on the gold labels of the same folds is the ceiling. Each model variant also gets a
 ``<variant>+extractor`` row: its candidate ranking fused with the extractor's class probabilities (the model
 deployed next to the extractor, :mod:`pv2tea.decoding.fusion`). Runs resume: every finished

@@ -6,7 +6,7 @@ Given a set's labelled *text-only* rows (what the team's text extractor learns f
 cross-validation over the products (folds by product): PV2TEA and its variants train on the weak labels of k−1 folds
 with their images (plus text-only rows as image-less samples) and are scored against gold on the held-out fold, by
 free generation and ranked among the closed value lists (every run starts from a TEA trained once on all the
-text-only rows, ``text_pretrain`` epochs); a PV2TEA trained on the gold labels of the same folds is the ceiling. Each
+text-only rows, ``warm_start_epochs`` epochs: the warm start); a PV2TEA trained on the gold labels of the same folds is the ceiling. Each
 model also gets a ``<variant>+extractor`` row (its candidate ranking fused with the extractor's class probabilities)
 and a ``<variant>+calibrated`` row (the model's share per attribute fitted on the other folds' held-out gold). Runs
 resume: every finished (fold, variant, seed) keeps its ``test_report.json``.
@@ -33,7 +33,7 @@ from pv2tea.bench.calibrated import (
     fold_scored_rows,
     halves_calibrated_report,
 )
-from pv2tea.config import load_config, with_settings_of
+from pv2tea.config import Config, load_config, preset_overrides, with_settings_of
 from pv2tea.data.attributes import multi_value_attributes
 from pv2tea.data.folds import product_folds
 from pv2tea.data.schema import Record
@@ -63,28 +63,29 @@ from pv2tea.train.loop import train
 # attribute) batched together and their text and image encoded once (train.product_batches): the same batches as
 # before where a product has one row (ImplicitAVE), fewer encoder passes on a catalogue with several.
 BENCH_OVERRIDES = ["vision.freeze=true", "train.product_batches=true"]
-# How every model of the protocol answers and how a fold's run keeps its warm start (evidence: docs/method/decisions.md,
-# "The ImplicitAVE protocol"):
-# ImplicitAVE lists each attribute's options, so the models classify over the values seen in training instead of
-# generating them (the warm start then reaches the TF-IDF extractor on all three domains in half the time); the warm
-# start learns from the extractor's out-of-fold class probabilities as well as the labels (loss.soft_label_weight =
-# 0.5, the midpoint); and a fold's run learns from the warm start's class distribution instead of the weak labels
-# (loss.distill_weight = 1), which otherwise pull it under its warm start within one epoch, at a tenth of the rate on
-# the warm-started parts (optim.warm_start_lr_scale = 0.1: the paper's 1e-5 for pretrained weights), with the image
-# read through a gate that starts closed (fusion.visual_gate = 0: the run starts exactly at its warm start, and the
-# image enters only as far as training opens the gate; ungated, the image path trained from scratch on a few hundred
-# products pulled PV2TEA 2.0 F1 under its warm start on Clothing). They hold for any domain; --set overrides them.
-REAL_DATA_OVERRIDES = ["decoder.head=classify"]
-WARM_START_OVERRIDES = [  # only with a warm start (the teacher): --text-pretrain > 0
-    "loss.soft_label_weight=0.5",
-    "loss.distill_weight=1.0",
-    "optim.warm_start_lr_scale=0.1",
-    "fusion.visual_gate=0",
+# How every model of the protocol answers and how a fold's run keeps its warm start: the recipe for real products,
+# read from the two presets that hold it (src/pv2tea/presets/warm-start.yaml and from-warm-start.yaml, with their
+# evidence; docs/method/decisions.md, "The ImplicitAVE protocol"), on whichever --config the benchmark runs. Every model
+# classifies among the values (REAL_DATA_OVERRIDES); with a warm start (--warm-start-epochs > 0) the warm start also
+# learns from the extractor's out-of-fold class probabilities and a fold's run learns from the warm start, at a tenth
+# of the rate on the warm-started parts, the image read through a gate that starts closed (WARM_START_OVERRIDES).
+# They hold for any domain; --set overrides them.
+WARM_START_PRESET = "warm-start"  # step 1: the text-only warm start
+FROM_WARM_START_PRESET = "from-warm-start"  # step 2: the run it starts and teaches
+REAL_DATA_OVERRIDES = preset_overrides(FROM_WARM_START_PRESET, ["decoder.head"])
+WARM_START_OVERRIDES = [  # only with a warm start (the teacher)
+    *preset_overrides(WARM_START_PRESET, ["loss.soft_label_weight"]),
+    *preset_overrides(
+        FROM_WARM_START_PRESET, ["loss.distill_weight", "optim.warm_start_lr_scale", "fusion.visual_gate"]
+    ),
 ]
-# settings of the fold runs that the text pretraining (a TEA from scratch on text-only rows) keeps at the preset's: the
+# the presets' epochs: of the warm start, and of each fold's run (5: as good as 10 in half the time)
+WARM_START_EPOCHS = load_config(WARM_START_PRESET).train.epochs
+FOLD_EPOCHS = load_config(FROM_WARM_START_PRESET).train.epochs
+# settings of the fold runs that the warm start (a TEA from scratch on text-only rows) keeps at the preset's: the
 # visual encoder (TEA has none), the schemes (TEA's, whatever a benchmark sets for its image rows), the L_sc / L_ct
 # weights, the lr of warm-started parts and the gate of a visual path; benchmarks that differ only there share one
-# pretraining
+# warm start
 FOLD_RUN_SETTINGS = (
     "vision",
     "schemes",
@@ -111,12 +112,12 @@ class ProtocolConfig:
     # text-only rows of the domain's train.tsv they come from (-1: all; None: text_rows, i.e. one fixed sample seen
     # every epoch); a pool larger than text_rows gives a fresh draw each epoch (train.image_less_per_epoch)
     text_pool: int | None = None
-    # epochs of each fold's run (5: as good as 10 in half the time; docs/method/decisions.md)
-    epochs: int = 5
-    # epochs of a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion and decoder
-    # then start every fold's run (train.init_from); 0: none, each run starts from the pretrained text model
-    # (docs/method/decisions.md)
-    text_pretrain: int = 6
+    # epochs of each fold's run (the preset from-warm-start's; docs/method/decisions.md)
+    epochs: int = FOLD_EPOCHS
+    # epochs of the warm start, a TEA trained once per domain on *all* its text-only rows, whose text encoder, fusion
+    # and decoder then start every fold's run (train.warm_start); 0: none, each run starts from the pretrained text
+    # model (the preset warm-start's; docs/method/decisions.md)
+    warm_start_epochs: int = WARM_START_EPOCHS
     config: str = "cpu"
     overrides: list[str] = field(default_factory=list)
     # what a fold's score is for the t-tests: "overall" (macro-F1 over the values of every attribute pooled, as
@@ -124,8 +125,8 @@ class ProtocolConfig:
     fold_score: Literal["overall", "attribute_mean"] = "overall"
 
     def __post_init__(self) -> None:
-        if self.text_pretrain < 0:
-            raise ValueError(f"--text-pretrain must be >= 0 epochs, got {self.text_pretrain}")
+        if self.warm_start_epochs < 0:
+            raise ValueError(f"--warm-start-epochs must be >= 0, got {self.warm_start_epochs}")
         if self.folds < 2:
             raise ValueError("--folds must be at least 2 (one held-out fold, the rest for training)")
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -196,26 +197,43 @@ def _soft_labels(text_rows: list[Record], path: Path, log: Callable[[str], None]
     return rows
 
 
-def _text_pretrain(
-    text_rows: list[Record], directory: Path, cfg: ProtocolConfig, overrides: Sequence[str], log: Callable[[str], None]
-) -> Path:
-    """A TEA trained on all the domain's text-only rows (once; reused when finished); returns its final/ folder."""
-    final = directory / "final"
-    run_cfg = with_settings_of(
+WARM_START_ROW = "warm_start"  # the row of the warm start scored alone, and the folder it is trained and scored in
+OLD_WARM_START_DIR = "text_pretrain"  # that folder's name in runs made before the rename, still reused
+
+
+def warm_start_dir(parent: Path) -> Path:
+    """Where the warm start (or its scores on a fold) lives under ``parent``: ``warm_start/``, or the folder of an
+    older run (``text_pretrain/``) when that is the one there."""
+    old = parent / OLD_WARM_START_DIR
+    return old if old.is_dir() and not (parent / WARM_START_ROW).exists() else parent / WARM_START_ROW
+
+
+def warm_start_config(cfg: ProtocolConfig, overrides: Sequence[str]) -> Config:
+    """The config of the warm start: a TEA on the fold runs' ``overrides`` for ``cfg.warm_start_epochs`` epochs, its
+    :data:`FOLD_RUN_SETTINGS` at the preset's."""
+    return with_settings_of(
         load_config(
             cfg.config,
             [
                 *overrides,
                 *VARIANTS["tea"],
-                f"train.epochs={cfg.text_pretrain}",
+                f"train.epochs={cfg.warm_start_epochs}",
                 "train.image_less_per_epoch=null",
-                "train.init_from=null",
+                "train.warm_start=null",
                 "train.seed=0",
             ],
         ),
         load_config(cfg.config, VARIANTS["tea"]),
         FOLD_RUN_SETTINGS,
     )
+
+
+def _train_warm_start(
+    text_rows: list[Record], directory: Path, cfg: ProtocolConfig, overrides: Sequence[str], log: Callable[[str], None]
+) -> Path:
+    """A TEA trained on all the domain's text-only rows (once; reused when finished); returns its final/ folder."""
+    final = directory / "final"
+    run_cfg = warm_start_config(cfg, overrides)
     check_same_config(directory, run_cfg)
     rows = hashlib.sha256(json.dumps([[r.id, r.text, r.attribute, list(r.label)] for r in text_rows]).encode())
     stamp = directory / "rows_sha256"
@@ -229,7 +247,7 @@ def _text_pretrain(
         stamp.write_text(rows.hexdigest())
         resume = checkpoint_exists(directory / "checkpoint")
         log(
-            f"text pretraining: TEA on {len(text_rows)} text-only rows, {cfg.text_pretrain} epoch(s)"
+            f"warm start: TEA on {len(text_rows)} text-only rows, {cfg.warm_start_epochs} epoch(s)"
             + (" (resumed)" if resume else "")
         )
         train(run_cfg, text_rows, directory, resume=resume, progress=False)
@@ -245,7 +263,7 @@ def _score_warm_start(
     prior_correction: float = 0.0,
     trained_on: Sequence[Record] | None = None,
 ) -> dict[str, Any]:
-    """The text-pretrained TEA scored on a fold's held-out products as it is (cached, keyed by its weights, the
+    """The warm start (a TEA) scored on a fold's held-out products as it is (cached, keyed by its weights, the
     products and how it ranks candidates)."""
     fingerprint = warm_start_fingerprint(final)
     products = hashlib.sha256("\n".join(r.id for r in test).encode()).hexdigest()  # the fold's held-out products
@@ -295,6 +313,28 @@ class ProtocolRun:
     scored: dict[tuple[str, int], list[FoldRows]]  # (model, seed) -> per fold run, its scored held-out rows
 
 
+def fold_run_overrides(cfg: ProtocolConfig, per_epoch: Sequence[str] = ()) -> list[str]:
+    """The overrides (on ``cfg.config``) of every fold's run, but for its warm start's folder (``train.warm_start``,
+    added once the warm start is trained): the benchmark's, the recipe's (all of it with a warm start, only how the
+    models answer without), the epochs, ``per_epoch`` and the user's ``--set``."""
+    # soft labels need the classification head: a protocol set to generate (--set decoder.head=generate) goes without;
+    # a decoder that reads the context tokens (--set decoder.attend_context=true) would read the image past the gate
+    asked = load_config(cfg.config, [*BENCH_OVERRIDES, *REAL_DATA_OVERRIDES, *cfg.overrides])
+    dropped = [
+        *(["loss.soft_label_weight="] if asked.decoder.head != "classify" else []),
+        *(["fusion.visual_gate="] if asked.decoder.attend_context else []),
+    ]
+    warm_start = [o for o in WARM_START_OVERRIDES if not o.startswith(tuple(dropped))]
+    return [
+        *BENCH_OVERRIDES,
+        *REAL_DATA_OVERRIDES,
+        *(warm_start if cfg.warm_start_epochs else []),
+        f"train.epochs={cfg.epochs}",
+        *per_epoch,
+        *cfg.overrides,
+    ]
+
+
 def run_protocol(
     label: str,
     text_rows: list[Record],
@@ -326,29 +366,14 @@ def run_protocol(
     )  # a fresh sample of the pool each epoch
     folds = product_folds(weak, cfg.folds)
     fold_ids = [0] if cfg.quick else list(range(cfg.folds))
-    # soft labels need the classification head: a protocol set to generate (--set decoder.head=generate) goes without;
-    # a decoder that reads the context tokens (--set decoder.attend_context=true) would read the image past the gate
-    asked = load_config(cfg.config, [*BENCH_OVERRIDES, *REAL_DATA_OVERRIDES, *cfg.overrides])
-    dropped = [
-        *(["loss.soft_label_weight="] if asked.decoder.head != "classify" else []),
-        *(["fusion.visual_gate="] if asked.decoder.attend_context else []),
-    ]
-    warm_start = [o for o in WARM_START_OVERRIDES if not o.startswith(tuple(dropped))]
-    overrides = [
-        *BENCH_OVERRIDES,
-        *REAL_DATA_OVERRIDES,
-        *(warm_start if cfg.text_pretrain else []),
-        f"train.epochs={cfg.epochs}",
-        *per_epoch,
-        *cfg.overrides,
-    ]
+    overrides = fold_run_overrides(cfg, per_epoch)
     resolved = load_config(cfg.config, overrides)
     tau = resolved.decoder.prior_correction  # how every model ranks the options
-    if cfg.text_pretrain:
+    if cfg.warm_start_epochs:
         soft = resolved.loss.soft_label_weight > 0
-        pretrain_rows = _soft_labels(text_rows, domain_dir / "soft_labels.json", log) if soft else text_rows
-        start = _text_pretrain(pretrain_rows, domain_dir / "text_pretrain", cfg, overrides, log)
-        overrides.append(f"train.init_from={start}")
+        warm_rows = _soft_labels(text_rows, domain_dir / "soft_labels.json", log) if soft else text_rows
+        start = _train_warm_start(warm_rows, warm_start_dir(domain_dir), cfg, overrides, log)
+        overrides.append(f"train.warm_start={start}")
     reports: dict[str, list[dict[str, Any]]] = {}
     # per (model, seed): each fold's held-out rows scored by that fold's model and the extractor, for the calibrated
     # rows (cross-fitted over the folds once all have run)
@@ -370,17 +395,14 @@ def run_protocol(
         for row, answers in (anchors(train_weak, test) if anchors else {}).items():
             anchored = source_aware_report(gold_examples(test, answers, multi))  # answers among the training values
             reports.setdefault(row, []).append({**anchored, "constrained": anchored})
-        if cfg.text_pretrain:  # the warm start alone: what the fold's training on weak labels adds to it
-            reports.setdefault("text_pretrain", []).append(
-                _score_warm_start(
-                    start, test, candidates, multi, fold_dir / "text_pretrain" / "test_report.json", tau, text_rows
-                )
+        if cfg.warm_start_epochs:  # the warm start alone: what the fold's training on weak labels adds to it
+            scores_dir = warm_start_dir(fold_dir)
+            reports.setdefault(WARM_START_ROW, []).append(
+                _score_warm_start(start, test, candidates, multi, scores_dir / "test_report.json", tau, text_rows)
             )
             if candidates and priors is not None:
-                scored.setdefault(("text_pretrain", 0), []).append(
-                    fold_scored_rows(
-                        start, test, candidates, priors, fold_dir / "text_pretrain" / SCORES_FILE, tau, text_rows
-                    )
+                scored.setdefault((WARM_START_ROW, 0), []).append(
+                    fold_scored_rows(start, test, candidates, priors, scores_dir / SCORES_FILE, tau, text_rows)
                 )
         split = Split(train=train_weak + extra, val=[], test=test)
         for name in cfg.variants:

@@ -357,7 +357,7 @@ def training_cache(
 
 def model_for_cache(cfg, records: Sequence[Record]):
     """The model and preprocessor a training run on ``records`` builds, seeded as it seeds them (a randomly
-    initialized backbone then gets the run's weights) and warm-started as it is (``train.init_from``): the frozen
+    initialized backbone then gets the run's weights) and warm-started as it is (``train.warm_start``): the frozen
     parts whose outputs it caches."""
     import random
 
@@ -370,8 +370,8 @@ def model_for_cache(cfg, records: Sequence[Record]):
     torch.manual_seed(cfg.train.seed)
     categories = sorted({r.category for r in records})
     model, pre = build_for_training(cfg, categories, value_vocabulary(records), None, value_counts(records))
-    if cfg.train.init_from:
-        ckpt.load_warm_start(model, Path(cfg.train.init_from))
+    if cfg.train.warm_start:
+        ckpt.load_warm_start(model, Path(cfg.train.warm_start))
     return model, pre
 
 

@@ -14,6 +14,21 @@ from typing import Annotated, Any
 import typer
 
 from pv2tea.cli.common import csv_items, expected_errors, fail, log, need_extra, out_console, quiet_libraries
+from pv2tea.config import load_config
+from pv2tea.renamed import warn_renamed
+
+# the warm start's epochs by default: the preset warm-start's (what pv2tea.bench.protocol reads, without torch)
+WARM_START_EPOCHS = load_config("warm-start").train.epochs
+OLD_WARM_START_FLAG_HELP = "The old name of --warm-start-epochs."
+
+
+def _warm_start_epochs(epochs: int, old: int | None) -> int:
+    """--warm-start-epochs, or the value of its old name --text-pretrain (which warns once) when that is given."""
+    if old is None:
+        return epochs
+    warn_renamed("--text-pretrain", "--warm-start-epochs")
+    return old
+
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -46,13 +61,14 @@ def bench_implicitave(
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of each fold's run on the products.")] = 5,
-    text_pretrain: Annotated[
+    warm_start_epochs: Annotated[
         int,
         typer.Option(
             min=0,
-            help="Epochs of a TEA trained once per domain on all its text-only rows, whose text encoder, fusion and decoder start every fold's run (0: none).",
+            help="Epochs of the warm start, a TEA trained once per domain on all its text-only rows, whose text encoder, fusion and decoder start every fold's run (0: none).",
         ),
-    ] = 6,
+    ] = WARM_START_EPOCHS,
+    text_pretrain: Annotated[int | None, typer.Option(min=0, hidden=True, help=OLD_WARM_START_FLAG_HELP)] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")
     ] = False,
@@ -79,7 +95,7 @@ def bench_implicitave(
             text_rows=text_rows,
             text_pool=text_pool,
             epochs=epochs,
-            text_pretrain=text_pretrain,
+            warm_start_epochs=_warm_start_epochs(warm_start_epochs, text_pretrain),
             quick=quick,
             config=config or "cpu",
             overrides=overrides or [],
@@ -115,9 +131,10 @@ def bench_catalog(
         int, typer.Option(help="Text-labelled rows (image-less samples) per epoch of a fold's run (0: none, -1: all).")
     ] = 1000,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of each fold's run on the catalogue.")] = 5,
-    text_pretrain: Annotated[
+    warm_start_epochs: Annotated[
         int, typer.Option(min=0, help="Epochs of the warm start on the text-labelled rows (0: none).")
-    ] = 6,
+    ] = WARM_START_EPOCHS,
+    text_pretrain: Annotated[int | None, typer.Option(min=0, hidden=True, help=OLD_WARM_START_FLAG_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed (the full protocol's fold 0).")] = False,
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
@@ -145,7 +162,7 @@ def bench_catalog(
             gold_ceiling=gold_ceiling,
             text_rows=text_rows,
             epochs=epochs,
-            text_pretrain=text_pretrain,
+            warm_start_epochs=_warm_start_epochs(warm_start_epochs, text_pretrain),
             quick=quick,
             config=config or "cpu",
             overrides=overrides or [],
@@ -314,7 +331,7 @@ def bench_serve(
     """
     quiet_libraries()
     need_extra("bench serve", "serve", "httpx", "fastapi", "uvicorn", "prometheus_client")
-    from pv2tea.serve.bench import ServeBenchConfig, format_table, run_serve_bench
+    from pv2tea.bench.serve import ServeBenchConfig, format_table, run_serve_bench
 
     try:
         cfg = ServeBenchConfig(

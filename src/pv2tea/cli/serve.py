@@ -238,9 +238,9 @@ def run_server(options: ServeOptions) -> None:
     from pv2tea.decoding.fusion import check_fusion
     from pv2tea.inference.device import autocast_for, resolve_device
     from pv2tea.inference.predictor import Predictor
-    from pv2tea.inference.server import create_app
     from pv2tea.models.checkpoint import checkpoint_warnings_to
     from pv2tea.serve.connections import is_loopback, uvicorn_options
+    from pv2tea.serve.server import create_app
 
     if options.threads is not None:
         torch.set_num_threads(options.threads)

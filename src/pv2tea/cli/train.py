@@ -33,9 +33,22 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Run directory (config, metrics, logs, checkpoints).")],
     val_file: Annotated[Path | None, typer.Option("--val", help="Validation data, scored each epoch.")] = None,
     config: Annotated[
-        str | None, typer.Option("--config", "-c", help="Preset name (cpu, paper) or YAML file.")
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Preset name (cpu, paper; warm-start and from-warm-start: the recipe for real products) or YAML file.",
+        ),
     ] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. optim.lr=1e-4.")] = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option(
+            "--warm-start",
+            help="A model folder (a run's final/) that starts this run and, with loss.distill_weight > 0, teaches it: "
+            "the same as --set train.warm_start=PATH (needed by the preset from-warm-start).",
+        ),
+    ] = None,
     variant: Annotated[
         str | None,
         typer.Option(
@@ -74,6 +87,13 @@ def train(
             if (out / "checkpoint").exists():
                 fail(f"{out} already holds a run; pass --resume to continue it or choose another --out")
             cfg = load_config(config, [*(VARIANTS[variant] if variant else []), *(overrides or [])])
+        if warm_start is not None:
+            cfg.train.warm_start = str(warm_start)
+        if cfg.loss.distill_weight > 0 and not cfg.train.warm_start:
+            fail(
+                "loss.distill_weight > 0 (as in the preset from-warm-start) learns from a warm start: give its model "
+                "folder with pv2tea train --warm-start RUN/final"
+            )
         train_data = load_data(train_file, skip_invalid)
         val_data = load_data(val_file, skip_invalid) if val_file else None
         results = [train_data] + ([val_data] if val_data else [])
@@ -147,9 +167,9 @@ def weak_label_cmd(
     from itertools import islice
 
     from pv2tea.baselines import (
-        TextExtractorConfig,
         TfidfExtractorConfig,
         TfidfTextExtractor,
+        TransformerExtractorConfig,
         TransformerTextExtractor,
         evaluate_extractor,
         load_extractor,
@@ -168,7 +188,7 @@ def weak_label_cmd(
         if kind == "tfidf":
             return TfidfTextExtractor(TfidfExtractorConfig())
         if kind == "transformer":
-            cfg = TextExtractorConfig(progress=True)
+            cfg = TransformerExtractorConfig(progress=True)
             changes: dict[str, Any] = {
                 k: v for k, v in {"text_path": text_path, "epochs": epochs}.items() if v is not None
             }

@@ -91,9 +91,9 @@ def load_from_checkpoint(directory: str | Path) -> tuple[PV2TEA, Preprocessor]:
         load_tokenizer(directory),
         data_cfg,
         prep["categories"],
-        prep.get("values", {}),
-        prep.get("multi_value", {}),
-        prep.get("value_counts", {}),
+        prep["values"],  # an older folder's preprocess.json arrives upgraded (models/checkpoint.py, MIGRATIONS)
+        prep["multi_value"],
+        prep["value_counts"],
     )
     model = PV2TEA(
         cfg, bert_config, num_categories=max(len(prep["categories"]), 1), value_attributes=pre.value_attributes

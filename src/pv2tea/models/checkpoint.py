@@ -18,6 +18,8 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +28,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from pv2tea.config import Config, from_dict
+from pv2tea.config import Config, TrainConfig, from_dict, renamed_keys
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from pv2tea.models.pv2tea import PV2TEA
 
@@ -40,9 +42,11 @@ PREPROCESS_FILE = "preprocess.json"
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"  # SHA-256 and size of every other file of the folder, checked on loading
-# weights that older model folders hold and the model no longer has; ignored when loading (the copy decoder's key
-# bias: constant over the positions a row's softmax normalizes over, so it never affected an answer)
-OBSOLETE_KEY_SUFFIXES = ("copy_key.bias",)
+# The format of a model folder, an integer in its pv2tea_config.json under FORMAT_KEY. A folder without it is
+# version 1 (every folder written before versions were). Loading upgrades an older folder's documents in memory
+# through one migration per version step (MIGRATIONS) and refuses a newer one.
+FORMAT_VERSION = 2
+FORMAT_KEY = "format_version"
 
 
 class CheckpointError(RuntimeError):
@@ -151,7 +155,7 @@ def save_checkpoint(
         shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / MODEL_FILE))
-    _write_json(tmp / CONFIG_FILE, cfg.to_dict())
+    _write_json(tmp / CONFIG_FILE, {FORMAT_KEY: FORMAT_VERSION, **cfg.to_dict()})
     _write_json(tmp / TEXT_CONFIG_FILE, bert_config)
     _write_json(tmp / PREPROCESS_FILE, preprocess)
     tokenizer.save_pretrained(str(tmp))
@@ -286,21 +290,103 @@ def verify_manifest(directory: Path) -> bool:
     return True
 
 
+@dataclass
+class FolderDocs:
+    """A model folder's JSON documents, as a migration reads and returns them."""
+
+    config: dict[str, Any]  # pv2tea_config.json without its format version
+    preprocess: dict[str, Any] | None  # preprocess.json (None: not in the folder)
+    state: dict[str, Any] | None  # trainer_state.json (None: not in the folder, a model without training state)
+    # suffixes of weights the folder holds and the model no longer has, ignored when loading
+    obsolete_weights: tuple[str, ...] = ()
+
+
+def _v1_to_v2(docs: FolderDocs) -> FolderDocs:
+    """Version 1 (no version written) to 2: the fields added to a folder over time, filled as those folders meant.
+
+    * config: ``train.init_from`` is ``train.warm_start``;
+    * preprocess: no ``values`` / ``multi_value`` / ``value_counts`` (written before classification heads, closed
+      value lists and candidate ranking's label prior): empty;
+    * training state (written before several processes and weight averaging): one process
+      (``world_size`` 1), a global batch of ``train.batch_size``, ``step_in_epoch`` such batches done in the epoch,
+      no averaged epoch, no running sums and no recorded length of ``metrics.jsonl`` (not cut on resuming);
+    * weights: the copy decoder's key bias (``copy_key.bias``) is ignored: constant over the positions a row's
+      softmax normalizes over, it never affected an answer.
+    """
+    config = renamed_keys(docs.config, warn=False)
+    preprocess = None
+    if docs.preprocess is not None:
+        preprocess = {"values": {}, "multi_value": {}, "value_counts": {}, **docs.preprocess}
+    state = None
+    if docs.state is not None:
+        batch = (config.get("train") or {}).get("batch_size", TrainConfig().batch_size)
+        state = {"world_size": 1, "global_batch": batch, "averaged_epochs": 0, "metrics_bytes": None, **docs.state}
+        state.setdefault("rows_done", state["step_in_epoch"] * state["global_batch"])
+        state.setdefault("epoch_sums", {})
+        state.setdefault("epoch_stats", {})
+    return FolderDocs(config, preprocess, state, (*docs.obsolete_weights, "copy_key.bias"))
+
+
+# version -> the function that upgrades a folder of that version to the next one
+MIGRATIONS: dict[int, Callable[[FolderDocs], FolderDocs]] = {1: _v1_to_v2}
+
+
+def folder_version(directory: Path, config: Any) -> int:
+    """The format version of the model folder ``directory`` whose pv2tea_config.json holds ``config``.
+
+    Raises:
+        CheckpointError: A version newer than this pv2tea knows, or one that is not a positive integer.
+    """
+    version = config.get(FORMAT_KEY, 1) if isinstance(config, dict) else 1
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{directory}/{CONFIG_FILE}: {FORMAT_KEY} must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} is a model folder of format version {version}, written by a newer pv2tea; this one "
+            f"reads up to version {FORMAT_VERSION}: upgrade pv2tea (pip install -U pv2tea) to load it"
+        )
+    return version
+
+
+def upgrade_folder(docs: FolderDocs, version: int) -> FolderDocs:
+    """``docs`` of a folder of format ``version`` as the current format has them, one migration per step."""
+    for step in range(version, FORMAT_VERSION):
+        docs = MIGRATIONS[step](docs)
+    return docs
+
+
+def read_folder(directory: Path) -> FolderDocs:
+    """A model folder's JSON documents, its files checked against the manifest and upgraded to the current format.
+
+    Raises:
+        CheckpointError: No config, a file that does not match the manifest, or a folder of a newer format.
+    """
+    directory = recover_interrupted_save(Path(directory))
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
+    verify_manifest(directory)
+    config = _read_json_file(path)
+    version = folder_version(directory, config)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object: {DAMAGED_FIX}")
+    config = {k: v for k, v in config.items() if k != FORMAT_KEY}
+    optional = [directory / PREPROCESS_FILE, directory / STATE_FILE]
+    preprocess, state = (_read_json_file(p) if p.is_file() else None for p in optional)
+    return upgrade_folder(FolderDocs(config, preprocess, state), version)
+
+
 def read_config(directory: Path) -> Config:
     """The config a model folder was trained with, its files checked against the manifest first.
 
     Raises:
         CheckpointError: No config, or a file that does not match the manifest.
     """
-    path = recover_interrupted_save(Path(directory)) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a pv2tea checkpoint (no {CONFIG_FILE})")
-    verify_manifest(directory)
-    return from_dict(_read_json_file(path))
+    return from_dict(read_folder(directory).config)
 
 
 def read_json(directory: Path, name: str) -> Any:
-    """The JSON file ``name`` of a model folder.
+    """The JSON file ``name`` of a model folder (``preprocess.json`` upgraded to the current format).
 
     Raises:
         CheckpointError: The file is missing or is not JSON.
@@ -308,6 +394,8 @@ def read_json(directory: Path, name: str) -> Any:
     path = recover_interrupted_save(Path(directory)) / name
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {name}")
+    if name == PREPROCESS_FILE:
+        return read_folder(directory).preprocess
     return _read_json_file(path)
 
 
@@ -320,12 +408,12 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     path = recover_interrupted_save(Path(directory)) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} lacks {MODEL_FILE}")
-    verify_manifest(directory)  # hashed once per file version (cached): read_config checked the same files
+    obsolete = read_folder(directory).obsolete_weights  # the manifest hashed once per file version (cached)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError) as exc:  # a folder without a manifest (older pv2tea) is not checked above
         raise unreadable_weights(path, exc) from None
-    unexpected = [k for k in unexpected if not k.endswith(OBSOLETE_KEY_SUFFIXES)]
+    unexpected = [k for k in unexpected if not k.endswith(obsolete)]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit the model: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
@@ -339,7 +427,7 @@ def warm_start_fingerprint(directory: Path) -> str:
     """SHA-256 of a checkpoint's weights file: names a warm start by content, wherever its folder has moved."""
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+        raise CheckpointError(f"train.warm_start: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     stat = path.stat()  # the reuse checks of every fold and variant ask again: read the file once per version of it
     return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
@@ -363,7 +451,7 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
     """
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
-        raise CheckpointError(f"train.init_from: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
+        raise CheckpointError(f"train.warm_start: {directory} is not a pv2tea checkpoint (no {MODEL_FILE})")
     source = load_file(str(path))
     keys = model.warm_start_keys()
     target = {k: v for k, v in model.state_dict().items() if k in keys}
@@ -384,7 +472,7 @@ def load_warm_start(model: PV2TEA, directory: Path) -> int:
             ]
         )
         raise CheckpointError(
-            f"train.init_from: {path} does not fit this model's text encoder, fusion and decoder "
+            f"train.warm_start: {path} does not fit this model's text encoder, fusion and decoder "
             f"(is it a run with the same text model, layer counts and decoder?): {detail}"
         )
     with torch.no_grad():
@@ -422,14 +510,16 @@ def load_warm_start_head(model: PV2TEA, value_classes: list[tuple[str, str]], di
         weight, bias = (f.get_tensor(k) if k in names else None for k in HEAD_KEYS)
     if weight is None or bias is None or weight.shape[1] != model.value_head.in_features:
         raise CheckpointError(
-            f"train.init_from: {directory}'s classification head does not fit this model's "
+            f"train.warm_start: {directory}'s classification head does not fit this model's "
             f"({None if weight is None else tuple(weight.shape)} against width {model.value_head.in_features})"
         )
     from pv2tea.data.dataset import value_classes_of
 
-    theirs = value_classes_of(read_json(Path(directory), PREPROCESS_FILE).get("values", {}))
+    theirs = value_classes_of(read_json(Path(directory), PREPROCESS_FILE)["values"])
     if len(theirs) != weight.shape[0]:
-        raise CheckpointError(f"train.init_from: {directory} has {weight.shape[0]} head rows for {len(theirs)} classes")
+        raise CheckpointError(
+            f"train.warm_start: {directory} has {weight.shape[0]} head rows for {len(theirs)} classes"
+        )
     where = class_map(value_classes, theirs)  # (V,)
     hit = where >= 0
     with torch.no_grad():
@@ -448,5 +538,7 @@ def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, torc
     state_path, tensor_path = directory / STATE_FILE, directory / OPTIM_FILE
     if not state_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(f"{directory} holds no training state to resume from")
-    verify_manifest(directory)  # a torn or altered file is refused by name before anything is read
-    return json.loads(state_path.read_text()), load_file(str(tensor_path))
+    state = read_folder(directory).state  # a torn or altered file is refused by name before anything is read
+    if state is None:  # read_folder saw the file, so it was removed in between
+        raise CheckpointError(f"{directory} holds no training state to resume from")
+    return state, load_file(str(tensor_path))

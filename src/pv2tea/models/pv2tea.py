@@ -83,7 +83,7 @@ class PV2TEA(nn.Module):
     :class:`~pv2tea.inference.predictor.Predictor` wraps both.
     """
 
-    # the parts a text-only (TEA) run trains that every variant shares: what ``train.init_from`` warm-starts
+    # the parts a text-only (TEA) run trains that every variant shares: what ``train.warm_start`` warm-starts
     warm_start_prefixes: tuple[str, ...] = ("text_encoder.", "fusion.", "decoder.")
     # parts a configuration may leave out (None); the momentum copies exist with S1's contrastive alignment only
     visual: VisualEncoder | None

@@ -5,7 +5,7 @@ arriving beyond ``limit_concurrency`` open connections, but it waits for a reque
 that opens a connection and sends its headers a byte at a time (or never) holds it forever. The protocol of
 :func:`header_timeout_protocol` closes such a connection, after a 408, once ``header_timeout`` seconds have passed
 since it opened (or since its previous answer) without a complete request head. The body's deadline is the ASGI
-middleware's (``Limits.body_timeout``, :class:`pv2tea.inference.server._Guard`).
+middleware's (``Limits.body_timeout``, :class:`pv2tea.serve.server._Guard`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Decoupled L2 toward the warm start (L2-SP): keeps a fine-tuned run near the weights it started from.
 
-A run warm-started from a text-only model (``train.init_from``) and then trained on a few hundred products' weak
+A run warm-started from a text-only model (``train.warm_start``) and then trained on a few hundred products' weak
 labels drifts toward the labels' errors and away from what the warm start learned from many labelled texts. After
 every optimizer step each warm-started trainable parameter θ is pulled toward its starting value θ₀:
 

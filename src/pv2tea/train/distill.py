@@ -1,6 +1,6 @@
 """The warm start as a frozen teacher (``loss.distill_weight``).
 
-A run warm-started from a text-only model (``train.init_from``) and then trained on a few hundred products' weak
+A run warm-started from a text-only model (``train.warm_start``) and then trained on a few hundred products' weak
 labels learns to repeat the labels, which are the text extractor's answers; on ImplicitAVE that pulls it under its
 warm start within one epoch (docs/results.md). With ``loss.distill_weight = α`` each row's generation loss is
 

@@ -127,15 +127,15 @@ def mention_dropout_rows(free_texts: Sequence[str | None], p: float, seed: int, 
 def build_optimizer(model: PV2TEA, cfg: Config, total_steps: int):
     """AdamW (no decay on biases/norms) + cosine schedule with warmup."""
     o = cfg.optim
-    init_from = cfg.train.init_from
-    warm = bool(init_from) and o.warm_start_lr == "lr"
+    warm_from = cfg.train.warm_start
+    warm = bool(warm_from) and o.warm_start_lr == "lr"
     # whether the warm start carries a classification head over (its checkpoint read once)
-    has_head = bool(init_from and model.value_head is not None and ckpt.warm_start_has_head(Path(init_from)))
+    has_head = bool(warm_from and model.value_head is not None and ckpt.warm_start_has_head(Path(warm_from)))
     # a classification head warm-started from the warm start's own trains at the warm-started parts' rate
     pretrained, new = model.parameter_groups(warm_started=warm, warm_head=warm and has_head)
     # the parts the warm start filled (its classification head too, copied whatever the rate), at their rate times
     # optim.warm_start_lr_scale
-    filled = model.warm_start_parameters(warm_head=has_head) if init_from and o.warm_start_lr_scale != 1 else set()
+    filled = model.warm_start_parameters(warm_head=has_head) if warm_from and o.warm_start_lr_scale != 1 else set()
     rates = ((pretrained, o.lr), (new, o.head_lr or o.lr))
     parts = [  # the rest first, then what the warm start filled
         ([p for p in params if (id(p) in filled) == is_filled], lr * (o.warm_start_lr_scale if is_filled else 1.0))
@@ -675,7 +675,7 @@ def setup(
     model, pre = build_for_training(
         cfg, categories, value_vocabulary(records), multi, value_counts(records, cfg.loss.soft_label_weight)
     )
-    if cfg.train.init_from and not resume:
+    if cfg.train.warm_start and not resume:
         _warm_start(model, pre, cfg, run_dir, main)
     teacher = _teacher(model, pre, cfg, accelerator)
     anchor = _anchor(model, cfg, resume)
@@ -746,10 +746,10 @@ def setup(
 
 
 def _warm_start(model: PV2TEA, pre: Preprocessor, cfg: Config, run_dir: Path, main: bool) -> None:
-    """Load ``train.init_from`` into a new run's model and record its fingerprint in the run folder."""
-    init_from = Path(cfg.train.init_from or "")
-    n = ckpt.load_warm_start(model, init_from)
-    n_classes = ckpt.load_warm_start_head(model, pre.value_classes, init_from)
+    """Load ``train.warm_start`` into a new run's model and record its fingerprint in the run folder."""
+    warm_from = Path(cfg.train.warm_start or "")
+    n = ckpt.load_warm_start(model, warm_from)
+    n_classes = ckpt.load_warm_start_head(model, pre.value_classes, warm_from)
     if n_classes:
         log.info(
             "warm start: the classification head's rows of %d of %d value classes",
@@ -760,9 +760,9 @@ def _warm_start(model: PV2TEA, pre: Preprocessor, cfg: Config, run_dir: Path, ma
     # by content too, so the run is still recognized as the same after the warm start's folder has moved
     if main:
         (run_dir / ckpt.WARM_START_FILE).write_text(
-            json.dumps({"init_from": cfg.train.init_from, "sha256": ckpt.warm_start_fingerprint(init_from)})
+            json.dumps({"warm_start": cfg.train.warm_start, "sha256": ckpt.warm_start_fingerprint(warm_from)})
         )
-    log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.init_from)
+    log.info("warm start: %d text-encoder, fusion and decoder tensors from %s", n, cfg.train.warm_start)
 
 
 def _teacher(model: PV2TEA, pre: Preprocessor, cfg: Config, accelerator: Any) -> WarmStartTeacher | None:
@@ -770,15 +770,16 @@ def _teacher(model: PV2TEA, pre: Preprocessor, cfg: Config, accelerator: Any) ->
     ``pre.value_counts``; None without distillation."""
     if cfg.loss.distill_weight <= 0:
         return None
-    if not cfg.train.init_from:
+    if not cfg.train.warm_start:
         raise TrainingError(
-            "loss.distill_weight > 0 distils the warm start into the run: set train.init_from to its model folder"
+            "loss.distill_weight > 0 distils the warm start into the run: set train.warm_start to its model folder "
+            "(pv2tea train --warm-start RUN/final)"
         )
     try:
-        teacher = WarmStartTeacher(Path(cfg.train.init_from), model, accelerator.device, pre)
+        teacher = WarmStartTeacher(Path(cfg.train.warm_start), model, accelerator.device, pre)
     except TeacherError as err:
         raise TrainingError(str(err)) from err
-    log.info("distilling the warm start %s with weight %g", cfg.train.init_from, cfg.loss.distill_weight)
+    log.info("distilling the warm start %s with weight %g", cfg.train.warm_start, cfg.loss.distill_weight)
     # the prior the run learns, which candidate ranking divides out: its labels' mixed with the teacher's
     pre.value_counts = distilled_value_counts(pre.value_counts, teacher.value_counts, cfg.loss.distill_weight)
     return teacher
@@ -786,12 +787,12 @@ def _teacher(model: PV2TEA, pre: Preprocessor, cfg: Config, accelerator: Any) ->
 
 def _anchor(model: PV2TEA, cfg: Config, resume: bool) -> WeightAnchor | None:
     """The pull of the warm-started tensors back to the warm start (``optim.anchor_decay``); None without it."""
-    if not (cfg.train.init_from and cfg.optim.anchor_decay):
+    if not (cfg.train.warm_start and cfg.optim.anchor_decay):
         return None
     start = None
     if resume:  # the model holds the checkpoint's weights later; the anchor is the warm start's
         start = copy.deepcopy(model)
-        ckpt.load_warm_start(start, Path(cfg.train.init_from))
+        ckpt.load_warm_start(start, Path(cfg.train.warm_start))
     anchor = WeightAnchor(model, model.warm_start_keys(), cfg.optim.anchor_decay, start)
     del start
     log.info("anchored %d warm-started tensor(s) with lambda %g", len(anchor), cfg.optim.anchor_decay)
@@ -843,15 +844,14 @@ def resume(run: TrainingRun) -> TrainState:
     Returns:
         The step, epoch and rows done, the epoch's S3 weights and, inside an epoch, its running sums.
     """
-    cfg, world, rank, main = run.cfg, run.world, run.rank, run.main
+    world, rank, main = run.world, run.rank, run.main
     saved, tensors = ckpt.load_training_state(run.ckpt_dir)
     ckpt.load_weights(run.model, run.ckpt_dir)
     run.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, saved["optimizer"]))
     run.scheduler.load_state_dict(saved["scheduler"])
     step, epoch, step_in_epoch = saved["step"], saved["epoch"], saved["step_in_epoch"]
-    saved_world = saved.get("world_size", 1)  # checkpoints from before several processes: one
-    saved_batch = saved.get("global_batch", cfg.train.batch_size)
-    rows_done = saved.get("rows_done", step_in_epoch * saved_batch)
+    # an older folder's state arrives upgraded (models/checkpoint.py, MIGRATIONS): every field below is there
+    saved_world, saved_batch, rows_done = saved["world_size"], saved["global_batch"], saved["rows_done"]
     own = rank == 0 or (saved_world == world and f"rng.torch.rank{rank}" in tensors)
     ckpt.set_rng_state(
         {"rng.torch": tensors["rng.torch" if rank == 0 or not own else f"rng.torch.rank{rank}"]},
@@ -877,11 +877,11 @@ def resume(run: TrainingRun) -> TrainState:
             print(f"warning: {message}", file=sys.stderr)
     weights = tensors["sample_weights"].numpy().astype(np.float64) if "sample_weights" in tensors else None
     if run.average is not None:
-        run.average.load(tensors, saved.get("averaged_epochs", 0))
+        run.average.load(tensors, saved["averaged_epochs"])
     carried = None
     if saved["step_in_epoch"]:
-        carried = saved.get("epoch_sums", {}), saved.get("epoch_stats", {})
-    if main and "metrics_bytes" in saved:
+        carried = saved["epoch_sums"], saved["epoch_stats"]
+    if main and saved["metrics_bytes"] is not None:
         _cut_metrics(run.metrics_path, saved["metrics_bytes"])
     log.info("resumed from %s at epoch %d step %d", run.ckpt_dir, epoch, step)
     return TrainState(step, epoch, step_in_epoch, rows_done, weights, carried)
