@@ -188,6 +188,7 @@ def calibrated_reports(
         "pool_rows": pool_sizes,
         "z": config.z,
         "min_rows": config.min_rows,
+        "objective": config.objective,
         "draws": SAMPLE_DRAWS,
     }
 
@@ -233,6 +234,7 @@ def halves_calibrated_report(
         "pool_rows": pools,
         "z": config.z,
         "min_rows": config.min_rows,
+        "objective": config.objective,
         "draws": 0,
         "halves": True,  # calibrated within the one fold: each half of its products on the other half's gold
     }

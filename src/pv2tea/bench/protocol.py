@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pv2tea.baselines import TfidfExtractorConfig, TfidfTextExtractor, load_extractor, soft_labelled, weak_label
 from pv2tea.bench.calibrated import (
@@ -37,6 +37,7 @@ from pv2tea.config import Config, load_config, preset_overrides, with_settings_o
 from pv2tea.data.attributes import multi_value_attributes
 from pv2tea.data.folds import product_folds
 from pv2tea.data.schema import Record
+from pv2tea.decoding.calibration import CalibrationConfig, Objective
 from pv2tea.eval.metrics import merge_departures, source_aware_report
 from pv2tea.eval.report import write_report
 from pv2tea.eval.summary import METRICS as METRICS  # re-exported (pv2tea.bench.implicitave)
@@ -123,6 +124,8 @@ class ProtocolConfig:
     # what a fold's score is for the t-tests: "overall" (macro-F1 over the values of every attribute pooled, as
     # ImplicitAVE reports it) or "attribute_mean" (the mean over attributes of each one's macro-F1)
     fold_score: Literal["overall", "attribute_mean"] = "overall"
+    # what the calibrated rows choose each attribute's share by (pv2tea calibrate --objective)
+    calibration_objective: Objective = "balanced"
 
     def __post_init__(self) -> None:
         if self.warm_start_epochs < 0:
@@ -132,6 +135,11 @@ class ProtocolConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        if self.calibration_objective not in get_args(Objective):
+            raise ValueError(
+                f"--calibration-objective must be one of {', '.join(get_args(Objective))}, "
+                f"got {self.calibration_objective!r}"
+            )
         if self.quick:
             self.seeds = self.seeds[:1]
 
@@ -468,15 +476,19 @@ def _add_calibrated(
     details: dict[str, dict[str, Any]] = {}
     if not candidates or not tests:
         return details
+    calibration = CalibrationConfig(objective=cfg.calibration_objective)
     for name in dict.fromkeys(n for n, _ in scored):
         seeds = [s for n, s in scored if n == name]
         if any(len(scored[(name, s)]) != len(tests) for s in seeds):
             continue  # a fold without a final model (cannot happen after a finished run)
         if len(tests) == 1:  # one fold (--quick): calibrated within it, each half of its products on the other's gold
-            one = {s: halves_calibrated_report(scored[(name, s)][0], tests[0], multi, candidates) for s in seeds}
+            one = {
+                s: halves_calibrated_report(scored[(name, s)][0], tests[0], multi, candidates, calibration)
+                for s in seeds
+            }
             per_seed = {s: ([report], detail) for s, (report, detail) in one.items()}
         else:
-            per_seed = {s: calibrated_reports(scored[(name, s)], tests, multi, candidates) for s in seeds}
+            per_seed = {s: calibrated_reports(scored[(name, s)], tests, multi, candidates, calibration) for s in seeds}
         row = f"{name}{CALIBRATED_SUFFIX}"
         reports[row] = [per_seed[s][0][fold] for fold in range(len(tests)) for s in seeds]
         details[row] = per_seed[seeds[0]][1]
@@ -594,12 +606,16 @@ def format_tables(results: dict[str, Any]) -> str:
         if calibrated:
             sizes = list(next(iter(calibrated.values()))["sample_size_f1"])
             zs = list(next(iter(calibrated.values()))["guard_z_f1"])
+            objective = next(iter(calibrated.values())).get("objective", "accuracy")  # older runs chose by accuracy
+            chosen_by = "balanced accuracy" if objective == "balanced" else "accuracy"
             lines += [
                 "",
                 "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
                 "λ per attribute fitted on the other folds' held-out gold rows (with one fold: each half of its "
-                "held-out products on the other half's gold) (`pv2tea calibrate`; λ = 0 keeps "
-                "the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
+                "held-out products on the other half's gold), chosen by " + chosen_by + " (`pv2tea calibrate "
+                "--objective "
+                + objective
+                + "`; λ = 0 keeps the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
                 "from that pool, mean over folds × draws) and by the guard's z (the whole pool):",
                 "",
             ]

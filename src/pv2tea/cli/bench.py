@@ -72,6 +72,13 @@ def bench_implicitave(
     quick: Annotated[
         bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")
     ] = False,
+    calibration_objective: Annotated[
+        str,
+        typer.Option(
+            help="What the calibrated rows choose each attribute's share by: 'balanced' (every gold value alike) or "
+            "'accuracy' (every row alike); as pv2tea calibrate --objective."
+        ),
+    ] = "balanced",
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:
@@ -99,6 +106,7 @@ def bench_implicitave(
             quick=quick,
             config=config or "cpu",
             overrides=overrides or [],
+            calibration_objective=calibration_objective,  # type: ignore[arg-type]  # checked by the config
         )
         results = run_bench(cfg, log=log)
     except expected_errors() as exc:
@@ -136,6 +144,13 @@ def bench_catalog(
     ] = WARM_START_EPOCHS,
     text_pretrain: Annotated[int | None, typer.Option(min=0, hidden=True, help=OLD_WARM_START_FLAG_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed (the full protocol's fold 0).")] = False,
+    calibration_objective: Annotated[
+        str,
+        typer.Option(
+            help="What the calibrated rows choose each attribute's share by: 'balanced' (every gold value alike) or "
+            "'accuracy' (every row alike); as pv2tea calibrate --objective."
+        ),
+    ] = "balanced",
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:
@@ -167,6 +182,7 @@ def bench_catalog(
             config=config or "cpu",
             overrides=overrides or [],
             fold_score="attribute_mean",
+            calibration_objective=calibration_objective,  # type: ignore[arg-type]  # checked by the config
         )
         results = run_catalog_bench(cfg, log=log)
     except expected_errors() as exc:
