@@ -143,7 +143,12 @@ def validate(result: dict[str, Any], name: str) -> None:
 
 # names that changed since a result file was written (old -> new): the page shows the current one, and the committed
 # files stay as they were measured. Row names of the benchmark tables, then command-line flags.
-RENAMED = {"text_pretrain": "warm_start", "--text-pretrain": "--warm-start-epochs"}
+RENAMED = {
+    "text_pretrain": "warm_start",
+    "keep_grounded": "kept_labels",
+    "--text-pretrain": "--warm-start-epochs",
+    "--keep-grounded": "--keep-labels",
+}
 _RENAMED_PATTERN = re.compile("|".join(rf"(?<![\w-]){re.escape(old)}(?![\w-])" for old in RENAMED))
 
 

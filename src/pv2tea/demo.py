@@ -99,9 +99,9 @@ def run_demo(
     from pv2tea.data.validate import load_dataset
     from pv2tea.eval.metrics import source_aware_report
     from pv2tea.eval.report import write_report
-    from pv2tea.experiment import gold_examples, keep_grounded_report
+    from pv2tea.experiment import gold_examples, kept_labels_report
     from pv2tea.inference.predictor import Predictor
-    from pv2tea.regularize.grounding import keep_grounded
+    from pv2tea.regularize.grounding import keep_labels
     from pv2tea.train.loop import evaluate_records, multi_value_attributes
     from pv2tea.train.loop import train as run_training
 
@@ -136,12 +136,12 @@ def run_demo(
     multi = multi_value_attributes(records)
     model_report, preds = evaluate_records(predictor.model, predictor.pre, records, cfg.train.eval_batch_size, multi)
     weak_report = source_aware_report(gold_examples(records, [r.label for r in records], multi))
-    kept = keep_grounded(records, preds)
-    kept_report = keep_grounded_report(records, preds, multi)
+    kept = keep_labels(records, preds)
+    kept_report = kept_labels_report(records, preds, multi)
 
     write_report(model_report, run_dir / "test_report.json")
     write_report(weak_report, run_dir / "weak_labels_test_report.json")
-    write_report(kept_report, run_dir / "keep_grounded_test_report.json")
+    write_report(kept_report, run_dir / "kept_labels_test_report.json")
     with open(run_dir / "test_predictions.jsonl", "w") as f:
         for r, p, k in zip(records, preds, kept):
             row = {
@@ -149,7 +149,7 @@ def run_demo(
                 "gold": list(r.gold or ()),
                 "weak_label": list(r.label),
                 "pred": p,
-                "pred_keep_grounded": k,
+                "pred_kept_labels": k,
                 "source": r.source,
             }
             f.write(json.dumps(row) + "\n")

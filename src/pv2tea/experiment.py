@@ -6,9 +6,9 @@ PV2TEA training: ``weak_labels`` (the labels the models were trained on, scored 
 run lives in ``OUT/<variant>/seed_<s>/``; a run with a test report is reused, a run that stopped
 mid-training is resumed, so re-running the same command continues where it stopped.
 
-When the test rows carry weak labels, each model variant also gets a ``<variant>+keep_grounded`` row: the
-model deployed next to the extractor that made the labels, answering only the rows whose label the text does
-not state (``pv2tea predict --keep-grounded``). Each variant that reads images also gets a
+When the test rows carry weak labels, each model variant also gets a ``<variant>+kept_labels`` row (kept labels):
+the model deployed next to the extractor that made the labels, answering only the rows whose label the text does
+not state (``pv2tea predict --keep-labels``). Each variant that reads images also gets a
 ``<variant>+no_images`` row: the same trained model with every test product's images withheld, so the
 difference to its own row is what the image adds at test time.
 """
@@ -56,7 +56,8 @@ from pv2tea.models.checkpoint import (
     checkpoint_exists,
     warm_start_fingerprint,
 )
-from pv2tea.regularize.grounding import keep_grounded
+from pv2tea.regularize.grounding import keep_labels
+from pv2tea.renamed import current_report, warn_renamed
 from pv2tea.train.loop import train
 
 TEA = [
@@ -92,7 +93,8 @@ VARIANTS: dict[str, list[str]] = {
     "label_weight": ["schemes.label_weights=true"],
 }
 REFERENCES = ("weak_labels", "text_extractor")
-KEEP_SUFFIX = "+keep_grounded"  # a variant's row when test rows keep the weak labels their text states
+KEEP_SUFFIX = "+kept_labels"  # a variant's row when test rows keep the weak labels their text states
+KEPT_KEY = "kept_labels"  # test report key of the model's report with kept labels
 FUSED_SUFFIX = "+extractor"  # a variant's row when its candidate ranking is fused with the text extractor
 NO_IMAGES_SUFFIX = "+no_images"  # a visual variant's row when its test products' images are withheld
 NO_IMAGES_KEY = "without_images"  # test report key of the model's report with the test images withheld
@@ -202,10 +204,11 @@ def run_variant(
     With ``candidates`` the report also holds ``constrained``: the report of candidate-ranked
     predictions, and with ``priors`` (the text extractor's class probabilities of each test row) ``fused``: the
     candidates ranked by model and extractor together (:mod:`pv2tea.decoding.fusion`). When the test rows carry
-    weak labels it holds ``keep_grounded`` (:func:`keep_grounded_report`, with its own ``constrained``) and, in
+    weak labels it holds ``kept_labels`` (:func:`kept_labels_report`, with its own ``constrained``) and, in
     the report and each of its ``constrained`` and ``fused`` blocks, ``departures``: where the answers differ from
     the weak labels and who was right (:func:`pv2tea.eval.metrics.departures`).
-    ``run_name`` names the run folder (default: the variant name).
+    ``run_name`` names the run folder (default: the variant name). A report saved under older key names is read
+    under today's (:func:`pv2tea.renamed.current_report`).
     """
     run_dir = out / (run_name or name) / f"seed_{seed}"
     report_path = run_dir / "test_report.json"
@@ -216,7 +219,7 @@ def run_variant(
         check_same_config(run_dir, cfg)
         tau = cfg.decoder.prior_correction
     if report_path.is_file():
-        report = json.loads(report_path.read_text())
+        report = current_report(json.loads(report_path.read_text()))
         if (
             candidates
             and tau is not None
@@ -227,7 +230,7 @@ def run_variant(
             write_report(report, report_path)
             return report
         labelled = _has_labels(data.test)
-        want_keep = "keep_grounded" not in report and labelled
+        want_keep = KEPT_KEY not in report and labelled
         want_fused = "fused" not in report and bool(candidates) and priors is not None
         can_fuse = bool(candidates) and priors is not None  # what the fused report needs
         want_departures = labelled and (
@@ -240,9 +243,9 @@ def run_variant(
             if want_keep or "departures" not in report:
                 fresh, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
                 if want_keep:
-                    report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+                    report[KEPT_KEY] = kept_labels_report(data.test, preds, multi)
                     if ranked is not None:
-                        report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+                        report[KEPT_KEY]["constrained"] = kept_labels_report(data.test, ranked, multi)
                 if labelled and "departures" not in report:
                     report["departures"] = fresh["departures"]
                     if ranked is not None and "constrained" in report:
@@ -292,9 +295,9 @@ def _model_reports(
     report, preds, ranked = score_predictor(predictor, data.test, multi, candidates)
     report["retrieval"] = retrieval_on(predictor, data.test)
     if _has_labels(data.test):
-        report["keep_grounded"] = keep_grounded_report(data.test, preds, multi)
+        report[KEPT_KEY] = kept_labels_report(data.test, preds, multi)
         if ranked is not None:
-            report["keep_grounded"]["constrained"] = keep_grounded_report(data.test, ranked, multi)
+            report[KEPT_KEY]["constrained"] = kept_labels_report(data.test, ranked, multi)
     if candidates and priors is not None:
         report["fused"] = _fused_report(predictor, data.test, candidates, priors, multi)
     report[NO_IMAGES_KEY] = no_images_report(predictor, data.test, multi, candidates)
@@ -442,12 +445,12 @@ def _has_labels(records: Sequence[Record]) -> bool:
     return any(r.label for r in records)
 
 
-def keep_grounded_report(
+def kept_labels_report(
     records: Sequence[Record], preds: Sequence[Sequence[str]], multi: dict[str, bool]
 ) -> dict[str, Any]:
-    """The report of the model deployed next to the labels' extractor: a test row keeps its weak label when its
-    text states it, the model answers the others (``pv2tea predict --keep-grounded``)."""
-    return source_aware_report(gold_examples(records, keep_grounded(records, preds), multi))
+    """The report of the model deployed next to the labels' extractor (kept labels): a test row keeps its weak label
+    when its text states it, the model answers the others (``pv2tea predict --keep-labels``)."""
+    return source_aware_report(gold_examples(records, keep_labels(records, preds), multi))
 
 
 def summarize(reports: dict[str, list[dict]], reference: str = "pv2tea") -> dict[str, Any]:
@@ -553,9 +556,9 @@ def run_experiment(
             report = run_variant(name, seed, data, out, base_config, overrides, progress)
             reports.setdefault(name, []).append(report)
             log(f"{name} seed {seed}: F1 {report['overall']['f1']}")
-    for name in list(reports):  # each model variant deployed with --keep-grounded, as a row of its own
-        if all("keep_grounded" in r for r in reports[name]):
-            reports[f"{name}{KEEP_SUFFIX}"] = [r["keep_grounded"] for r in reports[name]]
+    for name in list(reports):  # each model variant deployed with --keep-labels, as a row of its own
+        if all(KEPT_KEY in r for r in reports[name]):
+            reports[f"{name}{KEEP_SUFFIX}"] = [r[KEPT_KEY] for r in reports[name]]
         if all(r.get(NO_IMAGES_KEY) for r in reports[name]):  # and with its test images withheld
             reports[f"{name}{NO_IMAGES_SUFFIX}"] = [r[NO_IMAGES_KEY] for r in reports[name]]
     summary = summarize(reports)
@@ -577,3 +580,11 @@ def run_experiment(
     if "pv2tea" in reports:
         (out / "pv2tea_seed0_table.txt").write_text(format_report_table(reports["pv2tea"][0], "pv2tea"))
     return summary
+
+
+def __getattr__(name: str) -> Any:
+    """Old names of this module's functions, which still import (and warn once): ``keep_grounded_report``."""
+    if name == "keep_grounded_report":
+        warn_renamed("pv2tea.experiment.keep_grounded_report", "kept_labels_report")
+        return kept_labels_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ def test_chunks_resume_after_a_crash_and_equal_one_pass(trained, tmp_path, monke
     records = load_dataset(data).records
     predictor = Predictor.from_checkpoint(model)
     expected = "".join(
-        json.dumps(row) + "\n" for row in prediction_rows(records, predictor.predict(records, 8), keep_grounded=True)
+        json.dumps(row) + "\n" for row in prediction_rows(records, predictor.predict(records, 8), keep_labels=True)
     )
     assert len(records) > 12
     out = tmp_path / "preds.jsonl"
@@ -38,7 +38,7 @@ def test_chunks_resume_after_a_crash_and_equal_one_pass(trained, tmp_path, monke
         str(data),
         "--out",
         str(out),
-        "--keep-grounded",
+        "--keep-labels",
         "--batch-size",
         "8",
         "--chunk-size",

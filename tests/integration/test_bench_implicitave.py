@@ -115,8 +115,8 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
         "tea",
         "pv2tea",
         "pv2tea_gold",
-        "tea+keep_grounded",
-        "pv2tea+keep_grounded",
+        "tea+kept_labels",
+        "pv2tea+kept_labels",
         "tea+extractor",
         "pv2tea+extractor",
         "pv2tea+no_images",
@@ -139,9 +139,9 @@ def test_quick_bench_end_to_end_and_resume(root, tiny_text_ckpt, tmp_path, capsy
     saved = json.loads((out / "bench.json").read_text())
     assert saved["domains"]["Home"]["pv2tea"]["runs"] == 1  # quick: one fold, one seed
     fold_report = json.loads((out / "runs" / "Home" / "fold_0" / "pv2tea" / "seed_0" / "test_report.json").read_text())
-    kept = saved["domains"]["Home"]["pv2tea+keep_grounded"]
-    assert kept["constrained"]["f1"]["mean"] == fold_report["keep_grounded"]["constrained"]["overall"]["f1"]
-    assert kept["open"]["f1"]["mean"] == fold_report["keep_grounded"]["overall"]["f1"]
+    kept = saved["domains"]["Home"]["pv2tea+kept_labels"]
+    assert kept["constrained"]["f1"]["mean"] == fold_report["kept_labels"]["constrained"]["overall"]["f1"]
+    assert kept["open"]["f1"]["mean"] == fold_report["kept_labels"]["overall"]["f1"]
     blind = saved["domains"]["Home"]["pv2tea+no_images"]  # the same model, the test images withheld
     assert blind["constrained"]["f1"]["mean"] == fold_report["without_images"]["constrained"]["overall"]["f1"]
     assert fold_report["without_images"]["overall"]["n"] == fold_report["overall"]["n"]

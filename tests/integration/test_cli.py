@@ -274,7 +274,7 @@ def test_prediction_nr_predicts_from_mention_free_texts(catalog, tiny_text_ckpt,
 
 def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):
     """`pv2tea demo`: catalog, training, the source-aware table and the comparison with the weak labels and with
-    --keep-grounded, whose predictions are the weak label where the text states it and PV2TEA's elsewhere."""
+    --keep-labels, whose predictions are the weak label where the text states it and PV2TEA's elsewhere."""
     from pv2tea.eval.metrics import Example, source_aware_report
 
     out = tmp_path / "demo"
@@ -303,14 +303,14 @@ def test_demo_at_micro_size(tiny_text_ckpt, tmp_path, capsys):
 
     for row in rows:
         stated = label_in_text(row["weak_label"], test[row["id"]]["text"])
-        assert row["pred_keep_grounded"] == (row["weak_label"] if stated else row["pred"])
-    kept = json.loads((run / "keep_grounded_test_report.json").read_text())
+        assert row["pred_kept_labels"] == (row["weak_label"] if stated else row["pred"])
+    kept = json.loads((run / "kept_labels_test_report.json").read_text())
     multi = {"color": True, "pattern": False}
     assert kept == source_aware_report(
         [
             Example(
                 tuple(r["gold"]),
-                tuple(r["pred_keep_grounded"]),
+                tuple(r["pred_kept_labels"]),
                 r["source"],
                 test[r["id"]]["attribute"],
                 multi[test[r["id"]]["attribute"]],

@@ -31,7 +31,7 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "--out",
         str(out),
         "--skip-invalid",
-        "--keep-grounded",
+        "--keep-labels",
         "--batch-size",
         "4",
         "--chunk-size",

@@ -57,8 +57,8 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
         "| weak_labels |",
         "Table 7",
         "R@Mean",
-        "| pv2tea+keep_grounded |",
-        "| tea+keep_grounded |",
+        "| pv2tea+kept_labels |",
+        "| tea+kept_labels |",
         "| pv2tea+no_images |",
     ):
         assert row in tables, row
@@ -71,14 +71,14 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
             # finished: the final model stays, the resumable checkpoint is pruned to save disk
             assert (out / name / f"seed_{seed}" / "final").is_dir()
             assert not (out / name / f"seed_{seed}" / "checkpoint").exists()
-    assert "pv2tea+keep_grounded" in summary and "text_extractor+keep_grounded" not in summary
+    assert "pv2tea+kept_labels" in summary and "text_extractor+kept_labels" not in summary
     assert "tea+no_images" not in summary and "| tea+no_images |" not in tables  # TEA reads no image
     assert json.loads((out / "tea" / "seed_0" / "test_report.json").read_text())["without_images"] is None
     # a second invocation reuses every finished run (no retraining: the files stay untouched); a report from
-    # before keep_grounded existed gets it from the final model
+    # before kept labels existed gets it from the final model
     report_path = out / "pv2tea" / "seed_0" / "test_report.json"
     report = json.loads(report_path.read_text())
-    kept_report = report.pop("keep_grounded")
+    kept_report = report.pop("kept_labels")
     no_images = report.pop("without_images")
     moved = report.pop("departures")  # where the answers left the weak labels of the test rows
     assert (
@@ -89,7 +89,7 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     stamp = (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "pv2tea" / "seed_0" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert json.loads(report_path.read_text())["keep_grounded"] == kept_report
+    assert json.loads(report_path.read_text())["kept_labels"] == kept_report
     assert json.loads(report_path.read_text())["without_images"] == no_images  # added back from the final model
     # it is the model's report on the test rows with their images withheld
     test_rows = load_rows(catalog["test"]).records
@@ -159,8 +159,8 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     )
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     assert all(r["values"] in (["solid"], ["striped"]) for r in rows if r["attribute"] == "pattern")
-    # --keep-grounded: the rows whose weak label the text states keep it, the model answers the others; scored,
-    # that is the experiment's keep_grounded report
+    # --keep-labels: the rows whose weak label the text states keep it, the model answers the others; scored,
+    # that is the experiment's kept_labels report
     from pv2tea.data.validate import load_dataset
     from pv2tea.eval.metrics import Example, source_aware_report
     from pv2tea.regularize.grounding import label_in_text
@@ -177,12 +177,12 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
                 str(catalog["test"]),
                 "--out",
                 str(kept),
-                "--keep-grounded",
+                "--keep-labels",
             ]
         )
         == 0
     )
-    assert "grounded label(s) kept" in " ".join(capsys.readouterr().err.split())  # rich may wrap the line
+    assert "label(s) kept" in " ".join(capsys.readouterr().err.split())  # rich may wrap the line
     test = load_dataset(catalog["test"]).records
     plain_rows = [json.loads(x) for x in plain.read_text().splitlines()]
     kept_rows = [json.loads(x) for x in kept.read_text().splitlines()]
@@ -210,9 +210,7 @@ def test_experiment_runs_resumes_and_reports(catalog, tiny_text_ckpt, tmp_path, 
     )
     capsys.readouterr()
     assert (
-        main(
-            ["predict", "--model", str(run / "final"), "--data", str(unlabelled), "--out", str(kept), "--keep-grounded"]
-        )
+        main(["predict", "--model", str(run / "final"), "--data", str(unlabelled), "--out", str(kept), "--keep-labels"])
         == 2
     )
     assert "needs the rows' existing values in a 'label' field" in capsys.readouterr().err

@@ -70,11 +70,43 @@ def test_predict_answers_as_the_python_api(served):
         for k, (name, tensor) in enumerate(images):
             assert name.startswith("memory:") and torch.equal(tensor, predictor.pre.image_tensor(record, k))
     # kept labels: a row whose text states its label returns the label, the others the model's answer
-    kept = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw], "keep_grounded": True})
+    kept = client.post("/predict", json={"products": [_inline(r, catalog) for r in raw], "keep_labels": True})
     flags = [label_in_text(r.label, r.text) for r in records]
     assert any(flags) and not all(flags)
     for a, r, p, flag in zip(kept.json()["predictions"], records, expected, flags):
         assert a["kept_label"] is flag and a["values"] == (list(r.label) if flag else p)
+
+
+def test_the_old_request_field_keeps_labels_warns_once_in_the_log_and_both_names_must_agree(
+    served, caplog, monkeypatch
+):
+    from pv2tea import renamed
+
+    monkeypatch.setattr(renamed, "_WARNED", set())  # as in a fresh server process
+    predictor, catalog, raw, records = served
+    client = TestClient(create_app(predictor))
+    products = [_inline(r, catalog) for r in raw[:8]]
+    new = client.post("/predict", json={"products": products, "keep_labels": True})
+    assert new.status_code == 200, new.text
+    assert any(a["kept_label"] for a in new.json()["predictions"])  # some rows kept their label
+    with caplog.at_level("WARNING", logger="pv2tea.serve"):
+        old = client.post("/predict", json={"products": products, "keep_grounded": True})
+        again = client.post("/predict", json={"products": products, "keep_grounded": True, "keep_labels": True})
+    assert old.status_code == again.status_code == 200, (old.text, again.text)
+    assert old.json()["predictions"] == again.json()["predictions"] == new.json()["predictions"]
+    said = [r.getMessage() for r in caplog.records if "keep_grounded" in r.getMessage()]
+    assert said == [
+        "the request field keep_grounded is now keep_labels; the old spelling still works but will be removed"
+    ]
+    off = client.post("/predict", json={"products": products, "keep_grounded": False})
+    assert off.status_code == 200 and all("kept_label" not in a for a in off.json()["predictions"])
+    both = client.post("/predict", json={"products": products, "keep_grounded": True, "keep_labels": False})
+    assert both.status_code == 422
+    [problem] = both.json()["detail"]
+    assert "keep_grounded" in problem["msg"] and "keep_labels" in problem["msg"]
+    # the API description and the answers know only the new name
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictRequest"]["properties"]
+    assert "keep_labels" in schema and "keep_grounded" not in schema
 
 
 def test_image_paths_under_the_root_equal_inline_images(served):
@@ -116,8 +148,8 @@ def test_bad_requests_name_the_row_and_field(served):
     assert no_root["field"] == "image_paths[0]" and "--image-root" in no_root["message"]
     unlabelled = {k: v for k, v in good.items() if k != "label"}
     assert client.post("/predict", json={"products": [unlabelled]}).status_code == 200
-    [no_label] = problems([unlabelled], keep_grounded=True)
-    assert no_label["field"] == "label" and "keep_grounded" in no_label["message"]
+    [no_label] = problems([unlabelled], keep_labels=True)
+    assert no_label["field"] == "label" and "keep_labels" in no_label["message"]
     # schema errors (FastAPI/pydantic): an unknown field, a missing one, no products
     for body in ({"products": [{**good, "colour": "red"}]}, {"products": [{"id": "a"}]}, {"products": []}):
         assert client.post("/predict", json=body).status_code == 422

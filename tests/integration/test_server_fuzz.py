@@ -54,7 +54,7 @@ product = st.fixed_dictionaries(
 )
 request = st.fixed_dictionaries(
     {"products": st.lists(product, max_size=5) | anything},
-    optional={"num_beams": number | anything, "keep_grounded": anything},
+    optional={"num_beams": number | anything, "keep_labels": anything, "keep_grounded": anything},
 )
 body = (
     request.map(json.dumps)

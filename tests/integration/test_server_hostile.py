@@ -175,7 +175,7 @@ def test_every_string_field_and_the_label_list_have_a_limit(short_client, produc
         changed |= {"images": [], "image_paths": [value + ".png"]}
     else:
         changed[field] = value
-    response = short_client.post("/predict", json={"products": [changed], "keep_grounded": False})
+    response = short_client.post("/predict", json={"products": [changed], "keep_labels": False})
     expected = set()
     too_many_labels = len(changed["label"]) > 3
     if too_many_labels:

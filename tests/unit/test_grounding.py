@@ -9,7 +9,7 @@ import pytest
 from pv2tea.data.schema import Record
 from pv2tea.regularize.grounding import (
     grounding_weights,
-    keep_grounded,
+    keep_labels,
     label_in_text,
     label_weights,
     mention_free_texts,
@@ -127,7 +127,7 @@ def test_mention_dropout_rows_are_a_pure_function_of_seed_and_epoch():
     assert mention_dropout_rows(free, 0.0, seed=1, epoch=0) == {}
 
 
-def test_keep_grounded_keeps_only_the_labels_the_text_states():
+def test_keep_labels_keeps_only_the_labels_the_text_states():
     rows = [
         Record("a", "Color: Red. A mug", ("a.png",), "mug", "color", ("red",)),
         Record("b", "A plain mug", ("b.png",), "mug", "color", ("white",)),  # the extractor guessed
@@ -135,9 +135,9 @@ def test_keep_grounded_keeps_only_the_labels_the_text_states():
         Record("d", "Blue and red stripes", (), "mug", "color", ("red", "green")),
     ]  # green not stated
     preds = [["blue"], ["black"], ["grey"], ["red"]]
-    assert keep_grounded(rows, preds) == [["red"], ["black"], ["grey"], ["red"]]
+    assert keep_labels(rows, preds) == [["red"], ["black"], ["grey"], ["red"]]
     with pytest.raises(ValueError, match="3 predictions for 4 rows"):
-        keep_grounded(rows, preds[:3])
+        keep_labels(rows, preds[:3])
 
 
 def test_label_weights_are_relative_within_each_attribute():

@@ -45,6 +45,7 @@ from pv2tea.eval.summary import SOURCES, add_ttests, attribute_stats, fmt_p, fmt
 from pv2tea.experiment import (
     FUSED_SUFFIX,
     KEEP_SUFFIX,
+    KEPT_KEY,
     NO_IMAGES_KEY,
     NO_IMAGES_SUFFIX,
     VARIANTS,
@@ -419,8 +420,8 @@ def run_protocol(
                     name, seed, split, fold_dir, cfg.config, overrides, candidates=candidates, priors=priors
                 )
                 reports.setdefault(name, []).append(result)
-                if "keep_grounded" in result:  # deployed next to the extractor: its labels the text states kept
-                    reports.setdefault(f"{name}{KEEP_SUFFIX}", []).append(result["keep_grounded"])
+                if KEPT_KEY in result:  # deployed next to the extractor: its labels the text states kept
+                    reports.setdefault(f"{name}{KEEP_SUFFIX}", []).append(result[KEPT_KEY])
                 if "fused" in result:  # deployed next to the extractor: candidates ranked by both
                     # fusion only ranks candidates, so the row's open and constrained blocks are the same
                     reports.setdefault(f"{name}{FUSED_SUFFIX}", []).append(

@@ -26,11 +26,20 @@ from pv2tea.cli.common import (
     require_gold,
     warn,
 )
+from pv2tea.renamed import warn_renamed
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pv2tea.data.schema import Record
+
+
+def _keep_labels(new: bool, old: bool) -> bool:
+    """--keep-labels, or its old name --keep-grounded (which warns once) when that is given."""
+    if not old:
+        return new
+    warn_renamed("--keep-grounded", "--keep-labels")
+    return True
 
 
 def predict(
@@ -41,12 +50,15 @@ def predict(
     num_beams: Annotated[int | None, typer.Option(min=1)] = None,
     candidates: CandidatesOption = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
-    keep_grounded: Annotated[
+    keep_labels: Annotated[
         bool,
         typer.Option(
-            "--keep-grounded",
-            help="Keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.",
+            "--keep-labels",
+            help="Kept labels: keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.",
         ),
+    ] = False,
+    keep_grounded: Annotated[
+        bool, typer.Option("--keep-grounded", hidden=True, help="The old name of --keep-labels.")
     ] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")] = 4096,
     resume: Annotated[
@@ -89,6 +101,7 @@ def predict(
     torchrun (torchrun --nproc_per_node N --no-python pv2tea predict ...) each process predicts every N-th row into
     its own part and the first merges the parts into OUT in input order.
     """
+    keep_labels = _keep_labels(keep_labels, keep_grounded)
     quiet_libraries()
     from pv2tea.cache.store import FeatureCacheError
     from pv2tea.data.readers import check_table
@@ -104,9 +117,9 @@ def predict(
             warn(message)
 
     def check_input(scan) -> None:
-        if keep_grounded and not scan.n_labelled:
+        if keep_labels and not scan.n_labelled:
             raise ValueError(
-                f"{data}: --keep-grounded needs the rows' existing values in a 'label' field; no row has one"
+                f"{data}: --keep-labels needs the rows' existing values in a 'label' field; no row has one"
             )
 
     shard = None
@@ -137,7 +150,7 @@ def predict(
                 batch_size=batch_size,
                 num_beams=num_beams,
                 candidates=read_candidates(candidates),
-                keep_grounded=keep_grounded,
+                keep_labels=keep_labels,
                 chunk_size=chunk_size,
                 extractor=text_extractor,
                 extractor_weight=extractor_weight,
@@ -159,7 +172,7 @@ def predict(
         f"{result.written + result.resumed} prediction(s) written to {out}"
         + (f" by {shard.world_size} processes" if shard.world_size > 1 else "")
         + (f" ({result.resumed} from the interrupted run)" if result.resumed else "")
-        + (f"; {result.kept} grounded label(s) kept" if keep_grounded else "")
+        + (f"; {result.kept} label(s) kept" if keep_labels else "")
         + (f"; {skipped} invalid row(s) of {escape(str(data))} skipped" if skipped else "")
     )
 

@@ -7,7 +7,7 @@ row has a closed candidate list, each candidate c gets
 
 where p_model is the model's sequence likelihood (or class probability) renormalized over the candidates C and
 q_extractor the extractor's class probability renormalized over C (a candidate the extractor never saw gets a
-small floor). w = 0 is the model alone; the top candidate is the answer. This generalizes ``--keep-grounded``
+small floor). w = 0 is the model alone; the top candidate is the answer. This generalizes ``--keep-labels``
 to values the text implies but does not state (ImplicitAVE), where there is no stated label to keep.
 """
 

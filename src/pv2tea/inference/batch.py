@@ -25,6 +25,7 @@ from pv2tea.data.schema import Record
 from pv2tea.decoding import fusion
 from pv2tea.decoding.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
+from pv2tea.renamed import renamed_keyword
 
 if TYPE_CHECKING:  # only for annotations: the extractor's libraries load when --extractor is used
     from pv2tea.baselines import TextExtractor
@@ -36,7 +37,7 @@ class BatchResult:
 
     written: int  # rows predicted by this call
     resumed: int  # rows found already written in the partial file
-    kept: int  # rows (of both) that kept their grounded label (keep_grounded)
+    kept: int  # rows (of both) that kept their label (keep_labels)
 
 
 def partial_path(out: Path) -> Path:
@@ -45,7 +46,7 @@ def partial_path(out: Path) -> Path:
 
 
 def _read_partial(path: Path) -> tuple[set[str], int]:
-    """The ids of the complete lines of a partial file and how many of them kept their grounded label; a torn last
+    """The ids of the complete lines of a partial file and how many of them kept their label; a torn last
     line (no newline, or not JSON) is cut off."""
     ids: set[str] = set()
     kept = 0
@@ -89,7 +90,7 @@ def predict_to_file(
     batch_size: int = 32,
     num_beams: int | None = None,
     candidates: Mapping | None = None,
-    keep_grounded: bool = False,
+    keep_labels: bool = False,
     chunk_size: int = 4096,
     resume: bool = False,
     progress: bool = True,
@@ -98,6 +99,7 @@ def predict_to_file(
     calibration: Calibration | None = None,
     total: int | None = None,
     known_ids: Container[str] | None = None,
+    keep_grounded: bool | None = None,
 ) -> BatchResult:
     """Predict every record into ``out`` (JSON Lines, rows of :func:`prediction_rows`), chunk by chunk.
 
@@ -110,10 +112,14 @@ def predict_to_file(
     probabilities (:mod:`pv2tea.decoding.fusion`), each attribute weighted by its ``calibration`` when given
     (:mod:`pv2tea.decoding.calibration`).
 
+    With ``keep_labels`` (kept labels) a row whose existing label its text states keeps it
+    (:func:`prediction_rows`); ``keep_grounded`` is its old name (it warns once).
+
     Raises:
         ValueError: ``OUT.partial`` exists (an interrupted run) and ``resume`` is false, or it holds ids that
             ``records`` does not (it was written for other input).
     """
+    keep_labels = renamed_keyword("keep_grounded", "keep_labels", keep_grounded, keep_labels, False)
     fusion.check_fusion(candidates, extractor)
     if isinstance(records, Sequence):
         total = len(records) if total is None else total
@@ -159,7 +165,7 @@ def predict_to_file(
                 prior_weight=extractor_weight,
                 calibration=calibration,
             )
-            rows = prediction_rows(chunk, preds, keep_grounded)
+            rows = prediction_rows(chunk, preds, keep_labels)
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()
             os.fsync(f.fileno())  # on disk before the next chunk: a crash loses at most one chunk

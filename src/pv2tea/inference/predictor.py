@@ -16,19 +16,26 @@ from pv2tea.decoding.generate import Prior, candidate_log_probs, generate_values
 from pv2tea.inference.device import autocast_for, resolve_device
 from pv2tea.models.build import load_from_checkpoint
 from pv2tea.models.pv2tea import PV2TEA
-from pv2tea.regularize.grounding import keep_grounded as keep
+from pv2tea.regularize.grounding import keep_labels as keep
 from pv2tea.regularize.grounding import label_in_text
+from pv2tea.renamed import renamed_keyword
 
 
 def prediction_rows(
-    records: Sequence[Record], predictions: Sequence[Sequence[str]], keep_grounded: bool = False
+    records: Sequence[Record],
+    predictions: Sequence[Sequence[str]],
+    keep_labels: bool = False,
+    *,
+    keep_grounded: bool | None = None,
 ) -> list[dict[str, Any]]:
     """The output rows of ``pv2tea predict`` and of the HTTP endpoint, one per record.
 
-    ``{"id", "attribute", "category", "values"}``; with ``keep_grounded`` also ``"kept_label"``: true where the
-    row's existing label occurs in its text and is returned instead of the model's answer.
+    ``{"id", "attribute", "category", "values"}``; with ``keep_labels`` (kept labels) also ``"kept_label"``: true
+    where the row's existing label occurs in its text and is returned instead of the model's answer.
+    ``keep_grounded`` is the old name of ``keep_labels`` (it warns once).
     """
-    if not keep_grounded:
+    keep_labels = renamed_keyword("keep_grounded", "keep_labels", keep_grounded, keep_labels, False)
+    if not keep_labels:
         return [
             {"id": r.id, "attribute": r.attribute, "category": r.category, "values": list(p)}
             for r, p in zip(records, predictions)

@@ -202,7 +202,7 @@ class FileResult:
     scan: DatasetScan  # the input's scan (every rank's problems, counts over the whole file)
     written: int  # rows predicted by this run
     resumed: int  # rows found already predicted by an interrupted run
-    kept: int  # rows that kept their grounded label (keep_grounded)
+    kept: int  # rows that kept their label (keep_labels)
 
 
 def _joint_scan(scans: list[DatasetScan]) -> DatasetScan:
@@ -234,7 +234,7 @@ def predict_file(
     process doing the rows of ``shard``; every process of the job calls it with its own shard (under
     :class:`process_group`). ``check_input`` sees the scan of the whole file before anything is predicted (it
     raises to stop every rank). ``options`` go to :func:`~pv2tea.inference.batch.predict_to_file`
-    (``batch_size``, ``chunk_size``, ``candidates``, ``keep_grounded``, ...).
+    (``batch_size``, ``chunk_size``, ``candidates``, ``keep_labels``, ...).
 
     Raises:
         DataValidationError: the file has bad rows and ``skip_invalid`` is false (every problem of every share).
@@ -285,6 +285,6 @@ def predict_file(
 
 
 def _kept(path: Path) -> int:
-    """Rows of a finished part that kept their grounded label."""
+    """Rows of a finished part that kept their label."""
     with open(path, encoding="utf-8") as handle:
         return sum(bool(json.loads(line).get("kept_label")) for line in handle)

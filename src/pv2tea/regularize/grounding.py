@@ -10,20 +10,22 @@ text, like a product whose value only the image shows. ``schemes.mention_dropout
 (:func:`remove_mentions`), so the model learns to answer from the image when the text does not say it,
 from labels that are right (not in the paper; 0 = off).
 
-At inference the same test decides where a catalog's existing labels can be trusted: :func:`keep_grounded` keeps
-a label its text states and lets the model answer the rest (``pv2tea predict --keep-grounded``).
+At inference the same test decides where a catalog's existing labels can be trusted: :func:`keep_labels` keeps
+a label its text states and lets the model answer the rest (kept labels, ``pv2tea predict --keep-labels``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from pv2tea.config import MENTION_REMOVALS
 from pv2tea.data.schema import Record
 from pv2tea.eval.normalize import normalize_value, occurs_in
+from pv2tea.renamed import warn_renamed
 
 
 def label_in_text(values: Sequence[str], text: str) -> bool:
@@ -146,7 +148,7 @@ def mention_free_texts(records: Sequence[Record], mode: str = "words") -> list[s
     ]
 
 
-def keep_grounded(
+def keep_labels(
     records: Sequence[Record], predictions: Sequence[Sequence[str]], kept: Sequence[bool] | None = None
 ) -> list[list[str]]:
     """Per row, its existing label when the label occurs in its text (the extractor read it there), else the
@@ -159,3 +161,11 @@ def keep_grounded(
     if kept is None:
         kept = [label_in_text(r.label, r.text) for r in records]
     return [list(r.label) if k else list(p) for r, p, k in zip(records, predictions, kept)]
+
+
+def __getattr__(name: str) -> Any:
+    """Old names of this module's functions, which still import (and warn once): ``keep_grounded``."""
+    if name == "keep_grounded":
+        warn_renamed("pv2tea.regularize.grounding.keep_grounded", "keep_labels")
+        return keep_labels
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

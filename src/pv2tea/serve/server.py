@@ -46,7 +46,7 @@ try:
     from fastapi.responses import JSONResponse, Response
     from fastapi.routing import APIRoute
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as exc:
     raise missing_extra("serve", "serve", exc) from exc
@@ -57,6 +57,7 @@ from pv2tea.data.validate import validate_rows
 from pv2tea.decoding import fusion
 from pv2tea.decoding.calibration import Calibration
 from pv2tea.inference.predictor import Predictor, prediction_rows
+from pv2tea.renamed import warn_renamed
 from pv2tea.serve.batcher import Job, MicroBatcher, QueueFull
 from pv2tea.serve.limits import (
     DecodeBudget,
@@ -77,6 +78,7 @@ MAX_IMAGE_BYTES = Limits.max_image_bytes  # per inline image, decoded (the defau
 MEMORY_PREFIX = "memory:"  # Record.images entries naming an image decoded in memory by the server
 OPEN_ROUTES = ("/health", "/ready")  # answered without the API key (load-balancer probes)
 ROUTES = ("/predict", "/health", "/ready", "/metrics")
+RENAMED_FIELDS = {"keep_grounded": "keep_labels"}  # old name -> new name of a request field; the old still read
 log = logging.getLogger("pv2tea.serve")
 
 
@@ -91,15 +93,35 @@ class Product(BaseModel):
     attribute: str = Field(description="The attribute to extract, e.g. 'color'.")
     images: list[str] = Field(default=[], description="Image files, base64-encoded (a data: URI prefix is allowed).")
     image_paths: list[str] = Field(default=[], description="Image files under the server's --image-root.")
-    label: list[str] = Field(default=[], description="Existing values, e.g. a text extractor's (keep_grounded).")
+    label: list[str] = Field(default=[], description="Existing values, e.g. a text extractor's (keep_labels).")
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     products: list[Product] = Field(min_length=1)
-    keep_grounded: bool = Field(False, description="Return a row's label where its text states it.")
+    keep_labels: bool = Field(False, description="Kept labels: return a row's label where its text states it.")
     num_beams: int | None = Field(None, ge=1, le=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_field_names(cls, data: Any) -> Any:
+        """A body's old field names under their new ones (``keep_grounded`` is ``keep_labels``), said once in the
+        server log; a body giving both, to different values, is refused."""
+        if not isinstance(data, dict):
+            return data  # pydantic says what is wrong with it
+        for old, new in RENAMED_FIELDS.items():
+            if old not in data:
+                continue
+            warn_renamed(f"the request field {old}", new, logger=log)
+            data = dict(data)
+            value = data.pop(old)
+            if new in data and data[new] != value:
+                raise ValueError(
+                    f"both {old} (the old name) and {new} are given, with different values; send {new} only"
+                )
+            data[new] = value
+        return data
 
 
 class Prediction(BaseModel):
@@ -600,10 +622,10 @@ class Service:
         records, images, problems = await loop.run_in_executor(None, self.check, request, next(self.job_ids))
         if problems:
             raise HTTPException(422, sorted(problems, key=lambda p: p["row"]))
-        if request.keep_grounded and not any(r.label for r in records):
+        if request.keep_labels and not any(r.label for r in records):
             raise HTTPException(
                 422,
-                [_problem(0, "label", "keep_grounded needs the products' existing values in 'label'; none has one")],
+                [_problem(0, "label", "keep_labels needs the products' existing values in 'label'; none has one")],
             )
         need = self.image_bytes * sum(image.used for image in images)
         if need > budget.total:
@@ -640,7 +662,7 @@ class Service:
                 if future.cancel():  # abandoned (504) before the model took it: drop its images now
                     job.payload = {}
             return {
-                "predictions": prediction_rows(records, preds, request.keep_grounded),
+                "predictions": prediction_rows(records, preds, request.keep_labels),
                 "seconds": time.perf_counter() - t0,
             }
         finally:

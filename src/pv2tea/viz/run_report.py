@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from pv2tea.eval.report import format_report_table
+from pv2tea.renamed import current_row_name
 from pv2tea.viz import figures
 from pv2tea.viz.html import Section, write_html_report
 
@@ -118,7 +119,7 @@ def build_run_report(
 def build_experiment_report(exp_dir: Path, out: Path) -> Path:
     """The figures and ``index.html`` of an experiment folder (``pv2tea experiment``); returns the page."""
     meta = json.loads((exp_dir / "experiment.json").read_text())
-    summary: dict[str, Any] = meta["summary"]
+    summary: dict[str, Any] = {current_row_name(name): e for name, e in meta["summary"].items()}  # today's names
     table = {
         name: {
             m: (e["overall"][m]["mean"], e["overall"][m]["std"]) if e["overall"][m]["mean"] is not None else None
