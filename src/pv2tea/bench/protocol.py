@@ -549,126 +549,152 @@ def format_tables(results: dict[str, Any]) -> str:
     lines = []
     for domain, variants in results["domains"].items():
         lines += [f"### {domain}", ""]
-        lines += markdown_table(
-            [
-                "variant",
-                "runs",
-                *(f"{m} ranked" for m in ("F1", "Acc", "P", "R")),
-                "F1 open",
-                "Acc open",
-                *(f"p vs {ref}" for ref in ("extractor", "tea", "pv2tea")),
-            ],
-            [
-                [
-                    name,
-                    s["runs"],
-                    *(_cell(s["constrained"][m]) for m in ("f1", "accuracy", "precision", "recall")),
-                    _cell(s["open"]["f1"]),
-                    _cell(s["open"]["accuracy"]),
-                    *(fmt_p(s.get(f"ttest_vs_{ref}")) for ref in SIGNIFICANCE_REFERENCES),
-                ]
-                for name, s in variants.items()
-            ],
-        )
-        lines += [
-            "",
-            "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference itself).",
-        ]
-        moved = {
-            name: s["constrained"]["departures"] for name, s in variants.items() if "departures" in s["constrained"]
-        }
-        if moved:
-            lines += [
-                "",
-                "Where the ranked answers depart from the extractor's (its weak labels kept to the options), "
-                "counted over all runs (rows × runs): fixed = the model is right where the extractor is wrong, "
-                "broke = the reverse; net % = 100 · (fixed − broke) / rows, the accuracy difference; either = "
-                "accuracy of an oracle choosing the right one of the two per row.",
-                "",
-            ]
-            lines += markdown_table(
-                ["variant", "rows × runs", "changed", "fixed", "broke", "neither", "net %", "fix rate", "either"],
-                [
-                    [
-                        name,
-                        d["n"],
-                        d["changed"],
-                        d["fixed"],
-                        d["broke"],
-                        d["neither"],
-                        "–" if not d["n"] else f"{100.0 * d['net'] / d['n']:+.1f}",
-                        "–" if d["fix_rate"] is None else f"{d['fix_rate']:.1f}",
-                        "–" if d["either"] is None else f"{d['either']:.1f}",
-                    ]
-                    for name, d in moved.items()
-                ],
-            )
+        lines += _scores_table(variants)
+        lines += _departures_table(variants)
         calibrated = {name: s["calibration"] for name, s in variants.items() if "calibration" in s}
         if calibrated:
-            sizes = list(next(iter(calibrated.values()))["sample_size_f1"])
-            zs = list(next(iter(calibrated.values()))["guard_z_f1"])
-            objective = next(iter(calibrated.values())).get("objective", "accuracy")  # older runs chose by accuracy
-            chosen_by = "balanced accuracy" if objective == "balanced" else "accuracy"
-            lines += [
-                "",
-                "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
-                "λ per attribute fitted on the other folds' held-out gold rows (with one fold: each half of its "
-                "held-out products on the other half's gold), chosen by " + chosen_by + " (`pv2tea calibrate "
-                "--objective "
-                + objective
-                + "`; λ = 0 keeps the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
-                "from that pool, mean over folds × draws) and by the guard's z (the whole pool):",
-                "",
-            ]
-            lines += markdown_table(
-                ["row", *(f"n = {n}" for n in sizes), *(f"z = {z}" for z in zs)],
-                [
-                    [
-                        name,
-                        *(f"{c['sample_size_f1'][n]:.1f}" for n in sizes),
-                        *(f"{c['guard_z_f1'][z]:.1f}" for z in zs),
-                    ]
-                    for name, c in calibrated.items()
-                ],
-            )
-            lines += [
-                "",
-                "λ deployed per attribute and fold (0: the extractor's answer), and whether the model read the "
-                "photo (yes) or answered with it withheld (no: with the photo it was not better beyond noise on the "
-                "sample; – : a model without a visual path):",
-                "",
-            ]
-            lines += markdown_table(
-                ["row", "attribute", "λ per fold", "photo per fold"],
-                [
-                    [
-                        name,
-                        attribute,
-                        ", ".join("–" if w is None else f"{w:g}" for w in weights),
-                        ", ".join(
-                            "–" if p is None else ("yes" if p else "no")
-                            for p in (c.get("image", {}).get(attribute) or [None] * len(weights))
-                        ),
-                    ]
-                    for name, c in calibrated.items()
-                    for attribute, weights in c["model_weight"].items()
-                ],
-            )
-        attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
-        names = list(variants)
-        lines += ["", "Per attribute, F1 ranked among options:", ""]
-        lines += markdown_table(
-            ["attribute", *names],
-            [
-                [
-                    a,
-                    *(
-                        _cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None}))
-                        for n in names
-                    ),
-                ]
-                for a in attrs
-            ],
-        )
+            lines += _calibrated_f1_table(calibrated)
+            lines += _calibrated_weights_table(calibrated)
+        lines += _per_attribute_table(variants)
         lines.append("")
     return "\n".join(lines)
+
+
+def _scores_table(variants: dict[str, Any]) -> list[str]:
+    """Every row's ranked and open scores, with its fold t-tests against the references."""
+    lines = markdown_table(
+        [
+            "variant",
+            "runs",
+            *(f"{m} ranked" for m in ("F1", "Acc", "P", "R")),
+            "F1 open",
+            "Acc open",
+            *(f"p vs {ref}" for ref in ("extractor", "tea", "pv2tea")),
+        ],
+        [
+            [
+                name,
+                s["runs"],
+                *(_cell(s["constrained"][m]) for m in ("f1", "accuracy", "precision", "recall")),
+                _cell(s["open"]["f1"]),
+                _cell(s["open"]["accuracy"]),
+                *(fmt_p(s.get(f"ttest_vs_{ref}")) for ref in SIGNIFICANCE_REFERENCES),
+            ]
+            for name, s in variants.items()
+        ],
+    )
+    return [
+        *lines,
+        "",
+        "p: two-sided paired t-test over folds on ranked F1 (– with one fold or for the reference itself).",
+    ]
+
+
+def _departures_table(variants: dict[str, Any]) -> list[str]:
+    """Where the ranked answers depart from the extractor's (nothing when no row counted them)."""
+    moved = {name: s["constrained"]["departures"] for name, s in variants.items() if "departures" in s["constrained"]}
+    if not moved:
+        return []
+    lines = [
+        "",
+        "Where the ranked answers depart from the extractor's (its weak labels kept to the options), "
+        "counted over all runs (rows × runs): fixed = the model is right where the extractor is wrong, "
+        "broke = the reverse; net % = 100 · (fixed − broke) / rows, the accuracy difference; either = "
+        "accuracy of an oracle choosing the right one of the two per row.",
+        "",
+    ]
+    return lines + markdown_table(
+        ["variant", "rows × runs", "changed", "fixed", "broke", "neither", "net %", "fix rate", "either"],
+        [
+            [
+                name,
+                d["n"],
+                d["changed"],
+                d["fixed"],
+                d["broke"],
+                d["neither"],
+                "–" if not d["n"] else f"{100.0 * d['net'] / d['n']:+.1f}",
+                "–" if d["fix_rate"] is None else f"{d['fix_rate']:.1f}",
+                "–" if d["either"] is None else f"{d['either']:.1f}",
+            ]
+            for name, d in moved.items()
+        ],
+    )
+
+
+def _calibrated_f1_table(calibrated: dict[str, Any]) -> list[str]:
+    """The calibrated rows' ranked F1 by the size of the gold sample calibrated on and by the guard's z."""
+    first = next(iter(calibrated.values()))
+    sizes = list(first["sample_size_f1"])
+    zs = list(first["guard_z_f1"])
+    objective = first.get("objective", "accuracy")  # older runs chose by accuracy
+    chosen_by = "balanced accuracy" if objective == "balanced" else "accuracy"
+    lines = [
+        "",
+        "Calibrated rows (`+calibrated`): each fold's model next to the extractor, the model's share "
+        "λ per attribute fitted on the other folds' held-out gold rows (with one fold: each half of its "
+        "held-out products on the other half's gold), chosen by " + chosen_by + " (`pv2tea calibrate "
+        "--objective "
+        + objective
+        + "`; λ = 0 keeps the extractor's answer). F1 ranked by the size of the gold sample calibrated on (rows drawn "
+        "from that pool, mean over folds × draws) and by the guard's z (the whole pool):",
+        "",
+    ]
+    return lines + markdown_table(
+        ["row", *(f"n = {n}" for n in sizes), *(f"z = {z}" for z in zs)],
+        [
+            [
+                name,
+                *(f"{c['sample_size_f1'][n]:.1f}" for n in sizes),
+                *(f"{c['guard_z_f1'][z]:.1f}" for z in zs),
+            ]
+            for name, c in calibrated.items()
+        ],
+    )
+
+
+def _calibrated_weights_table(calibrated: dict[str, Any]) -> list[str]:
+    """The calibrated rows' λ deployed per attribute and fold, and whether the model read the photo."""
+    lines = [
+        "",
+        "λ deployed per attribute and fold (0: the extractor's answer), and whether the model read the "
+        "photo (yes) or answered with it withheld (no: with the photo it was not better beyond noise on the "
+        "sample; – : a model without a visual path):",
+        "",
+    ]
+    return lines + markdown_table(
+        ["row", "attribute", "λ per fold", "photo per fold"],
+        [
+            [
+                name,
+                attribute,
+                ", ".join("–" if w is None else f"{w:g}" for w in weights),
+                ", ".join(
+                    "–" if p is None else ("yes" if p else "no")
+                    for p in (c.get("image", {}).get(attribute) or [None] * len(weights))
+                ),
+            ]
+            for name, c in calibrated.items()
+            for attribute, weights in c["model_weight"].items()
+        ],
+    )
+
+
+def _per_attribute_table(variants: dict[str, Any]) -> list[str]:
+    """Every row's ranked F1 per attribute."""
+    attrs = sorted({a for s in variants.values() for a in s["constrained"]["by_attribute"]})
+    names = list(variants)
+    lines = ["", "Per attribute, F1 ranked among options:", ""]
+    return lines + markdown_table(
+        ["attribute", *names],
+        [
+            [
+                a,
+                *(
+                    _cell(variants[n]["constrained"]["by_attribute"].get(a, {}).get("f1", {"mean": None}))
+                    for n in names
+                ),
+            ]
+            for a in attrs
+        ],
+    )

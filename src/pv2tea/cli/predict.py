@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pv2tea.data.schema import Record
+    from pv2tea.inference.sharded import FileResult, Shard
 
 
 def _keep_labels(new: bool, old: bool) -> bool:
@@ -42,6 +43,48 @@ def _keep_labels(new: bool, old: bool) -> bool:
     return True
 
 
+# predict's longer options, declared once so that its signature reads one line per option
+KeepLabelsOption = Annotated[
+    bool,
+    typer.Option(
+        "--keep-labels",
+        help="Kept labels: keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.",
+    ),
+]
+KeepGroundedOption = Annotated[
+    bool, typer.Option("--keep-grounded", hidden=True, help="The old name of --keep-labels.")
+]
+ChunkSizeOption = Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")]
+ResumeOption = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run from OUT.partial (under torchrun: from the OUT.part-R-of-N files, on as many processes).",
+    ),
+]
+ExtractorOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--extractor",
+        help="A saved text extractor (pv2tea weak-label ... --save DIR): rank each row's candidates by the model's likelihood times the extractor's probability (needs --candidates).",
+    ),
+]
+ExtractorWeightOption = Annotated[
+    float,
+    typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion (0: the model alone)."),
+]
+FeatureCacheOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--feature-cache",
+        help="A feature cache folder of this model's frozen backbone(s) (pv2tea cache build): rows found in it are not encoded again; one of another backbone is refused.",
+    ),
+]
+ProgressOption = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Show a progress bar of the rows predicted.")
+]
+
+
 def predict(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="Products (label/gold not needed).")],
@@ -50,50 +93,17 @@ def predict(
     num_beams: Annotated[int | None, typer.Option(min=1)] = None,
     candidates: CandidatesOption = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
-    keep_labels: Annotated[
-        bool,
-        typer.Option(
-            "--keep-labels",
-            help="Kept labels: keep a row's label (e.g. from a text extractor) when its text states it; the model answers the other rows.",
-        ),
-    ] = False,
-    keep_grounded: Annotated[
-        bool, typer.Option("--keep-grounded", hidden=True, help="The old name of --keep-labels.")
-    ] = False,
-    chunk_size: Annotated[int, typer.Option(min=1, help="Rows predicted and flushed to OUT.partial at a time.")] = 4096,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue an interrupted run from OUT.partial (under torchrun: from the OUT.part-R-of-N files, on as many processes).",
-        ),
-    ] = False,
+    keep_labels: KeepLabelsOption = False,
+    keep_grounded: KeepGroundedOption = False,
+    chunk_size: ChunkSizeOption = 4096,
+    resume: ResumeOption = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
-    extractor: Annotated[
-        Path | None,
-        typer.Option(
-            "--extractor",
-            help="A saved text extractor (pv2tea weak-label ... --save DIR): rank each row's candidates by the model's likelihood times the extractor's probability (needs --candidates).",
-        ),
-    ] = None,
-    extractor_weight: Annotated[
-        float,
-        typer.Option(
-            min=0.0, help="Weight of the extractor's log-probability in --extractor fusion (0: the model alone)."
-        ),
-    ] = 1.0,
+    extractor: ExtractorOption = None,
+    extractor_weight: ExtractorWeightOption = 1.0,
     calibration: CalibrationOption = None,
-    feature_cache: Annotated[
-        Path | None,
-        typer.Option(
-            "--feature-cache",
-            help="A feature cache folder of this model's frozen backbone(s) (pv2tea cache build): rows found in it are not encoded again; one of another backbone is refused.",
-        ),
-    ] = None,
-    progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Show a progress bar of the rows predicted.")
-    ] = True,
+    feature_cache: FeatureCacheOption = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Extract attribute values for every row and write them as JSON Lines (chunk by chunk; resumable).
 
@@ -163,8 +173,12 @@ def predict(
                 raise typer.Exit(2) from None
             fail(f"rank {shard.rank}: {exc}")
         fail(str(exc))
-    if shard.rank > 0:
-        return
+    if shard.rank == 0:
+        _report_written(result, shard, data, out, keep_labels)
+
+
+def _report_written(result: FileResult, shard: Shard, data: Path, out: Path, keep_labels: bool) -> None:
+    """The scan's warnings, then one line: the predictions written, by how many processes, resumed, kept, skipped."""
     for warning in result.scan.warnings:
         warn(warning)
     skipped = len(result.scan.bad_rows)

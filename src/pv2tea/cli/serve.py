@@ -27,147 +27,162 @@ from pv2tea.cli.common import (
 )
 from pv2tea.serve.options import ServeOptions
 
+# serve's options, declared once so that its signature reads one line per option
+ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")]
+HostOption = Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535)]
+ImageRootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--image-root",
+        help="Folder whose files requests may name in 'image_paths' (default: inline images only); paths and symlinks leaving it are refused.",
+    ),
+]
+MaxBatchOption = Annotated[
+    int,
+    typer.Option(
+        "--max-batch",
+        "--batch-size",
+        min=1,
+        help="Most rows in one model batch; concurrent requests are coalesced up to it.",
+    ),
+]
+MaxWaitOption = Annotated[
+    float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch waits for more requests before it runs.")
+]
+BatchingOption = Annotated[
+    bool,
+    typer.Option("--batching/--no-batching", help="Coalesce concurrent requests (off: one request per model batch)."),
+]
+MaxQueueOption = Annotated[
+    int, typer.Option("--max-queue", min=1, help="Requests that may wait for the model; beyond, 503 with Retry-After.")
+]
+RequestTimeoutOption = Annotated[
+    float, typer.Option("--request-timeout", min=0.001, help="Seconds before a request is answered 504.")
+]
+MaxProductsOption = Annotated[int, typer.Option(min=1, help="Most products one request may carry (413).")]
+MaxBodyBytesOption = Annotated[int, typer.Option("--max-body-bytes", min=1, help="Largest request body (413).")]
+MaxTextCharsOption = Annotated[
+    int, typer.Option("--max-text-chars", min=1, help="Longest product text, in characters (422).")
+]
+MaxImagesOption = Annotated[
+    int, typer.Option("--max-images", min=1, help="Most images per product, inline and by path (422).")
+]
+MaxImageBytesOption = Annotated[int, typer.Option("--max-image-bytes", min=1, help="Largest encoded image file (422).")]
+MaxImagePixelsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-image-pixels",
+        min=1,
+        help="Most pixels (width × height) of one image, read from its header before decoding (422).",
+    ),
+]
+ImageFormatsOption = Annotated[
+    str, typer.Option("--image-formats", help="Comma-separated image formats allowed (Pillow names) (422).")
+]
+MaxAspectRatioOption = Annotated[
+    float,
+    typer.Option(
+        "--max-aspect-ratio", min=1.0, help="Longest side / shortest side of one image, read from its header (422)."
+    ),
+]
+MaxFieldCharsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-field-chars",
+        min=1,
+        help="Longest id, category, attribute, label value or image path, in characters (422).",
+    ),
+]
+MaxLabelsOption = Annotated[int, typer.Option("--max-labels", min=1, help="Most values in one product's label (422).")]
+MaxDecodedBytesOption = Annotated[
+    int,
+    typer.Option(
+        "--max-decoded-bytes",
+        min=1,
+        help="Bytes of decoded images the requests in flight may hold together (a request needing more: 413; "
+        "one not fitting beside the others: 503).",
+    ),
+]
+HeaderTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--header-timeout",
+        min=0.001,
+        help="Seconds a connection may take to send a request's headers; then 408 and closed.",
+    ),
+]
+BodyTimeoutOption = Annotated[
+    float,
+    typer.Option("--body-timeout", min=0.001, help="Seconds a request's body may take to arrive; then 408 and closed."),
+]
+MaxConnectionsOption = Annotated[
+    int, typer.Option("--max-connections", min=1, help="Open connections; a request beyond them is answered 503.")
+]
+WorkersOption = Annotated[
+    int | None, typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")
+]
+ApiKeyFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--api-key-file",
+        help="File holding an API key that /predict and /metrics require (or set PV2TEA_API_KEY); /health and /ready stay open.",
+    ),
+]
+LogLevelOption = Annotated[str, typer.Option("--log-level", help="uvicorn's log level (warning: no access log).")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).",
+    ),
+]
+ExtractorOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--extractor",
+        help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).",
+    ),
+]
+ExtractorWeightOption = Annotated[
+    float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")
+]
+
 
 def serve(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint folder.")],
-    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = ServeOptions.host,
-    port: Annotated[int, typer.Option(min=1, max=65535)] = ServeOptions.port,
-    image_root: Annotated[
-        Path | None,
-        typer.Option(
-            "--image-root",
-            help="Folder whose files requests may name in 'image_paths' (default: inline images only); paths and symlinks leaving it are refused.",
-        ),
-    ] = ServeOptions.image_root,
+    model: ModelOption,
+    host: HostOption = ServeOptions.host,
+    port: PortOption = ServeOptions.port,
+    image_root: ImageRootOption = ServeOptions.image_root,
     candidates: CandidatesOption = ServeOptions.candidates,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--max-batch",
-            "--batch-size",
-            min=1,
-            help="Most rows in one model batch; concurrent requests are coalesced up to it.",
-        ),
-    ] = ServeOptions.batch_size,
-    max_wait_ms: Annotated[
-        float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch waits for more requests before it runs.")
-    ] = ServeOptions.max_wait_ms,
-    batching: Annotated[
-        bool,
-        typer.Option(
-            "--batching/--no-batching", help="Coalesce concurrent requests (off: one request per model batch)."
-        ),
-    ] = ServeOptions.batching,
-    max_queue: Annotated[
-        int,
-        typer.Option("--max-queue", min=1, help="Requests that may wait for the model; beyond, 503 with Retry-After."),
-    ] = ServeOptions.max_queue,
-    request_timeout: Annotated[
-        float, typer.Option("--request-timeout", min=0.001, help="Seconds before a request is answered 504.")
-    ] = ServeOptions.request_timeout,
-    max_products: Annotated[
-        int, typer.Option(min=1, help="Most products one request may carry (413).")
-    ] = ServeOptions.max_products,
-    max_body_bytes: Annotated[
-        int, typer.Option("--max-body-bytes", min=1, help="Largest request body (413).")
-    ] = ServeOptions.max_body_bytes,
-    max_text_chars: Annotated[
-        int, typer.Option("--max-text-chars", min=1, help="Longest product text, in characters (422).")
-    ] = ServeOptions.max_text_chars,
-    max_images: Annotated[
-        int, typer.Option("--max-images", min=1, help="Most images per product, inline and by path (422).")
-    ] = ServeOptions.max_images,
-    max_image_bytes: Annotated[
-        int, typer.Option("--max-image-bytes", min=1, help="Largest encoded image file (422).")
-    ] = ServeOptions.max_image_bytes,
-    max_image_pixels: Annotated[
-        int,
-        typer.Option(
-            "--max-image-pixels",
-            min=1,
-            help="Most pixels (width × height) of one image, read from its header before decoding (422).",
-        ),
-    ] = ServeOptions.max_image_pixels,
-    image_formats: Annotated[
-        str, typer.Option("--image-formats", help="Comma-separated image formats allowed (Pillow names) (422).")
-    ] = ServeOptions.image_formats,
-    max_aspect_ratio: Annotated[
-        float,
-        typer.Option(
-            "--max-aspect-ratio", min=1.0, help="Longest side / shortest side of one image, read from its header (422)."
-        ),
-    ] = ServeOptions.max_aspect_ratio,
-    max_field_chars: Annotated[
-        int,
-        typer.Option(
-            "--max-field-chars",
-            min=1,
-            help="Longest id, category, attribute, label value or image path, in characters (422).",
-        ),
-    ] = ServeOptions.max_field_chars,
-    max_labels: Annotated[
-        int, typer.Option("--max-labels", min=1, help="Most values in one product's label (422).")
-    ] = ServeOptions.max_labels,
-    max_decoded_bytes: Annotated[
-        int,
-        typer.Option(
-            "--max-decoded-bytes",
-            min=1,
-            help="Bytes of decoded images the requests in flight may hold together (a request needing more: 413; "
-            "one not fitting beside the others: 503).",
-        ),
-    ] = ServeOptions.max_decoded_bytes,
-    header_timeout: Annotated[
-        float,
-        typer.Option(
-            "--header-timeout",
-            min=0.001,
-            help="Seconds a connection may take to send a request's headers; then 408 and closed.",
-        ),
-    ] = ServeOptions.header_timeout,
-    body_timeout: Annotated[
-        float,
-        typer.Option(
-            "--body-timeout", min=0.001, help="Seconds a request's body may take to arrive; then 408 and closed."
-        ),
-    ] = ServeOptions.body_timeout,
-    max_connections: Annotated[
-        int,
-        typer.Option("--max-connections", min=1, help="Open connections; a request beyond them is answered 503."),
-    ] = ServeOptions.max_connections,
-    workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Image-decoding threads (default: one per core).")
-    ] = ServeOptions.workers,
-    api_key_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--api-key-file",
-            help="File holding an API key that /predict and /metrics require (or set PV2TEA_API_KEY); /health and /ready stay open.",
-        ),
-    ] = ServeOptions.api_key_file,
-    log_level: Annotated[
-        str, typer.Option("--log-level", help="uvicorn's log level (warning: no access log).")
-    ] = ServeOptions.log_level,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            help="torch threads of the model (default: torch's; 1 on a machine shared with other jobs).",
-        ),
-    ] = ServeOptions.threads,
+    batch_size: MaxBatchOption = ServeOptions.batch_size,
+    max_wait_ms: MaxWaitOption = ServeOptions.max_wait_ms,
+    batching: BatchingOption = ServeOptions.batching,
+    max_queue: MaxQueueOption = ServeOptions.max_queue,
+    request_timeout: RequestTimeoutOption = ServeOptions.request_timeout,
+    max_products: MaxProductsOption = ServeOptions.max_products,
+    max_body_bytes: MaxBodyBytesOption = ServeOptions.max_body_bytes,
+    max_text_chars: MaxTextCharsOption = ServeOptions.max_text_chars,
+    max_images: MaxImagesOption = ServeOptions.max_images,
+    max_image_bytes: MaxImageBytesOption = ServeOptions.max_image_bytes,
+    max_image_pixels: MaxImagePixelsOption = ServeOptions.max_image_pixels,
+    image_formats: ImageFormatsOption = ServeOptions.image_formats,
+    max_aspect_ratio: MaxAspectRatioOption = ServeOptions.max_aspect_ratio,
+    max_field_chars: MaxFieldCharsOption = ServeOptions.max_field_chars,
+    max_labels: MaxLabelsOption = ServeOptions.max_labels,
+    max_decoded_bytes: MaxDecodedBytesOption = ServeOptions.max_decoded_bytes,
+    header_timeout: HeaderTimeoutOption = ServeOptions.header_timeout,
+    body_timeout: BodyTimeoutOption = ServeOptions.body_timeout,
+    max_connections: MaxConnectionsOption = ServeOptions.max_connections,
+    workers: WorkersOption = ServeOptions.workers,
+    api_key_file: ApiKeyFileOption = ServeOptions.api_key_file,
+    log_level: LogLevelOption = ServeOptions.log_level,
+    threads: ThreadsOption = ServeOptions.threads,
     device: DeviceOption = ServeOptions.device,
     precision: PrecisionOption = ServeOptions.precision,
-    extractor: Annotated[
-        Path | None,
-        typer.Option(
-            "--extractor",
-            help="A saved text extractor: rank candidates by the model and the extractor together (needs --candidates).",
-        ),
-    ] = ServeOptions.extractor,
-    extractor_weight: Annotated[
-        float, typer.Option(min=0.0, help="Weight of the extractor's log-probability in --extractor fusion.")
-    ] = ServeOptions.extractor_weight,
+    extractor: ExtractorOption = ServeOptions.extractor,
+    extractor_weight: ExtractorWeightOption = ServeOptions.extractor_weight,
     calibration: CalibrationOption = ServeOptions.calibration,
 ) -> None:
     """Serve a model over HTTP: POST /predict, GET /health, /ready, /metrics (API description at /docs).

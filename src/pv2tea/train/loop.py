@@ -653,22 +653,10 @@ def setup(
         raise TrainingError("no training rows left (all rows were invalid or the file is empty)")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    cfg = copy.deepcopy(cfg)
-    n_products = len({product_key(r) for r in records if r.images})
-    cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
-    ckpt_dir, final_dir, metrics_path = run_dir / "checkpoint", run_dir / "final", run_dir / "metrics.jsonl"
-    if resume and not ckpt.checkpoint_exists(ckpt_dir) and not final_dir.exists():
-        resume = False  # stopped before its first checkpoint: nothing to continue from, so the run starts again
-        log.info("no checkpoint in %s yet: the run starts again from the beginning", run_dir)
-        if main:
-            print(f"note: no checkpoint in {run_dir} yet: the run starts again from the beginning", file=sys.stderr)
+    cfg = _run_config(cfg, records)
+    resume = resume and _can_resume(run_dir, main)
     if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        record_environment(run_dir, resume, world)
-        if data_report is not None:
-            (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
-        if not resume:  # this run's epochs only, not those of an attempt stopped before its first checkpoint
-            metrics_path.unlink(missing_ok=True)
+        _write_run_files(run_dir, cfg, resume, world, data_report)
     seed_everything(cfg.train.seed)
     categories = sorted({r.category for r in records})
     multi = multi_value_attributes(records + val_records)
@@ -679,30 +667,15 @@ def setup(
         _warm_start(model, pre, cfg, run_dir, main)
     teacher = _teacher(model, pre, cfg, accelerator)
     anchor = _anchor(model, cfg, resume)
-    free_texts: list[str | None] = [None] * len(records)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
-    if (cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None:
-        free_texts = mention_free_texts(records, cfg.schemes.mention_removal)
-        log.info(
-            "mention-free texts: %d of %d rows have an image and their label in their text",
-            sum(t is not None for t in free_texts),
-            len(records),
-        )
+    free_texts = _free_texts(records, cfg, model, mention_free_predictions)
     frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
     if cfg.train.cache_features and frozen:
         mention_free = [replace(r, text=t) for r, t in zip(records, free_texts) if t is not None]
         _cache_features(model, pre, cfg, records + val_records + mention_free, accelerator, progress)
     dataset = RecordDataset(records)
     collate = make_collate(pre, dataset, with_answers=True)
-    per_epoch = len(epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, 0))  # same every epoch
-    if per_epoch < len(records):
-        n_image = sum(bool(r.images) for r in records)
-        log.info(
-            "each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
-            n_image,
-            per_epoch - n_image,
-            len(records) - n_image,
-        )
+    per_epoch = _rows_per_epoch(records, cfg)
     rows_per_rank = ddp.rows_per_rank_step(cfg)  # a rank's rows of one optimizer step
     global_batch = rows_per_rank * world
     steps_per_epoch = ddp.steps_per_epoch(per_epoch, cfg, world)
@@ -743,6 +716,63 @@ def setup(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
     )
+
+
+def _run_config(cfg: Config, records: list[Record]) -> Config:
+    """A copy of ``cfg`` for this training set: the queue size M capped at the number of products with an image."""
+    cfg = copy.deepcopy(cfg)
+    n_products = len({product_key(r) for r in records if r.images})
+    cfg.schemes.queue_size = max(1, min(cfg.schemes.queue_size, n_products))  # M capped at the training set
+    return cfg
+
+
+def _can_resume(run_dir: Path, main: bool) -> bool:
+    """Whether ``run_dir`` holds something to resume from; when not (the run stopped before its first checkpoint),
+    say that the run starts again."""
+    if ckpt.checkpoint_exists(run_dir / "checkpoint") or (run_dir / "final").exists():
+        return True
+    log.info("no checkpoint in %s yet: the run starts again from the beginning", run_dir)
+    if main:
+        print(f"note: no checkpoint in {run_dir} yet: the run starts again from the beginning", file=sys.stderr)
+    return False
+
+
+def _write_run_files(run_dir: Path, cfg: Config, resume: bool, world: int, data_report: dict | None) -> None:
+    """The run folder's configuration, environment and data report (rank 0); a new run's metrics start empty."""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    record_environment(run_dir, resume, world)
+    if data_report is not None:
+        (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    if not resume:  # this run's epochs only, not those of an attempt stopped before its first checkpoint
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _free_texts(records: list[Record], cfg: Config, model: PV2TEA, mention_free_predictions: bool) -> list[str | None]:
+    """Each row's text with its label's mentions removed, where mention dropout or S3's mention-free predictions
+    use them and the model sees images (None: a row without one, or not needed)."""
+    if not ((cfg.schemes.mention_dropout > 0 or mention_free_predictions) and model.visual is not None):
+        return [None] * len(records)
+    free_texts = mention_free_texts(records, cfg.schemes.mention_removal)
+    log.info(
+        "mention-free texts: %d of %d rows have an image and their label in their text",
+        sum(t is not None for t in free_texts),
+        len(records),
+    )
+    return free_texts
+
+
+def _rows_per_epoch(records: list[Record], cfg: Config) -> int:
+    """The rows one epoch trains on (the same number every epoch), logged when not all of them."""
+    per_epoch = len(epoch_rows(records, cfg.train.image_less_per_epoch, cfg.train.seed, 0))
+    if per_epoch < len(records):
+        n_image = sum(bool(r.images) for r in records)
+        log.info(
+            "each epoch trains on the %d row(s) with an image and %d of the %d without one, drawn afresh",
+            n_image,
+            per_epoch - n_image,
+            len(records) - n_image,
+        )
+    return per_epoch
 
 
 def _warm_start(model: PV2TEA, pre: Preprocessor, cfg: Config, run_dir: Path, main: bool) -> None:
