@@ -20,6 +20,13 @@ from pv2tea.renamed import warn_renamed
 # the warm start's epochs by default: the preset warm-start's (what pv2tea.bench.protocol reads, without torch)
 WARM_START_EPOCHS = load_config("warm-start").train.epochs
 OLD_WARM_START_FLAG_HELP = "The old name of --warm-start-epochs."
+CalibrationObjectiveOption = Annotated[
+    str,
+    typer.Option(
+        help="What the calibrated rows choose each attribute's share by: 'balanced' (every gold value alike) or "
+        "'accuracy' (every row alike); as pv2tea calibrate --objective."
+    ),
+]
 
 
 def _warm_start_epochs(epochs: int, old: int | None) -> int:
@@ -72,13 +79,7 @@ def bench_implicitave(
     quick: Annotated[
         bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")
     ] = False,
-    calibration_objective: Annotated[
-        str,
-        typer.Option(
-            help="What the calibrated rows choose each attribute's share by: 'balanced' (every gold value alike) or "
-            "'accuracy' (every row alike); as pv2tea calibrate --objective."
-        ),
-    ] = "balanced",
+    calibration_objective: CalibrationObjectiveOption = "balanced",
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:
@@ -144,13 +145,7 @@ def bench_catalog(
     ] = WARM_START_EPOCHS,
     text_pretrain: Annotated[int | None, typer.Option(min=0, hidden=True, help=OLD_WARM_START_FLAG_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed (the full protocol's fold 0).")] = False,
-    calibration_objective: Annotated[
-        str,
-        typer.Option(
-            help="What the calibrated rows choose each attribute's share by: 'balanced' (every gold value alike) or "
-            "'accuracy' (every row alike); as pv2tea calibrate --objective."
-        ),
-    ] = "balanced",
+    calibration_objective: CalibrationObjectiveOption = "balanced",
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:
