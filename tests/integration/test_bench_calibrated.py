@@ -83,17 +83,17 @@ def test_two_fold_bench_adds_cross_fitted_calibrated_rows(root, tiny_text_ckpt, 
     assert all(p is None for reads in text_only.values() for p in reads)  # no visual path: no photo to weigh
     assert "photo per fold" in (out / "tables.md").read_text()
     stamp = (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns
-    assert detail["objective"] == "balanced" and "--objective balanced" in (out / "tables.md").read_text()
-    assert main([*args, "--calibration-objective", "accuracy"]) == 0  # re-run: scores reused, calibrated anew
+    assert detail["objective"] == "accuracy" and "--objective accuracy" in (out / "tables.md").read_text()
+    assert main([*args, "--calibration-objective", "balanced"]) == 0  # re-run: scores reused, calibrated anew
     assert (runs / "fold_0" / "pv2tea" / "seed_0" / SCORES_FILE).stat().st_mtime_ns == stamp
     again = json.loads((out / "bench.json").read_text())["domains"]["Home"]["pv2tea+calibrated"]["calibration"]
-    assert again["objective"] == "accuracy" and "--objective accuracy" in (out / "tables.md").read_text()
+    assert again["objective"] == "balanced" and "--objective balanced" in (out / "tables.md").read_text()
 
 
 def test_the_protocol_refuses_an_unknown_calibration_objective():
     from pv2tea.bench.protocol import ProtocolConfig
 
-    assert ProtocolConfig().calibration_objective == "balanced"
+    assert ProtocolConfig().calibration_objective == "accuracy"
     with pytest.raises(ValueError, match="--calibration-objective must be one of balanced, accuracy, got 'f1'"):
         ProtocolConfig(calibration_objective="f1")  # type: ignore[arg-type]
 

@@ -142,7 +142,7 @@ def test_balanced_choice_weighs_a_rare_value_as_much_as_a_frequent_one():
         40,
         40,
     )
-    balanced = choose(rows, CalibrationConfig())
+    balanced = choose(rows, CalibrationConfig(objective="balanced"))
     assert (balanced.fixed, balanced.broke) == (6, 6) and balanced.accepted and balanced.model_weight == 0.4
     # balanced accuracy: the extractor (100 + 0) / 2, the deployed answers (34/40 · 100 + 100) / 2
     assert balanced.extractor_score == pytest.approx(50.0) and balanced.fused_score == pytest.approx(92.5)
@@ -150,7 +150,8 @@ def test_balanced_choice_weighs_a_rare_value_as_much_as_a_frequent_one():
     fixed, broke = 6 * 46 / 12, 6 * 46 / 80
     spread = 6 * (46 / 12) ** 2 + 6 * (46 / 80) ** 2
     assert (fixed - broke) / math.sqrt(spread) == pytest.approx(2.05, abs=0.01)
-    assert choose(rows, CalibrationConfig(z=2.0)).accepted and not choose(rows, CalibrationConfig(z=2.1)).accepted
+    assert choose(rows, CalibrationConfig(z=2.0, objective="balanced")).accepted
+    assert not choose(rows, CalibrationConfig(z=2.1, objective="balanced")).accepted
 
 
 def test_the_weighted_guard_with_equal_weights_is_the_sign_test():
@@ -161,8 +162,9 @@ def test_the_weighted_guard_with_equal_weights_is_the_sign_test():
 def test_version_1_files_read_as_chosen_by_accuracy_and_newer_versions_are_refused(tmp_path):
     calibration = fit_calibration([row("a", 0.9, 0.2, "red")] * 25)
     path = tmp_path / "c.json"
-    assert calibration.config.objective == "balanced"
-    assert load_calibration(calibration.save(path)).config.objective == "balanced"
+    assert calibration.config.objective == "accuracy"  # the default
+    balanced = fit_calibration([row("a", 0.9, 0.2, "red")] * 25, CalibrationConfig(objective="balanced"))
+    assert load_calibration(balanced.save(tmp_path / "b.json")).config.objective == "balanced"
     old = calibration.to_json()
     old["version"] = 1
     del old["config"]["objective"]

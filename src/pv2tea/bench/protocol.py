@@ -126,7 +126,7 @@ class ProtocolConfig:
     # ImplicitAVE reports it) or "attribute_mean" (the mean over attributes of each one's macro-F1)
     fold_score: Literal["overall", "attribute_mean"] = "overall"
     # what the calibrated rows choose each attribute's share by (pv2tea calibrate --objective)
-    calibration_objective: Objective = "balanced"
+    calibration_objective: Objective = "accuracy"
 
     def __post_init__(self) -> None:
         if self.warm_start_epochs < 0:

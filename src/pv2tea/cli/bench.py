@@ -79,7 +79,7 @@ def bench_implicitave(
     quick: Annotated[
         bool, typer.Option("--quick", help="1 fold, 1 seed (smoke test; the full protocol's fold 0).")
     ] = False,
-    calibration_objective: CalibrationObjectiveOption = "balanced",
+    calibration_objective: CalibrationObjectiveOption = "accuracy",
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:
@@ -145,7 +145,7 @@ def bench_catalog(
     ] = WARM_START_EPOCHS,
     text_pretrain: Annotated[int | None, typer.Option(min=0, hidden=True, help=OLD_WARM_START_FLAG_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="1 fold, 1 seed (the full protocol's fold 0).")] = False,
-    calibration_objective: CalibrationObjectiveOption = "balanced",
+    calibration_objective: CalibrationObjectiveOption = "accuracy",
     config: Annotated[str | None, typer.Option("--config", "-c")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set")] = None,
 ) -> None:

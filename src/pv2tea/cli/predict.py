@@ -237,7 +237,7 @@ def calibrate(
             help="What a share is chosen by: 'balanced' (each gold value weighs alike, as macro-F1 over values does) "
             "or 'accuracy' (each row alike)."
         ),
-    ] = "balanced",
+    ] = "accuracy",
     min_rows: Annotated[
         int, typer.Option(min=1, help="Attributes with fewer sample rows take the share chosen on the whole sample.")
     ] = 20,

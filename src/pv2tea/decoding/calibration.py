@@ -10,12 +10,13 @@ the model's share λ in
 (both renormalized over C; λ = 0 is the extractor alone, λ = 1 the model alone) from a grid, by the rows of a
 gold sample it answers right, and keeps a λ > 0 only where the gain over the extractor is beyond noise.
 
-Rows are weighed so that each gold value counts as much as any other (``objective = "balanced"``, the default): a
-row's weight is inversely proportional to how many sample rows of its attribute share its gold value, so the
+Rows can be weighed so that each gold value counts as much as any other (``objective = "balanced"``): a row's
+weight is inversely proportional to how many sample rows of its attribute share its gold value, so the
 weighted share of right rows is the balanced accuracy — the mean over values of their recall, which is what the
-macro-F1 over values that pv2tea reports rewards. Counting rows alike (``objective = "accuracy"``) favours the
-extractor's answers on the frequent values: on a catalogue whose values are unbalanced it picked λ that lowered the
-macro-F1. With ``fixed`` the weight of the sample rows right under λ and wrong under the extractor, ``broke`` the
+macro-F1 over values that pv2tea reports rewards. Counting rows alike (``objective = "accuracy"``, the default)
+favours the extractor's answers on the frequent values; on a large gold sample of an unbalanced catalogue, balanced
+weights picked better λ, but on a sample of a few dozen rows a rare value's one or two rows decide, and they picked
+worse (docs/method/decisions.md). With ``fixed`` the weight of the sample rows right under λ and wrong under the extractor, ``broke`` the
 reverse, and ``spread`` the sum of their squared weights, λ is kept when
 
     fixed − broke ≥ z · √spread
@@ -80,7 +81,7 @@ class CalibrationConfig:
     grid: tuple[float, ...] = DEFAULT_GRID
     z: float = 1.0
     min_rows: int = 20
-    objective: Objective = "balanced"
+    objective: Objective = "accuracy"
 
     def __post_init__(self) -> None:
         if not self.grid or any(not (0.0 <= g <= 1.0) or not math.isfinite(g) for g in self.grid):
