@@ -62,6 +62,12 @@ class VisionConfig:
     image_size: int | None = None  # None: the backbone's own pretrained input size
     max_images: int = 1  # images per product whose tokens enter fusion (the first ones); S1/S2/S3 use the first
     freeze: bool = False  # keep the backbone frozen (only projection and mask train); see train.cache_features
+    # with freeze=false: fine-tune only the backbone's top N blocks and its final convolution (None: all of it;
+    # freeze=true wins), at optim.lr, the rate of pretrained weights. The stem and the lower blocks stay frozen; with
+    # train.cache_features their output is encoded once and only the top blocks run at each step. An ImageNet CNN's
+    # top blocks know little of an object's colour or neckline; trained on a catalogue's photos they can learn them.
+    # timm's EfficientNet / MobileNet family (conv_stem, blocks, conv_head); vision.extra_levels must lie below them
+    train_blocks: int | None = None
     # earlier backbone levels (timm ``forward_intermediates`` indices, e.g. [2]) whose feature maps are average-pooled
     # to the final patch grid and appended to each patch token's channels. An ImageNet CNN's final map keeps
     # little of an object's color; its early levels keep much more (docs/history.md, visual diagnosis)
@@ -757,6 +763,10 @@ def validate(cfg: Config) -> None:
     if cfg.text.train_layers is not None and cfg.text.train_layers < 1:
         raise ConfigError(
             f"text.train_layers={cfg.text.train_layers}: give N >= 1 (or text.freeze=true to train no text layer)"
+        )
+    if cfg.vision.train_blocks is not None and cfg.vision.train_blocks < 1:
+        raise ConfigError(
+            f"vision.train_blocks={cfg.vision.train_blocks}: give N >= 1 (or vision.freeze=true to train no block)"
         )
     if cfg.vision.max_images < 1:
         raise ConfigError("vision.max_images must be >= 1")

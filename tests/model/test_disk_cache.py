@@ -126,3 +126,25 @@ def test_damaged_shard_is_refused(tiny_text_ckpt, image_paths, tmp_path):  # noq
     with pytest.raises(FeatureCacheError, match="damaged"):
         FeatureStore(tmp_path / "cache")
     assert summary(tmp_path / "cache")["state"] == "damaged"
+
+
+def test_top_block_fine_tuning_caches_the_lower_part_under_its_own_identity(tiny_text_ckpt, image_paths, tmp_path):  # noqa: F811
+    model, pre = build(tiny_text_ckpt, "vision.train_blocks=1", "text.freeze=true")
+    rows = records(image_paths)
+    live = make_collate(pre, RecordDataset(rows), with_answers=True)(list(range(len(rows))))
+    store, counts = _ensure(tmp_path / "cache", model, pre, rows)
+    assert counts["images_encoded"] == 3
+    assert summary(tmp_path / "cache")["images"]["identity"]["train_blocks"] == 1
+    pre.cache = store
+    cached = make_collate(pre, RecordDataset(rows), with_answers=True)(list(range(len(rows))))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(live).question, model.encode(cached).question, atol=1e-5, rtol=1e-4)
+    # training the top block does not make the cache stale; the lower part's weights are its identity
+    with torch.no_grad():
+        for p in model.visual.top_modules()[0].parameters():
+            p.add_(0.5)
+    assert _ensure(tmp_path / "cache", model, pre, rows)[1]["images_encoded"] == 0
+    whole, whole_pre = build(tiny_text_ckpt, "vision.freeze=true", "text.freeze=true")  # same weights, other split
+    with pytest.raises(FeatureCacheError, match="train_blocks"):
+        _ensure(tmp_path / "cache", whole, whole_pre, rows)

@@ -136,3 +136,38 @@ def test_train_layers_equal_to_the_encoder_caches_the_embeddings(tiny_text_ckpt,
         torch.testing.assert_close(
             model.encode(batch).text_hidden[real], model.encode(live_batch).text_hidden[real], atol=1e-5, rtol=1e-4
         )
+
+
+def test_top_block_fine_tuning_caches_the_lower_part_and_trains_the_top(tiny_text_ckpt, image_paths):  # noqa: F811
+    """vision.train_blocks=1: the cache holds the backbone's frozen lower part, the top block runs (and learns) per
+    step and stays in training mode, and the cached forward equals the live one."""
+    model, pre = build(tiny_text_ckpt, "vision.train_blocks=1", "vision.extra_levels=[1]", "text.freeze=true")
+    visual = model.visual
+    assert model.visual_cached and visual.cut == len(visual.backbone.blocks) - 1
+    model.train()
+    assert visual.backbone.blocks[-1].training and not visual.backbone.blocks[0].training
+    rows = records(image_paths)
+    dataset = RecordDataset(rows)
+    live = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
+    pre.cache = build_feature_cache(model, pre, rows, batch_size=2)
+    cached = make_collate(pre, dataset, with_answers=True)(list(range(len(rows))))
+    assert cached.images is None and cached.image_feats is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(live).question, model.encode(cached).question, atol=1e-5, rtol=1e-4)
+    model.train()
+    model(cached).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("visual.backbone.")}
+    top = f"visual.backbone.blocks.{visual.cut}."
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(top))
+    assert all(
+        g is None for n, g in grads.items() if n.startswith(("visual.backbone.blocks.0.", "visual.backbone.conv_stem"))
+    )
+    assert all(g is not None for n, g in grads.items() if n.startswith("visual.backbone.conv_head"))
+
+
+def test_train_blocks_must_be_positive(tiny_text_ckpt):  # noqa: F811
+    from pv2tea.config import ConfigError
+
+    with pytest.raises(ConfigError, match="vision.train_blocks=0"):
+        build(tiny_text_ckpt, "vision.train_blocks=0")

@@ -92,3 +92,52 @@ def test_token_grid_keeps_a_smaller_grid_and_vit_prefix():
     for cell, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         block = [prefix + 10 * r + c for r in range(5 * i, 5 * i + 5) for c in range(5 * j, 5 * j + 5)]
         torch.testing.assert_close(tokens[:, prefix + cell], feats[:, block].mean(1))
+
+
+def _split(train_blocks: int, levels: list[int]) -> VisualEncoder:
+    return VisualEncoder(
+        VisionConfig(name="test_efficientnet", weights="none", extra_levels=levels, train_blocks=train_blocks), 32, True
+    ).eval()
+
+
+@pytest.mark.parametrize(("train_blocks", "levels"), [(1, [1, 3]), (2, [1]), (4, [0]), (5, [])])
+def test_train_blocks_top_over_the_cached_lower_part_is_the_whole_backbone(train_blocks, levels):
+    whole = encoder("test_efficientnet", levels)
+    split = _split(train_blocks, levels)
+    split.load_state_dict(whole.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = whole.backbone_tokens(images)
+        lower = split.cached_tokens(images)
+        torch.testing.assert_close(split.from_cache(lower), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(split.backbone_tokens(images), expected, atol=1e-5, rtol=1e-4)
+    # the cache holds the map at the first trained block's input, finer than the final one
+    assert lower.shape[1] > expected.shape[1] or train_blocks == 1
+    assert whole.cached_tokens(images).shape == expected.shape and whole.from_cache(expected) is expected
+
+
+def test_train_blocks_trains_the_top_blocks_and_final_convolution_only():
+    split = _split(2, [1])
+    trained = {
+        n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+        for n, p in split.backbone.named_parameters()
+        if p.requires_grad
+    }
+    assert trained == {"blocks.3", "blocks.4", "conv_head", "bn2"}
+    images = torch.randn(2, 3, 64, 64)
+    split.head(split.from_cache(split.cached_tokens(images))).pooled.sum().backward()
+    assert all(p.grad is None for m in split.frozen_modules() for p in m.parameters())
+    assert all(p.grad is not None for m in split.top_modules() for p in m.parameters())
+    frozen = VisualEncoder(
+        VisionConfig(name="test_efficientnet", weights="none", freeze=True, train_blocks=2), 32, True
+    )
+    assert frozen.cut is None and frozen.top_modules() == []  # vision.freeze wins
+
+
+def test_train_blocks_refuses_levels_above_the_cut_too_many_blocks_and_other_families():
+    with pytest.raises(ValueError, match=r"level 3 \(blocks.3\) is not below the 2 trained"):
+        _split(2, [3])
+    with pytest.raises(ValueError, match="train_blocks=6: the backbone has 5 blocks"):
+        _split(6, [])
+    with pytest.raises(ValueError, match="not of the EfficientNet / MobileNet family"):
+        VisualEncoder(VisionConfig(name="test_vit", weights="none", train_blocks=1), 32, True)

@@ -463,7 +463,7 @@ def memory_worker(n: int, steps: int, seed: int = 0) -> dict[str, Any]:
         digests = {r.images[0]: content_digest(r.images[0].encode()) for r in records}
         model.eval()
         with torch.no_grad():
-            shape = model.visual.backbone_tokens(torch.zeros(1, 3, 32, 32)).shape[1:]  # (N, C)
+            shape = model.visual.cached_tokens(torch.zeros(1, 3, 32, 32)).shape[1:]  # (N, C)
         hidden = model.bert_config.hidden_size
         images = ShardWriter(folder, "images", 0, 64 * 2**20, lambda: None)
         for r in records:

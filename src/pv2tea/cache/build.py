@@ -149,8 +149,8 @@ def ensure_cache(
     wanted = wanted_identity(model, pre)
     if wanted["images"] is None and wanted["texts"] is None:
         raise FeatureCacheError(
-            "nothing to cache: neither vision.freeze nor text.freeze / text.train_layers is set, so no backbone "
-            "output stays the same during training"
+            "nothing to cache: none of vision.freeze / vision.train_blocks / text.freeze / text.train_layers is set, so "
+            "no backbone output stays the same during training"
         )
     with _locked(directory):
         status = inspect_folder(directory)
@@ -245,7 +245,7 @@ def _encode_missing(
     was_training = model.training
     model.eval()
     try:
-        if model.visual is not None and model.cfg.vision.freeze and images:
+        if model.visual_cached and images:
             store.digests.update(file_digests([p for p in images if p not in store.digests]))
             unique = list(dict.fromkeys(images))
             have = store.has_image_digests([store.digests[p] for p in unique])
@@ -266,7 +266,7 @@ def _encode_missing(
                 bar = tqdm(total=len(missing), desc="cache images", disable=not progress, leave=False)
                 start = 0
                 for pixels, digests in loader:
-                    tokens = model.visual.backbone_tokens(pixels).float().numpy()  # (b, N, C)
+                    tokens = model.visual.cached_tokens(pixels).float().numpy()  # (b, N, C)
                     for j, digest in enumerate(digests):
                         store.digests[missing[start + j]] = digest  # the bytes decoded, should the file have changed
                         if digest not in seen:
@@ -312,7 +312,7 @@ def _encode_missing(
 def run_cache_rows(model, pre, records: Sequence[Record]) -> tuple[list[str], list[str]]:
     """The image paths and cropped texts a run over ``records`` reads from the cache (its frozen sides only)."""
     cfg = model.cfg
-    images = cached_images(cfg, records) if model.visual is not None and cfg.vision.freeze else []
+    images = cached_images(cfg, records) if model.visual_cached else []
     texts = cached_texts(model, pre, records) if model.text_cached else []
     return images, texts
 
@@ -334,7 +334,7 @@ def training_cache(
     texts of ``records`` (rows as trained on, mention-free texts included) it lacks, the others wait for it (``wait``:
     a barrier over the processes) and open it."""
     cfg = model.cfg
-    images = cached_images(cfg, records) if model.visual is not None and cfg.vision.freeze else []
+    images = cached_images(cfg, records) if model.visual_cached else []
     texts = list(dict.fromkeys(pre.crop(r.text) for r in records)) if model.text_cached else []
     store = None
     if main:

@@ -79,11 +79,14 @@ def _jsonable(value: Any) -> Any:
 def image_identity(model, pre) -> dict[str, Any] | None:
     """The identity of the cached image features of ``model`` (None when its visual backbone is not frozen)."""
     cfg = model.cfg
-    if model.visual is None or not cfg.vision.freeze:
+    if not model.visual_cached:
         return None
     return {
         "backbone": cfg.vision.name,
-        "weights_sha256": weights_fingerprint([model.visual.backbone]),
+        "weights_sha256": weights_fingerprint(model.visual.frozen_modules()),
+        # the trained top blocks (vision.train_blocks) run over the cached lower part; None (absent in older
+        # folders) for a frozen backbone
+        "train_blocks": cfg.vision.train_blocks if model.visual.cut is not None else None,
         "data_config": {k: _jsonable(v) for k, v in sorted(pre.data_config.items())},
         "extra_levels": list(cfg.vision.extra_levels),
         "token_grid": cfg.vision.token_grid,

@@ -179,6 +179,8 @@ class PV2TEA(nn.Module):
             self.queue = FeatureQueue(s.embed_dim, s.queue_size)
         if cfg.vision.freeze and self.visual is not None:
             self.visual.backbone.requires_grad_(False)
+        # what a feature cache can hold of the image side: all of a frozen backbone, or its frozen lower part
+        self.visual_cached = self.visual is not None and (cfg.vision.freeze or self.visual.cut is not None)
         if self.text_cached:
             # the frozen text side includes the pretrained vocabulary: the word embeddings of the question
             # (fusion) and of the answer decoder, whose output layer they are tied to (big and slow to update)
@@ -312,10 +314,11 @@ class PV2TEA(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         # frozen encoders stay deterministic (no dropout), so cached states equal live ones
-        if self.cfg.vision.freeze and self.visual is not None:
+        if self.visual_cached:
             for visual in (self.visual, getattr(self, "visual_m", None)):
                 if visual is not None:
-                    visual.backbone.eval()
+                    for module in visual.frozen_modules():
+                        module.eval()
         for encoder in (self.text_encoder, getattr(self, "text_encoder_m", None)):
             if encoder is not None:
                 for module in [encoder] if self.cfg.text.freeze else self._frozen_text_parts(encoder):
@@ -426,7 +429,7 @@ class PV2TEA(nn.Module):
             raise ValueError("the batch has neither images nor cached image features")
         chosen = (feats if feats is not None else pixels)[select]  # type: ignore[index]  # (N, ...)
         if feats is not None:
-            return shared(lambda idx: encoder.head(chosen[idx]), (chosen,), self.shares_inputs)
+            return shared(lambda idx: encoder.head(encoder.from_cache(chosen[idx])), (chosen,), self.shares_inputs)
         return shared(lambda idx: encoder(chosen[idx]), (chosen,), self.shares_inputs)
 
     @staticmethod
@@ -754,25 +757,29 @@ class PV2TEA(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Pooled visual features (for S3's KNN) and the S2 patch mask σ(M) (B, P) with its grid.
 
-        From pixels (B, 3, H, W) or from cached backbone tokens (B, N, C).
+        From pixels (B, 3, H, W) or from cached features (:meth:`VisualEncoder.cached_tokens`).
         """
         visual = self._require_visual()
-        out = visual.head(feats) if feats is not None else visual(_pixels(images))
+        out = visual.head(visual.from_cache(feats)) if feats is not None else visual(_pixels(images))
         mask = torch.sigmoid(out.mask_logits) if out.mask_logits is not None else None
         return out.pooled, mask, out.grid
 
     @torch.no_grad()
     def backbone_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C) mean of the visual backbone's output tokens, from pixels or cached tokens (B, N, C)."""
-        tokens = feats if feats is not None else self._require_visual().backbone_tokens(_pixels(images))
-        return tokens.mean(1)
+        """(B, C) mean of the visual backbone's output tokens, from pixels or cached features."""
+        return self._backbone_tokens(images, feats).mean(1)
+
+    def _backbone_tokens(self, images: torch.Tensor | None, feats: torch.Tensor | None) -> torch.Tensor:
+        """(B, N, C) backbone tokens from cached features (:meth:`VisualEncoder.cached_tokens`) or pixels."""
+        visual = self._require_visual()
+        return visual.from_cache(feats) if feats is not None else visual.backbone_tokens(_pixels(images))
 
     @torch.no_grad()
     def level_features(self, images: torch.Tensor | None = None, feats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, ΣC_i) mean over the backbone tokens of the earlier levels' channels only (``vision.extra_levels``),
-        from pixels or cached tokens (B, N, C)."""
+        from pixels or cached features."""
         visual = self._require_visual()
-        tokens = feats if feats is not None else visual.backbone_tokens(_pixels(images))
+        tokens = self._backbone_tokens(images, feats)
         return tokens[..., timm_api(visual.backbone).num_features :].mean(1)
 
     @torch.no_grad()
@@ -781,11 +788,12 @@ class PV2TEA(nn.Module):
     ) -> torch.Tensor:
         """(B, C) mean of the backbone's patch tokens weighted by the S2 mask σ(M): the product, not its background.
 
-        Without attention pruning it is :meth:`backbone_features`. From pixels or cached tokens (B, N, C).
+        Without attention pruning it is :meth:`backbone_features`. From pixels or cached features.
         """
         visual = self._require_visual()
-        tokens = feats if feats is not None else visual.backbone_tokens(_pixels(images))
-        _, gate, _ = self.image_features(feats=tokens)  # (B, P) or None
+        tokens = self._backbone_tokens(images, feats)
+        out = visual.head(tokens)
+        gate = torch.sigmoid(out.mask_logits) if out.mask_logits is not None else None  # (B, P) or None
         if gate is None:
             return tokens.mean(1)
         patches = tokens[:, visual.num_prefix_tokens :]  # (B, P, C)

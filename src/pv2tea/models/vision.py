@@ -109,6 +109,53 @@ class VisualEncoder(nn.Module):
         )
         self.proj = nn.Sequential(nn.Linear(self.num_features, hidden_size), nn.LayerNorm(hidden_size))
         self.mask_head = nn.Linear(hidden_size, 1) if attention_pruning else None
+        # vision.train_blocks: the backbone splits into a frozen lower part (stem, blocks[:cut]) and the top that
+        # trains (blocks[cut:], conv_head); None when the backbone trains whole or not at all
+        self.cut = None if cfg.freeze or cfg.train_blocks is None else self._cut(cfg.train_blocks)
+        self.cut_channels = 0
+        if self.cut is not None:
+            first = cast(Any, self.backbone).blocks[self.cut]
+            self.cut_channels = next(m for m in first.modules() if isinstance(m, nn.Conv2d)).in_channels
+            self.backbone.requires_grad_(False)
+            for module in self.top_modules():
+                module.requires_grad_(True)
+
+    def _cut(self, train_blocks: int) -> int:
+        """The index of the first trained block of ``blocks``, checked against the backbone and the extra levels."""
+        blocks = getattr(self.backbone, "blocks", None)
+        if not all(hasattr(self.backbone, a) for a in ("conv_stem", "bn1", "conv_head", "bn2")) or not isinstance(
+            blocks, nn.Sequential
+        ):
+            raise ValueError(
+                f"vision.train_blocks: timm model {type(self.backbone).__name__} is not of the EfficientNet / "
+                "MobileNet family (conv_stem, blocks, conv_head); train it whole (vision.freeze=false, "
+                "vision.train_blocks=null) or keep it frozen"
+            )
+        if train_blocks > len(blocks):
+            raise ValueError(f"vision.train_blocks={train_blocks}: the backbone has {len(blocks)} blocks")
+        cut = len(blocks) - train_blocks
+        for index in self.extra_levels:
+            module = str(timm_api(self.backbone).feature_info[index]["module"])  # e.g. "blocks.2"
+            if not module.startswith("blocks.") or int(module.split(".")[1]) >= cut:
+                raise ValueError(
+                    f"vision.extra_levels: level {index} ({module}) is not below the {train_blocks} trained "
+                    f"block(s) (blocks.{cut} and up); choose a level below them or fewer vision.train_blocks"
+                )
+        return cut
+
+    def top_modules(self) -> list[nn.Module]:
+        """The backbone modules that train with ``vision.train_blocks`` (none without it)."""
+        if self.cut is None:
+            return []
+        backbone = cast(Any, self.backbone)
+        return [*backbone.blocks[self.cut :], backbone.conv_head, backbone.bn2]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The backbone modules whose output a feature cache stores: all of it, or the part below the trained top."""
+        if self.cut is None:
+            return [self.backbone]
+        backbone = cast(Any, self.backbone)
+        return [backbone.conv_stem, backbone.bn1, *backbone.blocks[: self.cut]]
 
     def _level_channels(self, index: int) -> int:
         info = getattr(self.backbone, "feature_info", None)
@@ -131,11 +178,60 @@ class VisualEncoder(nn.Module):
         final grid (C = final channels + the levels' channels; a ViT's prefix tokens get their mean). This is
         what a feature cache stores when the backbone is frozen (``vision.freeze``).
         """
+        if self.cut is not None:
+            return self.top_tokens(self.lower_tokens(images))
         if not self.extra_levels:
             feats = timm_api(self.backbone).forward_features(images)
             levels: list[torch.Tensor] = []
         else:
             feats, levels = timm_api(self.backbone).forward_intermediates(images, indices=self.extra_levels)
+        return self._tokens(feats, levels)
+
+    def lower_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, C_cut + ΣC_i) with ``vision.train_blocks``: the frozen lower part's map at the first trained block's
+        input (h x w), each position also carrying the extra levels' maps average-pooled to that grid. What a feature
+        cache stores then."""
+        backbone = cast(Any, self.backbone)
+        x = backbone.bn1(backbone.conv_stem(images))  # (B, C0, H/2, W/2)
+        modules = [str(timm_api(self.backbone).feature_info[i]["module"]) for i in self.extra_levels]
+        found: dict[str, torch.Tensor] = {}
+        for k, block in enumerate(backbone.blocks[: self.cut]):
+            x = block(x)
+            if f"blocks.{k}" in modules:
+                found[f"blocks.{k}"] = x
+        grid = (x.shape[-2], x.shape[-1])
+        maps = [x, *(F.adaptive_avg_pool2d(found[m], grid) for m in modules)]  # each (B, C_i, h, w)
+        return torch.cat(maps, 1).flatten(2).transpose(1, 2)  # (B, h*w, C_cut + ΣC_i)
+
+    def top_tokens(self, lower: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens (as :meth:`backbone_tokens`) from :meth:`lower_tokens`: the trained top blocks and the final
+        convolution over the lower map; the extra levels' channels pass to the final grid by average pooling (the
+        same as pooling each level there directly when the grids divide, as a CNN's strides make them)."""
+        backbone = cast(Any, self.backbone)
+        b, n, _ = lower.shape
+        side = int(round(n**0.5))  # square images give a square map
+        channels = self.cut_channels  # the map's own channels; the extra levels' follow
+        x = lower[..., :channels].transpose(1, 2).reshape(b, channels, side, n // side)  # (B, C_cut, h, w)
+        for block in backbone.blocks[self.cut :]:
+            x = block(x)
+        feats = backbone.bn2(backbone.conv_head(x))  # (B, C, h', w')
+        levels = []
+        if lower.shape[-1] > channels:
+            rest = lower[..., channels:].transpose(1, 2).reshape(b, -1, side, n // side)  # (B, ΣC_i, h, w)
+            levels = [rest]
+        return self._tokens(feats, levels)
+
+    def cached_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What a feature cache stores of images (B, 3, H, W): the frozen lower part's tokens with
+        ``vision.train_blocks``, else the backbone tokens (B, N, C)."""
+        return self.lower_tokens(images) if self.cut is not None else self.backbone_tokens(images)
+
+    def from_cache(self, cached: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens (B, N, C) from what :meth:`cached_tokens` gave (the trained top blocks run on it)."""
+        return self.top_tokens(cached) if self.cut is not None else cached
+
+    def _tokens(self, feats: torch.Tensor, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone tokens (B, N, C + ΣC_i) from the final features and the extra levels' maps."""
         if feats.ndim == 4:  # CNN feature map (B, C, h, w)
             if self.token_grid is not None:
                 feats = self._pool_grid(feats)  # (B, C, h', w')

@@ -70,20 +70,21 @@ class MemoryFeatureCache:
 def build_feature_cache(
     model, pre, records: Sequence[Record], batch_size: int = 32, progress: bool = False
 ) -> MemoryFeatureCache:
-    """Encode the distinct images (when ``vision.freeze``) and texts (through the frozen text layers: all with
+    """Encode the distinct images (through the frozen backbone: all with ``vision.freeze``, the lower part with
+    ``vision.train_blocks``) and texts (through the frozen text layers: all with
     ``text.freeze``, the bottom ones with ``text.train_layers``) of records."""
     cfg = model.cfg
     cache = MemoryFeatureCache()
     was_training = model.training
     model.eval()
-    if model.visual is not None and cfg.vision.freeze:
+    if model.visual_cached:
         paths = list(dict.fromkeys(p for r in records for p in r.images[: cfg.vision.max_images]))
         for start in tqdm(
             range(0, len(paths), batch_size), desc="cache image features", disable=not progress, leave=False
         ):
             chunk = paths[start : start + batch_size]
             pixels = torch.stack([pre.transform(load_rgb(p)) for p in chunk])  # (b, 3, H, W)
-            tokens = model.visual.backbone_tokens(pixels)  # (b, N, C)
+            tokens = model.visual.cached_tokens(pixels)  # (b, N, C)
             cache.images.update(zip(chunk, tokens.clone().unbind(0)))
     if model.text_cached:
         texts = list(dict.fromkeys(pre.crop(r.text) for r in records))

@@ -279,7 +279,10 @@ def sample_weights(
         # with a frozen backbone, features of the backbone's own tokens and the labels are the same every epoch,
         # and so is s_v: computed once per set of rows
         key = tuple(r.id for r in records)
-        fixed = cfg.vision.freeze and s.nr_features in ("backbone", "levels")
+        # (the extra levels lie below vision.train_blocks' trained top, so they stay fixed with it too)
+        fixed = (cfg.vision.freeze and s.nr_features == "backbone") or (
+            model.visual_cached and s.nr_features == "levels"
+        )
         if fixed and visual_cache is not None and key in visual_cache:
             s_v, stats = visual_cache[key]
         else:
@@ -669,7 +672,7 @@ def setup(
     anchor = _anchor(model, cfg, resume)
     mention_free_predictions = cfg.schemes.prediction_nr_text == "mention_free" and cfg.schemes.prediction_nr
     free_texts = _free_texts(records, cfg, model, mention_free_predictions)
-    frozen = (cfg.vision.enabled and cfg.vision.freeze) or model.text_cached
+    frozen = model.visual_cached or model.text_cached
     if cfg.train.cache_features and frozen:
         mention_free = [replace(r, text=t) for r, t in zip(records, free_texts) if t is not None]
         _cache_features(model, pre, cfg, records + val_records + mention_free, accelerator, progress)
