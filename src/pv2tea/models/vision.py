@@ -42,6 +42,7 @@ class TimmBackbone(Protocol):
 
     num_features: int
     pretrained_cfg: dict[str, Any]
+    feature_info: list[dict[str, Any]]  # per level: its module ("blocks.2"), channels, reduction
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map (B, C, h, w) of a CNN or the tokens (B, N, C) of a ViT."""
