@@ -105,3 +105,34 @@ def test_partial_cache_is_completed_and_stale_cache_refused(setup, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "stale" in err and "weights_sha256" in err  # another random backbone
     assert not os.path.exists(root / "stale_run" / "checkpoint")
+
+
+def test_top_block_fine_tuning_trains_over_the_cache_as_over_pixels(setup, tmp_path):
+    """vision.train_blocks=1: training over the cached lower part gives the losses of training from pixels; the top
+    block and final convolution move, the lower blocks keep the weights a frozen backbone keeps; prediction over a
+    cache folder gives the answers of encoding every image."""
+    import torch
+    from safetensors.torch import load_file
+
+    root, catalog, overrides = setup
+    top = [*overrides, "vision.freeze=false", "vision.train_blocks=1"]
+    code, cached = _train(tmp_path, catalog, top, "cached")
+    assert code == 0
+    code, live = _train(tmp_path, catalog, top, "live", "train.cache_features=false")
+    assert code == 0
+    assert _losses(cached) == pytest.approx(_losses(live), rel=1e-4)
+    code, frozen = _train(tmp_path, catalog, overrides, "frozen")
+    assert code == 0
+    tuned, still = load_file(cached / "final" / "model.safetensors"), load_file(frozen / "final" / "model.safetensors")
+    lower = [k for k in still if k.startswith(("visual.backbone.conv_stem.", "visual.backbone.blocks.0."))]
+    upper = [k for k in still if k.startswith("visual.backbone.conv_head.")]
+    assert lower and upper
+    assert all(torch.equal(tuned[k], still[k]) for k in lower)
+    assert not all(torch.equal(tuned[k], still[k]) for k in upper)
+    cache = tmp_path / "features"
+    args = ["cache", "build", "--data", str(catalog["val"]), "--out", str(cache), "-c", "cpu", "--no-progress"]
+    assert main([*args, *_sets(top)]) == 0
+    args = ["predict", "--model", str(cached / "final"), "--data", str(catalog["val"]), "--batch-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "live.jsonl")]) == 0
+    assert main([*args, "--out", str(tmp_path / "cached.jsonl"), "--feature-cache", str(cache)]) == 0
+    assert (tmp_path / "cached.jsonl").read_text() == (tmp_path / "live.jsonl").read_text()
