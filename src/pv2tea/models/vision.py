@@ -114,6 +114,12 @@ class VisualEncoder(nn.Module):
         # trains (blocks[cut:], conv_head); None when the backbone trains whole or not at all
         self.cut = None if cfg.freeze or cfg.train_blocks is None else self._cut(cfg.train_blocks)
         self.cut_channels = 0
+        # the lower blocks whose maps the extra levels are (e.g. "blocks.2"), found once
+        self.level_modules = (
+            [str(timm_api(self.backbone).feature_info[i]["module"]) for i in self.extra_levels]
+            if self.cut is not None
+            else []
+        )
         if self.cut is not None:
             first = cast(Any, self.backbone).blocks[self.cut]
             self.cut_channels = next(m for m in first.modules() if isinstance(m, nn.Conv2d)).in_channels
@@ -194,7 +200,7 @@ class VisualEncoder(nn.Module):
         cache stores then."""
         backbone = cast(Any, self.backbone)
         x = backbone.bn1(backbone.conv_stem(images))  # (B, C0, H/2, W/2)
-        modules = [str(timm_api(self.backbone).feature_info[i]["module"]) for i in self.extra_levels]
+        modules = self.level_modules
         found: dict[str, torch.Tensor] = {}
         for k, block in enumerate(backbone.blocks[: self.cut]):
             x = block(x)
@@ -210,15 +216,15 @@ class VisualEncoder(nn.Module):
         same as pooling each level there directly when the grids divide, as a CNN's strides make them)."""
         backbone = cast(Any, self.backbone)
         b, n, _ = lower.shape
-        side = int(round(n**0.5))  # square images give a square map
+        h, w = self.grid(n)  # a CNN map has no prefix tokens
         channels = self.cut_channels  # the map's own channels; the extra levels' follow
-        x = lower[..., :channels].transpose(1, 2).reshape(b, channels, side, n // side)  # (B, C_cut, h, w)
+        x = lower[..., :channels].transpose(1, 2).reshape(b, channels, h, w)  # (B, C_cut, h, w)
         for block in backbone.blocks[self.cut :]:
             x = block(x)
         feats = backbone.bn2(backbone.conv_head(x))  # (B, C, h', w')
         levels = []
         if lower.shape[-1] > channels:
-            rest = lower[..., channels:].transpose(1, 2).reshape(b, -1, side, n // side)  # (B, ΣC_i, h, w)
+            rest = lower[..., channels:].transpose(1, 2).reshape(b, -1, h, w)  # (B, ΣC_i, h, w)
             levels = [rest]
         return self._tokens(feats, levels)
 
